@@ -1,0 +1,45 @@
+# Magpie's two quickstart commands are `make run` and `make test`; everything else is a helper.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch. With a GPU, install your CUDA build first (see README) and run `make install TORCH_SPEC=`.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install run test lint typecheck bench db-upgrade bootstrap clean
+
+$(BIN)/magpie: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --upgrade pip >/dev/null
+	@if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/python -m pip install -q "$(TORCH_SPEC)"; fi
+	@$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(BIN)/magpie
+
+install: $(BIN)/magpie
+
+run: install
+	@$(BIN)/magpie db upgrade --quiet
+	@$(BIN)/magpie run
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+
+bench: install
+	$(BIN)/python bench/generation.py
+
+db-upgrade: install
+	$(BIN)/magpie db upgrade
+
+bootstrap: install
+	$(BIN)/magpie db upgrade --quiet
+	$(BIN)/magpie bootstrap
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Platform adapters (Telegram, Discord, console) and the `magpie` command line, Magpie's composition root."""

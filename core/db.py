@@ -1,0 +1,120 @@
+"""Connecting to the database: engines, sessions, SQLite pragmas, and the schema check at start.
+
+The schema itself lives in `core/models.py` and changes only through Alembic migrations (`alembic/`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from alembic import command
+from core.errors import DatabaseError, SchemaOutdatedError
+
+log = logging.getLogger(__name__)
+
+ALEMBIC_DIR = Path(__file__).resolve().parent.parent / "alembic"
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """WAL lets the trainer read while the bot writes; foreign keys are off by default in SQLite."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def create_engine(url: str) -> AsyncEngine:
+    """Creates an async engine; for SQLite it also creates the file's folder and sets the pragmas."""
+    parsed = make_url(url)
+    kwargs: dict[str, Any] = {}
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+    else:
+        kwargs["pool_pre_ping"] = True
+    engine = create_async_engine(url, **kwargs)
+    if parsed.get_backend_name() == "sqlite":
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+@dataclass
+class Database:
+    """An engine and its session factory; the one handle the app passes around."""
+
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+
+    @classmethod
+    def connect(cls, url: str) -> Database:
+        engine = create_engine(url)
+        return cls(engine, async_sessionmaker(engine, expire_on_commit=False))
+
+    @property
+    def backend(self) -> str:
+        return self.engine.dialect.name
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    async def check_schema(self) -> None:
+        """Refuses to run on a database that is unreachable or behind the migrations, saying how to fix it."""
+        try:
+            async with self.engine.connect() as conn:
+                current = await conn.run_sync(_current_heads)
+        except (SQLAlchemyError, OSError) as exc:
+            raise DatabaseError(
+                f"Cannot reach the database at {_safe_url(self.engine)}: {type(exc).__name__}. "
+                "Check DATABASE_URL and that the server is running."
+            ) from None
+        expected = set(_script().get_heads())
+        if current != expected:
+            state = "has no Magpie tables yet" if not current else "is at an older schema version"
+            raise SchemaOutdatedError(
+                f"The database {_safe_url(self.engine)} {state}. Run `magpie db upgrade` to migrate it."
+            )
+
+
+def _current_heads(conn: Connection) -> set[str]:
+    return set(MigrationContext.configure(conn).get_current_heads())
+
+
+def _safe_url(engine: AsyncEngine) -> str:
+    return engine.url.render_as_string(hide_password=True)
+
+
+def alembic_config(url: str) -> Config:
+    """An Alembic config pointing at our scripts and the given database."""
+    config = Config()
+    config.set_main_option("script_location", str(ALEMBIC_DIR))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def _script() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config("sqlite://"))
+
+
+async def upgrade(url: str, revision: str = "head") -> None:
+    """Applies migrations up to `revision` (Alembic's env.py runs its own async engine)."""
+    await asyncio.to_thread(command.upgrade, alembic_config(url), revision)
+
+
+async def downgrade(url: str, revision: str) -> None:
+    """Reverts migrations down to `revision` ("base" removes everything)."""
+    await asyncio.to_thread(command.downgrade, alembic_config(url), revision)

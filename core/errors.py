@@ -1,0 +1,61 @@
+"""Magpie's own exceptions.
+
+    MagpieError                  base; `user_message` is safe to show to a chat user
+    ├── ConfigError              a setting is missing or malformed (raised at start)
+    ├── DatabaseError            the database cannot be reached
+    │   └── SchemaOutdatedError  migrations are missing; `magpie db upgrade` fixes it
+    ├── ModelLoadError           a model or tokenizer could not be loaded
+    └── EngineError              generation could not be served
+        ├── EngineBusyError      the queue is full: try again shortly
+        ├── EngineTimeoutError   the request waited or ran longer than its timeout
+        └── EngineClosedError    the engine is shutting down
+
+Messages of these errors never contain secrets; user-facing replies use `user_message`, never `str(exc)` of
+an unexpected exception.
+"""
+
+from __future__ import annotations
+
+
+class MagpieError(Exception):
+    """Base of Magpie's expected failures."""
+
+    user_message = "Sorry, something went wrong on my side."
+
+
+class ConfigError(MagpieError):
+    """A setting is missing or malformed."""
+
+
+class DatabaseError(MagpieError):
+    """The database cannot be reached or used."""
+
+
+class SchemaOutdatedError(DatabaseError):
+    """The database schema is behind the code's migrations."""
+
+
+class ModelLoadError(MagpieError):
+    """A model or tokenizer could not be loaded."""
+
+
+class EngineError(MagpieError):
+    """Generation could not be served."""
+
+
+class EngineBusyError(EngineError):
+    """The engine's queue is full."""
+
+    user_message = "I'm answering a lot of people right now — please try again in a moment."
+
+
+class EngineTimeoutError(EngineError):
+    """A generation request took longer than its timeout."""
+
+    user_message = "Sorry, that took me too long to think about. Please try again."
+
+
+class EngineClosedError(EngineError):
+    """The engine is shutting down or was never started."""
+
+    user_message = "I'm restarting right now — please try again in a minute."

@@ -1,0 +1,102 @@
+"""Platform-neutral message types: what adapters hand to the core and what they get back.
+
+Adapters translate a native event into an `IncomingMessage` in one place, call `ChatHandler.handle`, and send the
+`Reply` through their own send path. Nothing in here knows Telegram or Discord.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Protocol
+
+
+class ChatKind(StrEnum):
+    """Whether everyone in the chat is talking to the bot (private) or to each other (group)."""
+
+    PRIVATE = "private"
+    GROUP = "group"
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingMessage:
+    """One message as the core sees it.
+
+    Ids are strings so that every platform fits (Telegram and Discord ids are numeric, the console's is not).
+    `text` is None for non-text content (stickers, photos…), which gets a short note instead of silence.
+    `addressed` is the adapter's verdict on "was this meant for the bot" (mention, reply to the bot, slash
+    command); private chats are always addressed.
+    """
+
+    platform: str
+    chat_id: str
+    chat_kind: ChatKind
+    author_id: str
+    author_name: str
+    text: str | None
+    message_id: str
+    addressed: bool = False
+    sent_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """A file to send with a reply (e.g. `/export`)."""
+
+    filename: str
+    content: bytes
+    mime_type: str = "application/json"
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What the bot answers. `log_id` names the stored bot message, for delivery bookkeeping."""
+
+    text: str
+    reply_to: str | None = None
+    attachment: Attachment | None = None
+    log_id: int | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class ChatHandler(Protocol):
+    """What an adapter needs from the core."""
+
+    async def handle(self, message: IncomingMessage) -> Reply | None:
+        """Logs the message and returns the reply, or None when the bot should stay quiet."""
+        ...
+
+    async def mark_delivered(self, reply: Reply, platform_message_ids: list[str]) -> None:
+        """Records that a reply reached the platform (and under which ids)."""
+        ...
+
+    async def mark_undelivered(self, reply: Reply, reason: str) -> None:
+        """Records that a reply could not be delivered, so it is never lost silently."""
+        ...
+
+
+class Notifier(Protocol):
+    """Pushes unsolicited text to a chat (retraining progress, outcomes)."""
+
+    async def notify(self, platform: str, chat_id: str, text: str) -> None:
+        """Sends `text` to `chat_id` on `platform`; failures are logged by the implementation, not raised."""
+        ...
+
+
+COMMANDS: dict[str, str] = {
+    "start": "Say hello and see what I can do",
+    "help": "List the commands",
+    "reset": "Start a fresh conversation context in this chat",
+    "forget": "Delete every message you ever sent me, in every chat",
+    "export": "Get your own logged messages as a JSON file",
+    "optout": "Keep chatting, but keep your messages out of training",
+    "optin": "Let your messages be used for training again",
+    "retrain": "(admin) Retrain the model on the logged conversations",
+    "status": "(admin) Show the model, data and training status",
+    "models": "(admin) List the model versions",
+    "rollback": "(admin) Switch back to the previous (or a given) model version",
+}
+"""Every command with its one-line help: the source for `/help`, Telegram's menu and Discord's slash tree."""
+
+ADMIN_COMMANDS = frozenset({"retrain", "status", "models", "rollback"})

@@ -1,0 +1,170 @@
+"""Every knob Magpie has, read once from the environment and `.env`.
+
+This class is the single source of truth for configuration: no other module reads `os.environ`. Each field is
+mirrored, with a comment, in `.env.example`; `tests/test_settings.py` checks the two stay in step.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from core.errors import ConfigError
+
+PLATFORMS = ("telegram", "discord", "console")
+
+
+class Settings(BaseSettings):
+    """Magpie's configuration; field names are the upper-cased environment variables."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False)
+
+    # --- platforms -------------------------------------------------------------------------------------------
+    telegram_bot_token: SecretStr | None = None
+    telegram_base_url: str = "https://api.telegram.org/bot"
+    telegram_base_file_url: str = "https://api.telegram.org/file/bot"
+    telegram_webhook_url: str | None = None
+    telegram_webhook_listen: str = "0.0.0.0"
+    telegram_webhook_port: int = Field(8443, ge=1, le=65535)
+    telegram_webhook_secret: SecretStr | None = None
+    discord_bot_token: SecretStr | None = None
+    discord_api_base_url: str = "https://discord.com/api/v10"
+    discord_gateway_url: str = "wss://gateway.discord.gg/"
+    discord_guild_ids: Annotated[tuple[int, ...], NoDecode] = ()
+    discord_message_content: bool = True
+    admin_ids: Annotated[frozenset[str], NoDecode] = frozenset()
+
+    # --- storage and models ----------------------------------------------------------------------------------
+    database_url: str = "sqlite+aiosqlite:///./data/magpie.db"
+    base_model: str = "gpt2"
+    models_dir: Path = Path("./models")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    # --- generation ------------------------------------------------------------------------------------------
+    max_new_tokens: int = Field(64, ge=1, le=1024)
+    temperature: float = Field(0.8, ge=0.0, le=5.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    top_k: int = Field(50, ge=0)
+    repetition_penalty: float = Field(1.2, ge=1.0, le=5.0)
+    history_turns: int = Field(10, ge=0, le=200)
+    seed: int | None = None
+
+    # --- engine ----------------------------------------------------------------------------------------------
+    engine_max_batch_size: int = Field(16, ge=1, le=256)
+    engine_queue_size: int = Field(64, ge=1)
+    engine_batch_wait_ms: float = Field(5.0, ge=0.0, le=1000.0)
+    engine_timeout_s: float = Field(60.0, gt=0.0)
+    torch_threads: int | None = Field(None, ge=1)
+
+    # --- chat service ----------------------------------------------------------------------------------------
+    bot_name: str = "Magpie"
+    rate_limit_per_minute: int = Field(10, ge=1)
+    max_input_chars: int = Field(2000, ge=1)
+    group_context: Literal["shared", "user"] = "shared"
+
+    # --- retraining (defaults are the seed notebook's) ---------------------------------------------------------
+    train_epochs: float = Field(3.0, gt=0.0)
+    train_batch_size: int = Field(2, ge=1)
+    train_learning_rate: float = Field(5e-5, gt=0.0)
+    train_warmup_steps: int = Field(100, ge=0)
+    train_weight_decay: float = Field(0.01, ge=0.0)
+    train_logging_steps: int = Field(10, ge=1)
+    train_max_length: int = Field(512, ge=16)
+    train_threads: int = Field(1, ge=1)
+    train_on_bot_replies: bool = False
+    train_loss_on_response_only: bool = False
+    train_eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    train_user_share_cap: float = Field(0.2, gt=0.0, le=1.0)
+    train_redact_pii: bool = True
+    train_blocklist: Annotated[tuple[str, ...], NoDecode] = ()
+    train_exclude_rolled_back: bool = True
+    promotion_margin: float = Field(0.0, ge=0.0)
+    retrain_interval_hours: float = Field(24.0, ge=0.0)
+    retrain_min_new_messages: int = Field(200, ge=0)
+    retrain_cooldown_minutes: float = Field(30.0, ge=0.0)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("admin_ids", mode="before")
+    @classmethod
+    def _parse_admin_ids(cls, value: object) -> frozenset[str]:
+        """Admins are `platform:numeric-id` pairs; display names are never trusted."""
+        items = _split_list(value)
+        parsed = set()
+        for item in items:
+            platform, sep, ident = item.partition(":")
+            platform = platform.strip().lower()
+            ident = ident.strip()
+            if not sep or platform not in PLATFORMS or not ident.lstrip("-").isdigit():
+                raise ValueError(f"{item!r} is not platform:numeric_id (e.g. telegram:123456,discord:987654)")
+            parsed.add(f"{platform}:{int(ident)}")
+        return frozenset(parsed)
+
+    @field_validator("discord_guild_ids", mode="before")
+    @classmethod
+    def _parse_guild_ids(cls, value: object) -> tuple[int, ...]:
+        items = _split_list(value)
+        if not all(item.isdigit() for item in items):
+            raise ValueError("expected comma-separated numeric guild ids")
+        return tuple(int(item) for item in items)
+
+    @field_validator("train_blocklist", mode="before")
+    @classmethod
+    def _parse_blocklist(cls, value: object) -> tuple[str, ...]:
+        return tuple(item.lower() for item in _split_list(value))
+
+    @model_validator(mode="after")
+    def _check_webhook(self) -> Settings:
+        if self.telegram_webhook_url and not self.telegram_webhook_secret:
+            raise ValueError(
+                "TELEGRAM_WEBHOOK_SECRET must be set when TELEGRAM_WEBHOOK_URL is: "
+                "without it anyone could post fake updates"
+            )
+        return self
+
+    @cached_property
+    def resolved_device(self) -> str:
+        """`auto` picks CUDA when torch sees a GPU."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def is_admin(self, platform: str, user_id: str) -> bool:
+        """Admin rights come from numeric platform ids only (console users are local, hence trusted)."""
+        if platform == "console":
+            return True
+        ident = user_id.strip()
+        if not ident.lstrip("-").isdigit():
+            return False
+        return f"{platform}:{int(ident)}" in self.admin_ids
+
+
+def _split_list(value: object) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, list | tuple | set | frozenset):
+        return [str(part).strip() for part in value if str(part).strip()]
+    raise ValueError("expected a comma-separated list")
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Builds settings, turning pydantic's report into one clear line per bad variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = "_".join(str(part) for part in error["loc"]).upper() or "settings"
+            message = str(error["msg"]).removeprefix("Value error, ")
+            problems.append(f"{name}: {message}")
+        raise ConfigError(
+            "Bad setting " + "; ".join(problems) + " — fix it in .env or the environment (see .env.example)."
+        ) from None

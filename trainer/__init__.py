@@ -1,0 +1,1 @@
+"""The learning path: logged conversations -> dataset -> Trainer -> gated new model version."""
