@@ -1,0 +1,413 @@
+"""The Discord adapter, driven end to end: the real discord.py client against the fake Discord in fake_discord.py."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import discord
+import pytest
+import yarl
+
+from bot.discord_bot import DiscordBackend
+from core.errors import ConfigError
+from core.messages import Attachment, ChatHandler, ChatKind, IncomingMessage, Reply
+from core.settings import Settings
+from tests.fake_discord import MESSAGE_CONTENT, WAIT_S, FakeDiscord, Json
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Observed:
+    """Wraps a ChatHandler and records every call, so tests can await "handled" instead of sleeping."""
+
+    def __init__(self, inner: ChatHandler) -> None:
+        self.inner = inner
+        self.handled: list[tuple[IncomingMessage, Reply | None]] = []
+        self.delivered: list[tuple[Reply, list[str]]] = []
+        self.undelivered: list[tuple[Reply, str]] = []
+        self._changed = asyncio.Condition()
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(predicate), WAIT_S)
+
+    async def wait_handled(self, message_id: str) -> Reply | None:
+        await self.wait_until(lambda: any(m.message_id == message_id for m, _ in self.handled))
+        return next(reply for m, reply in self.handled if m.message_id == message_id)
+
+    def incoming(self, message_id: str) -> IncomingMessage:
+        return next(m for m, _ in self.handled if m.message_id == message_id)
+
+    async def handle(self, message: IncomingMessage) -> Reply | None:
+        reply = await self.inner.handle(message)
+        self.handled.append((message, reply))
+        await self._notify()
+        return reply
+
+    async def mark_delivered(self, reply: Reply, platform_message_ids: list[str]) -> None:
+        await self.inner.mark_delivered(reply, platform_message_ids)
+        self.delivered.append((reply, platform_message_ids))
+        await self._notify()
+
+    async def mark_undelivered(self, reply: Reply, reason: str) -> None:
+        await self.inner.mark_undelivered(reply, reason)
+        self.undelivered.append((reply, reason))
+        await self._notify()
+
+
+class Scripted:
+    """A ChatHandler whose answer the test chooses, for adapter behaviour where the model is irrelevant."""
+
+    def __init__(self, answer: Callable[[IncomingMessage], str] = lambda m: f"echo: {m.text}") -> None:
+        self.answer = answer
+        self.attachment: Attachment | None = None
+        self._log_ids = iter(range(1, 10_000))
+
+    async def handle(self, message: IncomingMessage) -> Reply | None:
+        if message.chat_kind is ChatKind.GROUP and not message.addressed:
+            return None
+        return Reply(
+            self.answer(message), reply_to=message.message_id, attachment=self.attachment, log_id=next(self._log_ids)
+        )
+
+    async def mark_delivered(self, reply: Reply, platform_message_ids: list[str]) -> None:
+        return None
+
+    async def mark_undelivered(self, reply: Reply, reason: str) -> None:
+        return None
+
+
+@pytest.fixture(autouse=True)
+def _restore_discord_endpoints() -> Any:
+    """`use_endpoints` changes process-global class attributes of discord.py; put them back after each test."""
+    base, gateway = discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
+    yield
+    discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = base, gateway
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeDiscord]:
+    server = FakeDiscord()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+def settings_for(fake: FakeDiscord, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "discord_bot_token": fake.token,
+        "discord_api_base_url": fake.api_base_url,
+        "discord_gateway_url": fake.gateway_url,
+        "discord_guild_ids": str(fake.guild_id),
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@asynccontextmanager
+async def running(fake: FakeDiscord, handler: ChatHandler, **overrides: Any) -> AsyncIterator[DiscordBackend]:
+    backend = DiscordBackend(
+        settings=settings_for(fake, **overrides), handler=handler, ready_timeout=15, guild_ready_timeout=0.05
+    )
+    await backend.start()
+    try:
+        yield backend
+    finally:
+        await backend.stop()
+
+
+def mention(user: Json) -> str:
+    return f"<@{user['id']}>"
+
+
+# --- connecting ----------------------------------------------------------------------------------------------------
+async def test_start_logs_in_syncs_commands_and_returns_once_ready(fake: FakeDiscord) -> None:
+    async with running(fake, Observed(Scripted())):
+        assert [(c.method, c.path) for c in fake.calls[:2]] == [
+            ("GET", "/users/@me"),
+            ("GET", "/oauth2/applications/@me"),
+        ]
+        assert all(call.authorization == f"Bot {fake.token}" for call in fake.calls)
+        names = {command["name"] for command in fake.commands[fake.guild_id]}
+        assert names == {"chat", "start", "help", "reset", "forget", "export", "optout", "optin"} | {
+            "retrain",
+            "status",
+            "models",
+            "rollback",
+        }
+        assert fake.connections == ["/gateway?v=10&encoding=json&compress=zlib-stream"]
+        assert fake.identifies == 1 and fake.heartbeats >= 1
+        base, gateway = discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
+        assert (base, gateway) == (fake.api_base_url, yarl.URL(fake.gateway_url))
+
+
+async def test_commands_sync_globally_without_guild_ids(fake: FakeDiscord) -> None:
+    async with running(fake, Observed(Scripted()), discord_guild_ids=""):
+        assert fake.calls_to("PUT", rf"/applications/{fake.app_id}/commands")
+        assert not fake.calls_to("PUT", r"/applications/\d+/guilds/\d+/commands")
+        assert len(fake.commands[None]) == 12
+
+
+async def test_a_rejected_token_is_a_clear_config_error_without_the_token(
+    fake: FakeDiscord, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    backend = DiscordBackend(
+        settings=settings_for(fake, discord_bot_token="wrong-secret-token"), handler=Scripted(), ready_timeout=15
+    )
+    with pytest.raises(ConfigError, match="DISCORD_BOT_TOKEN") as info:
+        await backend.start()
+    assert "wrong-secret-token" not in str(info.value)
+    assert "wrong-secret-token" not in caplog.text
+    assert fake.calls[0].status == 401
+
+
+async def test_message_content_intent_not_enabled_in_the_portal_says_how_to_fix_it(fake: FakeDiscord) -> None:
+    fake.message_content_enabled = False
+    backend = DiscordBackend(settings=settings_for(fake), handler=Scripted(), ready_timeout=15)
+    with pytest.raises(ConfigError, match="DISCORD_MESSAGE_CONTENT=false"):
+        await backend.start()
+
+
+# --- messages ------------------------------------------------------------------------------------------------------
+async def test_dm_is_answered_with_typing_and_without_a_reply_reference(fake: FakeDiscord) -> None:
+    handler = Observed(Scripted())
+    alice = fake.add_user("alice")
+    async with running(fake, handler):
+        sent = await fake.send_message(alice, "hello there")
+        [post] = await fake.wait_for_posts(fake.dm_channel(alice), 1)
+        await handler.wait_until(lambda: len(handler.delivered) == 1)
+    incoming = handler.incoming(sent["id"])
+    assert (incoming.chat_kind, incoming.text, incoming.addressed) == (ChatKind.PRIVATE, "hello there", True)
+    assert (incoming.author_id, incoming.author_name, incoming.chat_id) == (alice["id"], "alice", sent["channel_id"])
+    assert post["content"] == "echo: hello there"
+    assert "message_reference" not in post
+    typing = fake.calls_to("POST", rf"/channels/{fake.dm_channel(alice)}/typing")
+    assert typing and fake.calls.index(typing[0]) < fake.calls.index(
+        fake.calls_to("POST", r"/channels/\d+/messages")[0]
+    )
+    assert handler.delivered[0][1] == [post["id"]]
+
+
+async def test_guild_messages_are_answered_only_when_addressed(fake: FakeDiscord) -> None:
+    handler = Observed(Scripted())
+    alice, bob = fake.add_user("alice"), fake.add_user("bob")
+    bot = fake.bot_user
+    async with running(fake, handler):
+        chatter = await fake.send_message(alice, f"just chatting with {mention(bob)}", guild=True)
+        assert await handler.wait_handled(chatter["id"]) is None
+        asked = await fake.send_message(alice, f"{mention(bot)} how are you {mention(bob)}?", guild=True)
+        [answer] = await fake.wait_for_posts(fake.channel_id, 1)
+        followup = await fake.send_message(bob, "and you?", guild=True, reply_to=answer, ping_reply=False)
+        await fake.wait_for_posts(fake.channel_id, 2)
+    logged = handler.incoming(chatter["id"])
+    assert (logged.chat_kind, logged.addressed, logged.text) == (ChatKind.GROUP, False, "just chatting with @bob")
+    assert handler.incoming(asked["id"]).text == "how are you @bob?"
+    assert handler.incoming(asked["id"]).addressed
+    assert answer["message_reference"]["message_id"] == asked["id"]
+    assert [user["id"] for user in answer["mentions"]] == [alice["id"]], "only the asker is notified"
+    assert handler.incoming(followup["id"]).addressed, "a reply to the bot's message addresses it"
+    assert len(fake.calls_to("POST", rf"/channels/{fake.channel_id}/typing")) == 2, "typing only when addressed"
+
+
+async def test_other_bots_and_the_bot_itself_are_never_answered(fake: FakeDiscord) -> None:
+    handler = Observed(Scripted())
+    robot, alice = fake.add_user("robot", bot=True), fake.add_user("alice")
+    async with running(fake, handler):
+        await fake.send_message(robot, f"{mention(fake.bot_user)} hello fellow bot", guild=True)
+        await fake.send_message(robot, "a DM from a bot")
+        await fake.send_message(fake.bot_user, f"{mention(fake.bot_user)} talking to myself", guild=True)
+        barrier = await fake.send_message(alice, "hi")
+        await handler.wait_handled(barrier["id"])
+    assert [m.message_id for m, _ in handler.handled] == [barrier["id"]]
+    assert [post["channel_id"] for post in fake.posts] == [barrier["channel_id"]]
+
+
+async def test_media_without_text_gets_text_none_when_addressed_and_is_ignored_otherwise(fake: FakeDiscord) -> None:
+    handler = Observed(Scripted(lambda m: "I can only read text" if m.text is None else "?"))
+    alice = fake.add_user("alice")
+    async with running(fake, handler):
+        await fake.send_message(alice, "", guild=True, attachments=[("cat.png", b"png")])
+        photo = await fake.send_message(alice, "", attachments=[("cat.png", b"png")])
+        sticker = await fake.send_message(alice, mention(fake.bot_user), guild=True, sticker=True)
+        await handler.wait_until(lambda: len(handler.delivered) == 2)
+    assert [m.message_id for m, _ in handler.handled] == [photo["id"], sticker["id"]]
+    assert all(m.text is None for m, _ in handler.handled)
+
+
+async def test_a_long_answer_is_split_into_messages_of_at_most_2000_characters(fake: FakeDiscord) -> None:
+    words = " ".join(f"word{i}" for i in range(1000))[:5000]
+    handler = Observed(Scripted(lambda m: words))
+    alice = fake.add_user("alice")
+    async with running(fake, handler):
+        asked = await fake.send_message(alice, f"{mention(fake.bot_user)} talk a lot", guild=True)
+        posts = await fake.wait_for_posts(fake.channel_id, 3)
+        await handler.wait_until(lambda: len(handler.delivered) == 1)
+    assert len(words) == 5000 and len(posts) == 3
+    assert all(0 < len(post["content"]) <= 2000 for post in posts)
+    assert " ".join(post["content"] for post in posts) == words
+    assert posts[0]["message_reference"]["message_id"] == asked["id"]
+    assert all("message_reference" not in post for post in posts[1:])
+    assert handler.delivered[0][1] == [post["id"] for post in posts]
+    assert all(call.status == 200 for call in fake.calls_to("POST", r"/channels/\d+/messages"))
+
+
+async def test_generated_mentions_never_ping_anyone(fake: FakeDiscord) -> None:
+    alice, bob = fake.add_user("alice"), fake.add_user("bob")
+    handler = Observed(Scripted(lambda m: f"@everyone @here {mention(bob)} look at this"))
+    async with running(fake, handler):
+        await fake.send_message(alice, f"{mention(fake.bot_user)} ping people", guild=True)
+        [post] = await fake.wait_for_posts(fake.channel_id, 1)
+        await fake.send_command(alice, "chat", {"text": "ping people"}, guild=True)
+        [_, followup] = await fake.wait_for_posts(fake.channel_id, 2)
+    assert post["content"].startswith("@everyone @here")
+    assert post["mention_everyone"] is False and followup["mention_everyone"] is False
+    assert [user["id"] for user in post["mentions"]] == [alice["id"]], "not bob: only the replied-to asker"
+    assert followup["mentions"] == []
+    assert post["allowed_mentions"] == {"parse": [], "replied_user": True}
+    assert followup["allowed_mentions"] == {"parse": []}
+
+
+async def test_without_message_content_the_bot_still_answers_mentions_dms_and_commands(fake: FakeDiscord) -> None:
+    handler = Observed(Scripted())
+    alice = fake.add_user("alice")
+    async with running(fake, handler, discord_message_content=False):
+        assert fake.session is not None and not fake.session.intents & MESSAGE_CONTENT
+        await fake.send_message(alice, "unaddressed chatter", guild=True)  # arrives blank: nothing to log
+        asked = await fake.send_message(alice, f"{mention(fake.bot_user)} can you hear me", guild=True)
+        dm = await fake.send_message(alice, "private words")
+        await fake.send_command(alice, "chat", {"text": "via slash"}, guild=True)
+        await handler.wait_until(lambda: len(handler.delivered) == 3)
+    assert sorted(m.text or "" for m, _ in handler.handled) == ["can you hear me", "private words", "via slash"]
+    assert handler.incoming(asked["id"]).addressed and handler.incoming(dm["id"]).chat_kind is ChatKind.PRIVATE
+
+
+# --- slash commands ------------------------------------------------------------------------------------------------
+async def test_slash_command_defers_then_answers_by_followup(fake: FakeDiscord) -> None:
+    handler = Observed(Scripted(lambda m: f"ran {m.text}"))
+    admin = fake.add_user("admin")
+    async with running(fake, handler):
+        interaction = await fake.send_command(admin, "rollback", {"version": "v2"}, guild=True)
+        [post] = await fake.wait_for_posts(fake.channel_id, 1)
+        await handler.wait_until(lambda: len(handler.delivered) == 1)
+    token = interaction["token"]
+    [callback] = fake.calls_to("POST", rf"/interactions/{interaction['id']}/{token}/callback")
+    [followup] = fake.calls_to("POST", rf"/webhooks/{fake.app_id}/{token}")
+    assert callback.body["type"] == 5, "deferred (thinking) first"
+    assert fake.calls.index(callback) < fake.calls.index(followup)
+    incoming = handler.incoming(interaction["id"])
+    assert (incoming.text, incoming.addressed, incoming.chat_kind) == ("/rollback v2", True, ChatKind.GROUP)
+    assert post["content"] == "ran /rollback v2" and post["interaction_id"] == interaction["id"]
+
+
+async def test_slash_chat_in_a_dm_is_plain_text_and_a_file_is_attached(fake: FakeDiscord) -> None:
+    scripted = Scripted(lambda m: "here you go")
+    scripted.attachment = Attachment("magpie-export.json", b'{"messages": []}')
+    handler = Observed(scripted)
+    alice = fake.add_user("alice")
+    async with running(fake, handler, discord_guild_ids=""):
+        interaction = await fake.send_command(alice, "chat", {"text": "hello"})
+        [post] = await fake.wait_for_posts(fake.dm_channel(alice), 1)
+    incoming = handler.incoming(interaction["id"])
+    assert (incoming.text, incoming.chat_kind) == ("hello", ChatKind.PRIVATE)
+    [followup] = fake.calls_to("POST", rf"/webhooks/{fake.app_id}/{interaction['token']}")
+    assert followup.files == [("magpie-export.json", b'{"messages": []}')]
+    assert post["attachments"][0]["filename"] == "magpie-export.json"
+
+
+# --- failures ------------------------------------------------------------------------------------------------------
+async def test_a_429_with_retry_after_is_waited_out_and_the_reply_delivered(fake: FakeDiscord) -> None:
+    handler = Observed(Scripted())
+    alice = fake.add_user("alice")
+    async with running(fake, handler):
+        channel = fake.dm_channel(alice)
+        fake.fail_next("POST", rf"/channels/{channel}/messages", status=429, retry_after=0.2)
+        fake.fail_next("POST", rf"/webhooks/{fake.app_id}/.+", status=429, retry_after=0.2)
+        await fake.send_message(alice, "hello")
+        await fake.send_command(alice, "help", guild=True)
+        await handler.wait_until(lambda: len(handler.delivered) == 2)
+    sends = fake.calls_to("POST", rf"/channels/{channel}/messages")
+    assert [call.status for call in sends] == [429, 200]
+    assert [call.status for call in fake.calls_to("POST", r"/webhooks/\d+/.+")] == [429, 200]
+    assert not handler.undelivered
+
+
+async def test_a_reply_that_finally_fails_is_marked_undelivered(fake: FakeDiscord) -> None:
+    handler = Observed(Scripted())
+    alice = fake.add_user("alice")
+    async with running(fake, handler):
+        channel = fake.dm_channel(alice)
+        fake.fail_next("POST", rf"/channels/{channel}/messages", status=429, via=False)  # Cloudflare: no retry
+        fake.fail_next("POST", rf"/channels/{channel}/typing", status=403)
+        await fake.send_message(alice, "hello")
+        await handler.wait_until(lambda: len(handler.undelivered) == 1)
+        fake.fail_next("POST", rf"/channels/{channel}/messages", status=403)
+        await fake.send_message(alice, "again")
+        await handler.wait_until(lambda: len(handler.undelivered) == 2)
+    assert [reason.split(":")[0] for _, reason in handler.undelivered] == [
+        "Discord HTTP 429 (code 0)",
+        "Discord HTTP 403 (code 0)",
+    ]
+    assert not handler.delivered and fake.posts == []
+
+
+async def test_notify_sends_to_a_channel_and_swallows_failures(
+    fake: FakeDiscord, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running(fake, Observed(Scripted())) as backend:
+        await backend.notify(str(fake.channel_id), "Training finished: v2 is live")
+        await backend.notify("123456789", "to a channel that does not exist")
+    assert [post["content"] for post in fake.posts] == ["Training finished: v2 is live"]
+    assert "Could not notify Discord chat 123456789" in caplog.text
+
+
+# --- gateway reconnects ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("code", [4000, 1000, None], ids=["close-4000", "close-1000", "tcp-reset"])
+async def test_a_dropped_gateway_resumes_replays_the_missed_message_and_answers_it_once(
+    fake: FakeDiscord, code: int | None
+) -> None:
+    handler = Observed(Scripted())
+    alice = fake.add_user("alice")
+    channel = fake.dm_channel(alice)
+    async with running(fake, handler):
+        first = await fake.send_message(alice, "before the drop")
+        await fake.wait_for_posts(channel, 1)
+        missed = await fake.send_message(alice, "lost on the way", deliver=False)
+        await fake.drop_connection(code=code)
+        await fake.wait_until(lambda: fake.resumes == 1)
+        await fake.wait_for_posts(channel, 2)
+        after = await fake.send_message(alice, "after the resume")
+        await fake.wait_for_posts(channel, 3)
+    assert fake.identifies == 1, "resumed, not re-identified"
+    assert fake.connections[-1].startswith("/resume?"), "resumed at READY's resume_gateway_url"
+    assert [m.message_id for m, _ in handler.handled] == [first["id"], missed["id"], after["id"]]
+    assert [post["content"] for post in fake.posts_in(channel)] == [
+        "echo: before the drop",
+        "echo: lost on the way",
+        "echo: after the resume",
+    ]
+
+
+async def test_a_drop_with_an_expired_session_reconnects_with_a_fresh_identify(fake: FakeDiscord) -> None:
+    """Slow on purpose (about 5 s): discord.py waits that long before a non-initial IDENTIFY."""
+    handler = Observed(Scripted())
+    alice = fake.add_user("alice")
+    async with running(fake, handler):
+        fake.forget_session()
+        await fake.drop_connection(code=4000)
+        await fake.wait_until(lambda: fake.identifies == 2)
+        sent = await fake.send_message(alice, "still there?")
+        [post] = await fake.wait_for_posts(fake.dm_channel(alice), 1)
+    assert fake.resumes == 0 and len(fake.connections) == 3, "connect, failed resume, fresh identify"
+    assert post["content"] == "echo: still there?"
+    assert [m.message_id for m, _ in handler.handled] == [sent["id"]]
