@@ -29,6 +29,7 @@ class Observed:
         self.handled: list[tuple[IncomingMessage, Reply | None]] = []
         self.delivered: list[tuple[Reply, list[str]]] = []
         self.undelivered: list[tuple[Reply, str]] = []
+        self.failed: list[tuple[IncomingMessage, Exception]] = []
         self._changed = asyncio.Condition()
 
     async def _notify(self) -> None:
@@ -47,7 +48,12 @@ class Observed:
         return next(m for m, _ in self.handled if m.message_id == message_id)
 
     async def handle(self, message: IncomingMessage) -> Reply | None:
-        reply = await self.inner.handle(message)
+        try:
+            reply = await self.inner.handle(message)
+        except Exception as exc:
+            self.failed.append((message, exc))
+            await self._notify()
+            raise
         self.handled.append((message, reply))
         await self._notify()
         return reply
@@ -411,3 +417,59 @@ async def test_a_drop_with_an_expired_session_reconnects_with_a_fresh_identify(f
     assert fake.resumes == 0 and len(fake.connections) == 3, "connect, failed resume, fresh identify"
     assert post["content"] == "echo: still there?"
     assert [m.message_id for m, _ in handler.handled] == [sent["id"]]
+
+
+# --- errors and shutdown -------------------------------------------------------------------------------------------
+class Exploding(Scripted):
+    async def handle(self, message: IncomingMessage) -> Reply | None:
+        raise RuntimeError("the core broke")
+
+
+async def test_unexpected_errors_are_logged_once_without_secrets_and_slash_users_get_a_generic_answer(
+    fake: FakeDiscord, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    handler = Observed(Exploding())
+    alice = fake.add_user("alice")
+    async with running(fake, handler):
+        await fake.send_message(alice, "hello")
+        await fake.send_command(alice, "help", guild=True)
+        [post] = await fake.wait_for_posts(fake.channel_id, 1)
+        await handler.wait_until(lambda: len(handler.failed) == 2)
+    # stop() waited for the in-flight handlers, so their error reports are in the log by now
+    assert post["content"] == "Sorry, something went wrong on my side."
+    assert "Discord event on_message failed" in caplog.text
+    assert "Discord slash command /help failed" in caplog.text
+    assert "the core broke" in caplog.text, "the traceback is kept for the operator"
+    assert fake.token not in caplog.text
+    assert fake.posts_in(fake.dm_channel(alice)) == [], "a failed DM gets no half-made answer"
+
+
+class Gated(Scripted):
+    """Holds every `handle` until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def handle(self, message: IncomingMessage) -> Reply | None:
+        self.entered.set()
+        await self.gate.wait()
+        return await super().handle(message)
+
+
+async def test_stop_lets_an_in_flight_reply_finish_before_disconnecting(fake: FakeDiscord) -> None:
+    gated = Gated()
+    handler = Observed(gated)
+    alice = fake.add_user("alice")
+    async with running(fake, handler) as backend:
+        await fake.send_message(alice, "slow one")
+        await asyncio.wait_for(gated.entered.wait(), WAIT_S)
+        stopping = asyncio.create_task(backend.stop())
+        await asyncio.sleep(0)  # one loop iteration: stop() runs up to its wait for the in-flight reply
+        assert not stopping.done()
+        gated.gate.set()
+        await asyncio.wait_for(stopping, WAIT_S)
+    assert [post["content"] for post in fake.posts] == ["echo: slow one"]
+    assert len(handler.delivered) == 1
