@@ -150,6 +150,7 @@ class FakeDiscord:
         self.session: Session | None = None
         self._faults: list[Fault] = []
         self._dm_channels: dict[int, int] = {}  # user id -> DM channel id
+        self._threads: dict[int, int] = {}  # thread id -> guild id
         self._conn: Connection | None = None
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
@@ -209,7 +210,16 @@ class FakeDiscord:
         """The text channel of the first guild."""
         return int(self.guilds[self.guild_id]["channel_id"])
 
+    def add_thread(self) -> int:
+        """A thread in the first guild's channel. No THREAD_CREATE is sent, so the client has not cached it and
+        sees its messages in an uncached guild channel, as after a restart."""
+        thread_id = self.new_id()
+        self._threads[thread_id] = self.guild_id
+        return thread_id
+
     def _guild_of_channel(self, channel_id: int) -> int | None:
+        if channel_id in self._threads:
+            return self._threads[channel_id]
         return next((gid for gid, guild in self.guilds.items() if guild["channel_id"] == channel_id), None)
 
     def _known_channel(self, channel_id: int) -> bool:

@@ -226,6 +226,18 @@ async def test_guild_messages_are_answered_only_when_addressed(fake: FakeDiscord
     assert len(fake.calls_to("POST", rf"/channels/{fake.channel_id}/typing")) == 2, "typing only when addressed"
 
 
+async def test_a_mention_in_a_thread_is_answered_in_the_thread(fake: FakeDiscord) -> None:
+    handler = Observed(Scripted())
+    alice = fake.add_user("alice")
+    thread = fake.add_thread()
+    async with running(fake, handler):
+        asked = await fake.send_message(alice, f"{mention(fake.bot_user)} in a thread", channel_id=thread)
+        [post] = await fake.wait_for_posts(thread, 1)
+    incoming = handler.incoming(asked["id"])
+    assert (incoming.chat_id, incoming.chat_kind, incoming.text) == (str(thread), ChatKind.GROUP, "in a thread")
+    assert post["message_reference"]["message_id"] == asked["id"]
+
+
 async def test_other_bots_and_the_bot_itself_are_never_answered(fake: FakeDiscord) -> None:
     handler = Observed(Scripted())
     robot, alice = fake.add_user("robot", bot=True), fake.add_user("alice")
