@@ -121,10 +121,12 @@ def settings_for(fake: FakeDiscord, **overrides: Any) -> Settings:
 
 
 @asynccontextmanager
-async def running(fake: FakeDiscord, handler: ChatHandler, **overrides: Any) -> AsyncIterator[DiscordBackend]:
-    backend = DiscordBackend(
-        settings=settings_for(fake, **overrides), handler=handler, ready_timeout=15, guild_ready_timeout=0.05
-    )
+async def running(
+    fake: FakeDiscord, handler: ChatHandler, settings: Settings | None = None, **overrides: Any
+) -> AsyncIterator[DiscordBackend]:
+    """A started backend (discord.py waits only 0.05 s for more guilds before READY), stopped afterwards."""
+    settings = settings or settings_for(fake, **overrides)
+    backend = DiscordBackend(settings=settings, handler=handler, ready_timeout=15, guild_ready_timeout=0.05)
     await backend.start()
     try:
         yield backend
