@@ -253,6 +253,15 @@ async def test_swap_under_load(
     assert probe.load_threads[0] == "magpie-engine" != probe.load_threads[1]
 
 
+async def test_failed_swap_keeps_the_old_model(make_engine: Callable[..., Awaitable[Engine]], tmp_path: Path) -> None:
+    engine = await make_engine()
+    old = engine.model_ref
+    with pytest.raises(ModelLoadError):
+        await engine.swap(ModelRef(str(tmp_path / "missing"), "v3", version_id=3))
+    assert engine.model_ref == old
+    assert (await engine.generate_response(chat("still there?"), params=SHORT)).model == old
+
+
 async def test_full_queue_raises_busy_at_once(
     make_engine: Callable[..., Awaitable[Engine]], probe: GenerateProbe
 ) -> None:
