@@ -262,15 +262,27 @@ async def test_failed_swap_keeps_the_old_model(make_engine: Callable[..., Awaita
     assert (await engine.generate_response(chat("still there?"), params=SHORT)).model == old
 
 
+async def hold_worker(engine: Engine, probe: GenerateProbe) -> asyncio.Task[Generation]:
+    """Starts a request and keeps the worker inside its `generate` until the test sets `probe.gate`."""
+    probe.gate.clear()
+    running = asyncio.create_task(engine.generate_response(chat("one"), params=SHORT))
+    await probe.entered_generate()
+    return running
+
+
+async def queue_behind(engine: Engine, *texts: str) -> list[asyncio.Task[Generation]]:
+    """Requests for `texts`, returned once each has joined the queue."""
+    tasks = [asyncio.create_task(engine.generate_response(chat(text), params=SHORT)) for text in texts]
+    await asyncio.sleep(0)  # let every task run up to its first await, which is after queueing
+    return tasks
+
+
 async def test_full_queue_raises_busy_at_once(
     make_engine: Callable[..., Awaitable[Engine]], probe: GenerateProbe
 ) -> None:
     engine = await make_engine(max_batch_size=1, queue_size=2)
-    probe.gate.clear()
-    running = asyncio.create_task(engine.generate_response(chat("one"), params=SHORT))
-    await probe.entered_generate()
-    waiting = [asyncio.create_task(engine.generate_response(chat(t), params=SHORT)) for t in ("two", "three")]
-    await asyncio.sleep(0)
+    running = await hold_worker(engine, probe)
+    waiting = await queue_behind(engine, "two", "three")
     assert engine.queue_depth == 3
     with pytest.raises(EngineBusyError):
         await engine.generate_response(chat("four"), params=SHORT)
@@ -300,11 +312,8 @@ async def test_cancelled_request_is_never_generated(
     make_engine: Callable[..., Awaitable[Engine]], probe: GenerateProbe
 ) -> None:
     engine = await make_engine(max_batch_size=1)
-    probe.gate.clear()
-    running = asyncio.create_task(engine.generate_response(chat("one"), params=SHORT))
-    await probe.entered_generate()
-    doomed = asyncio.create_task(engine.generate_response(chat("two"), params=SHORT))
-    await asyncio.sleep(0)
+    running = await hold_worker(engine, probe)
+    [doomed] = await queue_behind(engine, "two")
     assert engine.queue_depth == 2
     doomed.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -320,11 +329,8 @@ async def test_close_fails_waiting_requests_and_finishes_the_running_batch(
     make_engine: Callable[..., Awaitable[Engine]], probe: GenerateProbe
 ) -> None:
     engine = await make_engine(max_batch_size=1)
-    probe.gate.clear()
-    running = asyncio.create_task(engine.generate_response(chat("one"), params=SHORT))
-    await probe.entered_generate()
-    waiting = asyncio.create_task(engine.generate_response(chat("two"), params=SHORT))
-    await asyncio.sleep(0)
+    running = await hold_worker(engine, probe)
+    [waiting] = await queue_behind(engine, "two")
     closing = asyncio.create_task(engine.close())
     with pytest.raises(EngineClosedError):
         await asyncio.wait_for(waiting, WAIT_S)
