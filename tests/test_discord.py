@@ -264,15 +264,20 @@ async def test_guild_messages_are_logged_but_answered_only_when_addressed(
         await fake.send_message(robot, f"{mention(fake.bot_user)} bots talking", guild=True)
         asked = await fake.send_message(alice, f"{mention(fake.bot_user)} I like blue and green", guild=True)
         [post] = await fake.wait_for_posts(fake.channel_id, 1)
-        await service.wait_until(lambda: len(service.delivered) == 1)
+        typed = await fake.send_message(alice, "/help", guild=True)  # a command typed as text is for the bot too
+        [_, help_post] = await fake.wait_for_posts(fake.channel_id, 2)
+        await service.wait_until(lambda: len(service.delivered) == 2)
     rows = await logged_messages(db)
     assert [(row.role, row.text) for row in rows] == [
         (Role.USER, "what is your favourite colour?"),
         (Role.USER, "I like blue and green"),
         (Role.BOT, post["content"]),
+        (Role.USER, "/help"),
+        (Role.BOT, help_post["content"]),
     ]
     assert rows[2].reply_to_id == rows[1].id and rows[2].delivery is Delivery.SENT
     assert post["message_reference"]["message_id"] == asked["id"]
+    assert help_post["message_reference"]["message_id"] == typed["id"] and "/reset" in help_post["content"]
 
 
 async def test_slash_chat_is_deferred_then_answered_by_followup(
