@@ -12,11 +12,13 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from sqlalchemy import select
 
 from bot.backend import Backend
 from bot.console import ConsoleBackend
+from bot.discord_bot import DiscordBackend
 from core.db import Database, upgrade
 from core.engine import Engine, ModelRef
 from core.errors import MagpieError
@@ -43,6 +45,7 @@ def configure_logging(settings: Settings) -> None:
         "alembic",
     ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("discord.client").setLevel(logging.ERROR)  # "voice will NOT be supported" on every start
 
 
 async def _db_upgrade(settings: Settings, quiet: bool) -> None:
@@ -63,16 +66,17 @@ async def _active_model(settings: Settings, db: Database) -> ModelRef:
 
 
 def _backends(settings: Settings, service: ChatService) -> list[Backend]:
-    """The platforms that have tokens; the console when none has."""
+    """The platforms that have tokens, sharing one service (engine and database); the console when none has."""
     backends: list[Backend] = []
-    if settings.telegram_bot_token is not None or settings.discord_bot_token is not None:
+    if settings.telegram_bot_token is not None:
         raise MagpieError(
-            "Platform tokens are set, but the Telegram and Discord adapters are not implemented yet. "
-            "Unset TELEGRAM_BOT_TOKEN and DISCORD_BOT_TOKEN to chat in the console."
+            "TELEGRAM_BOT_TOKEN is set, but the Telegram adapter is not implemented yet. Unset it to continue."
         )
-    backends.append(
-        ConsoleBackend(handler=service, bot_name=settings.bot_name, exports_dir=settings.models_dir.parent / "exports")
-    )
+    if settings.discord_bot_token is not None:
+        backends.append(DiscordBackend(settings=settings, handler=service))
+    if not backends:
+        exports = Path("data") / "exports"
+        backends.append(ConsoleBackend(handler=service, bot_name=settings.bot_name, exports_dir=exports))
     return backends
 
 
