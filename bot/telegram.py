@@ -16,6 +16,7 @@ to the bare client, and why:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import re
@@ -176,7 +177,9 @@ class TelegramBackend:
         private = message.chat.type == ChatType.PRIVATE
         text, mentioned = self._read_text(message) if message.text is not None else (None, False)
         replied_to = message.reply_to_message
-        to_me = replied_to is not None and replied_to.from_user is not None and replied_to.from_user.id == self._me
+        to_me = (
+            replied_to is not None and replied_to.from_user is not None and replied_to.from_user.id == self._app.bot.id
+        )
         addressed = private or mentioned or to_me
         if text is None and not addressed:
             return None
@@ -208,7 +211,7 @@ class TelegramBackend:
             for entity, value in message.parse_entities(
                 [MessageEntityType.MENTION, MessageEntityType.TEXT_MENTION]
             ).items()
-            if value.lower() == f"@{username}" or (entity.user is not None and entity.user.id == self._me)
+            if value.lower() == f"@{username}" or (entity.user is not None and entity.user.id == self._app.bot.id)
         ]
         text = _cut_utf16(message.text, [(entity.offset, entity.length) for entity in ours])
         command = _COMMAND.match(text)
@@ -218,10 +221,6 @@ class TelegramBackend:
         if target is None or target.lower() == username:
             return f"/{command.group('name')}{text[command.end() :]}", True
         return text, bool(ours)
-
-    @property
-    def _me(self) -> int:
-        return self._app.bot.id
 
     async def _ask_core(self, chat_id: int, incoming: IncomingMessage) -> Reply | None:
         """Awaits the core's answer, showing "typing…" meanwhile when an answer is expected."""
@@ -246,10 +245,8 @@ class TelegramBackend:
                 await self._app.bot.send_chat_action(chat_id, ChatAction.TYPING)
             except TelegramError as exc:
                 log.debug("Telegram: typing indicator failed: %s", self._redact(repr(exc)))
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), timeout=TYPING_RENEW_S)
-            except TimeoutError:
-                continue
 
     # --- sending --------------------------------------------------------------------------------------------
 
@@ -283,42 +280,33 @@ class TelegramBackend:
             ids.append(str(sent.message_id))
         return ids
 
-    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+    async def _retrying(self, call: Callable[[], Awaitable[T]], attempts: int = SEND_ATTEMPTS) -> T:
         """Retries network errors and 5xx (PTB raises both as NetworkError) with capped, jittered backoff.
         429s never get here (AIORateLimiter waits them out underneath), and a 400 is final: retrying can't fix it."""
         delay = BACKOFF_FIRST_S
-        for attempt in range(1, SEND_ATTEMPTS + 1):
+        for attempt in range(1, attempts):
             try:
                 return await call()
             except BadRequest:
                 raise
             except NetworkError as exc:
-                if attempt == SEND_ATTEMPTS:
-                    raise
-                log.warning("Telegram: send failed (%s), retry %d", self._redact(str(exc)), attempt)
+                log.warning("Telegram: request failed (%s), retry %d of %d", self._redact(str(exc)), attempt, attempts)
             await asyncio.sleep(delay * random.uniform(0.75, 1.0))
             delay = min(delay * 2, BACKOFF_CAP_S)
-        raise AssertionError("unreachable")
+        return await call()
 
     # --- start-up and errors --------------------------------------------------------------------------------
 
     async def _connect(self) -> None:
-        """Initializes the Application (`getMe`), retrying network failures: PTB itself tries only once."""
-        delay, rejected, failure = BACKOFF_FIRST_S, False, ""
-        for attempt in range(1, STARTUP_ATTEMPTS + 1):
-            try:
-                await self._app.initialize()
-                return
-            except InvalidToken:  # its message contains the token: raised below, so not even chained
-                rejected = True
-                break
-            except NetworkError as exc:
-                failure = self._redact(str(exc))
-                if isinstance(exc, BadRequest) or attempt == STARTUP_ATTEMPTS:
-                    break
-                log.warning("Telegram: connecting failed (%s), retry %d in %.1fs", failure, attempt, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, BACKOFF_CAP_S)
+        """Initializes the Application (`getMe`) with retries: PTB itself tries once."""
+        rejected, failure = False, ""
+        try:
+            await self._retrying(self._app.initialize, attempts=STARTUP_ATTEMPTS)
+            return
+        except InvalidToken:  # its message contains the token: raised below, so not even chained
+            rejected = True
+        except NetworkError as exc:
+            failure = self._redact(str(exc))
         await self._app.bot.shutdown()
         if rejected:
             raise ConfigError("Telegram rejected TELEGRAM_BOT_TOKEN: check it with @BotFather.")
@@ -329,8 +317,10 @@ class TelegramBackend:
         """Fills Telegram's "/" menu: user commands for everyone, and all commands in each admin's private chat."""
         everyone = [BotCommand(name, text) for name, text in COMMANDS.items() if name not in ADMIN_COMMANDS]
         admins = [BotCommand(name, text) for name, text in COMMANDS.items()]
-        scopes: list[BotCommandScopeChat | None] = [None]
-        scopes += [BotCommandScopeChat(int(ident)) for ident in _telegram_admin_ids(self._settings)]
+        admin_ids = sorted(
+            int(item.partition(":")[2]) for item in self._settings.admin_ids if item.startswith("telegram:")
+        )
+        scopes: list[BotCommandScopeChat | None] = [None, *(BotCommandScopeChat(ident) for ident in admin_ids)]
         for scope in scopes:
             try:
                 await self._retrying(partial(self._app.bot.set_my_commands, admins if scope else everyone, scope=scope))
@@ -367,9 +357,3 @@ def _cut_utf16(text: str, spans: list[tuple[int, int]]) -> str:
     pieces.append(units[cursor * 2 :].decode("utf-16-le"))
     kept = [pieces[0].strip()] + [piece.lstrip(" ,:;").strip() for piece in pieces[1:]]
     return " ".join(piece for piece in kept if piece)
-
-
-def _telegram_admin_ids(settings: Settings) -> list[str]:
-    return sorted(
-        ident for platform, _, ident in (item.partition(":") for item in settings.admin_ids) if platform == "telegram"
-    )

@@ -18,7 +18,7 @@ import pytest
 
 import bot.telegram as telegram_module
 from bot.telegram import TelegramBackend
-from core.errors import ConfigError
+from core.errors import ConfigError, MagpieError
 from core.messages import ADMIN_COMMANDS, COMMANDS, ChatKind, IncomingMessage, Reply
 from core.settings import Settings
 from tests.fake_telegram import FakeTelegram, utf16_length
@@ -473,3 +473,16 @@ async def test_webhook_mode_serves_updates_and_rejects_requests_without_the_secr
 
 def _message_dict(chat: Any, person: Any, text: str) -> dict[str, Any]:
     return {"message_id": 1, "date": 0, "chat": chat.as_dict(), "from": person.as_dict(), "text": text}
+
+
+async def test_an_unreachable_api_is_a_clear_error_after_the_retries(
+    telegram: FakeTelegram, monkeypatch: pytest.MonkeyPatch, no_token_in_logs: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(telegram_module, "STARTUP_ATTEMPTS", 3)
+    monkeypatch.setattr(telegram_module, "BACKOFF_FIRST_S", 0.01)
+    telegram.fail_next("getMe", 3, status=502)
+    backend = TelegramBackend(settings=settings_for(telegram), handler=RecordingHandler())
+    with pytest.raises(MagpieError, match=r"Cannot reach the Telegram Bot API at 127\.0\.0\.1:\d+: Bad Gateway"):
+        await backend.start()
+    assert [call.status for call in telegram.calls_to("getMe")] == [502, 502, 502]
+    assert no_token_in_logs.text.count("retry") == 2
