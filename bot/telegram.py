@@ -100,19 +100,30 @@ class TelegramBackend:
     async def start(self) -> None:
         """Connects, fills the command menu, and starts polling (or the webhook server); returns once running."""
         await self._connect()
-        await self._app.start()
-        await self._register_commands()
-        updater = self._app.updater
+        try:
+            await self._app.start()
+            await self._register_commands()
+            await self._start_fetching()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start_fetching(self) -> None:
+        """Long polling by default; a webhook when TELEGRAM_WEBHOOK_URL is set (it serves that URL's path)."""
+        updater, url, secret = (
+            self._app.updater,
+            self._settings.telegram_webhook_url,
+            self._settings.telegram_webhook_secret,
+        )
         assert updater is not None
-        url = self._settings.telegram_webhook_url
         if url:
-            assert self._settings.telegram_webhook_secret is not None  # Settings refuses a webhook without one
+            assert secret is not None  # Settings refuses a webhook without one
             await updater.start_webhook(
                 listen=self._settings.telegram_webhook_listen,
                 port=self._settings.telegram_webhook_port,
                 url_path=urlsplit(url).path,
                 webhook_url=url,
-                secret_token=self._settings.telegram_webhook_secret.get_secret_value(),
+                secret_token=secret.get_secret_value(),
                 bootstrap_retries=STARTUP_ATTEMPTS,
             )
         else:

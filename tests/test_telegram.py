@@ -486,3 +486,22 @@ async def test_an_unreachable_api_is_a_clear_error_after_the_retries(
         await backend.start()
     assert [call.status for call in telegram.calls_to("getMe")] == [502, 502, 502]
     assert no_token_in_logs.text.count("retry") == 2
+
+
+async def test_a_webhook_port_in_use_fails_the_start_cleanly(telegram: FakeTelegram) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = int(taken.getsockname()[1])
+        settings = settings_for(
+            telegram,
+            telegram_webhook_url=f"http://127.0.0.1:{port}/hook",
+            telegram_webhook_listen="127.0.0.1",
+            telegram_webhook_port=port,
+            telegram_webhook_secret="secret",
+        )
+        backend = TelegramBackend(settings=settings, handler=RecordingHandler())
+        with pytest.raises(OSError):
+            await backend.start()
+    await backend.stop()  # harmless after a failed start, which already stopped everything
+    assert telegram.calls_to("getUpdates") == []
