@@ -11,15 +11,23 @@ import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from sqlalchemy import select
 
 import bot.telegram as telegram_module
 from bot.telegram import TelegramBackend
+from core.db import Database
+from core.engine import Engine, ModelRef
 from core.errors import ConfigError, MagpieError
 from core.messages import ADMIN_COMMANDS, COMMANDS, ChatKind, IncomingMessage, Reply
+from core.models import Chat, Delivery, Role
+from core.models import Message as DbMessage
+from core.service import NOT_TEXT, ChatService
 from core.settings import Settings
 from tests.fake_telegram import FakeTelegram, utf16_length
 
@@ -505,3 +513,183 @@ async def test_a_webhook_port_in_use_fails_the_start_cleanly(telegram: FakeTeleg
             await backend.start()
     await backend.stop()  # harmless after a failed start, which already stopped everything
     assert telegram.calls_to("getUpdates") == []
+
+
+# --- end to end: the real ChatService, the tiny real model, the real database ---------------------------------
+
+
+class RecordingRetrainer:
+    """The `Retrainer` seam (training itself is the trainer's business): records who asked."""
+
+    def __init__(self) -> None:
+        self.requests: list[str] = []
+
+    async def request(self, *, triggered_by: str, notify_platform: str | None, notify_chat_id: str | None) -> str:
+        self.requests.append(triggered_by)
+        return "Training started; I'll tell you when it's done."
+
+    async def rollback(self, *, version: str | None, triggered_by: str) -> str:
+        return "Nothing to roll back to."
+
+    async def list_versions(self) -> str:
+        return "base (active)"
+
+
+@dataclass
+class Served:
+    telegram: FakeTelegram
+    db: Database
+    retrainer: RecordingRetrainer
+    settings: Settings
+
+
+@contextlib.asynccontextmanager
+async def serving(telegram: FakeTelegram, db: Database, model_dir: Path, **overrides: Any) -> AsyncIterator[Served]:
+    """Engine + ChatService + TelegramBackend as `magpie run` assembles them; everything is stopped on exit, so
+    assertions after the block see every reply delivered and its delivery recorded."""
+    settings = settings_for(
+        telegram,
+        base_model=str(model_dir),
+        device="cpu",
+        temperature=0.0,
+        max_new_tokens=8,
+        admin_ids="telegram:42",
+        **overrides,
+    )
+    engine = Engine.from_settings(settings)
+    await engine.start(ModelRef(source=str(model_dir), name="tiny"))
+    retrainer = RecordingRetrainer()
+    service = ChatService(settings=settings, db=db, engine=engine, retrainer=retrainer)
+    try:
+        async with running(settings, service):
+            yield Served(telegram, db, retrainer, settings)
+    finally:
+        await engine.close()
+
+
+async def logged(db: Database, chat_id: int | None = None) -> list[DbMessage]:
+    """Every logged message (optionally of one Telegram chat), oldest first."""
+    query = select(DbMessage).join(Chat, Chat.id == DbMessage.chat_id).order_by(DbMessage.id)
+    if chat_id is not None:
+        query = query.where(Chat.platform == "telegram", Chat.platform_chat_id == str(chat_id))
+    async with db.sessions() as session:
+        return list((await session.scalars(query)).all())
+
+
+async def test_private_chat_round_trip_is_logged_with_typing_before_the_reply(
+    telegram: FakeTelegram, db: Database, tiny_model_dir: Path
+) -> None:
+    alice = telegram.user(1001, "Alice")
+    chat = telegram.private_chat(alice)
+    async with serving(telegram, db, tiny_model_dir):
+        asked = telegram.user_says(chat, alice, "hello there, how are you today?")
+        [answer] = await telegram.wait_for_messages(alice.id, 1)
+    user_row, bot_row = await logged(db, alice.id)
+    assert (user_row.role, user_row.text, user_row.platform_message_id) == (
+        Role.USER,
+        "hello there, how are you today?",
+        str(asked["message_id"]),
+    )
+    assert (bot_row.role, bot_row.text, bot_row.reply_to_id) == (Role.BOT, answer["text"], user_row.id)
+    assert bot_row.delivery is Delivery.SENT and bot_row.platform_message_id == str(answer["message_id"])
+    assert answer["text"].strip()
+    methods = [call.method for call in telegram.calls if call.method in ("sendChatAction", "sendMessage")]
+    assert methods[0] == "sendChatAction" and methods[-1] == "sendMessage"
+
+
+async def test_group_chat_is_logged_whole_but_answered_only_when_addressed(
+    telegram: FakeTelegram, db: Database, tiny_model_dir: Path
+) -> None:
+    group = telegram.group(-100200, "Book club")
+    bob, carol = telegram.user(2001, "Bob"), telegram.user(2002, "Carol")
+    async with serving(telegram, db, tiny_model_dir):
+        plain = telegram.user_says(group, bob, "has anyone read the new one?")
+        telegram.user_sends_sticker(group, carol)
+        mention = telegram.user_says(group, carol, "@MagpieTestBot do you like pizza?")
+        [first] = await telegram.wait_for_messages(group.id, 1)
+        follow_up = telegram.user_says(group, bob, "and pasta?", reply_to=first)
+        await telegram.wait_for_messages(group.id, 2)
+        command = telegram.user_says(group, bob, "/help@MagpieTestBot")
+        await telegram.wait_for_messages(group.id, 3)
+        telegram.user_says(group, carol, "/help@SomeOtherBot")
+        telegram.user_edits(plain, "has anyone read the new one? (edited)")
+        telegram.user_sends_sticker(telegram.private_chat(carol), carol)
+        await telegram.wait_for_messages(carol.id, 1)
+    rows = await logged(db, group.id)
+    user_rows = sorted(
+        (row for row in rows if row.role is Role.USER), key=lambda row: int(row.platform_message_id or 0)
+    )
+    assert [row.text for row in user_rows] == [  # handled concurrently, so logged in any order
+        "has anyone read the new one?",
+        "do you like pizza?",
+        "and pasta?",
+        "/help",
+        "/help@SomeOtherBot",
+    ]
+    answers = telegram.sent_messages(group.id)
+    assert [a["reply_to_message"]["message_id"] for a in answers] == [
+        mention["message_id"],
+        follow_up["message_id"],
+        command["message_id"],
+    ]
+    bot_rows = [row for row in rows if row.role is Role.BOT]
+    assert [row.platform_message_id for row in bot_rows] == [str(a["message_id"]) for a in answers]
+    assert all(row.delivery is Delivery.SENT for row in bot_rows)
+    assert "/reset — " in answers[2]["text"] and "/retrain" not in answers[2]["text"]
+    assert [note["text"] for note in telegram.sent_messages(carol.id)] == [NOT_TEXT]
+
+
+async def test_429_and_502_are_survived_with_every_message_answered_and_logged_once(
+    telegram: FakeTelegram, db: Database, tiny_model_dir: Path
+) -> None:
+    people = [telegram.user(3000 + n, f"User {n}") for n in range(3)]
+    async with serving(telegram, db, tiny_model_dir):
+        telegram.fail_next("sendMessage", 1, status=429, retry_after=1)
+        telegram.fail_next("sendMessage", 1, status=502)
+        for person in people:
+            telegram.user_says(telegram.private_chat(person), person, "what is your favourite colour?")
+        for person in people:
+            await telegram.wait_for_messages(person.id, 1)
+    statuses = [call.status for call in telegram.calls_to("sendMessage")]
+    assert statuses.count(429) == 1 and statuses.count(502) == 1 and statuses.count(200) == 3
+    rows = await logged(db)
+    assert [row.role for row in rows].count(Role.USER) == 3
+    bot_rows = [row for row in rows if row.role is Role.BOT]
+    assert len(bot_rows) == 3 and all(row.delivery is Delivery.SENT for row in bot_rows)
+    assert len({row.reply_to_id for row in bot_rows}) == 3
+    assert all(len(telegram.sent_messages(person.id)) == 1 for person in people)
+
+
+async def test_20_users_with_5_messages_each_are_all_answered_and_logged_exactly_once(
+    telegram: FakeTelegram, db: Database, tiny_model_dir: Path
+) -> None:
+    people = [telegram.user(4000 + n, f"User {n}") for n in range(20)]
+    async with serving(telegram, db, tiny_model_dir):
+        for round_ in range(5):
+            for person in people:
+                telegram.user_says(telegram.private_chat(person), person, f"message {round_} from {person.first_name}")
+        for person in people:
+            await telegram.wait_for_messages(person.id, 5, within=120)
+    rows = await logged(db)
+    user_rows = [row for row in rows if row.role is Role.USER]
+    bot_rows = [row for row in rows if row.role is Role.BOT]
+    assert len(user_rows) == 100 and len({(r.chat_id, r.platform_message_id) for r in user_rows}) == 100
+    assert len(bot_rows) == 100 and {row.reply_to_id for row in bot_rows} == {row.id for row in user_rows}
+    assert all(row.delivery is Delivery.SENT for row in bot_rows)
+    assert len({(row.chat_id, row.platform_message_id) for row in bot_rows}) == 100
+    assert all(len(telegram.sent_messages(person.id)) == 5 for person in people)
+    assert [call.status for call in telegram.calls_to("sendMessage")] == [200] * 100
+
+
+async def test_admin_commands_are_refused_to_non_admins_and_run_for_admins(
+    telegram: FakeTelegram, db: Database, tiny_model_dir: Path
+) -> None:
+    mallory, admin = telegram.user(555, "Mallory"), telegram.user(42, "Admin")
+    async with serving(telegram, db, tiny_model_dir) as served:
+        telegram.user_says(telegram.private_chat(mallory), mallory, "/retrain")
+        [refusal] = await telegram.wait_for_messages(mallory.id, 1)
+        telegram.user_says(telegram.private_chat(admin), admin, "/retrain")
+        [accepted] = await telegram.wait_for_messages(admin.id, 1)
+    assert "admin" in refusal["text"].lower()
+    assert accepted["text"] == "Training started; I'll tell you when it's done."
+    assert served.retrainer.requests == ["telegram:42"]
