@@ -117,6 +117,24 @@ def no_token_in_logs(caplog: pytest.LogCaptureFixture, telegram: FakeTelegram) -
     assert telegram.token.split(":", maxsplit=1)[1] not in caplog.text
 
 
+async def test_the_fake_server_speaks_json_checks_the_token_and_the_length_limit(telegram: FakeTelegram) -> None:
+    """The fake's own contract, for the cases PTB never sends (PTB always posts form-encoded bodies)."""
+    alice = telegram.user(1001, "Alice")
+    telegram.private_chat(alice)
+    api = f"{telegram.base_url}{telegram.token}"
+    async with aiohttp.ClientSession() as client:
+        async with client.post(f"{api}/sendMessage", json={"chat_id": alice.id, "text": "hi"}) as ok:
+            assert ok.status == 200 and (await ok.json())["result"]["text"] == "hi"
+        async with client.post(f"{api}/sendMessage", json={"chat_id": alice.id, "text": "😀" * 2049}) as long:
+            assert long.status == 400 and (await long.json())["description"] == "Bad Request: message is too long"
+        async with client.post(f"{telegram.base_url}1:wrong/getMe") as wrong:
+            assert wrong.status == 401
+            assert await wrong.json() == {"ok": False, "error_code": 401, "description": "Unauthorized"}
+        async with client.post(f"{api}/getUpdates", data={"offset": "0", "timeout": "0"}) as empty:
+            assert (await empty.json())["result"] == []
+    assert [m["text"] for m in telegram.sent_messages(alice.id)] == ["hi"]
+
+
 # --- start-up -------------------------------------------------------------------------------------------------
 
 
@@ -146,6 +164,19 @@ async def test_a_wrong_token_is_a_clear_error_that_does_not_contain_it(
     assert wrong not in str(raised.value) and raised.value.__cause__ is None and raised.value.__context__ is None
     assert wrong not in caplog.text
     assert [call.status for call in telegram.calls_to("getMe")] == [401]
+
+
+async def test_an_unreachable_api_is_a_clear_error_after_the_retries(
+    telegram: FakeTelegram, monkeypatch: pytest.MonkeyPatch, no_token_in_logs: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(telegram_module, "STARTUP_ATTEMPTS", 3)
+    monkeypatch.setattr(telegram_module, "BACKOFF_FIRST_S", 0.01)
+    telegram.fail_next("getMe", 3, status=502)
+    backend = TelegramBackend(settings=settings_for(telegram), handler=RecordingHandler())
+    with pytest.raises(MagpieError, match=r"Cannot reach the Telegram Bot API at 127\.0\.0\.1:\d+: Bad Gateway"):
+        await backend.start()
+    assert [call.status for call in telegram.calls_to("getMe")] == [502, 502, 502]
+    assert no_token_in_logs.text.count("retry") == 2
 
 
 async def test_a_missing_token_or_a_bad_webhook_secret_is_refused_before_connecting(telegram: FakeTelegram) -> None:
@@ -299,23 +330,6 @@ async def test_typing_is_shown_at_once_renewed_while_thinking_and_never_after_th
     actions = telegram.calls_to("sendChatAction")
     assert all(call.params == {"chat_id": frank.id, "action": "typing"} for call in actions)
     assert all(call.at < sent_at for call in actions)
-
-
-async def test_429_and_502_on_send_are_survived_and_each_message_answered_once(telegram: FakeTelegram) -> None:
-    gina = telegram.user(6001, "Gina")
-    chat = telegram.private_chat(gina)
-    handler = RecordingHandler()
-    async with running(settings_for(telegram), handler):
-        telegram.fail_next("sendMessage", 1, status=429, retry_after=1)
-        telegram.fail_next("sendMessage", 1, status=502)
-        for n in range(3):
-            telegram.user_says(chat, gina, f"message {n}")
-        await telegram.wait_for_messages(gina.id, 3)
-        await handler.wait_until(lambda: len(handler.delivered) == 3)
-    assert sorted(m["text"] for m in telegram.sent_messages(gina.id)) == [f"echo: message {n}" for n in range(3)]
-    assert [call.status for call in telegram.calls_to("sendMessage")].count(200) == 3
-    assert {429, 502} <= {call.status for call in telegram.calls_to("sendMessage")}
-    assert handler.undelivered == []
 
 
 async def test_a_reply_that_cannot_be_delivered_is_reported_undelivered(
@@ -479,23 +493,6 @@ async def test_webhook_mode_serves_updates_and_rejects_requests_without_the_secr
             await client.post(f"http://127.0.0.1:{port}/telegram/hook", json={})
 
 
-def _message_dict(chat: Any, person: Any, text: str) -> dict[str, Any]:
-    return {"message_id": 1, "date": 0, "chat": chat.as_dict(), "from": person.as_dict(), "text": text}
-
-
-async def test_an_unreachable_api_is_a_clear_error_after_the_retries(
-    telegram: FakeTelegram, monkeypatch: pytest.MonkeyPatch, no_token_in_logs: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setattr(telegram_module, "STARTUP_ATTEMPTS", 3)
-    monkeypatch.setattr(telegram_module, "BACKOFF_FIRST_S", 0.01)
-    telegram.fail_next("getMe", 3, status=502)
-    backend = TelegramBackend(settings=settings_for(telegram), handler=RecordingHandler())
-    with pytest.raises(MagpieError, match=r"Cannot reach the Telegram Bot API at 127\.0\.0\.1:\d+: Bad Gateway"):
-        await backend.start()
-    assert [call.status for call in telegram.calls_to("getMe")] == [502, 502, 502]
-    assert no_token_in_logs.text.count("retry") == 2
-
-
 async def test_a_webhook_port_in_use_fails_the_start_cleanly(telegram: FakeTelegram) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -513,6 +510,10 @@ async def test_a_webhook_port_in_use_fails_the_start_cleanly(telegram: FakeTeleg
             await backend.start()
     await backend.stop()  # harmless after a failed start, which already stopped everything
     assert telegram.calls_to("getUpdates") == []
+
+
+def _message_dict(chat: Any, person: Any, text: str) -> dict[str, Any]:
+    return {"message_id": 1, "date": 0, "chat": chat.as_dict(), "from": person.as_dict(), "text": text}
 
 
 # --- end to end: the real ChatService, the tiny real model, the real database ---------------------------------
