@@ -110,11 +110,8 @@ class TelegramBackend:
 
     async def _start_fetching(self) -> None:
         """Long polling by default; a webhook when TELEGRAM_WEBHOOK_URL is set (it serves that URL's path)."""
-        updater, url, secret = (
-            self._app.updater,
-            self._settings.telegram_webhook_url,
-            self._settings.telegram_webhook_secret,
-        )
+        updater = self._app.updater
+        url, secret = self._settings.telegram_webhook_url, self._settings.telegram_webhook_secret
         assert updater is not None
         if url:
             assert secret is not None  # Settings refuses a webhook without one
