@@ -1,0 +1,367 @@
+"""The Telegram backend: python-telegram-bot v22 in, `core.messages` types out.
+
+Everything Telegram-specific lives here and nothing of it leaves: a native message becomes an `IncomingMessage` in
+`TelegramBackend._translate`, and every reply goes out through `TelegramBackend._send_text`. What this layer adds
+to the bare client, and why:
+
+- start-up retries `getMe` (PTB tries once) and bootstraps polling/webhook with retries, so a bot started during
+  a network blip comes up when the network does;
+- AIORateLimiter waits out 429s (PTB raises `RetryAfter` into the handler otherwise and the reply is lost), and the
+  send path retries network errors and 5xx with capped backoff; a reply that still fails is reported to the core
+  as undelivered, never dropped silently;
+- updates are handled concurrently (the core queues per user), with "typing…" shown while the model thinks;
+- the token is inside every request URL, so nothing logged here is formatted without `_redact`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import re
+import traceback
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from telegram import BotCommand, BotCommandScopeChat, InputFile, Message, ReplyParameters, Update
+from telegram.constants import ChatAction, ChatType, MessageEntityType, MessageLimit
+from telegram.error import BadRequest, InvalidToken, NetworkError, TelegramError
+from telegram.ext import AIORateLimiter, Application, ApplicationBuilder, ContextTypes, ExtBot, MessageHandler, filters
+
+from bot.text import split_message, utf16_length
+from core.errors import ConfigError, MagpieError
+from core.messages import ADMIN_COMMANDS, COMMANDS, ChatHandler, ChatKind, IncomingMessage, Reply
+from core.settings import Settings
+
+__all__ = ["TelegramBackend"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_App = Application[ExtBot[int], ContextTypes.DEFAULT_TYPE, dict[Any, Any], dict[Any, Any], dict[Any, Any], None]
+
+POLL_TIMEOUT_S = 30
+"""Long-poll duration of one `getUpdates`; the HTTP read timeout is a little longer."""
+TYPING_RENEW_S = 4.0
+"""Telegram shows a chat action for 5 s; renewing a little sooner keeps "typing…" steady."""
+SEND_ATTEMPTS = 5
+STARTUP_ATTEMPTS = 8
+BACKOFF_FIRST_S = 0.5
+BACKOFF_CAP_S = 8.0
+RATE_LIMIT_RETRIES = 3
+STOP_GRACE_S = 15.0
+_COMMAND = re.compile(r"^/(?P<name>[A-Za-z0-9_]{1,32})(?:@(?P<bot>[A-Za-z0-9_]+))?(?![\w@])")
+_WEBHOOK_SECRET = re.compile(r"[A-Za-z0-9_-]{1,256}")
+
+
+def _build_application(settings: Settings, token: str) -> _App:
+    """The one place settings become a PTB Application: where it connects and how patient it is."""
+    return (
+        ApplicationBuilder()
+        .token(token)
+        .base_url(settings.telegram_base_url)
+        .base_file_url(settings.telegram_base_file_url)
+        .rate_limiter(AIORateLimiter(max_retries=RATE_LIMIT_RETRIES))
+        .concurrent_updates(True)
+        .connect_timeout(10.0)
+        .read_timeout(30.0)
+        .write_timeout(30.0)
+        .pool_timeout(30.0)
+        .get_updates_read_timeout(POLL_TIMEOUT_S + 10.0)
+        .job_queue(None)
+        .build()
+    )
+
+
+class TelegramBackend:
+    """A running Telegram bot that hands every message to a `ChatHandler` and delivers its replies."""
+
+    platform = "telegram"
+
+    def __init__(self, *, settings: Settings, handler: ChatHandler, stop_grace_s: float = STOP_GRACE_S) -> None:
+        if settings.telegram_bot_token is None or not settings.telegram_bot_token.get_secret_value().strip():
+            raise ConfigError("TELEGRAM_BOT_TOKEN is not set: get one from @BotFather (see docs/telegram.md).")
+        secret = settings.telegram_webhook_secret
+        if secret is not None and not _WEBHOOK_SECRET.fullmatch(secret.get_secret_value()):
+            raise ConfigError("TELEGRAM_WEBHOOK_SECRET may only use A-Z, a-z, 0-9, _ and - (1 to 256 characters).")
+        self._settings = settings
+        self._handler = handler
+        self._stop_grace_s = stop_grace_s
+        self._token = settings.telegram_bot_token.get_secret_value().strip()
+        self._app = _build_application(settings, self._token)
+        self._app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self._on_message))
+        self._app.add_error_handler(self._on_error)
+        self._in_flight: set[asyncio.Task[Any]] = set()
+        self._cancelling = False
+
+    async def start(self) -> None:
+        """Connects, fills the command menu, and starts polling (or the webhook server); returns once running."""
+        await self._connect()
+        try:
+            await self._app.start()
+            await self._register_commands()
+            await self._start_fetching()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start_fetching(self) -> None:
+        """Long polling by default; a webhook when TELEGRAM_WEBHOOK_URL is set (it serves that URL's path)."""
+        updater = self._app.updater
+        url, secret = self._settings.telegram_webhook_url, self._settings.telegram_webhook_secret
+        assert updater is not None
+        if url:
+            assert secret is not None  # Settings refuses a webhook without one
+            await updater.start_webhook(
+                listen=self._settings.telegram_webhook_listen,
+                port=self._settings.telegram_webhook_port,
+                url_path=urlsplit(url).path,
+                webhook_url=url,
+                secret_token=secret.get_secret_value(),
+                bootstrap_retries=STARTUP_ATTEMPTS,
+            )
+        else:
+            await updater.start_polling(
+                timeout=POLL_TIMEOUT_S, bootstrap_retries=STARTUP_ATTEMPTS, error_callback=self._on_polling_error
+            )
+        mode = f"webhook on port {self._settings.telegram_webhook_port}" if url else "long polling"
+        log.info("Telegram: @%s is up (%s)", self._app.bot.username, mode)
+
+    async def stop(self) -> None:
+        """Stops fetching, lets in-flight replies finish for `stop_grace_s`, cancels the rest, and disconnects."""
+        updater = self._app.updater
+        if updater is not None and updater.running:
+            await updater.stop()
+        if self._app.running:
+            stopping = asyncio.create_task(self._app.stop())
+            done, _ = await asyncio.wait({stopping}, timeout=self._stop_grace_s)
+            if not done:
+                self._cancelling = True
+                log.warning("Telegram: cancelling %d replies still running at shutdown", len(self._in_flight))
+                for task in list(self._in_flight):
+                    task.cancel()
+                await stopping
+        await self._app.shutdown()
+        log.info("Telegram: stopped")
+
+    async def notify(self, chat_id: str, text: str) -> None:
+        """Sends unsolicited text (e.g. retraining progress); failures are logged, never raised to the caller."""
+        try:
+            await self._send_text(int(chat_id), text, reply_to=None)
+        except (TelegramError, ValueError) as exc:
+            log.warning("Telegram: could not notify chat %s: %s", chat_id, self._redact(repr(exc)))
+
+    # --- receiving ------------------------------------------------------------------------------------------
+
+    async def _on_message(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Hands one new message to the core and delivers its reply (edits and channel posts never get here)."""
+        message = update.message
+        incoming = self._translate(message) if message is not None else None
+        if message is None or incoming is None:
+            return
+        if self._cancelling:
+            log.warning("Telegram: dropping update %s, shutting down", update.update_id)
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._in_flight.add(task)
+        try:
+            reply = await self._ask_core(message.chat_id, incoming)
+            if reply is not None:
+                group = incoming.chat_kind is ChatKind.GROUP
+                reply_to = int(reply.reply_to) if group and reply.reply_to and reply.reply_to.isdigit() else None
+                await self._deliver(message.chat_id, reply, reply_to)
+        finally:
+            self._in_flight.discard(task)
+
+    def _translate(self, message: Message) -> IncomingMessage | None:
+        """The one place a Telegram message becomes an `IncomingMessage`; None for what nobody said to anyone
+        (service messages: joins, pins, title changes…) and for unaddressed non-text in groups."""
+        if message.text is None and message.effective_attachment is None:
+            return None
+        private = message.chat.type == ChatType.PRIVATE
+        text, mentioned = self._read_text(message) if message.text is not None else (None, False)
+        replied_to = message.reply_to_message
+        to_me = (
+            replied_to is not None and replied_to.from_user is not None and replied_to.from_user.id == self._app.bot.id
+        )
+        addressed = private or mentioned or to_me
+        if text is None and not addressed:
+            return None
+        if message.sender_chat is not None:  # anonymous group admin or a linked channel speaking as the chat
+            author_id, author_name = message.sender_chat.id, message.sender_chat.effective_name or ""
+        elif message.from_user is not None:
+            author_id, author_name = message.from_user.id, message.from_user.full_name
+        else:
+            return None
+        return IncomingMessage(
+            platform=self.platform,
+            chat_id=str(message.chat_id),
+            chat_kind=ChatKind.PRIVATE if private else ChatKind.GROUP,
+            author_id=str(author_id),
+            author_name=author_name,
+            text=text,
+            message_id=str(message.message_id),
+            addressed=addressed,
+            sent_at=message.date,
+        )
+
+    def _read_text(self, message: Message) -> tuple[str, bool]:
+        """The text without this bot's @mentions, with `/cmd@ThisBot` rewritten to `/cmd`, and whether the
+        text is meant for this bot (a mention or a command that is not `/cmd@OtherBot`)."""
+        assert message.text is not None
+        username = (self._app.bot.username or "").lower()
+        ours = [
+            entity
+            for entity, value in message.parse_entities(
+                [MessageEntityType.MENTION, MessageEntityType.TEXT_MENTION]
+            ).items()
+            if value.lower() == f"@{username}" or (entity.user is not None and entity.user.id == self._app.bot.id)
+        ]
+        text = _cut_utf16(message.text, [(entity.offset, entity.length) for entity in ours])
+        command = _COMMAND.match(text)
+        if command is None:
+            return text, bool(ours)
+        target = command.group("bot")
+        if target is None or target.lower() == username:
+            return f"/{command.group('name')}{text[command.end() :]}", True
+        return text, bool(ours)
+
+    async def _ask_core(self, chat_id: int, incoming: IncomingMessage) -> Reply | None:
+        """Awaits the core's answer, showing "typing…" meanwhile when an answer is expected."""
+        if incoming.text is None or not incoming.addressed:
+            return await self._handler.handle(incoming)
+        done = asyncio.Event()
+        typing = asyncio.create_task(self._keep_typing(chat_id, done))
+        try:
+            return await self._handler.handle(incoming)
+        finally:
+            done.set()
+            # Let a typing request in flight land first: one arriving after the reply would show "typing…" again.
+            try:
+                await asyncio.wait_for(typing, timeout=2.0)
+            except TimeoutError:
+                log.debug("Telegram: typing indicator for chat %s cancelled", chat_id)
+
+    async def _keep_typing(self, chat_id: int, done: asyncio.Event) -> None:
+        """Sends "typing…" at once and every TYPING_RENEW_S until `done`; it is cosmetic, so failures only log."""
+        while not done.is_set():
+            try:
+                await self._app.bot.send_chat_action(chat_id, ChatAction.TYPING)
+            except TelegramError as exc:
+                log.debug("Telegram: typing indicator failed: %s", self._redact(repr(exc)))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), timeout=TYPING_RENEW_S)
+
+    # --- sending --------------------------------------------------------------------------------------------
+
+    async def _deliver(self, chat_id: int, reply: Reply, reply_to: int | None) -> None:
+        """Sends a reply and tells the core whether it arrived, so that no reply is ever lost silently."""
+        try:
+            ids = await self._send_text(chat_id, reply.text, reply_to)
+            if reply.attachment is not None:
+                document = InputFile(reply.attachment.content, filename=reply.attachment.filename)
+                sent = await self._retrying(partial(self._app.bot.send_document, chat_id, document))
+                ids.append(str(sent.message_id))
+        except Exception as exc:  # retries exhausted, or a bug: either way the core must hear of it
+            reason = self._redact(f"{type(exc).__name__}: {exc}")
+            log.error("Telegram: reply %s to chat %s undelivered: %s", reply.log_id, chat_id, reason)
+            if not isinstance(exc, TelegramError):
+                self._log_exception(f"sending reply {reply.log_id}", exc)
+            await self._handler.mark_undelivered(reply, reason)
+            return
+        except asyncio.CancelledError:
+            await self._handler.mark_undelivered(reply, "cancelled at shutdown")
+            raise
+        await self._handler.mark_delivered(reply, ids)
+
+    async def _send_text(self, chat_id: int, text: str, reply_to: int | None) -> list[str]:
+        """The send path: splits at paragraph/sentence/word boundaries within 4096 UTF-16 units; the first part
+        answers `reply_to` (still sent if that message was deleted meanwhile)."""
+        ids: list[str] = []
+        for part in split_message(text, MessageLimit.MAX_TEXT_LENGTH, utf16_length):
+            answer = ReplyParameters(reply_to, allow_sending_without_reply=True) if reply_to and not ids else None
+            sent = await self._retrying(partial(self._app.bot.send_message, chat_id, part, reply_parameters=answer))
+            ids.append(str(sent.message_id))
+        return ids
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]], attempts: int = SEND_ATTEMPTS) -> T:
+        """Retries network errors and 5xx (PTB raises both as NetworkError) with capped, jittered backoff.
+        429s never get here (AIORateLimiter waits them out underneath), and a 400 is final: retrying can't fix it."""
+        delay = BACKOFF_FIRST_S
+        for attempt in range(1, attempts):
+            try:
+                return await call()
+            except BadRequest:
+                raise
+            except NetworkError as exc:
+                log.warning("Telegram: request failed (%s), retry %d of %d", self._redact(str(exc)), attempt, attempts)
+            await asyncio.sleep(delay * random.uniform(0.75, 1.0))
+            delay = min(delay * 2, BACKOFF_CAP_S)
+        return await call()
+
+    # --- start-up and errors --------------------------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        """Initializes the Application (`getMe`) with retries: PTB itself tries once."""
+        rejected, failure = False, ""
+        try:
+            await self._retrying(self._app.initialize, attempts=STARTUP_ATTEMPTS)
+            return
+        except InvalidToken:  # its message contains the token: raised below, so not even chained
+            rejected = True
+        except NetworkError as exc:
+            failure = self._redact(str(exc))
+        await self._app.bot.shutdown()
+        if rejected:
+            raise ConfigError("Telegram rejected TELEGRAM_BOT_TOKEN: check it with @BotFather.")
+        host = urlsplit(self._settings.telegram_base_url).netloc
+        raise MagpieError(f"Cannot reach the Telegram Bot API at {host}: {failure}")
+
+    async def _register_commands(self) -> None:
+        """Fills Telegram's "/" menu: user commands for everyone, and all commands in each admin's private chat."""
+        everyone = [BotCommand(name, text) for name, text in COMMANDS.items() if name not in ADMIN_COMMANDS]
+        admins = [BotCommand(name, text) for name, text in COMMANDS.items()]
+        admin_ids = sorted(
+            int(item.partition(":")[2]) for item in self._settings.admin_ids if item.startswith("telegram:")
+        )
+        scopes: list[BotCommandScopeChat | None] = [None, *(BotCommandScopeChat(ident) for ident in admin_ids)]
+        for scope in scopes:
+            try:
+                await self._retrying(partial(self._app.bot.set_my_commands, admins if scope else everyone, scope=scope))
+            except TelegramError as exc:  # the menu is a convenience: never a reason not to start
+                where = f"admin chat {scope.chat_id}" if scope else "everyone"
+                log.warning("Telegram: command menu for %s not set: %s", where, self._redact(str(exc)))
+
+    def _on_polling_error(self, error: TelegramError) -> None:
+        """getUpdates failed; PTB retries it forever with backoff, so one line per failure, not a traceback."""
+        log.warning("Telegram: polling failed (%s); retrying", self._redact(str(error)))
+
+    async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """The one error handler: logs what a handler let escape, with the update id and never the token."""
+        update_id = update.update_id if isinstance(update, Update) else None
+        self._log_exception(f"update {update_id}", context.error)
+
+    def _log_exception(self, what: str, error: BaseException | None) -> None:
+        """Logs a traceback as text, redacted: `exc_info` would be formatted later, past `_redact`."""
+        trace = "".join(traceback.format_exception(error)) if error is not None else "(no exception)"
+        log.error("Telegram: %s failed:\n%s", what, self._redact(trace))
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._token, "<TELEGRAM_BOT_TOKEN>")
+
+
+def _cut_utf16(text: str, spans: list[tuple[int, int]]) -> str:
+    """Removes (offset, length) spans counted in UTF-16 units, as Telegram's entities are, and tidies the seams
+    ("@Magpie, how are you?" -> "how are you?")."""
+    units = text.encode("utf-16-le")
+    pieces, cursor = [], 0
+    for offset, length in sorted(spans):
+        pieces.append(units[cursor * 2 : offset * 2].decode("utf-16-le"))
+        cursor = offset + length
+    pieces.append(units[cursor * 2 :].decode("utf-16-le"))
+    kept = [pieces[0].strip()] + [piece.lstrip(" ,:;").strip() for piece in pieces[1:]]
+    return " ".join(piece for piece in kept if piece)

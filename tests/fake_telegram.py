@@ -1,0 +1,554 @@
+"""A small fake of the Telegram Bot API for driving the real python-telegram-bot client in tests.
+
+It speaks the real wire format on 127.0.0.1 (`/bot<TOKEN>/<method>`, JSON, form-encoded and multipart bodies,
+`{"ok": ..., "result"|"description": ...}` answers), keeps chats and messages like the real server does (per-chat
+message ids, entities computed from the text, replies that must point at an existing message), long-polls
+`getUpdates` on a condition instead of sleeping, and delivers updates to a registered webhook with the secret
+header as Telegram does. Every call is recorded for assertions; faults (429 with `retry_after`, 502) can be
+injected per method.
+
+    async with FakeTelegram() as telegram:
+        settings = Settings(telegram_bot_token=telegram.token, telegram_base_url=telegram.base_url)
+        alice = telegram.user(1001, "Alice")
+        telegram.user_says(telegram.private_chat(alice), alice, "hello")
+        [answer] = await telegram.wait_for_messages(alice.id, 1)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+TEXT_LIMIT = 4096
+"""Telegram's limit for one message, in UTF-16 code units."""
+
+CHAT_ACTIONS = frozenset(
+    {
+        "typing",
+        "upload_photo",
+        "record_video",
+        "upload_video",
+        "record_voice",
+        "upload_voice",
+        "upload_document",
+        "choose_sticker",
+        "find_location",
+        "record_video_note",
+        "upload_video_note",
+    }
+)
+_INT_FIELDS = frozenset({"chat_id", "offset", "limit", "timeout", "message_id", "max_connections"})
+_JSON_FIELDS = frozenset(
+    {"reply_parameters", "commands", "scope", "entities", "allowed_updates", "reply_markup", "link_preview_options"}
+)
+_COMMAND = re.compile(r"^/[A-Za-z0-9_]{1,32}(?:@[A-Za-z0-9_]{3,32})?")
+_MENTION = re.compile(r"(?<![\w@])@[A-Za-z0-9_]{3,32}")
+_WEBHOOK_SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
+
+
+def utf16_length(text: str) -> int:
+    return len(text.encode("utf-16-le")) // 2
+
+
+@dataclass(frozen=True)
+class Person:
+    """A Telegram user."""
+
+    id: int
+    first_name: str
+    username: str | None = None
+    is_bot: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"id": self.id, "is_bot": self.is_bot, "first_name": self.first_name}
+        if self.username:
+            data["username"] = self.username
+        return data
+
+
+@dataclass(frozen=True)
+class ChatRef:
+    """A chat: `private` (id = the user's id), `group`, `supergroup` or `channel`."""
+
+    id: int
+    type: str
+    title: str | None = None
+    first_name: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"id": self.id, "type": self.type}
+        if self.title:
+            data["title"] = self.title
+        if self.first_name:
+            data["first_name"] = self.first_name
+        return data
+
+
+@dataclass
+class Call:
+    """One request the client made: the method, its decoded parameters and what the server answered."""
+
+    method: str
+    params: dict[str, Any]
+    status: int = 200
+    files: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+    at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Fault:
+    status: int
+    retry_after: int
+
+
+class FakeTelegram:
+    """The fake server. Start it with `async with`, point `TELEGRAM_BASE_URL` at `base_url`."""
+
+    def __init__(self, token: str = "123456789:AAFakeTokenForTestsOnly-xyz", bot_username: str = "MagpieTestBot"):
+        self.token = token
+        self.bot = Person(int(token.split(":", maxsplit=1)[0]), "Magpie", bot_username, is_bot=True)
+        self.calls: list[Call] = []
+        self.commands: dict[str, list[dict[str, str]]] = {}
+        """`setMyCommands` results by scope (`default`, `chat:<id>`, …)."""
+        self.webhook_url = ""
+        self.webhook_secret: str | None = None
+        self.webhook_deliveries: list[int] = []
+        self._chats: dict[int, ChatRef] = {}
+        self._messages: dict[tuple[int, int], dict[str, Any]] = {}
+        self._message_ids: dict[int, itertools.count[int]] = {}
+        self._updates: list[dict[str, Any]] = []
+        self._update_ids = itertools.count(1)
+        self._faults: dict[str, list[_Fault]] = {}
+        self._changed = asyncio.Condition()
+        self._closing = False
+        self._background: set[asyncio.Task[None]] = set()
+        self._seq = itertools.count()
+        self._runner: web.AppRunner | None = None
+        self._client: aiohttp.ClientSession | None = None
+        self.port = 0
+
+    # --- lifecycle ---------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/bot{token}/{method}", self._dispatch)
+        app.router.add_get("/bot{token}/{method}", self._dispatch)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        self._client = aiohttp.ClientSession()
+
+    async def stop(self) -> None:
+        self._closing = True
+        async with self._changed:
+            self._changed.notify_all()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if self._client is not None:
+            await self._client.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def __aenter__(self) -> FakeTelegram:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    @property
+    def base_url(self) -> str:
+        """What `TELEGRAM_BASE_URL` should be: the client appends the token."""
+        return f"http://127.0.0.1:{self.port}/bot"
+
+    @property
+    def base_file_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/file/bot"
+
+    # --- people, chats and what they say ----------------------------------------------------------------------
+
+    @staticmethod
+    def user(user_id: int, first_name: str, username: str | None = None) -> Person:
+        return Person(user_id, first_name, username)
+
+    def private_chat(self, person: Person) -> ChatRef:
+        return self._remember(ChatRef(person.id, "private", first_name=person.first_name))
+
+    def group(self, chat_id: int, title: str = "Test group", kind: str = "supergroup") -> ChatRef:
+        return self._remember(ChatRef(chat_id, kind, title=title))
+
+    def user_says(
+        self,
+        chat: ChatRef,
+        person: Person,
+        text: str,
+        *,
+        reply_to: dict[str, Any] | None = None,
+        entities: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """A new text message; entities (commands, @mentions) are computed from the text like Telegram does."""
+        found = _entities(text) if entities is None else entities
+        extra: dict[str, Any] = {"text": text}
+        if found:
+            extra["entities"] = found
+        return self._new_message(chat, person, extra, reply_to)
+
+    def user_sends_sticker(self, chat: ChatRef, person: Person, *, reply_to: dict[str, Any] | None = None) -> Any:
+        sticker = {
+            "file_id": "CAACAgIAAxkBAAEFake",
+            "file_unique_id": "AgADFake",
+            "type": "regular",
+            "width": 512,
+            "height": 512,
+            "is_animated": False,
+            "is_video": False,
+            "emoji": "🙂",
+        }
+        return self._new_message(chat, person, {"sticker": sticker}, reply_to)
+
+    def user_sends_photo(self, chat: ChatRef, person: Person, caption: str | None = None) -> dict[str, Any]:
+        photo = [{"file_id": "AgACFakePhoto", "file_unique_id": "AQADFake", "width": 90, "height": 90}]
+        extra: dict[str, Any] = {"photo": photo}
+        if caption:
+            extra["caption"] = caption
+        return self._new_message(chat, person, extra, None)
+
+    def user_sends_voice(self, chat: ChatRef, person: Person) -> dict[str, Any]:
+        voice = {"file_id": "AwACFakeVoice", "file_unique_id": "AgADFakeV", "duration": 2}
+        return self._new_message(chat, person, {"voice": voice}, None)
+
+    def member_joins(self, chat: ChatRef, person: Person) -> dict[str, Any]:
+        """A service message (no text, no attachment)."""
+        return self._new_message(chat, person, {"new_chat_members": [person.as_dict()]}, None)
+
+    def user_edits(self, message: dict[str, Any], text: str) -> dict[str, Any]:
+        edited = {**message, "text": text, "edit_date": int(time.time())}
+        edited.pop("entities", None)
+        if found := _entities(text):
+            edited["entities"] = found
+        self._messages[message["chat"]["id"], message["message_id"]] = edited
+        self.push_update("edited_message", edited)
+        return edited
+
+    def channel_post(self, chat: ChatRef, text: str) -> dict[str, Any]:
+        post = {
+            "message_id": next(self._ids_for(chat.id)),
+            "date": int(time.time()),
+            "chat": chat.as_dict(),
+            "sender_chat": chat.as_dict(),
+            "text": text,
+        }
+        self._remember(chat)
+        self.push_update("channel_post", post)
+        return post
+
+    def push_update(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """Queues an update for `getUpdates`, or posts it to the webhook when one is set (as Telegram does)."""
+        update = {"update_id": next(self._update_ids), kind: payload}
+        if self.webhook_url:
+            self._in_background(self._deliver(update))
+        else:
+            self._updates.append(update)
+            self._in_background(self._notify())
+        return update
+
+    async def post_to_webhook(self, update: dict[str, Any], secret: str | None) -> int:
+        """Posts `update` to the registered webhook with `secret` in the header (None: no header)."""
+        assert self._client is not None and self.webhook_url, "no webhook registered"
+        headers = {_WEBHOOK_SECRET_HEADER: secret} if secret is not None else {}
+        async with self._client.post(self.webhook_url, json=update, headers=headers) as response:
+            await response.read()
+            return response.status
+
+    # --- what the bot did -------------------------------------------------------------------------------------
+
+    def calls_to(self, method: str) -> list[Call]:
+        return [call for call in self.calls if call.method == method]
+
+    def sent_messages(self, chat_id: int | None = None) -> list[dict[str, Any]]:
+        """Messages the bot sent successfully, in order (documents included)."""
+        sent = [m for m in self._messages.values() if m.get("from", {}).get("id") == self.bot.id]
+        sent.sort(key=lambda m: m["_seq"])
+        return [m for m in sent if chat_id is None or m["chat"]["id"] == chat_id]
+
+    async def wait_for_messages(self, chat_id: int, count: int, within: float = 20.0) -> list[dict[str, Any]]:
+        """Waits until the bot sent at least `count` messages to `chat_id`; returns them all."""
+        await self.wait_until(lambda: len(self.sent_messages(chat_id)) >= count, within)
+        return self.sent_messages(chat_id)
+
+    async def wait_until(self, condition: Callable[[], bool], within: float = 20.0) -> None:
+        """Waits (on a condition variable, no polling) until `condition()` holds after some request."""
+        async with asyncio.timeout(within), self._changed:
+            await self._changed.wait_for(condition)
+
+    # --- faults -----------------------------------------------------------------------------------------------
+
+    def fail_next(self, method: str, times: int = 1, *, status: int = 429, retry_after: int = 1) -> None:
+        """The next `times` calls of `method` answer `status` (429 carries `parameters.retry_after`)."""
+        self._faults.setdefault(method, []).extend(_Fault(status, retry_after) for _ in range(times))
+
+    # --- the server -------------------------------------------------------------------------------------------
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        method = request.match_info["method"]
+        params, files = await _read_params(request)
+        call = Call(method, params, files=files)
+        self.calls.append(call)
+        try:
+            if request.match_info["token"] != self.token:
+                return _error(call, 401, "Unauthorized")
+            if fault := self._take_fault(method):
+                return _fault_response(call, fault)
+            handler = getattr(self, f"_api_{method.lower()}", None)
+            if handler is None:
+                return _error(call, 404, "Not Found")
+            result = await handler(params, files)
+            if isinstance(result, web.Response):
+                call.status = result.status
+                return result
+            return web.json_response({"ok": True, "result": result})
+        finally:
+            await self._notify()
+
+    def _take_fault(self, method: str) -> _Fault | None:
+        queue = self._faults.get(method)
+        return queue.pop(0) if queue else None
+
+    async def _api_getme(self, params: dict[str, Any], files: Any) -> Any:
+        return {**self.bot.as_dict(), "can_join_groups": True, "can_read_all_group_messages": False}
+
+    async def _api_getupdates(self, params: dict[str, Any], files: Any) -> Any:
+        if self.webhook_url:
+            return web.json_response(
+                _error_body(409, "Conflict: can't use getUpdates method while webhook is active"), status=409
+            )
+        offset = int(params.get("offset") or 0)
+        if offset:
+            self._updates = [u for u in self._updates if u["update_id"] >= offset]
+        limit = int(params.get("limit") or 100)
+        timeout = float(params.get("timeout") or 0)
+        if not self._updates and timeout > 0 and not self._closing:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout), self._changed:
+                    await self._changed.wait_for(lambda: bool(self._updates) or self._closing)
+        return self._updates[:limit]
+
+    async def _api_sendmessage(self, params: dict[str, Any], files: Any) -> Any:
+        chat = self._chats.get(int(params.get("chat_id", 0)))
+        text = str(params.get("text", ""))
+        if chat is None:
+            return _error_response(400, "Bad Request: chat not found")
+        if not text.strip():
+            return _error_response(400, "Bad Request: message text is empty")
+        if utf16_length(text) > TEXT_LIMIT:
+            return _error_response(400, "Bad Request: message is too long")
+        return self._bot_message(chat, {"text": text}, params)
+
+    async def _api_senddocument(self, params: dict[str, Any], files: dict[str, tuple[str, bytes]]) -> Any:
+        chat = self._chats.get(int(params.get("chat_id", 0)))
+        if chat is None:
+            return _error_response(400, "Bad Request: chat not found")
+        if "document" not in files:
+            return _error_response(400, "Bad Request: there is no document in the request")
+        filename, content = files["document"]
+        document = {"file_id": f"BQACFake{len(content)}", "file_unique_id": "AgADDoc", "file_name": filename}
+        return self._bot_message(chat, {"document": document}, params, hidden={"_content": content})
+
+    async def _api_sendchataction(self, params: dict[str, Any], files: Any) -> Any:
+        if int(params.get("chat_id", 0)) not in self._chats:
+            return _error_response(400, "Bad Request: chat not found")
+        if params.get("action") not in CHAT_ACTIONS:
+            return _error_response(400, "Bad Request: wrong parameter action in request")
+        return True
+
+    async def _api_setmycommands(self, params: dict[str, Any], files: Any) -> Any:
+        commands = params.get("commands") or []
+        for command in commands:
+            if not re.fullmatch(r"[a-z0-9_]{1,32}", command.get("command", "")):
+                return _error_response(400, "Bad Request: BOT_COMMAND_INVALID")
+            if not 1 <= len(command.get("description", "")) <= 256:
+                return _error_response(400, "Bad Request: BOT_COMMAND_DESCRIPTION_INVALID")
+        scope = params.get("scope") or {"type": "default"}
+        key = scope["type"]
+        if "chat_id" in scope:
+            if int(scope["chat_id"]) not in self._chats:
+                return _error_response(400, "Bad Request: chat not found")
+            key = f"chat:{scope['chat_id']}"
+        self.commands[key] = commands
+        return True
+
+    async def _api_getmycommands(self, params: dict[str, Any], files: Any) -> Any:
+        return self.commands.get("default", [])
+
+    async def _api_deletewebhook(self, params: dict[str, Any], files: Any) -> Any:
+        self.webhook_url, self.webhook_secret = "", None
+        if params.get("drop_pending_updates") in (True, "true", "True"):
+            self._updates.clear()
+        return True
+
+    async def _api_setwebhook(self, params: dict[str, Any], files: Any) -> Any:
+        self.webhook_url = str(params.get("url", ""))
+        self.webhook_secret = params.get("secret_token")
+        return True
+
+    async def _api_getwebhookinfo(self, params: dict[str, Any], files: Any) -> Any:
+        return {"url": self.webhook_url, "has_custom_certificate": False, "pending_update_count": len(self._updates)}
+
+    async def _api_close(self, params: dict[str, Any], files: Any) -> Any:
+        return True
+
+    async def _api_logout(self, params: dict[str, Any], files: Any) -> Any:
+        return True
+
+    # --- bookkeeping ------------------------------------------------------------------------------------------
+
+    def _remember(self, chat: ChatRef) -> ChatRef:
+        self._chats.setdefault(chat.id, chat)
+        return chat
+
+    def _ids_for(self, chat_id: int) -> itertools.count[int]:
+        return self._message_ids.setdefault(chat_id, itertools.count(1))
+
+    def _new_message(
+        self, chat: ChatRef, person: Person, extra: dict[str, Any], reply_to: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        self._remember(chat)
+        message: dict[str, Any] = {
+            "message_id": next(self._ids_for(chat.id)),
+            "date": int(time.time()),
+            "chat": chat.as_dict(),
+            "from": person.as_dict(),
+            **extra,
+        }
+        if reply_to is not None:
+            message["reply_to_message"] = _public(reply_to)
+        self._messages[chat.id, message["message_id"]] = message
+        self.push_update("message", message)
+        return message
+
+    def _bot_message(
+        self, chat: ChatRef, extra: dict[str, Any], params: dict[str, Any], hidden: dict[str, Any] | None = None
+    ) -> Any:
+        message: dict[str, Any] = {
+            "message_id": next(self._ids_for(chat.id)),
+            "date": int(time.time()),
+            "chat": chat.as_dict(),
+            "from": self.bot.as_dict(),
+            **extra,
+        }
+        reply = params.get("reply_parameters") or (
+            {"message_id": params["reply_to_message_id"]} if "reply_to_message_id" in params else None
+        )
+        if reply:
+            original = self._messages.get((chat.id, int(reply["message_id"])))
+            if original is not None:
+                message["reply_to_message"] = _public(original)
+            elif not reply.get("allow_sending_without_reply"):
+                return _error_response(400, "Bad Request: message to be replied not found")
+        self._messages[chat.id, message["message_id"]] = {**message, **(hidden or {}), "_seq": next(self._seq)}
+        return message
+
+    async def _notify(self) -> None:
+        """Wakes every waiter: long polls and `wait_until`."""
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _deliver(self, update: dict[str, Any]) -> None:
+        status = await self.post_to_webhook(update, self.webhook_secret)
+        self.webhook_deliveries.append(status)
+        await self._notify()
+
+
+def _public(message: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in message.items() if not key.startswith("_")}
+
+
+def _entities(text: str) -> list[dict[str, Any]]:
+    """Bot commands at the start and @mentions anywhere, with offsets in UTF-16 units like Telegram's."""
+    found = []
+    if command := _COMMAND.match(text):
+        found.append({"type": "bot_command", "offset": 0, "length": utf16_length(command.group())})
+    for mention in _MENTION.finditer(text):
+        offset = utf16_length(text[: mention.start()])
+        found.append({"type": "mention", "offset": offset, "length": utf16_length(mention.group())})
+    return found
+
+
+async def _read_params(request: web.Request) -> tuple[dict[str, Any], dict[str, tuple[str, bytes]]]:
+    """Decodes a JSON, form-encoded, multipart or query-string body into typed parameters."""
+    raw: dict[str, Any] = dict(request.query)
+    files: dict[str, tuple[str, bytes]] = {}
+    if request.content_type == "application/json":
+        raw.update(await request.json())
+        return raw, files
+    if request.content_type.startswith("multipart/"):
+        reader = await request.multipart()
+        async for part in _parts(reader):
+            if isinstance(part, aiohttp.BodyPartReader) and part.name:
+                if part.filename:
+                    files[part.name] = (part.filename, await part.read())
+                else:
+                    raw[part.name] = await part.text()
+    elif request.can_read_body:
+        raw.update(await request.post())
+    return {key: _typed(key, value) for key, value in raw.items()}, files
+
+
+async def _parts(reader: aiohttp.MultipartReader) -> AsyncIterator[Any]:
+    while (part := await reader.next()) is not None:
+        yield part
+
+
+def _typed(key: str, value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    if key in _INT_FIELDS:
+        with contextlib.suppress(ValueError):
+            return int(value)
+    if key in _JSON_FIELDS:
+        return json.loads(value)
+    return value
+
+
+def _error_body(code: int, description: str) -> dict[str, Any]:
+    return {"ok": False, "error_code": code, "description": description}
+
+
+def _error_response(code: int, description: str) -> web.Response:
+    return web.json_response(_error_body(code, description), status=code)
+
+
+def _error(call: Call, code: int, description: str) -> web.Response:
+    call.status = code
+    return _error_response(code, description)
+
+
+def _fault_response(call: Call, fault: _Fault) -> web.Response:
+    call.status = fault.status
+    if fault.status == 429:
+        body = _error_body(429, f"Too Many Requests: retry after {fault.retry_after}")
+        body["parameters"] = {"retry_after": fault.retry_after}
+        return web.json_response(body, status=429)
+    # Telegram's 5xx come from its nginx front, as HTML.
+    html = f"<html><head><title>{fault.status}</title></head><body><center><h1>{fault.status}</h1></center></body>"
+    return web.Response(status=fault.status, text=html, content_type="text/html")

@@ -1,0 +1,696 @@
+"""The Telegram backend, driven through the real python-telegram-bot client against `tests/fake_telegram.py`.
+
+Adapter-level tests use `RecordingHandler` (the model is irrelevant to them); the end-to-end tests at the bottom run
+the real `ChatService` with the tiny real model and assert on what was logged in the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from sqlalchemy import select
+
+import bot.telegram as telegram_module
+from bot.telegram import TelegramBackend
+from core.db import Database
+from core.engine import Engine, ModelRef
+from core.errors import ConfigError, MagpieError
+from core.messages import ADMIN_COMMANDS, COMMANDS, ChatKind, IncomingMessage, Reply
+from core.models import Chat, Delivery, Role
+from core.models import Message as DbMessage
+from core.service import NOT_TEXT, ChatService
+from core.settings import Settings
+from tests.fake_telegram import FakeTelegram, utf16_length
+
+WAIT = 20.0
+
+
+class RecordingHandler:
+    """A `ChatHandler` that answers addressed messages with `answer(message)` and records everything."""
+
+    def __init__(self, answer: Callable[[IncomingMessage], str] | None = None) -> None:
+        self.answer = answer or (lambda message: f"echo: {message.text}")
+        self.received: list[IncomingMessage] = []
+        self.delivered: list[tuple[Reply, list[str]]] = []
+        self.undelivered: list[tuple[Reply, str]] = []
+        self.release: asyncio.Event | None = None
+        self.entered = asyncio.Event()
+        self.cancelled = asyncio.Event()
+        self.changed = asyncio.Condition()
+
+    async def handle(self, message: IncomingMessage) -> Reply | None:
+        self.received.append(message)
+        await self._changed()
+        if self.release is not None:
+            self.entered.set()
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+        if not message.addressed:
+            return None
+        return Reply(text=self.answer(message), reply_to=message.message_id, log_id=len(self.received))
+
+    async def mark_delivered(self, reply: Reply, platform_message_ids: list[str]) -> None:
+        self.delivered.append((reply, platform_message_ids))
+        await self._changed()
+
+    async def mark_undelivered(self, reply: Reply, reason: str) -> None:
+        self.undelivered.append((reply, reason))
+        await self._changed()
+
+    async def wait_until(self, condition: Callable[[], bool]) -> None:
+        async with asyncio.timeout(WAIT), self.changed:
+            await self.changed.wait_for(condition)
+
+    async def _changed(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
+
+
+@pytest.fixture
+async def telegram() -> AsyncIterator[FakeTelegram]:
+    async with FakeTelegram() as fake:
+        yield fake
+
+
+def settings_for(fake: FakeTelegram, **overrides: Any) -> Settings:
+    return Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        telegram_bot_token=overrides.pop("token", fake.token),
+        telegram_base_url=fake.base_url,
+        telegram_base_file_url=fake.base_file_url,
+        **overrides,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings, handler: Any, **kwargs: Any) -> AsyncIterator[TelegramBackend]:
+    backend = TelegramBackend(settings=settings, handler=handler, **kwargs)
+    await backend.start()
+    try:
+        yield backend
+    finally:
+        await backend.stop()
+
+
+@pytest.fixture
+def no_token_in_logs(caplog: pytest.LogCaptureFixture, telegram: FakeTelegram) -> Any:
+    """Captures every log record at DEBUG from Magpie and INFO from everything else, with httpx turned down as
+    the CLI does, and checks afterwards that the token never appeared."""
+    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG, logger="bot")
+    for noisy in ("httpx", "httpcore"):
+        caplog.set_level(logging.WARNING, logger=noisy)
+    yield caplog
+    assert telegram.token not in caplog.text
+    assert telegram.token.split(":", maxsplit=1)[1] not in caplog.text
+
+
+async def test_the_fake_server_speaks_json_checks_the_token_and_the_length_limit(telegram: FakeTelegram) -> None:
+    """The fake's own contract, for the cases PTB never sends (PTB always posts form-encoded bodies)."""
+    alice = telegram.user(1001, "Alice")
+    telegram.private_chat(alice)
+    api = f"{telegram.base_url}{telegram.token}"
+    async with aiohttp.ClientSession() as client:
+        async with client.post(f"{api}/sendMessage", json={"chat_id": alice.id, "text": "hi"}) as ok:
+            assert ok.status == 200 and (await ok.json())["result"]["text"] == "hi"
+        async with client.post(f"{api}/sendMessage", json={"chat_id": alice.id, "text": "😀" * 2049}) as long:
+            assert long.status == 400 and (await long.json())["description"] == "Bad Request: message is too long"
+        async with client.post(f"{telegram.base_url}1:wrong/getMe") as wrong:
+            assert wrong.status == 401
+            assert await wrong.json() == {"ok": False, "error_code": 401, "description": "Unauthorized"}
+        async with client.post(f"{api}/getUpdates", data={"offset": "0", "timeout": "0"}) as empty:
+            assert (await empty.json())["result"] == []
+    assert [m["text"] for m in telegram.sent_messages(alice.id)] == ["hi"]
+
+
+# --- start-up -------------------------------------------------------------------------------------------------
+
+
+async def test_startup_survives_failing_get_me_and_delete_webhook(
+    telegram: FakeTelegram, no_token_in_logs: Any
+) -> None:
+    telegram.fail_next("getMe", 2, status=502)
+    telegram.fail_next("deleteWebhook", 1, status=502)
+    alice = telegram.user(1001, "Alice")
+    handler = RecordingHandler()
+    async with running(settings_for(telegram), handler):
+        telegram.user_says(telegram.private_chat(alice), alice, "still there?")
+        [answer] = await telegram.wait_for_messages(alice.id, 1)
+    assert answer["text"] == "echo: still there?"
+    assert [call.status for call in telegram.calls_to("getMe")][:3] == [502, 502, 200]
+    assert [call.status for call in telegram.calls_to("deleteWebhook")] == [502, 200]
+
+
+async def test_a_wrong_token_is_a_clear_error_that_does_not_contain_it(
+    telegram: FakeTelegram, caplog: pytest.LogCaptureFixture
+) -> None:
+    wrong = "987654321:AAWrongTokenWrongTokenWrongToken"
+    caplog.set_level(logging.DEBUG, logger="bot")
+    backend = TelegramBackend(settings=settings_for(telegram, token=wrong), handler=RecordingHandler())
+    with pytest.raises(ConfigError, match="rejected TELEGRAM_BOT_TOKEN") as raised:
+        await backend.start()
+    assert wrong not in str(raised.value) and raised.value.__cause__ is None and raised.value.__context__ is None
+    assert wrong not in caplog.text
+    assert [call.status for call in telegram.calls_to("getMe")] == [401]
+
+
+async def test_an_unreachable_api_is_a_clear_error_after_the_retries(
+    telegram: FakeTelegram, monkeypatch: pytest.MonkeyPatch, no_token_in_logs: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(telegram_module, "STARTUP_ATTEMPTS", 3)
+    monkeypatch.setattr(telegram_module, "BACKOFF_FIRST_S", 0.01)
+    telegram.fail_next("getMe", 3, status=502)
+    backend = TelegramBackend(settings=settings_for(telegram), handler=RecordingHandler())
+    with pytest.raises(MagpieError, match=r"Cannot reach the Telegram Bot API at 127\.0\.0\.1:\d+: Bad Gateway"):
+        await backend.start()
+    assert [call.status for call in telegram.calls_to("getMe")] == [502, 502, 502]
+    assert no_token_in_logs.text.count("retry") == 2
+
+
+async def test_a_missing_token_or_a_bad_webhook_secret_is_refused_before_connecting(telegram: FakeTelegram) -> None:
+    with pytest.raises(ConfigError, match="TELEGRAM_BOT_TOKEN"):
+        TelegramBackend(settings=settings_for(telegram, token=None), handler=RecordingHandler())
+    bad_secret = settings_for(telegram, telegram_webhook_url="https://example.org/tg", telegram_webhook_secret="a b")
+    with pytest.raises(ConfigError, match="TELEGRAM_WEBHOOK_SECRET"):
+        TelegramBackend(settings=bad_secret, handler=RecordingHandler())
+    assert telegram.calls == []
+
+
+async def test_command_menu_has_user_commands_for_everyone_and_all_commands_for_admins(
+    telegram: FakeTelegram, caplog: pytest.LogCaptureFixture
+) -> None:
+    admin = telegram.user(42, "Admin")
+    telegram.private_chat(admin)  # an admin who never opened a chat with the bot (777) gets no menu, with a warning
+    settings = settings_for(telegram, admin_ids="telegram:42,telegram:777,discord:5")
+    async with running(settings, RecordingHandler()):
+        pass
+    everyone = [command["command"] for command in telegram.commands["default"]]
+    assert everyone == [name for name in COMMANDS if name not in ADMIN_COMMANDS]
+    assert [command["command"] for command in telegram.commands["chat:42"]] == list(COMMANDS)
+    assert "chat:777" not in telegram.commands
+    assert "command menu for admin chat 777 not set" in caplog.text
+    assert telegram.commands["default"][0]["description"] == COMMANDS["start"]
+
+
+# --- translating updates --------------------------------------------------------------------------------------
+
+
+async def test_group_messages_are_all_handed_over_and_only_addressed_ones_answered_as_replies(
+    telegram: FakeTelegram,
+) -> None:
+    group = telegram.group(-100123, "Friends")
+    bob, carol = telegram.user(2001, "Bob", "bob"), telegram.user(2002, "Carol")
+    handler = RecordingHandler()
+    async with running(settings_for(telegram), handler):
+        plain = telegram.user_says(group, bob, "morning all")
+        telegram.user_says(group, carol, "hey @bob look")
+        mention = telegram.user_says(group, bob, "@MagpieTestBot what's up?")
+        [first] = await telegram.wait_for_messages(group.id, 1)
+        reply = telegram.user_says(group, carol, "and you?", reply_to=first)
+        telegram.user_says(group, bob, "/help@MagpieTestBot")
+        telegram.user_says(group, bob, "/help@SomeOtherBot")
+        telegram.user_says(group, bob, "/reset")
+        telegram.user_says(group, carol, "ok 😀 @magpietestbot, tell me\nmore")
+        await handler.wait_until(lambda: len(handler.received) == 8)
+        answers = await telegram.wait_for_messages(group.id, 5)
+        await handler.wait_until(lambda: len(handler.delivered) == 5)
+
+    by_id = {message.message_id: message for message in handler.received}
+    assert all(message.chat_kind is ChatKind.GROUP and message.chat_id == "-100123" for message in handler.received)
+    assert [(message.text, message.addressed) for message in handler.received] == [
+        ("morning all", False),
+        ("hey @bob look", False),
+        ("what's up?", True),
+        ("and you?", True),
+        ("/help", True),
+        ("/help@SomeOtherBot", False),
+        ("/reset", True),
+        ("ok 😀 tell me\nmore", True),
+    ]
+    assert by_id[str(plain["message_id"])].author_id == "2001"
+    assert by_id[str(plain["message_id"])].author_name == "Bob"
+    # Every answer replies to the message it answers, and nothing answered the unaddressed ones.
+    answered = [answer["reply_to_message"]["message_id"] for answer in answers]
+    assert answered[:2] == [mention["message_id"], reply["message_id"]]
+    assert len(answers) == len(set(answered)) == 5 and plain["message_id"] not in answered
+
+
+async def test_non_text_updates_never_crash_and_edits_are_not_handed_over_twice(
+    telegram: FakeTelegram, no_token_in_logs: pytest.LogCaptureFixture
+) -> None:
+    group = telegram.group(-100555)
+    dave = telegram.user(3001, "Dave")
+    private = telegram.private_chat(dave)
+    handler = RecordingHandler(lambda message: "note" if message.text is None else f"echo: {message.text}")
+    async with running(settings_for(telegram), handler):
+        first = telegram.user_says(private, dave, "hello")
+        await telegram.wait_for_messages(dave.id, 1)
+        telegram.user_edits(first, "hello, edited")
+        telegram.user_sends_sticker(private, dave)
+        telegram.user_sends_voice(private, dave)
+        telegram.user_sends_photo(private, dave, caption="look")
+        telegram.member_joins(group, dave)
+        telegram.user_sends_sticker(group, dave)
+        telegram.channel_post(telegram.group(-100777, "News", kind="channel"), "breaking")
+        [bot_in_group] = await _say_and_wait(telegram, group, dave, "@MagpieTestBot hi")
+        telegram.user_sends_sticker(group, dave, reply_to=bot_in_group)
+        await telegram.wait_for_messages(group.id, 2)
+        await telegram.wait_for_messages(dave.id, 4)
+        await handler.wait_until(lambda: len(handler.delivered) == 6)
+
+    assert [(m.chat_kind, m.text) for m in handler.received] == [
+        (ChatKind.PRIVATE, "hello"),
+        (ChatKind.PRIVATE, None),
+        (ChatKind.PRIVATE, None),
+        (ChatKind.PRIVATE, None),
+        (ChatKind.GROUP, "hi"),
+        (ChatKind.GROUP, None),
+    ]
+    assert all(message.addressed for message in handler.received)
+    assert [m["text"] for m in telegram.sent_messages(dave.id)] == ["echo: hello", "note", "note", "note"]
+    assert not [record for record in no_token_in_logs.records if record.levelno >= logging.ERROR]
+
+
+async def _say_and_wait(telegram: FakeTelegram, chat: Any, person: Any, text: str) -> list[dict[str, Any]]:
+    before = len(telegram.sent_messages(chat.id))
+    telegram.user_says(chat, person, text)
+    return (await telegram.wait_for_messages(chat.id, before + 1))[before:]
+
+
+# --- sending --------------------------------------------------------------------------------------------------
+
+
+async def test_a_10000_character_answer_is_split_within_limits_at_sentence_boundaries(telegram: FakeTelegram) -> None:
+    sentence = "Magpies collect shiny things 🪙 and remember faces for years. "
+    paragraph = sentence * 20
+    long_answer = "\n\n".join([paragraph] * 9)[:10_000].rsplit(" ", 1)[0]
+    assert len(long_answer) > 9_900
+    group = telegram.group(-100999)
+    erin = telegram.user(4001, "Erin")
+    handler = RecordingHandler(lambda _: long_answer)
+    async with running(settings_for(telegram), handler):
+        asked = telegram.user_says(group, erin, "@MagpieTestBot tell me everything")
+        await handler.wait_until(lambda: len(handler.delivered) == 1)
+    parts = [message["text"] for message in telegram.sent_messages(group.id)]
+    assert len(parts) == 3 and handler.delivered[0][1] == [str(m["message_id"]) for m in telegram.sent_messages()]
+    assert all(utf16_length(part) <= 4096 for part in parts)
+    assert sum(len(part) for part in parts) > 9_800
+    assert " ".join(parts).split() == long_answer.split()
+    assert all(part.endswith(".") for part in parts[:-1])
+    first, *rest = telegram.sent_messages(group.id)
+    assert first["reply_to_message"]["message_id"] == asked["message_id"]
+    assert all("reply_to_message" not in message for message in rest)
+
+
+async def test_typing_is_shown_at_once_renewed_while_thinking_and_never_after_the_reply(
+    telegram: FakeTelegram, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(telegram_module, "TYPING_RENEW_S", 0.05)
+    frank = telegram.user(5001, "Frank")
+    handler = RecordingHandler()
+    handler.release = asyncio.Event()
+    async with running(settings_for(telegram), handler):
+        telegram.user_says(telegram.private_chat(frank), frank, "think hard")
+        await telegram.wait_until(lambda: len(telegram.calls_to("sendChatAction")) >= 3)
+        handler.release.set()
+        await telegram.wait_for_messages(frank.id, 1)
+        sent_at = telegram.calls_to("sendMessage")[0].at
+    actions = telegram.calls_to("sendChatAction")
+    assert all(call.params == {"chat_id": frank.id, "action": "typing"} for call in actions)
+    assert all(call.at < sent_at for call in actions)
+
+
+async def test_a_reply_that_cannot_be_delivered_is_reported_undelivered(
+    telegram: FakeTelegram, monkeypatch: pytest.MonkeyPatch, no_token_in_logs: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(telegram_module, "BACKOFF_FIRST_S", 0.01)
+    hank = telegram.user(7001, "Hank")
+    handler = RecordingHandler()
+    async with running(settings_for(telegram), handler) as backend:
+        telegram.fail_next("sendMessage", telegram_module.SEND_ATTEMPTS, status=502)
+        telegram.user_says(telegram.private_chat(hank), hank, "hello?")
+        await handler.wait_until(lambda: len(handler.undelivered) == 1)
+        await backend.notify("424242", "training finished")  # an unknown chat: logged, not raised
+    [(reply, reason)] = handler.undelivered
+    assert reply.text == "echo: hello?" and "Bad Gateway" in reason and "NetworkError" in reason
+    assert len(telegram.calls_to("sendMessage")) == telegram_module.SEND_ATTEMPTS + 1
+    assert handler.delivered == []
+    assert "undelivered" in no_token_in_logs.text and "could not notify chat 424242" in no_token_in_logs.text
+
+
+async def test_export_attachment_is_sent_as_a_document_after_the_text(telegram: FakeTelegram) -> None:
+    from core.messages import Attachment
+
+    class Exporting(RecordingHandler):
+        async def handle(self, message: IncomingMessage) -> Reply | None:
+            await super().handle(message)
+            return Reply("Here you go.", reply_to=message.message_id, attachment=Attachment("me.json", b'{"a": 1}'))
+
+    ivy = telegram.user(8001, "Ivy")
+    handler = Exporting()
+    async with running(settings_for(telegram), handler):
+        telegram.user_says(telegram.private_chat(ivy), ivy, "/export")
+        text, document = await telegram.wait_for_messages(ivy.id, 2)
+        await handler.wait_until(lambda: len(handler.delivered) == 1)
+    assert text["text"] == "Here you go."
+    assert document["document"]["file_name"] == "me.json" and document["_content"] == b'{"a": 1}'
+    assert handler.delivered[0][1] == [str(text["message_id"]), str(document["message_id"])]
+
+
+async def test_notify_pushes_text_to_a_chat(telegram: FakeTelegram) -> None:
+    admin = telegram.user(42, "Admin")
+    telegram.private_chat(admin)
+    async with running(settings_for(telegram), RecordingHandler()) as backend:
+        await backend.notify("42", "Training finished: v3 is live.")
+    assert [m["text"] for m in telegram.sent_messages(42)] == ["Training finished: v3 is live."]
+
+
+# --- concurrency, errors and shutdown -------------------------------------------------------------------------
+
+
+async def test_updates_are_handled_concurrently(telegram: FakeTelegram) -> None:
+    people = [telegram.user(9000 + n, f"User {n}") for n in range(5)]
+    handler = RecordingHandler()
+    handler.release = asyncio.Event()
+    async with running(settings_for(telegram), handler):
+        for person in people:
+            telegram.user_says(telegram.private_chat(person), person, "hi")
+        # All five are inside the handler at once: a serialized bot would never get here.
+        await handler.wait_until(lambda: len(handler.received) == 5)
+        handler.release.set()
+        for person in people:
+            await telegram.wait_for_messages(person.id, 1)
+
+
+async def test_the_error_handler_logs_the_update_id_never_the_token(
+    telegram: FakeTelegram, no_token_in_logs: pytest.LogCaptureFixture
+) -> None:
+    class Broken(RecordingHandler):
+        async def handle(self, message: IncomingMessage) -> Reply | None:
+            raise RuntimeError(f"boom near {telegram.base_url}{telegram.token}/sendMessage")
+
+    jack = telegram.user(10001, "Jack")
+    errors = _ErrorSeen()
+    logging.getLogger("bot.telegram").addHandler(errors)
+    async with running(settings_for(telegram), Broken()):
+        update = telegram.user_says(telegram.private_chat(jack), jack, "hi")
+        await asyncio.wait_for(errors.seen.wait(), WAIT)
+    [record] = [r for r in no_token_in_logs.records if r.levelno == logging.ERROR]
+    assert record.name == "bot.telegram"
+    assert "update 1 failed" in record.getMessage() and update["message_id"] == 1
+    assert "RuntimeError: boom near" in record.getMessage() and "<TELEGRAM_BOT_TOKEN>" in record.getMessage()
+    logging.getLogger("bot.telegram").removeHandler(errors)
+
+
+class _ErrorSeen(logging.Handler):
+    """Turns "an ERROR was logged" into an event a test can await."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.seen = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen.set()
+
+
+async def test_stop_lets_in_flight_replies_finish(telegram: FakeTelegram) -> None:
+    kim = telegram.user(11001, "Kim")
+    handler = RecordingHandler()
+    handler.release = asyncio.Event()
+    backend = TelegramBackend(settings=settings_for(telegram), handler=handler)
+    await backend.start()
+    telegram.user_says(telegram.private_chat(kim), kim, "slow one")
+    await asyncio.wait_for(handler.entered.wait(), WAIT)
+    stopping = asyncio.create_task(backend.stop())
+    await asyncio.sleep(0)
+    handler.release.set()
+    await asyncio.wait_for(stopping, WAIT)
+    assert [m["text"] for m in telegram.sent_messages(kim.id)] == ["echo: slow one"]
+    assert len(handler.delivered) == 1
+
+
+async def test_stop_cancels_replies_still_running_after_the_grace_period(telegram: FakeTelegram) -> None:
+    lea = telegram.user(12001, "Lea")
+    handler = RecordingHandler()
+    handler.release = asyncio.Event()  # never set
+    backend = TelegramBackend(settings=settings_for(telegram), handler=handler, stop_grace_s=0.1)
+    await backend.start()
+    telegram.user_says(telegram.private_chat(lea), lea, "endless")
+    await asyncio.wait_for(handler.entered.wait(), WAIT)
+    await asyncio.wait_for(backend.stop(), WAIT)
+    assert handler.cancelled.is_set()
+    assert telegram.sent_messages(lea.id) == []
+
+
+# --- webhook mode ---------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_webhook_mode_serves_updates_and_rejects_requests_without_the_secret(telegram: FakeTelegram) -> None:
+    port = _free_port()
+    settings = settings_for(
+        telegram,
+        telegram_webhook_url=f"http://127.0.0.1:{port}/telegram/hook",
+        telegram_webhook_listen="127.0.0.1",
+        telegram_webhook_port=port,
+        telegram_webhook_secret="s3cret-Token_1",
+    )
+    mia = telegram.user(13001, "Mia")
+    chat = telegram.private_chat(mia)
+    handler = RecordingHandler()
+    async with running(settings, handler):
+        assert telegram.webhook_url == f"http://127.0.0.1:{port}/telegram/hook"
+        assert telegram.webhook_secret == "s3cret-Token_1"
+        forged = {"update_id": 999, "message": {**_message_dict(chat, mia, "forged"), "message_id": 99}}
+        assert await telegram.post_to_webhook(forged, secret=None) == 403
+        assert await telegram.post_to_webhook(forged, secret="wrong") == 403
+        telegram.user_says(chat, mia, "via webhook")
+        [answer] = await telegram.wait_for_messages(mia.id, 1)
+        await telegram.wait_until(lambda: telegram.webhook_deliveries == [200])
+        assert telegram.calls_to("getUpdates") == []
+    assert answer["text"] == "echo: via webhook"
+    assert [message.text for message in handler.received] == ["via webhook"]
+    assert telegram.webhook_deliveries == [200]
+    async with aiohttp.ClientSession() as client:  # the webhook server is gone after stop()
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await client.post(f"http://127.0.0.1:{port}/telegram/hook", json={})
+
+
+async def test_a_webhook_port_in_use_fails_the_start_cleanly(telegram: FakeTelegram) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = int(taken.getsockname()[1])
+        settings = settings_for(
+            telegram,
+            telegram_webhook_url=f"http://127.0.0.1:{port}/hook",
+            telegram_webhook_listen="127.0.0.1",
+            telegram_webhook_port=port,
+            telegram_webhook_secret="secret",
+        )
+        backend = TelegramBackend(settings=settings, handler=RecordingHandler())
+        with pytest.raises(OSError):
+            await backend.start()
+    await backend.stop()  # harmless after a failed start, which already stopped everything
+    assert telegram.calls_to("getUpdates") == []
+
+
+def _message_dict(chat: Any, person: Any, text: str) -> dict[str, Any]:
+    return {"message_id": 1, "date": 0, "chat": chat.as_dict(), "from": person.as_dict(), "text": text}
+
+
+# --- end to end: the real ChatService, the tiny real model, the real database ---------------------------------
+
+
+class RecordingRetrainer:
+    """The `Retrainer` seam (training itself is the trainer's business): records who asked."""
+
+    def __init__(self) -> None:
+        self.requests: list[str] = []
+
+    async def request(self, *, triggered_by: str, notify_platform: str | None, notify_chat_id: str | None) -> str:
+        self.requests.append(triggered_by)
+        return "Training started; I'll tell you when it's done."
+
+    async def rollback(self, *, version: str | None, triggered_by: str) -> str:
+        return "Nothing to roll back to."
+
+    async def list_versions(self) -> str:
+        return "base (active)"
+
+
+@dataclass
+class Served:
+    telegram: FakeTelegram
+    db: Database
+    retrainer: RecordingRetrainer
+    settings: Settings
+
+
+@contextlib.asynccontextmanager
+async def serving(telegram: FakeTelegram, db: Database, model_dir: Path, **overrides: Any) -> AsyncIterator[Served]:
+    """Engine + ChatService + TelegramBackend as `magpie run` assembles them; everything is stopped on exit, so
+    assertions after the block see every reply delivered and its delivery recorded."""
+    settings = settings_for(
+        telegram,
+        base_model=str(model_dir),
+        device="cpu",
+        temperature=0.0,
+        max_new_tokens=8,
+        admin_ids="telegram:42",
+        **overrides,
+    )
+    engine = Engine.from_settings(settings)
+    await engine.start(ModelRef(source=str(model_dir), name="tiny"))
+    retrainer = RecordingRetrainer()
+    service = ChatService(settings=settings, db=db, engine=engine, retrainer=retrainer)
+    try:
+        async with running(settings, service):
+            yield Served(telegram, db, retrainer, settings)
+    finally:
+        await engine.close()
+
+
+async def logged(db: Database, chat_id: int | None = None) -> list[DbMessage]:
+    """Every logged message (optionally of one Telegram chat), oldest first."""
+    query = select(DbMessage).join(Chat, Chat.id == DbMessage.chat_id).order_by(DbMessage.id)
+    if chat_id is not None:
+        query = query.where(Chat.platform == "telegram", Chat.platform_chat_id == str(chat_id))
+    async with db.sessions() as session:
+        return list((await session.scalars(query)).all())
+
+
+async def test_private_chat_round_trip_is_logged_with_typing_before_the_reply(
+    telegram: FakeTelegram, db: Database, tiny_model_dir: Path
+) -> None:
+    alice = telegram.user(1001, "Alice")
+    chat = telegram.private_chat(alice)
+    async with serving(telegram, db, tiny_model_dir):
+        asked = telegram.user_says(chat, alice, "hello there, how are you today?")
+        [answer] = await telegram.wait_for_messages(alice.id, 1)
+    user_row, bot_row = await logged(db, alice.id)
+    assert (user_row.role, user_row.text, user_row.platform_message_id) == (
+        Role.USER,
+        "hello there, how are you today?",
+        str(asked["message_id"]),
+    )
+    assert (bot_row.role, bot_row.text, bot_row.reply_to_id) == (Role.BOT, answer["text"], user_row.id)
+    assert bot_row.delivery is Delivery.SENT and bot_row.platform_message_id == str(answer["message_id"])
+    assert answer["text"].strip()
+    methods = [call.method for call in telegram.calls if call.method in ("sendChatAction", "sendMessage")]
+    assert methods[0] == "sendChatAction" and methods[-1] == "sendMessage"
+
+
+async def test_group_chat_is_logged_whole_but_answered_only_when_addressed(
+    telegram: FakeTelegram, db: Database, tiny_model_dir: Path
+) -> None:
+    group = telegram.group(-100200, "Book club")
+    bob, carol = telegram.user(2001, "Bob"), telegram.user(2002, "Carol")
+    async with serving(telegram, db, tiny_model_dir):
+        plain = telegram.user_says(group, bob, "has anyone read the new one?")
+        telegram.user_sends_sticker(group, carol)
+        mention = telegram.user_says(group, carol, "@MagpieTestBot do you like pizza?")
+        [first] = await telegram.wait_for_messages(group.id, 1)
+        follow_up = telegram.user_says(group, bob, "and pasta?", reply_to=first)
+        await telegram.wait_for_messages(group.id, 2)
+        command = telegram.user_says(group, bob, "/help@MagpieTestBot")
+        await telegram.wait_for_messages(group.id, 3)
+        telegram.user_says(group, carol, "/help@SomeOtherBot")
+        telegram.user_edits(plain, "has anyone read the new one? (edited)")
+        telegram.user_sends_sticker(telegram.private_chat(carol), carol)
+        await telegram.wait_for_messages(carol.id, 1)
+    rows = await logged(db, group.id)
+    user_rows = sorted(
+        (row for row in rows if row.role is Role.USER), key=lambda row: int(row.platform_message_id or 0)
+    )
+    assert [row.text for row in user_rows] == [  # handled concurrently, so logged in any order
+        "has anyone read the new one?",
+        "do you like pizza?",
+        "and pasta?",
+        "/help",
+        "/help@SomeOtherBot",
+    ]
+    answers = telegram.sent_messages(group.id)
+    assert [a["reply_to_message"]["message_id"] for a in answers] == [
+        mention["message_id"],
+        follow_up["message_id"],
+        command["message_id"],
+    ]
+    bot_rows = [row for row in rows if row.role is Role.BOT]
+    assert [row.platform_message_id for row in bot_rows] == [str(a["message_id"]) for a in answers]
+    assert all(row.delivery is Delivery.SENT for row in bot_rows)
+    assert "/reset — " in answers[2]["text"] and "/retrain" not in answers[2]["text"]
+    assert [note["text"] for note in telegram.sent_messages(carol.id)] == [NOT_TEXT]
+
+
+async def test_429_and_502_are_survived_with_every_message_answered_and_logged_once(
+    telegram: FakeTelegram, db: Database, tiny_model_dir: Path
+) -> None:
+    people = [telegram.user(3000 + n, f"User {n}") for n in range(3)]
+    async with serving(telegram, db, tiny_model_dir):
+        telegram.fail_next("sendMessage", 1, status=429, retry_after=1)
+        telegram.fail_next("sendMessage", 1, status=502)
+        for person in people:
+            telegram.user_says(telegram.private_chat(person), person, "what is your favourite colour?")
+        for person in people:
+            await telegram.wait_for_messages(person.id, 1)
+    statuses = [call.status for call in telegram.calls_to("sendMessage")]
+    assert statuses.count(429) == 1 and statuses.count(502) == 1 and statuses.count(200) == 3
+    rows = await logged(db)
+    assert [row.role for row in rows].count(Role.USER) == 3
+    bot_rows = [row for row in rows if row.role is Role.BOT]
+    assert len(bot_rows) == 3 and all(row.delivery is Delivery.SENT for row in bot_rows)
+    assert len({row.reply_to_id for row in bot_rows}) == 3
+    assert all(len(telegram.sent_messages(person.id)) == 1 for person in people)
+
+
+async def test_20_users_with_5_messages_each_are_all_answered_and_logged_exactly_once(
+    telegram: FakeTelegram, db: Database, tiny_model_dir: Path
+) -> None:
+    people = [telegram.user(4000 + n, f"User {n}") for n in range(20)]
+    async with serving(telegram, db, tiny_model_dir):
+        for round_ in range(5):
+            for person in people:
+                telegram.user_says(telegram.private_chat(person), person, f"message {round_} from {person.first_name}")
+        for person in people:
+            await telegram.wait_for_messages(person.id, 5, within=120)
+    rows = await logged(db)
+    user_rows = [row for row in rows if row.role is Role.USER]
+    bot_rows = [row for row in rows if row.role is Role.BOT]
+    assert len(user_rows) == 100 and len({(r.chat_id, r.platform_message_id) for r in user_rows}) == 100
+    assert len(bot_rows) == 100 and {row.reply_to_id for row in bot_rows} == {row.id for row in user_rows}
+    assert all(row.delivery is Delivery.SENT for row in bot_rows)
+    assert len({(row.chat_id, row.platform_message_id) for row in bot_rows}) == 100
+    assert all(len(telegram.sent_messages(person.id)) == 5 for person in people)
+    assert [call.status for call in telegram.calls_to("sendMessage")] == [200] * 100
+
+
+async def test_admin_commands_are_refused_to_non_admins_and_run_for_admins(
+    telegram: FakeTelegram, db: Database, tiny_model_dir: Path
+) -> None:
+    mallory, admin = telegram.user(555, "Mallory"), telegram.user(42, "Admin")
+    async with serving(telegram, db, tiny_model_dir) as served:
+        telegram.user_says(telegram.private_chat(mallory), mallory, "/retrain")
+        [refusal] = await telegram.wait_for_messages(mallory.id, 1)
+        telegram.user_says(telegram.private_chat(admin), admin, "/retrain")
+        [accepted] = await telegram.wait_for_messages(admin.id, 1)
+    assert "admin" in refusal["text"].lower()
+    assert accepted["text"] == "Training started; I'll tell you when it's done."
+    assert served.retrainer.requests == ["telegram:42"]
