@@ -7,7 +7,11 @@ place, hands them to the `ChatHandler`, and sends replies through its own send p
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from typing import Protocol
+
+log = logging.getLogger(__name__)
 
 
 class Backend(Protocol):
@@ -26,3 +30,17 @@ class Backend(Protocol):
     async def notify(self, chat_id: str, text: str) -> None:
         """Sends unsolicited text (e.g. retraining progress) to a chat; logs and swallows delivery failures."""
         ...
+
+
+class BackendNotifier:
+    """Routes `core.messages.Notifier` calls to the running backend of the named platform."""
+
+    def __init__(self, backends: Sequence[Backend]) -> None:
+        self._by_platform = {backend.platform: backend for backend in backends}
+
+    async def notify(self, platform: str, chat_id: str, text: str) -> None:
+        backend = self._by_platform.get(platform)
+        if backend is None:
+            log.warning("Cannot notify chat %s: platform %r is not running", chat_id, platform)
+            return
+        await backend.notify(chat_id, text)

@@ -19,6 +19,7 @@ from sqlalchemy import select
 from bot.backend import Backend
 from bot.console import ConsoleBackend
 from bot.discord_bot import DiscordBackend
+from bot.telegram import TelegramBackend
 from core.db import Database, upgrade
 from core.engine import Engine, ModelRef
 from core.errors import MagpieError
@@ -30,12 +31,44 @@ from core.storage import collect_stats
 log = logging.getLogger("magpie")
 
 
+class RedactSecrets(logging.Filter):
+    """Last line of defence: replaces any configured secret that still made it into a log record."""
+
+    def __init__(self, secrets: Sequence[str]) -> None:
+        super().__init__()
+        self._secrets = [secret for secret in secrets if len(secret) >= 6]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = message
+        for secret in self._secrets:
+            redacted = redacted.replace(secret, "[redacted]")
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            for secret in self._secrets:
+                record.exc_text = record.exc_text.replace(secret, "[redacted]")
+        return True
+
+
 def configure_logging(settings: Settings) -> None:
     """Logging is configured here only; noisy libraries are turned down so tokens in URLs never reach logs."""
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    secrets = [
+        secret.get_secret_value()
+        for secret in (settings.telegram_bot_token, settings.discord_bot_token, settings.telegram_webhook_secret)
+        if secret is not None
+    ]
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactSecrets(secrets))
+    # telegram.Bot / telegram.ext.ExtBot log the API URL, token included, at DEBUG: never let them.
     for noisy in (
+        "telegram.Bot",
+        "telegram.ext.ExtBot",
         "httpx",
         "httpcore",
         "telegram.ext.Updater",
@@ -69,9 +102,7 @@ def _backends(settings: Settings, service: ChatService) -> list[Backend]:
     """The platforms that have tokens, sharing one service (engine and database); the console when none has."""
     backends: list[Backend] = []
     if settings.telegram_bot_token is not None:
-        raise MagpieError(
-            "TELEGRAM_BOT_TOKEN is set, but the Telegram adapter is not implemented yet. Unset it to continue."
-        )
+        backends.append(TelegramBackend(settings=settings, handler=service))
     if settings.discord_bot_token is not None:
         backends.append(DiscordBackend(settings=settings, handler=service))
     if not backends:

@@ -52,3 +52,21 @@ def test_model_not_found_offline_is_one_line(tmp_path: Path) -> None:
     lines = [line for line in result.stderr.splitlines() if line.startswith("magpie:")]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "no-such-model" in lines[0] and "BASE_MODEL" in lines[0]
+
+
+def test_secrets_are_redacted_from_log_records_and_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from bot.cli import RedactSecrets
+
+    token = "123456:SECRET-TOKEN-VALUE"
+    record = logging.LogRecord("x", logging.ERROR, __file__, 1, "calling https://api/bot%s/getMe", (token,), None)
+    try:
+        raise RuntimeError(f"failed https://api/bot{token}/getMe")
+    except RuntimeError:
+        import sys
+
+        record.exc_info = sys.exc_info()
+    assert RedactSecrets([token]).filter(record)
+    assert token not in record.getMessage() and "[redacted]" in record.getMessage()
+    assert record.exc_text is not None and token not in record.exc_text
