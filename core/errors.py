@@ -5,6 +5,7 @@
     ├── DatabaseError            the database cannot be reached
     │   └── SchemaOutdatedError  migrations are missing; `magpie db upgrade` fixes it
     ├── ModelLoadError           a model or tokenizer could not be loaded
+    │   └── HubUnreachableError  a hub id was asked for, the Hub is unreachable and nothing is cached
     └── EngineError              generation could not be served
         ├── EngineBusyError      the queue is full: try again shortly
         ├── EngineTimeoutError   the request waited or ran longer than its timeout
@@ -37,6 +38,10 @@ class SchemaOutdatedError(DatabaseError):
 
 class ModelLoadError(MagpieError):
     """A model or tokenizer could not be loaded."""
+
+
+class HubUnreachableError(ModelLoadError):
+    """A hub id could not be loaded because the Hub is unreachable and the model is not cached."""
 
 
 class EngineError(MagpieError):

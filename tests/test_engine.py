@@ -26,11 +26,12 @@ from core.engine import (
     GenerationParams,
     ModelRef,
     build_prompt_ids,
+    hub_reachable,
     load_pretrained,
 )
 from core.engine._decoding import _EndOfTurn, _TopKTopPSampler
-from core.engine._loading import prepare
-from core.errors import EngineBusyError, EngineClosedError, EngineTimeoutError, ModelLoadError
+from core.engine._loading import hub_reachable, prepare
+from core.errors import EngineBusyError, EngineClosedError, EngineTimeoutError, HubUnreachableError, ModelLoadError
 from core.settings import Settings
 
 GREEDY = GenerationParams(max_new_tokens=16, temperature=0.0, repetition_penalty=2.0)
@@ -378,6 +379,16 @@ def test_unreachable_hub_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> N
     assert "\n" not in message
     assert message.startswith('Model "gpt2" could not be loaded: the Hugging Face Hub is unreachable')
     assert "magpie bootstrap" in message
+
+
+def test_an_unreachable_hub_is_detected_without_the_retry_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No HF_HUB_OFFLINE: a quick probe finds the (closed) endpoint and only the local cache is consulted."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:1")
+    assert not hub_reachable()
+    with pytest.raises(HubUnreachableError) as caught:
+        load_pretrained("some-org/some-model-nobody-cached", "cpu")
+    assert "unreachable" in str(caught.value) and "magpie bootstrap" in str(caught.value)
 
 
 def test_directory_without_a_model_is_one_clear_line(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from core.engine._decoding import EMPTY_REPLY, build_prompt_ids
 from core.engine._engine import Engine
-from core.engine._loading import load_pretrained
+from core.engine._loading import hub_reachable, load_pretrained
 from core.engine._types import Generation, GenerationParams, ModelRef
 
 __all__ = [
@@ -37,5 +37,6 @@ __all__ = [
     "GenerationParams",
     "ModelRef",
     "build_prompt_ids",
+    "hub_reachable",
     "load_pretrained",
 ]

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
+from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import (
     HFValidationError,
     LocalEntryNotFoundError,
@@ -16,11 +19,32 @@ from huggingface_hub.errors import (
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from core.engine._types import ModelRef
-from core.errors import ModelLoadError
+from core.errors import HubUnreachableError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
 FALLBACK_CONTEXT_WINDOW = 1024
+HUB_PROBE_TIMEOUT_S = 3.0
+_HUB_UNREACHABLE_FIX = (
+    "Set BASE_MODEL to a local directory, or run `magpie bootstrap` to build an offline starter model."
+)
+
+
+def hub_reachable() -> bool:
+    """A quick TCP probe of the Hub (or HF_ENDPOINT's mirror).
+
+    Without it, an offline machine spends about a minute in huggingface_hub's retries before failing; with it,
+    an unreachable Hub means cached files only (`local_files_only`), which fails at once when nothing is cached.
+    """
+    if hf_constants.HF_HUB_OFFLINE:
+        return False
+    url = urlsplit(hf_constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=HUB_PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
 
 
 def load_pretrained(source: str, device: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -29,13 +53,17 @@ def load_pretrained(source: str, device: str) -> tuple[PreTrainedModel, PreTrain
     Every failure becomes a `ModelLoadError` with one line that names the problem and the fix: operators see it
     at start-up, so it must not be a traceback wall.
     """
+    offline = not Path(source).expanduser().exists() and not hub_reachable()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, device_map=device)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(source, device_map=device, local_files_only=offline)
         model.eval()  # type: ignore[no-untyped-call]
     except Exception as exc:
         log.debug("loading %r failed", source, exc_info=True)
-        raise ModelLoadError(_load_failure(source, exc)) from None
+        message = _load_failure(source, exc)
+        if message.endswith(_HUB_UNREACHABLE_FIX):
+            raise HubUnreachableError(message) from None
+        raise ModelLoadError(message) from None
     if tokenizer.eos_token is None:
         raise ModelLoadError(f'Model "{source}" has no end-of-text token, which the dialogue format needs.')
     tokenizer.pad_token = tokenizer.eos_token
@@ -60,7 +88,7 @@ def _load_failure(source: str, exc: Exception) -> str:
     if any(isinstance(cause, LocalEntryNotFoundError | OfflineModeIsEnabled | ConnectionError) for cause in causes):
         return (
             f'Model "{source}" could not be loaded: the Hugging Face Hub is unreachable and it is not cached. '
-            "Set BASE_MODEL to a local directory, or run `magpie bootstrap` to build an offline starter model."
+            + _HUB_UNREACHABLE_FIX
         )
     if any(isinstance(cause, RepositoryNotFoundError) for cause in causes):
         return f'Model "{source}" was not found on the Hugging Face Hub (or is private): check BASE_MODEL.'
