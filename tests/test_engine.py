@@ -30,7 +30,7 @@ from core.engine import (
     load_pretrained,
 )
 from core.engine._decoding import _EndOfTurn, _TopKTopPSampler
-from core.engine._loading import hub_reachable, prepare
+from core.engine._loading import prepare
 from core.errors import EngineBusyError, EngineClosedError, EngineTimeoutError, HubUnreachableError, ModelLoadError
 from core.settings import Settings
 
