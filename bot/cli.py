@@ -18,8 +18,6 @@ from sqlalchemy import select
 
 from bot.backend import Backend
 from bot.console import ConsoleBackend
-from bot.discord_bot import DiscordBackend
-from bot.telegram import TelegramBackend
 from core.db import Database, upgrade
 from core.engine import Engine, ModelRef
 from core.errors import MagpieError
@@ -101,9 +99,14 @@ async def _active_model(settings: Settings, db: Database) -> ModelRef:
 def _backends(settings: Settings, service: ChatService) -> list[Backend]:
     """The platforms that have tokens, sharing one service (engine and database); the console when none has."""
     backends: list[Backend] = []
+    # Imported only when configured: each platform library costs start-up time the console should not pay.
     if settings.telegram_bot_token is not None:
+        from bot.telegram import TelegramBackend
+
         backends.append(TelegramBackend(settings=settings, handler=service))
     if settings.discord_bot_token is not None:
+        from bot.discord_bot import DiscordBackend
+
         backends.append(DiscordBackend(settings=settings, handler=service))
     if not backends:
         exports = Path("data") / "exports"
