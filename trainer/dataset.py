@@ -192,45 +192,49 @@ class _Row:
 
 async def build_dataset(settings: Settings, db: Database) -> DatasetReport:
     """Reads every logged message and returns the filtered, capped, split samples with the exclusion counts."""
-    async with db.sessions() as session:
-        rolled_back = set(
-            (
-                await session.scalars(select(ModelVersion.id).where(ModelVersion.status == VersionStatus.ROLLED_BACK))
-            ).all()
-        )
-        query = (
-            select(Message, User.opted_out, Chat.platform, Chat.platform_chat_id)
-            .join(Chat, Message.chat_id == Chat.id)
-            .outerjoin(User, Message.author_id == User.id)
-            .order_by(Message.chat_id, Message.id)
-        )
-        rows = [
-            _Row(
-                id=m.id,
-                chat=f"{platform}:{chat_id}",
-                author_id=m.author_id,
-                role=m.role,
-                text=m.text,
-                created_at=m.created_at,
-                is_command=m.is_command,
-                resets_context=m.resets_context,
-                model_version_id=m.model_version_id,
-                opted_out=bool(opted_out),
-            )
-            for m, opted_out, platform, chat_id in (await session.execute(query)).all()
-        ]
+    rows, rolled_back = await _read_rows(db)
     if not settings.train_exclude_rolled_back:
         rolled_back = set()
     report = DatasetReport(train=[], eval=[], messages_read=len(rows))
     candidates: list[Sample] = []
     for chat_rows in _by_chat(rows):
         candidates.extend(_chat_samples(chat_rows, settings, rolled_back, report.excluded))
-    targets = cap_user_share(
-        drop_near_duplicates(candidates, report.excluded), settings.train_user_share_cap, report.excluded
-    )
+    targets = drop_near_duplicates(candidates, report.excluded)
+    targets = cap_user_share(targets, settings.train_user_share_cap, report.excluded)
     report.train, report.eval = split_by_chat(targets, settings.train_eval_fraction)
     log.info("dataset: %s", json.dumps(report.summary()))
     return report
+
+
+async def _read_rows(db: Database) -> tuple[list[_Row], set[int]]:
+    """Every message in chat order with its author's opt-out flag, and the ids of rolled-back versions."""
+    query = (
+        select(
+            Message.id,
+            Chat.platform,
+            Chat.platform_chat_id,
+            Message.author_id,
+            Message.role,
+            Message.text,
+            Message.created_at,
+            Message.is_command,
+            Message.resets_context,
+            Message.model_version_id,
+            User.opted_out,
+        )
+        .join(Chat, Message.chat_id == Chat.id)
+        .outerjoin(User, Message.author_id == User.id)
+        .order_by(Message.chat_id, Message.id)
+    )
+    rolled_back_query = select(ModelVersion.id).where(ModelVersion.status == VersionStatus.ROLLED_BACK)
+    async with db.sessions() as session:
+        rolled_back = set((await session.scalars(rolled_back_query)).all())
+        result = await session.execute(query)
+        rows = [
+            _Row(id_, f"{platform}:{chat_id}", author, role, text, created, command, reset, version, bool(opted_out))
+            for id_, platform, chat_id, author, role, text, created, command, reset, version, opted_out in result
+        ]
+    return rows, rolled_back
 
 
 def _by_chat(rows: Sequence[_Row]) -> Iterator[list[_Row]]:
@@ -344,15 +348,18 @@ def samples_from_dialogues(dialogues: Iterable[Dialogue], *, history_turns: int)
     """Corpus samples: every line that answers something, with the lines before it as context.
 
     Speakers alternate (`a`, `b`); a dialogue's first line is the prompt someone wrote to elicit the answers,
-    so it is context only, never a target.
+    so it is context only, never a target. Exact repeats of a sample are dropped: chatterbot-corpus repeats many
+    exchanges across files, and a repeat costs training time and would leak into the held-out split.
     """
-    samples = []
+    samples: dict[str, Sample] = {}
     for dialogue in dialogues:
         lines = [Line("ab"[index % 2], clean_text(text, eos=EOS)) for index, text in enumerate(dialogue.lines)]
         for index in range(1, len(lines)):
             context = lines[max(0, index - history_turns) : index] if history_turns else []
-            samples.append(Sample(tuple(context), lines[index], dialogue.key))
-    return [s for s in samples if s.target.text]
+            sample = Sample(tuple(context), lines[index], dialogue.key)
+            if sample.target.text:
+                samples.setdefault(sample.text(), sample)
+    return list(samples.values())
 
 
 # --- export ---------------------------------------------------------------------------------------------------

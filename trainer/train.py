@@ -23,7 +23,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -196,11 +196,43 @@ def train(
     output_dir: Path,
     parent_version: str | None = None,
     progress: ProgressFn | None = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> TrainResult:
-    """Fine-tunes `model_source` on the samples and writes a new version directory at `output_dir`."""
-    started = time.perf_counter()
+    """Fine-tunes `model_source` on the samples and writes a new version directory at `output_dir`.
+
+    `metadata` adds fields to `metrics.json` (e.g. who triggered the run). A run that fails removes its
+    half-written directory; one that is killed leaves only the hidden `.partial` one, which the next run of the
+    same name clears.
+    """
     output_dir = Path(output_dir)
     partial = _start_version_dir(output_dir)
+    extra = {"model_source": model_source, "parent_version": parent_version, **(metadata or {})}
+    try:
+        metrics = _train_into(
+            partial, args, train_samples, eval_samples, model_source=model_source, extra=extra, progress=progress
+        )
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    os.replace(partial, output_dir)
+    if progress is not None:
+        progress(1.0)
+    log.info("trained %s: eval loss %s, perplexity %s", output_dir.name, metrics["eval_loss"], metrics["perplexity"])
+    return TrainResult(output_dir, metrics)
+
+
+def _train_into(
+    directory: Path,
+    args: TrainArguments,
+    train_samples: Sequence[Sample],
+    eval_samples: Sequence[Sample],
+    *,
+    model_source: str,
+    extra: dict[str, Any],
+    progress: ProgressFn | None,
+) -> dict[str, Any]:
+    """The run itself, stage by stage; returns the metrics it wrote."""
+    started = time.perf_counter()
 
     # Seed and threads: reproducible runs, and a bounded share of the CPU so the bot stays responsive.
     transformers.set_seed(args.seed)
@@ -218,16 +250,11 @@ def train(
 
     # Train with the HF Trainer, keeping the checkpoint with the best eval loss.
     phase = time.perf_counter()
-    checkpoints = partial / "checkpoints"
+    checkpoints = directory / "checkpoints"
     trainer = build_trainer(
-        model,
-        tokenizer,
-        args,
-        train_features=features,
-        eval_features=unpacked(data.eval),
-        checkpoints=checkpoints,
+        model, tokenizer, args, train_features=features, eval_features=unpacked(data.eval), checkpoints=checkpoints,
         progress=progress,
-    )
+    )  # fmt: skip
     outcome = trainer.train()
     shutil.rmtree(checkpoints, ignore_errors=True)
     timings["train_s"] = time.perf_counter() - phase
@@ -237,16 +264,11 @@ def train(
     eval_loss = mean_loss(model, data.eval, pad_token_id=_pad_id(tokenizer), batch_size=args.eval_batch_size)
     timings["eval_s"] = time.perf_counter() - phase
 
-    # Save: weights (safetensors), config, tokenizer, metrics and manifest; then move into place atomically.
-    metrics = _metrics(args, trainer.state, data, train_loss=outcome.training_loss, eval_loss=eval_loss)
-    metrics.update(model_source=model_source, parent_version=parent_version)
-    timings["total_s"] = time.perf_counter() - started
-    _save(model, tokenizer, partial, metrics={**metrics, "timings": timings}, train=data.train)
-    os.replace(partial, output_dir)
-    if progress is not None:
-        progress(1.0)
-    log.info("trained %s: eval loss %s, perplexity %s", output_dir.name, metrics["eval_loss"], metrics["perplexity"])
-    return TrainResult(output_dir, {**metrics, "timings": timings})
+    # Save: weights (safetensors), config, tokenizer, metrics and manifest.
+    metrics = {**_metrics(args, trainer.state, data, train_loss=outcome.training_loss, eval_loss=eval_loss), **extra}
+    metrics["timings"] = {**timings, "total_s": time.perf_counter() - started}
+    _save(model, tokenizer, directory, metrics=metrics, train=data.train)
+    return metrics
 
 
 def _start_version_dir(output_dir: Path) -> Path:
