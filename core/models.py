@@ -177,3 +177,18 @@ class TrainingRun(Base):
     error: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column()
+
+
+class ModelVersionMessage(Base):
+    """The training manifest: which messages (and whose) a model version was trained on.
+
+    `message_id` deliberately has no foreign key: `/forget` deletes messages, and the manifest must still say
+    which versions contained that user's data (looked up by `user_id`, also without a key for the same reason).
+    """
+
+    __tablename__ = "model_version_messages"
+    __table_args__ = (Index("ix_model_version_messages_user", "user_id"),)
+
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"), primary_key=True)
+    message_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    user_id: Mapped[int | None] = mapped_column(Integer)

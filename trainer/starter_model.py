@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import ByteLevelBPETokenizer
+from tokenizers import ByteLevelBPETokenizer, Tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 
 EOS = "<|endoftext|>"
@@ -26,13 +26,17 @@ class ModelShape:
     n_head: int = 4
     n_positions: int = 512
     vocab_size: int = 8000
+    dropout: float = 0.1
 
 
 def train_tokenizer(texts: Iterable[str], *, vocab_size: int) -> GPT2Tokenizer:
     """Trains a GPT-2-style byte-level BPE; byte-level means any Unicode text (Korean, emoji, RTL) encodes."""
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=False)
-    tokenizer = GPT2Tokenizer(tokenizer_object=bpe, bos_token=EOS, eos_token=EOS, unk_token=EOS)
+    # The raw `tokenizers.Tokenizer`, not the ByteLevelBPETokenizer wrapper: transformers calls methods (padding,
+    # truncation) whose signatures only the raw class has.
+    backend = Tokenizer.from_str(bpe.to_str())
+    tokenizer = GPT2Tokenizer(tokenizer_object=backend, bos_token=EOS, eos_token=EOS, unk_token=EOS)
     if len(tokenizer) < 257:
         raise RuntimeError(f"tokenizer training produced only {len(tokenizer)} tokens")
     return tokenizer
@@ -47,6 +51,9 @@ def build_model(tokenizer: GPT2Tokenizer, shape: ModelShape, *, seed: int = 0) -
         n_embd=shape.n_embd,
         n_layer=shape.n_layer,
         n_head=shape.n_head,
+        resid_pdrop=shape.dropout,
+        embd_pdrop=shape.dropout,
+        attn_pdrop=shape.dropout,
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,

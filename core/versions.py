@@ -1,0 +1,144 @@
+"""The model version registry: which trained models exist, which one serves, and what each was trained on.
+
+Every function takes the session explicitly and does not commit: the caller owns the transaction
+(`async with db.sessions.begin() as session: ...`), so that "retire the old, activate the new" is one unit of
+work. That, plus the partial unique index on `status = 'active'`, is what makes activation atomic: a crash at any
+moment leaves either the old or the new version active, and two concurrent activations cannot both win (the
+second fails on the index and rolls back).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from core.models import ModelVersion, ModelVersionMessage, VersionStatus
+
+RETIRING_STATUSES = frozenset({VersionStatus.RETIRED, VersionStatus.ROLLED_BACK})
+"""What an active version may become when another takes its place (rolled back = it served badly)."""
+
+
+async def register_version(
+    session: AsyncSession,
+    *,
+    name: str,
+    path: str,
+    parent_id: int | None = None,
+    metrics: dict[str, Any] | None = None,
+    note: str | None = None,
+    manifest: Iterable[tuple[int, int | None]] = (),
+) -> ModelVersion:
+    """Adds a trained model as a `candidate`, with its manifest of (message id, user id) pairs.
+
+    New versions never start active: activation goes through `activate_version` so it is always atomic.
+    """
+    version = ModelVersion(
+        name=name,
+        path=path,
+        status=VersionStatus.CANDIDATE,
+        parent_id=parent_id,
+        metrics=dict(metrics or {}),
+        note=note,
+    )
+    session.add(version)
+    await session.flush()
+    rows = [
+        {"model_version_id": version.id, "message_id": message_id, "user_id": user_id}
+        for message_id, user_id in dict(manifest).items()
+    ]
+    if rows:
+        await session.execute(insert(ModelVersionMessage), rows)
+    return version
+
+
+async def list_versions(session: AsyncSession) -> Sequence[ModelVersion]:
+    """All versions, newest first."""
+    result = await session.scalars(select(ModelVersion).order_by(ModelVersion.id.desc()))
+    return result.all()
+
+
+async def get_version(
+    session: AsyncSession, *, version_id: int | None = None, name: str | None = None
+) -> ModelVersion | None:
+    """One version by id or by name (exactly one of the two)."""
+    if (version_id is None) == (name is None):
+        raise ValueError("give exactly one of version_id and name")
+    column = ModelVersion.id if version_id is not None else ModelVersion.name
+    value = version_id if version_id is not None else name
+    result: ModelVersion | None = await session.scalar(select(ModelVersion).where(column == value))
+    return result
+
+
+async def get_active_version(session: AsyncSession) -> ModelVersion | None:
+    """The version that should be serving, if any."""
+    result: ModelVersion | None = await session.scalar(
+        select(ModelVersion).where(ModelVersion.status == VersionStatus.ACTIVE)
+    )
+    return result
+
+
+async def activate_version(
+    session: AsyncSession,
+    *,
+    version_id: int,
+    previous_becomes: VersionStatus = VersionStatus.RETIRED,
+    now: datetime | None = None,
+) -> ModelVersion:
+    """Makes `version_id` the active version, retiring (or marking rolled back) the one it replaces.
+
+    The old row is demoted before the new one is promoted, inside the caller's transaction, so the one-active
+    index is never violated mid-way and nobody ever observes zero or two active versions.
+    """
+    if previous_becomes not in RETIRING_STATUSES:
+        raise ValueError(f"an active version can become {sorted(RETIRING_STATUSES)}, not {previous_becomes}")
+    version = await session.get(ModelVersion, version_id, with_for_update=True)
+    if version is None:
+        raise LookupError(f"no model version with id {version_id}")
+    if version.status == VersionStatus.ACTIVE:
+        return version
+    await session.execute(
+        update(ModelVersion)
+        .where(ModelVersion.status == VersionStatus.ACTIVE, ModelVersion.id != version_id)
+        .values(status=previous_becomes)
+        .execution_options(synchronize_session="fetch")
+    )
+    await session.flush()
+    version.status = VersionStatus.ACTIVE
+    version.activated_at = now or datetime.now(UTC)
+    await session.flush()
+    return version
+
+
+async def set_version_status(
+    session: AsyncSession, *, version_id: int, status: VersionStatus, note: str | None = None
+) -> ModelVersion:
+    """Marks a version e.g. `rejected` (with the reason in `note`); activation has its own function."""
+    if status == VersionStatus.ACTIVE:
+        raise ValueError("use activate_version to make a version active")
+    version = await session.get(ModelVersion, version_id)
+    if version is None:
+        raise LookupError(f"no model version with id {version_id}")
+    version.status = status
+    if note is not None:
+        version.note = note
+    await session.flush()
+    return version
+
+
+async def versions_trained_on_user(session: AsyncSession, *, user_id: int) -> Sequence[ModelVersion]:
+    """The versions whose training data contained any message of this user (what `/forget` reports)."""
+    contained = select(ModelVersionMessage.model_version_id).where(ModelVersionMessage.user_id == user_id)
+    result = await session.scalars(select(ModelVersion).where(ModelVersion.id.in_(contained)).order_by(ModelVersion.id))
+    return result.all()
+
+
+async def manifest_message_ids(session: AsyncSession, *, version_id: int) -> set[int]:
+    """The ids of the messages a version was trained on."""
+    result = await session.scalars(
+        select(ModelVersionMessage.message_id).where(ModelVersionMessage.model_version_id == version_id)
+    )
+    return set(result.all())

@@ -1,0 +1,58 @@
+"""The offline starter: a from-scratch GPT-2 on a slice of chatterbot-corpus, registered as the active version."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from core.db import Database
+from core.models import VersionStatus
+from core.settings import Settings
+from core.versions import get_active_version, list_versions
+from trainer.bootstrap import STARTER_ARGUMENTS, bootstrap
+from trainer.corpus import load_dialogues
+from trainer.starter_model import ModelShape
+
+TINY_SHAPE = ModelShape(n_layer=1, n_embd=32, n_head=2, n_positions=128, vocab_size=600)
+QUICK = replace(STARTER_ARGUMENTS, epochs=1, batch_size=4, warmup_steps=0, threads=1)
+
+
+def test_corpus_has_english_and_korean_dialogues() -> None:
+    dialogues = load_dialogues()
+    assert len(dialogues) > 2000
+    assert any(d.key.startswith("korean/") for d in dialogues)
+    assert all(len(d.lines) >= 1 and all(line.strip() for line in d.lines) for d in dialogues)
+    assert len({d.key for d in dialogues}) == len(dialogues)
+
+
+async def test_bootstrap_registers_an_active_starter(db: Database, tmp_path: Path) -> None:
+    settings = Settings(_env_file=None, models_dir=tmp_path / "models")  # type: ignore[call-arg]
+    fractions: list[float] = []
+
+    starter = await bootstrap(
+        settings, db, progress=fractions.append, shape=TINY_SHAPE, max_dialogues=80, arguments=QUICK, name="starter-t"
+    )
+
+    assert starter.activated and starter.path == (tmp_path / "models" / "starter-t").resolve()
+    assert math.isfinite(starter.metrics["perplexity"]) and starter.metrics["eval_samples"] > 0
+    assert fractions[-1] == 1.0
+    async with db.sessions() as session:
+        active = await get_active_version(session)
+        assert active is not None and active.id == starter.version_id
+        assert active.name == "starter-t" and active.metrics["perplexity"] == starter.metrics["perplexity"]
+        assert "not OpenAI" in (active.note or "")
+
+    model = AutoModelForCausalLM.from_pretrained(starter.path)
+    tokenizer = AutoTokenizer.from_pretrained(starter.path)
+    assert model.config.n_layer == 1 and len(tokenizer) <= 600
+    assert tokenizer.decode(tokenizer("안녕하세요 hello")["input_ids"]) == "안녕하세요 hello"
+
+    # a second starter is registered but does not displace the active version
+    again = await bootstrap(settings, db, shape=TINY_SHAPE, max_dialogues=40, arguments=QUICK, name="starter-u")
+    assert not again.activated
+    async with db.sessions() as session:
+        statuses = {v.name: v.status for v in await list_versions(session)}
+    assert statuses == {"starter-t": VersionStatus.ACTIVE, "starter-u": VersionStatus.CANDIDATE}

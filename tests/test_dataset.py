@@ -1,0 +1,399 @@
+"""The training dataset: what becomes a target, what is context only, what is dropped, and how it is encoded."""
+
+from __future__ import annotations
+
+from itertools import count
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from core.db import Database
+from core.models import Chat, Message, ModelVersion, Role, User, VersionStatus
+from core.settings import Settings
+from trainer.dataset import (
+    EOS,
+    DatasetReport,
+    Line,
+    Sample,
+    build_dataset,
+    export_jsonl,
+    is_repetitive,
+    load_jsonl,
+    redact_pii,
+    split_by_chat,
+)
+from trainer.packing import IGNORE_INDEX, PadCollator, encode_samples, pack, unpacked
+
+_ids = count(1)
+
+
+def make_settings(**overrides: object) -> Settings:
+    """Settings for one test; the share cap is off unless a test is about it."""
+    values: dict[str, object] = {"train_user_share_cap": 1.0, "history_turns": 10}
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+class ChatLog:
+    """Writes a conversation into the database the way the chat service logs it."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.users: dict[str, int] = {}
+        self.chats: dict[str, int] = {}
+
+    async def user(self, name: str, *, opted_out: bool = False) -> int:
+        async with self.db.sessions.begin() as session:
+            user = User(platform="telegram", platform_user_id=str(next(_ids)), display_name=name, opted_out=opted_out)
+            session.add(user)
+            await session.flush()
+            self.users[name] = user.id
+        return user.id
+
+    async def say(
+        self,
+        chat: str,
+        author: str | None,
+        text: str,
+        *,
+        command: bool = False,
+        reset: bool = False,
+        version: int | None = None,
+    ) -> int:
+        """`author=None` is the bot; `/reset` is a command that also resets the context."""
+        async with self.db.sessions.begin() as session:
+            if chat not in self.chats:
+                row = Chat(platform="telegram", platform_chat_id=chat, kind="group")
+                session.add(row)
+                await session.flush()
+                self.chats[chat] = row.id
+            if author is not None and author not in self.users:
+                user = User(platform="telegram", platform_user_id=str(next(_ids)), display_name=author)
+                session.add(user)
+                await session.flush()
+                self.users[author] = user.id
+            message = Message(
+                chat_id=self.chats[chat],
+                author_id=self.users[author] if author else None,
+                role=Role.BOT if author is None else Role.USER,
+                text=text,
+                platform_message_id=str(next(_ids)),
+                is_command=command or reset,
+                resets_context=reset,
+                model_version_id=version,
+            )
+            session.add(message)
+            await session.flush()
+            return message.id
+
+    async def version(self, status: VersionStatus) -> int:
+        async with self.db.sessions.begin() as session:
+            row = ModelVersion(name=f"v{next(_ids)}", path="/nowhere", status=status)
+            session.add(row)
+            await session.flush()
+            return row.id
+
+
+def all_samples(report: DatasetReport) -> list[Sample]:
+    return [*report.train, *report.eval]
+
+
+def targets(report: DatasetReport) -> list[str]:
+    return [s.target.text for s in all_samples(report)]
+
+
+def sample_for(report: DatasetReport, target: str) -> Sample:
+    (sample,) = [s for s in all_samples(report) if s.target.text == target]
+    return sample
+
+
+def context_of(report: DatasetReport, target: str) -> list[str]:
+    return [line.text for line in sample_for(report, target).context]
+
+
+# --- building samples from the database -----------------------------------------------------------------------
+
+
+async def test_context_is_the_chat_so_far_cut_at_reset(db: Database) -> None:
+    log = ChatLog(db)
+    await log.say("c1", "ann", "hi all")
+    await log.say("c1", "bob", "hello ann")
+    await log.say("c1", None, "hey both")
+    await log.say("c1", "ann", "/reset", reset=True)
+    await log.say("c1", "bob", "fresh start")
+    await log.say("c1", "ann", "indeed")
+    await log.say("c2", "ann", "other chat")
+
+    report = await build_dataset(make_settings(), db)
+
+    assert sorted(targets(report)) == sorted(["hi all", "hello ann", "fresh start", "indeed", "other chat"])
+    assert context_of(report, "hi all") == []
+    assert context_of(report, "hello ann") == ["hi all"]
+    assert context_of(report, "fresh start") == []  # /reset cut the context
+    assert context_of(report, "indeed") == ["fresh start"]
+    assert context_of(report, "other chat") == []  # chats never leak into each other
+    # responder perspective: the target's author is "Bot", the real bot is just another speaker
+    assert sample_for(report, "hello ann").text() == f"User 1: hi all{EOS}Bot: hello ann{EOS}"
+    assert report.excluded["bot_reply_context_only"] == 1
+    assert report.excluded["command"] == 1
+
+
+async def test_history_turns_bounds_the_context(db: Database) -> None:
+    log = ChatLog(db)
+    for index in range(6):
+        await log.say("c", "ann" if index % 2 else "bob", f"line number {index}")
+    report = await build_dataset(make_settings(history_turns=2), db)
+    assert context_of(report, "line number 5") == ["line number 3", "line number 4"]
+    report = await build_dataset(make_settings(history_turns=0), db)
+    assert context_of(report, "line number 5") == []
+
+
+async def test_bot_replies_become_targets_only_when_enabled(db: Database) -> None:
+    log = ChatLog(db)
+    await log.say("c", "ann", "what is two plus two")
+    await log.say("c", None, "four, I think")
+    assert "four, I think" not in targets(await build_dataset(make_settings(), db))
+    report = await build_dataset(make_settings(train_on_bot_replies=True), db)
+    assert sample_for(report, "four, I think").text() == f"User 1: what is two plus two{EOS}Bot: four, I think{EOS}"
+
+
+async def test_opted_out_users_are_neither_target_nor_context(db: Database) -> None:
+    log = ChatLog(db)
+    await log.user("eve", opted_out=True)
+    await log.say("c", "ann", "morning")
+    await log.say("c", "eve", "my secret plans")
+    await log.say("c", "bob", "morning ann")
+    report = await build_dataset(make_settings(), db)
+    assert "my secret plans" not in targets(report)
+    assert context_of(report, "morning ann") == ["morning"]
+    assert report.excluded["opted_out"] == 1
+    assert all(s.target.user_id != log.users["eve"] for s in all_samples(report))
+    assert log.users["eve"] not in report.manifest().values()
+
+
+async def test_commands_and_empty_lines_are_excluded(db: Database) -> None:
+    log = ChatLog(db)
+    await log.say("c", "ann", "/help", command=True)
+    await log.say("c", "ann", "   \n\t ")
+    await log.say("c", "ann", "a real line")
+    report = await build_dataset(make_settings(), db)
+    assert targets(report) == ["a real line"]
+    assert context_of(report, "a real line") == []
+    assert (report.excluded["command"], report.excluded["empty"]) == (1, 1)
+
+
+async def test_pii_is_redacted_unless_disabled(db: Database) -> None:
+    log = ChatLog(db)
+    await log.say("c", "ann", "mail alice.smith+bot@example.co.uk or call +1 (555) 123-4567, party on 2024-05-01")
+    report = await build_dataset(make_settings(), db)
+    (text,) = targets(report)
+    assert text == "mail [email] or call [phone], party on 2024-05-01"
+    report = await build_dataset(make_settings(train_redact_pii=False), db)
+    assert "alice.smith+bot@example.co.uk" in targets(report)[0]
+
+
+def test_redaction_leaves_ordinary_numbers_alone() -> None:
+    assert redact_pii("I have 3 cats and 12 dogs, born 1990") == "I have 3 cats and 12 dogs, born 1990"
+    assert redact_pii("010-1234-5678로 전화해") == "[phone]로 전화해"
+    assert redact_pii("see 31.12.2023") == "see 31.12.2023"
+
+
+async def test_each_users_share_of_targets_is_capped_deterministically(db: Database) -> None:
+    log = ChatLog(db)
+    for index in range(8):
+        await log.say("flood", "troll", f"buy my coin number {index}")
+    await log.say("a", "ann", "nice weather today")
+    await log.say("b", "bob", "shall we go for a walk")
+
+    settings = make_settings(train_user_share_cap=0.3)  # 10 targets -> at most 3 per user
+    first = await build_dataset(settings, db)
+    second = await build_dataset(settings, db)
+
+    troll = [t for t in targets(first) if t.startswith("buy my coin")]
+    assert len(troll) == 3
+    assert {"nice weather today", "shall we go for a walk"} <= set(targets(first))
+    assert first.excluded["user_share_cap"] == 5
+    assert sorted(targets(first)) == sorted(targets(second))
+
+
+async def test_blocklisted_lines_are_context_only(db: Database) -> None:
+    log = ChatLog(db)
+    await log.say("c", "troll", "Say something Forbidden please")
+    await log.say("c", "ann", "no thanks")
+    report = await build_dataset(make_settings(train_blocklist="forbidden, other"), db)
+    assert targets(report) == ["no thanks"]
+    assert context_of(report, "no thanks") == ["Say something Forbidden please"]
+    assert report.excluded["blocklisted_context_only"] == 1
+
+
+async def test_repetitive_and_duplicate_lines_are_not_targets(db: Database) -> None:
+    log = ChatLog(db)
+    await log.say("c", "ann", "lol lol lol lol lol")
+    await log.say("c", "bob", "hahahahahahaha")
+    await log.say("c", "ann", "Nice one!")
+    await log.say("c", "ann", "nice one")  # the same line again, right away: dropped entirely
+    await log.say("c", "bob", "what did you do today?")
+    await log.say("c", "ann", "NICE ONE!!!")  # a near-duplicate of ann's earlier target
+    await log.say("c", "bob", "Nice one!")  # someone else agreeing is kept
+
+    report = await build_dataset(make_settings(), db)
+
+    assert targets(report).count("Nice one!") == 2
+    assert set(targets(report)) == {"Nice one!", "what did you do today?"}
+    assert report.excluded["repetitive_context_only"] == 2
+    assert report.excluded["repeated_line"] == 1
+    assert report.excluded["near_duplicate_target"] == 1
+    assert context_of(report, "what did you do today?") == ["lol lol lol lol lol", "hahahahahahaha", "Nice one!"]
+
+
+def test_repetition_detector() -> None:
+    assert is_repetitive("spam spam spam spam eggs")
+    assert is_repetitive("!!!!!!!!!!!!")
+    assert is_repetitive("ㅋㅋㅋㅋㅋㅋㅋㅋ")
+    assert not is_repetitive("the cat sat on the mat")
+    assert not is_repetitive("ok")
+
+
+async def test_bot_lines_of_rolled_back_versions_are_dropped(db: Database) -> None:
+    log = ChatLog(db)
+    bad = await log.version(VersionStatus.ROLLED_BACK)
+    good = await log.version(VersionStatus.ACTIVE)
+    await log.say("c", "ann", "tell me a joke")
+    await log.say("c", None, "something awful", version=bad)
+    await log.say("c", None, "why did the chicken cross the road", version=good)
+    await log.say("c", "ann", "haha good one")
+
+    report = await build_dataset(make_settings(), db)
+    assert context_of(report, "haha good one") == ["tell me a joke", "why did the chicken cross the road"]
+    assert report.excluded["rolled_back_bot_reply"] == 1
+
+    report = await build_dataset(make_settings(train_exclude_rolled_back=False), db)
+    assert "something awful" in context_of(report, "haha good one")
+
+
+async def test_eval_split_is_by_chat_and_deterministic(db: Database) -> None:
+    log = ChatLog(db)
+    for chat in range(12):
+        for turn in range(3):
+            await log.say(f"chat-{chat}", f"user-{turn}", f"message {turn} in chat {chat}")
+    settings = make_settings(train_eval_fraction=0.25)
+    first = await build_dataset(settings, db)
+    second = await build_dataset(settings, db)
+
+    train_chats = {s.chat for s in first.train}
+    eval_chats = {s.chat for s in first.eval}
+    assert eval_chats and train_chats
+    assert not train_chats & eval_chats
+    assert eval_chats == {s.chat for s in second.eval}
+    assert [s.target.text for s in first.eval] == [s.target.text for s in second.eval]
+    assert first.summary()["eval_chats"] == len(eval_chats)
+    manifest = first.manifest()
+    assert all(s.target.message_id in manifest for s in first.train)
+    assert not any(s.target.message_id in manifest for s in first.eval)
+
+
+def test_two_chats_always_give_both_splits() -> None:
+    samples = [Sample((), Line("a", f"line {chat}"), f"chat-{chat}") for chat in range(2)]
+    for fraction in (0.01, 0.5, 0.99):
+        train, held_out = split_by_chat(samples, fraction)
+        assert len(train) == 1
+        assert len(held_out) == 1
+    train, held_out = split_by_chat(samples[:1], 0.99)
+    assert (len(train), len(held_out)) == (1, 0)
+
+
+async def test_export_writes_jsonl_that_reads_back(db: Database, tmp_path: Path) -> None:
+    log = ChatLog(db)
+    await log.say("a", "ann", "/start", command=True)
+    await log.say("a", "ann", "안녕하세요 😀")
+    await log.say("a", "bob", "hello there")
+    await log.say("b", "bob", "another chat")
+    report = await build_dataset(make_settings(), db)
+
+    path = tmp_path / "out" / "dataset.jsonl"
+    assert export_jsonl(report, path) == len(all_samples(report)) == 3
+    first_line = path.read_text(encoding="utf-8").splitlines()[0]
+    assert '"command": 1' in first_line
+    assert "안녕하세요 😀" in path.read_text(encoding="utf-8")
+
+    loaded = load_jsonl(path)
+    assert loaded.train == report.train
+    assert loaded.eval == report.eval
+    assert loaded.excluded == report.excluded
+
+
+# --- encoding, labels, packing ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir: Path) -> PreTrainedTokenizerBase:
+    loaded: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(tiny_model_dir)
+    return loaded
+
+
+def _sample(*texts: str, chat: str = "c") -> Sample:
+    lines = [Line(f"u{index % 2}", text) for index, text in enumerate(texts)]
+    return Sample(tuple(lines[:-1]), lines[-1], chat)
+
+
+def test_labels_are_masked_on_padding_only_and_eos_stays_a_target(tokenizer: PreTrainedTokenizerBase) -> None:
+    samples = [_sample("hello there, how are you today?", "I am fine"), _sample("pizza")]
+    encoded = encode_samples(samples, tokenizer, max_length=128, response_only=False)
+    batch = PadCollator(tokenizer.eos_token_id)(unpacked(encoded))
+
+    eos = tokenizer.eos_token_id
+    long_len, short_len = (len(e.input_ids) for e in encoded)
+    assert long_len > short_len
+    assert batch["input_ids"].shape == batch["labels"].shape == (2, long_len)
+    assert batch["labels"][0].tolist() == encoded[0].input_ids  # nothing masked in the longest row
+    row = batch["labels"][1].tolist()
+    assert row[:short_len] == encoded[1].input_ids
+    assert row[short_len - 1] == eos  # the real end-of-turn EOS is learned...
+    assert row[short_len:] == [IGNORE_INDEX] * (long_len - short_len)  # ...the padding (also EOS ids) is not
+    assert batch["input_ids"][1, short_len:].tolist() == [eos] * (long_len - short_len)
+    assert batch["attention_mask"][1].tolist() == [1] * short_len + [0] * (long_len - short_len)
+    assert tokenizer.decode(encoded[0].input_ids) == samples[0].text(tokenizer.eos_token)
+
+
+def test_response_only_labels_cover_just_the_target(tokenizer: PreTrainedTokenizerBase) -> None:
+    sample = _sample("what is your favourite colour?", "blue, like the sea")
+    (full,) = encode_samples([sample], tokenizer, max_length=128, response_only=False)
+    (masked,) = encode_samples([sample], tokenizer, max_length=128, response_only=True)
+
+    assert masked.input_ids == full.input_ids
+    prompt_len = len(tokenizer(sample.prompt(tokenizer.eos_token), add_special_tokens=False)["input_ids"])
+    assert masked.labels[:prompt_len] == [IGNORE_INDEX] * prompt_len
+    learned = masked.labels[prompt_len:]
+    assert IGNORE_INDEX not in learned
+    assert tokenizer.decode(learned) == f" blue, like the sea{tokenizer.eos_token}"
+
+
+def test_long_samples_lose_their_oldest_turns_first(tokenizer: PreTrainedTokenizerBase) -> None:
+    context = [f"turn {index} of a long chat about the sea" for index in range(12)]
+    sample = _sample(*context, "the answer")
+    (encoded,) = encode_samples([sample], tokenizer, max_length=64, response_only=False)
+    assert len(encoded.input_ids) <= 64
+    kept = [line.text for line in encoded.sample.context]
+    assert kept and kept == context[-len(kept) :]
+    assert tokenizer.decode(encoded.input_ids).endswith(f"Bot: the answer{tokenizer.eos_token}")
+
+    too_long = _sample("hi", "word " * 200)
+    assert encode_samples([too_long], tokenizer, max_length=64, response_only=False) == []
+
+
+def test_packing_fills_blocks_with_every_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    samples = [_sample(f"question {index}", f"answer number {index}", chat=str(index)) for index in range(30)]
+    encoded = encode_samples(samples, tokenizer, max_length=128, response_only=True)
+    blocks = pack(encoded, block_size=32, seed=1)
+
+    total = sum(len(e.input_ids) for e in encoded)
+    assert [len(b["input_ids"]) for b in blocks[:-1]] == [32] * (len(blocks) - 1)
+    assert 0 < len(blocks[-1]["input_ids"]) <= 32
+    assert sum(len(b["input_ids"]) for b in blocks) == total
+    assert sorted(t for b in blocks for t in b["input_ids"]) == sorted(t for e in encoded for t in e.input_ids)
+    assert sum(lab != IGNORE_INDEX for b in blocks for lab in b["labels"]) == sum(
+        lab != IGNORE_INDEX for e in encoded for lab in e.labels
+    )
+    assert pack(encoded, block_size=32, seed=1) == blocks  # deterministic
+    assert pack(encoded, block_size=32, seed=2) != blocks  # but shuffled, not in chat order

@@ -1,0 +1,427 @@
+"""Logged conversations -> training samples in the shared dialogue format.
+
+A sample is one *target* turn with the turns before it as context, rendered from the target speaker's point of
+view (`core.dialogue`: the target's author is `Bot`, so the model learns how this community answers under the
+label it fills at inference). Pipeline, in order:
+
+1. per chat, in message order: `/reset` cuts the context; commands, opted-out users, empty lines, a user's
+   immediate repeats and bot lines of rolled-back versions are dropped entirely; e-mail addresses and phone
+   numbers are redacted; every remaining line becomes context for what follows (at most `history_turns`);
+2. target eligibility: human turns (bot turns too with `train_on_bot_replies`), except blocklisted and
+   repetitive lines, which stay context only;
+3. Tay defence across the whole dataset: a user's near-duplicate targets (same normalised text) are dropped,
+   then each user's share of targets is capped (which ones stay is a deterministic hash, not "the first N");
+4. a deterministic split by chat into train and eval.
+
+The dataset is tokenizer-free on purpose: the promotion gate scores the active and the new model, which may use
+different tokenizers, on the same split. The token-length bound is applied when samples are encoded
+(`trainer.packing.encode_samples`), which drops the oldest context turns first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import unicodedata
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from core.db import Database
+from core.dialogue import BOT_SPEAKER, Turn, clean_text, format_dialogue
+from core.models import Chat, Message, ModelVersion, Role, User, VersionStatus
+from core.settings import Settings
+from trainer.corpus import Dialogue
+
+log = logging.getLogger(__name__)
+
+EOS = "<|endoftext|>"
+"""The end-of-turn token of every GPT-2-family model (gpt2, DialoGPT, the starter); used to clean and export."""
+
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+_PHONE = re.compile(r"(?<![0-9A-Za-z+])\+?\d[\d ().-]{5,}\d(?![0-9A-Za-z])")
+_DATE = re.compile(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{2,4}")
+_REPEATED_UNIT = re.compile(r"(.{1,4}?)\1{3,}")
+_LONG_RUNS = re.compile(r"(.)\1{2,}")
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """A turn plus where it came from (database ids are None for corpus lines)."""
+
+    speaker: str
+    text: str
+    message_id: int | None = None
+    user_id: int | None = None
+    created_at: datetime | None = None
+
+    @property
+    def turn(self) -> Turn:
+        return Turn(self.speaker, self.text)
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """A target line with its context; the prompt is a prefix of the text (response-only loss relies on it)."""
+
+    context: tuple[Line, ...]
+    target: Line
+    chat: str
+
+    def prompt(self, eos: str = EOS) -> str:
+        """What the model sees before it writes the target: the same text the engine builds at inference."""
+        return format_dialogue([line.turn for line in self.context], responder=self.target.speaker, eos=eos)
+
+    def text(self, eos: str = EOS) -> str:
+        """The whole sample: prompt, target text and the end-of-turn EOS."""
+        turns = [line.turn for line in (*self.context, self.target)]
+        return format_dialogue(turns, responder=self.target.speaker, eos=eos, open_reply=False)
+
+    def without_oldest_turn(self) -> Sample:
+        return Sample(self.context[1:], self.target, self.chat)
+
+    def sources(self) -> Iterator[tuple[int, int | None]]:
+        """(message id, user id) of every logged message in the sample: what the training manifest records."""
+        for line in (*self.context, self.target):
+            if line.message_id is not None:
+                yield line.message_id, line.user_id
+
+
+@dataclass
+class DatasetReport:
+    """The split dataset plus an account of every message that did not become a target, by reason."""
+
+    train: list[Sample]
+    eval: list[Sample]
+    excluded: Counter[str] = field(default_factory=Counter)
+    messages_read: int = 0
+
+    def manifest(self) -> dict[int, int | None]:
+        """Message id -> author id of every message in the training split (context included)."""
+        return dict(pair for sample in self.train for pair in sample.sources())
+
+    def time_range(self) -> tuple[datetime | None, datetime | None]:
+        """When the oldest and newest training targets were written."""
+        stamps = [s.target.created_at for s in self.train if s.target.created_at is not None]
+        return (min(stamps), max(stamps)) if stamps else (None, None)
+
+    def summary(self) -> dict[str, Any]:
+        first, last = self.time_range()
+        return {
+            "messages_read": self.messages_read,
+            "train_samples": len(self.train),
+            "eval_samples": len(self.eval),
+            "train_chats": len({s.chat for s in self.train}),
+            "eval_chats": len({s.chat for s in self.eval}),
+            "excluded": dict(sorted(self.excluded.items())),
+            "data_from": first.isoformat() if first else None,
+            "data_to": last.isoformat() if last else None,
+        }
+
+
+# --- text filters ---------------------------------------------------------------------------------------------
+
+
+def redact_pii(text: str) -> str:
+    """Replaces e-mail addresses and phone-like numbers (7-15 digits, not dates) with placeholders."""
+    text = _EMAIL.sub("[email]", text)
+
+    def phone(match: re.Match[str]) -> str:
+        candidate = match.group(0)
+        digits = sum(ch.isdigit() for ch in candidate)
+        if not 7 <= digits <= 15 or _DATE.fullmatch(candidate.strip()):
+            return candidate
+        return "[phone]"
+
+    return _PHONE.sub(phone, text)
+
+
+def normalise(text: str) -> str:
+    """The text two near-duplicates share: case, punctuation, spacing and stretched letters ("sooo") removed."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    text = "".join(ch if ch.isalnum() else " " for ch in text)
+    text = _LONG_RUNS.sub(r"\1\1", text)
+    return " ".join(text.split())
+
+
+def is_repetitive(text: str) -> bool:
+    """A line that is mostly one repeated word or a short repeated unit ("lol lol lol lol", "hahahahaha")."""
+    words = normalise(text).split()
+    if len(words) >= 3 and Counter(words).most_common(1)[0][1] / len(words) >= 0.6:
+        return True
+    compact = "".join(text.split())
+    return len(compact) >= 8 and _REPEATED_UNIT.fullmatch(compact) is not None
+
+
+def is_blocklisted(text: str, blocklist: Sequence[str]) -> bool:
+    lowered = text.casefold()
+    return any(item.casefold() in lowered for item in blocklist)
+
+
+def stable_fraction(key: str) -> float:
+    """A number in [0, 1) that depends only on `key`: the same chat lands in the same split on every run."""
+    return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:16], 16) / 2**64
+
+
+# --- building samples -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    """One logged message with what the filters need."""
+
+    id: int
+    chat: str
+    author_id: int | None
+    role: Role
+    text: str
+    created_at: datetime
+    is_command: bool
+    resets_context: bool
+    model_version_id: int | None
+    opted_out: bool
+
+
+async def build_dataset(settings: Settings, db: Database) -> DatasetReport:
+    """Reads every logged message and returns the filtered, capped, split samples with the exclusion counts."""
+    rows, rolled_back = await _read_rows(db)
+    if not settings.train_exclude_rolled_back:
+        rolled_back = set()
+    report = DatasetReport(train=[], eval=[], messages_read=len(rows))
+    candidates: list[Sample] = []
+    for chat_rows in _by_chat(rows):
+        candidates.extend(_chat_samples(chat_rows, settings, rolled_back, report.excluded))
+    targets = drop_near_duplicates(candidates, report.excluded)
+    targets = cap_user_share(targets, settings.train_user_share_cap, report.excluded)
+    report.train, report.eval = split_by_chat(targets, settings.train_eval_fraction)
+    log.info("dataset: %s", json.dumps(report.summary()))
+    return report
+
+
+async def _read_rows(db: Database) -> tuple[list[_Row], set[int]]:
+    """Every message in chat order with its author's opt-out flag, and the ids of rolled-back versions."""
+    query = (
+        select(
+            Message.id,
+            Chat.platform,
+            Chat.platform_chat_id,
+            Message.author_id,
+            Message.role,
+            Message.text,
+            Message.created_at,
+            Message.is_command,
+            Message.resets_context,
+            Message.model_version_id,
+            User.opted_out,
+        )
+        .join(Chat, Message.chat_id == Chat.id)
+        .outerjoin(User, Message.author_id == User.id)
+        .order_by(Message.chat_id, Message.id)
+    )
+    rolled_back_query = select(ModelVersion.id).where(ModelVersion.status == VersionStatus.ROLLED_BACK)
+    async with db.sessions() as session:
+        rolled_back = set((await session.scalars(rolled_back_query)).all())
+        result = await session.execute(query)
+        rows = [
+            _Row(id_, f"{platform}:{chat_id}", author, role, text, created, command, reset, version, bool(opted_out))
+            for id_, platform, chat_id, author, role, text, created, command, reset, version, opted_out in result
+        ]
+    return rows, rolled_back
+
+
+def _by_chat(rows: Sequence[_Row]) -> Iterator[list[_Row]]:
+    chats: dict[str, list[_Row]] = defaultdict(list)
+    for row in rows:
+        chats[row.chat].append(row)
+    yield from chats.values()
+
+
+def _chat_samples(
+    rows: Iterable[_Row], settings: Settings, rolled_back: set[int], excluded: Counter[str]
+) -> Iterator[Sample]:
+    """Walks one chat in order, keeping the running context and yielding a sample per eligible target."""
+    history: list[Line] = []
+    for row in rows:
+        if row.resets_context:
+            history.clear()
+        line, reason = _to_line(row, settings, rolled_back, history)
+        if line is None:
+            excluded[reason] += 1
+            continue
+        reason = _target_reason(row, line, settings)
+        if reason:
+            excluded[reason] += 1
+        else:
+            yield Sample(tuple(history[-settings.history_turns :] if settings.history_turns else ()), line, row.chat)
+        history.append(line)
+
+
+def _to_line(row: _Row, settings: Settings, rolled_back: set[int], history: Sequence[Line]) -> tuple[Line | None, str]:
+    """The message as a context line, or None and why it is left out of the data altogether."""
+    if row.is_command or row.resets_context:
+        return None, "command"
+    if row.opted_out:
+        return None, "opted_out"
+    if row.role == Role.BOT and row.model_version_id in rolled_back:
+        return None, "rolled_back_bot_reply"
+    text = clean_text(row.text, eos=EOS)
+    if settings.train_redact_pii:
+        text = redact_pii(text)
+    if not text:
+        return None, "empty"
+    speaker = BOT_SPEAKER if row.role == Role.BOT else f"user:{row.author_id}"
+    if history and history[-1].speaker == speaker and normalise(history[-1].text) == normalise(text):
+        return None, "repeated_line"
+    user_id = row.author_id if row.role == Role.USER else None
+    return Line(speaker, text, row.id, user_id, row.created_at), ""
+
+
+def _target_reason(row: _Row, line: Line, settings: Settings) -> str:
+    """Why a kept line is context only ("" when it is a target)."""
+    if row.role == Role.BOT and not settings.train_on_bot_replies:
+        return "bot_reply_context_only"
+    if is_blocklisted(line.text, settings.train_blocklist):
+        return "blocklisted_context_only"
+    if is_repetitive(line.text):
+        return "repetitive_context_only"
+    return ""
+
+
+def drop_near_duplicates(samples: Iterable[Sample], excluded: Counter[str]) -> list[Sample]:
+    """Keeps a user's first target of each normalised text; repeats by the same author are flooding.
+
+    Different people giving the same answer is kept: that agreement is what the model should learn, and the
+    per-user share cap bounds what any one account can add.
+    """
+    seen: set[tuple[str, str]] = set()
+    kept = []
+    for sample in sorted(samples, key=lambda s: s.target.message_id or 0):
+        key = (sample.target.speaker, normalise(sample.target.text))
+        if key in seen:
+            excluded["near_duplicate_target"] += 1
+            continue
+        seen.add(key)
+        kept.append(sample)
+    return kept
+
+
+def cap_user_share(samples: Sequence[Sample], cap: float, excluded: Counter[str]) -> list[Sample]:
+    """Limits every author to `ceil(cap x targets)` targets, keeping a hash-chosen (stable, time-spread) subset."""
+    limit = max(1, math.ceil(round(cap * len(samples), 6)))
+    by_author: dict[str, list[Sample]] = defaultdict(list)
+    for sample in samples:
+        by_author[sample.target.speaker].append(sample)
+    keep: set[int] = set()
+    for author_samples in by_author.values():
+        ranked = sorted(author_samples, key=lambda s: stable_fraction(f"{s.chat}/{s.target.message_id}"))
+        keep.update(id(s) for s in ranked[:limit])
+        excluded["user_share_cap"] += max(0, len(ranked) - limit)
+    return [s for s in samples if id(s) in keep]
+
+
+def split_by_chat(samples: Sequence[Sample], eval_fraction: float) -> tuple[list[Sample], list[Sample]]:
+    """Holds out whole chats (hash of the chat key), so eval never sees a conversation it trained on.
+
+    Training never comes out empty (if the hash put every chat in eval, the highest-hash chat comes back), and
+    with two or more chats neither does eval (if the hash put none there, the lowest-hash chat goes).
+    """
+    chats = sorted({s.chat for s in samples}, key=stable_fraction)
+    eval_chats = {chat for chat in chats if stable_fraction(chat) < eval_fraction}
+    if len(chats) >= 2 and not eval_chats:
+        eval_chats = {chats[0]}
+    if chats and len(eval_chats) == len(chats):
+        eval_chats.discard(chats[-1])
+    train = [s for s in samples if s.chat not in eval_chats]
+    held_out = [s for s in samples if s.chat in eval_chats]
+    return train, held_out
+
+
+def samples_from_dialogues(dialogues: Iterable[Dialogue], *, history_turns: int) -> list[Sample]:
+    """Corpus samples: every line that answers something, with the lines before it as context.
+
+    Speakers alternate (`a`, `b`); a dialogue's first line is the prompt someone wrote to elicit the answers,
+    so it is context only, never a target. Exact repeats of a sample are dropped: chatterbot-corpus repeats many
+    exchanges across files, and a repeat costs training time and would leak into the held-out split.
+    """
+    samples: dict[str, Sample] = {}
+    for dialogue in dialogues:
+        lines = [Line("ab"[index % 2], clean_text(text, eos=EOS)) for index, text in enumerate(dialogue.lines)]
+        for index in range(1, len(lines)):
+            context = lines[max(0, index - history_turns) : index] if history_turns else []
+            sample = Sample(tuple(context), lines[index], dialogue.key)
+            if sample.target.text:
+                samples.setdefault(sample.text(), sample)
+    return list(samples.values())
+
+
+# --- export ---------------------------------------------------------------------------------------------------
+
+
+def _line_json(line: Line) -> dict[str, Any]:
+    return {
+        "speaker": line.speaker,
+        "text": line.text,
+        "message_id": line.message_id,
+        "user_id": line.user_id,
+        "created_at": line.created_at.isoformat() if line.created_at else None,
+    }
+
+
+def _line_from_json(data: dict[str, Any]) -> Line:
+    created = data.get("created_at")
+    return Line(
+        data["speaker"],
+        data["text"],
+        data.get("message_id"),
+        data.get("user_id"),
+        datetime.fromisoformat(created) if created else None,
+    )
+
+
+def export_jsonl(report: DatasetReport, path: Path) -> int:
+    """Writes the dataset for inspection (and for a training process to read back with `load_jsonl`).
+
+    The first line is `{"report": <summary with exclusion counts>}`; every further line is one sample with its
+    split, rendered text (as the model will see it) and the structured turns. Returns the samples written.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with path.open("w", encoding="utf-8") as out:
+        out.write(json.dumps({"report": report.summary()}, ensure_ascii=False) + "\n")
+        for split, samples in (("train", report.train), ("eval", report.eval)):
+            for sample in samples:
+                record = {
+                    "split": split,
+                    "chat": sample.chat,
+                    "text": sample.text(),
+                    "context": [_line_json(line) for line in sample.context],
+                    "target": _line_json(sample.target),
+                }
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                written += 1
+    return written
+
+
+def load_jsonl(path: Path) -> DatasetReport:
+    """Reads a file written by `export_jsonl` back into a report (exclusion counts included)."""
+    report = DatasetReport(train=[], eval=[])
+    with path.open(encoding="utf-8") as source:
+        for raw in source:
+            data = json.loads(raw)
+            if "report" in data:
+                report.excluded = Counter(data["report"].get("excluded", {}))
+                report.messages_read = int(data["report"].get("messages_read", 0))
+                continue
+            sample = Sample(
+                tuple(_line_from_json(line) for line in data["context"]), _line_from_json(data["target"]), data["chat"]
+            )
+            (report.train if data["split"] == "train" else report.eval).append(sample)
+    return report

@@ -1,0 +1,553 @@
+"""Fine-tune a causal LM on dialogue samples and write a new model version directory.
+
+Reads top to bottom like transformers' `run_clm.py`: arguments -> seed -> model -> tokenize -> pack -> train
+(stopping on the eval loss) -> save -> evaluate. What it fixes relative to the seed notebook: no padding to 512
+(samples are packed into full blocks), the end-of-turn EOS stays a target although pad = EOS, optional
+response-only loss, early stopping on the held-out loss instead of a fixed schedule, bounded CPU threads.
+
+It is built to run in a process of its own (the bot keeps serving meanwhile): `train()` takes only picklable
+arguments, and `python -m trainer.train --dataset data.jsonl --model_source DIR --output_dir DIR` runs it from a
+file written by `trainer.dataset.export_jsonl`, printing JSON lines (`{"progress": 0.42}`, then `{"result": ...}`).
+
+A version directory holds: `model.safetensors`, `config.json`, the tokenizer files, `metrics.json` and
+`manifest.json` (the ids of the logged messages it was trained on). It is written under a hidden `.partial`
+name and renamed into place at the end, so a killed run never leaves a half-written version behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import torch
+import transformers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    EarlyStoppingCallback,
+    HfArgumentParser,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
+
+from core.errors import ModelLoadError
+from core.settings import Settings
+from trainer.dataset import Sample, load_jsonl
+from trainer.packing import Encoded, EncodingStats, Features, PadCollator, encode_samples, pack, unpacked
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[float], None]
+"""Called with the fraction of training done (0..1). Must be picklable (a module-level function or a partial)
+when `train` runs in a spawned process."""
+
+
+@dataclass
+class TrainArguments:
+    """Everything a training run needs besides data and model; defaults are the seed notebook's."""
+
+    epochs: float = field(default=3.0, metadata={"help": "Most passes over the data; stops earlier on eval loss."})
+    batch_size: int = field(default=2, metadata={"help": "Blocks (or samples, without packing) per step."})
+    learning_rate: float = field(default=5e-5, metadata={"help": "Peak AdamW learning rate (linear decay)."})
+    warmup_steps: int = field(
+        default=100, metadata={"help": "Linear warm-up steps, capped at a tenth of the run's steps."}
+    )
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    logging_steps: int = field(default=10, metadata={"help": "Log the training loss every this many steps."})
+    max_length: int = field(
+        default=512, metadata={"help": "Longest sample and block size, in tokens (capped by the model's context)."}
+    )
+    threads: int = field(default=1, metadata={"help": "CPU threads torch may use (keep chat responsive)."})
+    loss_on_response_only: bool = field(
+        default=False, metadata={"help": "Learn only the target line, not the context before it."}
+    )
+    packing: bool = field(
+        default=True, metadata={"help": "Pack samples into full blocks (faster) instead of dynamic padding."}
+    )
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 autocast; empty = on where the hardware has native bf16."}
+    )
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto, cpu or cuda."})
+    early_stopping_patience: int = field(
+        default=2, metadata={"help": "Stop after this many evaluations (one per epoch) without improvement."}
+    )
+    eval_batch_size: int = field(default=8, metadata={"help": "Samples per evaluation batch."})
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1 = by epochs)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training samples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many eval samples."})
+    seed: int = field(default=42, metadata={"help": "Seed for initialisation, shuffling and dropout."})
+
+    def __post_init__(self) -> None:
+        positive = ("epochs", "batch_size", "learning_rate", "logging_steps", "threads", "eval_batch_size")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_length < 16:
+            raise ValueError(f"max_length must be at least 16 tokens, got {self.max_length}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.early_stopping_patience < 1:
+            raise ValueError("warmup_steps and weight_decay must be >= 0, early_stopping_patience >= 1")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps must be positive or -1, got {self.max_steps}")
+        for name in ("max_train_samples", "max_eval_samples"):
+            if (value := getattr(self, name)) is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 when set, got {value}")
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> TrainArguments:
+        """The TRAIN_* settings, with keyword overrides on top."""
+        values: dict[str, Any] = {
+            "epochs": settings.train_epochs,
+            "batch_size": settings.train_batch_size,
+            "learning_rate": settings.train_learning_rate,
+            "warmup_steps": settings.train_warmup_steps,
+            "weight_decay": settings.train_weight_decay,
+            "logging_steps": settings.train_logging_steps,
+            "max_length": settings.train_max_length,
+            "threads": settings.train_threads,
+            "loss_on_response_only": settings.train_loss_on_response_only,
+            "device": settings.device,
+        }
+        if settings.seed is not None:
+            values["seed"] = settings.seed
+        return cls(**{**values, **overrides})
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_bf16(self) -> bool:
+        """bf16 autocast helps where the hardware computes bf16 natively (recent GPUs, CPUs with AVX512-BF16/AMX)."""
+        if self.bf16 is not None:
+            return self.bf16
+        if self.resolved_device() == "cuda":
+            return bool(torch.cuda.is_bf16_supported())
+        return cpu_has_native_bf16()
+
+
+def cpu_has_native_bf16() -> bool:
+    """torch only exposes this check privately; a torch without it is treated as "no"."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where the new version was written and what `metrics.json` says."""
+
+    output_dir: Path
+    metrics: dict[str, Any]
+
+
+def load_for_training(source: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Model and tokenizer from a local directory (or a hub id, when online), with pad = EOS."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f'Model "{source}" could not be loaded for training ({type(exc).__name__}); '
+            "check that the directory exists and was written by save_pretrained."
+        ) from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def context_size(model: PreTrainedModel) -> int:
+    """The model's context window in tokens (GPT-2: `n_positions`)."""
+    config = model.config
+    size = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    return int(size or 1024)
+
+
+@dataclass
+class _Data:
+    """The tokenized splits and what the length bound did to them."""
+
+    train: list[Encoded]
+    eval: list[Encoded]
+    stats: EncodingStats
+    max_length: int
+
+
+def train(
+    args: TrainArguments,
+    train_samples: Sequence[Sample],
+    eval_samples: Sequence[Sample],
+    *,
+    model_source: str,
+    output_dir: Path,
+    parent_version: str | None = None,
+    progress: ProgressFn | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> TrainResult:
+    """Fine-tunes `model_source` on the samples and writes a new version directory at `output_dir`.
+
+    `metadata` adds fields to `metrics.json` (e.g. who triggered the run). A run that fails removes its
+    half-written directory; one that is killed leaves only the hidden `.partial` one, which the next run of the
+    same name clears.
+    """
+    output_dir = Path(output_dir)
+    partial = _start_version_dir(output_dir)
+    extra = {"model_source": model_source, "parent_version": parent_version, **(metadata or {})}
+    try:
+        metrics = _train_into(
+            partial, args, train_samples, eval_samples, model_source=model_source, extra=extra, progress=progress
+        )
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    os.replace(partial, output_dir)
+    if progress is not None:
+        progress(1.0)
+    log.info("trained %s: eval loss %s, perplexity %s", output_dir.name, metrics["eval_loss"], metrics["perplexity"])
+    return TrainResult(output_dir, metrics)
+
+
+def _train_into(
+    directory: Path,
+    args: TrainArguments,
+    train_samples: Sequence[Sample],
+    eval_samples: Sequence[Sample],
+    *,
+    model_source: str,
+    extra: dict[str, Any],
+    progress: ProgressFn | None,
+) -> dict[str, Any]:
+    """The run itself, stage by stage; returns the metrics it wrote."""
+    started = time.perf_counter()
+
+    # Seed and threads: reproducible runs, and a bounded share of the CPU so the bot stays responsive.
+    transformers.set_seed(args.seed)
+    torch.set_num_threads(args.threads)
+
+    # Model and tokenizer.
+    model, tokenizer = load_for_training(model_source)
+
+    # Tokenize: prompt and response separately (the response mask falls on a token boundary); bound the length.
+    data = _tokenize(args, model, tokenizer, train_samples, eval_samples)
+
+    # Pack into full blocks (or keep one row per sample for dynamic padding).
+    features = pack(data.train, block_size=data.max_length, seed=args.seed) if args.packing else unpacked(data.train)
+    timings = {"data_s": time.perf_counter() - started}
+
+    # Train with the HF Trainer, keeping the checkpoint with the best eval loss.
+    phase = time.perf_counter()
+    checkpoints = directory / "checkpoints"
+    trainer = build_trainer(
+        model, tokenizer, args, train_features=features, eval_features=unpacked(data.eval), checkpoints=checkpoints,
+        progress=progress,
+    )  # fmt: skip
+    outcome = trainer.train()
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    timings["train_s"] = time.perf_counter() - phase
+
+    # Evaluate the kept model exactly as the promotion gate will: per sample, fp32, token-weighted.
+    phase = time.perf_counter()
+    eval_loss = mean_loss(model, data.eval, pad_token_id=_pad_id(tokenizer), batch_size=args.eval_batch_size)
+    timings["eval_s"] = time.perf_counter() - phase
+
+    # Save: weights (safetensors), config, tokenizer, metrics and manifest.
+    metrics = {**_metrics(args, trainer.state, data, train_loss=outcome.training_loss, eval_loss=eval_loss), **extra}
+    metrics["timings"] = {**timings, "total_s": time.perf_counter() - started}
+    _save(model, tokenizer, directory, metrics=metrics, train=data.train)
+    return metrics
+
+
+def _start_version_dir(output_dir: Path) -> Path:
+    """A fresh hidden `.partial` sibling to write into; the final name appears only when everything is there."""
+    if output_dir.exists():
+        raise FileExistsError(f"{output_dir} already exists; a model version is never overwritten")
+    partial = output_dir.with_name(f".{output_dir.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ModelLoadError("the tokenizer has neither a pad nor an EOS token")
+    return int(pad)
+
+
+def _tokenize(
+    args: TrainArguments,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train_samples: Sequence[Sample],
+    eval_samples: Sequence[Sample],
+) -> _Data:
+    max_length = min(args.max_length, context_size(model))
+    stats = EncodingStats()
+
+    def encode(samples: Sequence[Sample]) -> list[Encoded]:
+        return encode_samples(
+            samples, tokenizer, max_length=max_length, response_only=args.loss_on_response_only, stats=stats
+        )
+
+    data = _Data(
+        encode(train_samples[: args.max_train_samples]),
+        encode(eval_samples[: args.max_eval_samples]),
+        stats,
+        max_length,
+    )
+    if not data.train:
+        raise ValueError("no training samples left after tokenization")
+    return data
+
+
+def training_arguments(
+    args: TrainArguments, output_dir: Path, *, train_rows: int, with_eval: bool
+) -> TrainingArguments:
+    """The HF TrainingArguments for a run: no hub, no reporting, eval and best-checkpoint once per epoch."""
+    steps_per_epoch = math.ceil(train_rows / args.batch_size)
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.epochs * steps_per_epoch)
+    strategy = "epoch" if with_eval else "no"
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.eval_batch_size,
+        learning_rate=args.learning_rate,
+        warmup_steps=min(args.warmup_steps, total_steps // 10),
+        weight_decay=args.weight_decay,
+        logging_steps=args.logging_steps,
+        eval_strategy=strategy,
+        save_strategy=strategy,
+        save_only_model=True,
+        save_total_limit=1,
+        load_best_model_at_end=with_eval,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        bf16=args.resolved_bf16(),
+        use_cpu=args.resolved_device() == "cpu",
+        seed=args.seed,
+        data_seed=args.seed,
+        report_to=[],
+        push_to_hub=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        prediction_loss_only=True,
+    )
+
+
+def build_trainer(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    args: TrainArguments,
+    *,
+    train_features: list[Features],
+    eval_features: list[Features],
+    checkpoints: Path,
+    progress: ProgressFn | None = None,
+) -> Trainer:
+    """A Trainer over ready-made features, logging to `logging` (not stdout) and stopping on the eval loss."""
+    with_eval = bool(eval_features)
+    callbacks: list[TrainerCallback] = [_LogToLogger()]
+    if with_eval:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
+    if progress is not None:
+        callbacks.append(_ReportProgress(progress))
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(args, checkpoints, train_rows=len(train_features), with_eval=with_eval),
+        data_collator=PadCollator(_pad_id(tokenizer)),
+        train_dataset=train_features,
+        eval_dataset=eval_features or None,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+class _ReportProgress(TrainerCallback):
+    """Forwards the fraction of optimizer steps done, at most once per percent."""
+
+    def __init__(self, report: ProgressFn) -> None:
+        self.report = report
+        self.last = 0.0
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any) -> None:
+        if state.max_steps:
+            fraction = min(1.0, state.global_step / state.max_steps)
+            if fraction - self.last >= 0.01:
+                self.last = fraction
+                self.report(fraction)
+
+
+class _LogToLogger(TrainerCallback):
+    """The Trainer's periodic losses, to `logging` instead of stdout."""
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **_: Any,
+    ) -> None:
+        if logs:
+            log.info("step %d/%d: %s", state.global_step, state.max_steps, json.dumps(logs))
+
+
+def mean_loss(
+    model: PreTrainedModel, encoded: Sequence[Encoded], *, pad_token_id: int, batch_size: int = 8
+) -> float | None:
+    """Token-weighted mean cross-entropy over the labelled positions, each sample on its own (as at inference).
+
+    None when there is nothing to score. Samples are batched by length so little compute goes to padding.
+    """
+    if not encoded:
+        return None
+    collate = PadCollator(pad_token_id)
+    ordered = sorted(unpacked(encoded), key=lambda f: len(f["input_ids"]))
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    model.train(False)
+    with torch.inference_mode():
+        for start in range(0, len(ordered), batch_size):
+            batch = {k: v.to(device) for k, v in collate(ordered[start : start + batch_size]).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            targets = batch["labels"][:, 1:]
+            losses = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            total += float(losses)
+            count += int((targets != -100).sum())
+    return total / count if count else None
+
+
+def evaluate_loss(
+    model_dir: str | Path,
+    eval_samples: Sequence[Sample],
+    *,
+    max_length: int = 512,
+    response_only: bool = False,
+    batch_size: int = 8,
+    threads: int | None = None,
+) -> float:
+    """Scores a saved model on samples; the gate calls it for the active and the new version on the same split."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    model, tokenizer = load_for_training(str(model_dir))
+    encoded = encode_samples(
+        eval_samples, tokenizer, max_length=min(max_length, context_size(model)), response_only=response_only
+    )
+    loss = mean_loss(model, encoded, pad_token_id=_pad_id(tokenizer), batch_size=batch_size)
+    if loss is None:
+        raise ValueError("no evaluation samples to score")
+    return loss
+
+
+def _metrics(
+    args: TrainArguments, state: TrainerState, data: _Data, *, train_loss: float, eval_loss: float | None
+) -> dict[str, Any]:
+    stamps = [e.sample.target.created_at for e in data.train if e.sample.target.created_at is not None]
+    evals = [entry["eval_loss"] for entry in state.log_history if "eval_loss" in entry]
+    return {
+        "train_loss": train_loss,
+        "eval_loss": eval_loss,
+        "perplexity": math.exp(eval_loss) if eval_loss is not None else None,
+        "eval_loss_per_epoch": evals,
+        "train_samples": len(data.train),
+        "eval_samples": len(data.eval),
+        "train_tokens": sum(len(e.input_ids) for e in data.train),
+        "samples_trimmed": data.stats.trimmed,
+        "samples_too_long": data.stats.too_long,
+        "max_length": data.max_length,
+        "steps": state.global_step,
+        "epochs_run": state.epoch,
+        "stopped_early": bool(state.max_steps and state.global_step < state.max_steps),
+        "data_from": min(stamps).isoformat() if stamps else None,
+        "data_to": max(stamps).isoformat() if stamps else None,
+        "bf16": args.resolved_bf16(),
+        "arguments": asdict(args),
+        "created_at": datetime.now(UTC).isoformat(),
+    }
+
+
+def _save(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    directory: Path,
+    *,
+    metrics: dict[str, Any],
+    train: Sequence[Encoded],
+) -> None:
+    """Weights as safetensors (save_pretrained's default), config, tokenizer, metrics and the manifest."""
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    manifest = dict(pair for e in train for pair in e.sample.sources())
+    (directory / "manifest.json").write_text(json.dumps({"messages": sorted(manifest.items())}))
+    (directory / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
+
+
+def read_manifest(version_dir: Path) -> dict[int, int | None]:
+    """Message id -> author id of what a version was trained on (for registering it in the database)."""
+    data = json.loads((Path(version_dir) / "manifest.json").read_text())
+    return {int(message_id): user_id for message_id, user_id in data["messages"]}
+
+
+# --- command line: one run in its own process ---------------------------------------------------------------------
+
+
+@dataclass
+class RunArguments:
+    """What to train on and where to write it."""
+
+    dataset: str = field(metadata={"help": "JSONL written by `magpie dataset export` (export_jsonl)."})
+    model_source: str = field(metadata={"help": "The model to start from: a version directory or a hub id."})
+    output_dir: str = field(metadata={"help": "The new version directory (must not exist)."})
+    parent_version: str | None = field(default=None, metadata={"help": "Name of the version it starts from."})
+
+
+def _print_progress(fraction: float) -> None:
+    print(json.dumps({"progress": round(fraction, 4)}), flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m trainer.train`: defaults from Magpie's settings, any TrainArguments field as a flag."""
+    from core.settings import load_settings
+
+    settings = load_settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = HfArgumentParser(cast(Any, (RunArguments, TrainArguments)))
+    parser.set_defaults(**asdict(TrainArguments.from_settings(settings)))
+    run, args = parser.parse_args_into_dataclasses(args=argv)
+    data = load_jsonl(Path(run.dataset))
+    result = train(
+        args,
+        data.train,
+        data.eval,
+        model_source=run.model_source,
+        output_dir=Path(run.output_dir),
+        parent_version=run.parent_version,
+        progress=_print_progress,
+    )
+    print(json.dumps({"result": {"output_dir": str(result.output_dir), "metrics": result.metrics}}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
