@@ -9,12 +9,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from core.db import upgrade
+from sqlalchemy import select
+
+from bot.backend import Backend
+from bot.console import ConsoleBackend
+from bot.discord_bot import DiscordBackend
+from core.db import Database, upgrade
+from core.engine import Engine, ModelRef
 from core.errors import MagpieError
+from core.models import ModelVersion, VersionStatus
+from core.service import ChatService
 from core.settings import Settings, load_settings
+from core.storage import collect_stats
 
 log = logging.getLogger("magpie")
 
@@ -24,8 +35,17 @@ def configure_logging(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    for noisy in ("httpx", "httpcore", "telegram.ext.Updater", "discord.gateway", "discord.http", "aiosqlite"):
+    for noisy in (
+        "httpx",
+        "httpcore",
+        "telegram.ext.Updater",
+        "discord.gateway",
+        "discord.http",
+        "aiosqlite",
+        "alembic",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("discord.client").setLevel(logging.ERROR)  # "voice will NOT be supported" on every start
 
 
 async def _db_upgrade(settings: Settings, quiet: bool) -> None:
@@ -34,12 +54,91 @@ async def _db_upgrade(settings: Settings, quiet: bool) -> None:
         print("Database is up to date.")
 
 
+async def _active_model(settings: Settings, db: Database) -> ModelRef:
+    """The active trained version if there is one, else BASE_MODEL."""
+    async with db.sessions() as session:
+        active = (
+            await session.execute(select(ModelVersion).where(ModelVersion.status == VersionStatus.ACTIVE))
+        ).scalar_one_or_none()
+    if active is not None:
+        return ModelRef(source=active.path, name=active.name, version_id=active.id)
+    return ModelRef(source=settings.base_model, name=settings.base_model)
+
+
+def _backends(settings: Settings, service: ChatService) -> list[Backend]:
+    """The platforms that have tokens, sharing one service (engine and database); the console when none has."""
+    backends: list[Backend] = []
+    if settings.telegram_bot_token is not None:
+        raise MagpieError(
+            "TELEGRAM_BOT_TOKEN is set, but the Telegram adapter is not implemented yet. Unset it to continue."
+        )
+    if settings.discord_bot_token is not None:
+        backends.append(DiscordBackend(settings=settings, handler=service))
+    if not backends:
+        exports = Path("data") / "exports"
+        backends.append(ConsoleBackend(handler=service, bot_name=settings.bot_name, exports_dir=exports))
+    return backends
+
+
+async def _serve(settings: Settings) -> None:
+    """Runs the bot until SIGINT/SIGTERM, or until the console reaches the end of its input."""
+    db = Database.connect(settings.database_url)
+    engine = Engine.from_settings(settings)
+    try:
+        await db.check_schema()
+        ref = await _active_model(settings, db)
+        log.info("Loading model %s", ref.name)
+        await engine.start(ref)
+        service = ChatService(settings=settings, db=db, engine=engine)
+        await _run_backends(_backends(settings, service))
+    finally:
+        await engine.close()
+        await db.close()
+
+
+async def _run_backends(backends: Sequence[Backend]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    waiters = [asyncio.create_task(stop.wait())]
+    for backend in backends:
+        await backend.start()
+        if isinstance(backend, ConsoleBackend):
+            waiters.append(asyncio.create_task(backend.finished.wait()))
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        for backend in reversed(backends):
+            await backend.stop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+async def _db_stats(settings: Settings) -> None:
+    db = Database.connect(settings.database_url)
+    try:
+        await db.check_schema()
+        async with db.sessions() as session:
+            stats = await collect_stats(session)
+    finally:
+        await db.close()
+    active = stats.active_version.name if stats.active_version else "none (BASE_MODEL)"
+    print(f"users: {stats.users}\nchats: {stats.chats}\nmessages: {stats.messages}")
+    print(f"  from people: {stats.user_messages}\n  from the bot: {stats.bot_messages}")
+    print(f"new since the last training run: {stats.since_last_training}\nactive model: {active}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="magpie", description="A self-hosted GPT-2 chatbot that learns.")
     commands = parser.add_subparsers(dest="command", required=True)
     db = commands.add_parser("db", help="database maintenance").add_subparsers(dest="db_command", required=True)
     up = db.add_parser("upgrade", help="apply the schema migrations")
     up.add_argument("--quiet", action="store_true", help="print nothing on success")
+    db.add_parser("stats", help="count what has been logged")
+    commands.add_parser("run", help="start the bot (the console when no platform token is set)")
     return parser
 
 
@@ -50,6 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(settings)
         if args.command == "db" and args.db_command == "upgrade":
             asyncio.run(_db_upgrade(settings, args.quiet))
+        elif args.command == "db" and args.db_command == "stats":
+            asyncio.run(_db_stats(settings))
+        elif args.command == "run":
+            asyncio.run(_serve(settings))
         return 0
     except MagpieError as exc:
         print(f"magpie: {exc}", file=sys.stderr)

@@ -1,0 +1,74 @@
+"""Parsing chat commands and the replies that do not need the model.
+
+The command set and its help texts live in `core.messages.COMMANDS`; this module turns text into a command and
+renders the fixed texts (help, status) so every platform says the same thing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from core.messages import ADMIN_COMMANDS, COMMANDS
+from core.storage import Stats
+
+_COMMAND = re.compile(r"^/([A-Za-z0-9_]{1,32})(?:@(\S+))?(?:\s+(.*))?$", re.DOTALL)
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedCommand:
+    """`/name@target args`; `target` is set when the command names a bot explicitly."""
+
+    name: str
+    args: str
+    target: str | None
+
+
+def parse_command(text: str | None) -> ParsedCommand | None:
+    """A command is text that starts with `/name`; anything else is conversation."""
+    if not text:
+        return None
+    match = _COMMAND.match(text.strip())
+    if match is None:
+        return None
+    name, target, args = match.groups()
+    return ParsedCommand(name=name.lower(), args=(args or "").strip(), target=target)
+
+
+def help_text(bot_name: str, *, is_admin: bool) -> str:
+    lines = [f"I'm {bot_name}, a chatbot that learns to talk like this community. Just talk to me!", ""]
+    for name, description in COMMANDS.items():
+        if name in ADMIN_COMMANDS and not is_admin:
+            continue
+        lines.append(f"/{name} — {description}")
+    return "\n".join(lines)
+
+
+def start_text(bot_name: str, *, is_admin: bool) -> str:
+    return (
+        f"Hi! {help_text(bot_name, is_admin=is_admin)}\n\n"
+        "I keep a log of our conversations to learn from them. /optout keeps your messages out of training, "
+        "/forget deletes them."
+    )
+
+
+def status_text(stats: Stats, *, model_name: str, queue_depth: int) -> str:
+    """What an admin sees for `/status`."""
+    version = stats.active_version
+    metrics = version.metrics if version is not None else {}
+    lines = [f"Model: {model_name}"]
+    if "eval_loss" in metrics:
+        lines.append(f"  eval loss {metrics['eval_loss']:.3f}, perplexity {metrics.get('perplexity', 0.0):.1f}")
+    lines += [
+        f"Messages logged: {stats.messages} ({stats.user_messages} from people, {stats.bot_messages} from me)",
+        f"People: {stats.users}, chats: {stats.chats}",
+        f"New messages since the last training run: {stats.since_last_training}",
+        f"Requests waiting for the model: {queue_depth}",
+    ]
+    run = stats.last_run
+    if run is None:
+        lines.append("Last training run: none yet")
+    else:
+        when = run.started_at.strftime("%Y-%m-%d %H:%M UTC")
+        lines.append(f"Last training run: #{run.id} {run.status.value} (started {when} by {run.triggered_by})")
+    return "\n".join(lines)

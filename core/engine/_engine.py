@@ -1,0 +1,304 @@
+"""The Engine: a bounded request queue, the worker thread that owns the model, and the asyncio side.
+
+Threading: the event loop only appends to and removes from the queue under `_cond` (held for microseconds, never
+during generation) and awaits futures; the worker thread does all torch work and hands results back with
+`loop.call_soon_threadsafe`. Model loads for swaps run in a third, short-lived thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
+
+import torch
+
+from core.dialogue import Turn
+from core.engine._decoding import generate_replies
+from core.engine._loading import LoadedModel, prepare
+from core.engine._types import Generation, GenerationParams, ModelRef
+from core.errors import EngineBusyError, EngineClosedError, EngineError, EngineTimeoutError, ModelLoadError
+
+if TYPE_CHECKING:
+    from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_DEFAULT_PARAMS = GenerationParams()
+
+
+@dataclass(eq=False, slots=True)
+class _Request:
+    turns: tuple[Turn, ...]
+    params: GenerationParams
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Generation]
+    queued_at: float = field(default_factory=time.monotonic)
+    withdrawn: bool = False  # set on the event loop when the caller gave up; read by the worker
+
+
+@dataclass(slots=True)
+class _Swap:
+    loaded: LoadedModel
+    loop: asyncio.AbstractEventLoop
+    switched: asyncio.Future[None]
+
+
+def _resolve(future: asyncio.Future[_T], outcome: _T | BaseException) -> None:
+    """Runs on the future's loop; a caller who already gave up has a cancelled future, which is left alone."""
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, future: asyncio.Future[_T], outcome: _T | BaseException) -> None:
+    try:
+        loop.call_soon_threadsafe(_resolve, future, outcome)
+    except RuntimeError:  # the caller's loop is closed: nobody is waiting any more
+        log.debug("dropping a result for a closed event loop")
+
+
+class Engine:
+    """Serves `generate_response` from one worker thread that owns the model (see the package docstring)."""
+
+    def __init__(
+        self,
+        *,
+        device: str = "cpu",
+        max_batch_size: int = 16,
+        queue_size: int = 64,
+        batch_wait_ms: float = 5.0,
+        timeout_s: float = 60.0,
+        torch_threads: int | None = None,
+        default_params: GenerationParams = _DEFAULT_PARAMS,
+        history_turns: int = 10,
+        seed: int | None = None,
+    ) -> None:
+        if max_batch_size < 1 or queue_size < 1 or batch_wait_ms < 0 or timeout_s <= 0 or history_turns < 0:
+            raise ValueError("need max_batch_size, queue_size >= 1, batch_wait_ms, history_turns >= 0, timeout_s > 0")
+        self._device = device
+        self._max_batch_size = max_batch_size
+        self._queue_size = queue_size
+        self._batch_wait_s = batch_wait_ms / 1000
+        self._timeout_s = timeout_s
+        self._torch_threads = torch_threads
+        self._default_params = default_params
+        self._history_turns = history_turns
+        self._seed = seed
+        # Shared with the worker thread and guarded by `_cond` (single attribute reads excepted).
+        self._cond = threading.Condition()
+        self._pending: deque[_Request] = deque()
+        self._running = 0
+        self._loaded: LoadedModel | None = None
+        self._swap: _Swap | None = None
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._swap_lock = asyncio.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Engine:
+        return cls(
+            device=settings.resolved_device,
+            max_batch_size=settings.engine_max_batch_size,
+            queue_size=settings.engine_queue_size,
+            batch_wait_ms=settings.engine_batch_wait_ms,
+            timeout_s=settings.engine_timeout_s,
+            torch_threads=settings.torch_threads,
+            default_params=GenerationParams.from_settings(settings),
+            history_turns=settings.history_turns,
+            seed=settings.seed,
+        )
+
+    @property
+    def model_ref(self) -> ModelRef | None:
+        loaded = self._loaded
+        return loaded.ref if loaded else None
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting plus those in the batch being generated."""
+        return len(self._pending) + self._running
+
+    @property
+    def context_window(self) -> int:
+        """The current model's context window in tokens (prompt plus reply)."""
+        loaded = self._loaded
+        if loaded is None:
+            raise EngineClosedError("the engine is not running")
+        return loaded.context_window
+
+    # --- the event-loop side -----------------------------------------------------------------------------------
+
+    async def start(self, ref: ModelRef) -> None:
+        """Starts the worker thread, which loads `ref` itself; raises `ModelLoadError` if the load fails."""
+        if self._thread is not None or self._closing:
+            raise RuntimeError("Engine.start() may be called once")
+        loop = asyncio.get_running_loop()
+        started: asyncio.Future[None] = loop.create_future()
+        self._thread = threading.Thread(target=self._run, args=(ref, loop, started), name="magpie-engine", daemon=True)
+        self._thread.start()
+        try:
+            await started
+        except ModelLoadError:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+            raise
+        log.info("serving model %s from %s", ref.name, ref.source)
+
+    async def generate_response(
+        self,
+        turns: Sequence[Turn],
+        *,
+        params: GenerationParams | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (includes queueing; the error must be EngineTimeoutError)
+    ) -> Generation:
+        """The bot's next line after `turns`.
+
+        Raises `EngineBusyError` at once when the queue is full, `EngineTimeoutError` after `timeout` seconds
+        (default `timeout_s`) of waiting plus generating, and `EngineClosedError` when the engine is not running.
+        """
+        request = self._submit(turns, params or self._default_params)
+        limit = self._timeout_s if timeout is None else timeout
+        try:
+            async with asyncio.timeout(limit):
+                return await request.future
+        except TimeoutError:
+            raise EngineTimeoutError(f"no reply within {limit:g} s") from None
+        finally:
+            if request.future.cancelled():
+                self._withdraw(request)
+
+    async def swap(self, ref: ModelRef) -> None:
+        """Loads `ref` beside the running model, then has the worker switch to it between two batches.
+
+        Serving continues during the load; requests already in a batch finish on the old model and nothing fails.
+        Returns once every later batch uses the new model; raises `ModelLoadError` (the old model stays).
+        """
+        async with self._swap_lock:
+            if self._loaded is None or self._closing:
+                raise EngineClosedError("the engine is not running")
+            loaded = await asyncio.to_thread(prepare, ref, self._device)
+            loop = asyncio.get_running_loop()
+            switched: asyncio.Future[None] = loop.create_future()
+            with self._cond:
+                if self._closing:
+                    raise EngineClosedError("the engine closed during the swap")
+                self._swap = _Swap(loaded, loop, switched)
+                self._cond.notify_all()
+            await switched
+        log.info("swapped to model %s from %s", ref.name, ref.source)
+
+    async def close(self) -> None:
+        """Fails waiting requests with `EngineClosedError`, lets the running batch finish, and joins the worker."""
+        with self._cond:
+            self._closing = True
+            drained, self._pending = list(self._pending), deque()
+            swap, self._swap = self._swap, None
+            self._cond.notify_all()
+        for request in drained:
+            _deliver(request.loop, request.future, EngineClosedError("the engine is shutting down"))
+        if swap is not None:
+            _deliver(swap.loop, swap.switched, EngineClosedError("the engine is shutting down"))
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        self._loaded = None
+
+    def _submit(self, turns: Sequence[Turn], params: GenerationParams) -> _Request:
+        loop = asyncio.get_running_loop()
+        request = _Request(tuple(turns), params, loop, loop.create_future())
+        with self._cond:
+            if self._loaded is None or self._closing:
+                raise EngineClosedError("the engine is not running")
+            if len(self._pending) >= self._queue_size:
+                raise EngineBusyError(f"{len(self._pending)} requests are already waiting")
+            self._pending.append(request)
+            self._cond.notify_all()
+        return request
+
+    def _withdraw(self, request: _Request) -> None:
+        request.withdrawn = True
+        with self._cond:
+            if request in self._pending:
+                self._pending.remove(request)
+
+    # --- the worker thread -------------------------------------------------------------------------------------
+
+    def _run(self, ref: ModelRef, loop: asyncio.AbstractEventLoop, started: asyncio.Future[None]) -> None:
+        if self._torch_threads is not None:
+            torch.set_num_threads(self._torch_threads)
+        try:
+            self._loaded = prepare(ref, self._device)
+        except Exception as exc:
+            if not isinstance(exc, ModelLoadError):
+                log.exception("preparing %s failed", ref.source)
+                exc = ModelLoadError(f'Model "{ref.source}" could not be prepared for serving ({type(exc).__name__}).')
+            _deliver(loop, started, exc)
+            return
+        _deliver(loop, started, None)
+        while (batch := self._next_batch()) is not None:
+            self._serve(batch)
+
+    def _next_batch(self) -> list[_Request] | None:
+        """Blocks until a batch is due (full, or its oldest request waited `batch_wait_ms`); None means stop.
+
+        A pending swap is applied here, between batches, so a batch never mixes models.
+        """
+        with self._cond:
+            while True:
+                if self._swap is not None:
+                    self._loaded = self._swap.loaded
+                    _deliver(self._swap.loop, self._swap.switched, None)
+                    self._swap = None
+                elif self._closing:
+                    return None
+                elif not self._pending:
+                    self._cond.wait()
+                elif len(self._pending) < self._max_batch_size and (delay := self._gathering_left()) > 0:
+                    self._cond.wait(delay)
+                else:
+                    return self._take_batch()
+
+    def _gathering_left(self) -> float:
+        return self._pending[0].queued_at + self._batch_wait_s - time.monotonic()
+
+    def _take_batch(self) -> list[_Request]:
+        """The oldest request and the next ones with the same parameters, in arrival order (called under the lock)."""
+        params = self._pending[0].params
+        batch: list[_Request] = []
+        rest: deque[_Request] = deque()
+        for request in self._pending:
+            (batch if request.params == params and len(batch) < self._max_batch_size else rest).append(request)
+        self._pending = rest
+        self._running = len(batch)
+        return batch
+
+    def _serve(self, batch: list[_Request]) -> None:
+        loaded = self._loaded
+        assert loaded is not None
+        batch = [request for request in batch if not request.withdrawn]
+        started = time.perf_counter()
+        outcomes: list[Generation | BaseException] = []
+        try:
+            if batch:
+                with torch.inference_mode():
+                    texts = generate_replies(
+                        loaded, batch, batch[0].params, history_turns=self._history_turns, seed=self._seed
+                    )
+                outcomes = [Generation(text, loaded.ref) for text in texts]
+        except Exception:
+            log.exception("generation failed for a batch of %d", len(batch))
+            outcomes = [EngineError("generation failed") for _ in batch]
+        log.debug("batch of %d served by %s in %.2f s", len(batch), loaded.ref.name, time.perf_counter() - started)
+        with self._cond:
+            self._running = 0  # before delivering, so a caller holding its reply never sees itself counted
+        for request, outcome in zip(batch, outcomes, strict=True):
+            _deliver(request.loop, request.future, outcome)

@@ -1,0 +1,109 @@
+"""Loading a model for serving, with one-line errors that name the problem and the fix."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub.errors import (
+    HFValidationError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+)
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from core.engine._types import ModelRef
+from core.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+FALLBACK_CONTEXT_WINDOW = 1024
+
+
+def load_pretrained(source: str, device: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Loads a causal LM and its tokenizer, ready for batched generation (left padding, pad = EOS, eval mode).
+
+    Every failure becomes a `ModelLoadError` with one line that names the problem and the fix: operators see it
+    at start-up, so it must not be a traceback wall.
+    """
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, device_map=device)
+        model.eval()  # type: ignore[no-untyped-call]
+    except Exception as exc:
+        log.debug("loading %r failed", source, exc_info=True)
+        raise ModelLoadError(_load_failure(source, exc)) from None
+    if tokenizer.eos_token is None:
+        raise ModelLoadError(f'Model "{source}" has no end-of-text token, which the dialogue format needs.')
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model, tokenizer
+
+
+def _load_failure(source: str, exc: Exception) -> str:
+    """One line saying why `source` did not load and what to do about it."""
+    causes = list(_exception_chain(exc))
+    detail = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+    if Path(source).expanduser().exists():
+        return (
+            f'Model "{source}" could not be loaded from that directory ({detail}). '
+            "It must hold a model and tokenizer saved with save_pretrained."
+        )
+    if source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source:
+        return (
+            f'Model directory "{source}" does not exist. Point BASE_MODEL (or the model version) at a directory '
+            "saved with save_pretrained, or run `magpie bootstrap` to build an offline starter model."
+        )
+    if any(isinstance(cause, LocalEntryNotFoundError | OfflineModeIsEnabled | ConnectionError) for cause in causes):
+        return (
+            f'Model "{source}" could not be loaded: the Hugging Face Hub is unreachable and it is not cached. '
+            "Set BASE_MODEL to a local directory, or run `magpie bootstrap` to build an offline starter model."
+        )
+    if any(isinstance(cause, RepositoryNotFoundError) for cause in causes):
+        return f'Model "{source}" was not found on the Hugging Face Hub (or is private): check BASE_MODEL.'
+    if any(isinstance(cause, HFValidationError) for cause in causes):
+        return f'Model "{source}" is neither an existing directory nor a valid Hugging Face hub id: check BASE_MODEL.'
+    return f'Model "{source}" could not be loaded ({detail}).'
+
+
+def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    """A model with what decoding needs to know about it, computed once per load."""
+
+    ref: ModelRef
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    context_window: int
+    colon_ids: frozenset[int]  # tokens containing ":", the only ones that can complete a speaker label
+    blank_ids: tuple[int, ...]  # whitespace-only tokens, suppressed at the first step so replies start with text
+
+
+def prepare(ref: ModelRef, device: str) -> LoadedModel:
+    """`load_pretrained` plus the per-model facts decoding needs; raises `ModelLoadError`."""
+    model, tokenizer = load_pretrained(ref.source, device)
+    window = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if not window:
+        log.warning("%s does not say its context window; assuming %d tokens", ref.source, FALLBACK_CONTEXT_WINDOW)
+    vocab = tokenizer.get_vocab()
+    ids = sorted(vocab.values())
+    texts = tokenizer.batch_decode([[token_id] for token_id in ids])
+    return LoadedModel(
+        ref=ref,
+        model=model,
+        tokenizer=tokenizer,
+        context_window=int(window or FALLBACK_CONTEXT_WINDOW),
+        colon_ids=frozenset(token_id for token, token_id in vocab.items() if ":" in token),
+        blank_ids=tuple(token_id for token_id, text in zip(ids, texts, strict=True) if not text.strip()),
+    )

@@ -1,0 +1,331 @@
+"""The platform-free chat service: log, decide, answer.
+
+One entry point, `ChatService.handle`, serves every platform. Each incoming message is logged exactly once (in
+its own transaction, idempotent on the platform message id) before anything else happens, so that nothing a user
+sent is lost even when the answer is a refusal or the model fails. Replies are logged in a second transaction
+with the model version that wrote them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from core.commands import ParsedCommand, help_text, parse_command, start_text, status_text
+from core.db import Database
+from core.dialogue import BOT_SPEAKER, Turn
+from core.engine import Engine
+from core.errors import EngineError
+from core.limits import KeyedLock, RateLimiter
+from core.messages import ADMIN_COMMANDS, Attachment, ChatKind, IncomingMessage, Reply
+from core.models import Delivery, Message, Role, User
+from core.retraining import Retrainer
+from core.settings import Settings
+from core.storage import (
+    collect_stats,
+    export_user,
+    forget_user,
+    log_message,
+    recent_history,
+    set_delivery,
+    upsert_chat,
+    upsert_user,
+)
+
+log = logging.getLogger(__name__)
+
+NOT_TEXT = "I can only read text messages for now."
+EMPTY = "Send me some text and I'll answer."
+GENERIC_FAILURE = "Sorry, something went wrong on my side. Please try again."
+
+
+@dataclass(frozen=True, slots=True)
+class Logged:
+    """An incoming message after it was stored: the ids the rest of the handling needs."""
+
+    message: IncomingMessage
+    row_id: int
+    chat_row_id: int
+    user_row_id: int
+    command: ParsedCommand | None
+
+
+class ChatService:
+    """Implements `core.messages.ChatHandler` for every platform."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        db: Database,
+        engine: Engine,
+        retrainer: Retrainer | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._db = db
+        self._engine = engine
+        self._retrainer = retrainer
+        self._limiter = RateLimiter(limit=settings.rate_limit_per_minute, clock=clock)
+        self._user_turns = KeyedLock()
+
+    async def handle(self, message: IncomingMessage) -> Reply | None:
+        """Logs `message` once and returns the reply, or None when the bot should stay quiet."""
+        logged = await self._log_incoming(message)
+        if logged is None or not self._should_answer(logged):
+            return None
+        try:
+            return await self._answer(logged)
+        except Exception:
+            log.exception("Failed to answer %s message %s", message.platform, message.message_id)
+            return await self._system_reply(logged, GENERIC_FAILURE)
+
+    async def mark_delivered(self, reply: Reply, platform_message_ids: list[str]) -> None:
+        if reply.log_id is None:
+            return
+        first = platform_message_ids[0] if platform_message_ids else None
+        async with self._db.sessions.begin() as session:
+            await set_delivery(
+                session, message_id=reply.log_id, delivery=Delivery.SENT, platform_message_id=first, error=None
+            )
+
+    async def mark_undelivered(self, reply: Reply, reason: str) -> None:
+        log.warning("Reply %s could not be delivered: %s", reply.log_id, reason)
+        if reply.log_id is None:
+            return
+        async with self._db.sessions.begin() as session:
+            await set_delivery(
+                session, message_id=reply.log_id, delivery=Delivery.FAILED, platform_message_id=None, error=reason
+            )
+
+    # --- logging ----------------------------------------------------------------------------------------------
+
+    async def _log_incoming(self, message: IncomingMessage) -> Logged | None:
+        command = parse_command(message.text)
+        async with self._db.sessions.begin() as session:
+            user = await upsert_user(
+                session,
+                platform=message.platform,
+                platform_user_id=message.author_id,
+                display_name=message.author_name,
+            )
+            chat = await upsert_chat(
+                session, platform=message.platform, platform_chat_id=message.chat_id, kind=message.chat_kind.value
+            )
+            row = Message(
+                chat_id=chat.id,
+                author_id=user.id,
+                role=Role.USER,
+                text=message.text or "",
+                platform_message_id=message.message_id,
+                is_command=command is not None,
+                resets_context=command is not None and command.name == "reset",
+            )
+            if message.sent_at is not None:
+                row.created_at = message.sent_at
+            if not await log_message(session, row):
+                log.info("Ignoring re-delivered %s message %s", message.platform, message.message_id)
+                return None
+            return Logged(message, row.id, chat.id, user.id, command)
+
+    async def _system_reply(self, logged: Logged, text: str, attachment: Attachment | None = None) -> Reply:
+        """A reply that is not model output (help, refusals); logged, but never used as conversation."""
+        return await self._log_reply(logged, text, attachment=attachment, model_version_id=None, system=True)
+
+    async def _log_reply(
+        self,
+        logged: Logged,
+        text: str,
+        *,
+        attachment: Attachment | None = None,
+        model_version_id: int | None,
+        system: bool,
+        answers_logged: bool = True,
+    ) -> Reply:
+        """Stores a bot reply; `answers_logged=False` when the message it answers no longer exists."""
+        async with self._db.sessions.begin() as session:
+            row = Message(
+                chat_id=logged.chat_row_id,
+                author_id=None,
+                role=Role.BOT,
+                text=text,
+                is_command=system,
+                reply_to_id=logged.row_id if answers_logged else None,
+                model_version_id=model_version_id,
+                delivery=Delivery.PENDING,
+            )
+            session.add(row)
+        return Reply(text=text, reply_to=logged.message.message_id, attachment=attachment, log_id=row.id)
+
+    # --- deciding and answering -------------------------------------------------------------------------------
+
+    def _should_answer(self, logged: Logged) -> bool:
+        """Private chats: always. Groups: only when addressed, or for a command not aimed at another bot."""
+        message = logged.message
+        if message.chat_kind is ChatKind.PRIVATE or message.addressed:
+            return True
+        return logged.command is not None and logged.command.target is None
+
+    async def _answer(self, logged: Logged) -> Reply:
+        message = logged.message
+        user_key = f"{message.platform}:{message.author_id}"
+        if not self._limiter.allow(user_key):
+            wait = max(1, round(self._limiter.retry_after(user_key)))
+            return await self._system_reply(
+                logged,
+                f"Whoa, that's a lot of messages! I answer up to {self._settings.rate_limit_per_minute} a minute — "
+                f"try again in {wait} s.",
+            )
+        if message.text is None:
+            return await self._system_reply(logged, NOT_TEXT)
+        if logged.command is not None:
+            return await self._run_command(logged, logged.command)
+        text = message.text.strip()
+        if not text:
+            return await self._system_reply(logged, EMPTY)
+        if len(text) > self._settings.max_input_chars:
+            return await self._system_reply(
+                logged,
+                f"That message is too long for me ({len(text)} characters; I read up to "
+                f"{self._settings.max_input_chars}). Could you say it in fewer words?",
+            )
+        return await self._chat(logged)
+
+    async def _chat(self, logged: Logged) -> Reply:
+        """Generates an answer; one generation per user at a time, later messages wait their turn."""
+        message = logged.message
+        user_key = f"{message.platform}:{message.author_id}"
+        async with self._user_turns.hold(user_key):
+            turns = await self._history(logged)
+            try:
+                generation = await self._engine.generate_response(turns)
+            except EngineError as exc:
+                log.warning("Engine could not answer %s: %s", user_key, type(exc).__name__)
+                return await self._system_reply(logged, exc.user_message)
+            return await self._log_reply(
+                logged, generation.text, model_version_id=generation.model.version_id, system=False
+            )
+
+    async def _history(self, logged: Logged) -> list[Turn]:
+        per_user = logged.message.chat_kind is ChatKind.GROUP and self._settings.group_context == "user"
+        async with self._db.sessions() as session:
+            rows = await recent_history(
+                session,
+                chat_id=logged.chat_row_id,
+                limit=self._settings.history_turns + 1,  # the message being answered plus its history
+                user_id=logged.user_row_id if per_user else None,
+            )
+        return [Turn(BOT_SPEAKER if row.role is Role.BOT else f"user:{row.author_id}", row.text) for row in rows]
+
+    # --- commands ---------------------------------------------------------------------------------------------
+
+    async def _run_command(self, logged: Logged, command: ParsedCommand) -> Reply:
+        message = logged.message
+        is_admin = self._settings.is_admin(message.platform, message.author_id)
+        if command.name in ADMIN_COMMANDS and not is_admin:
+            log.warning(
+                "Refused admin command /%s from %s:%s (not in ADMIN_IDS)",
+                command.name,
+                message.platform,
+                message.author_id,
+            )
+            return await self._system_reply(logged, "Sorry, only the bot's admins can use that command.")
+        handler = self._command_handlers().get(command.name)
+        if handler is None:
+            return await self._system_reply(logged, f"I don't know /{command.name}. Try /help.")
+        return await handler(logged, command)
+
+    def _command_handlers(self) -> dict[str, Callable[[Logged, ParsedCommand], Awaitable[Reply]]]:
+        return {
+            "start": self._cmd_start,
+            "help": self._cmd_help,
+            "reset": self._cmd_reset,
+            "forget": self._cmd_forget,
+            "export": self._cmd_export,
+            "optout": self._cmd_optout,
+            "optin": self._cmd_optin,
+            "retrain": self._cmd_retrain,
+            "status": self._cmd_status,
+            "models": self._cmd_models,
+            "rollback": self._cmd_rollback,
+        }
+
+    def _is_admin(self, logged: Logged) -> bool:
+        return self._settings.is_admin(logged.message.platform, logged.message.author_id)
+
+    async def _cmd_start(self, logged: Logged, _: ParsedCommand) -> Reply:
+        return await self._system_reply(logged, start_text(self._settings.bot_name, is_admin=self._is_admin(logged)))
+
+    async def _cmd_help(self, logged: Logged, _: ParsedCommand) -> Reply:
+        return await self._system_reply(logged, help_text(self._settings.bot_name, is_admin=self._is_admin(logged)))
+
+    async def _cmd_reset(self, logged: Logged, _: ParsedCommand) -> Reply:
+        return await self._system_reply(logged, "Okay — fresh start. I've set our earlier conversation aside.")
+
+    async def _cmd_forget(self, logged: Logged, _: ParsedCommand) -> Reply:
+        async with self._db.sessions.begin() as session:
+            count = await forget_user(session, user_id=logged.user_row_id)
+        log.info("Forgot %d messages of user row %d", count, logged.user_row_id)
+        noun = "message" if count == 1 else "messages"
+        text = f"Done: I deleted {count} {noun} you sent me, in every chat (this /forget included)."
+        return await self._log_reply(logged, text, model_version_id=None, system=True, answers_logged=False)
+
+    async def _cmd_export(self, logged: Logged, _: ParsedCommand) -> Reply:
+        async with self._db.sessions() as session:
+            rows = await export_user(session, user_id=logged.user_row_id)
+        content = json.dumps({"messages": rows}, ensure_ascii=False, indent=2).encode()
+        attachment = Attachment(filename="magpie-export.json", content=content)
+        return await self._system_reply(logged, f"Here are the {len(rows)} messages I have from you.", attachment)
+
+    async def _set_opt_out(self, logged: Logged, opted_out: bool) -> None:
+        async with self._db.sessions.begin() as session:
+            user = await session.get(User, logged.user_row_id)
+            if user is not None:
+                user.opted_out = opted_out
+
+    async def _cmd_optout(self, logged: Logged, _: ParsedCommand) -> Reply:
+        await self._set_opt_out(logged, True)
+        return await self._system_reply(
+            logged, "Got it: I'll keep chatting, but your messages won't be used for training. /optin undoes it."
+        )
+
+    async def _cmd_optin(self, logged: Logged, _: ParsedCommand) -> Reply:
+        await self._set_opt_out(logged, False)
+        return await self._system_reply(logged, "Thanks! Your messages can help me learn again.")
+
+    async def _cmd_retrain(self, logged: Logged, _: ParsedCommand) -> Reply:
+        if self._retrainer is None:
+            return await self._system_reply(logged, "Retraining is not available in this setup.")
+        message = logged.message
+        text = await self._retrainer.request(
+            triggered_by=f"{message.platform}:{message.author_id}",
+            notify_platform=message.platform,
+            notify_chat_id=message.chat_id,
+        )
+        return await self._system_reply(logged, text)
+
+    async def _cmd_status(self, logged: Logged, _: ParsedCommand) -> Reply:
+        async with self._db.sessions() as session:
+            stats = await collect_stats(session)
+        ref = self._engine.model_ref
+        model_name = ref.name if ref is not None else "none loaded"
+        return await self._system_reply(
+            logged, status_text(stats, model_name=model_name, queue_depth=self._engine.queue_depth)
+        )
+
+    async def _cmd_models(self, logged: Logged, _: ParsedCommand) -> Reply:
+        if self._retrainer is None:
+            return await self._system_reply(logged, "Model versions are not available in this setup.")
+        return await self._system_reply(logged, await self._retrainer.list_versions())
+
+    async def _cmd_rollback(self, logged: Logged, command: ParsedCommand) -> Reply:
+        if self._retrainer is None:
+            return await self._system_reply(logged, "Rollback is not available in this setup.")
+        message = logged.message
+        text = await self._retrainer.rollback(
+            version=command.args or None, triggered_by=f"{message.platform}:{message.author_id}"
+        )
+        return await self._system_reply(logged, text)

@@ -1,0 +1,179 @@
+"""Data access for the chat path: users, chats and the message log.
+
+Every function takes the session explicitly and keyword-only arguments; the caller owns the transaction (one
+unit of work per `async with db.sessions.begin()`). Writes that may race (the same update delivered twice, two
+first messages from a new user at once) run in a savepoint and fall back to the row that won.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Select, delete, func, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
+
+from core.models import Chat, Delivery, Message, ModelVersion, Role, TrainingRun, User, VersionStatus
+
+
+async def upsert_user(session: AsyncSession, *, platform: str, platform_user_id: str, display_name: str) -> User:
+    """The user row for a platform id, created on first sight; the display name follows renames."""
+    query = select(User).where(User.platform == platform, User.platform_user_id == platform_user_id)
+    user = (await session.execute(query)).scalar_one_or_none()
+    if user is None:
+        try:
+            async with session.begin_nested():
+                user = User(platform=platform, platform_user_id=platform_user_id, display_name=display_name[:256])
+                session.add(user)
+        except IntegrityError:
+            user = (await session.execute(query)).scalar_one()
+    if display_name and user.display_name != display_name[:256]:
+        user.display_name = display_name[:256]
+    return user
+
+
+async def upsert_chat(session: AsyncSession, *, platform: str, platform_chat_id: str, kind: str) -> Chat:
+    """The chat row for a platform chat id, created on first sight."""
+    query = select(Chat).where(Chat.platform == platform, Chat.platform_chat_id == platform_chat_id)
+    chat = (await session.execute(query)).scalar_one_or_none()
+    if chat is None:
+        try:
+            async with session.begin_nested():
+                chat = Chat(platform=platform, platform_chat_id=platform_chat_id, kind=kind)
+                session.add(chat)
+        except IntegrityError:
+            chat = (await session.execute(query)).scalar_one()
+    return chat
+
+
+async def log_message(session: AsyncSession, message: Message) -> bool:
+    """Stores a message once; False when the same platform message id was already logged in that chat."""
+    if message.platform_message_id is not None:
+        existing = await session.execute(
+            select(Message.id).where(
+                Message.chat_id == message.chat_id, Message.platform_message_id == message.platform_message_id
+            )
+        )
+        if existing.first() is not None:
+            return False
+    try:
+        async with session.begin_nested():
+            session.add(message)
+    except IntegrityError:
+        return False
+    return True
+
+
+def _context_query(chat_id: int, user_id: int | None) -> Select[Message]:
+    """Messages of one conversation context: the whole chat, or (per-user group context) one user's thread."""
+    query = select(Message).where(Message.chat_id == chat_id)
+    if user_id is not None:
+        asked = aliased(Message)
+        replies_to_user = select(asked.id).where(asked.author_id == user_id)
+        query = query.where(or_(Message.author_id == user_id, Message.reply_to_id.in_(replies_to_user)))
+    return query
+
+
+async def recent_history(
+    session: AsyncSession, *, chat_id: int, limit: int, user_id: int | None = None
+) -> list[Message]:
+    """The last `limit` conversational messages since the latest `/reset`, oldest first.
+
+    Commands and the bot's system replies (help texts, refusals) are not conversation and are left out.
+    """
+    context = _context_query(chat_id, user_id)
+    last_reset = (
+        await session.execute(context.where(Message.resets_context.is_(True)).order_by(Message.id.desc()).limit(1))
+    ).scalar_one_or_none()
+    query = context.where(Message.is_command.is_(False), Message.text != "")
+    if last_reset is not None:
+        query = query.where(Message.id > last_reset.id)
+    rows = (await session.execute(query.order_by(Message.id.desc()).limit(limit))).scalars().all()
+    return list(reversed(rows))
+
+
+async def set_delivery(
+    session: AsyncSession, *, message_id: int, delivery: Delivery, platform_message_id: str | None, error: str | None
+) -> None:
+    message = await session.get(Message, message_id)
+    if message is None:  # deleted meanwhile (e.g. /forget)
+        return
+    message.delivery = delivery
+    message.delivery_error = error
+    if platform_message_id is not None and message.platform_message_id is None:
+        message.platform_message_id = platform_message_id
+
+
+async def forget_user(session: AsyncSession, *, user_id: int) -> int:
+    """Deletes every message the user sent, in every chat (bot replies to them go too, by cascade)."""
+    count = (
+        await session.execute(select(func.count()).select_from(Message).where(Message.author_id == user_id))
+    ).scalar_one()
+    own_ids = select(Message.id).where(Message.author_id == user_id).scalar_subquery()
+    await session.execute(delete(Message).where(Message.reply_to_id.in_(own_ids)))
+    await session.execute(delete(Message).where(Message.author_id == user_id))
+    return int(count)
+
+
+async def export_user(session: AsyncSession, *, user_id: int) -> list[dict[str, Any]]:
+    """The user's own logged messages, oldest first, in a shape fit for a JSON download."""
+    rows = await session.execute(
+        select(Message, Chat)
+        .join(Chat, Chat.id == Message.chat_id)
+        .where(Message.author_id == user_id)
+        .order_by(Message.id)
+    )
+    return [
+        {
+            "platform": chat.platform,
+            "chat_id": chat.platform_chat_id,
+            "message_id": message.platform_message_id,
+            "sent_at": message.created_at.isoformat(),
+            "text": message.text,
+        }
+        for message, chat in rows
+    ]
+
+
+@dataclass(frozen=True)
+class Stats:
+    """What `/status` and `magpie db stats` report about the data."""
+
+    users: int
+    chats: int
+    messages: int
+    user_messages: int
+    bot_messages: int
+    since_last_training: int
+    last_run: TrainingRun | None
+    active_version: ModelVersion | None
+
+
+async def collect_stats(session: AsyncSession) -> Stats:
+    async def count(query: Any) -> int:
+        return int((await session.execute(query)).scalar_one())
+
+    last_run = (
+        await session.execute(select(TrainingRun).order_by(TrainingRun.id.desc()).limit(1))
+    ).scalar_one_or_none()
+    active = (
+        await session.execute(select(ModelVersion).where(ModelVersion.status == VersionStatus.ACTIVE))
+    ).scalar_one_or_none()
+    since: datetime | None = last_run.started_at if last_run is not None else None
+    messages = select(func.count()).select_from(Message)
+    conversational = messages.where(Message.role == Role.USER, Message.is_command.is_(False))
+    return Stats(
+        users=await count(select(func.count()).select_from(User)),
+        chats=await count(select(func.count()).select_from(Chat)),
+        messages=await count(messages),
+        user_messages=await count(messages.where(Message.role == Role.USER)),
+        bot_messages=await count(messages.where(Message.role == Role.BOT)),
+        since_last_training=await count(
+            conversational if since is None else conversational.where(Message.created_at > since)
+        ),
+        last_run=last_run,
+        active_version=active,
+    )

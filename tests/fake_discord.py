@@ -1,0 +1,804 @@
+"""A fake Discord — REST API and gateway websocket — on 127.0.0.1, for driving the real discord.py client in tests.
+
+It speaks what discord.py 2.x actually uses (see `discord/http.py`, `discord/gateway.py`, `discord/webhook/`):
+
+REST (under `/api/v10`, every call recorded in `calls`):
+    GET  /users/@me, /oauth2/applications/@me, /gateway, /gateway/bot
+    PUT  /applications/{app}/commands, /applications/{app}/guilds/{guild}/commands   (slash-command sync)
+    POST /channels/{id}/messages        JSON or multipart; >2,000 characters → 400 with Discord's error shape
+    POST /channels/{id}/typing
+    POST /interactions/{id}/{token}/callback                                          (defer / respond, once)
+    POST /webhooks/{app}/{token}, PATCH|DELETE /webhooks/{app}/{token}/messages/@original   (follow-ups)
+
+Faults (`fail_next`): a 429 carries JSON `retry_after`, `X-RateLimit-*` headers and `Via: 1.1 google` — without
+`Via` discord.py takes a 429 for a Cloudflare ban and gives up, which `via=False` reproduces on purpose.
+
+Gateway (`/gateway`, and `/resume` as READY's `resume_gateway_url`): `compress=zlib-stream` with one compressor
+per connection, every payload flushed with Z_SYNC_FLUSH; HELLO → IDENTIFY → READY + GUILD_CREATE; heartbeats are
+ACKed; RESUME replays the events the client missed (by `s`) and then sends RESUMED; an unknown session gets
+INVALID_SESSION. Like Discord, it delivers events only for the intents asked for, blanks the content of guild
+messages that do not mention the bot unless MESSAGE_CONTENT was asked for, and closes with 4014 when that
+privileged intent was asked for but is not enabled (`message_content_enabled=False`).
+
+Everything runs on the test's event loop; `wait_until` awaits a condition on the fake's state with a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import re
+import socket
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import BodyPartReader, WSMsgType, web
+
+API_PREFIX = "/api/v10"
+DISCORD_EPOCH_MS = 1_420_070_400_000
+MESSAGE_LIMIT = 2000
+WAIT_S = 10.0  # how long the wait helpers wait for the client before failing the test
+
+# Gateway intents (https://discord.com/developers/docs/events/gateway#gateway-intents)
+GUILDS = 1 << 0
+GUILD_MESSAGES = 1 << 9
+DIRECT_MESSAGES = 1 << 12
+MESSAGE_CONTENT = 1 << 15
+
+Json = dict[str, Any]
+
+
+@dataclass
+class RecordedCall:
+    """One REST request as the fake saw it (path without the `/api/v10` prefix) and the status it answered."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    body: Any
+    files: list[tuple[str, bytes]]
+    authorization: str | None
+    status: int = 0
+
+
+@dataclass
+class Fault:
+    method: str
+    path: re.Pattern[str]
+    status: int
+    times: int
+    retry_after: float
+    via: bool
+
+
+@dataclass
+class Session:
+    """A gateway session: what IDENTIFY asked for and every event sent in it, for RESUME to replay."""
+
+    session_id: str
+    intents: int
+    events: list[Json] = field(default_factory=list)
+
+    def next_seq(self) -> int:
+        return len(self.events) + 1
+
+
+@dataclass
+class Connection:
+    request: web.Request
+    ws: web.WebSocketResponse
+    compressor: Any | None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def send(self, payload: Json) -> None:
+        """Compress-and-send under one lock: the zlib stream must reach the client in the order it was made."""
+        data = json.dumps(payload)
+        async with self.lock:
+            if self.ws.closed:
+                return
+            if self.compressor is None:
+                await self.ws.send_str(data)
+            else:
+                chunk = self.compressor.compress(data.encode()) + self.compressor.flush(zlib.Z_SYNC_FLUSH)
+                await self.ws.send_bytes(chunk)
+
+
+@dataclass
+class Interaction:
+    payload: Json
+    responded: int | None = None  # callback type, once acknowledged
+    original_id: int | None = None
+
+
+class FakeDiscord:
+    """The fake server. `start()` it, point the client at `api_base_url` / `gateway_url`, `close()` it."""
+
+    def __init__(
+        self,
+        *,
+        token: str = "fake-bot-token",
+        guild_count: int = 1,
+        message_content_enabled: bool = True,
+        heartbeat_interval_ms: int = 41_250,
+    ) -> None:
+        self.token = token
+        self.message_content_enabled = message_content_enabled
+        self.heartbeat_interval_ms = heartbeat_interval_ms
+        self._ids = itertools.count(1)
+        self.users: dict[str, Json] = {}  # everyone the fake knows, by id, for computing mentions
+        self.app_id = self.new_id()
+        self.bot_user = self.add_user("Magpie", bot=True)
+        self.owner = self.add_user("owner")
+        self.guilds: dict[int, Json] = {}
+        for number in range(guild_count):
+            guild_id = self.new_id()
+            self.guilds[guild_id] = {"id": guild_id, "channel_id": self.new_id(), "name": f"guild-{number}"}
+        self.calls: list[RecordedCall] = []
+        self.posts: list[Json] = []  # every message the bot created (channel sends and interaction follow-ups)
+        self.commands: dict[int | None, list[Json]] = {}  # synced commands per guild (None = global)
+        self.interactions: dict[int, Interaction] = {}
+        self.connections: list[str] = []  # path and query of every gateway connection
+        self.identifies = 0
+        self.resumes = 0
+        self.heartbeats = 0
+        self.session: Session | None = None
+        self._faults: list[Fault] = []
+        self._dm_channels: dict[int, int] = {}  # user id -> DM channel id
+        self._threads: dict[int, int] = {}  # thread id -> guild id
+        self._conn: Connection | None = None
+        self._changed = asyncio.Condition()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    # --- lifecycle -----------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/gateway", self._gateway)
+        app.router.add_get("/resume", self._gateway)
+        app.router.add_route("*", API_PREFIX + "/{tail:.*}", self._rest)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await self._runner.setup()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        await web.SockSite(self._runner, sock).start()
+
+    async def close(self) -> None:
+        if self._conn is not None and self._conn.request.transport is not None:
+            self._conn.request.transport.abort()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @property
+    def api_base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{API_PREFIX}"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/gateway"
+
+    @property
+    def resume_gateway_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/resume"
+
+    # --- ids, users, channels ------------------------------------------------------------------------------
+    def new_id(self) -> int:
+        """A snowflake: time-based like Discord's, so `created_at` is now and ids grow."""
+        return ((int(time.time() * 1000) - DISCORD_EPOCH_MS) << 22) | (next(self._ids) & 0x3FFFFF)
+
+    def add_user(self, name: str, *, bot: bool = False) -> Json:
+        user: Json = {"id": str(self.new_id()), "username": name, "global_name": name, "discriminator": "0"}
+        user.update({"avatar": None, "bot": bot, "public_flags": 0, "flags": 0})
+        self.users[user["id"]] = user
+        return user
+
+    def dm_channel(self, user: Json) -> int:
+        return self._dm_channels.setdefault(int(user["id"]), self.new_id())
+
+    @property
+    def guild_id(self) -> int:
+        return next(iter(self.guilds))
+
+    @property
+    def channel_id(self) -> int:
+        """The text channel of the first guild."""
+        return int(self.guilds[self.guild_id]["channel_id"])
+
+    def add_thread(self) -> int:
+        """A thread in the first guild's channel. No THREAD_CREATE is sent, so the client has not cached it and
+        sees its messages in an uncached guild channel, as after a restart."""
+        thread_id = self.new_id()
+        self._threads[thread_id] = self.guild_id
+        return thread_id
+
+    def _guild_of_channel(self, channel_id: int) -> int | None:
+        if channel_id in self._threads:
+            return self._threads[channel_id]
+        return next((gid for gid, guild in self.guilds.items() if guild["channel_id"] == channel_id), None)
+
+    def _known_channel(self, channel_id: int) -> bool:
+        return self._guild_of_channel(channel_id) is not None or channel_id in self._dm_channels.values()
+
+    # --- waiting -------------------------------------------------------------------------------------------
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Awaits `predicate()` becoming true as the fake's state changes; TimeoutError after `WAIT_S` seconds
+        (wrap the call in `asyncio.timeout` for another limit)."""
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(predicate), WAIT_S)
+
+    def posts_in(self, channel_id: int) -> list[Json]:
+        return [post for post in self.posts if int(post["channel_id"]) == channel_id]
+
+    async def wait_for_posts(self, channel_id: int, count: int) -> list[Json]:
+        """Awaits at least `count` bot messages in `channel_id` and returns them all."""
+        await self.wait_until(lambda: len(self.posts_in(channel_id)) >= count)
+        return self.posts_in(channel_id)
+
+    def calls_to(self, method: str, pattern: str) -> list[RecordedCall]:
+        regex = re.compile(pattern)
+        return [call for call in self.calls if call.method == method and regex.fullmatch(call.path)]
+
+    # --- fault injection -----------------------------------------------------------------------------------
+    def fail_next(
+        self, method: str, path: str, *, status: int = 429, times: int = 1, retry_after: float = 0.2, via: bool = True
+    ) -> None:
+        """The next `times` requests whose path fully matches the regex `path` get `status` instead."""
+        self._faults.append(Fault(method, re.compile(path), status, times, retry_after, via))
+
+    def _take_fault(self, method: str, path: str) -> Fault | None:
+        for fault in self._faults:
+            if fault.times > 0 and fault.method == method and fault.path.fullmatch(path):
+                fault.times -= 1
+                return fault
+        return None
+
+    # --- REST ----------------------------------------------------------------------------------------------
+    async def _rest(self, request: web.Request) -> web.StreamResponse:
+        path = "/" + request.match_info["tail"]
+        body, files = await _read_body(request)
+        call = RecordedCall(
+            request.method, path, dict(request.query), body, files, request.headers.get("Authorization")
+        )
+        self.calls.append(call)
+        response = self._route(call)
+        call.status = response.status
+        await self._notify()
+        return response
+
+    def _route(self, call: RecordedCall) -> web.Response:
+        webhook = call.path.startswith(("/webhooks/", "/interactions/"))
+        if not webhook and call.authorization != f"Bot {self.token}":
+            return _error(401, 0, "401: Unauthorized")
+        fault = self._take_fault(call.method, call.path)
+        if fault is not None:
+            return _fault_response(fault)
+        routes: list[tuple[str, str, Callable[..., web.Response]]] = [
+            ("GET", r"/users/@me", lambda: _json(self.bot_user)),
+            ("GET", r"/oauth2/applications/@me", self._application),
+            ("GET", r"/gateway", lambda: _json({"url": self.gateway_url})),
+            ("GET", r"/gateway/bot", self._gateway_bot),
+            ("PUT", r"/applications/(\d+)/commands", lambda app: self._sync_commands(call, app, None)),
+            ("PUT", r"/applications/(\d+)/guilds/(\d+)/commands", lambda app, g: self._sync_commands(call, app, g)),
+            ("POST", r"/channels/(\d+)/messages", lambda channel: self._create_message(call, channel)),
+            ("POST", r"/channels/(\d+)/typing", self._typing),
+            ("POST", r"/interactions/(\d+)/([^/]+)/callback", lambda i, t: self._callback(call, i, t)),
+            ("POST", r"/webhooks/(\d+)/([^/]+)", lambda app, token: self._followup(call, app, token)),
+            ("PATCH", r"/webhooks/(\d+)/([^/]+)/messages/@original", lambda a, t: self._edit_original(call, t)),
+            ("DELETE", r"/webhooks/(\d+)/([^/]+)/messages/@original", lambda a, t: self._delete_original(t)),
+        ]
+        for method, pattern, handler in routes:
+            match = re.fullmatch(pattern, call.path)
+            if method == call.method and match:
+                return handler(*match.groups())
+        return _error(404, 0, "404: Not Found")
+
+    def _application(self) -> web.Response:
+        return _json(
+            {
+                "id": str(self.app_id),
+                "name": "Magpie",
+                "icon": None,
+                "description": "",
+                "bot_public": True,
+                "bot_require_code_grant": False,
+                "verify_key": "0" * 64,
+                "owner": self.owner,
+                "flags": 0,
+                "bot": self.bot_user,
+            }
+        )
+
+    def _gateway_bot(self) -> web.Response:
+        limit = {"total": 1000, "remaining": 999, "reset_after": 0, "max_concurrency": 1}
+        return _json({"url": self.gateway_url, "shards": 1, "session_start_limit": limit})
+
+    def _sync_commands(self, call: RecordedCall, app: str, guild: str | None) -> web.Response:
+        if int(app) != self.app_id:
+            return _error(403, 50001, "Missing Access")
+        synced = []
+        for command in call.body:
+            entry = {**command, "id": str(self.new_id()), "application_id": app, "version": str(self.new_id())}
+            entry.setdefault("type", 1)
+            if guild is not None:
+                entry["guild_id"] = guild
+            synced.append(entry)
+        self.commands[None if guild is None else int(guild)] = synced
+        return _json(synced)
+
+    def _typing(self, channel: str) -> web.Response:
+        if not self._known_channel(int(channel)):
+            return _error(404, 10003, "Unknown Channel")
+        return web.Response(status=204)
+
+    def _create_message(self, call: RecordedCall, channel: str) -> web.Response:
+        channel_id = int(channel)
+        if not self._known_channel(channel_id):
+            return _error(404, 10003, "Unknown Channel")
+        problem = _invalid_message(call.body, call.files)
+        if problem is not None:
+            return problem
+        return _json(self._post(call, channel_id, self._guild_of_channel(channel_id)))
+
+    def _post(self, call: RecordedCall, channel_id: int, guild_id: int | None, **extra: Any) -> Json:
+        body: Json = call.body or {}
+        content = str(body.get("content") or "")
+        reference = body.get("message_reference")
+        replied = self._find_message(int(reference["message_id"])) if reference else None
+        mention_everyone, mentions = self._mentions(content, body.get("allowed_mentions"), replied)
+        post = self._message(
+            channel_id=channel_id, guild_id=guild_id, author=self.bot_user, content=content, reply_to=replied
+        )
+        post.update(mention_everyone=mention_everyone, mentions=mentions, **extra)
+        post["attachments"] = [_attachment(self.new_id(), name, data) for name, data in call.files]
+        post["allowed_mentions"] = body.get("allowed_mentions")  # not Discord's, kept for assertions
+        self.posts.append(post)
+        return post
+
+    def _mentions(self, content: str, allowed: Json | None, replied: Json | None) -> tuple[bool, list[Json]]:
+        """Who Discord would ping: without `allowed_mentions` it parses everything in the content."""
+        parse = set(allowed["parse"]) if allowed is not None else {"everyone", "users", "roles"}
+        allowed_users = {str(user) for user in (allowed or {}).get("users", [])}
+        everyone = "everyone" in parse and ("@everyone" in content or "@here" in content)
+        ids = {match for match in re.findall(r"<@!?(\d+)>", content) if "users" in parse or match in allowed_users}
+        if replied is not None and (allowed is None or allowed.get("replied_user")):
+            ids.add(str(replied["author"]["id"]))
+        return everyone, [user for user_id, user in self.users.items() if user_id in ids]
+
+    def _session_messages(self) -> Iterable[Json]:
+        events = self.session.events if self.session else []
+        yield from (event["d"] for event in events if event["t"] == "MESSAGE_CREATE")
+
+    def _find_message(self, message_id: int) -> Json | None:
+        candidates = itertools.chain(self.posts, self._session_messages())
+        return next((message for message in candidates if int(message["id"]) == message_id), None)
+
+    def _callback(self, call: RecordedCall, interaction_id: str, token: str) -> web.Response:
+        interaction = self.interactions.get(int(interaction_id))
+        if interaction is None or interaction.payload["token"] != token:
+            return _error(404, 10062, "Unknown interaction")
+        if interaction.responded is not None:
+            return _error(400, 40060, "Interaction has already been acknowledged.")
+        kind = int(call.body["type"])
+        interaction.responded = kind
+        flags = int((call.body.get("data") or {}).get("flags") or 0)
+        result: Json = {
+            "interaction": {
+                "id": interaction_id,
+                "type": interaction.payload["type"],
+                "response_message_loading": kind == 5,
+                "response_message_ephemeral": bool(flags & 64),
+            },
+            "resource": {"type": kind},
+        }
+        if kind == 4:
+            post = self._interaction_post(call, interaction)
+            interaction.original_id = int(post["id"])
+            result["resource"]["message"] = post
+        if call.query.get("with_response") in ("1", "true", "True"):
+            return _json(result)
+        return web.Response(status=204)
+
+    def _interaction_by_token(self, token: str) -> Interaction | None:
+        return next((i for i in self.interactions.values() if i.payload["token"] == token), None)
+
+    def _interaction_post(self, call: RecordedCall, interaction: Interaction) -> Json:
+        payload = interaction.payload
+        guild = payload.get("guild_id")
+        extra = {"webhook_id": str(self.app_id), "interaction_id": payload["id"]}
+        return self._post(call, int(payload["channel_id"]), int(guild) if guild else None, **extra)
+
+    def _followup(self, call: RecordedCall, app: str, token: str) -> web.Response:
+        interaction = self._interaction_by_token(token)
+        if int(app) != self.app_id or interaction is None or interaction.responded is None:
+            return _error(404, 10015, "Unknown Webhook")
+        problem = _invalid_message(call.body, call.files)
+        if problem is not None:
+            return problem
+        post = self._interaction_post(call, interaction)
+        if interaction.original_id is None:  # the first follow-up replaces the "thinking…" message
+            interaction.original_id = int(post["id"])
+        return _json(post) if call.query.get("wait") in ("1", "true", "True") else web.Response(status=204)
+
+    def _edit_original(self, call: RecordedCall, token: str) -> web.Response:
+        interaction = self._interaction_by_token(token)
+        if interaction is None or interaction.responded is None:
+            return _error(404, 10015, "Unknown Webhook")
+        post = self._interaction_post(call, interaction)
+        interaction.original_id = int(post["id"])
+        return _json(post)
+
+    def _delete_original(self, token: str) -> web.Response:
+        interaction = self._interaction_by_token(token)
+        if interaction is None or interaction.responded is None:
+            return _error(404, 10015, "Unknown Webhook")
+        interaction.original_id = None
+        return web.Response(status=204)
+
+    # --- gateway -------------------------------------------------------------------------------------------
+    async def _gateway(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(max_msg_size=0)
+        await ws.prepare(request)
+        self.connections.append(request.path_qs)
+        if request.query.get("v") != "10" or request.query.get("encoding") != "json":
+            await ws.close(code=4012, message=b"Invalid API version")
+            return ws
+        compress = request.query.get("compress")
+        conn = Connection(request, ws, zlib.compressobj() if compress == "zlib-stream" else None)
+        if self._conn is not None:
+            await self._conn.ws.close(code=4009, message=b"Session timed out")
+        self._conn = conn
+        await conn.send({"op": 10, "d": {"heartbeat_interval": self.heartbeat_interval_ms}, "s": None, "t": None})
+        try:
+            async for message in ws:
+                if message.type is WSMsgType.TEXT:
+                    await self._on_client_payload(conn, json.loads(message.data))
+        finally:
+            if self._conn is conn:
+                self._conn = None
+            await self._notify()
+        return ws
+
+    async def _on_client_payload(self, conn: Connection, payload: Json) -> None:
+        op, data = payload.get("op"), payload.get("d") or {}
+        if op == 1:
+            self.heartbeats += 1
+            await conn.send({"op": 11, "d": None, "s": None, "t": None})
+        elif op == 2:
+            await self._identify(conn, data)
+        elif op == 6:
+            await self._resume(conn, data)
+        await self._notify()
+
+    async def _identify(self, conn: Connection, data: Json) -> None:
+        if data.get("token") != self.token:
+            await conn.ws.close(code=4004, message=b"Authentication failed.")
+            return
+        intents = int(data.get("intents", 0))
+        if intents & MESSAGE_CONTENT and not self.message_content_enabled:
+            await conn.ws.close(code=4014, message=b"Disallowed intent(s).")
+            return
+        self.identifies += 1
+        self.session = Session(uuid.uuid4().hex, intents)
+        ready = {
+            "v": 10,
+            "user": self.bot_user,
+            "guilds": [{"id": str(guild_id), "unavailable": True} for guild_id in self.guilds],
+            "session_id": self.session.session_id,
+            "resume_gateway_url": self.resume_gateway_url,
+            "application": {"id": str(self.app_id), "flags": 0},
+        }
+        await self.dispatch("READY", ready)
+        for guild_id in self.guilds:
+            await self.dispatch("GUILD_CREATE", self._guild_payload(guild_id))
+
+    async def _resume(self, conn: Connection, data: Json) -> None:
+        session = self.session
+        if data.get("token") != self.token:
+            await conn.ws.close(code=4004, message=b"Authentication failed.")
+            return
+        if session is None or data.get("session_id") != session.session_id:
+            await conn.send({"op": 9, "d": False, "s": None, "t": None})
+            return
+        self.resumes += 1
+        for event in session.events[int(data.get("seq") or 0) :]:
+            await conn.send(event)
+        await self.dispatch("RESUMED", {})
+
+    def _guild_payload(self, guild_id: int) -> Json:
+        guild = self.guilds[guild_id]
+        channel = {"id": str(guild["channel_id"]), "type": 0, "name": "general", "position": 0}
+        channel.update(guild_id=str(guild_id), permission_overwrites=[], nsfw=False, topic=None)
+        everyone = {"id": str(guild_id), "name": "@everyone", "permissions": str((1 << 41) - 1), "position": 0}
+        everyone.update(color=0, hoist=False, managed=False, mentionable=False, flags=0)
+        me = {"user": self.bot_user, "roles": [], "joined_at": _timestamp(), "deaf": False, "mute": False, "flags": 0}
+        return {
+            "id": str(guild_id),
+            "name": guild["name"],
+            "unavailable": False,
+            "owner_id": self.owner["id"],
+            "member_count": 2,
+            "large": False,
+            "joined_at": _timestamp(),
+            "channels": [channel],
+            "threads": [],
+            "members": [me],
+            "roles": [everyone],
+            "emojis": [],
+            "stickers": [],
+            "features": [],
+            "voice_states": [],
+            "presences": [],
+            "stage_instances": [],
+            "guild_scheduled_events": [],
+            "soundboard_sounds": [],
+            "premium_tier": 0,
+            "preferred_locale": "en-US",
+        }
+
+    def _wanted(self, event: str, data: Json) -> bool:
+        """Discord sends an event only when the session asked for its intent."""
+        assert self.session is not None
+        intents = self.session.intents
+        if event == "MESSAGE_CREATE":
+            return bool(intents & (GUILD_MESSAGES if data.get("guild_id") else DIRECT_MESSAGES))
+        if event == "GUILD_CREATE":
+            return bool(intents & GUILDS)
+        return True
+
+    async def dispatch(self, event: str, data: Json, *, deliver: bool = True) -> int | None:
+        """Sends a DISPATCH with the next sequence number and keeps it for RESUME to replay.
+
+        `deliver=False` records the event without sending it, as if the connection dropped on the way: a client
+        that then RESUMEs must receive it. Returns the sequence number, or None when the intents filter it out.
+        """
+        if self.session is None:
+            raise RuntimeError("no gateway session yet: start the client first")
+        if not self._wanted(event, data):
+            return None
+        if event == "MESSAGE_CREATE":
+            data = self._apply_content_intent(data)
+        seq = self.session.next_seq()
+        payload = {"op": 0, "t": event, "s": seq, "d": data}
+        self.session.events.append(payload)
+        if deliver and self._conn is not None:
+            await self._conn.send(payload)
+        await self._notify()
+        return seq
+
+    def _apply_content_intent(self, data: Json) -> Json:
+        """Without MESSAGE_CONTENT, guild messages that do not mention the bot arrive with their content blanked."""
+        assert self.session is not None
+        if self.session.intents & MESSAGE_CONTENT or not data.get("guild_id"):
+            return data
+        if any(user["id"] == self.bot_user["id"] for user in data["mentions"]):
+            return data
+        if data["author"]["id"] == self.bot_user["id"]:
+            return data
+        return {**data, "content": "", "embeds": [], "attachments": [], "components": []}
+
+    async def drop_connection(self, code: int | None = 4000) -> None:
+        """Ends the current gateway connection: a close frame with `code`, or (None) a dead TCP connection."""
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError("no gateway connection to drop")
+        self._conn = None
+        if code is None:
+            assert conn.request.transport is not None
+            conn.request.transport.abort()
+        else:
+            await conn.ws.close(code=code, message=b"dropped by the test")
+
+    def forget_session(self) -> None:
+        """Makes the next RESUME fail with INVALID_SESSION, so the client must IDENTIFY again."""
+        self.session = Session("forgotten", 0, list(self.session.events) if self.session else [])
+
+    # --- events the tests send -----------------------------------------------------------------------------
+    def _message(
+        self,
+        *,
+        channel_id: int,
+        guild_id: int | None,
+        author: Json,
+        content: str,
+        reply_to: Json | None = None,
+        message_id: int | None = None,
+    ) -> Json:
+        message: Json = {
+            "id": str(message_id or self.new_id()),
+            "channel_id": str(channel_id),
+            "author": author,
+            "content": content,
+            "timestamp": _timestamp(),
+            "edited_timestamp": None,
+            "tts": False,
+            "mention_everyone": False,
+            "mentions": [],
+            "mention_roles": [],
+            "attachments": [],
+            "embeds": [],
+            "pinned": False,
+            "type": 0,
+            "flags": 0,
+        }
+        if guild_id is not None:
+            message["guild_id"] = str(guild_id)
+        if reply_to is not None:
+            message["type"] = 19
+            reference = {"message_id": reply_to["id"], "channel_id": str(channel_id), "type": 0}
+            if guild_id is not None:
+                reference["guild_id"] = str(guild_id)
+            message["message_reference"] = reference
+            message["referenced_message"] = reply_to
+        return message
+
+    async def send_message(
+        self,
+        author: Json,
+        content: str,
+        *,
+        channel_id: int | None = None,
+        guild: bool = False,
+        reply_to: Json | None = None,
+        ping_reply: bool = True,
+        attachments: Iterable[tuple[str, bytes]] = (),
+        sticker: bool = False,
+        message_id: int | None = None,
+        deliver: bool = True,
+    ) -> Json:
+        """A user's MESSAGE_CREATE: a DM from `author` unless `guild` (or a guild `channel_id`) is given.
+
+        Mentions are computed from `<@id>` in `content` like Discord does; a reply that pings (the default) also
+        mentions the replied-to author. Returns the message payload (before any content-intent blanking).
+        """
+        if channel_id is None:
+            channel_id = self.channel_id if guild else self.dm_channel(author)
+        guild_id = self._guild_of_channel(channel_id)
+        message = self._message(
+            channel_id=channel_id,
+            guild_id=guild_id,
+            author=author,
+            content=content,
+            reply_to=reply_to,
+            message_id=message_id,
+        )
+        if guild_id is not None:
+            message["member"] = {"roles": [], "joined_at": _timestamp(), "deaf": False, "mute": False, "flags": 0}
+        ids = set(re.findall(r"<@!?(\d+)>", content))
+        if reply_to is not None and ping_reply:
+            ids.add(str(reply_to["author"]["id"]))
+        message["mentions"] = [self.users[i] for i in sorted(ids) if i in self.users]
+        message["attachments"] = [_attachment(self.new_id(), name, data) for name, data in attachments]
+        if sticker:
+            message["sticker_items"] = [{"id": str(self.new_id()), "name": "wave", "format_type": 1}]
+        await self.dispatch("MESSAGE_CREATE", message, deliver=deliver)
+        return message
+
+    async def send_command(
+        self,
+        user: Json,
+        name: str,
+        options: dict[str, str] | None = None,
+        *,
+        guild: bool = False,
+        interaction_id: int | None = None,
+    ) -> Json:
+        """An INTERACTION_CREATE for the synced slash command `name`, in the first guild's channel or a DM."""
+        guild_id = self.guild_id if guild else None
+        registered = self.commands.get(guild_id) or self.commands.get(None) or []
+        command = next((c for c in registered if c["name"] == name), None)
+        if command is None:
+            raise LookupError(f"/{name} was never synced to {'the guild' if guild else 'global commands'}")
+        channel_id = self.channel_id if guild else self.dm_channel(user)
+        data: Json = {"id": command["id"], "name": name, "type": 1}
+        if options:
+            data["options"] = [{"name": key, "type": 3, "value": value} for key, value in options.items()]
+        if "guild_id" in command:
+            data["guild_id"] = command["guild_id"]
+        payload: Json = {
+            "id": str(interaction_id or self.new_id()),
+            "application_id": str(self.app_id),
+            "type": 2,
+            "token": "interaction-token-" + uuid.uuid4().hex,
+            "version": 1,
+            "channel_id": str(channel_id),
+            "data": data,
+            "locale": "en-US",
+            "app_permissions": str((1 << 41) - 1),
+            "entitlements": [],
+            "authorizing_integration_owners": {"0": str(guild_id)} if guild_id else {"1": user["id"]},
+            "context": 0 if guild_id else 1,
+            "attachment_size_limit": 10 * 1024 * 1024,
+        }
+        if guild_id is not None:
+            payload["guild_id"] = str(guild_id)
+            payload["guild_locale"] = "en-US"
+            payload["channel"] = {"id": str(channel_id), "type": 0, "guild_id": str(guild_id), "name": "general"}
+            payload["member"] = {"user": user, "roles": [], "joined_at": _timestamp(), "deaf": False, "mute": False}
+            payload["member"].update(flags=0, permissions="0")
+        else:
+            payload["channel"] = {"id": str(channel_id), "type": 1, "recipients": [user]}
+            payload["user"] = user
+        self.interactions[int(payload["id"])] = Interaction(payload)
+        await self.dispatch("INTERACTION_CREATE", payload)
+        return payload
+
+
+# --- helpers -----------------------------------------------------------------------------------------------------
+def _timestamp() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """discord.py parses a body as JSON only when Content-Type is exactly `application/json` (no charset)."""
+    return web.Response(
+        body=json.dumps(data).encode(), status=status, headers={"Content-Type": "application/json", **(headers or {})}
+    )
+
+
+def _error(status: int, code: int, message: str, errors: Json | None = None) -> web.Response:
+    body: Json = {"message": message, "code": code}
+    if errors is not None:
+        body["errors"] = errors
+    return _json(body, status)
+
+
+def _fault_response(fault: Fault) -> web.Response:
+    if fault.status != 429:
+        return _error(fault.status, 0, f"{fault.status}: injected fault")
+    headers = {
+        "X-RateLimit-Limit": "5",
+        "X-RateLimit-Remaining": "0",
+        "X-RateLimit-Reset": f"{time.time() + fault.retry_after:.3f}",
+        "X-RateLimit-Reset-After": f"{fault.retry_after:.3f}",
+        "X-RateLimit-Bucket": "fake-bucket",
+        "X-RateLimit-Scope": "user",
+        "Retry-After": str(max(1, round(fault.retry_after))),
+    }
+    if fault.via:
+        headers["Via"] = "1.1 google"
+    body = {"message": "You are being rate limited.", "retry_after": fault.retry_after, "global": False, "code": 0}
+    return _json(body, 429, headers)
+
+
+def _invalid_message(body: Json | None, files: list[tuple[str, bytes]]) -> web.Response | None:
+    """Discord's checks on a new message: not empty, content at most 2,000 characters."""
+    content = str((body or {}).get("content") or "")
+    if len(content) > MESSAGE_LIMIT:
+        detail = {"code": "BASE_TYPE_MAX_LENGTH", "message": f"Must be {MESSAGE_LIMIT} or fewer in length."}
+        return _error(400, 50035, "Invalid Form Body", {"content": {"_errors": [detail]}})
+    if not content and not files and not (body or {}).get("embeds"):
+        return _error(400, 50006, "Cannot send an empty message")
+    return None
+
+
+def _attachment(attachment_id: int, filename: str, data: bytes) -> Json:
+    url = f"https://cdn.invalid/attachments/{attachment_id}/{filename}"
+    return {"id": str(attachment_id), "filename": filename, "size": len(data), "url": url, "proxy_url": url}
+
+
+async def _read_body(request: web.Request) -> tuple[Any, list[tuple[str, bytes]]]:
+    """JSON bodies, or discord.py's multipart form (`payload_json` plus `files[n]`)."""
+    if request.content_type == "multipart/form-data":
+        body: Any = None
+        files: list[tuple[str, bytes]] = []
+        reader = await request.multipart()
+        async for part in reader:
+            if not isinstance(part, BodyPartReader):
+                continue
+            if part.name == "payload_json":
+                body = json.loads(await part.text())
+            else:
+                files.append((part.filename or "", bytes(await part.read())))
+        return body, files
+    raw = await request.read()
+    return (json.loads(raw) if raw else None), []

@@ -1,0 +1,77 @@
+"""The console backend driven the way a script would: piped stdin into `magpie run`, in a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from sqlalchemy import select
+
+from core.db import Database
+from core.models import Message, Role
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(database_url: str, model_dir: Path, tmp_path: Path) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.endswith("_TOKEN")}
+    env.update(
+        DATABASE_URL=database_url,
+        BASE_MODEL=str(model_dir),
+        MODELS_DIR=str(tmp_path / "models"),
+        MAX_NEW_TOKENS="8",
+        TEMPERATURE="0",
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=str(ROOT),
+    )
+    return env
+
+
+async def test_piped_stdin_gets_one_reply_per_line_and_exits_zero(
+    db: Database, database_url: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot",
+        "run",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=tmp_path,
+        env=_env(database_url, tiny_model_dir, tmp_path),
+    )
+    out, err = await asyncio.wait_for(process.communicate(b"Hello\nHow are you?\n/help\n"), timeout=120)
+    stdout, stderr = out.decode(), err.decode()
+    assert process.returncode == 0, stderr
+    assert "/reset" in stdout and "/retrain" in stdout  # the console user is an admin
+    assert "Traceback" not in stderr
+    async with db.sessions() as session:
+        rows = (await session.execute(select(Message).order_by(Message.id))).scalars().all()
+    assert [row.text for row in rows if row.role is Role.USER] == ["Hello", "How are you?", "/help"]
+    bot_replies = [row.text for row in rows if row.role is Role.BOT]
+    assert len(bot_replies) == 3 and all(reply.strip() for reply in bot_replies)
+    for reply in bot_replies[:2]:
+        assert reply.splitlines()[0] in stdout
+
+
+def test_run_refuses_an_unmigrated_database_with_a_hint(tiny_model_dir: Path, tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'fresh.db'}"
+    result = subprocess.run(
+        [sys.executable, "-m", "bot", "run"],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=_env(url, tiny_model_dir, tmp_path),
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "magpie db upgrade" in result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("magpie:")]
+    assert len(errors) == 1 and "magpie db upgrade" in errors[0]

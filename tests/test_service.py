@@ -1,0 +1,313 @@
+"""The chat service end to end: a real tiny GPT-2 behind the engine and a real database (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from core.db import Database
+from core.engine import Engine, GenerationParams, ModelRef
+from core.messages import ChatKind, IncomingMessage
+from core.models import Delivery, Message, Role, User
+from core.service import NOT_TEXT, ChatService
+from core.settings import Settings
+
+_ids = itertools.count(1)
+
+
+def msg(
+    text: str | None,
+    *,
+    user: str = "1",
+    chat: str = "100",
+    kind: ChatKind = ChatKind.PRIVATE,
+    addressed: bool = False,
+    message_id: str | None = None,
+    platform: str = "telegram",
+) -> IncomingMessage:
+    """An incoming message from user `user` in chat `chat`."""
+    return IncomingMessage(
+        platform=platform,
+        chat_id=chat,
+        chat_kind=kind,
+        author_id=user,
+        author_name=f"name-{user}",
+        text=text,
+        message_id=message_id or str(next(_ids)),
+        addressed=addressed,
+    )
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        admin_ids=frozenset({"telegram:42"}),
+        rate_limit_per_minute=5,
+        max_input_chars=50,
+        history_turns=6,
+        models_dir=tmp_path / "models",
+    )
+
+
+@pytest.fixture
+async def engine(tiny_model_dir: Path) -> AsyncIterator[Engine]:
+    engine = Engine(device="cpu", default_params=GenerationParams(max_new_tokens=6, temperature=0.0), seed=0)
+    await engine.start(ModelRef(source=str(tiny_model_dir), name="tiny"))
+    try:
+        yield engine
+    finally:
+        await engine.close()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def service(settings: Settings, db: Database, engine: Engine, clock: FakeClock) -> ChatService:
+    return ChatService(settings=settings, db=db, engine=engine, clock=clock)
+
+
+async def count_messages(db: Database, **filters: object) -> int:
+    query = select(func.count()).select_from(Message)
+    for name, value in filters.items():
+        query = query.where(getattr(Message, name) == value)
+    async with db.sessions() as session:
+        return int((await session.execute(query)).scalar_one())
+
+
+async def test_private_message_is_answered_and_both_sides_logged(service: ChatService, db: Database) -> None:
+    reply = await service.handle(msg("hello there"))
+    assert reply is not None and reply.text.strip()
+    assert "hello there" not in reply.text or len(reply.text) > len("hello there")
+    async with db.sessions() as session:
+        rows = (await session.execute(select(Message).order_by(Message.id))).scalars().all()
+    assert [(row.role, row.text) for row in rows] == [(Role.USER, "hello there"), (Role.BOT, reply.text)]
+    assert rows[1].reply_to_id == rows[0].id and rows[1].delivery is Delivery.PENDING
+    await service.mark_delivered(reply, ["555"])
+    async with db.sessions() as session:
+        bot = await session.get(Message, rows[1].id)
+    assert bot is not None and bot.delivery is Delivery.SENT and bot.platform_message_id == "555"
+
+
+async def test_duplicate_delivery_is_answered_and_logged_once(service: ChatService, db: Database) -> None:
+    first = await service.handle(msg("hi", message_id="77"))
+    second = await service.handle(msg("hi", message_id="77"))
+    assert first is not None and second is None
+    assert await count_messages(db, role=Role.USER) == 1
+    assert await count_messages(db, role=Role.BOT) == 1
+
+
+async def test_concurrent_duplicates_are_logged_once(service: ChatService, db: Database) -> None:
+    replies = await asyncio.gather(*(service.handle(msg("same", message_id="88")) for _ in range(5)))
+    assert sum(reply is not None for reply in replies) == 1
+    assert await count_messages(db, role=Role.USER) == 1
+
+
+async def test_group_messages_are_logged_but_answered_only_when_addressed(service: ChatService, db: Database) -> None:
+    group = {"chat": "-5", "kind": ChatKind.GROUP}
+    assert await service.handle(msg("just chatting", **group)) is None
+    assert await service.handle(msg("/help@OtherBot", **group)) is None
+    addressed = await service.handle(msg("what do you think?", addressed=True, **group))
+    command = await service.handle(msg("/help", **group))
+    assert addressed is not None and command is not None and "/reset" in command.text
+    assert await count_messages(db, role=Role.USER) == 4
+
+
+async def test_help_and_start_list_commands_admin_ones_only_for_admins(service: ChatService) -> None:
+    user_help = await service.handle(msg("/help"))
+    admin_help = await service.handle(msg("/help", user="42"))
+    start = await service.handle(msg("/start"))
+    assert user_help is not None and admin_help is not None and start is not None
+    for name in ("reset", "forget", "export", "optout", "optin"):
+        assert f"/{name}" in user_help.text
+    assert "/retrain" not in user_help.text and "/retrain" in admin_help.text
+    assert "/optout" in start.text
+
+
+@pytest.mark.parametrize("command", ["/retrain", "/status", "/models", "/rollback", "/rollback v1"])
+async def test_admin_commands_refuse_non_admins(
+    service: ChatService, db: Database, command: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    reply = await service.handle(msg(command, user="7"))
+    assert reply is not None and "admin" in reply.text
+    assert any(
+        "Refused admin command" in record.getMessage() and "telegram:7" in record.getMessage()
+        for record in caplog.records
+    )
+    assert await count_messages(db, role=Role.USER) == 1
+
+
+async def test_admin_names_do_not_grant_rights(service: ChatService) -> None:
+    impostor = IncomingMessage(
+        platform="telegram",
+        chat_id="1",
+        chat_kind=ChatKind.PRIVATE,
+        author_id="9",
+        author_name="42",
+        text="/status",
+        message_id="x1",
+    )
+    reply = await service.handle(impostor)
+    assert reply is not None and "admin" in reply.text
+
+
+async def test_status_for_admins(service: ChatService) -> None:
+    await service.handle(msg("hello"))
+    reply = await service.handle(msg("/status", user="42"))
+    assert reply is not None
+    assert "Model: tiny" in reply.text and "Messages logged: 3" in reply.text
+    assert "Last training run: none yet" in reply.text
+
+
+async def test_trainer_commands_say_when_unavailable(service: ChatService) -> None:
+    reply = await service.handle(msg("/retrain", user="42"))
+    assert reply is not None and "not available" in reply.text
+
+
+async def test_reset_starts_a_fresh_context(service: ChatService, db: Database, engine: Engine) -> None:
+    seen: list[list[str]] = []
+    original = engine.generate_response
+
+    async def spy(turns, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append([turn.text for turn in turns])
+        return await original(turns, **kwargs)
+
+    engine.generate_response = spy  # type: ignore[method-assign]
+    await service.handle(msg("first topic"))
+    await service.handle(msg("/reset"))
+    await service.handle(msg("second topic"))
+    assert seen[0] == ["first topic"]
+    assert seen[1] == ["second topic"]
+
+
+async def test_history_is_bounded_by_history_turns(service: ChatService, engine: Engine) -> None:
+    seen: list[int] = []
+    original = engine.generate_response
+
+    async def spy(turns, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(len(turns))
+        return await original(turns, **kwargs)
+
+    engine.generate_response = spy  # type: ignore[method-assign]
+    for index in range(5):
+        await service.handle(msg(f"line {index}"))
+    assert seen == [1, 3, 5, 7, 7]  # the message plus HISTORY_TURNS earlier turns
+
+
+async def test_forget_deletes_everything_the_user_sent_everywhere(service: ChatService, db: Database) -> None:
+    await service.handle(msg("mine in private"))
+    await service.handle(msg("mine in a group", chat="-9", kind=ChatKind.GROUP, addressed=True))
+    await service.handle(msg("someone else's", user="2"))
+    reply = await service.handle(msg("/forget"))
+    assert reply is not None and "deleted 3 messages" in reply.text
+    async with db.sessions() as session:
+        texts = (await session.execute(select(Message.text).where(Message.role == Role.USER))).scalars().all()
+    assert texts == ["someone else's"]
+
+
+async def test_export_returns_my_messages_as_json(service: ChatService) -> None:
+    await service.handle(msg("안녕하세요 😀"))
+    await service.handle(msg("not mine", user="2"))
+    reply = await service.handle(msg("/export"))
+    assert reply is not None and reply.attachment is not None
+    data = json.loads(reply.attachment.content)
+    assert [item["text"] for item in data["messages"]] == ["안녕하세요 😀", "/export"]
+
+
+async def test_optout_and_optin_flip_the_flag(service: ChatService, db: Database) -> None:
+    async def opted_out() -> bool:
+        async with db.sessions() as session:
+            return bool((await session.execute(select(User.opted_out).where(User.platform_user_id == "1"))).scalar())
+
+    reply = await service.handle(msg("/optout"))
+    assert reply is not None and "won't be used for training" in reply.text and await opted_out()
+    chat = await service.handle(msg("still talking"))
+    assert chat is not None  # opted-out users keep chatting
+    await service.handle(msg("/optin"))
+    assert not await opted_out()
+
+
+async def test_rate_limit_replies_and_still_logs(service: ChatService, db: Database, clock: FakeClock) -> None:
+    replies = [await service.handle(msg("/help")) for _ in range(6)]
+    assert all(reply is not None for reply in replies)
+    assert "try again in" in replies[-1].text  # type: ignore[union-attr]
+    assert await count_messages(db, role=Role.USER) == 6
+    clock.now += 61
+    again = await service.handle(msg("/help"))
+    assert again is not None and "try again" not in again.text
+
+
+async def test_long_empty_and_non_text_input_get_clear_replies(service: ChatService, db: Database) -> None:
+    long_reply = await service.handle(msg("x" * 51))
+    empty_reply = await service.handle(msg("   "))
+    sticker_reply = await service.handle(msg(None))
+    unknown = await service.handle(msg("/frobnicate"))
+    assert long_reply is not None and "too long" in long_reply.text and "50" in long_reply.text
+    assert empty_reply is not None and "text" in empty_reply.text
+    assert sticker_reply is not None and sticker_reply.text == NOT_TEXT
+    assert unknown is not None and "/help" in unknown.text
+    assert await count_messages(db, role=Role.USER) == 4
+
+
+async def test_one_generation_per_user_at_a_time(service: ChatService, engine: Engine) -> None:
+    running = 0
+    peak = 0
+    original = engine.generate_response
+
+    async def spy(turns, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        try:
+            return await original(turns, **kwargs)
+        finally:
+            running -= 1
+
+    engine.generate_response = spy  # type: ignore[method-assign]
+    replies = await asyncio.gather(*(service.handle(msg(f"q{index}")) for index in range(3)))
+    assert all(reply is not None for reply in replies)
+    assert peak == 1
+
+
+async def test_group_context_per_user(settings: Settings, db: Database, engine: Engine, clock: FakeClock) -> None:
+    service = ChatService(
+        settings=settings.model_copy(update={"group_context": "user"}), db=db, engine=engine, clock=clock
+    )
+    seen: list[list[str]] = []
+    original = engine.generate_response
+
+    async def spy(turns, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append([turn.text for turn in turns])
+        return await original(turns, **kwargs)
+
+    engine.generate_response = spy  # type: ignore[method-assign]
+    group = {"chat": "-1", "kind": ChatKind.GROUP, "addressed": True}
+    await service.handle(msg("alice here", user="1", **group))
+    await service.handle(msg("bob here", user="2", **group))
+    assert seen[1] == ["bob here"]
+
+
+async def test_undelivered_replies_are_recorded(service: ChatService, db: Database) -> None:
+    reply = await service.handle(msg("hello"))
+    assert reply is not None
+    await service.mark_undelivered(reply, "chat not found")
+    async with db.sessions() as session:
+        row = await session.get(Message, reply.log_id)
+    assert row is not None and row.delivery is Delivery.FAILED and row.delivery_error == "chat not found"
