@@ -114,8 +114,10 @@ def child_environment(settings: Settings, inherited: Mapping[str, str]) -> dict[
 def _env_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, frozenset | set | tuple | list):
+    if isinstance(value, frozenset | set):
         return ",".join(sorted(str(item) for item in value))
+    if isinstance(value, tuple | list):
+        return ",".join(str(item) for item in value)
     return str(value)
 
 
