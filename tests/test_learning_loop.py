@@ -31,6 +31,7 @@ from tests.loop_support import (
     RecordingNotifier,
     build_loop_model,
     community_samples,
+    greedy_engine,
     log_community,
     loop_settings,
     msg,
@@ -256,6 +257,33 @@ async def test_stopping_the_bot_stops_the_run(
     finally:
         await loop.orchestrator.stop()
         await engine.close()
+
+
+async def test_cancelling_a_foreground_run_stops_the_child(
+    db: Database, database_url: str, loop_model_dir: Path, tmp_path: Path
+) -> None:
+    """What Ctrl-C during `magpie retrain` does: the child is terminated and the run marked failed."""
+    settings = loop_settings(tmp_path, database_url, loop_model_dir, train_learning_rate=1e-4, train_epochs=200)
+    orchestrator = TrainingOrchestrator(settings=settings, db=db)
+    await log_community(ChatService(settings=settings, db=db, engine=greedy_engine()))
+    progressed = asyncio.Event()
+
+    async def on_progress(fraction: float) -> None:
+        progressed.set()
+
+    task = asyncio.create_task(orchestrator.run_in_foreground(triggered_by="cli:me", on_progress=on_progress))
+    await asyncio.wait_for(progressed.wait(), WAIT_S)
+    running = orchestrator.running
+    assert running is not None
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    run = await _run_row(db, 1)
+    assert run.status is RunStatus.FAILED and run.error == "interrupted from the shell"
+    assert orchestrator.running is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(running.pid, 0)
 
 
 async def test_too_little_data_fails_with_a_clear_reason(base_loop: Loop) -> None:

@@ -98,7 +98,8 @@ def cooldown_left(*, now: datetime, last_finished_at: datetime | None, cooldown_
 def child_environment(settings: Settings, inherited: Mapping[str, str]) -> dict[str, str]:
     """The training process's environment: this process's settings as variables, so the child sees exactly what
     the parent was configured with (tests build Settings in code); secrets are left out (the trainer needs no
-    platform token), and the thread settings bound every math library, not only torch."""
+    platform token), the thread settings bound every math library, not only torch, and library progress bars
+    stay out of the child's log."""
     fields = type(settings).model_fields
     env = {key: value for key, value in inherited.items() if key.lower() not in fields}
     for name in fields:
@@ -107,6 +108,7 @@ def child_environment(settings: Settings, inherited: Mapping[str, str]) -> dict[
             env[name.upper()] = _env_value(value)
     threads = str(settings.train_threads)
     env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false")
+    env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # the child's stderr is a log; progress comes back as JSON lines
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), inherited.get("PYTHONPATH")]))
     return env
 
