@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -159,20 +160,9 @@ async def _train_and_gate(settings: Settings, db: Database, run_id: int, emit: E
     gate = decide(active_loss=active_loss, new_loss=new_loss, margin=settings.promotion_margin)
 
     # Gate and record atomically: the version row, the activation (or rejection) and the run's outcome.
-    version_metrics = {key: value for key, value in result.metrics.items() if key != "arguments"}
-    version_metrics.update(eval_loss=gate.new_loss, perplexity=_perplexity(gate.new_loss))
-    run_metrics = _run_metrics(result.metrics, report, gate, version=output_dir.name)
-    version_metrics, run_metrics = json_safe(version_metrics), json_safe(run_metrics)
-    return await _record(
-        db,
-        run_id,
-        output_dir=output_dir,
-        start=start,
-        gate=gate,
-        version_metrics=version_metrics,
-        run_metrics=run_metrics,
-        manifest=read_manifest(output_dir),
-    )
+    version_metrics, run_metrics = _metrics(result.metrics, report, gate, version=output_dir.name)
+    recorded = Recorded(output_dir, start, gate, version_metrics, run_metrics, read_manifest(output_dir))
+    return await _record(db, run_id, recorded)
 
 
 def _check_enough(report: DatasetReport) -> None:
@@ -253,11 +243,14 @@ async def _start_point(settings: Settings, db: Database, run_id: int) -> StartPo
     return StartPoint(active.path, active.name, active.id)
 
 
-def _run_metrics(
+def _metrics(
     train_metrics: dict[str, Any], report: DatasetReport, gate: GateDecision, *, version: str
-) -> dict[str, Any]:
-    """What the run row keeps: the gate's numbers side by side, plus the data counts."""
-    return {
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The version row's metrics (`metrics.json` with the gate's score) and the run row's (both scores side by
+    side, plus the data counts), JSON-safe."""
+    version_metrics = {key: value for key, value in train_metrics.items() if key != "arguments"}
+    version_metrics.update(eval_loss=gate.new_loss, perplexity=_perplexity(gate.new_loss))
+    run_metrics = {
         "version": version,
         "active_eval_loss": gate.active_loss,
         "active_perplexity": _perplexity(gate.active_loss),
@@ -272,6 +265,7 @@ def _run_metrics(
         "data_to": train_metrics.get("data_to"),
         "timings": train_metrics.get("timings", {}),
     }
+    return json_safe(version_metrics), json_safe(run_metrics)
 
 
 def json_safe(value: Any) -> Any:
@@ -289,28 +283,31 @@ def _perplexity(loss: float) -> float | None:
     return math.exp(loss) if math.isfinite(loss) and loss < 700 else None
 
 
-async def _record(
-    db: Database,
-    run_id: int,
-    *,
-    output_dir: Path,
-    start: StartPoint,
-    gate: GateDecision,
-    version_metrics: dict[str, Any],
-    run_metrics: dict[str, Any],
-    manifest: dict[int, int | None],
-) -> RunStatus:
+@dataclass(frozen=True)
+class Recorded:
+    """Everything the final transaction writes."""
+
+    output_dir: Path
+    start: StartPoint
+    gate: GateDecision
+    version_metrics: dict[str, Any]
+    run_metrics: dict[str, Any]
+    manifest: dict[int, int | None]
+
+
+async def _record(db: Database, run_id: int, recorded: Recorded) -> RunStatus:
     """One transaction: a crash anywhere in it leaves the old version active and the run `running` (recovered as
     failed at the next start), never a half-promoted version."""
+    output_dir, start, gate = recorded.output_dir, recorded.start, recorded.gate
     async with db.sessions.begin() as session:
         version = await register_version(
             session,
             name=output_dir.name,
             path=str(output_dir),
             parent_id=start.version_id,
-            metrics=version_metrics,
+            metrics=recorded.version_metrics,
             note=f"trained by run #{run_id}",
-            manifest=manifest.items(),
+            manifest=recorded.manifest.items(),
         )
         active = await get_active_version(session)
         promote, reason = gate.promote, gate.reason
@@ -325,7 +322,7 @@ async def _record(
         assert run is not None
         run.status = RunStatus.PROMOTED if promote else RunStatus.REJECTED
         run.model_version_id = version.id
-        run.metrics = run_metrics
+        run.metrics = recorded.run_metrics
         run.error = None if promote else reason
         run.progress = 1.0
         run.finished_at = datetime.now(UTC)
@@ -351,7 +348,9 @@ def _failure_reason(exc: Exception) -> str:
 
 
 def _print_event(event: dict[str, Any]) -> None:
-    print(json.dumps(event), flush=True)
+    """A JSON line for the parent. If the parent is gone the run carries on: the row records it all anyway."""
+    with contextlib.suppress(BrokenPipeError, ValueError):  # ValueError: stdout already closed
+        print(json.dumps(event), flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
