@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from bot import cli_training
 from bot.backend import Backend
 from bot.console import ConsoleBackend
 from core.db import Database, upgrade
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--quiet", action="store_true", help="print nothing on success")
     db.add_parser("stats", help="count what has been logged")
     commands.add_parser("run", help="start the bot (the console when no platform token is set)")
+    cli_training.add_commands(commands)
     return parser
 
 
@@ -187,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_db_stats(settings))
         elif args.command == "run":
             asyncio.run(_serve(settings))
+        elif (code := asyncio.run(cli_training.run_command(args, settings))) is not None:
+            return code
         return 0
     except MagpieError as exc:
         print(f"magpie: {exc}", file=sys.stderr)

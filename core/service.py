@@ -34,6 +34,7 @@ from core.storage import (
     upsert_chat,
     upsert_user,
 )
+from core.versions import versions_trained_on_user
 
 log = logging.getLogger(__name__)
 
@@ -268,9 +269,16 @@ class ChatService:
     async def _cmd_forget(self, logged: Logged, _: ParsedCommand) -> Reply:
         async with self._db.sessions.begin() as session:
             count = await forget_user(session, user_id=logged.user_row_id)
+            trained_on = await versions_trained_on_user(session, user_id=logged.user_row_id)
         log.info("Forgot %d messages of user row %d", count, logged.user_row_id)
         noun = "message" if count == 1 else "messages"
         text = f"Done: I deleted {count} {noun} you sent me, in every chat (this /forget included)."
+        if trained_on:
+            names = ", ".join(version.name for version in trained_on)
+            text += (
+                f" Your messages were part of the training data of versions {names}; "
+                "they will not be in future versions."
+            )
         return await self._log_reply(logged, text, model_version_id=None, system=True, answers_logged=False)
 
     async def _cmd_export(self, logged: Logged, _: ParsedCommand) -> Reply:

@@ -1,0 +1,156 @@
+"""The learning loop's shell commands: `magpie retrain`, `magpie models …`, `magpie dataset export`, `magpie bootstrap`.
+
+They go through the same code as the chat commands: `magpie retrain` runs the same training child as `/retrain`
+(`TrainingOrchestrator.run_in_foreground`), and `magpie models activate/rollback` switch versions in the database
+the same atomic way as `/rollback`. A running bot notices the new active version within seconds and hot-swaps
+(its orchestrator's watcher), so these commands never need the bot to stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Never
+
+from tqdm import tqdm
+
+from core.db import Database
+from core.models import RunStatus
+from core.settings import Settings
+from trainer.orchestrator import TrainingOrchestrator
+
+STARTER_EXPLANATION = (
+    "Building the offline starter model: a small GPT-2 trained here, from scratch, on the English and Korean "
+    "dialogues of chatterbot-corpus (not OpenAI's pretrained GPT-2). It takes a few minutes."
+)
+
+Handler = Callable[[argparse.Namespace, Settings, Database], Awaitable[int]]
+
+
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Adds `retrain`, `models`, `dataset` and `bootstrap` to the `magpie` parser."""
+    retrain = subparsers.add_parser("retrain", help="train a new model version now, with a progress bar")
+    retrain.add_argument("--force", action="store_true", help="ignore RETRAIN_COOLDOWN_MINUTES")
+
+    models = subparsers.add_parser("models", help="list and switch model versions")
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    models_commands.add_parser("list", help="the model versions, newest first")
+    activate = models_commands.add_parser("activate", help="make a version the active one")
+    activate.add_argument("name", help="the version's name, e.g. v3")
+    rollback = models_commands.add_parser(
+        "rollback", help="go back to the previous (or a named) version, marking the current one rolled back"
+    )
+    rollback.add_argument("name", nargs="?", help="the version to go back to (default: the one before)")
+
+    dataset = subparsers.add_parser("dataset", help="inspect the training data")
+    dataset_commands = dataset.add_subparsers(dest="dataset_command", required=True)
+    export = dataset_commands.add_parser("export", help="write the training set as JSONL, with exclusion counts")
+    export.add_argument("path", type=Path, help="the JSONL file to write")
+
+    subparsers.add_parser("bootstrap", help="build the offline starter model (small GPT-2 trained locally)")
+
+
+async def run_command(args: argparse.Namespace, settings: Settings) -> int | None:
+    """Runs one of this module's commands and returns its exit status; None when `args` names another command."""
+    handler = _HANDLERS.get(args.command)
+    if handler is None:
+        return None
+    db = Database.connect(settings.database_url)
+    try:
+        await db.check_schema()
+        return await handler(args, settings, db)
+    finally:
+        await db.close()
+
+
+def _operator() -> str:
+    """Who ran the command, for the audit trail (`cli:<login>`)."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (OSError, KeyError):
+        return "cli"
+
+
+async def _retrain(args: argparse.Namespace, settings: Settings, db: Database) -> int:
+    orchestrator = TrainingOrchestrator(settings=settings, db=db)
+    bars: list[tqdm[Never]] = []  # opened at the first progress line, so a refusal prints no empty bar
+
+    async def show(fraction: float) -> None:
+        if not bars:
+            bars.append(tqdm(total=100, unit="%", desc="Training", file=sys.stderr))
+        bars[0].update(max(0, round(fraction * 100) - bars[0].n))
+
+    try:
+        outcome = await orchestrator.run_in_foreground(
+            triggered_by=_operator(), on_progress=show, ignore_cooldown=args.force
+        )
+    finally:
+        for bar in bars:
+            bar.close()
+    if isinstance(outcome, str):
+        print(outcome, file=sys.stderr)
+        return 1
+    print(outcome.message())
+    return 1 if outcome.status is RunStatus.FAILED else 0
+
+
+async def _models(args: argparse.Namespace, settings: Settings, db: Database) -> int:
+    orchestrator = TrainingOrchestrator(settings=settings, db=db)
+    if args.models_command == "list":
+        print(await orchestrator.list_versions())
+        return 0
+    switch = await orchestrator.switch_version(
+        version=args.name, rolled_back=args.models_command == "rollback", triggered_by=_operator()
+    )
+    print(switch.text, file=sys.stdout if switch.done else sys.stderr)
+    return 0 if switch.done else 1
+
+
+async def _dataset(args: argparse.Namespace, settings: Settings, db: Database) -> int:
+    from trainer.dataset import build_dataset, export_jsonl
+
+    report = await build_dataset(settings, db)
+    written = export_jsonl(report, args.path)
+    summary = report.summary()
+    print(
+        f"Wrote {written} samples to {args.path}: {summary['train_samples']} for training from "
+        f"{summary['train_chats']} chats, {summary['eval_samples']} held out from {summary['eval_chats']} chats "
+        f"({summary['messages_read']} messages read)."
+    )
+    if report.excluded:
+        print("Not used as training targets, by reason:")
+        for reason, count in sorted(report.excluded.items()):
+            print(f"  {reason}: {count}")
+    return 0
+
+
+async def _bootstrap(args: argparse.Namespace, settings: Settings, db: Database) -> int:
+    from trainer.bootstrap import bootstrap
+
+    print(STARTER_EXPLANATION)
+    with tqdm(total=100, unit="%", desc="Starter model", file=sys.stderr) as bar:
+
+        def show(fraction: float) -> None:  # called from the training thread; tqdm locks internally
+            bar.update(max(0, round(fraction * 100) - bar.n))
+
+        starter = await bootstrap(settings, db, progress=show)
+    perplexity = starter.metrics.get("perplexity")
+    quality = f"held-out perplexity {perplexity:.1f}" if isinstance(perplexity, float) else "no held-out score"
+    state = (
+        "It is now the active model."
+        if starter.activated
+        else "Another version is active; `magpie models activate " + starter.name + "` switches to it."
+    )
+    print(f"Saved {starter.name} to {starter.path} ({quality}). {state}")
+    return 0
+
+
+_HANDLERS: dict[str, Handler] = {
+    "retrain": _retrain,
+    "models": _models,
+    "dataset": _dataset,
+    "bootstrap": _bootstrap,
+}

@@ -1,0 +1,389 @@
+"""The orchestrator's decisions and bookkeeping: schedule, cooldown, refusals, recovery, versions, the watcher.
+
+The pure decisions are tested with an injected clock; the rest against a real database (SQLite and PostgreSQL)
+and, where a swap happens, a real engine serving the tiny GPT-2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+from sqlalchemy import select
+
+from core.db import Database
+from core.engine import Engine, ModelRef
+from core.models import ModelVersion, RunStatus, TrainingRun, VersionStatus
+from core.service import ChatService
+from core.settings import Settings
+from core.versions import activate_version, register_version, set_version_status
+from tests.loop_support import ADMIN, RecordingNotifier, greedy_engine, loop_settings, msg
+from trainer.orchestrator import (
+    RunOutcome,
+    TrainingOrchestrator,
+    child_environment,
+    cooldown_left,
+    retrain_due,
+    trainer_process_alive,
+)
+from trainer.retrain import decide, json_safe
+
+NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+
+
+class Clock:
+    def __init__(self, now: datetime = NOW) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+# --- pure decisions -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("last_run_hours_ago", "new_messages", "interval", "minimum", "due"),
+    [
+        (None, 200, 24, 200, True),  # never trained, enough data
+        (None, 199, 24, 200, False),  # never trained, too little
+        (25, 500, 24, 200, True),  # interval passed, enough data
+        (23, 500, 24, 200, False),  # interval not yet passed
+        (25, 10, 24, 200, False),  # interval passed, too little new data
+        (1000, 10**6, 0, 0, False),  # schedule off
+        (0.5, 0, 0.25, 0, True),  # short interval, no minimum
+    ],
+)
+def test_retrain_due(
+    last_run_hours_ago: float | None, new_messages: int, interval: float, minimum: int, due: bool
+) -> None:
+    last = None if last_run_hours_ago is None else NOW - timedelta(hours=last_run_hours_ago)
+    decision = retrain_due(
+        now=NOW,
+        last_run_started_at=last,
+        new_messages=new_messages,
+        interval_hours=interval,
+        min_new_messages=minimum,
+    )
+    assert decision is due
+
+
+def test_cooldown_left() -> None:
+    five_ago = NOW - timedelta(minutes=5)
+    assert cooldown_left(now=NOW, last_finished_at=five_ago, cooldown_minutes=30) == timedelta(minutes=25)
+    assert cooldown_left(now=NOW, last_finished_at=five_ago, cooldown_minutes=5) is None
+    assert cooldown_left(now=NOW, last_finished_at=five_ago, cooldown_minutes=0) is None
+    assert cooldown_left(now=NOW, last_finished_at=None, cooldown_minutes=30) is None
+
+
+def test_gate_decisions() -> None:
+    assert decide(active_loss=2.0, new_loss=2.0, margin=0.0).promote
+    assert decide(active_loss=2.0, new_loss=1.5, margin=0.0).promote
+    worse = decide(active_loss=2.0, new_loss=2.05, margin=0.0)
+    assert not worse.promote and "2.050 is worse than the active version's 2.000" in worse.reason
+    assert decide(active_loss=2.0, new_loss=2.05, margin=0.1).promote
+    diverged = decide(active_loss=2.0, new_loss=math.nan, margin=1.0)
+    assert not diverged.promote and "diverged" in diverged.reason
+    assert decide(active_loss=math.inf, new_loss=3.0, margin=0.0).promote
+
+
+def test_metrics_are_made_json_safe() -> None:
+    assert json_safe({"a": math.nan, "b": [1.5, math.inf], "c": "x", "d": {"e": -math.inf}}) == {
+        "a": None,
+        "b": [1.5, None],
+        "c": "x",
+        "d": {"e": None},
+    }
+
+
+def test_outcome_messages() -> None:
+    metrics = {"active_eval_loss": 2.0, "eval_loss": 1.0, "eval_samples": 12, "train_samples": 90}
+    promoted = RunOutcome(3, RunStatus.PROMOTED, "v3", metrics).message()
+    assert promoted == (
+        "Training run #3 finished: v3 is now the active model. Eval loss 2.000 → 1.000 (perplexity 7.4 → 2.7) "
+        "on 12 held-out samples; trained on 90."
+    )
+    rejected = RunOutcome(4, RunStatus.REJECTED, "v4", metrics, reason="worse").message()
+    assert rejected.startswith("Training run #4 finished, but v4 was not promoted: worse. The active model stays.")
+    failed = RunOutcome(5, RunStatus.FAILED, reason="the training process was killed (SIGKILL)").message()
+    assert failed == "Training run #5 failed: the training process was killed (SIGKILL). The active model stays."
+
+
+def test_child_environment_hands_the_settings_down_without_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        telegram_bot_token=SecretStr("123:secret"),
+        admin_ids=frozenset({"telegram:42", "discord:7"}),
+        train_blocklist=("spam", "scam"),
+        train_learning_rate=3e-4,
+        train_redact_pii=False,
+        models_dir=tmp_path / "models",
+        train_threads=3,
+        seed=5,
+    )
+    inherited = {"PATH": "/usr/bin", "TELEGRAM_BOT_TOKEN": "123:secret", "train_epochs": "99", "PYTHONPATH": "/x"}
+
+    env = child_environment(settings, inherited)
+
+    assert "123:secret" not in env.values() and "train_epochs" not in env
+    assert env["PATH"] == "/usr/bin" and env["OMP_NUM_THREADS"] == "3"
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(Path(__file__).resolve().parent.parent), "/x"]
+    for key, value in env.items():  # the child reads them from its environment
+        monkeypatch.setenv(key, value)
+    rebuilt = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert rebuilt.model_dump(exclude={"telegram_bot_token"}) == settings.model_dump(exclude={"telegram_bot_token"})
+    assert rebuilt.telegram_bot_token is None
+
+
+@pytest.fixture
+def fake_trainer() -> Iterator[subprocess.Popen[bytes]]:
+    """A live process whose command line names trainer.retrain (as a `magpie retrain` in another shell would)."""
+    code = "import sys; print('ready', flush=True); sys.stdin.read()"
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, "trainer.retrain"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert process.stdout is not None and process.stdout.readline() == b"ready\n"  # it has exec'd by now
+    try:
+        yield process
+    finally:
+        assert process.stdin is not None
+        process.stdin.close()
+        process.wait(timeout=30)
+        process.stdout.close()
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait(timeout=30)
+    return process.pid
+
+
+def test_trainer_process_alive(fake_trainer: subprocess.Popen[bytes]) -> None:
+    assert trainer_process_alive(fake_trainer.pid)
+    assert not trainer_process_alive(os.getpid()), "a live process that is not a trainer (a reused pid)"
+    assert not trainer_process_alive(_dead_pid())
+    assert not trainer_process_alive(None)
+
+
+# --- runs in the database -------------------------------------------------------------------------------------
+
+
+async def _add_run(db: Database, **fields: Any) -> int:
+    values: dict[str, Any] = {"status": RunStatus.RUNNING, "triggered_by": "test", "started_at": NOW, **fields}
+    async with db.sessions.begin() as session:
+        run = TrainingRun(**values)
+        session.add(run)
+        await session.flush()
+        return run.id
+
+
+async def _run(db: Database, run_id: int) -> TrainingRun:
+    async with db.sessions() as session:
+        run = await session.get(TrainingRun, run_id)
+    assert run is not None
+    return run
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str, tiny_model_dir: Path) -> Settings:
+    return loop_settings(tmp_path, database_url, tiny_model_dir, retrain_cooldown_minutes=30)
+
+
+async def test_interrupted_runs_are_marked_failed_at_start(
+    db: Database, settings: Settings, fake_trainer: subprocess.Popen[bytes]
+) -> None:
+    dead = await _add_run(db, pid=_dead_pid(), progress=0.4)
+    never_spawned = await _add_run(db, pid=None, started_at=NOW - timedelta(hours=1))
+    just_created = await _add_run(db, pid=None, started_at=NOW - timedelta(seconds=10))
+    other_shell = await _add_run(db, pid=fake_trainer.pid)
+    finished = await _add_run(db, status=RunStatus.PROMOTED, finished_at=NOW - timedelta(days=1))
+    partial = settings.models_dir / f".v{dead}.partial"
+    partial.mkdir(parents=True)
+    orchestrator = TrainingOrchestrator(settings=settings, db=db, clock=Clock())
+
+    await orchestrator.start()
+    await orchestrator.stop()
+
+    for run_id in (dead, never_spawned):
+        run = await _run(db, run_id)
+        assert run.status is RunStatus.FAILED and run.finished_at == NOW
+        assert run.error is not None and run.error.startswith("interrupted")
+    for run_id in (just_created, other_shell):
+        assert (await _run(db, run_id)).status is RunStatus.RUNNING
+    assert (await _run(db, finished)).status is RunStatus.PROMOTED
+    assert not partial.exists()
+
+
+async def test_a_run_in_another_process_is_reported_as_running(
+    db: Database, settings: Settings, fake_trainer: subprocess.Popen[bytes]
+) -> None:
+    await _add_run(db, pid=fake_trainer.pid, progress=0.42)
+    orchestrator = TrainingOrchestrator(settings=settings, db=db, clock=Clock())
+    reply = await orchestrator.request(triggered_by="telegram:42", notify_platform="telegram", notify_chat_id="42")
+    assert reply == "A training run (#1) is already running, 42% done."
+    async with db.sessions() as session:
+        assert len((await session.scalars(select(TrainingRun))).all()) == 1
+
+
+async def test_cooldown_refuses_a_new_run_and_the_service_relays_it(db: Database, settings: Settings) -> None:
+    clock = Clock()
+    await _add_run(db, status=RunStatus.REJECTED, finished_at=NOW - timedelta(minutes=5))
+    orchestrator = TrainingOrchestrator(settings=settings, db=db, clock=clock)
+    engine = greedy_engine()
+    service = ChatService(settings=settings, db=db, engine=engine, retrainer=orchestrator)
+
+    reply = await service.handle(msg("/retrain", user=ADMIN))
+
+    assert reply is not None
+    assert reply.text == (
+        "The last training run finished less than 30 minutes ago (RETRAIN_COOLDOWN_MINUTES). Try again in 25 min."
+    )
+    async with db.sessions() as session:
+        assert len((await session.scalars(select(TrainingRun))).all()) == 1
+
+
+async def test_the_schedule_starts_a_run_when_due(db: Database, settings: Settings) -> None:
+    clock = Clock()
+    scheduled = settings.model_copy(update={"retrain_interval_hours": 24.0, "retrain_min_new_messages": 2})
+    orchestrator = TrainingOrchestrator(settings=scheduled, db=db, clock=clock)
+    service = ChatService(settings=scheduled, db=db, engine=greedy_engine(), retrainer=orchestrator)
+    for text in ("one", "/help"):
+        await service.handle(msg(text, user="5", chat="-1"))  # a group: logged, not answered
+    await _add_run(
+        db, status=RunStatus.FAILED, started_at=NOW - timedelta(hours=30), finished_at=NOW - timedelta(hours=30)
+    )
+
+    assert await orchestrator.check_schedule() is None, "one new conversational message; the command does not count"
+    await service.handle(msg("two", user="6", chat="-1"))
+    clock.now = NOW - timedelta(hours=7)  # only 23 hours after the last run
+    assert await orchestrator.check_schedule() is None
+    clock.now = NOW
+
+    reply = await orchestrator.check_schedule()
+    await orchestrator.stop()
+
+    assert reply is not None and reply.startswith("Training run #2 started")
+    run = await _run(db, 2)
+    assert run.triggered_by == "schedule" and run.status is RunStatus.FAILED and run.finished_at is not None
+
+
+# --- versions and the engine ----------------------------------------------------------------------------------
+
+
+async def _register(db: Database, name: str, path: Path, *, loss: float | None = None, active: bool = False) -> int:
+    async with db.sessions.begin() as session:
+        metrics = {"eval_loss": loss} if loss is not None else {}
+        version = await register_version(session, name=name, path=str(path), metrics=metrics)
+        if active:
+            await activate_version(session, version_id=version.id)
+        return version.id
+
+
+@pytest.fixture
+async def engine(tiny_model_dir: Path) -> AsyncIterator[Engine]:
+    engine = greedy_engine()
+    await engine.start(ModelRef(source=str(tiny_model_dir), name="tiny"))
+    try:
+        yield engine
+    finally:
+        await engine.close()
+
+
+async def test_versions_are_listed_newest_first_with_the_active_one_marked(
+    db: Database, settings: Settings, tiny_model_dir: Path
+) -> None:
+    orchestrator = TrainingOrchestrator(settings=settings, db=db)
+    assert (await orchestrator.list_versions()).startswith("No trained model versions yet: serving BASE_MODEL")
+    await _register(db, "v1", tiny_model_dir, loss=2.0, active=True)
+    rejected = await _register(db, "v2", tiny_model_dir, loss=2.5)
+    async with db.sessions.begin() as session:
+        await set_version_status(session, version_id=rejected, status=VersionStatus.REJECTED, note="worse")
+
+    lines = (await orchestrator.list_versions()).splitlines()
+
+    assert lines[0] == "Model versions, newest first (* = active):"
+    assert lines[1].startswith("  v2: rejected, eval loss 2.500 (perplexity 12.2), ") and lines[1].endswith("(worse)")
+    assert lines[2].startswith("* v1: active, eval loss 2.000 (perplexity 7.4), ")
+
+
+async def test_rollback_refuses_clearly(db: Database, settings: Settings, tiny_model_dir: Path, tmp_path: Path) -> None:
+    orchestrator = TrainingOrchestrator(settings=settings, db=db)
+    assert "nothing to roll back" in await orchestrator.rollback(version=None, triggered_by="t")
+    assert await orchestrator.rollback(version="v9", triggered_by="t") == (
+        'I don\'t know a model version called "v9". /models lists them.'
+    )
+    await _register(db, "v1", tiny_model_dir, active=True)
+    assert "no earlier version to go back to from v1" in await orchestrator.rollback(version=None, triggered_by="t")
+    assert await orchestrator.rollback(version="v1", triggered_by="t") == "v1 is already the active model."
+    await _register(db, "gone", tmp_path / "deleted")
+    assert "files are missing" in await orchestrator.rollback(version="gone", triggered_by="t")
+
+
+async def test_rollback_and_activate_switch_the_engine(
+    db: Database, settings: Settings, tiny_model_dir: Path, engine: Engine
+) -> None:
+    first = await _register(db, "v1", tiny_model_dir, active=True)
+    second = await _register(db, "v2", tiny_model_dir, active=True)
+    orchestrator = TrainingOrchestrator(settings=settings, db=db, engine=engine)
+    await orchestrator.sync_engine()
+    assert engine.model_ref is not None and engine.model_ref.version_id == second
+
+    reply = await orchestrator.rollback(version=None, triggered_by="telegram:42")
+
+    assert reply == "Switched to v1. v2 is marked rolled back; its replies will not be used for training."
+    assert engine.model_ref.version_id == first
+    switch = await orchestrator.switch_version(version="2", rolled_back=False, triggered_by="cli:me")
+    assert switch.done and switch.text == "Switched to v2."
+    assert engine.model_ref.version_id == second
+    async with db.sessions() as session:
+        statuses = {v.name: v.status for v in (await session.scalars(select(ModelVersion))).all()}
+    assert statuses == {"v1": VersionStatus.RETIRED, "v2": VersionStatus.ACTIVE}
+
+
+async def test_the_watcher_swaps_when_another_process_activates_a_version(
+    db: Database, settings: Settings, tiny_model_dir: Path, engine: Engine
+) -> None:
+    version = await _register(db, "v1", tiny_model_dir)
+    swapped = asyncio.Event()
+    original = engine.swap
+
+    async def spy(ref: ModelRef) -> None:
+        await original(ref)
+        swapped.set()
+
+    engine.swap = spy  # type: ignore[method-assign]
+    orchestrator = TrainingOrchestrator(settings=settings, db=db, engine=engine, poll_interval_s=0.05)
+    await orchestrator.start()
+    try:
+        async with db.sessions.begin() as session:  # what `magpie models activate v1` does in another process
+            await activate_version(session, version_id=version)
+        await asyncio.wait_for(swapped.wait(), 60)
+    finally:
+        await orchestrator.stop()
+    assert engine.model_ref is not None and engine.model_ref.version_id == version
+    assert engine.model_ref.source == str(tiny_model_dir)
+
+
+async def test_progress_is_notified_every_quarter(db: Database, settings: Settings) -> None:
+    notifier = RecordingNotifier()
+    orchestrator = TrainingOrchestrator(settings=settings, db=db, notifier=notifier)
+    report = orchestrator._progress_notifier(7, ("telegram", "42"))
+    assert report is not None
+    for fraction in (0.1, 0.26, 0.3, 0.49, 0.51, 0.8, 0.99, 1.0):
+        await report(fraction)
+    assert notifier.texts() == [
+        "Training run #7: 26% done.",
+        "Training run #7: 51% done.",
+        "Training run #7: 80% done.",
+    ]

@@ -1,0 +1,378 @@
+"""One training run, start to finish, in a process of its own: `python -m trainer.retrain --run-id N`.
+
+The serving process (or `magpie retrain`) creates a `training_runs` row and starts this program; everything else
+happens here, so the bot's event loop never runs torch code and a crash or a kill here cannot take the chat down.
+Settings come from the environment like in every Magpie process (`trainer.orchestrator.child_environment` hands
+the parent's settings down).
+
+Stages, top to bottom:
+1. claim the run row (it must be `running`) and record this process's pid;
+2. build the dataset from the database (`trainer.dataset.build_dataset`: filters, caps, redaction, split by chat);
+   too little data ends the run `failed` with the reason;
+3. start from the active version (or BASE_MODEL) and train into `MODELS_DIR/v<run id>` with `trainer.train.train`
+   (TRAIN_THREADS threads; the directory appears only once complete);
+4. score the active version and the new one on the SAME held-out split (`evaluate_loss`);
+5. gate and record, in one transaction: register the version with its manifest, then either activate it (new eval
+   loss <= active eval loss + PROMOTION_MARGIN, and the active version is still the one it was compared with) or
+   mark it `rejected` with the reason; the run row gets the status, metrics and finish time.
+
+Progress goes two ways: the row's `progress` column, and JSON lines on stdout for the parent process:
+`{"event": "stage", "stage": "training"}`, `{"event": "progress", "progress": 0.42}`,
+`{"event": "finished", "status": "promoted"}`. Logs go to stderr. The exit status is 0 when an outcome (promoted or
+rejected) was recorded, 1 when the run failed (recorded with its reason), 2 when the run row was not usable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from core.db import Database
+from core.errors import MagpieError
+from core.models import RunStatus, TrainingRun, VersionStatus
+from core.settings import Settings
+from core.versions import activate_version, get_active_version, register_version, set_version_status
+from trainer.dataset import DatasetReport, Sample, build_dataset
+
+if TYPE_CHECKING:
+    from trainer.train import TrainArguments
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[dict[str, Any]], None]
+"""Where progress events go: JSON lines on stdout in the child process, a list in tests."""
+
+
+class NotEnoughDataError(MagpieError):
+    """The logged conversations do not yet make a training set with a held-out split."""
+
+
+class RunNotClaimableError(MagpieError):
+    """The run row does not exist or is not `running` (another process finished or failed it)."""
+
+
+@dataclass(frozen=True)
+class StartPoint:
+    """The model a run starts from and is compared with: the active version, or BASE_MODEL (version id None)."""
+
+    source: str
+    name: str
+    version_id: int | None
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """The promotion gate's verdict on a candidate, with the numbers it was based on."""
+
+    promote: bool
+    reason: str
+    active_loss: float
+    new_loss: float
+
+
+def version_name(run_id: int) -> str:
+    """A run's version is named after it (`v7` comes from run #7), which keeps names unique and auditable."""
+    return f"v{run_id}"
+
+
+def partial_dirs(models_dir: Path, run_id: int) -> Iterator[Path]:
+    """Half-written version directories a killed run may leave (`trainer.train` writes into `.<name>.partial`)."""
+    name = version_name(run_id)
+    yield from models_dir.glob(f".{name}.partial")
+    yield from models_dir.glob(f".{name}-*.partial")
+
+
+def decide(*, active_loss: float, new_loss: float, margin: float) -> GateDecision:
+    """Promote only a version that is not worse than the active one on the same held-out split (plus `margin`)."""
+    if not math.isfinite(new_loss):
+        return GateDecision(False, f"its eval loss is {new_loss} (training diverged)", active_loss, new_loss)
+    if not math.isfinite(active_loss) or new_loss <= active_loss + margin:
+        return GateDecision(True, f"eval loss {active_loss:.3f} -> {new_loss:.3f}", active_loss, new_loss)
+    allowance = f" + margin {margin:g}" if margin else ""
+    reason = f"its eval loss {new_loss:.3f} is worse than the active version's {active_loss:.3f}{allowance}"
+    return GateDecision(False, reason, active_loss, new_loss)
+
+
+async def retrain(settings: Settings, run_id: int, *, emit: Emit) -> RunStatus:
+    """Runs the whole training run `run_id`, recording every outcome on its row; returns the final status."""
+    db = Database.connect(settings.database_url)
+    try:
+        await _claim(db, run_id)
+        try:
+            status = await _train_and_gate(settings, db, run_id, emit)
+        except Exception as exc:
+            reason = _failure_reason(exc)
+            if not isinstance(exc, MagpieError):
+                log.exception("training run #%d failed", run_id)
+            await _finish(db, run_id, RunStatus.FAILED, error=reason)
+            for leftover in partial_dirs(settings.models_dir, run_id):
+                shutil.rmtree(leftover, ignore_errors=True)
+            status = RunStatus.FAILED
+        emit({"event": "finished", "status": status.value})
+        return status
+    finally:
+        await db.close()
+
+
+async def _train_and_gate(settings: Settings, db: Database, run_id: int, emit: Emit) -> RunStatus:
+    # torch and transformers load only now, so a run without enough data fails in a moment.
+    from trainer.train import TrainArguments, read_manifest, train
+
+    # Dataset: everything the filters let through, split by chat.
+    emit({"event": "stage", "stage": "dataset"})
+    report = await build_dataset(settings, db)
+    _check_enough(report)
+
+    # Start point: the active version (or BASE_MODEL), recorded on the row as the run's parent.
+    start = await _start_point(settings, db, run_id)
+
+    # Train in a worker thread: the event loop stays free to record progress in the database.
+    emit({"event": "stage", "stage": "training"})
+    output_dir = _output_dir(settings, run_id)
+    args = TrainArguments.from_settings(settings)
+    result = await asyncio.to_thread(
+        train,
+        args,
+        report.train,
+        report.eval,
+        model_source=start.source,
+        output_dir=output_dir,
+        parent_version=start.name,
+        progress=_progress_reporter(db, run_id, emit, asyncio.get_running_loop()),
+    )
+
+    # Score the active and the new version on the same held-out samples, the same way.
+    emit({"event": "stage", "stage": "scoring"})
+    active_loss = await asyncio.to_thread(_score, start.source, report.eval, args)
+    new_loss = await asyncio.to_thread(_score, str(output_dir), report.eval, args)
+    gate = decide(active_loss=active_loss, new_loss=new_loss, margin=settings.promotion_margin)
+
+    # Gate and record atomically: the version row, the activation (or rejection) and the run's outcome.
+    version_metrics, run_metrics = _metrics(result.metrics, report, gate, version=output_dir.name)
+    recorded = Recorded(output_dir, start, gate, version_metrics, run_metrics, read_manifest(output_dir))
+    return await _record(db, run_id, recorded)
+
+
+def _check_enough(report: DatasetReport) -> None:
+    if report.train and report.eval:
+        return
+    chats = len({s.chat for s in (*report.train, *report.eval)})
+    raise NotEnoughDataError(
+        f"not enough conversation to train on yet: {len(report.train)} training and {len(report.eval)} held-out "
+        f"samples from {chats} chat(s), out of {report.messages_read} logged messages. A run needs usable messages "
+        "in at least two chats (one is held out to judge the new version)."
+    )
+
+
+def _score(source: str, samples: Sequence[Sample], args: TrainArguments) -> float:
+    from trainer.train import evaluate_loss
+
+    return evaluate_loss(
+        source,
+        samples,
+        max_length=args.max_length,
+        response_only=args.loss_on_response_only,
+        batch_size=args.eval_batch_size,
+        threads=args.threads,
+    )
+
+
+def _output_dir(settings: Settings, run_id: int) -> Path:
+    """`MODELS_DIR/v<id>`, or with a time suffix when that exists already (e.g. a database that was reset)."""
+    models_dir = settings.models_dir.resolve()
+    models_dir.mkdir(parents=True, exist_ok=True)
+    candidate = models_dir / version_name(run_id)
+    if candidate.exists():
+        candidate = models_dir / f"{version_name(run_id)}-{datetime.now(UTC):%Y%m%d%H%M%S}"
+    return candidate
+
+
+def _progress_reporter(
+    db: Database, run_id: int, emit: Emit, loop: asyncio.AbstractEventLoop
+) -> Callable[[float], None]:
+    """Called by the Trainer in the worker thread: the row's progress first (waited for, so the row is never behind
+    what the parent was told and a late write can never land after the outcome), then the line for the parent."""
+
+    def report(fraction: float) -> None:
+        future = asyncio.run_coroutine_threadsafe(_set_progress(db, run_id, fraction), loop)
+        try:
+            future.result(timeout=30)
+        except Exception:
+            log.warning("could not record the progress of run #%d", run_id, exc_info=True)
+        emit({"event": "progress", "progress": round(fraction, 4)})
+
+    return report
+
+
+async def _set_progress(db: Database, run_id: int, fraction: float) -> None:
+    async with db.sessions.begin() as session:
+        run = await session.get(TrainingRun, run_id)
+        if run is not None and run.status == RunStatus.RUNNING:
+            run.progress = fraction
+
+
+async def _claim(db: Database, run_id: int) -> None:
+    async with db.sessions.begin() as session:
+        run = await session.get(TrainingRun, run_id)
+        if run is None or run.status != RunStatus.RUNNING:
+            state = "does not exist" if run is None else f"is already {run.status.value}"
+            raise RunNotClaimableError(f"training run #{run_id} {state}")
+        run.pid = os.getpid()
+
+
+async def _start_point(settings: Settings, db: Database, run_id: int) -> StartPoint:
+    async with db.sessions.begin() as session:
+        active = await get_active_version(session)
+        run = await session.get(TrainingRun, run_id)
+        assert run is not None
+        run.parent_version_id = active.id if active is not None else None
+    if active is None:
+        return StartPoint(settings.base_model, settings.base_model, None)
+    return StartPoint(active.path, active.name, active.id)
+
+
+def _metrics(
+    train_metrics: dict[str, Any], report: DatasetReport, gate: GateDecision, *, version: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The version row's metrics (`metrics.json` with the gate's score) and the run row's (both scores side by
+    side, plus the data counts), JSON-safe."""
+    version_metrics = {key: value for key, value in train_metrics.items() if key != "arguments"}
+    version_metrics.update(eval_loss=gate.new_loss, perplexity=_perplexity(gate.new_loss))
+    run_metrics = {
+        "version": version,
+        "active_eval_loss": gate.active_loss,
+        "active_perplexity": _perplexity(gate.active_loss),
+        "eval_loss": gate.new_loss,
+        "perplexity": _perplexity(gate.new_loss),
+        "train_loss": train_metrics.get("train_loss"),
+        "steps": train_metrics.get("steps"),
+        "train_samples": len(report.train),
+        "eval_samples": len(report.eval),
+        "excluded": dict(report.excluded),
+        "data_from": train_metrics.get("data_from"),
+        "data_to": train_metrics.get("data_to"),
+        "timings": train_metrics.get("timings", {}),
+    }
+    return json_safe(version_metrics), json_safe(run_metrics)
+
+
+def json_safe(value: Any) -> Any:
+    """NaN and infinity become None: JSON has no such numbers, and PostgreSQL refuses them in a JSON column."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def _perplexity(loss: float) -> float | None:
+    return math.exp(loss) if math.isfinite(loss) and loss < 700 else None
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """Everything the final transaction writes."""
+
+    output_dir: Path
+    start: StartPoint
+    gate: GateDecision
+    version_metrics: dict[str, Any]
+    run_metrics: dict[str, Any]
+    manifest: dict[int, int | None]
+
+
+async def _record(db: Database, run_id: int, recorded: Recorded) -> RunStatus:
+    """One transaction: a crash anywhere in it leaves the old version active and the run `running` (recovered as
+    failed at the next start), never a half-promoted version."""
+    output_dir, start, gate = recorded.output_dir, recorded.start, recorded.gate
+    async with db.sessions.begin() as session:
+        version = await register_version(
+            session,
+            name=output_dir.name,
+            path=str(output_dir),
+            parent_id=start.version_id,
+            metrics=recorded.version_metrics,
+            note=f"trained by run #{run_id}",
+            manifest=recorded.manifest.items(),
+        )
+        active = await get_active_version(session)
+        promote, reason = gate.promote, gate.reason
+        if promote and (active.id if active is not None else None) != start.version_id:
+            promote = False
+            reason = f"the active version changed while it trained (now {active.name if active else 'none'})"
+        if promote:
+            await activate_version(session, version_id=version.id)
+        else:
+            await set_version_status(session, version_id=version.id, status=VersionStatus.REJECTED, note=reason)
+        run = await session.get(TrainingRun, run_id)
+        assert run is not None
+        run.status = RunStatus.PROMOTED if promote else RunStatus.REJECTED
+        run.model_version_id = version.id
+        run.metrics = recorded.run_metrics
+        run.error = None if promote else reason
+        run.progress = 1.0
+        run.finished_at = datetime.now(UTC)
+    log.info("training run #%d: %s %s (%s)", run_id, output_dir.name, run.status.value, reason)
+    return run.status
+
+
+async def _finish(db: Database, run_id: int, status: RunStatus, *, error: str) -> None:
+    async with db.sessions.begin() as session:
+        run = await session.get(TrainingRun, run_id)
+        if run is not None and run.status == RunStatus.RUNNING:
+            run.status = status
+            run.error = error
+            run.finished_at = datetime.now(UTC)
+
+
+def _failure_reason(exc: Exception) -> str:
+    """A short reason fit for a chat message: Magpie's own errors say what happened, anything else names only
+    its type (the traceback is in the trainer's log, never in the chat)."""
+    if isinstance(exc, MagpieError):
+        return str(exc)
+    return f"training failed ({type(exc).__name__}); the trainer's log has the details"
+
+
+def _print_event(event: dict[str, Any]) -> None:
+    """A JSON line for the parent. If the parent is gone the run carries on: the row records it all anyway."""
+    with contextlib.suppress(BrokenPipeError, ValueError):  # ValueError: stdout already closed
+        print(json.dumps(event), flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m trainer.retrain --run-id N`: settings from the environment, progress as JSON lines on stdout."""
+    from core.settings import load_settings
+
+    parser = argparse.ArgumentParser(prog="python -m trainer.retrain", description="Run one Magpie training run.")
+    parser.add_argument("--run-id", type=int, required=True, help="the training_runs row to carry out")
+    options = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+    except MagpieError as exc:
+        print(f"magpie trainer: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        status = asyncio.run(retrain(settings, options.run_id, emit=_print_event))
+    except RunNotClaimableError as exc:
+        print(f"magpie trainer: {exc}", file=sys.stderr)
+        return 2
+    return 0 if status in (RunStatus.PROMOTED, RunStatus.REJECTED) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
