@@ -35,7 +35,11 @@ class Backend(Protocol):
 class BackendNotifier:
     """Routes `core.messages.Notifier` calls to the running backend of the named platform."""
 
-    def __init__(self, backends: Sequence[Backend]) -> None:
+    def __init__(self, backends: Sequence[Backend] = ()) -> None:
+        self._by_platform = {backend.platform: backend for backend in backends}
+
+    def attach(self, backends: Sequence[Backend]) -> None:
+        """Backends are built after the services that notify through them; they are attached once running."""
         self._by_platform = {backend.platform: backend for backend in backends}
 
     async def notify(self, platform: str, chat_id: str, text: str) -> None:

@@ -11,17 +11,17 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from sqlalchemy import select
 
 from bot import cli_training
-from bot.backend import Backend
+from bot.backend import Backend, BackendNotifier
 from bot.console import ConsoleBackend
 from core.db import Database, upgrade
 from core.engine import Engine, ModelRef
-from core.errors import MagpieError
+from core.errors import HubUnreachableError, MagpieError
 from core.models import ModelVersion, VersionStatus
 from core.service import ChatService
 from core.settings import Settings, load_settings
@@ -117,36 +117,60 @@ def _backends(settings: Settings, service: ChatService) -> list[Backend]:
 
 async def _serve(settings: Settings) -> None:
     """Runs the bot until SIGINT/SIGTERM, or until the console reaches the end of its input."""
+    from trainer.orchestrator import TrainingOrchestrator
+
     db = Database.connect(settings.database_url)
     engine = Engine.from_settings(settings)
+    notifier = BackendNotifier()
+    orchestrator = TrainingOrchestrator(settings=settings, db=db, engine=engine, notifier=notifier)
     try:
         await db.check_schema()
-        ref = await _active_model(settings, db)
-        log.info("Loading model %s", ref.name)
-        await engine.start(ref)
-        service = ChatService(settings=settings, db=db, engine=engine)
-        await _run_backends(_backends(settings, service))
+        await _start_engine(settings, db, engine)
+        await orchestrator.start()
+        service = ChatService(settings=settings, db=db, engine=engine, retrainer=orchestrator)
+        backends = _backends(settings, service)
+        notifier.attach(backends)
+        await _run_backends(backends, before_stop=orchestrator.stop)
     finally:
+        await orchestrator.stop()
         await engine.close()
         await db.close()
 
 
-async def _run_backends(backends: Sequence[Backend]) -> None:
+async def _start_engine(settings: Settings, db: Database, engine: Engine) -> None:
+    """Serves the active version, else BASE_MODEL; offline with no model at all, builds the starter once."""
+    ref = await _active_model(settings, db)
+    log.info("Loading model %s", ref.name)
+    try:
+        await engine.start(ref)
+    except HubUnreachableError as exc:
+        log.warning("%s", exc)
+        starter = await cli_training.build_starter(settings, db)
+        await engine.start(ModelRef(source=str(starter.path), name=starter.name, version_id=starter.version_id))
+
+
+async def _run_backends(
+    backends: Sequence[Backend], *, before_stop: Callable[[], Awaitable[None]] | None = None
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     waiters = [asyncio.create_task(stop.wait())]
-    for backend in backends:
-        await backend.start()
-        if isinstance(backend, ConsoleBackend):
-            waiters.append(asyncio.create_task(backend.finished.wait()))
+    started: list[Backend] = []
     try:
+        for backend in backends:
+            await backend.start()
+            started.append(backend)
+            if isinstance(backend, ConsoleBackend):
+                waiters.append(asyncio.create_task(backend.finished.wait()))
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for waiter in waiters:
             waiter.cancel()
-        for backend in reversed(backends):
+        if before_stop is not None:
+            await before_stop()
+        for backend in reversed(started):
             await backend.stop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)

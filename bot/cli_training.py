@@ -13,7 +13,7 @@ import getpass
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Never
+from typing import TYPE_CHECKING, Never
 
 from tqdm import tqdm
 
@@ -21,6 +21,9 @@ from core.db import Database
 from core.models import RunStatus
 from core.settings import Settings
 from trainer.orchestrator import TrainingOrchestrator
+
+if TYPE_CHECKING:
+    from trainer.bootstrap import StarterVersion
 
 STARTER_EXPLANATION = (
     "Building the offline starter model: a small GPT-2 trained here, from scratch, on the English and Korean "
@@ -127,16 +130,21 @@ async def _dataset(args: argparse.Namespace, settings: Settings, db: Database) -
     return 0
 
 
-async def _bootstrap(args: argparse.Namespace, settings: Settings, db: Database) -> int:
+async def build_starter(settings: Settings, db: Database) -> StarterVersion:
+    """Builds the offline starter with a progress bar on stderr (stdout stays free for replies)."""
     from trainer.bootstrap import bootstrap
 
-    print(STARTER_EXPLANATION)
+    print(STARTER_EXPLANATION, file=sys.stderr)
     with tqdm(total=100, unit="%", desc="Starter model", file=sys.stderr) as bar:
 
         def show(fraction: float) -> None:  # called from the training thread; tqdm locks internally
             bar.update(max(0, round(fraction * 100) - bar.n))
 
-        starter = await bootstrap(settings, db, progress=show)
+        return await bootstrap(settings, db, progress=show)
+
+
+async def _bootstrap(args: argparse.Namespace, settings: Settings, db: Database) -> int:
+    starter = await build_starter(settings, db)
     perplexity = starter.metrics.get("perplexity")
     quality = f"held-out perplexity {perplexity:.1f}" if isinstance(perplexity, float) else "no held-out score"
     state = (
