@@ -19,6 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from core.db import Database, upgrade
+from core.engine import Engine, GenerationParams, ModelRef
 from core.models import Base
 from trainer.starter_model import ModelShape, build_model, save_model, train_tokenizer
 
@@ -46,6 +47,17 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert len(tokenizer) > 300, "tokenizer came out (nearly) empty"
     model = build_model(tokenizer, ModelShape(n_layer=2, n_embd=64, n_head=2, n_positions=128), seed=0)
     return save_model(model, tokenizer, directory)
+
+
+@pytest.fixture
+async def engine(tiny_model_dir: Path) -> AsyncIterator[Engine]:
+    """The real engine over the tiny model, greedy and short, so answers are deterministic and quick."""
+    engine = Engine(device="cpu", default_params=GenerationParams(max_new_tokens=6, temperature=0.0), seed=0)
+    await engine.start(ModelRef(source=str(tiny_model_dir), name="tiny"))
+    try:
+        yield engine
+    finally:
+        await engine.close()
 
 
 def _postgres_reachable(url: str) -> bool:

@@ -22,7 +22,7 @@ from sqlalchemy import select
 
 from bot.discord_bot import DiscordBackend
 from core.db import Database
-from core.engine import Engine, GenerationParams, ModelRef
+from core.engine import Engine
 from core.errors import ConfigError
 from core.messages import Attachment, ChatHandler, ChatKind, IncomingMessage, Reply
 from core.models import Chat, Delivery, Message, Role, User
@@ -200,16 +200,6 @@ async def test_message_content_intent_not_enabled_in_the_portal_says_how_to_fix_
 
 
 # --- end to end: the real ChatService, a real tiny model and the real database -------------------------------------
-@pytest.fixture
-async def engine(tiny_model_dir: Path) -> AsyncIterator[Engine]:
-    engine = Engine(device="cpu", default_params=GenerationParams(max_new_tokens=6, temperature=0.0), seed=0)
-    await engine.start(ModelRef(source=str(tiny_model_dir), name="tiny"))
-    try:
-        yield engine
-    finally:
-        await engine.close()
-
-
 @pytest.fixture
 def admin(fake: FakeDiscord) -> Json:
     return fake.add_user("admin")

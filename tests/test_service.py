@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 
 from core.db import Database
-from core.engine import Engine, GenerationParams, ModelRef
+from core.engine import Engine
 from core.messages import ChatKind, IncomingMessage
 from core.models import Delivery, Message, Role, User
 from core.service import NOT_TEXT, ChatService
@@ -44,6 +43,19 @@ def msg(
     )
 
 
+def record_prompts(engine: Engine) -> list[list[str]]:
+    """Wraps the real engine so a test can see the turns of every prompt it was asked to answer."""
+    seen: list[list[str]] = []
+    original = engine.generate_response
+
+    async def spy(turns, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append([turn.text for turn in turns])
+        return await original(turns, **kwargs)
+
+    engine.generate_response = spy  # type: ignore[method-assign]
+    return seen
+
+
 class FakeClock:
     def __init__(self) -> None:
         self.now = 1000.0
@@ -62,16 +74,6 @@ def settings(tmp_path: Path) -> Settings:
         history_turns=6,
         models_dir=tmp_path / "models",
     )
-
-
-@pytest.fixture
-async def engine(tiny_model_dir: Path) -> AsyncIterator[Engine]:
-    engine = Engine(device="cpu", default_params=GenerationParams(max_new_tokens=6, temperature=0.0), seed=0)
-    await engine.start(ModelRef(source=str(tiny_model_dir), name="tiny"))
-    try:
-        yield engine
-    finally:
-        await engine.close()
 
 
 @pytest.fixture
@@ -182,14 +184,7 @@ async def test_trainer_commands_say_when_unavailable(service: ChatService) -> No
 
 
 async def test_reset_starts_a_fresh_context(service: ChatService, db: Database, engine: Engine) -> None:
-    seen: list[list[str]] = []
-    original = engine.generate_response
-
-    async def spy(turns, **kwargs):  # type: ignore[no-untyped-def]
-        seen.append([turn.text for turn in turns])
-        return await original(turns, **kwargs)
-
-    engine.generate_response = spy  # type: ignore[method-assign]
+    seen = record_prompts(engine)
     await service.handle(msg("first topic"))
     await service.handle(msg("/reset"))
     await service.handle(msg("second topic"))
@@ -290,14 +285,7 @@ async def test_group_context_per_user(settings: Settings, db: Database, engine: 
     service = ChatService(
         settings=settings.model_copy(update={"group_context": "user"}), db=db, engine=engine, clock=clock
     )
-    seen: list[list[str]] = []
-    original = engine.generate_response
-
-    async def spy(turns, **kwargs):  # type: ignore[no-untyped-def]
-        seen.append([turn.text for turn in turns])
-        return await original(turns, **kwargs)
-
-    engine.generate_response = spy  # type: ignore[method-assign]
+    seen = record_prompts(engine)
     group = {"chat": "-1", "kind": ChatKind.GROUP, "addressed": True}
     await service.handle(msg("alice here", user="1", **group))
     await service.handle(msg("bob here", user="2", **group))
