@@ -154,14 +154,15 @@ class RunOutcome:
     note: str = ""
 
     def message(self) -> str:
+        reason = (self.reason or "no reason recorded").rstrip(". ")
         if self.status is RunStatus.PROMOTED:
             text = f"Training run #{self.run_id} finished: {self.version} is now the active model."
         elif self.status is RunStatus.REJECTED:
             version = self.version or "the new version"
-            text = f"Training run #{self.run_id} finished, but {version} was not promoted: {self.reason}."
+            text = f"Training run #{self.run_id} finished, but {version} was not promoted: {reason}."
             text += " The active model stays."
         else:
-            return f"Training run #{self.run_id} failed: {self.reason}. The active model stays."
+            return f"Training run #{self.run_id} failed: {reason}. The active model stays."
         return f"{text}{self._numbers()}{self.note}"
 
     def _numbers(self) -> str:
