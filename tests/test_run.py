@@ -57,7 +57,9 @@ async def test_one_process_serves_both_platforms_and_stops_on_sigterm(
         )
         try:
             async with asyncio.timeout(STARTUP_S):
-                await telegram.wait_until(lambda: bool(telegram.calls_to("getUpdates")), within=STARTUP_S)
+                # getMe completes at start-up (a long-polling getUpdates only notifies when it returns); updates
+                # injected before polling begins wait in the fake's queue
+                await telegram.wait_until(lambda: bool(telegram.calls_to("getMe")), within=STARTUP_S)
                 await discord.wait_until(lambda: discord.session is not None)
             person = telegram.user(501, "Ana")
             telegram.user_says(telegram.private_chat(person), person, "hello from telegram")
