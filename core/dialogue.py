@@ -25,6 +25,10 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+GPT2_EOS = "<|endoftext|>"
+"""The end-of-text token of every GPT-2-family model (gpt2, DialoGPT, the starter). Inference takes the EOS from
+the loaded tokenizer; this constant is for code that formats text without one (corpus samples, exports)."""
+
 BOT_SPEAKER = "bot"
 """The speaker key of Magpie's own turns at inference time."""
 

@@ -36,15 +36,14 @@ from typing import Any
 from sqlalchemy import select
 
 from core.db import Database
-from core.dialogue import BOT_SPEAKER, Turn, clean_text, format_dialogue
+from core.dialogue import BOT_SPEAKER, GPT2_EOS, Turn, clean_text, format_dialogue
 from core.models import Chat, Message, ModelVersion, Role, User, VersionStatus
 from core.settings import Settings
 from trainer.corpus import Dialogue
 
 log = logging.getLogger(__name__)
 
-EOS = "<|endoftext|>"
-"""The end-of-turn token of every GPT-2-family model (gpt2, DialoGPT, the starter); used to clean and export."""
+EOS = GPT2_EOS
 
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 _PHONE = re.compile(r"(?<![0-9A-Za-z+])\+?\d[\d ().-]{5,}\d(?![0-9A-Za-z])")

@@ -14,7 +14,9 @@ import torch
 from tokenizers import ByteLevelBPETokenizer, Tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 
-EOS = "<|endoftext|>"
+from core.dialogue import GPT2_EOS
+
+EOS = GPT2_EOS
 
 
 @dataclass(frozen=True)
