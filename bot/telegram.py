@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 from telegram import BotCommand, BotCommandScopeChat, InputFile, Message, ReplyParameters, Update
 from telegram.constants import ChatAction, ChatType, MessageEntityType, MessageLimit
-from telegram.error import BadRequest, InvalidToken, NetworkError, TelegramError
+from telegram.error import BadRequest, ChatMigrated, InvalidToken, NetworkError, TelegramError
 from telegram.ext import AIORateLimiter, Application, ApplicationBuilder, ContextTypes, ExtBot, MessageHandler, filters
 
 from bot.text import split_message, utf16_length
@@ -92,6 +92,7 @@ class TelegramBackend:
         self._stop_grace_s = stop_grace_s
         self._token = settings.telegram_bot_token.get_secret_value().strip()
         self._app = _build_application(settings, self._token)
+        self._app.add_handler(MessageHandler(filters.StatusUpdate.MIGRATE, self._on_migrate))
         self._app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self._on_message))
         self._app.add_error_handler(self._on_error)
         self._in_flight: set[asyncio.Task[Any]] = set()
@@ -150,7 +151,7 @@ class TelegramBackend:
     async def notify(self, chat_id: str, text: str) -> None:
         """Sends unsolicited text (e.g. retraining progress); failures are logged, never raised to the caller."""
         try:
-            await self._send_text(int(chat_id), text, reply_to=None)
+            await self._following_migration(int(chat_id), partial(self._send_text, text=text, reply_to=None))
         except (TelegramError, ValueError) as exc:
             log.warning("Telegram: could not notify chat %s: %s", chat_id, self._redact(repr(exc)))
 
@@ -176,6 +177,19 @@ class TelegramBackend:
                 await self._deliver(message.chat_id, reply, reply_to)
         finally:
             self._in_flight.discard(task)
+
+    async def _on_migrate(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """A group became a supergroup (Telegram sends a notice in each): its log moves to the new chat id."""
+        message = update.message
+        if message is None:
+            return
+        if message.migrate_to_chat_id is not None:
+            old, new = message.chat_id, message.migrate_to_chat_id
+        elif message.migrate_from_chat_id is not None:
+            old, new = message.migrate_from_chat_id, message.chat_id
+        else:
+            return
+        await self._handler.migrate_chat(self.platform, str(old), str(new))
 
     def _translate(self, message: Message) -> IncomingMessage | None:
         """The one place a Telegram message becomes an `IncomingMessage`; None for what nobody said to anyone
@@ -261,11 +275,10 @@ class TelegramBackend:
     async def _deliver(self, chat_id: int, reply: Reply, reply_to: int | None) -> None:
         """Sends a reply and tells the core whether it arrived, so that no reply is ever lost silently."""
         try:
-            ids = await self._send_text(chat_id, reply.text, reply_to)
-            if reply.attachment is not None:
-                document = InputFile(reply.attachment.content, filename=reply.attachment.filename)
-                sent = await self._retrying(partial(self._app.bot.send_document, chat_id, document))
-                ids.append(str(sent.message_id))
+            # In the supergroup the answered message has another id: a reply there answers nothing.
+            ids = await self._following_migration(
+                chat_id, lambda target: self._send_reply(target, reply, reply_to if target == chat_id else None)
+            )
         except Exception as exc:  # retries exhausted, or a bug: either way the core must hear of it
             reason = self._redact(f"{type(exc).__name__}: {exc}")
             log.error("Telegram: reply %s to chat %s undelivered: %s", reply.log_id, chat_id, reason)
@@ -278,7 +291,25 @@ class TelegramBackend:
             raise
         await self._handler.mark_delivered(reply, ids)
 
-    async def _send_text(self, chat_id: int, text: str, reply_to: int | None) -> list[str]:
+    async def _following_migration(self, chat_id: int, send: Callable[[int], Awaitable[T]]) -> T:
+        """Sends to `chat_id`, or, when that group has become a supergroup, moves its log and sends there."""
+        try:
+            return await send(chat_id)
+        except ChatMigrated as moved:
+            new_id = int(moved.new_chat_id)
+            await self._handler.migrate_chat(self.platform, str(chat_id), str(new_id))
+            return await send(new_id)
+
+    async def _send_reply(self, chat_id: int, reply: Reply, reply_to: int | None) -> list[str]:
+        """The reply's text (split as needed) and its attachment, if any; the platform ids of what was sent."""
+        ids = await self._send_text(chat_id, text=reply.text, reply_to=reply_to)
+        if reply.attachment is not None:
+            document = InputFile(reply.attachment.content, filename=reply.attachment.filename)
+            sent = await self._retrying(partial(self._app.bot.send_document, chat_id, document))
+            ids.append(str(sent.message_id))
+        return ids
+
+    async def _send_text(self, chat_id: int, *, text: str, reply_to: int | None) -> list[str]:
         """The send path: splits at paragraph/sentence/word boundaries within 4096 UTF-16 units; the first part
         answers `reply_to` (still sent if that message was deleted meanwhile)."""
         ids: list[str] = []

@@ -75,6 +75,10 @@ class ChatHandler(Protocol):
         """Records that a reply could not be delivered, so it is never lost silently."""
         ...
 
+    async def migrate_chat(self, platform: str, old_chat_id: str, new_chat_id: str) -> None:
+        """The platform moved a chat to a new id (a Telegram group became a supergroup): keep its history."""
+        ...
+
 
 class Notifier(Protocol):
     """Pushes unsolicited text to a chat (retraining progress, outcomes)."""

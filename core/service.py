@@ -29,6 +29,7 @@ from core.storage import (
     export_user,
     forget_user,
     log_message,
+    migrate_chat,
     recent_history,
     set_delivery,
     upsert_chat,
@@ -101,6 +102,12 @@ class ChatService:
             await set_delivery(
                 session, message_id=reply.log_id, delivery=Delivery.FAILED, platform_message_id=None, error=reason
             )
+
+    async def migrate_chat(self, platform: str, old_chat_id: str, new_chat_id: str) -> None:
+        async with self._db.sessions.begin() as session:
+            moved = await migrate_chat(session, platform=platform, old_chat_id=old_chat_id, new_chat_id=new_chat_id)
+        if moved:
+            log.info("%s chat %s is now %s: its history moved with it", platform, old_chat_id, new_chat_id)
 
     # --- logging ----------------------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, delete, func, or_, select
+from sqlalchemy import Select, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
@@ -47,6 +47,36 @@ async def upsert_chat(session: AsyncSession, *, platform: str, platform_chat_id:
         except IntegrityError:
             chat = (await session.execute(query)).scalar_one()
     return chat
+
+
+async def migrate_chat(session: AsyncSession, *, platform: str, old_chat_id: str, new_chat_id: str) -> bool:
+    """Moves a chat's log to the id the platform gave it (a Telegram group upgraded to a supergroup).
+
+    The old messages keep their history and training value under the new id. Their platform message ids are
+    prefixed with the old chat id: the new chat numbers its messages afresh, and an unprefixed old id would make
+    a new message look like a redelivered one. If the new chat already has rows (its first messages were logged
+    before the migration notice), the old chat's messages join it. False when there is nothing to move.
+    """
+    old = await _find_chat(session, platform, old_chat_id)
+    if old is None or old_chat_id == new_chat_id:
+        return False
+    await session.execute(
+        update(Message)
+        .where(Message.chat_id == old.id, Message.platform_message_id.is_not(None))
+        .values(platform_message_id=func.substr(f"{old_chat_id}/" + Message.platform_message_id, 1, 64))
+    )
+    new = await _find_chat(session, platform, new_chat_id)
+    if new is None:
+        old.platform_chat_id = new_chat_id
+    else:
+        await session.execute(update(Message).where(Message.chat_id == old.id).values(chat_id=new.id))
+        await session.delete(old)
+    return True
+
+
+async def _find_chat(session: AsyncSession, platform: str, platform_chat_id: str) -> Chat | None:
+    query = select(Chat).where(Chat.platform == platform, Chat.platform_chat_id == platform_chat_id)
+    return (await session.execute(query)).scalar_one_or_none()
 
 
 async def log_message(session: AsyncSession, message: Message) -> bool:

@@ -130,6 +130,8 @@ class FakeTelegram:
         self._updates: list[dict[str, Any]] = []
         self._update_ids = itertools.count(1)
         self._faults: dict[str, list[_Fault]] = {}
+        self._upgraded: dict[int, int] = {}
+        """Groups that became supergroups: old chat id -> new chat id."""
         self._changed = asyncio.Condition()
         self._closing = False
         self._background: set[asyncio.Task[None]] = set()
@@ -236,6 +238,19 @@ class FakeTelegram:
         """A service message (no text, no attachment)."""
         return self._new_message(chat, person, {"new_chat_members": [person.as_dict()]}, None)
 
+    def upgrade_group(self, chat: ChatRef, new_id: int) -> ChatRef:
+        """The group becomes a supergroup with a new id, as Telegram does it: from now on a send to the old id
+        fails with `migrate_to_chat_id`. The notices in both chats come with `announce_upgrade`."""
+        supergroup = self._remember(ChatRef(new_id, "supergroup", title=chat.title))
+        self._upgraded[chat.id] = new_id
+        return supergroup
+
+    def announce_upgrade(self, chat: ChatRef, supergroup: ChatRef, person: Person) -> None:
+        """The service messages of an upgrade: `migrate_to_chat_id` in the old chat, `migrate_from_chat_id` in
+        the new one."""
+        self._new_message(chat, person, {"migrate_to_chat_id": supergroup.id}, None)
+        self._new_message(supergroup, person, {"migrate_from_chat_id": chat.id}, None)
+
     def user_edits(self, message: dict[str, Any], text: str) -> dict[str, Any]:
         edited = {**message, "text": text, "edit_date": int(time.time())}
         edited.pop("entities", None)
@@ -314,6 +329,11 @@ class FakeTelegram:
                 return _error(call, 401, "Unauthorized")
             if fault := self._take_fault(method):
                 return _fault_response(call, fault)
+            if (new_id := self._upgraded.get(_chat_id(params))) is not None:
+                body = _error_body(400, "Bad Request: group chat was upgraded to a supergroup chat")
+                body["parameters"] = {"migrate_to_chat_id": new_id}
+                call.status = 400
+                return web.json_response(body, status=400)
             handler = getattr(self, f"_api_{method.lower()}", None)
             if handler is None:
                 return _error(call, 404, "Not Found")
@@ -528,6 +548,13 @@ def _typed(key: str, value: Any) -> Any:
     if key in _JSON_FIELDS:
         return json.loads(value)
     return value
+
+
+def _chat_id(params: dict[str, Any]) -> int:
+    try:
+        return int(params.get("chat_id") or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _error_body(code: int, description: str) -> dict[str, Any]:

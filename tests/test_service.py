@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -204,6 +205,24 @@ async def test_history_is_bounded_by_history_turns(service: ChatService, engine:
     for index in range(5):
         await service.handle(msg(f"line {index}"))
     assert seen == [1, 3, 5, 7, 7]  # the message plus HISTORY_TURNS earlier turns
+
+
+async def test_a_migrated_chat_keeps_its_history_even_when_the_new_id_spoke_first(
+    service: ChatService, db: Database, engine: Engine
+) -> None:
+    said = partial(msg, kind=ChatKind.GROUP, addressed=True)
+    await service.handle(said("old chat one", chat="-5", message_id="1"))
+    await service.handle(said("new chat one", chat="-1005", message_id="1"))
+    await service.migrate_chat("telegram", "-5", "-1005")
+    await service.migrate_chat("telegram", "-5", "-1005")  # the second notice finds nothing left to move
+    seen = record_prompts(engine)
+    reply = await service.handle(said("new chat two", chat="-1005", message_id="2"))
+    assert reply is not None
+    assert seen[0][0] == "old chat one" and seen[0][-1] == "new chat two" and "new chat one" in seen[0]
+    async with db.sessions() as session:
+        rows = (await session.execute(select(Message).order_by(Message.id))).scalars().all()
+    assert len({row.chat_id for row in rows}) == 1
+    assert [row.platform_message_id for row in rows if row.role is Role.USER] == ["-5/1", "1", "2"]
 
 
 async def test_forget_deletes_everything_the_user_sent_everywhere(service: ChatService, db: Database) -> None:

@@ -42,6 +42,7 @@ class RecordingHandler:
         self.received: list[IncomingMessage] = []
         self.delivered: list[tuple[Reply, list[str]]] = []
         self.undelivered: list[tuple[Reply, str]] = []
+        self.migrated: list[tuple[str, str]] = []
         self.release: asyncio.Event | None = None
         self.entered = asyncio.Event()
         self.cancelled = asyncio.Event()
@@ -67,6 +68,10 @@ class RecordingHandler:
 
     async def mark_undelivered(self, reply: Reply, reason: str) -> None:
         self.undelivered.append((reply, reason))
+        await self._changed()
+
+    async def migrate_chat(self, platform: str, old_chat_id: str, new_chat_id: str) -> None:
+        self.migrated.append((old_chat_id, new_chat_id))
         await self._changed()
 
     async def wait_until(self, condition: Callable[[], bool]) -> None:
@@ -380,6 +385,17 @@ async def test_notify_pushes_text_to_a_chat(telegram: FakeTelegram) -> None:
 # --- concurrency, errors and shutdown -------------------------------------------------------------------------
 
 
+async def test_upgrade_notices_move_the_chat_and_are_not_messages(telegram: FakeTelegram) -> None:
+    handler = RecordingHandler()
+    group, bob = telegram.group(-4001, "Garden club", kind="group"), telegram.user(2001, "Bob")
+    async with running(settings_for(telegram), handler):
+        supergroup = telegram.upgrade_group(group, -1004001)
+        telegram.announce_upgrade(group, supergroup, bob)
+        await handler.wait_until(lambda: len(handler.migrated) == 2)
+    assert handler.migrated == [("-4001", "-1004001")] * 2
+    assert handler.received == []
+
+
 async def test_updates_are_handled_concurrently(telegram: FakeTelegram) -> None:
     people = [telegram.user(9000 + n, f"User {n}") for n in range(5)]
     handler = RecordingHandler()
@@ -638,6 +654,37 @@ async def test_group_chat_is_logged_whole_but_answered_only_when_addressed(
     assert all(row.delivery is Delivery.SENT for row in bot_rows)
     assert "/reset — " in answers[2]["text"] and "/retrain" not in answers[2]["text"]
     assert [note["text"] for note in telegram.sent_messages(carol.id)] == [NOT_TEXT]
+
+
+async def test_a_group_upgraded_to_a_supergroup_keeps_its_log_and_its_replies(
+    telegram: FakeTelegram, db: Database, tiny_model_dir: Path
+) -> None:
+    """Telegram moves an upgraded group to a new chat id and numbers its messages afresh: a reply racing the upgrade
+    is re-sent to the new chat, the history moves along, and new message ids that equal old ones are not taken for
+    redeliveries."""
+    group = telegram.group(-4001, "Garden club", kind="group")
+    bob = telegram.user(2001, "Bob")
+    async with serving(telegram, db, tiny_model_dir):
+        telegram.user_says(group, bob, "@MagpieTestBot hello")  # id 1; the reply is id 2
+        await telegram.wait_for_messages(group.id, 1)
+        supergroup = telegram.upgrade_group(group, -1004001)
+        telegram.user_says(group, bob, "@MagpieTestBot still there?")  # id 3, its reply meets the new id
+        [moved] = await telegram.wait_for_messages(supergroup.id, 1)
+        telegram.announce_upgrade(group, supergroup, bob)  # id 4 there, id 2 here: nothing left to move
+        again = telegram.user_says(supergroup, bob, "@MagpieTestBot and now?")  # id 3, as "still there?" was
+        await telegram.wait_for_messages(supergroup.id, 2)
+    assert "reply_to_message" not in moved
+    assert again["message_id"] == 3
+    assert await logged(db, group.id) == []
+    rows = await logged(db, supergroup.id)
+    assert [(row.role, row.text) for row in rows if row.role is Role.USER] == [
+        (Role.USER, "hello"),
+        (Role.USER, "still there?"),
+        (Role.USER, "and now?"),
+    ]
+    old_ids, new_ids = ["-4001/1", "-4001/2", "-4001/3"], [str(moved["message_id"]), "3", "4"]
+    assert [row.platform_message_id for row in rows] == old_ids + new_ids
+    assert all(row.delivery is Delivery.SENT for row in rows if row.role is Role.BOT)
 
 
 async def test_429_and_502_are_survived_with_every_message_answered_and_logged_once(
