@@ -16,6 +16,8 @@ name and renamed into place at the end, so a killed run never leaves a half-writ
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import json
 import logging
 import math
@@ -23,7 +25,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -255,7 +257,8 @@ def _train_into(
         model, tokenizer, args, train_features=features, eval_features=unpacked(data.eval), checkpoints=checkpoints,
         progress=progress,
     )  # fmt: skip
-    outcome = trainer.train()
+    with _tied_weights_notice_hidden(model):
+        outcome = trainer.train()
     shutil.rmtree(checkpoints, ignore_errors=True)
     timings["train_s"] = time.perf_counter() - phase
 
@@ -379,6 +382,46 @@ def build_trainer(
     )
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+_MISSING_KEYS = "There were missing keys in the checkpoint model loaded: "
+
+
+class _HideTiedMissingKeys(logging.Filter):
+    """Drops the Trainer's "missing keys" warning when every key it names is a tied parameter."""
+
+    def __init__(self, tied: set[str]) -> None:
+        super().__init__()
+        self._tied = tied
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(_MISSING_KEYS):
+            return True
+        try:
+            missing = set(ast.literal_eval(message.removeprefix(_MISSING_KEYS).rstrip(".")))
+        except (ValueError, SyntaxError):
+            return True
+        return not missing <= self._tied
+
+
+@contextlib.contextmanager
+def _tied_weights_notice_hidden(model: PreTrainedModel) -> Iterator[None]:
+    """Keeps one false alarm out of the logs: reloading the best checkpoint, the Trainer reports GPT-2's output
+    weights as missing, though they are tied to the input embedding (saved once, restored through the tie;
+    transformers looks for the tie under an attribute GPT-2 no longer sets). Any other missing key still shows."""
+    first_name: dict[int, str] = {}
+    tied = set()
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if first_name.setdefault(id(parameter), name) != name:
+            tied.add(name)
+    notice = _HideTiedMissingKeys(tied)
+    trainer_log = logging.getLogger("transformers.trainer")
+    trainer_log.addFilter(notice)
+    try:
+        yield
+    finally:
+        trainer_log.removeFilter(notice)
 
 
 class _ReportProgress(TrainerCallback):
