@@ -180,7 +180,9 @@ class ChatService:
     async def _answer(self, logged: Logged) -> Reply:
         message = logged.message
         user_key = f"{message.platform}:{message.author_id}"
-        if not self._limiter.allow(user_key):
+        # Admins (and the console's local operator) are exempt: they run the bot, and a scripted console session
+        # or an admin checking /status must not be told to wait.
+        if not self._is_admin(logged) and not self._limiter.allow(user_key):
             wait = max(1, round(self._limiter.retry_after(user_key)))
             return await self._system_reply(
                 logged,

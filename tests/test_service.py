@@ -268,6 +268,12 @@ async def test_rate_limit_replies_and_still_logs(service: ChatService, db: Datab
     assert again is not None and "try again" not in again.text
 
 
+@pytest.mark.parametrize(("platform", "user"), [("telegram", "42"), ("console", "local")])
+async def test_admins_and_the_console_are_not_rate_limited(service: ChatService, platform: str, user: str) -> None:
+    replies = [await service.handle(msg("/help", user=user, platform=platform)) for _ in range(8)]
+    assert all(reply is not None and "try again in" not in reply.text for reply in replies)
+
+
 async def test_long_empty_and_non_text_input_get_clear_replies(service: ChatService, db: Database) -> None:
     long_reply = await service.handle(msg("x" * 51))
     empty_reply = await service.handle(msg("   "))
