@@ -13,11 +13,14 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
 from bot import cli_training
 from bot.backend import Backend, BackendNotifier
+from bot.console import CHAT_ID as CONSOLE_CHAT_ID
+from bot.console import PLATFORM as CONSOLE_PLATFORM
 from bot.console import ConsoleBackend
 from core.db import Database, upgrade
 from core.engine import Engine, ModelRef
@@ -26,6 +29,9 @@ from core.models import ModelVersion, VersionStatus
 from core.service import ChatService
 from core.settings import Settings, load_settings
 from core.storage import collect_stats
+
+if TYPE_CHECKING:
+    from trainer.orchestrator import TrainingOrchestrator
 
 log = logging.getLogger("magpie")
 
@@ -130,7 +136,13 @@ async def _serve(settings: Settings) -> None:
         service = ChatService(settings=settings, db=db, engine=engine, retrainer=orchestrator)
         backends = _backends(settings, service)
         notifier.attach(backends)
-        await _run_backends(backends, before_stop=orchestrator.stop)
+
+        async def finish(stop: asyncio.Event) -> None:
+            if not stop.is_set():  # the console reached the end of its input, nobody pressed Ctrl-C
+                await _let_console_run_finish(orchestrator, stop)
+            await orchestrator.stop()
+
+        await _run_backends(backends, before_stop=finish)
     finally:
         await orchestrator.stop()
         await engine.close()
@@ -149,8 +161,21 @@ async def _start_engine(settings: Settings, db: Database, engine: Engine) -> Non
         await engine.start(ModelRef(source=str(starter.path), name=starter.name, version_id=starter.version_id))
 
 
+async def _let_console_run_finish(orchestrator: TrainingOrchestrator, stop: asyncio.Event) -> None:
+    """A `/retrain` typed into the console promised a report there: at the end of input (a script, or Ctrl-D),
+    wait for that run's outcome rather than stop it; Ctrl-C still stops it at once."""
+    waiting = asyncio.ensure_future(orchestrator.wait_for_run(notify=(CONSOLE_PLATFORM, CONSOLE_CHAT_ID)))
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({waiting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (waiting, stopped):
+            task.cancel()
+        await asyncio.gather(waiting, stopped, return_exceptions=True)
+
+
 async def _run_backends(
-    backends: Sequence[Backend], *, before_stop: Callable[[], Awaitable[None]] | None = None
+    backends: Sequence[Backend], *, before_stop: Callable[[asyncio.Event], Awaitable[None]] | None = None
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -169,7 +194,7 @@ async def _run_backends(
         for waiter in waiters:
             waiter.cancel()
         if before_stop is not None:
-            await before_stop()
+            await before_stop(stop)
         for backend in reversed(started):
             await backend.stop()
         for signum in (signal.SIGINT, signal.SIGTERM):

@@ -58,6 +58,30 @@ async def test_piped_stdin_gets_one_reply_per_line_and_exits_zero(
         assert reply.splitlines()[0] in stdout
 
 
+async def test_a_retrain_asked_for_in_a_script_reports_its_outcome_before_exit(
+    db: Database, database_url: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The end of input waits for the run the console started (here it fails fast: one chat is too little data)
+    instead of stopping it with the bot."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot",
+        "run",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=tmp_path,
+        env=_env(database_url, tiny_model_dir, tmp_path),
+    )
+    out, err = await asyncio.wait_for(process.communicate(b"Hello\n/retrain\n"), timeout=180)
+    stdout, stderr = out.decode(), err.decode()
+    assert process.returncode == 0, stderr
+    assert "Training run #1 started" in stdout
+    assert "Training run #1 failed: not enough conversation to train on yet" in stdout
+    assert "stopped with the bot" not in stdout + stderr
+
+
 def test_run_refuses_an_unmigrated_database_with_a_hint(tiny_model_dir: Path, tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'fresh.db'}"
     result = subprocess.run(

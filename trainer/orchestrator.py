@@ -260,6 +260,14 @@ class TrainingOrchestrator:
         if self._current is not None:
             await self._terminate(self._current, "stopped with the bot")
 
+    async def wait_for_run(self, *, notify: tuple[str, str]) -> RunOutcome | None:
+        """The running run's outcome, if that run reports to `notify` (platform, chat id); else None at once."""
+        run = self._current
+        if run is None or run.notify != notify or run.task is None:
+            return None
+        log.info("waiting for training run #%d to finish (Ctrl-C stops it)", run.run_id)
+        return await asyncio.shield(run.task)
+
     # --- starting runs ----------------------------------------------------------------------------------------
 
     async def request(self, *, triggered_by: str, notify_platform: str | None, notify_chat_id: str | None) -> str:
