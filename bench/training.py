@@ -33,7 +33,7 @@ from transformers import DataCollatorForLanguageModeling, GPT2Config, GPT2LMHead
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainer.corpus import load_dialogues
-from trainer.dataset import EOS, Sample, samples_from_dialogues, split_by_chat
+from trainer.dataset import EOS, Sample, samples_from_dialogues, split_by_conversation
 from trainer.packing import Encoded, encode_samples, pack, unpacked
 from trainer.starter_model import train_tokenizer
 from trainer.train import TrainArguments, build_trainer, mean_loss, training_arguments
@@ -57,7 +57,7 @@ class Outcome:
 def chat_samples(tokenizer: transformers.PreTrainedTokenizerBase) -> tuple[list[Encoded], list[Encoded]]:
     """Corpus samples whose rendered text is 10-60 tokens, split into train and held-out by dialogue."""
     samples = samples_from_dialogues(load_dialogues(), history_turns=4)
-    train, held_out = split_by_chat(samples, 0.1)
+    train, held_out = split_by_conversation(samples, 0.1)
 
     def encode(chosen: list[Sample]) -> list[Encoded]:
         encoded = encode_samples(chosen, tokenizer, max_length=BLOCK, response_only=False)

@@ -120,7 +120,8 @@ async def _dataset(args: argparse.Namespace, settings: Settings, db: Database) -
     summary = report.summary()
     print(
         f"Wrote {written} samples to {args.path}: {summary['train_samples']} for training from "
-        f"{summary['train_chats']} chats, {summary['eval_samples']} held out from {summary['eval_chats']} chats "
+        f"{summary['train_conversations']} conversations, {summary['eval_samples']} held out from "
+        f"{summary['eval_conversations']} conversations "
         f"({summary['messages_read']} messages read)."
     )
     if report.excluded:

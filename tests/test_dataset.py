@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from itertools import count
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from trainer.dataset import (
     is_repetitive,
     load_jsonl,
     redact_pii,
-    split_by_chat,
+    split_by_conversation,
 )
 from trainer.packing import IGNORE_INDEX, PadCollator, encode_samples, pack, unpacked
 
@@ -60,8 +61,9 @@ class ChatLog:
         command: bool = False,
         reset: bool = False,
         version: int | None = None,
+        at: datetime | None = None,
     ) -> int:
-        """`author=None` is the bot; `/reset` is a command that also resets the context."""
+        """`author=None` is the bot; `/reset` is a command that also resets the context; `at` the time sent."""
         async with self.db.sessions.begin() as session:
             if chat not in self.chats:
                 row = Chat(platform="telegram", platform_chat_id=chat, kind="group")
@@ -83,6 +85,8 @@ class ChatLog:
                 resets_context=reset,
                 model_version_id=version,
             )
+            if at is not None:
+                message.created_at = at
             session.add(message)
             await session.flush()
             return message.id
@@ -272,7 +276,36 @@ async def test_bot_lines_of_rolled_back_versions_are_dropped(db: Database) -> No
     assert "something awful" in context_of(report, "haha good one")
 
 
-async def test_eval_split_is_by_chat_and_deterministic(db: Database) -> None:
+async def test_a_long_silence_ends_a_conversation_so_one_group_splits_both_ways(db: Database) -> None:
+    log = ChatLog(db)
+    start = datetime(2026, 11, 1, 12, 0)
+    for day in range(10):  # one group, a conversation a day, plus a /reset inside the last one
+        for minute, (author, text) in enumerate([("ann", f"morning {day}"), ("bob", f"hi ann, day {day}")]):
+            await log.say("group", author, text, at=start + timedelta(days=day, minutes=minute))
+    await log.say("group", "ann", "/reset", reset=True, at=start + timedelta(days=9, minutes=5))
+    await log.say("group", "bob", "after the reset", at=start + timedelta(days=9, minutes=6))
+
+    report = await build_dataset(make_settings(train_eval_fraction=0.3), db)
+
+    assert report.summary()["train_conversations"] >= 1 and report.summary()["eval_conversations"] >= 1
+    assert len({s.conversation for s in all_samples(report)}) == 11
+    assert context_of(report, "morning 3")[-2:] == ["morning 2", "hi ann, day 2"]  # what the bot would see
+    assert sample_for(report, "morning 3").conversation != sample_for(report, "hi ann, day 2").conversation
+    assert sample_for(report, "morning 3").conversation == sample_for(report, "hi ann, day 3").conversation
+    assert context_of(report, "after the reset") == []
+    assert not {s.conversation for s in report.train} & {s.conversation for s in report.eval}
+
+
+async def test_a_short_pause_does_not_end_a_conversation(db: Database) -> None:
+    log = ChatLog(db)
+    start = datetime(2026, 11, 1, 12, 0)
+    await log.say("group", "ann", "are you there?", at=start)
+    await log.say("group", "bob", "sorry, was at lunch", at=start + timedelta(minutes=45))
+    report = await build_dataset(make_settings(train_conversation_gap_minutes=60), db)
+    assert len({s.conversation for s in all_samples(report)}) == 1
+
+
+async def test_eval_split_is_by_conversation_and_deterministic(db: Database) -> None:
     log = ChatLog(db)
     for chat in range(12):
         for turn in range(3):
@@ -281,13 +314,13 @@ async def test_eval_split_is_by_chat_and_deterministic(db: Database) -> None:
     first = await build_dataset(settings, db)
     second = await build_dataset(settings, db)
 
-    train_chats = {s.chat for s in first.train}
-    eval_chats = {s.chat for s in first.eval}
-    assert eval_chats and train_chats
-    assert not train_chats & eval_chats
-    assert eval_chats == {s.chat for s in second.eval}
+    train_conversations = {s.conversation for s in first.train}
+    eval_conversations = {s.conversation for s in first.eval}
+    assert eval_conversations and train_conversations
+    assert not train_conversations & eval_conversations
+    assert eval_conversations == {s.conversation for s in second.eval}
     assert [s.target.text for s in first.eval] == [s.target.text for s in second.eval]
-    assert first.summary()["eval_chats"] == len(eval_chats)
+    assert first.summary()["eval_conversations"] == len(eval_conversations)
     manifest = first.manifest()
     assert all(s.target.message_id in manifest for s in first.train)
     assert not any(s.target.message_id in manifest for s in first.eval)
@@ -296,10 +329,10 @@ async def test_eval_split_is_by_chat_and_deterministic(db: Database) -> None:
 def test_two_chats_always_give_both_splits() -> None:
     samples = [Sample((), Line("a", f"line {chat}"), f"chat-{chat}") for chat in range(2)]
     for fraction in (0.01, 0.5, 0.99):
-        train, held_out = split_by_chat(samples, fraction)
+        train, held_out = split_by_conversation(samples, fraction)
         assert len(train) == 1
         assert len(held_out) == 1
-    train, held_out = split_by_chat(samples[:1], 0.99)
+    train, held_out = split_by_conversation(samples[:1], 0.99)
     assert (len(train), len(held_out)) == (1, 0)
 
 

@@ -37,7 +37,7 @@ from tests.loop_support import (
     msg,
     started_engine,
 )
-from trainer.dataset import split_by_chat
+from trainer.dataset import split_by_conversation
 from trainer.orchestrator import TrainingOrchestrator
 from trainer.train import TrainArguments, train
 
@@ -140,7 +140,7 @@ async def test_retrain_teaches_the_community_answer(base_loop: Loop) -> None:
 @pytest.fixture(scope="session")
 def community_model_dir(loop_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model already taught the community's answer (trained here, outside the loop)."""
-    train_samples, eval_samples = split_by_chat(community_samples(), 0.1)
+    train_samples, eval_samples = split_by_conversation(community_samples(), 0.1)
     args = TrainArguments(epochs=30, batch_size=2, learning_rate=1e-2, warmup_steps=0, max_length=64, threads=1, seed=0)
     output = tmp_path_factory.mktemp("community") / "taught"
     train(args, train_samples, eval_samples, model_source=str(loop_model_dir), output_dir=output)
@@ -290,7 +290,7 @@ async def test_too_little_data_fails_with_a_clear_reason(base_loop: Loop) -> Non
     await base_loop.ask("hello", user="906")
     assert (await base_loop.admin("/retrain")).startswith("Training run #1 started")
     failed = await base_loop.notifier.wait_for("Training run #1 failed")
-    assert "not enough conversation to train on yet" in failed and "at least two chats" in failed
+    assert "not enough conversation to train on yet" in failed and "at least two conversations" in failed
     run = await _run_row(base_loop.db, 1)
     assert run.status is RunStatus.FAILED and run.model_version_id is None
     assert not base_loop.settings.models_dir.exists() or not any(base_loop.settings.models_dir.iterdir())

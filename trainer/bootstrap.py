@@ -23,7 +23,7 @@ from core.db import Database
 from core.settings import Settings
 from core.versions import activate_version, get_active_version, register_version
 from trainer.corpus import DEFAULT_LANGUAGES, load_dialogues
-from trainer.dataset import EOS, Sample, samples_from_dialogues, split_by_chat, stable_fraction
+from trainer.dataset import EOS, Sample, samples_from_dialogues, split_by_conversation, stable_fraction
 from trainer.starter_model import ModelShape, build_model, save_model, train_tokenizer
 from trainer.train import ProgressFn, TrainArguments, TrainResult, train
 
@@ -82,7 +82,7 @@ async def bootstrap(
         # salted: the split hashes the same keys, and an unsalted slice would be all held-out dialogues
         dialogues = sorted(dialogues, key=lambda d: stable_fraction(f"slice:{d.key}"))[:max_dialogues]
     samples = samples_from_dialogues(dialogues, history_turns=settings.history_turns)
-    train_samples, eval_samples = split_by_chat(samples, settings.train_eval_fraction)
+    train_samples, eval_samples = split_by_conversation(samples, settings.train_eval_fraction)
     args = arguments or replace(STARTER_ARGUMENTS, threads=torch.get_num_threads(), device=settings.device)
     name = name or f"starter-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     output_dir = (settings.models_dir / name).resolve()

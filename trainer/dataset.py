@@ -4,14 +4,15 @@ A sample is one *target* turn with the turns before it as context, rendered from
 view (`core.dialogue`: the target's author is `Bot`, so the model learns how this community answers under the
 label it fills at inference). Pipeline, in order:
 
-1. per chat, in message order: `/reset` cuts the context; commands, opted-out users, empty lines, a user's
-   immediate repeats and bot lines of rolled-back versions are dropped entirely; e-mail addresses and phone
-   numbers are redacted; every remaining line becomes context for what follows (at most `history_turns`);
+1. per chat, in message order: `/reset` cuts the context (and, like a long silence, starts a new conversation);
+   commands, opted-out users, empty lines, a user's immediate repeats and bot lines of rolled-back versions are dropped
+   entirely; e-mail addresses and phone numbers are redacted; every remaining line becomes context for what
+   follows (at most `history_turns`);
 2. target eligibility: human turns (bot turns too with `train_on_bot_replies`), except blocklisted and
    repetitive lines, which stay context only;
 3. Tay defence across the whole dataset: a user's near-duplicate targets (same normalised text) are dropped,
    then each user's share of targets is capped (which ones stay is a deterministic hash, not "the first N");
-4. a deterministic split by chat into train and eval.
+4. a deterministic split by conversation into train and eval.
 
 The dataset is tokenizer-free on purpose: the promotion gate scores the active and the new model, which may use
 different tokenizers, on the same split. The token-length bound is applied when samples are encoded
@@ -29,7 +30,7 @@ import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,9 @@ class Sample:
 
     context: tuple[Line, ...]
     target: Line
-    chat: str
+    conversation: str
+    """Which conversation it comes from: the unit the held-out split draws (a chat cut at /reset and at long
+    silences, or a corpus dialogue)."""
 
     def prompt(self, eos: str = EOS) -> str:
         """What the model sees before it writes the target: the same text the engine builds at inference."""
@@ -85,7 +88,7 @@ class Sample:
         return format_dialogue(turns, responder=self.target.speaker, eos=eos, open_reply=False)
 
     def without_oldest_turn(self) -> Sample:
-        return Sample(self.context[1:], self.target, self.chat)
+        return Sample(self.context[1:], self.target, self.conversation)
 
     def sources(self) -> Iterator[tuple[int, int | None]]:
         """(message id, user id) of every logged message in the sample: what the training manifest records."""
@@ -118,8 +121,8 @@ class DatasetReport:
             "messages_read": self.messages_read,
             "train_samples": len(self.train),
             "eval_samples": len(self.eval),
-            "train_chats": len({s.chat for s in self.train}),
-            "eval_chats": len({s.chat for s in self.eval}),
+            "train_conversations": len({s.conversation for s in self.train}),
+            "eval_conversations": len({s.conversation for s in self.eval}),
             "excluded": dict(sorted(self.excluded.items())),
             "data_from": first.isoformat() if first else None,
             "data_to": last.isoformat() if last else None,
@@ -200,7 +203,7 @@ async def build_dataset(settings: Settings, db: Database) -> DatasetReport:
         candidates.extend(_chat_samples(chat_rows, settings, rolled_back, report.excluded))
     targets = drop_near_duplicates(candidates, report.excluded)
     targets = cap_user_share(targets, settings.train_user_share_cap, report.excluded)
-    report.train, report.eval = split_by_chat(targets, settings.train_eval_fraction)
+    report.train, report.eval = split_by_conversation(targets, settings.train_eval_fraction)
     log.info("dataset: %s", json.dumps(report.summary()))
     return report
 
@@ -246,11 +249,21 @@ def _by_chat(rows: Sequence[_Row]) -> Iterator[list[_Row]]:
 def _chat_samples(
     rows: Iterable[_Row], settings: Settings, rolled_back: set[int], excluded: Counter[str]
 ) -> Iterator[Sample]:
-    """Walks one chat in order, keeping the running context and yielding a sample per eligible target."""
+    """Walks one chat in order, keeping the running context and yielding a sample per eligible target.
+
+    The context is what the chat service would show the model: everything since the last /reset. The held-out
+    split needs smaller units than a chat (a bot may live in one big group), so a /reset or a silence of
+    TRAIN_CONVERSATION_GAP_MINUTES also starts a new conversation, each held out or trained on as a whole.
+    """
+    gap = timedelta(minutes=settings.train_conversation_gap_minutes)
     history: list[Line] = []
+    conversation, last_seen = 0, None
     for row in rows:
         if row.resets_context:
             history.clear()
+        if row.resets_context or (last_seen is not None and row.created_at - last_seen > gap):
+            conversation += 1
+        last_seen = row.created_at
         line, reason = _to_line(row, settings, rolled_back, history)
         if line is None:
             excluded[reason] += 1
@@ -259,7 +272,8 @@ def _chat_samples(
         if reason:
             excluded[reason] += 1
         else:
-            yield Sample(tuple(history[-settings.history_turns :] if settings.history_turns else ()), line, row.chat)
+            context = tuple(history[-settings.history_turns :] if settings.history_turns else ())
+            yield Sample(context, line, f"{row.chat}#{conversation}")
         history.append(line)
 
 
@@ -320,26 +334,26 @@ def cap_user_share(samples: Sequence[Sample], cap: float, excluded: Counter[str]
         by_author[sample.target.speaker].append(sample)
     keep: set[int] = set()
     for author_samples in by_author.values():
-        ranked = sorted(author_samples, key=lambda s: stable_fraction(f"{s.chat}/{s.target.message_id}"))
+        ranked = sorted(author_samples, key=lambda s: stable_fraction(f"{s.conversation}/{s.target.message_id}"))
         keep.update(id(s) for s in ranked[:limit])
         excluded["user_share_cap"] += max(0, len(ranked) - limit)
     return [s for s in samples if id(s) in keep]
 
 
-def split_by_chat(samples: Sequence[Sample], eval_fraction: float) -> tuple[list[Sample], list[Sample]]:
-    """Holds out whole chats (hash of the chat key), so eval never sees a conversation it trained on.
+def split_by_conversation(samples: Sequence[Sample], eval_fraction: float) -> tuple[list[Sample], list[Sample]]:
+    """Holds out whole conversations (hash of the key), so eval never sees a conversation it trained on.
 
-    Training never comes out empty (if the hash put every chat in eval, the highest-hash chat comes back), and
-    with two or more chats neither does eval (if the hash put none there, the lowest-hash chat goes).
+    Training never comes out empty (if the hash put every conversation in eval, the highest-hash one comes back),
+    and with two or more conversations neither does eval (if the hash put none there, the lowest-hash one goes).
     """
-    chats = sorted({s.chat for s in samples}, key=stable_fraction)
-    eval_chats = {chat for chat in chats if stable_fraction(chat) < eval_fraction}
-    if len(chats) >= 2 and not eval_chats:
-        eval_chats = {chats[0]}
-    if chats and len(eval_chats) == len(chats):
-        eval_chats.discard(chats[-1])
-    train = [s for s in samples if s.chat not in eval_chats]
-    held_out = [s for s in samples if s.chat in eval_chats]
+    keys = sorted({s.conversation for s in samples}, key=stable_fraction)
+    held = {key for key in keys if stable_fraction(key) < eval_fraction}
+    if len(keys) >= 2 and not held:
+        held = {keys[0]}
+    if keys and len(held) == len(keys):
+        held.discard(keys[-1])
+    train = [s for s in samples if s.conversation not in held]
+    held_out = [s for s in samples if s.conversation in held]
     return train, held_out
 
 
@@ -399,7 +413,7 @@ def export_jsonl(report: DatasetReport, path: Path) -> int:
             for sample in samples:
                 record = {
                     "split": split,
-                    "chat": sample.chat,
+                    "conversation": sample.conversation,
                     "text": sample.text(),
                     "context": [_line_json(line) for line in sample.context],
                     "target": _line_json(sample.target),
@@ -419,8 +433,7 @@ def load_jsonl(path: Path) -> DatasetReport:
                 report.excluded = Counter(data["report"].get("excluded", {}))
                 report.messages_read = int(data["report"].get("messages_read", 0))
                 continue
-            sample = Sample(
-                tuple(_line_from_json(line) for line in data["context"]), _line_from_json(data["target"]), data["chat"]
-            )
+            context = tuple(_line_from_json(line) for line in data["context"])
+            sample = Sample(context, _line_from_json(data["target"]), data["conversation"])
             (report.train if data["split"] == "train" else report.eval).append(sample)
     return report

@@ -7,8 +7,8 @@ the parent's settings down).
 
 Stages, top to bottom:
 1. claim the run row (it must be `running`) and record this process's pid;
-2. build the dataset from the database (`trainer.dataset.build_dataset`: filters, caps, redaction, split by chat);
-   too little data ends the run `failed` with the reason;
+2. build the dataset from the database (`trainer.dataset.build_dataset`: filters, caps, redaction, split by
+   conversation); too little data ends the run `failed` with the reason;
 3. start from the active version (or BASE_MODEL) and train into `MODELS_DIR/v<run id>` with `trainer.train.train`
    (TRAIN_THREADS threads; the directory appears only once complete);
 4. score the active version and the new one on the SAME held-out split (`evaluate_loss`);
@@ -130,7 +130,7 @@ async def _train_and_gate(settings: Settings, db: Database, run_id: int, emit: E
     # torch and transformers load only now, so a run without enough data fails in a moment.
     from trainer.train import TrainArguments, read_manifest, train
 
-    # Dataset: everything the filters let through, split by chat.
+    # Dataset: everything the filters let through, split by conversation.
     emit({"event": "stage", "stage": "dataset"})
     report = await build_dataset(settings, db)
     _check_enough(report)
@@ -168,11 +168,12 @@ async def _train_and_gate(settings: Settings, db: Database, run_id: int, emit: E
 def _check_enough(report: DatasetReport) -> None:
     if report.train and report.eval:
         return
-    chats = len({s.chat for s in (*report.train, *report.eval)})
+    conversations = len({s.conversation for s in (*report.train, *report.eval)})
     raise NotEnoughDataError(
         f"not enough conversation to train on yet: {len(report.train)} training and {len(report.eval)} held-out "
-        f"samples from {chats} chat(s), out of {report.messages_read} logged messages. A run needs usable messages "
-        "in at least two chats (one is held out to judge the new version)."
+        f"samples from {conversations} conversation(s), out of {report.messages_read} logged messages. A run needs "
+        "usable messages in at least two conversations (one is held out to judge the new version); a /reset or "
+        "a long silence starts a new one."
     )
 
 
