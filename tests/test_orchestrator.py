@@ -114,6 +114,8 @@ def test_outcome_messages() -> None:
     )
     rejected = RunOutcome(4, RunStatus.REJECTED, "v4", metrics, reason="worse").message()
     assert rejected.startswith("Training run #4 finished, but v4 was not promoted: worse. The active model stays.")
+    single = RunOutcome(6, RunStatus.PROMOTED, "v6", {**metrics, "eval_samples": 1}).message()
+    assert "on 1 held-out sample; trained on 90." in single
     failed = RunOutcome(5, RunStatus.FAILED, reason="the training process was killed (SIGKILL)").message()
     assert failed == "Training run #5 failed: the training process was killed (SIGKILL). The active model stays."
 

@@ -170,9 +170,10 @@ class RunOutcome:
         before, after = metrics.get("active_eval_loss"), metrics.get("eval_loss")
         if not isinstance(before, float) or not isinstance(after, float):
             return ""
+        held_out = metrics.get("eval_samples", "?")
         return (
             f" Eval loss {before:.3f} → {after:.3f} (perplexity {_ppl(before)} → {_ppl(after)}) on "
-            f"{metrics.get('eval_samples', '?')} held-out samples; trained on {metrics.get('train_samples', '?')}."
+            f"{held_out} held-out sample{'' if held_out == 1 else 's'}; trained on {metrics.get('train_samples', '?')}."
         )
 
 
