@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 NOT_TEXT = "I can only read text messages for now."
 EMPTY = "Send me some text and I'll answer."
 GENERIC_FAILURE = "Sorry, something went wrong on my side. Please try again."
+NOT_LOGGED = "Sorry, I can't take messages right now (my database is not answering). Please try again in a minute."
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +77,13 @@ class ChatService:
 
     async def handle(self, message: IncomingMessage) -> Reply | None:
         """Logs `message` once and returns the reply, or None when the bot should stay quiet."""
-        logged = await self._log_incoming(message)
-        if logged is None or not self._should_answer(logged):
+        try:
+            logged = await self._log_incoming(message)
+        except Exception:  # the database is down or refused the row: say so rather than drop the message
+            log.exception("Could not log %s message %s", message.platform, message.message_id)
+            command = parse_command(message.text)
+            return Reply(NOT_LOGGED, reply_to=message.message_id) if self._should_answer(message, command) else None
+        if logged is None or not self._should_answer(message, logged.command):
             return None
         try:
             return await self._answer(logged)
@@ -170,12 +176,11 @@ class ChatService:
 
     # --- deciding and answering -------------------------------------------------------------------------------
 
-    def _should_answer(self, logged: Logged) -> bool:
+    def _should_answer(self, message: IncomingMessage, command: ParsedCommand | None) -> bool:
         """Private chats: always. Groups: only when addressed, or for a command not aimed at another bot."""
-        message = logged.message
         if message.chat_kind is ChatKind.PRIVATE or message.addressed:
             return True
-        return logged.command is not None and logged.command.target is None
+        return command is not None and command.target is None
 
     async def _answer(self, logged: Logged) -> Reply:
         message = logged.message

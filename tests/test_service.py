@@ -15,7 +15,7 @@ from core.db import Database
 from core.engine import Engine
 from core.messages import ChatKind, IncomingMessage
 from core.models import Delivery, Message, Role, User
-from core.service import NOT_TEXT, ChatService
+from core.service import NOT_LOGGED, NOT_TEXT, ChatService
 from core.settings import Settings
 
 _ids = itertools.count(1)
@@ -315,6 +315,19 @@ async def test_group_context_per_user(settings: Settings, db: Database, engine: 
     await service.handle(msg("alice here", user="1", **group))
     await service.handle(msg("bob here", user="2", **group))
     assert seen[1] == ["bob here"]
+
+
+async def test_a_database_outage_gets_a_clear_reply_not_silence(settings: Settings, engine: Engine) -> None:
+    down = Database.connect("postgresql+asyncpg://postgres@127.0.0.1:1/nowhere")  # nothing listens on port 1
+    service = ChatService(settings=settings, db=down, engine=engine)
+    try:
+        private = await service.handle(msg("hello?", message_id="5"))
+        unaddressed = await service.handle(msg("chatter", chat="-3", kind=ChatKind.GROUP))
+    finally:
+        await down.close()
+    assert private is not None and private.text == NOT_LOGGED and private.reply_to == "5"
+    assert private.log_id is None  # nothing to mark delivered
+    assert unaddressed is None  # a group message nobody addressed to the bot stays unanswered, as always
 
 
 async def test_undelivered_replies_are_recorded(service: ChatService, db: Database) -> None:
