@@ -89,25 +89,34 @@ class ChatService:
             return await self._answer(logged)
         except Exception:
             log.exception("Failed to answer %s message %s", message.platform, message.message_id)
+        try:
             return await self._system_reply(logged, GENERIC_FAILURE)
+        except Exception:  # the database went away mid-answer: the apology still goes out, unlogged
+            log.exception("Could not log the failure reply to %s message %s", message.platform, message.message_id)
+            return Reply(GENERIC_FAILURE, reply_to=message.message_id)
 
     async def mark_delivered(self, reply: Reply, platform_message_ids: list[str]) -> None:
-        if reply.log_id is None:
-            return
         first = platform_message_ids[0] if platform_message_ids else None
-        async with self._db.sessions.begin() as session:
-            await set_delivery(
-                session, message_id=reply.log_id, delivery=Delivery.SENT, platform_message_id=first, error=None
-            )
+        await self._record_delivery(reply, Delivery.SENT, platform_message_id=first, error=None)
 
     async def mark_undelivered(self, reply: Reply, reason: str) -> None:
         log.warning("Reply %s could not be delivered: %s", reply.log_id, reason)
+        await self._record_delivery(reply, Delivery.FAILED, platform_message_id=None, error=reason)
+
+    async def _record_delivery(
+        self, reply: Reply, delivery: Delivery, *, platform_message_id: str | None, error: str | None
+    ) -> None:
+        """Bookkeeping only: a database hiccup here is logged, never raised into the adapter's send path."""
         if reply.log_id is None:
             return
-        async with self._db.sessions.begin() as session:
-            await set_delivery(
-                session, message_id=reply.log_id, delivery=Delivery.FAILED, platform_message_id=None, error=reason
-            )
+        try:
+            async with self._db.sessions.begin() as session:
+                await set_delivery(
+                    session, message_id=reply.log_id, delivery=delivery, platform_message_id=platform_message_id,
+                    error=error,
+                )  # fmt: skip
+        except Exception:
+            log.exception("Could not record reply %s as %s", reply.log_id, delivery.value)
 
     async def migrate_chat(self, platform: str, old_chat_id: str, new_chat_id: str) -> None:
         async with self._db.sessions.begin() as session:

@@ -9,13 +9,13 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from core.db import Database
 from core.engine import Engine
-from core.messages import ChatKind, IncomingMessage
+from core.messages import ChatKind, IncomingMessage, Reply
 from core.models import Delivery, Message, Role, User
-from core.service import NOT_LOGGED, NOT_TEXT, ChatService
+from core.service import GENERIC_FAILURE, NOT_LOGGED, NOT_TEXT, ChatService
 from core.settings import Settings
 
 _ids = itertools.count(1)
@@ -328,6 +328,37 @@ async def test_a_database_outage_gets_a_clear_reply_not_silence(settings: Settin
     assert private is not None and private.text == NOT_LOGGED and private.reply_to == "5"
     assert private.log_id is None  # nothing to mark delivered
     assert unaddressed is None  # a group message nobody addressed to the bot stays unanswered, as always
+
+
+async def test_a_database_lost_mid_answer_still_gets_the_user_a_reply(
+    service: ChatService, db: Database, engine: Engine
+) -> None:
+    """The message is logged, then every statement fails (as when the server goes away) while the model writes:
+    the user still hears back, and delivery bookkeeping logs the failure instead of raising into the adapter."""
+    down = False
+
+    def refuse(*_: object) -> None:
+        if down:
+            raise OSError("connection lost")
+
+    event.listen(db.engine.sync_engine, "before_cursor_execute", refuse)
+    original = engine.generate_response
+
+    async def generate_then_lose_the_database(turns, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal down
+        result = await original(turns, **kwargs)
+        down = True
+        return result
+
+    engine.generate_response = generate_then_lose_the_database  # type: ignore[method-assign]
+    try:
+        reply = await service.handle(msg("are you there?", message_id="9"))
+        assert reply is not None and reply.text == GENERIC_FAILURE and reply.log_id is None
+        await service.mark_delivered(Reply("earlier answer", log_id=1), ["77"])  # logged, not raised
+    finally:
+        down = False
+        event.remove(db.engine.sync_engine, "before_cursor_execute", refuse)
+    assert await count_messages(db, role=Role.USER) == 1
 
 
 async def test_undelivered_replies_are_recorded(service: ChatService, db: Database) -> None:
