@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import transformers
 from sqlalchemy import select
 
 from bot import cli_training
@@ -84,6 +85,9 @@ def configure_logging(settings: Settings) -> None:
     ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("discord.client").setLevel(logging.ERROR)  # "voice will NOT be supported" on every start
+    # transformers draws its own bars for every save and load ("Writing model shards", "Loading weights"); they
+    # would break up Magpie's one progress bar and fill service logs with carriage returns.
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 
 async def _db_upgrade(settings: Settings, quiet: bool) -> None:

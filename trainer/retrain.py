@@ -366,7 +366,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MagpieError as exc:
         print(f"magpie trainer: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from trainer.train import configure_process_logging
+
+    configure_process_logging(settings.log_level)
     try:
         status = asyncio.run(retrain(settings, options.run_id, emit=_print_event))
     except RunNotClaimableError as exc:

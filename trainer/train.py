@@ -169,6 +169,8 @@ def load_for_training(source: str) -> tuple[PreTrainedModel, PreTrainedTokenizer
         ) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if model.loss_type is None:  # GPT-2's class name names no loss type: transformers warns, then uses this one
+        model.loss_type = "ForCausalLM"
     return model, tokenizer
 
 
@@ -569,12 +571,19 @@ def _print_progress(fraction: float) -> None:
     print(json.dumps({"progress": round(fraction, 4)}), flush=True)
 
 
+def configure_process_logging(level: str) -> None:
+    """Logging for a training process (its stderr ends up in the bot's log): plain lines, and none of the
+    progress bars transformers draws for every save and load ("Writing model shards", "Loading weights")."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m trainer.train`: defaults from Magpie's settings, any TrainArguments field as a flag."""
     from core.settings import load_settings
 
     settings = load_settings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_process_logging(settings.log_level)
     parser = HfArgumentParser(cast(Any, (RunArguments, TrainArguments)))
     parser.set_defaults(**asdict(TrainArguments.from_settings(settings)))
     run, args = parser.parse_args_into_dataclasses(args=argv)
