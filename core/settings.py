@@ -78,7 +78,7 @@ class Settings(BaseSettings):
     train_on_bot_replies: bool = False
     train_loss_on_response_only: bool = False
     train_eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
-    train_conversation_gap_minutes: float = Field(60.0, gt=0.0)
+    train_conversation_gap_minutes: float = Field(60.0, ge=0.0)
     train_user_share_cap: float = Field(0.2, gt=0.0, le=1.0)
     train_redact_pii: bool = True
     train_blocklist: Annotated[tuple[str, ...], NoDecode] = ()

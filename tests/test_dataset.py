@@ -305,6 +305,18 @@ async def test_a_short_pause_does_not_end_a_conversation(db: Database) -> None:
     assert len({s.conversation for s in all_samples(report)}) == 1
 
 
+async def test_a_gap_of_zero_holds_out_whole_chats(db: Database) -> None:
+    log = ChatLog(db)
+    start = datetime(2026, 11, 1, 12, 0)
+    for day in range(3):
+        await log.say("group", "ann", f"hello on day {day}", at=start + timedelta(days=day))
+    await log.say("group", "ann", "/reset", reset=True, at=start + timedelta(days=3))
+    await log.say("group", "bob", "after the reset", at=start + timedelta(days=3, minutes=1))
+    report = await build_dataset(make_settings(train_conversation_gap_minutes=0), db)
+    assert len({s.conversation for s in all_samples(report)}) == 1
+    assert context_of(report, "after the reset") == []  # /reset still cuts the context
+
+
 async def test_eval_split_is_by_conversation_and_deterministic(db: Database) -> None:
     log = ChatLog(db)
     for chat in range(12):

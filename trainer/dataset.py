@@ -253,15 +253,18 @@ def _chat_samples(
 
     The context is what the chat service would show the model: everything since the last /reset. The held-out
     split needs smaller units than a chat (a bot may live in one big group), so a /reset or a silence of
-    TRAIN_CONVERSATION_GAP_MINUTES also starts a new conversation, each held out or trained on as a whole.
+    TRAIN_CONVERSATION_GAP_MINUTES also starts a new conversation, each held out or trained on as a whole
+    (0 keeps each chat one conversation: a split by whole chats).
     """
+    by_chat = settings.train_conversation_gap_minutes == 0
     gap = timedelta(minutes=settings.train_conversation_gap_minutes)
     history: list[Line] = []
     conversation, last_seen = 0, None
     for row in rows:
         if row.resets_context:
             history.clear()
-        if row.resets_context or (last_seen is not None and row.created_at - last_seen > gap):
+        new_conversation = row.resets_context or (last_seen is not None and row.created_at - last_seen > gap)
+        if new_conversation and not by_chat:
             conversation += 1
         last_seen = row.created_at
         line, reason = _to_line(row, settings, rolled_back, history)
