@@ -186,6 +186,21 @@ class MagpieClient(discord.Client):
                 )
             await self.deliver(reply, _channel_sender(message.channel, reference))
 
+    async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
+        """A person edited a message (raw: it may predate the cache): the log follows the edit, never re-answered."""
+        incoming = to_incoming(payload.message, self.user) if self.user is not None else None
+        if incoming is not None:
+            await self.handler.message_edited(PLATFORM, incoming.chat_id, incoming.message_id, incoming.text)
+
+    async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
+        """A person deleted a message: it leaves the log (and future training) too."""
+        await self.handler.message_deleted(PLATFORM, str(payload.channel_id), str(payload.message_id))
+
+    async def on_raw_bulk_message_delete(self, payload: discord.RawBulkMessageDeleteEvent) -> None:
+        """A moderator purged messages: each leaves the log."""
+        for message_id in sorted(payload.message_ids):
+            await self.handler.message_deleted(PLATFORM, str(payload.channel_id), str(message_id))
+
     async def run_command(self, interaction: discord.Interaction, text: str) -> None:
         """Defers first (generation can outlast Discord's 3-second window), then answers by follow-up."""
         self._track()

@@ -94,6 +94,7 @@ class TelegramBackend:
         self._app = _build_application(settings, self._token)
         self._app.add_handler(MessageHandler(filters.StatusUpdate.MIGRATE, self._on_migrate))
         self._app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self._on_message))
+        self._app.add_handler(MessageHandler(filters.UpdateType.EDITED_MESSAGE, self._on_edit))
         self._app.add_error_handler(self._on_error)
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._cancelling = False
@@ -177,6 +178,13 @@ class TelegramBackend:
                 await self._deliver(message.chat_id, reply, reply_to)
         finally:
             self._in_flight.discard(task)
+
+    async def _on_edit(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """A person edited a message: the log follows the edit (an edit is never answered a second time)."""
+        message = update.edited_message
+        incoming = self._translate(message) if message is not None else None
+        if incoming is not None:
+            await self._handler.message_edited(self.platform, incoming.chat_id, incoming.message_id, incoming.text)
 
     async def _on_migrate(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """A group became a supergroup (Telegram sends a notice in each): its log moves to the new chat id."""

@@ -75,6 +75,14 @@ class ChatHandler(Protocol):
         """Records that a reply could not be delivered, so it is never lost silently."""
         ...
 
+    async def message_edited(self, platform: str, chat_id: str, message_id: str, text: str | None) -> None:
+        """A person edited a message the bot may have logged: the log follows the edit."""
+        ...
+
+    async def message_deleted(self, platform: str, chat_id: str, message_id: str) -> None:
+        """A person deleted a message on the platform: it leaves the log too."""
+        ...
+
     async def migrate_chat(self, platform: str, old_chat_id: str, new_chat_id: str) -> None:
         """The platform moved a chat to a new id (a Telegram group became a supergroup): keep its history."""
         ...

@@ -26,7 +26,9 @@ from core.retraining import Retrainer
 from core.settings import Settings
 from core.storage import (
     collect_stats,
+    delete_message,
     export_user,
+    find_user_message,
     forget_user,
     log_message,
     migrate_chat,
@@ -123,6 +125,31 @@ class ChatService:
             moved = await migrate_chat(session, platform=platform, old_chat_id=old_chat_id, new_chat_id=new_chat_id)
         if moved:
             log.info("%s chat %s is now %s: its history moved with it", platform, old_chat_id, new_chat_id)
+
+    async def message_edited(self, platform: str, chat_id: str, message_id: str, text: str | None) -> None:
+        """The log follows a person's edit (a fixed typo is what the model should learn); commands and messages
+        edited into commands or into nothing keep their logged text."""
+        if not text or not text.strip() or parse_command(text) is not None:
+            return
+        async with self._db.sessions.begin() as session:
+            row = await find_user_message(
+                session, platform=platform, platform_chat_id=chat_id, platform_message_id=message_id
+            )
+            if row is None or row.is_command:
+                return
+            row.text = text
+        log.info("%s message %s in chat %s was edited: log updated", platform, message_id, chat_id)
+
+    async def message_deleted(self, platform: str, chat_id: str, message_id: str) -> None:
+        """A person deleted their message on the platform: it leaves the log (and future training) too."""
+        async with self._db.sessions.begin() as session:
+            row = await find_user_message(
+                session, platform=platform, platform_chat_id=chat_id, platform_message_id=message_id
+            )
+            if row is None:
+                return
+            removed = await delete_message(session, message_id=row.id)
+        log.info("%s message %s in chat %s was deleted: %d logged rows removed", platform, message_id, chat_id, removed)
 
     # --- logging ----------------------------------------------------------------------------------------------
 

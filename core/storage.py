@@ -148,6 +148,30 @@ async def forget_user(session: AsyncSession, *, user_id: int) -> int:
     return int(count)
 
 
+async def find_user_message(
+    session: AsyncSession, *, platform: str, platform_chat_id: str, platform_message_id: str
+) -> Message | None:
+    """A person's logged message by its platform ids (None for the bot's own messages and unknown ids)."""
+    query = (
+        select(Message)
+        .join(Chat, Message.chat_id == Chat.id)
+        .where(
+            Chat.platform == platform,
+            Chat.platform_chat_id == platform_chat_id,
+            Message.platform_message_id == platform_message_id,
+            Message.role == Role.USER,
+        )
+    )
+    return (await session.execute(query)).scalar_one_or_none()
+
+
+async def delete_message(session: AsyncSession, *, message_id: int) -> int:
+    """Deletes one logged message and the bot's replies to it; how many rows went."""
+    replies = await session.execute(delete(Message).where(Message.reply_to_id == message_id))
+    own = await session.execute(delete(Message).where(Message.id == message_id))
+    return int(getattr(replies, "rowcount", 0) or 0) + int(getattr(own, "rowcount", 0) or 0)
+
+
 async def export_user(session: AsyncSession, *, user_id: int) -> list[dict[str, Any]]:
     """The user's own logged messages, oldest first, in a shape fit for a JSON download."""
     rows = await session.execute(

@@ -549,7 +549,7 @@ class FakeDiscord:
         """Discord sends an event only when the session asked for its intent."""
         assert self.session is not None
         intents = self.session.intents
-        if event == "MESSAGE_CREATE":
+        if event in ("MESSAGE_CREATE", "MESSAGE_UPDATE", "MESSAGE_DELETE"):
             return bool(intents & (GUILD_MESSAGES if data.get("guild_id") else DIRECT_MESSAGES))
         if event == "GUILD_CREATE":
             return bool(intents & GUILDS)
@@ -565,7 +565,7 @@ class FakeDiscord:
             raise RuntimeError("no gateway session yet: start the client first")
         if not self._wanted(event, data):
             return None
-        if event == "MESSAGE_CREATE":
+        if event in ("MESSAGE_CREATE", "MESSAGE_UPDATE"):
             data = self._apply_content_intent(data)
         seq = self.session.next_seq()
         payload = {"op": 0, "t": event, "s": seq, "d": data}
@@ -682,6 +682,19 @@ class FakeDiscord:
             message["sticker_items"] = [{"id": str(self.new_id()), "name": "wave", "format_type": 1}]
         await self.dispatch("MESSAGE_CREATE", message, deliver=deliver)
         return message
+
+    async def edit_message(self, message: Json, content: str) -> Json:
+        """A user's MESSAGE_UPDATE: the whole message with its new content, as Discord sends it."""
+        edited = {**message, "content": content, "edited_timestamp": _timestamp()}
+        await self.dispatch("MESSAGE_UPDATE", edited)
+        return edited
+
+    async def delete_message(self, message: Json) -> None:
+        """A user's MESSAGE_DELETE: only the ids, as Discord sends it."""
+        data = {"id": message["id"], "channel_id": message["channel_id"]}
+        if "guild_id" in message:
+            data["guild_id"] = message["guild_id"]
+        await self.dispatch("MESSAGE_DELETE", data)
 
     async def send_command(
         self,

@@ -42,6 +42,8 @@ class Observed:
         self.delivered: list[tuple[Reply, list[str]]] = []
         self.undelivered: list[tuple[Reply, str]] = []
         self.failed: list[tuple[IncomingMessage, Exception]] = []
+        self.edits: list[tuple[str, str | None]] = []
+        self.deletions: list[str] = []
         self._changed = asyncio.Condition()
 
     async def _notify(self) -> None:
@@ -80,6 +82,19 @@ class Observed:
         self.undelivered.append((reply, reason))
         await self._notify()
 
+    async def message_edited(self, platform: str, chat_id: str, message_id: str, text: str | None) -> None:
+        await self.inner.message_edited(platform, chat_id, message_id, text)
+        self.edits.append((message_id, text))
+        await self._notify()
+
+    async def message_deleted(self, platform: str, chat_id: str, message_id: str) -> None:
+        await self.inner.message_deleted(platform, chat_id, message_id)
+        self.deletions.append(message_id)
+        await self._notify()
+
+    async def migrate_chat(self, platform: str, old_chat_id: str, new_chat_id: str) -> None:
+        await self.inner.migrate_chat(platform, old_chat_id, new_chat_id)
+
 
 class Scripted:
     """A ChatHandler whose answer the test chooses, for adapter behaviour where the model is irrelevant."""
@@ -100,6 +115,15 @@ class Scripted:
         return None
 
     async def mark_undelivered(self, reply: Reply, reason: str) -> None:
+        return None
+
+    async def message_edited(self, platform: str, chat_id: str, message_id: str, text: str | None) -> None:
+        return None
+
+    async def message_deleted(self, platform: str, chat_id: str, message_id: str) -> None:
+        return None
+
+    async def migrate_chat(self, platform: str, old_chat_id: str, new_chat_id: str) -> None:
         return None
 
 
@@ -268,6 +292,22 @@ async def test_guild_messages_are_logged_but_answered_only_when_addressed(
     assert rows[2].reply_to_id == rows[1].id and rows[2].delivery is Delivery.SENT
     assert post["message_reference"]["message_id"] == asked["id"]
     assert help_post["message_reference"]["message_id"] == typed["id"] and "/reset" in help_post["content"]
+
+
+async def test_edits_update_the_log_and_deletions_remove_it(
+    fake: FakeDiscord, service: Observed, live_settings: Settings, db: Database
+) -> None:
+    alice = fake.add_user("alice")
+    async with running(fake, service, settings=live_settings):
+        typo = await fake.send_message(alice, "what is yuor favourite colour?", guild=True)
+        regret = await fake.send_message(alice, "something I regret saying", guild=True)
+        await service.wait_until(lambda: len(service.handled) == 2)
+        await fake.edit_message(typo, "what is your favourite colour?")
+        await fake.delete_message(regret)
+        await service.wait_until(lambda: len(service.edits) == 1 and len(service.deletions) == 1)
+    rows = await logged_messages(db)
+    assert [(row.text, row.platform_message_id) for row in rows] == [("what is your favourite colour?", typo["id"])]
+    assert len(service.handled) == 2, "an edit is not a new message: it is not answered or logged again"
 
 
 async def test_slash_chat_is_deferred_then_answered_by_followup(

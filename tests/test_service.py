@@ -225,6 +225,26 @@ async def test_a_migrated_chat_keeps_its_history_even_when_the_new_id_spoke_firs
     assert [row.platform_message_id for row in rows if row.role is Role.USER] == ["-5/1", "1", "2"]
 
 
+async def test_edits_update_the_log_and_deletions_remove_the_message_and_its_answer(
+    service: ChatService, db: Database
+) -> None:
+    await service.handle(msg("helo", message_id="31"))
+    await service.handle(msg("/help", message_id="32"))
+    await service.handle(msg("second thought", message_id="33"))
+    await service.message_edited("telegram", "100", "31", "hello")
+    await service.message_edited("telegram", "100", "31", "/reset")  # an edit never turns into a command
+    await service.message_edited("telegram", "100", "31", "   ")  # nor into nothing
+    await service.message_edited("telegram", "100", "32", "help me")  # commands keep their text
+    await service.message_edited("telegram", "100", "999", "unknown")  # never logged: nothing to do
+    await service.message_deleted("telegram", "100", "33")
+    await service.message_deleted("telegram", "100", "33")  # a second notice finds nothing
+
+    async with db.sessions() as session:
+        rows = (await session.execute(select(Message).order_by(Message.id))).scalars().all()
+    assert [row.text for row in rows if row.role is Role.USER] == ["hello", "/help"]
+    assert len([row for row in rows if row.role is Role.BOT]) == 2  # the answer to the deleted message went too
+
+
 async def test_forget_deletes_everything_the_user_sent_everywhere(service: ChatService, db: Database) -> None:
     await service.handle(msg("mine in private"))
     await service.handle(msg("mine in a group", chat="-9", kind=ChatKind.GROUP, addressed=True))

@@ -43,6 +43,8 @@ class RecordingHandler:
         self.delivered: list[tuple[Reply, list[str]]] = []
         self.undelivered: list[tuple[Reply, str]] = []
         self.migrated: list[tuple[str, str]] = []
+        self.edits: list[tuple[str, str, str | None]] = []
+        self.deletions: list[tuple[str, str]] = []
         self.release: asyncio.Event | None = None
         self.entered = asyncio.Event()
         self.cancelled = asyncio.Event()
@@ -68,6 +70,14 @@ class RecordingHandler:
 
     async def mark_undelivered(self, reply: Reply, reason: str) -> None:
         self.undelivered.append((reply, reason))
+        await self._changed()
+
+    async def message_edited(self, platform: str, chat_id: str, message_id: str, text: str | None) -> None:
+        self.edits.append((chat_id, message_id, text))
+        await self._changed()
+
+    async def message_deleted(self, platform: str, chat_id: str, message_id: str) -> None:
+        self.deletions.append((chat_id, message_id))
         await self._changed()
 
     async def migrate_chat(self, platform: str, old_chat_id: str, new_chat_id: str) -> None:
@@ -252,7 +262,7 @@ async def test_group_messages_are_all_handed_over_and_only_addressed_ones_answer
     assert len(answers) == len(set(answered)) == 5 and plain["message_id"] not in answered
 
 
-async def test_non_text_updates_never_crash_and_edits_are_not_handed_over_twice(
+async def test_non_text_updates_never_crash_and_edits_update_the_log_without_a_second_answer(
     telegram: FakeTelegram, no_token_in_logs: pytest.LogCaptureFixture
 ) -> None:
     group = telegram.group(-100555)
@@ -273,8 +283,9 @@ async def test_non_text_updates_never_crash_and_edits_are_not_handed_over_twice(
         telegram.user_sends_sticker(group, dave, reply_to=bot_in_group)
         await telegram.wait_for_messages(group.id, 2)
         await telegram.wait_for_messages(dave.id, 4)
-        await handler.wait_until(lambda: len(handler.delivered) == 6)
+        await handler.wait_until(lambda: len(handler.delivered) == 6 and len(handler.edits) == 1)
 
+    assert handler.edits == [(str(dave.id), str(first["message_id"]), "hello, edited")]
     assert [(m.chat_kind, m.text) for m in handler.received] == [
         (ChatKind.PRIVATE, "hello"),
         (ChatKind.PRIVATE, None),
@@ -637,7 +648,7 @@ async def test_group_chat_is_logged_whole_but_answered_only_when_addressed(
         (row for row in rows if row.role is Role.USER), key=lambda row: int(row.platform_message_id or 0)
     )
     assert [row.text for row in user_rows] == [  # handled concurrently, so logged in any order
-        "has anyone read the new one?",
+        "has anyone read the new one? (edited)",  # the log follows an edit
         "do you like pizza?",
         "and pasta?",
         "/help",
