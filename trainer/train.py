@@ -169,8 +169,6 @@ def load_for_training(source: str) -> tuple[PreTrainedModel, PreTrainedTokenizer
         ) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if model.loss_type is None:  # GPT-2's class name names no loss type: transformers warns, then uses this one
-        model.loss_type = "ForCausalLM"
     return model, tokenizer
 
 
@@ -259,7 +257,7 @@ def _train_into(
         model, tokenizer, args, train_features=features, eval_features=unpacked(data.eval), checkpoints=checkpoints,
         progress=progress,
     )  # fmt: skip
-    with _tied_weights_notice_hidden(model):
+    with _false_alarms_hidden(model):
         outcome = trainer.train()
     shutil.rmtree(checkpoints, ignore_errors=True)
     timings["train_s"] = time.perf_counter() - phase
@@ -387,10 +385,14 @@ def build_trainer(
 
 
 _MISSING_KEYS = "There were missing keys in the checkpoint model loaded: "
+_NO_LOSS_TYPE = "`loss_type=None` was set in the config but it is unrecognized."
 
 
-class _HideTiedMissingKeys(logging.Filter):
-    """Drops the Trainer's "missing keys" warning when every key it names is a tied parameter."""
+class _HideFalseAlarms(logging.Filter):
+    """Drops two transformers warnings that are wrong about GPT-2: the Trainer's "missing keys" when every key it
+    names is a tied parameter, and "loss_type=None … unrecognized" (GPT-2 names no loss type; transformers then uses
+    the causal-LM loss, which is the right one. Setting it instead would change how the Trainer counts tokens per
+    batch, and with it the training dynamics)."""
 
     def __init__(self, tied: set[str]) -> None:
         super().__init__()
@@ -398,6 +400,8 @@ class _HideTiedMissingKeys(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
+        if message.startswith(_NO_LOSS_TYPE):
+            return False
         if not message.startswith(_MISSING_KEYS):
             return True
         try:
@@ -408,22 +412,25 @@ class _HideTiedMissingKeys(logging.Filter):
 
 
 @contextlib.contextmanager
-def _tied_weights_notice_hidden(model: PreTrainedModel) -> Iterator[None]:
-    """Keeps one false alarm out of the logs: reloading the best checkpoint, the Trainer reports GPT-2's output
-    weights as missing, though they are tied to the input embedding (saved once, restored through the tie;
-    transformers looks for the tie under an attribute GPT-2 no longer sets). Any other missing key still shows."""
+def _false_alarms_hidden(model: PreTrainedModel) -> Iterator[None]:
+    """Keeps `_HideFalseAlarms`' two warnings out of the logs while the Trainer runs. Reloading the best checkpoint,
+    it reports GPT-2's output weights as missing, though they are tied to the input embedding (saved once, restored
+    through the tie; transformers looks for the tie under an attribute GPT-2 no longer sets). Any other missing key
+    still shows."""
     first_name: dict[int, str] = {}
     tied = set()
     for name, parameter in model.named_parameters(remove_duplicate=False):
         if first_name.setdefault(id(parameter), name) != name:
             tied.add(name)
-    notice = _HideTiedMissingKeys(tied)
-    trainer_log = logging.getLogger("transformers.trainer")
-    trainer_log.addFilter(notice)
+    notice = _HideFalseAlarms(tied)
+    loggers = [logging.getLogger(name) for name in ("transformers.trainer", "transformers.modeling_utils")]
+    for logger in loggers:
+        logger.addFilter(notice)
     try:
         yield
     finally:
-        trainer_log.removeFilter(notice)
+        for logger in loggers:
+            logger.removeFilter(notice)
 
 
 class _ReportProgress(TrainerCallback):
