@@ -25,8 +25,9 @@ from bot.console import PLATFORM as CONSOLE_PLATFORM
 from bot.console import ConsoleBackend
 from core.db import Database, upgrade
 from core.engine import Engine, ModelRef
-from core.errors import HubUnreachableError, MagpieError
+from core.errors import ConfigError, HubUnreachableError, MagpieError
 from core.models import ModelVersion, VersionStatus
+from core.retention import RetentionJob, prune_old_messages
 from core.service import ChatService
 from core.settings import Settings, load_settings
 from core.storage import collect_stats
@@ -133,8 +134,10 @@ async def _serve(settings: Settings) -> None:
     engine = Engine.from_settings(settings)
     notifier = BackendNotifier()
     orchestrator = TrainingOrchestrator(settings=settings, db=db, engine=engine, notifier=notifier)
+    retention = RetentionJob(db, days=settings.log_retention_days)
     try:
         await db.check_schema()
+        retention.start()
         await _start_engine(settings, db, engine)
         await orchestrator.start()
         service = ChatService(settings=settings, db=db, engine=engine, retrainer=orchestrator)
@@ -148,6 +151,7 @@ async def _serve(settings: Settings) -> None:
 
         await _run_backends(backends, before_stop=finish)
     finally:
+        await retention.stop()
         await orchestrator.stop()
         await engine.close()
         await db.close()
@@ -205,6 +209,19 @@ async def _run_backends(
             loop.remove_signal_handler(signum)
 
 
+async def _db_prune(settings: Settings, days: float | None) -> None:
+    days = settings.log_retention_days if days is None else days
+    if days <= 0:
+        raise ConfigError("Nothing to prune: pass --days N, or set LOG_RETENTION_DAYS (0 keeps everything).")
+    db = Database.connect(settings.database_url)
+    try:
+        await db.check_schema()
+        removed = await prune_old_messages(db, days=days)
+    finally:
+        await db.close()
+    print(f"Deleted {removed} messages logged more than {days:g} days ago.")
+
+
 async def _db_stats(settings: Settings) -> None:
     db = Database.connect(settings.database_url)
     try:
@@ -219,6 +236,16 @@ async def _db_stats(settings: Settings) -> None:
     print(f"new since the last training run: {stats.since_last_training}\nactive model: {active}")
 
 
+def _positive_days(text: str) -> float:
+    try:
+        days = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days") from None
+    if days <= 0:
+        raise argparse.ArgumentTypeError("give a number of days above 0")
+    return days
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="magpie", description="A self-hosted GPT-2 chatbot that learns.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -226,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = db.add_parser("upgrade", help="apply the schema migrations")
     up.add_argument("--quiet", action="store_true", help="print nothing on success")
     db.add_parser("stats", help="count what has been logged")
+    prune = db.add_parser("prune", help="delete logged messages older than LOG_RETENTION_DAYS (or --days)")
+    prune.add_argument("--days", type=_positive_days, help="override LOG_RETENTION_DAYS for this run")
     commands.add_parser("run", help="start the bot (the console when no platform token is set)")
     cli_training.add_commands(commands)
     return parser
@@ -240,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_db_upgrade(settings, args.quiet))
         elif args.command == "db" and args.db_command == "stats":
             asyncio.run(_db_stats(settings))
+        elif args.command == "db" and args.db_command == "prune":
+            asyncio.run(_db_prune(settings, args.days))
         elif args.command == "run":
             asyncio.run(_serve(settings))
         elif (code := asyncio.run(cli_training.run_command(args, settings))) is not None:

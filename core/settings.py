@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(10, ge=1)
     max_input_chars: int = Field(2000, ge=1)
     group_context: Literal["shared", "user"] = "shared"
+    log_retention_days: float = Field(0.0, ge=0.0)
 
     # --- retraining (defaults are the seed notebook's) ---------------------------------------------------------
     train_epochs: float = Field(3.0, gt=0.0)

@@ -172,6 +172,14 @@ async def delete_message(session: AsyncSession, *, message_id: int) -> int:
     return int(getattr(replies, "rowcount", 0) or 0) + int(getattr(own, "rowcount", 0) or 0)
 
 
+async def prune_messages(session: AsyncSession, *, before: datetime) -> int:
+    """Deletes every message logged before `before` (the bot's replies to them go too, by cascade)."""
+    old = Message.created_at < before
+    count = (await session.execute(select(func.count()).select_from(Message).where(old))).scalar_one()
+    await session.execute(delete(Message).where(old))
+    return int(count)
+
+
 async def export_user(session: AsyncSession, *, user_id: int) -> list[dict[str, Any]]:
     """The user's own logged messages, oldest first, in a shape fit for a JSON download."""
     rows = await session.execute(
