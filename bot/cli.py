@@ -163,8 +163,12 @@ async def _start_engine(settings: Settings, db: Database, engine: Engine) -> Non
     log.info("Loading model %s", ref.name)
     try:
         await engine.start(ref)
-    except HubUnreachableError as exc:
-        log.warning("%s", exc)
+    except HubUnreachableError:
+        log.warning(
+            'Model "%s" is not available offline (the Hugging Face Hub is unreachable and it is not cached): '
+            "using the offline starter model instead.",
+            ref.name,
+        )
         starter = await cli_training.build_starter(settings, db)
         await engine.start(ModelRef(source=str(starter.path), name=starter.name, version_id=starter.version_id))
 

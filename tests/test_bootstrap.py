@@ -6,13 +6,17 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import huggingface_hub
+import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core.db import Database
+from core.dialogue import Turn
+from core.engine import Engine
 from core.models import VersionStatus
 from core.settings import Settings
 from core.versions import get_active_version, list_versions
-from trainer.bootstrap import STARTER_ARGUMENTS, bootstrap
+from trainer.bootstrap import STARTER_ARGUMENTS, StarterVersion, bootstrap
 from trainer.corpus import load_dialogues
 from trainer.starter_model import ModelShape
 
@@ -56,3 +60,33 @@ async def test_bootstrap_registers_an_active_starter(db: Database, tmp_path: Pat
     async with db.sessions() as session:
         statuses = {v.name: v.status for v in await list_versions(session)}
     assert statuses == {"starter-t": VersionStatus.ACTIVE, "starter-u": VersionStatus.CANDIDATE}
+
+
+async def test_magpie_run_builds_the_starter_once_when_the_hub_is_unreachable(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`magpie run`'s model choice: BASE_MODEL is a hub id, the Hub is unreachable and nothing is cached, so the
+    starter is built, registered and served; the next start serves it without building again."""
+    from bot import cli
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:1")  # nothing listens there
+    builds: list[str] = []
+
+    async def quick_starter(settings: Settings, db: Database) -> StarterVersion:  # the real build, smaller
+        builds.append(settings.base_model)
+        return await bootstrap(settings, db, shape=TINY_SHAPE, max_dialogues=60, arguments=QUICK)
+
+    monkeypatch.setattr(cli.cli_training, "build_starter", quick_starter)
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, base_model="some-org/never-cached-model", models_dir=tmp_path / "models", max_new_tokens=4
+    )
+    for _ in range(2):
+        engine = Engine.from_settings(settings)
+        try:
+            await cli._start_engine(settings, db, engine)
+            assert engine.model_ref is not None and engine.model_ref.name.startswith("starter-")
+            assert (await engine.generate_response([Turn("user:1", "hello")])).text.strip()
+        finally:
+            await engine.close()
+    assert builds == ["some-org/never-cached-model"]  # once: the second start served the registered starter
