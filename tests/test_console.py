@@ -30,9 +30,10 @@ def _env(database_url: str, model_dir: Path, tmp_path: Path) -> dict[str, str]:
     return env
 
 
-async def test_piped_stdin_gets_one_reply_per_line_and_exits_zero(
-    db: Database, database_url: str, tiny_model_dir: Path, tmp_path: Path
-) -> None:
+async def pipe_into_magpie_run(
+    stdin: bytes, database_url: str, model_dir: Path, tmp_path: Path
+) -> tuple[int | None, str, str]:
+    """`printf … | magpie run` in a subprocess: its exit code, stdout and stderr."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -42,11 +43,18 @@ async def test_piped_stdin_gets_one_reply_per_line_and_exits_zero(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         cwd=tmp_path,
-        env=_env(database_url, tiny_model_dir, tmp_path),
+        env=_env(database_url, model_dir, tmp_path),
     )
-    out, err = await asyncio.wait_for(process.communicate(b"Hello\nHow are you?\n/help\n"), timeout=120)
-    stdout, stderr = out.decode(), err.decode()
-    assert process.returncode == 0, stderr
+    out, err = await asyncio.wait_for(process.communicate(stdin), timeout=180)
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_piped_stdin_gets_one_reply_per_line_and_exits_zero(
+    db: Database, database_url: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    script = b"Hello\nHow are you?\n/help\n"
+    code, stdout, stderr = await pipe_into_magpie_run(script, database_url, tiny_model_dir, tmp_path)
+    assert code == 0, stderr
     assert "/reset" in stdout and "/retrain" in stdout  # the console user is an admin
     assert "Traceback" not in stderr
     async with db.sessions() as session:
@@ -63,20 +71,8 @@ async def test_a_retrain_asked_for_in_a_script_reports_its_outcome_before_exit(
 ) -> None:
     """The end of input waits for the run the console started (here it fails fast: one chat is too little data)
     instead of stopping it with the bot."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bot",
-        "run",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=tmp_path,
-        env=_env(database_url, tiny_model_dir, tmp_path),
-    )
-    out, err = await asyncio.wait_for(process.communicate(b"Hello\n/retrain\n"), timeout=180)
-    stdout, stderr = out.decode(), err.decode()
-    assert process.returncode == 0, stderr
+    code, stdout, stderr = await pipe_into_magpie_run(b"Hello\n/retrain\n", database_url, tiny_model_dir, tmp_path)
+    assert code == 0, stderr
     assert "Training run #1 started" in stdout
     assert "Training run #1 failed: not enough conversation to train on yet" in stdout
     assert "stopped with the bot" not in stdout + stderr
