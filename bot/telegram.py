@@ -22,6 +22,7 @@ import random
 import re
 import traceback
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -55,6 +56,28 @@ RATE_LIMIT_RETRIES = 3
 STOP_GRACE_S = 15.0
 _COMMAND = re.compile(r"^/(?P<name>[A-Za-z0-9_]{1,32})(?:@(?P<bot>[A-Za-z0-9_]+))?(?![\w@])")
 _WEBHOOK_SECRET = re.compile(r"[A-Za-z0-9_-]{1,256}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Place:
+    """Where a conversation happens: a chat, or one topic of a forum supergroup (topics are separate
+    conversations, so each gets its own log and context; the core sees them as chats "<chat id>:<topic id>")."""
+
+    chat_id: int
+    thread_id: int | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.chat_id}:{self.thread_id}" if self.thread_id is not None else str(self.chat_id)
+
+    @classmethod
+    def of(cls, message: Message) -> _Place:
+        return cls(message.chat_id, message.message_thread_id if message.is_topic_message else None)
+
+    @classmethod
+    def parse(cls, key: str) -> _Place:
+        chat, _, thread = key.partition(":")
+        return cls(int(chat), int(thread) if thread else None)
 
 
 def _build_application(settings: Settings, token: str) -> _App:
@@ -152,7 +175,7 @@ class TelegramBackend:
     async def notify(self, chat_id: str, text: str) -> None:
         """Sends unsolicited text (e.g. retraining progress); failures are logged, never raised to the caller."""
         try:
-            await self._following_migration(int(chat_id), partial(self._send_text, text=text, reply_to=None))
+            await self._following_migration(_Place.parse(chat_id), partial(self._send_text, text=text, reply_to=None))
         except (TelegramError, ValueError) as exc:
             log.warning("Telegram: could not notify chat %s: %s", chat_id, self._redact(repr(exc)))
 
@@ -171,11 +194,12 @@ class TelegramBackend:
         assert task is not None
         self._in_flight.add(task)
         try:
-            reply = await self._ask_core(message.chat_id, incoming)
+            place = _Place.of(message)
+            reply = await self._ask_core(place, incoming)
             if reply is not None:
                 group = incoming.chat_kind is ChatKind.GROUP
                 reply_to = int(reply.reply_to) if group and reply.reply_to and reply.reply_to.isdigit() else None
-                await self._deliver(message.chat_id, reply, reply_to)
+                await self._deliver(place, reply, reply_to)
         finally:
             self._in_flight.discard(task)
 
@@ -221,7 +245,7 @@ class TelegramBackend:
             return None
         return IncomingMessage(
             platform=self.platform,
-            chat_id=str(message.chat_id),
+            chat_id=_Place.of(message).key,
             chat_kind=ChatKind.PRIVATE if private else ChatKind.GROUP,
             author_id=str(author_id),
             author_name=author_name,
@@ -252,12 +276,12 @@ class TelegramBackend:
             return f"/{command.group('name')}{text[command.end() :]}", True
         return text, bool(ours)
 
-    async def _ask_core(self, chat_id: int, incoming: IncomingMessage) -> Reply | None:
+    async def _ask_core(self, place: _Place, incoming: IncomingMessage) -> Reply | None:
         """Awaits the core's answer, showing "typing…" meanwhile when an answer is expected."""
         if incoming.text is None or not incoming.addressed:
             return await self._handler.handle(incoming)
         done = asyncio.Event()
-        typing = asyncio.create_task(self._keep_typing(chat_id, done))
+        typing = asyncio.create_task(self._keep_typing(place, done))
         try:
             return await self._handler.handle(incoming)
         finally:
@@ -266,13 +290,14 @@ class TelegramBackend:
             try:
                 await asyncio.wait_for(typing, timeout=2.0)
             except TimeoutError:
-                log.debug("Telegram: typing indicator for chat %s cancelled", chat_id)
+                log.debug("Telegram: typing indicator for chat %s cancelled", place.key)
 
-    async def _keep_typing(self, chat_id: int, done: asyncio.Event) -> None:
+    async def _keep_typing(self, place: _Place, done: asyncio.Event) -> None:
         """Sends "typing…" at once and every TYPING_RENEW_S until `done`; it is cosmetic, so failures only log."""
         while not done.is_set():
             try:
-                await self._app.bot.send_chat_action(chat_id, ChatAction.TYPING)
+                bot = self._app.bot
+                await bot.send_chat_action(place.chat_id, ChatAction.TYPING, message_thread_id=place.thread_id)
             except TelegramError as exc:
                 log.debug("Telegram: typing indicator failed: %s", self._redact(repr(exc)))
             with contextlib.suppress(TimeoutError):
@@ -280,16 +305,16 @@ class TelegramBackend:
 
     # --- sending --------------------------------------------------------------------------------------------
 
-    async def _deliver(self, chat_id: int, reply: Reply, reply_to: int | None) -> None:
+    async def _deliver(self, place: _Place, reply: Reply, reply_to: int | None) -> None:
         """Sends a reply and tells the core whether it arrived, so that no reply is ever lost silently."""
         try:
             # In the supergroup the answered message has another id: a reply there answers nothing.
             ids = await self._following_migration(
-                chat_id, lambda target: self._send_reply(target, reply, reply_to if target == chat_id else None)
+                place, lambda target: self._send_reply(target, reply, reply_to if target == place else None)
             )
         except Exception as exc:  # retries exhausted, or a bug: either way the core must hear of it
             reason = self._redact(f"{type(exc).__name__}: {exc}")
-            log.error("Telegram: reply %s to chat %s undelivered: %s", reply.log_id, chat_id, reason)
+            log.error("Telegram: reply %s to chat %s undelivered: %s", reply.log_id, place.key, reason)
             if not isinstance(exc, TelegramError):
                 self._log_exception(f"sending reply {reply.log_id}", exc)
             await self._handler.mark_undelivered(reply, reason)
@@ -299,31 +324,37 @@ class TelegramBackend:
             raise
         await self._handler.mark_delivered(reply, ids)
 
-    async def _following_migration(self, chat_id: int, send: Callable[[int], Awaitable[T]]) -> T:
-        """Sends to `chat_id`, or, when that group has become a supergroup, moves its log and sends there."""
+    async def _following_migration(self, place: _Place, send: Callable[[_Place], Awaitable[T]]) -> T:
+        """Sends to `place`, or, when that group has become a supergroup, moves its log and sends there (a basic
+        group has no topics, so the new place is the whole supergroup)."""
         try:
-            return await send(chat_id)
+            return await send(place)
         except ChatMigrated as moved:
-            new_id = int(moved.new_chat_id)
-            await self._handler.migrate_chat(self.platform, str(chat_id), str(new_id))
-            return await send(new_id)
+            new_place = _Place(int(moved.new_chat_id))
+            await self._handler.migrate_chat(self.platform, place.key, new_place.key)
+            return await send(new_place)
 
-    async def _send_reply(self, chat_id: int, reply: Reply, reply_to: int | None) -> list[str]:
+    async def _send_reply(self, place: _Place, reply: Reply, reply_to: int | None) -> list[str]:
         """The reply's text (split as needed) and its attachment, if any; the platform ids of what was sent."""
-        ids = await self._send_text(chat_id, text=reply.text, reply_to=reply_to)
+        ids = await self._send_text(place, text=reply.text, reply_to=reply_to)
         if reply.attachment is not None:
             document = InputFile(reply.attachment.content, filename=reply.attachment.filename)
-            sent = await self._retrying(partial(self._app.bot.send_document, chat_id, document))
+            send = partial(self._app.bot.send_document, place.chat_id, document, message_thread_id=place.thread_id)
+            sent = await self._retrying(send)
             ids.append(str(sent.message_id))
         return ids
 
-    async def _send_text(self, chat_id: int, *, text: str, reply_to: int | None) -> list[str]:
+    async def _send_text(self, place: _Place, *, text: str, reply_to: int | None) -> list[str]:
         """The send path: splits at paragraph/sentence/word boundaries within 4096 UTF-16 units; the first part
-        answers `reply_to` (still sent if that message was deleted meanwhile)."""
+        answers `reply_to` (still sent, into the same topic, if that message was deleted meanwhile)."""
         ids: list[str] = []
         for part in split_message(text, MessageLimit.MAX_TEXT_LENGTH, utf16_length):
             answer = ReplyParameters(reply_to, allow_sending_without_reply=True) if reply_to and not ids else None
-            sent = await self._retrying(partial(self._app.bot.send_message, chat_id, part, reply_parameters=answer))
+            send = partial(
+                self._app.bot.send_message, place.chat_id, part, reply_parameters=answer,
+                message_thread_id=place.thread_id,
+            )  # fmt: skip
+            sent = await self._retrying(send)
             ids.append(str(sent.message_id))
         return ids
 

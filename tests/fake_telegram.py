@@ -85,9 +85,12 @@ class ChatRef:
     type: str
     title: str | None = None
     first_name: str | None = None
+    is_forum: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"id": self.id, "type": self.type}
+        if self.is_forum:
+            data["is_forum"] = True
         if self.title:
             data["title"] = self.title
         if self.first_name:
@@ -191,8 +194,8 @@ class FakeTelegram:
     def private_chat(self, person: Person) -> ChatRef:
         return self._remember(ChatRef(person.id, "private", first_name=person.first_name))
 
-    def group(self, chat_id: int, title: str = "Test group", kind: str = "supergroup") -> ChatRef:
-        return self._remember(ChatRef(chat_id, kind, title=title))
+    def group(self, chat_id: int, title: str = "Test group", kind: str = "supergroup", forum: bool = False) -> ChatRef:
+        return self._remember(ChatRef(chat_id, kind, title=title, is_forum=forum))
 
     def user_says(
         self,
@@ -202,10 +205,14 @@ class FakeTelegram:
         *,
         reply_to: dict[str, Any] | None = None,
         entities: list[dict[str, Any]] | None = None,
+        topic: int | None = None,
     ) -> dict[str, Any]:
-        """A new text message; entities (commands, @mentions) are computed from the text like Telegram does."""
+        """A new text message (in forum topic `topic`, if given); entities (commands, @mentions) are computed from
+        the text like Telegram does."""
         found = _entities(text) if entities is None else entities
         extra: dict[str, Any] = {"text": text}
+        if topic is not None:
+            extra.update(message_thread_id=topic, is_topic_message=True)
         if found:
             extra["entities"] = found
         return self._new_message(chat, person, extra, reply_to)
@@ -471,6 +478,10 @@ class FakeTelegram:
             "from": self.bot.as_dict(),
             **extra,
         }
+        if params.get("message_thread_id") is not None:
+            if not chat.is_forum:
+                return _error_response(400, "Bad Request: message thread not found")
+            message.update(message_thread_id=int(params["message_thread_id"]), is_topic_message=True)
         reply = params.get("reply_parameters") or (
             {"message_id": params["reply_to_message_id"]} if "reply_to_message_id" in params else None
         )

@@ -595,8 +595,8 @@ async def serving(telegram: FakeTelegram, db: Database, model_dir: Path, **overr
         await engine.close()
 
 
-async def logged(db: Database, chat_id: int | None = None) -> list[DbMessage]:
-    """Every logged message (optionally of one Telegram chat), oldest first."""
+async def logged(db: Database, chat_id: int | str | None = None) -> list[DbMessage]:
+    """Every logged message (optionally of one Telegram chat, or "<chat>:<topic>"), oldest first."""
     query = select(DbMessage).join(Chat, Chat.id == DbMessage.chat_id).order_by(DbMessage.id)
     if chat_id is not None:
         query = query.where(Chat.platform == "telegram", Chat.platform_chat_id == str(chat_id))
@@ -665,6 +665,29 @@ async def test_group_chat_is_logged_whole_but_answered_only_when_addressed(
     assert all(row.delivery is Delivery.SENT for row in bot_rows)
     assert "/reset — " in answers[2]["text"] and "/retrain" not in answers[2]["text"]
     assert [note["text"] for note in telegram.sent_messages(carol.id)] == [NOT_TEXT]
+
+
+async def test_forum_topics_are_separate_conversations_answered_in_their_topic(
+    telegram: FakeTelegram, db: Database, tiny_model_dir: Path
+) -> None:
+    forum = telegram.group(-100300, "Hobbies", forum=True)
+    bob, carol = telegram.user(2001, "Bob"), telegram.user(2002, "Carol")
+    async with serving(telegram, db, tiny_model_dir):
+        telegram.user_says(forum, bob, "@MagpieTestBot which guitar should I buy?", topic=5)
+        telegram.user_says(forum, carol, "@MagpieTestBot who won the match?", topic=9)
+        telegram.user_says(forum, carol, "anyone here?")  # the General topic: no thread id
+        await telegram.wait_for_messages(forum.id, 2)
+    answers = telegram.sent_messages(forum.id)
+    assert sorted(a["message_thread_id"] for a in answers) == [5, 9]
+    assert sorted(int(c.params["message_thread_id"]) for c in telegram.calls_to("sendChatAction")) == [5, 9]
+    assert [row.text for row in await logged(db, "-100300:5")] == ["which guitar should I buy?", answers_in(answers, 5)]
+    assert [row.text for row in await logged(db, "-100300:9")] == ["who won the match?", answers_in(answers, 9)]
+    assert [row.text for row in await logged(db, forum.id)] == ["anyone here?"]
+
+
+def answers_in(answers: list[dict[str, Any]], topic: int) -> str:
+    [answer] = [a["text"] for a in answers if a["message_thread_id"] == topic]
+    return str(answer)
 
 
 async def test_a_group_upgraded_to_a_supergroup_keeps_its_log_and_its_replies(
