@@ -8,6 +8,7 @@ training with a tiny model and a high learning rate.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -135,6 +136,8 @@ async def test_retrain_teaches_the_community_answer(base_loop: Loop) -> None:
     assert run.metrics["eval_loss"] < run.metrics["active_eval_loss"]
     assert (loop.settings.models_dir / "v1" / "model.safetensors").is_file()
     assert not list(loop.settings.models_dir.glob(".*partial"))
+    trained = json.loads((loop.settings.models_dir / "v1" / "metrics.json").read_text())
+    assert trained["eval_loss_per_epoch"] == [], "the held-out data judged the version; it did not pick its epoch"
 
 
 @pytest.fixture(scope="session")

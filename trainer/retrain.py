@@ -141,7 +141,9 @@ async def _train_and_gate(settings: Settings, db: Database, run_id: int, emit: E
     # Train in a worker thread: the event loop stays free to record progress in the database.
     emit({"event": "stage", "stage": "training"})
     output_dir = _output_dir(settings, run_id)
-    args = TrainArguments.from_settings(settings)
+    # No early stopping on the held-out conversations: the gate below scores the new version on them, and a
+    # version picked for doing well on them would be judged on its own selection data.
+    args = TrainArguments.from_settings(settings, select_on_eval=False)
     result = await asyncio.to_thread(
         train,
         args,

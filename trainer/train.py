@@ -1,9 +1,10 @@
 """Fine-tune a causal LM on dialogue samples and write a new model version directory.
 
 Reads top to bottom like transformers' `run_clm.py`: arguments -> seed -> model -> tokenize -> pack -> train
-(stopping on the eval loss) -> save -> evaluate. What it fixes relative to the seed notebook: no padding to 512
-(samples are packed into full blocks), the end-of-turn EOS stays a target although pad = EOS, optional
-response-only loss, early stopping on the held-out loss instead of a fixed schedule, bounded CPU threads.
+(optionally stopping on the eval loss) -> save -> evaluate. What it fixes relative to the seed notebook: no padding
+to 512 (samples are packed into full blocks), the end-of-turn EOS stays a target although pad = EOS, optional
+response-only loss, bounded CPU threads. Early stopping on the held-out loss (`select_on_eval`) serves the starter;
+retraining leaves the held-out data to the promotion gate.
 
 It is built to run in a process of its own (the bot keeps serving meanwhile): `train()` takes only picklable
 arguments, and `python -m trainer.train --dataset data.jsonl --model_source DIR --output_dir DIR` runs it from a
@@ -64,7 +65,7 @@ when `train` runs in a spawned process."""
 class TrainArguments:
     """Everything a training run needs besides data and model; defaults are the seed notebook's."""
 
-    epochs: float = field(default=3.0, metadata={"help": "Most passes over the data; stops earlier on eval loss."})
+    epochs: float = field(default=3.0, metadata={"help": "Passes over the data (fewer if select_on_eval stops early)."})
     batch_size: int = field(default=2, metadata={"help": "Blocks (or samples, without packing) per step."})
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak AdamW learning rate (linear decay)."})
     warmup_steps: int = field(
@@ -86,6 +87,13 @@ class TrainArguments:
         default=None, metadata={"help": "bf16 autocast; empty = on where the hardware has native bf16."}
     )
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto, cpu or cuda."})
+    select_on_eval: bool = field(
+        default=True,
+        metadata={
+            "help": "Evaluate every epoch, stop early and keep the best epoch. Retraining turns it off: the "
+            "promotion gate then judges a version that its held-out data never shaped."
+        },
+    )
     early_stopping_patience: int = field(
         default=2, metadata={"help": "Stop after this many evaluations (one per epoch) without improvement."}
     )
@@ -364,8 +372,9 @@ def build_trainer(
     checkpoints: Path,
     progress: ProgressFn | None = None,
 ) -> Trainer:
-    """A Trainer over ready-made features, logging to `logging` (not stdout) and stopping on the eval loss."""
-    with_eval = bool(eval_features)
+    """A Trainer over ready-made features, logging to `logging` (not stdout); with `select_on_eval` it evaluates
+    every epoch, stops on the eval loss and keeps the best epoch."""
+    with_eval = bool(eval_features) and args.select_on_eval
     callbacks: list[TrainerCallback] = [_LogToLogger()]
     if with_eval:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
@@ -376,7 +385,7 @@ def build_trainer(
         args=training_arguments(args, checkpoints, train_rows=len(train_features), with_eval=with_eval),
         data_collator=PadCollator(_pad_id(tokenizer)),
         train_dataset=train_features,
-        eval_dataset=eval_features or None,
+        eval_dataset=eval_features if with_eval else None,
         processing_class=tokenizer,
         callbacks=callbacks,
     )
