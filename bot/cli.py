@@ -217,23 +217,14 @@ async def _db_prune(settings: Settings, days: float | None) -> None:
     days = settings.log_retention_days if days is None else days
     if days <= 0:
         raise ConfigError("Nothing to prune: pass --days N, or set LOG_RETENTION_DAYS (0 keeps everything).")
-    db = Database.connect(settings.database_url)
-    try:
-        await db.check_schema()
+    async with Database.opened(settings.database_url) as db:
         removed = await prune_old_messages(db, days=days)
-    finally:
-        await db.close()
     print(f"Deleted {removed} messages logged more than {days:g} days ago.")
 
 
 async def _db_stats(settings: Settings) -> None:
-    db = Database.connect(settings.database_url)
-    try:
-        await db.check_schema()
-        async with db.sessions() as session:
-            stats = await collect_stats(session)
-    finally:
-        await db.close()
+    async with Database.opened(settings.database_url) as db, db.sessions() as session:
+        stats = await collect_stats(session)
     active = stats.active_version.name if stats.active_version else "none (BASE_MODEL)"
     print(f"users: {stats.users}\nchats: {stats.chats}\nmessages: {stats.messages}")
     print(f"  from people: {stats.user_messages}\n  from the bot: {stats.bot_messages}")

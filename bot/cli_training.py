@@ -61,12 +61,8 @@ async def run_command(args: argparse.Namespace, settings: Settings) -> int | Non
     handler = _HANDLERS.get(args.command)
     if handler is None:
         return None
-    db = Database.connect(settings.database_url)
-    try:
-        await db.check_schema()
+    async with Database.opened(settings.database_url) as db:
         return await handler(args, settings, db)
-    finally:
-        await db.close()
 
 
 def _operator() -> str:

@@ -6,7 +6,9 @@ The schema itself lives in `core/models.py` and changes only through Alembic mig
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,17 @@ class Database:
     def connect(cls, url: str) -> Database:
         engine = create_engine(url)
         return cls(engine, async_sessionmaker(engine, expire_on_commit=False))
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def opened(cls, url: str) -> AsyncIterator[Database]:
+        """A connection for one command: the schema checked first (with the fix named), disposed afterwards."""
+        db = cls.connect(url)
+        try:
+            await db.check_schema()
+            yield db
+        finally:
+            await db.close()
 
     @property
     def backend(self) -> str:

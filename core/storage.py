@@ -37,15 +37,15 @@ async def upsert_user(session: AsyncSession, *, platform: str, platform_user_id:
 
 async def upsert_chat(session: AsyncSession, *, platform: str, platform_chat_id: str, kind: str) -> Chat:
     """The chat row for a platform chat id, created on first sight."""
-    query = select(Chat).where(Chat.platform == platform, Chat.platform_chat_id == platform_chat_id)
-    chat = (await session.execute(query)).scalar_one_or_none()
+    chat = await _find_chat(session, platform, platform_chat_id)
     if chat is None:
         try:
             async with session.begin_nested():
                 chat = Chat(platform=platform, platform_chat_id=platform_chat_id, kind=kind)
                 session.add(chat)
         except IntegrityError:
-            chat = (await session.execute(query)).scalar_one()
+            chat = await _find_chat(session, platform, platform_chat_id)
+            assert chat is not None  # the row that won the race
     return chat
 
 
@@ -167,9 +167,10 @@ async def find_user_message(
 
 async def delete_message(session: AsyncSession, *, message_id: int) -> int:
     """Deletes one logged message and the bot's replies to it; how many rows went."""
-    replies = await session.execute(delete(Message).where(Message.reply_to_id == message_id))
-    own = await session.execute(delete(Message).where(Message.id == message_id))
-    return int(getattr(replies, "rowcount", 0) or 0) + int(getattr(own, "rowcount", 0) or 0)
+    doomed = or_(Message.id == message_id, Message.reply_to_id == message_id)
+    count = (await session.execute(select(func.count()).select_from(Message).where(doomed))).scalar_one()
+    await session.execute(delete(Message).where(doomed))
+    return int(count)
 
 
 async def prune_messages(session: AsyncSession, *, before: datetime) -> int:
