@@ -117,6 +117,7 @@ class Message(Base):
         UniqueConstraint("chat_id", "platform_message_id", name="uq_messages_chat_platform_message"),
         Index("ix_messages_chat_created", "chat_id", "id"),
         Index("ix_messages_author", "author_id"),
+        Index("ix_messages_reply_to", "reply_to_id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -132,6 +133,10 @@ class Message(Base):
     model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id", ondelete="SET NULL"))
     delivery: Mapped[Delivery | None] = mapped_column(_enum(Delivery, "message_delivery"))
     delivery_error: Mapped[str | None] = mapped_column(Text)
+    awaits_reply: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sql("false"))
+    """An incoming message the bot should answer: crash recovery answers those without a delivered reply."""
+    parts_sent: Mapped[int | None] = mapped_column(Integer)
+    """How many parts of a split reply reached the platform (a send that failed part-way says how far it got)."""
 
 
 class ModelVersion(Base):
@@ -171,6 +176,8 @@ class TrainingRun(Base):
     notify_chat_id: Mapped[str | None] = mapped_column(String(64))
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     pid: Mapped[int | None] = mapped_column(Integer)
+    process_start: Mapped[str | None] = mapped_column(String(32))
+    """The trainer process's start time (/proc/<pid>/stat), so a pid the kernel reused is not taken for the run."""
     parent_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id", ondelete="SET NULL"))
     model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id", ondelete="SET NULL"))
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
