@@ -62,6 +62,9 @@ class Line:
     message_id: int | None = None
     user_id: int | None = None
     created_at: datetime | None = None
+    learnable: bool = True
+    """False for a line that may be context but must never be learned (blocklisted, repetitive, capped, a bot
+    reply when bot replies are not targets): its tokens get no loss wherever it appears."""
 
     @property
     def turn(self) -> Turn:
@@ -388,6 +391,7 @@ def _line_json(line: Line) -> dict[str, Any]:
         "message_id": line.message_id,
         "user_id": line.user_id,
         "created_at": line.created_at.isoformat() if line.created_at else None,
+        "learnable": line.learnable,
     }
 
 
@@ -399,6 +403,7 @@ def _line_from_json(data: dict[str, Any]) -> Line:
         data.get("message_id"),
         data.get("user_id"),
         datetime.fromisoformat(created) if created else None,
+        bool(data.get("learnable", True)),
     )
 
 
