@@ -138,7 +138,12 @@ async def set_delivery(
 
 
 async def forget_user(session: AsyncSession, *, user_id: int) -> int:
-    """Deletes every message the user sent, in every chat (bot replies to them go too, by cascade)."""
+    """Deletes every message the user sent, in every chat (bot replies to them go too), and their display name.
+
+    The user row itself stays, anonymous: it carries the opt-out flag and lets the training manifest name the
+    versions that contained their data.
+    """
+    await session.execute(update(User).where(User.id == user_id).values(display_name=""))
     count = (
         await session.execute(select(func.count()).select_from(Message).where(Message.author_id == user_id))
     ).scalar_one()
@@ -173,12 +178,22 @@ async def delete_message(session: AsyncSession, *, message_id: int) -> int:
     return int(count)
 
 
-async def prune_messages(session: AsyncSession, *, before: datetime) -> int:
-    """Deletes every message logged before `before` (the bot's replies to them go too, by cascade)."""
-    old = Message.created_at < before
-    count = (await session.execute(select(func.count()).select_from(Message).where(old))).scalar_one()
-    await session.execute(delete(Message).where(old))
-    return int(count)
+async def prune_messages(session: AsyncSession, *, before: datetime, limit: int) -> int:
+    """Deletes up to `limit` of the oldest messages logged before `before`, with the bot's replies to them.
+
+    One bounded batch per call (the caller commits between batches): a single transaction over a large log held
+    SQLite's write lock for minutes, and incoming messages failed to log meanwhile.
+    """
+    doomed = (
+        (await session.execute(select(Message.id).where(Message.created_at < before).order_by(Message.id).limit(limit)))
+        .scalars()
+        .all()
+    )
+    if not doomed:
+        return 0
+    replies = await session.execute(delete(Message).where(Message.reply_to_id.in_(doomed), Message.id.not_in(doomed)))
+    await session.execute(delete(Message).where(Message.id.in_(doomed)))
+    return len(doomed) + int(replies.rowcount)  # type: ignore[attr-defined]
 
 
 async def export_user(session: AsyncSession, *, user_id: int) -> list[dict[str, Any]]:
