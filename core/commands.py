@@ -35,8 +35,13 @@ def parse_command(text: str | None) -> ParsedCommand | None:
     return ParsedCommand(name=name.lower(), args=(args or "").strip(), target=target)
 
 
-def help_text(bot_name: str, *, is_admin: bool) -> str:
-    lines = [f"I'm {bot_name}, a chatbot that learns to talk like this community. Just talk to me!", ""]
+def help_text(bot_name: str, *, is_admin: bool, private_chats_learned: bool) -> str:
+    """The command list, preceded by which chats the bot learns from: people should know before they talk."""
+    lines = [
+        f"I'm {bot_name}, a chatbot that learns to talk like this community. Just talk to me!",
+        learning_note(private_chats_learned=private_chats_learned),
+        "",
+    ]
     for name, description in COMMANDS.items():
         if name in ADMIN_COMMANDS and not is_admin:
             continue
@@ -44,10 +49,17 @@ def help_text(bot_name: str, *, is_admin: bool) -> str:
     return "\n".join(lines)
 
 
-def start_text(bot_name: str, *, is_admin: bool) -> str:
+def learning_note(*, private_chats_learned: bool) -> str:
+    """Which chats become training data (`Settings.learns_from_private_chats`)."""
+    if private_chats_learned:
+        return "I learn from what people write in group chats and in private chats with me."
+    return "I learn from what people write in group chats; what you tell me in a private chat is never trained on."
+
+
+def start_text(bot_name: str, *, is_admin: bool, private_chats_learned: bool) -> str:
     return (
-        f"Hi! {help_text(bot_name, is_admin=is_admin)}\n\n"
-        "I keep a log of our conversations to learn from them. /optout keeps your messages out of training, "
+        f"Hi! {help_text(bot_name, is_admin=is_admin, private_chats_learned=private_chats_learned)}\n\n"
+        "I keep a log of our conversations so I can follow them. /optout keeps your messages out of training, "
         "/forget deletes them."
     )
 

@@ -308,10 +308,14 @@ class ChatService:
         return self._settings.is_admin(logged.message.platform, logged.message.author_id)
 
     async def _cmd_start(self, logged: Logged, _: ParsedCommand) -> Reply:
-        return await self._system_reply(logged, start_text(self._settings.bot_name, is_admin=self._is_admin(logged)))
+        learned = self._settings.learns_from_private_chats(logged.message.platform)
+        text = start_text(self._settings.bot_name, is_admin=self._is_admin(logged), private_chats_learned=learned)
+        return await self._system_reply(logged, text)
 
     async def _cmd_help(self, logged: Logged, _: ParsedCommand) -> Reply:
-        return await self._system_reply(logged, help_text(self._settings.bot_name, is_admin=self._is_admin(logged)))
+        learned = self._settings.learns_from_private_chats(logged.message.platform)
+        text = help_text(self._settings.bot_name, is_admin=self._is_admin(logged), private_chats_learned=learned)
+        return await self._system_reply(logged, text)
 
     async def _cmd_reset(self, logged: Logged, _: ParsedCommand) -> Reply:
         return await self._system_reply(logged, "Okay — fresh start. I've set our earlier conversation aside.")

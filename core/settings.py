@@ -77,6 +77,7 @@ class Settings(BaseSettings):
     train_max_length: int = Field(512, ge=16)
     train_threads: int = Field(1, ge=1)
     train_on_bot_replies: bool = False
+    train_on_private_chats: bool = False
     train_loss_on_response_only: bool = False
     train_eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     train_conversation_gap_minutes: float = Field(60.0, ge=0.0)
@@ -145,6 +146,14 @@ class Settings(BaseSettings):
         if not ident.lstrip("-").isdigit():
             return False
         return f"{platform}:{int(ident)}" in self.admin_ids
+
+    def learns_from_private_chats(self, platform: str) -> bool:
+        """Whether one-to-one chats on `platform` are training data.
+
+        Off by default: what someone tells the bot privately must not be learned and repeated to others. The
+        console's chat is the operator's own (the same reason it is trusted as an admin), so it always is.
+        """
+        return self.train_on_private_chats or platform == "console"
 
 
 def _split_list(value: object) -> list[str]:

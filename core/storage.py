@@ -112,13 +112,18 @@ async def recent_history(
 ) -> list[Message]:
     """The last `limit` conversational messages since the latest `/reset`, oldest first.
 
-    Commands and the bot's system replies (help texts, refusals) are not conversation and are left out.
+    Commands and the bot's system replies (help texts, refusals) are not conversation and are left out, and so are
+    replies that never reached the chat: nobody read them, so the bot must not carry on as if they were said.
     """
     context = _context_query(chat_id, user_id)
     last_reset = (
         await session.execute(context.where(Message.resets_context.is_(True)).order_by(Message.id.desc()).limit(1))
     ).scalar_one_or_none()
-    query = context.where(Message.is_command.is_(False), Message.text != "")
+    query = context.where(
+        Message.is_command.is_(False),
+        Message.text != "",
+        or_(Message.delivery.is_(None), Message.delivery != Delivery.FAILED),
+    )
     if last_reset is not None:
         query = query.where(Message.id > last_reset.id)
     rows = (await session.execute(query.order_by(Message.id.desc()).limit(limit))).scalars().all()

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import random
+from collections import Counter
 from datetime import datetime, timedelta
 from itertools import count
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from core.db import Database
-from core.models import Chat, Message, ModelVersion, Role, User, VersionStatus
+from core.models import Chat, Delivery, Message, ModelVersion, Role, User, VersionStatus
 from core.settings import Settings
 from trainer.dataset import (
     EOS,
@@ -18,6 +23,7 @@ from trainer.dataset import (
     Line,
     Sample,
     build_dataset,
+    cap_user_share,
     export_jsonl,
     is_repetitive,
     load_jsonl,
@@ -62,11 +68,19 @@ class ChatLog:
         reset: bool = False,
         version: int | None = None,
         at: datetime | None = None,
+        kind: str = "group",
+        platform: str = "telegram",
+        reply_to: int | None = None,
+        delivery: Delivery | None = None,
     ) -> int:
-        """`author=None` is the bot; `/reset` is a command that also resets the context; `at` the time sent."""
+        """`author=None` is the bot; `/reset` is a command that also resets the context; `at` the time sent.
+
+        `kind` and `platform` apply when the chat is first seen; a bot reply answers `reply_to` (a message id) and
+        was `delivery` (None: logged before delivery was tracked).
+        """
         async with self.db.sessions.begin() as session:
             if chat not in self.chats:
-                row = Chat(platform="telegram", platform_chat_id=chat, kind="group")
+                row = Chat(platform=platform, platform_chat_id=chat, kind=kind)
                 session.add(row)
                 await session.flush()
                 self.chats[chat] = row.id
@@ -84,6 +98,8 @@ class ChatLog:
                 is_command=command or reset,
                 resets_context=reset,
                 model_version_id=version,
+                reply_to_id=reply_to,
+                delivery=delivery,
             )
             if at is not None:
                 message.created_at = at
@@ -176,6 +192,69 @@ async def test_opted_out_users_are_neither_target_nor_context(db: Database) -> N
     assert log.users["eve"] not in report.manifest().values()
 
 
+async def test_private_chats_are_not_learned_unless_opted_in_but_the_console_is(db: Database) -> None:
+    log = ChatLog(db)
+    await log.say("group", "ann", "see you all at the market")
+    asked = await log.say("dm", "ann", "my door code is 4711", kind="private")
+    await log.say("dm", None, "noted, ann", kind="private", reply_to=asked, delivery=Delivery.SENT)
+    await log.say("dm", "ann", "please keep it to yourself")
+    await log.say("dm", "ann", "/help", command=True)
+    await log.say("console", "operator", "testing the console", kind="private", platform="console")
+
+    report = await build_dataset(make_settings(), db)
+
+    assert sorted(targets(report)) == ["see you all at the market", "testing the console"]
+    texts = {line.text for sample in all_samples(report) for line in (*sample.context, sample.target)}
+    assert not texts & {"my door code is 4711", "noted, ann", "please keep it to yourself"}
+    assert report.excluded["private_chat"] == 3
+    assert report.excluded["command"] == 1
+
+    report = await build_dataset(make_settings(train_on_private_chats=True), db)
+    assert context_of(report, "please keep it to yourself") == ["my door code is 4711", "noted, ann"]
+    assert report.excluded["private_chat"] == 0
+
+
+async def test_only_delivered_bot_replies_are_training_data(db: Database) -> None:
+    """SENT and legacy (NULL) replies are what the chat saw; FAILED never arrived and PENDING is not known to have."""
+    log = ChatLog(db)
+    for name, delivery in [("sent", Delivery.SENT), ("legacy", None), ("failed", Delivery.FAILED)]:
+        asked = await log.say("c", f"user-{name}", f"question for {name}")
+        await log.say("c", None, f"answer that was {name}", reply_to=asked, delivery=delivery)
+    asked = await log.say("c", "user-pending", "question for pending")
+    await log.say("c", None, "answer that was pending", reply_to=asked, delivery=Delivery.PENDING)
+    await log.say("c", "ann", "the last word")
+
+    report = await build_dataset(make_settings(train_on_bot_replies=True), db)
+
+    bot_targets = {s.target.text for s in all_samples(report) if s.target.user_id is None}
+    assert bot_targets == {"answer that was sent", "answer that was legacy"}
+    assert context_of(report, "the last word") == [
+        "question for sent",
+        "answer that was sent",
+        "question for legacy",
+        "answer that was legacy",
+        "question for failed",
+        "question for pending",
+    ]
+    assert report.excluded["undelivered_bot_reply"] == 2
+
+
+async def test_replies_to_an_opted_out_user_leave_with_their_turns(db: Database) -> None:
+    log = ChatLog(db)
+    await log.user("eve", opted_out=True)
+    await log.say("c", "ann", "morning")
+    asked = await log.say("c", "eve", "what do you know about my neighbour?")
+    answer = await log.say("c", None, "your neighbour is away until friday", reply_to=asked, delivery=Delivery.SENT)
+    await log.say("c", "bob", "morning ann")
+
+    for bot_targets in (False, True):
+        report = await build_dataset(make_settings(train_on_bot_replies=bot_targets), db)
+        assert context_of(report, "morning ann") == ["morning"]
+        assert "your neighbour is away until friday" not in targets(report)
+        assert answer not in report.manifest()
+        assert (report.excluded["opted_out"], report.excluded["reply_to_opted_out"]) == (1, 1)
+
+
 async def test_commands_and_empty_lines_are_excluded(db: Database) -> None:
     log = ChatLog(db)
     await log.say("c", "ann", "/help", command=True)
@@ -207,18 +286,81 @@ async def test_each_users_share_of_targets_is_capped_deterministically(db: Datab
     log = ChatLog(db)
     for index in range(8):
         await log.say("flood", "troll", f"buy my coin number {index}")
-    await log.say("a", "ann", "nice weather today")
-    await log.say("b", "bob", "shall we go for a walk")
+    for index in range(9):
+        await log.say(f"chat-{index}", f"person-{index}", f"an honest line number {index}")
 
-    settings = make_settings(train_user_share_cap=0.3)  # 10 targets -> at most 3 per user
+    settings = make_settings(train_user_share_cap=0.3)
     first = await build_dataset(settings, db)
     second = await build_dataset(settings, db)
 
+    # The limit counts everyone else: 3 of 3 + 9 = 25% <= 30% (4 would be 4 of 13 = 31%). Counting the troll in
+    # its own base (ceil(0.3 x 17) = 6) let it keep 6 of 15 = 40%.
     troll = [t for t in targets(first) if t.startswith("buy my coin")]
     assert len(troll) == 3
-    assert {"nice weather today", "shall we go for a walk"} <= set(targets(first))
+    assert {f"an honest line number {index}" for index in range(9)} <= set(targets(first))
     assert first.excluded["user_share_cap"] == 5
     assert sorted(targets(first)) == sorted(targets(second))
+
+
+def _authored(counts: dict[str, int]) -> list[Sample]:
+    """`counts[author]` targets per author, each in its own conversation, with distinct message ids."""
+    lines = [(author, index) for author, n in counts.items() for index in range(n)]
+    return [
+        Sample((), Line(author, f"{author} says {index}", message_id), f"c{message_id}")
+        for message_id, (author, index) in enumerate(lines, start=1)
+    ]
+
+
+def _kept_per_author(samples: list[Sample]) -> Counter[str]:
+    return Counter(sample.target.speaker for sample in samples)
+
+
+def test_a_flooder_among_fifty_honest_people_keeps_at_most_the_cap() -> None:
+    samples = _authored({"flooder": 1000} | {f"honest-{index}": 1 for index in range(50)})
+    excluded: Counter[str] = Counter()
+    kept = _kept_per_author(cap_user_share(samples, 0.2, excluded))
+    assert kept["flooder"] == 12  # 12 of 62 = 19.4%; 13 of 63 would be 20.6%
+    assert kept["flooder"] / sum(kept.values()) <= 0.2
+    assert all(kept[f"honest-{index}"] == 1 for index in range(50))
+    assert excluded["user_share_cap"] == 988
+
+
+def test_fewer_people_than_one_over_the_cap_share_equally() -> None:
+    """Two people can never each stay under 20%: each may own half, so a small group still trains."""
+    kept = _kept_per_author(cap_user_share(_authored({"ann": 10, "bob": 4}), 0.2, Counter()))
+    assert kept == Counter({"ann": 4, "bob": 4})
+    kept = _kept_per_author(cap_user_share(_authored({"ann": 3}), 0.2, Counter()))
+    assert kept == Counter({"ann": 3})
+
+
+@hypothesis_settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(
+    counts=st.lists(st.integers(min_value=1, max_value=150), min_size=1, max_size=30),
+    cap=st.sampled_from([0.01, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 1 / 3, 0.5, 0.7, 1.0]) | st.floats(0.01, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_share_cap_properties(counts: list[int], cap: float, seed: int) -> None:
+    """Over random author mixes: every share within the cap (or an equal share when fewer than 1/cap authors),
+    authors under the limit keep everything, the limit is the largest that fits, and the result is deterministic."""
+    given_counts = {f"author-{index}": n for index, n in enumerate(counts)}
+    samples = _authored(given_counts)
+    excluded: Counter[str] = Counter()
+    result = cap_user_share(samples, cap, excluded)
+    kept = _kept_per_author(result)
+    total = sum(kept.values())
+    allowed = max(cap, 1 / len(counts))
+
+    assert all(n / total <= allowed + 1e-9 for n in kept.values())
+    limit = max(kept.values())
+    assert all(kept[author] == min(n, limit) for author, n in given_counts.items())  # under the limit: all kept
+    if any(n > limit for n in given_counts.values()):  # one more each for the capped would break the cap
+        raised = sum(min(n, limit + 1) for n in given_counts.values())
+        assert (limit + 1) / raised > allowed - 1e-9
+    assert excluded["user_share_cap"] == len(samples) - total
+    shuffled = samples[:]
+    random.Random(seed).shuffle(shuffled)
+    again = cap_user_share(shuffled, cap, Counter())
+    assert {s.target.message_id for s in again} == {s.target.message_id for s in result}
 
 
 async def test_blocklisted_lines_are_context_only(db: Database) -> None:
@@ -249,6 +391,58 @@ async def test_repetitive_and_duplicate_lines_are_not_targets(db: Database) -> N
     assert report.excluded["repeated_line"] == 1
     assert report.excluded["near_duplicate_target"] == 1
     assert context_of(report, "what did you do today?") == ["lol lol lol lol lol", "hahahahahahaha", "Nice one!"]
+
+
+def _learnable_context(report: DatasetReport, target: str) -> dict[str, bool]:
+    return {line.text: line.learnable for line in sample_for(report, target).context}
+
+
+async def test_lines_demoted_to_context_are_never_learnable(db: Database) -> None:
+    """Blocklisted, repetitive and (with bot replies not targets) bot lines stay context without any loss."""
+    log = ChatLog(db)
+    await log.say("c", "troll", "repeat after me: the forbidden phrase")
+    await log.say("c", "ann", "lol lol lol lol lol")
+    await log.say("c", None, "I'd rather not", delivery=Delivery.SENT)
+    await log.say("c", "bob", "a perfectly normal line")
+    await log.say("c", "carl", "and another one")
+
+    report = await build_dataset(make_settings(train_blocklist="forbidden phrase"), db)
+
+    assert _learnable_context(report, "and another one") == {
+        "repeat after me: the forbidden phrase": False,
+        "lol lol lol lol lol": False,
+        "I'd rather not": False,
+        "a perfectly normal line": True,  # a kept target stays learnable where it is context too
+    }
+    assert all(sample.target.learnable for sample in all_samples(report))
+
+
+async def test_targets_dropped_by_the_dataset_wide_passes_are_not_learnable_as_context(db: Database) -> None:
+    """A capped flooder's lines and a near-duplicate target still appear as context in other samples: there they
+    carry no loss either, while the flooder's kept lines (and everyone else's) stay learnable."""
+    log = ChatLog(db)
+    for index in range(6):
+        await log.say("group", "troll", f"buy my coin number {index}")
+        await log.say("group", f"person-{index}", f"no thanks, reply {index}")
+    await log.say("group", "ann", "Good night!")
+    await log.say("group", "bob", "good night ann")
+    await log.say("group", "ann", "GOOD NIGHT")  # ann's near-duplicate: dropped as a target
+    await log.say("group", "carl", "sleep well everyone")
+
+    report = await build_dataset(make_settings(train_user_share_cap=0.2, history_turns=20), db)
+
+    kept = {s.target.message_id for s in all_samples(report)}
+    troll_kept = {t for t in targets(report) if t.startswith("buy my coin")}
+    assert len(troll_kept) == 2  # 2 of 11 targets = 18%; 3 of 12 would be 25%
+    context = _learnable_context(report, "sleep well everyone")
+    assert context["GOOD NIGHT"] is False and context["Good night!"] is True
+    assert [text for text, learnable in context.items() if not learnable] == [
+        *(f"buy my coin number {index}" for index in range(6) if f"buy my coin number {index}" not in troll_kept),
+        "GOOD NIGHT",
+    ]
+    assert all(context[text] for text in troll_kept)
+    for sample in all_samples(report):  # every context line is learnable exactly when it is a kept target
+        assert all(line.learnable == (line.message_id in kept) for line in sample.context)
 
 
 def test_repetition_detector() -> None:

@@ -207,6 +207,20 @@ async def test_history_is_bounded_by_history_turns(service: ChatService, engine:
     assert seen == [1, 3, 5, 7, 7]  # the message plus HISTORY_TURNS earlier turns
 
 
+async def test_a_reply_that_was_never_delivered_is_not_history(service: ChatService, engine: Engine) -> None:
+    """Nobody read a reply whose send failed: the next answer must not carry on from it. A delivered one counts."""
+    seen = record_prompts(engine)
+    lost = await service.handle(msg("first question"))
+    assert lost is not None
+    await service.mark_undelivered(lost, "chat not found")
+    delivered = await service.handle(msg("second question"))
+    assert delivered is not None
+    await service.mark_delivered(delivered, ["501"])
+    await service.handle(msg("third question"))
+    assert seen[1] == ["first question", "second question"]
+    assert seen[2] == ["first question", "second question", delivered.text, "third question"]
+
+
 async def test_a_migrated_chat_keeps_its_history_even_when_the_new_id_spoke_first(
     service: ChatService, db: Database, engine: Engine
 ) -> None:

@@ -83,3 +83,14 @@ def test_env_example_lists_every_setting_with_a_comment() -> None:
     for name, index in listed.items():
         above = [line for line in lines[max(0, index - 6) : index] if line.startswith("#")]
         assert above, f"{name} has no comment above it in .env.example"
+
+
+def test_private_chats_are_training_data_only_when_opted_in_but_the_console_always(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = load_settings()
+    assert not settings.train_on_private_chats
+    assert not settings.learns_from_private_chats("telegram") and not settings.learns_from_private_chats("discord")
+    assert settings.learns_from_private_chats("console")
+    monkeypatch.setenv("TRAIN_ON_PRIVATE_CHATS", "true")
+    assert load_settings().learns_from_private_chats("telegram")

@@ -5,14 +5,18 @@ view (`core.dialogue`: the target's author is `Bot`, so the model learns how thi
 label it fills at inference). Pipeline, in order:
 
 1. per chat, in message order: `/reset` cuts the context (and, like a long silence, starts a new conversation);
-   commands, opted-out users, empty lines, a user's immediate repeats and bot lines of rolled-back versions are dropped
-   entirely; e-mail addresses and phone numbers are redacted; every remaining line becomes context for what
-   follows (at most `history_turns`);
+   private chats (unless `train_on_private_chats`; the operator's console always counts), commands, opted-out users
+   and the bot's replies to them, bot replies not known to have been delivered, empty lines, a user's immediate
+   repeats and bot lines of rolled-back versions are dropped entirely; e-mail addresses and phone numbers are
+   redacted; every remaining line becomes context for what follows (at most `history_turns`);
 2. target eligibility: human turns (bot turns too with `train_on_bot_replies`), except blocklisted and
    repetitive lines, which stay context only;
 3. Tay defence across the whole dataset: a user's near-duplicate targets (same normalised text) are dropped,
-   then each user's share of targets is capped (which ones stay is a deterministic hash, not "the first N");
-4. a deterministic split by conversation into train and eval.
+   then no user may own more than `train_user_share_cap` of the targets that remain (which ones stay is a
+   deterministic hash, not "the first N");
+4. every line that is not a target in the end (step 2 or 3) is marked not learnable wherever it appears as
+   context, so it carries no loss anywhere (`trainer.packing` masks it);
+5. a deterministic split by conversation into train and eval.
 
 The dataset is tokenizer-free on purpose: the promotion gate scores the active and the new model, which may use
 different tokenizers, on the same split. The token-length bound is applied when samples are encoded
@@ -24,21 +28,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import re
 import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import aliased
 
 from core.db import Database
 from core.dialogue import BOT_SPEAKER, GPT2_EOS, Turn, clean_text, format_dialogue
-from core.models import Chat, Message, ModelVersion, Role, User, VersionStatus
+from core.messages import ChatKind
+from core.models import Chat, Delivery, Message, ModelVersion, Role, User, VersionStatus
 from core.settings import Settings
 from trainer.corpus import Dialogue
 
@@ -51,6 +57,9 @@ _PHONE = re.compile(r"(?<![0-9A-Za-z+])\+?\d[\d ().-]{5,}\d(?![0-9A-Za-z])")
 _DATE = re.compile(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{2,4}")
 _REPEATED_UNIT = re.compile(r"(.{1,4}?)\1{3,}")
 _LONG_RUNS = re.compile(r"(.)\1{2,}")
+
+_DELIVERED = (Delivery.SENT, None)
+"""Bot replies that reached the chat; None is a row logged before delivery was tracked."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +202,12 @@ class _Row:
     resets_context: bool
     model_version_id: int | None
     opted_out: bool
+    platform: str
+    private: bool
+    """A one-to-one chat with the bot (`Settings.learns_from_private_chats` says whether it is training data)."""
+    delivery: Delivery | None
+    answers_opted_out: bool
+    """A bot reply to a message by a user who opted out: it leaves the data with their turns."""
 
 
 async def build_dataset(settings: Settings, db: Database) -> DatasetReport:
@@ -206,18 +221,24 @@ async def build_dataset(settings: Settings, db: Database) -> DatasetReport:
         candidates.extend(_chat_samples(chat_rows, settings, rolled_back, report.excluded))
     targets = drop_near_duplicates(candidates, report.excluded)
     targets = cap_user_share(targets, settings.train_user_share_cap, report.excluded)
+    targets = unlearn_dropped_targets(targets, candidates)
     report.train, report.eval = split_by_conversation(targets, settings.train_eval_fraction)
     log.info("dataset: %s", json.dumps(report.summary()))
     return report
 
 
 async def _read_rows(db: Database) -> tuple[list[_Row], set[int]]:
-    """Every message in chat order with its author's opt-out flag, and the ids of rolled-back versions."""
+    """Every message in chat order with its author's opt-out flag, and the ids of rolled-back versions.
+
+    A bot reply also carries the opt-out flag of the person it answered (`reply_to_id` -> that message's author).
+    """
+    asked, asker = aliased(Message), aliased(User)
     query = (
         select(
             Message.id,
             Chat.platform,
             Chat.platform_chat_id,
+            Chat.kind,
             Message.author_id,
             Message.role,
             Message.text,
@@ -225,21 +246,40 @@ async def _read_rows(db: Database) -> tuple[list[_Row], set[int]]:
             Message.is_command,
             Message.resets_context,
             Message.model_version_id,
+            Message.delivery,
             User.opted_out,
+            asker.opted_out.label("answers_opted_out"),
         )
         .join(Chat, Message.chat_id == Chat.id)
         .outerjoin(User, Message.author_id == User.id)
+        .outerjoin(asked, Message.reply_to_id == asked.id)
+        .outerjoin(asker, asked.author_id == asker.id)
         .order_by(Message.chat_id, Message.id)
     )
     rolled_back_query = select(ModelVersion.id).where(ModelVersion.status == VersionStatus.ROLLED_BACK)
     async with db.sessions() as session:
         rolled_back = set((await session.scalars(rolled_back_query)).all())
-        result = await session.execute(query)
-        rows = [
-            _Row(id_, f"{platform}:{chat_id}", author, role, text, created, command, reset, version, bool(opted_out))
-            for id_, platform, chat_id, author, role, text, created, command, reset, version, opted_out in result
-        ]
+        rows = [_row(columns) for columns in await session.execute(query)]
     return rows, rolled_back
+
+
+def _row(columns: Any) -> _Row:
+    return _Row(
+        id=columns.id,
+        chat=f"{columns.platform}:{columns.platform_chat_id}",
+        author_id=columns.author_id,
+        role=columns.role,
+        text=columns.text,
+        created_at=columns.created_at,
+        is_command=columns.is_command,
+        resets_context=columns.resets_context,
+        model_version_id=columns.model_version_id,
+        opted_out=bool(columns.opted_out),
+        platform=columns.platform,
+        private=columns.kind == ChatKind.PRIVATE.value,
+        delivery=columns.delivery,
+        answers_opted_out=bool(columns.answers_opted_out),
+    )
 
 
 def _by_chat(rows: Sequence[_Row]) -> Iterator[list[_Row]]:
@@ -277,6 +317,7 @@ def _chat_samples(
         reason = _target_reason(row, line, settings)
         if reason:
             excluded[reason] += 1
+            line = replace(line, learnable=False)
         else:
             context = tuple(history[-settings.history_turns :] if settings.history_turns else ())
             yield Sample(context, line, f"{row.chat}#{conversation}")
@@ -289,6 +330,12 @@ def _to_line(row: _Row, settings: Settings, rolled_back: set[int], history: Sequ
         return None, "command"
     if row.opted_out:
         return None, "opted_out"
+    if row.private and not settings.learns_from_private_chats(row.platform):
+        return None, "private_chat"
+    if row.role == Role.BOT and row.answers_opted_out:
+        return None, "reply_to_opted_out"
+    if row.role == Role.BOT and row.delivery not in _DELIVERED:
+        return None, "undelivered_bot_reply"
     if row.role == Role.BOT and row.model_version_id in rolled_back:
         return None, "rolled_back_bot_reply"
     text = clean_text(row.text, eos=EOS)
@@ -333,17 +380,58 @@ def drop_near_duplicates(samples: Iterable[Sample], excluded: Counter[str]) -> l
 
 
 def cap_user_share(samples: Sequence[Sample], cap: float, excluded: Counter[str]) -> list[Sample]:
-    """Limits every author to `ceil(cap x targets)` targets, keeping a hash-chosen (stable, time-spread) subset."""
-    limit = max(1, math.ceil(round(cap * len(samples), 6)))
+    """Keeps no author above `cap` of the targets that remain, each capped author keeping a hash-chosen (stable,
+    time-spread) subset of the same size; authors under the limit keep everything."""
     by_author: dict[str, list[Sample]] = defaultdict(list)
     for sample in samples:
         by_author[sample.target.speaker].append(sample)
+    limit = share_limit([len(author_samples) for author_samples in by_author.values()], cap)
     keep: set[int] = set()
     for author_samples in by_author.values():
         ranked = sorted(author_samples, key=lambda s: stable_fraction(f"{s.conversation}/{s.target.message_id}"))
         keep.update(id(s) for s in ranked[:limit])
         excluded["user_share_cap"] += max(0, len(ranked) - limit)
     return [s for s in samples if id(s) in keep]
+
+
+def share_limit(counts: Sequence[int], cap: float) -> int:
+    """The most targets one author may keep so that, after capping, nobody owns more than `cap` of the rest.
+
+    The limit must count the flooder out of its own base: `cap x all targets` lets one account with 1,000 lines
+    among 50 honest ones keep most of the data. With a limit L each author keeps min(n, L) of the total
+    T(L) = sum(min(n, L)), and L is the largest value with min(L, max n) <= cap' x T(L). `cap'` is `cap`, or an
+    equal share (1 / authors) when fewer than 1/cap people contributed, so a small group still trains. The slack
+    cap' x T(L) - L is concave in L and holds at L = 1, so the values that fit form a range a bisection finds.
+    """
+    if not counts:
+        return 0
+    share = max(Fraction(cap).limit_denominator(10**6), Fraction(1, len(counts)))
+    largest = max(counts)
+
+    def fits(limit: int) -> bool:
+        return min(limit, largest) <= share * sum(min(n, limit) for n in counts)
+
+    low, high = 1, largest  # fits(1) always holds: every author has at least one target
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low
+
+
+def unlearn_dropped_targets(kept: Sequence[Sample], candidates: Iterable[Sample]) -> list[Sample]:
+    """Marks every context line whose message was dropped as a target (a near-duplicate, over the share cap) as not
+    learnable: it stays context for the lines after it, but would otherwise be learned there after all."""
+    dropped = {s.target.message_id for s in candidates} - {s.target.message_id for s in kept} - {None}
+    return [_unlearn(sample, dropped) for sample in kept] if dropped else list(kept)
+
+
+def _unlearn(sample: Sample, message_ids: set[int | None]) -> Sample:
+    if not any(line.message_id in message_ids for line in sample.context):
+        return sample
+    context = tuple(
+        replace(line, learnable=False) if line.message_id in message_ids else line for line in sample.context
+    )
+    return replace(sample, context=context)
 
 
 def split_by_conversation(samples: Sequence[Sample], eval_fraction: float) -> tuple[list[Sample], list[Sample]]:
