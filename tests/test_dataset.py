@@ -488,6 +488,9 @@ async def test_a_long_silence_ends_a_conversation_so_one_group_splits_both_ways(
     assert sample_for(report, "morning 3").conversation == sample_for(report, "hi ann, day 3").conversation
     assert context_of(report, "after the reset") == []
     assert not {s.conversation for s in report.train} & {s.conversation for s in report.eval}
+    # A held-out conversation's lines may be context of the next one, but are never learned there.
+    earlier = _learnable_context(report, "hi ann, day 3")
+    assert earlier.pop("morning 3") is True and earlier and not any(earlier.values())
 
 
 async def test_a_short_pause_does_not_end_a_conversation(db: Database) -> None:

@@ -309,6 +309,9 @@ def _chat_samples(
         new_conversation = row.resets_context or (last_seen is not None and row.created_at - last_seen > gap)
         if new_conversation and not by_chat:
             conversation += 1
+            # The earlier conversation may be held out: as context here it must not be learned (it would leak
+            # eval targets into training); it is still what the bot would have seen.
+            history[:] = [replace(line, learnable=False) for line in history]
         last_seen = row.created_at
         line, reason = _to_line(row, settings, rolled_back, history)
         if line is None:
