@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,7 +27,19 @@ from core.errors import DatabaseError, SchemaOutdatedError
 
 log = logging.getLogger(__name__)
 
-ALEMBIC_DIR = Path(__file__).resolve().parent.parent / "alembic"
+
+def _alembic_dir() -> Path:
+    """The migration scripts: `alembic/` in a source checkout, the `magpie_migrations` package when installed."""
+    source = Path(__file__).resolve().parent.parent / "alembic"
+    if (source / "env.py").is_file():
+        return source
+    spec = importlib.util.find_spec("magpie_migrations")
+    if spec is None or not spec.submodule_search_locations:
+        raise DatabaseError("Magpie's migration scripts are missing: reinstall the package.")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+ALEMBIC_DIR = _alembic_dir()
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
