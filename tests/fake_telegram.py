@@ -79,6 +79,10 @@ class Person:
         return data
 
 
+ANONYMOUS_ADMIN = Person(1087968824, "Group", "GroupAnonymousBot", is_bot=True)
+"""Who Telegram says sent a message that a group admin posted anonymously, as the group."""
+
+
 @dataclass(frozen=True)
 class ChatRef:
     """A chat: `private` (id = the user's id), `group`, `supergroup` or `channel`."""
@@ -222,6 +226,14 @@ class FakeTelegram:
         if found:
             extra["entities"] = found
         return self._new_message(chat, person, extra, reply_to)
+
+    def anonymous_admin_says(self, chat: ChatRef, text: str) -> dict[str, Any]:
+        """A group admin writing anonymously, as the group itself: `from` is Telegram's GroupAnonymousBot and
+        `sender_chat` the group."""
+        extra: dict[str, Any] = {"text": text, "sender_chat": chat.as_dict()}
+        if found := _entities(text):
+            extra["entities"] = found
+        return self._new_message(chat, ANONYMOUS_ADMIN, extra, None)
 
     def user_sends_sticker(self, chat: ChatRef, person: Person, *, reply_to: dict[str, Any] | None = None) -> Any:
         sticker = {
