@@ -263,6 +263,14 @@ async def test_forget_deletes_everything_the_user_sent_everywhere(service: ChatS
     assert texts == ["someone else's"]
 
 
+async def test_forget_in_a_group_confirms_with_a_count_and_none_of_the_words(service: ChatService) -> None:
+    """/forget's confirmation stays in the chat it was asked in: it holds a count, never what was said."""
+    await service.handle(msg("my secret, told in private"))
+    reply = await service.handle(msg("/forget", chat="-9", kind=ChatKind.GROUP))
+    assert reply is not None and reply.private is None and reply.attachment is None
+    assert "deleted 2 messages" in reply.text and "secret" not in reply.text
+
+
 async def test_export_returns_my_messages_as_json(service: ChatService) -> None:
     await service.handle(msg("안녕하세요 😀"))
     await service.handle(msg("not mine", user="2"))
