@@ -18,6 +18,7 @@ import asyncio
 import logging
 import re
 from contextlib import AsyncExitStack, suppress
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -26,8 +27,9 @@ import yarl
 
 from bot.discord_commands import NO_MENTIONS, Sender, as_file, build_command_tree, followup_sender
 from bot.text import split_message
+from core.commands import parse_command
 from core.errors import ConfigError, MagpieError
-from core.messages import Attachment, ChatHandler, ChatKind, IncomingMessage, Reply
+from core.messages import PRIVATE_COMMANDS, Attachment, ChatHandler, ChatKind, IncomingMessage, Reply
 from core.settings import Settings
 
 __all__ = ["DiscordBackend", "build_client", "to_incoming", "use_endpoints"]
@@ -42,6 +44,8 @@ SAFE_MENTIONS = discord.AllowedMentions(everyone=False, users=False, roles=False
 _USER_MENTION = re.compile(r"<@!?(\d+)>")
 _CHAT_TYPES = frozenset({discord.MessageType.default, discord.MessageType.reply})
 _SEND_ERRORS = (discord.HTTPException, aiohttp.ClientError, OSError, asyncio.TimeoutError)
+CANNOT_DM = 50007
+"""Discord's code for "Cannot send messages to this user" (DMs closed, or the bot blocked)."""
 
 
 def use_endpoints(settings: Settings) -> None:
@@ -184,7 +188,11 @@ class MagpieClient(discord.Client):
                 reference = discord.MessageReference(
                     message_id=int(reply.reply_to), channel_id=message.channel.id, fail_if_not_exists=False
                 )
-            await self.deliver(reply, _channel_sender(message.channel, reference))
+            public = _channel_sender(message.channel, reference)
+            if reply.private is not None:
+                await self.deliver_privately(reply, public, _channel_sender(message.author, None))
+            else:
+                await self.deliver(reply, public)
 
     async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
         """A person edited a message (raw: it may predate the cache): the log follows the edit, never re-answered."""
@@ -202,14 +210,28 @@ class MagpieClient(discord.Client):
             await self.handler.message_deleted(PLATFORM, str(payload.channel_id), str(message_id))
 
     async def run_command(self, interaction: discord.Interaction, text: str) -> None:
-        """Defers first (generation can outlast Discord's 3-second window), then answers by follow-up."""
+        """Defers first (generation can outlast Discord's 3-second window), then answers by follow-up.
+
+        Whether the answer is ephemeral is fixed by the defer, before the core has answered: in a server, the
+        commands whose answer is personal data (`PRIVATE_COMMANDS`) are deferred ephemerally, and that answer
+        goes to the user alone. A personal answer to anything else goes by DM, with a note in the channel.
+        """
         self._track()
-        await interaction.response.defer(thinking=True)
+        command = parse_command(text)
+        ephemeral = interaction.guild_id is not None and command is not None and command.name in PRIVATE_COMMANDS
+        await interaction.response.defer(thinking=True, ephemeral=ephemeral)
         reply = await self.handler.handle(command_to_incoming(interaction, text))
         if reply is None:  # a re-delivered interaction: nothing to say, so do not leave "thinking…" behind
             await interaction.delete_original_response()
             return
-        await self.deliver(reply, followup_sender(interaction))
+        send = followup_sender(interaction, ephemeral=ephemeral)
+        if reply.private is not None and ephemeral:  # only its author sees this answer: it is private already
+            private = reply.private
+            reply = replace(reply, text=private.text, attachment=private.attachment, private=None)
+        if reply.private is not None:
+            await self.deliver_privately(reply, send, _channel_sender(interaction.user, None))
+            return
+        await self.deliver(reply, send)
 
     async def deliver(self, reply: Reply, send: Sender) -> None:
         """The one send path: split at 2,000 characters, send in order, then record delivered or undelivered."""
@@ -226,6 +248,25 @@ class MagpieClient(discord.Client):
             await self.handler.mark_undelivered(reply, reason)
             return
         await self.handler.mark_delivered(reply, sent)
+
+    async def deliver_privately(self, reply: Reply, public: Sender, author: Sender) -> None:
+        """The author's own data goes to them by DM, then `public` gets the reply's note. When they do not accept
+        DMs (Discord's 403, code 50007), nothing personal is sent anywhere and `public` is told how to ask."""
+        assert reply.private is not None
+        private = reply.private
+        chunks = split_message(private.text, MESSAGE_LIMIT) or [""]
+        try:
+            for index, chunk in enumerate(chunks):
+                await author(chunk, private.attachment if index == 0 else None)
+        except _SEND_ERRORS as exc:
+            if not (isinstance(exc, discord.Forbidden) and exc.code == CANNOT_DM):
+                log.warning("Discord reply %s was not delivered by DM: %s", reply.log_id, _failure_reason(exc))
+                await self.handler.mark_undelivered(reply, _failure_reason(exc))
+                return
+            log.info("Discord reply %s cannot reach its author by DM: %s", reply.log_id, _failure_reason(exc))
+            await self.deliver(await self.handler.private_unreachable(reply, _failure_reason(exc)), public)
+            return
+        await self.deliver(replace(reply, private=None), public)
 
     async def on_error(self, event_method: str, /, *args: Any, **kwargs: Any) -> None:
         """discord.py calls this for any exception escaping an event handler."""

@@ -72,11 +72,14 @@ def as_file(attachment: Attachment) -> discord.File:
     return discord.File(io.BytesIO(attachment.content), filename=attachment.filename)
 
 
-def followup_sender(interaction: discord.Interaction) -> Sender:
-    """Answers a deferred interaction: the first follow-up replaces "thinking…", later ones add messages."""
+def followup_sender(interaction: discord.Interaction, *, ephemeral: bool = False) -> Sender:
+    """Answers a deferred interaction: the first follow-up replaces "thinking…", later ones add messages.
+
+    The first follow-up is as ephemeral as the defer was, whatever it asks; `ephemeral` keeps the later ones so.
+    """
 
     async def send(text: str, attachment: Attachment | None) -> int:
-        kwargs: dict[str, Any] = {"allowed_mentions": NO_MENTIONS, "wait": True}
+        kwargs: dict[str, Any] = {"allowed_mentions": NO_MENTIONS, "wait": True, "ephemeral": ephemeral}
         if attachment is not None:
             kwargs["file"] = as_file(attachment)
         message = await interaction.followup.send(text, **kwargs)

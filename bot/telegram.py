@@ -22,14 +22,14 @@ import random
 import re
 import traceback
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from telegram import BotCommand, BotCommandScopeChat, InputFile, Message, ReplyParameters, Update
 from telegram.constants import ChatAction, ChatType, MessageEntityType, MessageLimit
-from telegram.error import BadRequest, ChatMigrated, InvalidToken, NetworkError, TelegramError
+from telegram.error import BadRequest, ChatMigrated, Forbidden, InvalidToken, NetworkError, TelegramError
 from telegram.ext import AIORateLimiter, Application, ApplicationBuilder, ContextTypes, ExtBot, MessageHandler, filters
 
 from bot.text import split_message, utf16_length
@@ -199,7 +199,10 @@ class TelegramBackend:
             if reply is not None:
                 group = incoming.chat_kind is ChatKind.GROUP
                 reply_to = int(reply.reply_to) if group and reply.reply_to and reply.reply_to.isdigit() else None
-                await self._deliver(place, reply, reply_to)
+                if reply.private is not None:
+                    await self._deliver_privately(place, _author_place(message), reply, reply_to)
+                else:
+                    await self._deliver(place, reply, reply_to)
         finally:
             self._in_flight.discard(task)
 
@@ -324,6 +327,32 @@ class TelegramBackend:
             raise
         await self._handler.mark_delivered(reply, ids)
 
+    async def _deliver_privately(
+        self, place: _Place, author: _Place | None, reply: Reply, reply_to: int | None
+    ) -> None:
+        """The author's own data goes to their private chat with the bot (its id is theirs), then `place` gets the
+        reply's note. A bot cannot write first to someone who never started it (403), nor to an anonymous admin
+        or a channel: then nothing personal is sent anywhere and `place` is told how to ask privately."""
+        assert reply.private is not None
+        personal = Reply(reply.private.text, attachment=reply.private.attachment)
+        try:
+            if author is None:
+                raise _Unreachable("the author speaks as a chat, not as a person")
+            await self._send_reply(author, personal, None)
+        except asyncio.CancelledError:
+            await self._handler.mark_undelivered(reply, "cancelled at shutdown")
+            raise
+        except Exception as exc:
+            if not _cannot_reach(exc):  # retries exhausted: nothing reached anyone, as for any undelivered reply
+                await self._handler.mark_undelivered(reply, self._redact(f"{type(exc).__name__}: {exc}"))
+                return
+            log.info("Telegram: reply %s cannot reach its author privately: %s", reply.log_id, self._redact(str(exc)))
+            await self._deliver(
+                place, await self._handler.private_unreachable(reply, self._redact(f"Telegram: {exc}")), reply_to
+            )
+            return
+        await self._deliver(place, replace(reply, private=None), reply_to)
+
     async def _following_migration(self, place: _Place, send: Callable[[_Place], Awaitable[T]]) -> T:
         """Sends to `place`, or, when that group has become a supergroup, moves its log and sends there (a basic
         group has no topics, so the new place is the whole supergroup)."""
@@ -422,6 +451,26 @@ class TelegramBackend:
 
     def _redact(self, text: str) -> str:
         return text.replace(self._token, "<TELEGRAM_BOT_TOKEN>")
+
+
+class _Unreachable(Exception):
+    """The author of a message has no private chat the bot may write to."""
+
+
+def _cannot_reach(exc: Exception) -> bool:
+    """Telegram's ways of saying "this person cannot be written to": 403 (never started the bot, blocked it,
+    deactivated) or, for an id Telegram does not know as a chat, 400 "chat not found"."""
+    if isinstance(exc, Forbidden | _Unreachable):
+        return True
+    return isinstance(exc, BadRequest) and "chat not found" in exc.message.lower()
+
+
+def _author_place(message: Message) -> _Place | None:
+    """Where the author of `message` can be written to alone: their private chat with the bot, whose id is their
+    user id; None for an anonymous admin or a channel speaking as a chat (their "id" is a group's or channel's)."""
+    if message.sender_chat is not None or message.from_user is None or message.from_user.is_bot:
+        return None
+    return _Place(message.from_user.id)
 
 
 def _cut_utf16(text: str, spans: list[tuple[int, int]]) -> str:

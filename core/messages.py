@@ -50,14 +50,35 @@ class Attachment:
 
 
 @dataclass(frozen=True, slots=True)
+class Private:
+    """The part of a reply that is its author's own data (an export): for their eyes only.
+
+    An adapter delivers it where nobody else can read it (the author's private chat with the bot, a DM, an
+    ephemeral answer) and shows the chat the command came from only the reply's `text`, a note saying where it
+    went. When the author cannot be reached privately (they never started a chat with the bot, or refuse DMs),
+    none of it is sent anywhere: the adapter hands the reply to `ChatHandler.private_unreachable`, which answers
+    with `unreachable`, the note that tells the author how to ask privately instead.
+    """
+
+    text: str
+    attachment: Attachment | None = None
+    unreachable: str = "I can't reach you privately. Send me that command in a private chat instead."
+
+
+@dataclass(frozen=True, slots=True)
 class Reply:
-    """What the bot answers. `log_id` names the stored bot message, for delivery bookkeeping."""
+    """What the bot answers. `log_id` names the stored bot message, for delivery bookkeeping.
+
+    `text` and `attachment` go to the chat the message came from; `private`, when set, goes to the author alone
+    (see `Private`). The core sets it only outside private chats: in a private chat everything is private already.
+    """
 
     text: str
     reply_to: str | None = None
     attachment: Attachment | None = None
     log_id: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    private: Private | None = None
 
 
 class ChatHandler(Protocol):
@@ -73,6 +94,11 @@ class ChatHandler(Protocol):
 
     async def mark_undelivered(self, reply: Reply, reason: str) -> None:
         """Records that a reply could not be delivered, so it is never lost silently."""
+        ...
+
+    async def private_unreachable(self, reply: Reply, reason: str) -> Reply:
+        """The author of a reply with a `private` part cannot be reached privately: records that reply as
+        undelivered and returns the note to show the chat instead (logged as a reply of its own)."""
         ...
 
     async def message_edited(self, platform: str, chat_id: str, message_id: str, text: str | None) -> None:
@@ -112,3 +138,7 @@ COMMANDS: dict[str, str] = {
 """Every command with its one-line help: the source for `/help`, Telegram's menu and Discord's slash tree."""
 
 ADMIN_COMMANDS = frozenset({"retrain", "status", "models", "rollback"})
+
+PRIVATE_COMMANDS = frozenset({"export"})
+"""Commands whose answer is the author's own data: outside a private chat it reaches the author alone (`Private`).
+Adapters that must choose up front where an answer will appear (a Discord slash command's ephemeral flag) use it."""

@@ -20,7 +20,7 @@ from core.dialogue import BOT_SPEAKER, Turn
 from core.engine import Engine
 from core.errors import EngineError
 from core.limits import KeyedLock, RateLimiter
-from core.messages import ADMIN_COMMANDS, Attachment, ChatKind, IncomingMessage, Reply
+from core.messages import ADMIN_COMMANDS, Attachment, ChatKind, IncomingMessage, Private, Reply
 from core.models import Delivery, Message, Role, User
 from core.retraining import Retrainer
 from core.settings import Settings
@@ -45,6 +45,11 @@ NOT_TEXT = "I can only read text messages for now."
 EMPTY = "Send me some text and I'll answer."
 GENERIC_FAILURE = "Sorry, something went wrong on my side. Please try again."
 NOT_LOGGED = "Sorry, I can't take messages right now (my database is not answering). Please try again in a minute."
+EXPORT_SENT_PRIVATELY = "I sent your export to you privately: only you can see it."
+EXPORT_UNREACHABLE = (
+    "I can't send you your export privately (you haven't started a private chat with me, or you don't accept "
+    "private messages), and I won't post it here. Start a private chat with me and send /export there."
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +109,33 @@ class ChatService:
     async def mark_undelivered(self, reply: Reply, reason: str) -> None:
         log.warning("Reply %s could not be delivered: %s", reply.log_id, reason)
         await self._record_delivery(reply, Delivery.FAILED, platform_message_id=None, error=reason)
+
+    async def private_unreachable(self, reply: Reply, reason: str) -> Reply:
+        """The author could not be reached privately: the personal part stays undelivered (and is never shown in
+        the chat); the chat gets a note on how to ask privately, logged beside the reply it replaces."""
+        await self.mark_undelivered(reply, f"not delivered privately: {reason}")
+        note = reply.private.unreachable if reply.private is not None else GENERIC_FAILURE
+        try:
+            log_id = await self._log_beside(reply, note)
+        except Exception:  # the note still goes out, unlogged, like the apology when the database is gone
+            log.exception("Could not log the note replacing reply %s", reply.log_id)
+            log_id = None
+        return Reply(note, reply_to=reply.reply_to, log_id=log_id)
+
+    async def _log_beside(self, reply: Reply, text: str) -> int | None:
+        """Logs `text` as another system reply to the message `reply` answered, in the same chat."""
+        if reply.log_id is None:
+            return None
+        async with self._db.sessions.begin() as session:
+            replaced = await session.get(Message, reply.log_id)
+            if replaced is None:  # forgotten meanwhile
+                return None
+            row = Message(
+                chat_id=replaced.chat_id, author_id=None, role=Role.BOT, text=text, is_command=True,
+                reply_to_id=replaced.reply_to_id, delivery=Delivery.PENDING,
+            )  # fmt: skip
+            session.add(row)
+        return row.id
 
     async def _record_delivery(
         self, reply: Reply, delivery: Delivery, *, platform_message_id: str | None, error: str | None
@@ -194,8 +226,11 @@ class ChatService:
         model_version_id: int | None,
         system: bool,
         answers_logged: bool = True,
+        private: Private | None = None,
     ) -> Reply:
-        """Stores a bot reply; `answers_logged=False` when the message it answers no longer exists."""
+        """Stores a bot reply; `answers_logged=False` when the message it answers no longer exists. With a
+        `private` part, `text` is what the chat sees, and the only thing logged: the personal part is not
+        conversation and is never stored a second time."""
         async with self._db.sessions.begin() as session:
             row = Message(
                 chat_id=logged.chat_row_id,
@@ -208,7 +243,9 @@ class ChatService:
                 delivery=Delivery.PENDING,
             )
             session.add(row)
-        return Reply(text=text, reply_to=logged.message.message_id, attachment=attachment, log_id=row.id)
+        return Reply(
+            text=text, reply_to=logged.message.message_id, attachment=attachment, log_id=row.id, private=private
+        )
 
     # --- deciding and answering -------------------------------------------------------------------------------
 
@@ -340,7 +377,12 @@ class ChatService:
             rows = await export_user(session, user_id=logged.user_row_id)
         content = json.dumps({"messages": rows}, ensure_ascii=False, indent=2).encode()
         attachment = Attachment(filename="magpie-export.json", content=content)
-        return await self._system_reply(logged, f"Here are the {len(rows)} messages I have from you.", attachment)
+        text = f"Here are the {len(rows)} messages I have from you."
+        if logged.message.chat_kind is ChatKind.PRIVATE:
+            return await self._system_reply(logged, text, attachment)
+        # Everything the user ever sent, private chats included: never for the eyes of a group.
+        private = Private(text, attachment, unreachable=EXPORT_UNREACHABLE)
+        return await self._log_reply(logged, EXPORT_SENT_PRIVATELY, model_version_id=None, system=True, private=private)
 
     async def _set_opt_out(self, logged: Logged, opted_out: bool) -> None:
         async with self._db.sessions.begin() as session:

@@ -5,10 +5,15 @@ It speaks what discord.py 2.x actually uses (see `discord/http.py`, `discord/gat
 REST (under `/api/v10`, every call recorded in `calls`):
     GET  /users/@me, /oauth2/applications/@me, /gateway, /gateway/bot
     PUT  /applications/{app}/commands, /applications/{app}/guilds/{guild}/commands   (slash-command sync)
-    POST /channels/{id}/messages        JSON or multipart; >2,000 characters → 400 with Discord's error shape
+    POST /channels/{id}/messages        JSON or multipart; >2,000 characters → 400 with Discord's error shape;
+                                        into the DM of a user who closed their DMs → 403, code 50007
     POST /channels/{id}/typing
+    POST /users/@me/channels            open (or get) the DM channel with `recipient_id`
     POST /interactions/{id}/{token}/callback                                          (defer / respond, once)
     POST /webhooks/{app}/{token}, PATCH|DELETE /webhooks/{app}/{token}/messages/@original   (follow-ups)
+
+Ephemeral answers (flag 64) are kept in `posts` with `flags: 64` and left out of `visible_posts_in`: the first
+follow-up after a defer is as ephemeral as the defer was, whatever its own flags say, as on Discord.
 
 Faults (`fail_next`): a 429 carries JSON `retry_after`, `X-RateLimit-*` headers and `Via: 1.1 google` — without
 `Via` discord.py takes a 429 for a Cloudflare ban and gives up, which `via=False` reproduces on purpose.
@@ -43,6 +48,7 @@ from aiohttp import BodyPartReader, WSMsgType, web
 API_PREFIX = "/api/v10"
 DISCORD_EPOCH_MS = 1_420_070_400_000
 MESSAGE_LIMIT = 2000
+EPHEMERAL = 1 << 6  # message flag: only the user who ran the interaction sees it
 WAIT_S = 10.0  # how long the wait helpers wait for the client before failing the test
 
 # Gateway intents (https://discord.com/developers/docs/events/gateway#gateway-intents)
@@ -114,6 +120,7 @@ class Interaction:
     payload: Json
     responded: int | None = None  # callback type, once acknowledged
     original_id: int | None = None
+    ephemeral: bool = False  # what the callback (a defer, or the answer itself) asked for
 
 
 class FakeDiscord:
@@ -150,6 +157,7 @@ class FakeDiscord:
         self.session: Session | None = None
         self._faults: list[Fault] = []
         self._dm_channels: dict[int, int] = {}  # user id -> DM channel id
+        self._closed_dms: set[int] = set()  # users who do not accept DMs from the bot
         self._threads: dict[int, int] = {}  # thread id -> guild id
         self._conn: Connection | None = None
         self._changed = asyncio.Condition()
@@ -201,6 +209,10 @@ class FakeDiscord:
     def dm_channel(self, user: Json) -> int:
         return self._dm_channels.setdefault(int(user["id"]), self.new_id())
 
+    def close_dms(self, user: Json) -> None:
+        """`user` turns off DMs from server members: the bot may open the channel but not send into it."""
+        self._closed_dms.add(int(user["id"]))
+
     @property
     def guild_id(self) -> int:
         return next(iter(self.guilds))
@@ -238,6 +250,10 @@ class FakeDiscord:
 
     def posts_in(self, channel_id: int) -> list[Json]:
         return [post for post in self.posts if int(post["channel_id"]) == channel_id]
+
+    def visible_posts_in(self, channel_id: int) -> list[Json]:
+        """What everyone in the channel sees: its posts without the ephemeral ones."""
+        return [post for post in self.posts_in(channel_id) if not int(post.get("flags") or 0) & EPHEMERAL]
 
     async def wait_for_posts(self, channel_id: int, count: int) -> list[Json]:
         """Awaits at least `count` bot messages in `channel_id` and returns them all."""
@@ -291,6 +307,7 @@ class FakeDiscord:
             ("PUT", r"/applications/(\d+)/guilds/(\d+)/commands", lambda app, g: self._sync_commands(call, app, g)),
             ("POST", r"/channels/(\d+)/messages", lambda channel: self._create_message(call, channel)),
             ("POST", r"/channels/(\d+)/typing", self._typing),
+            ("POST", r"/users/@me/channels", lambda: self._open_dm(call)),
             ("POST", r"/interactions/(\d+)/([^/]+)/callback", lambda i, t: self._callback(call, i, t)),
             ("POST", r"/webhooks/(\d+)/([^/]+)", lambda app, token: self._followup(call, app, token)),
             ("PATCH", r"/webhooks/(\d+)/([^/]+)/messages/@original", lambda a, t: self._edit_original(call, t)),
@@ -340,10 +357,19 @@ class FakeDiscord:
             return _error(404, 10003, "Unknown Channel")
         return web.Response(status=204)
 
+    def _open_dm(self, call: RecordedCall) -> web.Response:
+        recipient = self.users.get(str((call.body or {}).get("recipient_id")))
+        if recipient is None:
+            return _error(400, 50035, "Invalid Form Body")
+        channel = {"id": str(self.dm_channel(recipient)), "type": 1, "last_message_id": None, "flags": 0}
+        return _json({**channel, "recipients": [recipient]})
+
     def _create_message(self, call: RecordedCall, channel: str) -> web.Response:
         channel_id = int(channel)
         if not self._known_channel(channel_id):
             return _error(404, 10003, "Unknown Channel")
+        if any(self._dm_channels.get(user) == channel_id for user in self._closed_dms):
+            return _error(403, 50007, "Cannot send messages to this user")
         problem = _invalid_message(call.body, call.files)
         if problem is not None:
             return problem
@@ -391,6 +417,7 @@ class FakeDiscord:
         kind = int(call.body["type"])
         interaction.responded = kind
         flags = int((call.body.get("data") or {}).get("flags") or 0)
+        interaction.ephemeral = bool(flags & EPHEMERAL)
         result: Json = {
             "interaction": {
                 "id": interaction_id,
@@ -401,7 +428,7 @@ class FakeDiscord:
             "resource": {"type": kind},
         }
         if kind == 4:
-            post = self._interaction_post(call, interaction)
+            post = self._interaction_post(call, interaction, ephemeral=interaction.ephemeral)
             interaction.original_id = int(post["id"])
             result["resource"]["message"] = post
         if call.query.get("with_response") in ("1", "true", "True"):
@@ -411,10 +438,11 @@ class FakeDiscord:
     def _interaction_by_token(self, token: str) -> Interaction | None:
         return next((i for i in self.interactions.values() if i.payload["token"] == token), None)
 
-    def _interaction_post(self, call: RecordedCall, interaction: Interaction) -> Json:
+    def _interaction_post(self, call: RecordedCall, interaction: Interaction, *, ephemeral: bool = False) -> Json:
         payload = interaction.payload
         guild = payload.get("guild_id")
-        extra = {"webhook_id": str(self.app_id), "interaction_id": payload["id"]}
+        extra: Json = {"webhook_id": str(self.app_id), "interaction_id": payload["id"]}
+        extra["flags"] = EPHEMERAL if ephemeral else 0
         return self._post(call, int(payload["channel_id"]), int(guild) if guild else None, **extra)
 
     def _followup(self, call: RecordedCall, app: str, token: str) -> web.Response:
@@ -424,8 +452,11 @@ class FakeDiscord:
         problem = _invalid_message(call.body, call.files)
         if problem is not None:
             return problem
-        post = self._interaction_post(call, interaction)
-        if interaction.original_id is None:  # the first follow-up replaces the "thinking…" message
+        first = interaction.original_id is None  # the first follow-up replaces the "thinking…" message
+        flags = int((call.body or {}).get("flags") or 0)
+        ephemeral = interaction.ephemeral if first else bool(flags & EPHEMERAL)
+        post = self._interaction_post(call, interaction, ephemeral=ephemeral)
+        if first:
             interaction.original_id = int(post["id"])
         return _json(post) if call.query.get("wait") in ("1", "true", "True") else web.Response(status=204)
 
@@ -433,7 +464,7 @@ class FakeDiscord:
         interaction = self._interaction_by_token(token)
         if interaction is None or interaction.responded is None:
             return _error(404, 10015, "Unknown Webhook")
-        post = self._interaction_post(call, interaction)
+        post = self._interaction_post(call, interaction, ephemeral=interaction.ephemeral)
         interaction.original_id = int(post["id"])
         return _json(post)
 

@@ -5,7 +5,9 @@ It speaks the real wire format on 127.0.0.1 (`/bot<TOKEN>/<method>`, JSON, form-
 message ids, entities computed from the text, replies that must point at an existing message), long-polls
 `getUpdates` on a condition instead of sleeping, and delivers updates to a registered webhook with the secret
 header as Telegram does. Every call is recorded for assertions; faults (429 with `retry_after`, 502) can be
-injected per method.
+injected per method. Like Telegram, a bot cannot write first to a person: a private chat exists only once the
+person opened it (`private_chat`, i.e. pressed Start), and a send to someone the fake has seen but who never did
+is refused with 403 "Forbidden: bot can't initiate conversation with a user".
 
     async with FakeTelegram() as telegram:
         settings = Settings(telegram_bot_token=telegram.token, telegram_base_url=telegram.base_url)
@@ -77,6 +79,10 @@ class Person:
         return data
 
 
+ANONYMOUS_ADMIN = Person(1087968824, "Group", "GroupAnonymousBot", is_bot=True)
+"""Who Telegram says sent a message that a group admin posted anonymously, as the group."""
+
+
 @dataclass(frozen=True)
 class ChatRef:
     """A chat: `private` (id = the user's id), `group`, `supergroup` or `channel`."""
@@ -128,6 +134,8 @@ class FakeTelegram:
         self.webhook_secret: str | None = None
         self.webhook_deliveries: list[int] = []
         self._chats: dict[int, ChatRef] = {}
+        self._people: dict[int, Person] = {}
+        """Everyone seen writing anywhere: the ids a bot may try (and fail) to write to privately."""
         self._messages: dict[tuple[int, int], dict[str, Any]] = {}
         self._message_ids: dict[int, itertools.count[int]] = {}
         self._updates: list[dict[str, Any]] = []
@@ -192,6 +200,8 @@ class FakeTelegram:
         return Person(user_id, first_name, username)
 
     def private_chat(self, person: Person) -> ChatRef:
+        """`person` opened a private chat with the bot (pressed Start): from now on the bot may write to them."""
+        self._people[person.id] = person
         return self._remember(ChatRef(person.id, "private", first_name=person.first_name))
 
     def group(self, chat_id: int, title: str = "Test group", kind: str = "supergroup", forum: bool = False) -> ChatRef:
@@ -216,6 +226,14 @@ class FakeTelegram:
         if found:
             extra["entities"] = found
         return self._new_message(chat, person, extra, reply_to)
+
+    def anonymous_admin_says(self, chat: ChatRef, text: str) -> dict[str, Any]:
+        """A group admin writing anonymously, as the group itself: `from` is Telegram's GroupAnonymousBot and
+        `sender_chat` the group."""
+        extra: dict[str, Any] = {"text": text, "sender_chat": chat.as_dict()}
+        if found := _entities(text):
+            extra["entities"] = found
+        return self._new_message(chat, ANONYMOUS_ADMIN, extra, None)
 
     def user_sends_sticker(self, chat: ChatRef, person: Person, *, reply_to: dict[str, Any] | None = None) -> Any:
         sticker = {
@@ -376,10 +394,10 @@ class FakeTelegram:
         return self._updates[:limit]
 
     async def _api_sendmessage(self, params: dict[str, Any], files: Any) -> Any:
-        chat = self._chats.get(int(params.get("chat_id", 0)))
+        chat = self._writable(params)
         text = str(params.get("text", ""))
-        if chat is None:
-            return _error_response(400, "Bad Request: chat not found")
+        if isinstance(chat, web.Response):
+            return chat
         if not text.strip():
             return _error_response(400, "Bad Request: message text is empty")
         if utf16_length(text) > TEXT_LIMIT:
@@ -387,9 +405,9 @@ class FakeTelegram:
         return self._bot_message(chat, {"text": text}, params)
 
     async def _api_senddocument(self, params: dict[str, Any], files: dict[str, tuple[str, bytes]]) -> Any:
-        chat = self._chats.get(int(params.get("chat_id", 0)))
-        if chat is None:
-            return _error_response(400, "Bad Request: chat not found")
+        chat = self._writable(params)
+        if isinstance(chat, web.Response):
+            return chat
         if "document" not in files:
             return _error_response(400, "Bad Request: there is no document in the request")
         filename, content = files["document"]
@@ -397,8 +415,8 @@ class FakeTelegram:
         return self._bot_message(chat, {"document": document}, params, hidden={"_content": content})
 
     async def _api_sendchataction(self, params: dict[str, Any], files: Any) -> Any:
-        if int(params.get("chat_id", 0)) not in self._chats:
-            return _error_response(400, "Bad Request: chat not found")
+        if isinstance(chat := self._writable(params), web.Response):
+            return chat
         if params.get("action") not in CHAT_ACTIONS:
             return _error_response(400, "Bad Request: wrong parameter action in request")
         return True
@@ -444,6 +462,17 @@ class FakeTelegram:
 
     # --- bookkeeping ------------------------------------------------------------------------------------------
 
+    def _writable(self, params: dict[str, Any]) -> ChatRef | web.Response:
+        """The chat a send goes to, or Telegram's refusal: a person who never started the bot cannot be written
+        to first (403); an id that is nobody's chat is not found (400)."""
+        chat_id = _chat_id(params)
+        chat = self._chats.get(chat_id)
+        if chat is not None:
+            return chat
+        if chat_id in self._people:
+            return _error_response(403, "Forbidden: bot can't initiate conversation with a user")
+        return _error_response(400, "Bad Request: chat not found")
+
     def _remember(self, chat: ChatRef) -> ChatRef:
         self._chats.setdefault(chat.id, chat)
         return chat
@@ -455,6 +484,7 @@ class FakeTelegram:
         self, chat: ChatRef, person: Person, extra: dict[str, Any], reply_to: dict[str, Any] | None
     ) -> dict[str, Any]:
         self._remember(chat)
+        self._people.setdefault(person.id, person)
         message: dict[str, Any] = {
             "message_id": next(self._ids_for(chat.id)),
             "date": int(time.time()),

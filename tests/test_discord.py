@@ -26,7 +26,7 @@ from core.engine import Engine
 from core.errors import ConfigError
 from core.messages import Attachment, ChatHandler, ChatKind, IncomingMessage, Reply
 from core.models import Chat, Delivery, Message, Role, User
-from core.service import ChatService
+from core.service import EXPORT_SENT_PRIVATELY, EXPORT_UNREACHABLE, ChatService
 from core.settings import Settings
 from tests.fake_discord import MESSAGE_CONTENT, WAIT_S, FakeDiscord, Json
 
@@ -41,6 +41,7 @@ class Observed:
         self.handled: list[tuple[IncomingMessage, Reply | None]] = []
         self.delivered: list[tuple[Reply, list[str]]] = []
         self.undelivered: list[tuple[Reply, str]] = []
+        self.unreachable: list[tuple[Reply, str]] = []
         self.failed: list[tuple[IncomingMessage, Exception]] = []
         self.edits: list[tuple[str, str | None]] = []
         self.deletions: list[str] = []
@@ -82,6 +83,12 @@ class Observed:
         self.undelivered.append((reply, reason))
         await self._notify()
 
+    async def private_unreachable(self, reply: Reply, reason: str) -> Reply:
+        note = await self.inner.private_unreachable(reply, reason)
+        self.unreachable.append((reply, reason))
+        await self._notify()
+        return note
+
     async def message_edited(self, platform: str, chat_id: str, message_id: str, text: str | None) -> None:
         await self.inner.message_edited(platform, chat_id, message_id, text)
         self.edits.append((message_id, text))
@@ -116,6 +123,10 @@ class Scripted:
 
     async def mark_undelivered(self, reply: Reply, reason: str) -> None:
         return None
+
+    async def private_unreachable(self, reply: Reply, reason: str) -> Reply:
+        assert reply.private is not None
+        return Reply(reply.private.unreachable, reply_to=reply.reply_to)
 
     async def message_edited(self, platform: str, chat_id: str, message_id: str, text: str | None) -> None:
         return None
@@ -341,20 +352,81 @@ async def test_a_non_admin_retrain_is_refused(
     assert [(row.text, row.is_command) for row in commands] == [("/retrain", True), ("/retrain", True)]
 
 
-async def test_export_arrives_as_a_file(
+async def test_slash_export_in_a_server_is_an_ephemeral_file_nobody_else_sees(
     fake: FakeDiscord, service: Observed, live_settings: Settings, db: Database
 ) -> None:
     alice = fake.add_user("alice")
     async with running(fake, service, settings=live_settings):
+        await fake.send_message(alice, "my address is 12 Elm Street")
+        await fake.wait_for_posts(fake.dm_channel(alice), 1)
         await fake.send_message(alice, f"{mention(fake.bot_user)} hello there", guild=True)
         await fake.wait_for_posts(fake.channel_id, 1)
         interaction = await fake.send_command(alice, "export", guild=True)
         await fake.wait_for_posts(fake.channel_id, 2)
+        await service.wait_until(lambda: len(service.delivered) == 3)
+    [callback] = fake.calls_to("POST", rf"/interactions/{interaction['id']}/.+/callback")
+    assert (callback.body["type"], callback.body["data"]["flags"]) == (5, 64), "deferred ephemerally"
     [followup] = fake.calls_to("POST", rf"/webhooks/{fake.app_id}/{interaction['token']}")
     [(filename, content)] = followup.files
-    exported = json.loads(content)
-    assert filename == "magpie-export.json"
-    assert "hello there" in json.dumps(exported, ensure_ascii=False)
+    exported = [m["text"] for m in json.loads(content)["messages"]]
+    assert filename == "magpie-export.json" and followup.body["content"] == "Here are the 3 messages I have from you."
+    assert exported == ["my address is 12 Elm Street", "hello there", "/export"]
+    *_, private = fake.posts_in(fake.channel_id)
+    assert private["flags"] == 64 and private["interaction_id"] == interaction["id"]
+    assert len(fake.visible_posts_in(fake.channel_id)) == 1, "the channel sees the earlier answer, nothing of this"
+    assert not fake.calls_to("POST", r"/users/@me/channels"), "no DM needed"
+    *_, answer = await logged_messages(db)
+    assert (answer.delivery, answer.platform_message_id) == (Delivery.SENT, private["id"])
+
+
+async def test_a_typed_export_in_a_server_goes_by_dm_and_the_channel_sees_only_a_note(
+    fake: FakeDiscord, service: Observed, live_settings: Settings, db: Database
+) -> None:
+    alice = fake.add_user("alice")
+    async with running(fake, service, settings=live_settings):
+        await fake.send_message(alice, f"{mention(fake.bot_user)} I live at 7 Oak Road", guild=True)
+        await fake.wait_for_posts(fake.channel_id, 1)
+        asked = await fake.send_message(alice, "/export", guild=True)
+        await fake.wait_for_posts(fake.channel_id, 2)
+        await service.wait_until(lambda: len(service.delivered) == 2)
+    [opened] = fake.calls_to("POST", r"/users/@me/channels")
+    assert opened.body == {"recipient_id": int(alice["id"])}
+    [dm] = fake.posts_in(fake.dm_channel(alice))
+    assert dm["content"] == "Here are the 2 messages I have from you."
+    assert [a["filename"] for a in dm["attachments"]] == ["magpie-export.json"]
+    [dm_call] = fake.calls_to("POST", rf"/channels/{fake.dm_channel(alice)}/messages")
+    assert [m["text"] for m in json.loads(dm_call.files[0][1])["messages"]] == ["I live at 7 Oak Road", "/export"]
+    _, note = fake.visible_posts_in(fake.channel_id)
+    assert note["content"] == EXPORT_SENT_PRIVATELY and note["message_reference"]["message_id"] == asked["id"]
+    assert not note["attachments"] and "Oak Road" not in note["content"]
+    *_, answer = await logged_messages(db)
+    assert (answer.text, answer.delivery, answer.platform_message_id) == (
+        EXPORT_SENT_PRIVATELY,
+        Delivery.SENT,
+        note["id"],
+    )
+
+
+async def test_an_export_for_someone_with_closed_dms_stays_out_of_the_channel(
+    fake: FakeDiscord, service: Observed, live_settings: Settings, db: Database
+) -> None:
+    bob = fake.add_user("bob")
+    fake.close_dms(bob)
+    async with running(fake, service, settings=live_settings):
+        await fake.send_message(bob, f"{mention(fake.bot_user)} I live at 7 Oak Road", guild=True)
+        await fake.wait_for_posts(fake.channel_id, 1)
+        asked = await fake.send_message(bob, "/export", guild=True)
+        await fake.wait_for_posts(fake.channel_id, 2)
+        await service.wait_until(lambda: len(service.delivered) == 2)
+    [refused] = fake.calls_to("POST", rf"/channels/{fake.dm_channel(bob)}/messages")
+    assert (refused.status, refused.files != []) == (403, True)
+    assert fake.posts_in(fake.dm_channel(bob)) == [] and not any(post["attachments"] for post in fake.posts)
+    _, note = fake.visible_posts_in(fake.channel_id)
+    assert note["content"] == EXPORT_UNREACHABLE and note["message_reference"]["message_id"] == asked["id"]
+    *_, export, told = await logged_messages(db)
+    assert (export.text, export.delivery) == (EXPORT_SENT_PRIVATELY, Delivery.FAILED)
+    assert "code 50007" in (export.delivery_error or "")
+    assert (told.text, told.delivery, told.platform_message_id) == (EXPORT_UNREACHABLE, Delivery.SENT, note["id"])
 
 
 async def test_429s_with_retry_after_are_survived_and_the_replies_recorded_as_sent(

@@ -13,9 +13,16 @@ from sqlalchemy import event, func, select
 
 from core.db import Database
 from core.engine import Engine
-from core.messages import ChatKind, IncomingMessage, Reply
+from core.messages import PRIVATE_COMMANDS, ChatKind, IncomingMessage, Reply
 from core.models import Delivery, Message, Role, User
-from core.service import GENERIC_FAILURE, NOT_LOGGED, NOT_TEXT, ChatService
+from core.service import (
+    EXPORT_SENT_PRIVATELY,
+    EXPORT_UNREACHABLE,
+    GENERIC_FAILURE,
+    NOT_LOGGED,
+    NOT_TEXT,
+    ChatService,
+)
 from core.settings import Settings
 
 _ids = itertools.count(1)
@@ -270,13 +277,68 @@ async def test_forget_deletes_everything_the_user_sent_everywhere(service: ChatS
     assert texts == ["someone else's"]
 
 
+async def test_forget_in_a_group_confirms_with_a_count_and_none_of_the_words(service: ChatService) -> None:
+    """/forget's confirmation stays in the chat it was asked in: it holds a count, never what was said."""
+    await service.handle(msg("my secret, told in private"))
+    reply = await service.handle(msg("/forget", chat="-9", kind=ChatKind.GROUP))
+    assert reply is not None and reply.private is None and reply.attachment is None
+    assert "deleted 2 messages" in reply.text and "secret" not in reply.text
+
+
 async def test_export_returns_my_messages_as_json(service: ChatService) -> None:
     await service.handle(msg("안녕하세요 😀"))
     await service.handle(msg("not mine", user="2"))
     reply = await service.handle(msg("/export"))
-    assert reply is not None and reply.attachment is not None
+    assert reply is not None and reply.attachment is not None and reply.private is None  # private chat: as is
     data = json.loads(reply.attachment.content)
     assert [item["text"] for item in data["messages"]] == ["안녕하세요 😀", "/export"]
+
+
+async def test_export_in_a_group_goes_to_the_author_alone_and_the_group_sees_only_a_note(
+    service: ChatService, db: Database
+) -> None:
+    group = partial(msg, chat="-9", kind=ChatKind.GROUP)
+    await service.handle(msg("my secret, told in private"))
+    await service.handle(group("said in the group", addressed=True))
+    await service.handle(group("not mine", user="2"))
+    reply = await service.handle(group("/export"))
+    assert reply is not None and reply.private is not None and reply.private.attachment is not None
+    # What the group may see: the note, no attachment, none of the user's words.
+    assert (reply.text, reply.attachment) == (EXPORT_SENT_PRIVATELY, None)
+    for said in ("my secret", "said in the group", "messages I have from you"):
+        assert said not in reply.text
+    data = json.loads(reply.private.attachment.content)
+    assert [m["text"] for m in data["messages"]] == ["my secret, told in private", "said in the group", "/export"]
+    assert reply.private.unreachable == EXPORT_UNREACHABLE and "/export" in EXPORT_UNREACHABLE
+    # The group's log holds the note, as a system reply (never conversation, never trained on).
+    async with db.sessions() as session:
+        answer = await session.get(Message, reply.log_id)
+    assert answer is not None and (answer.text, answer.is_command) == (EXPORT_SENT_PRIVATELY, True)
+    for name in PRIVATE_COMMANDS:  # every command that answers with personal data does the same
+        other = await service.handle(group(f"/{name}"))
+        assert other is not None and other.private is not None and other.attachment is None
+
+
+async def test_an_export_that_cannot_reach_its_author_is_undelivered_and_the_group_is_told_how_to_ask(
+    service: ChatService, db: Database
+) -> None:
+    await service.handle(msg("my secret, told in private"))
+    reply = await service.handle(msg("/export", chat="-9", kind=ChatKind.GROUP))
+    assert reply is not None and reply.log_id is not None
+    note = await service.private_unreachable(reply, "Telegram: Forbidden: bot can't initiate conversation with a user")
+    assert (note.text, note.attachment, note.private, note.reply_to) == (EXPORT_UNREACHABLE, None, None, reply.reply_to)
+    await service.mark_delivered(note, ["31"])
+    async with db.sessions() as session:
+        export_row = await session.get(Message, reply.log_id)
+        note_row = await session.get(Message, note.log_id)
+    assert export_row is not None and note_row is not None
+    assert export_row.delivery is Delivery.FAILED and "can't initiate conversation" in (export_row.delivery_error or "")
+    assert (note_row.text, note_row.delivery, note_row.platform_message_id) == (EXPORT_UNREACHABLE, Delivery.SENT, "31")
+    assert (note_row.chat_id, note_row.reply_to_id, note_row.is_command) == (
+        export_row.chat_id,
+        export_row.reply_to_id,
+        True,
+    )
 
 
 async def test_optout_and_optin_flip_the_flag(service: ChatService, db: Database) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -27,7 +28,7 @@ from core.errors import ConfigError, MagpieError
 from core.messages import ADMIN_COMMANDS, COMMANDS, ChatKind, IncomingMessage, Reply
 from core.models import Chat, Delivery, Role
 from core.models import Message as DbMessage
-from core.service import NOT_TEXT, ChatService
+from core.service import EXPORT_SENT_PRIVATELY, EXPORT_UNREACHABLE, NOT_TEXT, ChatService
 from core.settings import Settings
 from tests.fake_telegram import FakeTelegram, utf16_length
 
@@ -42,6 +43,7 @@ class RecordingHandler:
         self.received: list[IncomingMessage] = []
         self.delivered: list[tuple[Reply, list[str]]] = []
         self.undelivered: list[tuple[Reply, str]] = []
+        self.unreachable: list[tuple[Reply, str]] = []
         self.migrated: list[tuple[str, str]] = []
         self.edits: list[tuple[str, str, str | None]] = []
         self.deletions: list[tuple[str, str]] = []
@@ -71,6 +73,11 @@ class RecordingHandler:
     async def mark_undelivered(self, reply: Reply, reason: str) -> None:
         self.undelivered.append((reply, reason))
         await self._changed()
+
+    async def private_unreachable(self, reply: Reply, reason: str) -> Reply:
+        self.unreachable.append((reply, reason))
+        assert reply.private is not None
+        return Reply(reply.private.unreachable, reply_to=reply.reply_to, log_id=-len(self.unreachable))
 
     async def message_edited(self, platform: str, chat_id: str, message_id: str, text: str | None) -> None:
         self.edits.append((chat_id, message_id, text))
@@ -148,6 +155,25 @@ async def test_the_fake_server_speaks_json_checks_the_token_and_the_length_limit
         async with client.post(f"{api}/getUpdates", data={"offset": "0", "timeout": "0"}) as empty:
             assert (await empty.json())["result"] == []
     assert [m["text"] for m in telegram.sent_messages(alice.id)] == ["hi"]
+
+
+async def test_the_fake_server_refuses_to_write_first_to_a_person_like_telegram(telegram: FakeTelegram) -> None:
+    """A bot may not start a conversation: someone seen in a group who never opened a private chat is refused."""
+    bob = telegram.user(2001, "Bob")
+    telegram.user_says(telegram.group(-100123), bob, "hi all")
+    api = f"{telegram.base_url}{telegram.token}"
+    refusal = {"ok": False, "error_code": 403, "description": "Forbidden: bot can't initiate conversation with a user"}
+    async with aiohttp.ClientSession() as client:
+        async with client.post(f"{api}/sendMessage", json={"chat_id": bob.id, "text": "psst"}) as text:
+            assert (text.status, await text.json()) == (403, refusal)
+        form = aiohttp.FormData({"chat_id": str(bob.id)})
+        form.add_field("document", b"{}", filename="export.json")
+        async with client.post(f"{api}/sendDocument", data=form) as document:
+            assert (document.status, await document.json()) == (403, refusal)
+        telegram.private_chat(bob)  # Bob presses Start
+        async with client.post(f"{api}/sendMessage", json={"chat_id": bob.id, "text": "psst"}) as ok:
+            assert ok.status == 200
+    assert [m["text"] for m in telegram.sent_messages(bob.id)] == ["psst"]
 
 
 # --- start-up -------------------------------------------------------------------------------------------------
@@ -775,3 +801,70 @@ async def test_admin_commands_are_refused_to_non_admins_and_run_for_admins(
     assert "admin" in refusal["text"].lower()
     assert accepted["text"] == "Training started; I'll tell you when it's done."
     assert served.retrainer.requests == ["telegram:42"]
+
+
+# --- personal data stays personal -----------------------------------------------------------------------------
+
+
+async def test_export_in_a_group_goes_to_the_private_chat_and_the_group_sees_only_a_note(
+    telegram: FakeTelegram, db: Database, tiny_model_dir: Path
+) -> None:
+    group = telegram.group(-100400, "Neighbours")
+    bob, carol = telegram.user(2001, "Bob"), telegram.user(2002, "Carol")
+    async with serving(telegram, db, tiny_model_dir):
+        telegram.user_says(telegram.private_chat(bob), bob, "my address is 12 Elm Street")
+        await telegram.wait_for_messages(bob.id, 1)
+        await _say_and_wait(telegram, group, bob, "@MagpieTestBot hello everyone")
+        telegram.user_says(group, carol, "hi Bob")
+        asked = telegram.user_says(group, bob, "/export")
+        await telegram.wait_for_messages(group.id, 2)
+        await telegram.wait_for_messages(bob.id, 3)
+    *_, note = in_group = telegram.sent_messages(group.id)
+    assert note["text"] == EXPORT_SENT_PRIVATELY and note["reply_to_message"]["message_id"] == asked["message_id"]
+    assert len(in_group) == 2 and not any("document" in m or "Elm Street" in m.get("text", "") for m in in_group)
+    assert telegram.calls_to("sendDocument")[0].params["chat_id"] == bob.id
+    *_, text, document = telegram.sent_messages(bob.id)
+    assert text["text"] == "Here are the 3 messages I have from you." and "reply_to_message" not in text
+    exported = [m["text"] for m in json.loads(document["_content"])["messages"]]
+    assert exported == ["my address is 12 Elm Street", "hello everyone", "/export"]
+    *_, answer = await logged(db, group.id)
+    assert (answer.role, answer.text, answer.is_command) == (Role.BOT, EXPORT_SENT_PRIVATELY, True)
+    assert (answer.delivery, answer.platform_message_id) == (Delivery.SENT, str(note["message_id"]))
+
+
+async def test_export_for_someone_who_never_started_the_bot_stays_out_of_the_group(
+    telegram: FakeTelegram, db: Database, tiny_model_dir: Path
+) -> None:
+    group = telegram.group(-100400, "Neighbours")
+    carol = telegram.user(2002, "Carol")
+    async with serving(telegram, db, tiny_model_dir):
+        await _say_and_wait(telegram, group, carol, "@MagpieTestBot I live at 7 Oak Road")
+        asked = telegram.user_says(group, carol, "/export@MagpieTestBot")
+        await telegram.wait_for_messages(group.id, 2)
+    to_carol = [call for call in telegram.calls if call.params.get("chat_id") == carol.id]
+    assert [(call.method, call.status) for call in to_carol] == [("sendMessage", 403)], "refused, never retried"
+    assert telegram.calls_to("sendDocument") == [] and telegram.sent_messages(carol.id) == []
+    *_, note = telegram.sent_messages(group.id)
+    assert note["text"] == EXPORT_UNREACHABLE and note["reply_to_message"]["message_id"] == asked["message_id"]
+    *_, export, told = await logged(db, group.id)
+    assert (export.text, export.delivery) == (EXPORT_SENT_PRIVATELY, Delivery.FAILED)
+    assert "can't initiate conversation" in (export.delivery_error or "")
+    assert (told.text, told.delivery, told.platform_message_id) == (
+        EXPORT_UNREACHABLE,
+        Delivery.SENT,
+        str(note["message_id"]),
+    )
+
+
+async def test_an_anonymous_admins_export_is_never_sent_to_the_group_it_speaks_as(
+    telegram: FakeTelegram, db: Database, tiny_model_dir: Path
+) -> None:
+    """An anonymous admin's "author id" is the group's own id: writing to it privately would post into the group."""
+    group = telegram.group(-100400, "Neighbours")
+    async with serving(telegram, db, tiny_model_dir):
+        telegram.anonymous_admin_says(group, "@MagpieTestBot the door code is 4321")
+        await telegram.wait_for_messages(group.id, 1)
+        telegram.anonymous_admin_says(group, "/export")
+        await telegram.wait_for_messages(group.id, 2)
+    assert telegram.calls_to("sendDocument") == []
+    assert [m["text"] for m in telegram.sent_messages(group.id)][1:] == [EXPORT_UNREACHABLE], "nothing else"
