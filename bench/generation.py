@@ -32,7 +32,7 @@ import yaml
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from core.dialogue import BOT_SPEAKER, Turn, format_dialogue
+from core.dialogue import BOT_SPEAKER, Turn, encode_dialogue
 from core.engine import Engine, GenerationParams, ModelRef, load_pretrained
 from trainer.starter_model import save_model, train_tokenizer
 
@@ -94,7 +94,7 @@ def chats(count: int, tokenizer: PreTrainedTokenizerBase) -> list[list[Turn]]:
 
 
 def prompt_ids(turns: list[Turn], tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    return list(tokenizer(format_dialogue(turns, responder=BOT_SPEAKER, eos=tokenizer.eos_token))["input_ids"])
+    return encode_dialogue(turns, tokenizer, responder=BOT_SPEAKER).ids
 
 
 def sampling_kwargs(params: GenerationParams) -> dict[str, object]:

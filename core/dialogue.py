@@ -16,14 +16,25 @@ Why this shape:
   ``Bot`` in that sample, exactly as the bot is ``Bot`` at inference, so the model learns "how this community
   answers" under the same label it is asked to fill. A training sample with its target is a prompt plus the
   target's text and EOS, so the prompt is always a prefix of the sample (response-only loss relies on that).
+
+Token ids come only from `DialogueEncoder`, never from tokenizing `format_dialogue`'s text: a tokenizer parses the
+string ``<|endoftext|>`` in its input as the EOS token, so any user who can get that string (or one that cleaning
+turns into it) into a message could end a turn early and write the next one, ``Bot:`` included. The encoder
+tokenizes each label and each turn's text as plain text (special-token strings stay ordinary characters) and
+inserts the EOS id itself, so every turn holds exactly one EOS, at its end. `format_dialogue` renders the same
+format as text, for exports and the corpus.
 """
 
 from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 GPT2_EOS = "<|endoftext|>"
 """The end-of-text token of every GPT-2-family model (gpt2, DialoGPT, the starter). Inference takes the EOS from
@@ -36,7 +47,17 @@ RESPONDER_LABEL = "Bot"
 OTHER_LABEL = "User"
 
 _NEXT_SPEAKER = re.compile(rf"\n\s*(?:{RESPONDER_LABEL}|{OTHER_LABEL} \d+)\s*:")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u200b\ufeff]")
+_LINE_BREAKS = re.compile(r"\r\n?|[\x85\u2028\u2029]")
+_INVISIBLE = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x84\x86-\x9f"  # C0 and C1 controls (tab and line breaks stay)
+    "\u00ad\u034f\u180e\u200b\u2060-\u2064\ufeff"  # soft hyphen, grapheme joiner, zero-width spaces
+    "\u061c\u200e\u200f\u202a-\u202e\u2066-\u206f"  # bidi marks, embeddings, overrides, isolates
+    "\ud800-\udfff]"  # lone surrogates
+)
+"""Characters that show nothing (or reorder what is shown) and can hide one string inside another.
+
+ZWJ (U+200D), ZWNJ (U+200C) and variation selectors stay: emoji sequences and several scripts need them. Lone
+surrogates (only from broken clients) go because no tokenizer can encode them."""
 _MANY_NEWLINES = re.compile(r"\n{3,}")
 
 
@@ -49,32 +70,42 @@ class Turn:
 
 
 def clean_text(text: str, *, eos: str) -> str:
-    """Normalises a turn so that user text can never forge a turn boundary or a special token."""
-    text = unicodedata.normalize("NFC", text)
-    if eos:
-        text = text.replace(eos, "")
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = _CONTROL.sub("", text)
-    text = _MANY_NEWLINES.sub("\n\n", text)
-    return text.strip()
+    """Normalises a turn so that user text can never forge a turn boundary or a special token.
+
+    Repeated until nothing changes: removing one thing can join the pieces around it into another (a zero-width
+    space inside ``<|endoftext|>``, or the token nested inside itself), and a single pass would leave that.
+    The result is a fixed point, so cleaning already-clean text (the dataset's lines, again at encoding) is a
+    no-op. This is defence in depth: `DialogueEncoder` never parses special tokens in text whatever it holds.
+    """
+    specials = [token for token in dict.fromkeys((eos, GPT2_EOS)) if token]
+    previous = None
+    while text != previous:
+        previous = text
+        text = unicodedata.normalize("NFC", _INVISIBLE.sub("", text))
+        for token in specials:
+            text = text.replace(token, "")
+        text = _MANY_NEWLINES.sub("\n\n", _LINE_BREAKS.sub("\n", text)).strip()
+    return text
 
 
-def speaker_labels(turns: Sequence[Turn], *, responder: str) -> dict[str, str]:
+def speaker_labels(speakers: Iterable[str], *, responder: str) -> dict[str, str]:
     """Maps speaker keys to anonymous labels: the responder is `Bot`, others `User n` by first appearance."""
     labels = {responder: RESPONDER_LABEL}
-    for turn in turns:
-        if turn.speaker not in labels:
-            labels[turn.speaker] = f"{OTHER_LABEL} {len(labels)}"
+    for speaker in speakers:
+        if speaker not in labels:
+            labels[speaker] = f"{OTHER_LABEL} {len(labels)}"
     return labels
 
 
 def format_dialogue(turns: Sequence[Turn], *, responder: str = BOT_SPEAKER, eos: str, open_reply: bool = True) -> str:
-    """Renders turns as model text; with `open_reply` the text ends where the responder's next line begins.
+    """Renders turns as text (exports, the corpus); with `open_reply` it ends where the responder's line begins.
 
-    Empty and whitespace-only turns are dropped: they carry nothing and would teach the model to say nothing.
+    Never tokenize this text for a model: the tokenizer would read special-token strings as tokens. Use
+    `DialogueEncoder`, which produces the same format as ids. Empty and whitespace-only turns are dropped: they
+    carry nothing and would teach the model to say nothing.
     """
     kept = [Turn(t.speaker, cleaned) for t in turns if (cleaned := clean_text(t.text, eos=eos))]
-    labels = speaker_labels(kept, responder=responder)
+    labels = speaker_labels((turn.speaker for turn in kept), responder=responder)
     text = "".join(f"{labels[turn.speaker]}: {turn.text}{eos}" for turn in kept)
     if open_reply:
         text += f"{RESPONDER_LABEL}:"
@@ -89,3 +120,110 @@ def parse_reply(generated: str, *, eos: str) -> str:
     if match:
         generated = generated[: match.start()]
     return clean_text(generated, eos=eos)
+
+
+# --- the format as token ids ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TurnIds:
+    """One cleaned, non-empty turn with its text as plain-text token ids (``" <text>"``, label not included)."""
+
+    speaker: str
+    text_ids: tuple[int, ...]
+    source: int
+    """Its index in the turns it was made from (empty turns are dropped, so indices can skip)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TurnSpan:
+    """Where one turn lies in a dialogue's ids: ``[start, text_start)`` is its label and colon, then its text,
+    then its EOS at ``end - 1``."""
+
+    source: int
+    start: int
+    text_start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class DialogueIds:
+    """A dialogue as token ids plus each turn's span (training masks by span); an open reply follows the last."""
+
+    ids: list[int]
+    spans: tuple[TurnSpan, ...]
+
+
+class DialogueEncoder:
+    """The dialogue format as token ids, for inference prompts and training samples alike.
+
+    Each turn is ``tokens("<label>:") + tokens(" <text>") + [eos id]`` and an open reply is ``tokens("Bot:")``.
+    Label and text are tokenized as separate plain-text pieces (`split_special_tokens=True`, and any special id
+    that still came out is dropped), so user text can never yield an EOS or any other special token. Because the
+    responder's label is its own piece, a prompt's ids are exactly a prefix of the ids of the same dialogue
+    continued by the responder's turn. For GPT-2's byte-level BPE the ids equal those of tokenizing the rendered
+    text of ordinary turns, because ": " always starts a new pre-token. Cleaning and pieces are cached (one
+    encoder per dataset or batch): training contexts repeat the same lines many times, and labels renumber
+    whenever a turn is dropped.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self._tokenizer = tokenizer
+        self._eos = str(tokenizer.eos_token)
+        self.eos_id = int(tokenizer.eos_token_id)
+        self._special_ids = frozenset(tokenizer.all_special_ids) | {self.eos_id}
+        self._pieces: dict[str, tuple[int, ...]] = {}
+        self._cleaned: dict[str, str] = {}
+
+    def turns(self, turns: Sequence[Turn]) -> list[TurnIds]:
+        """Cleans and tokenizes turns (one batched tokenizer call); empty ones are dropped."""
+        for raw in dict.fromkeys(turn.text for turn in turns):
+            if raw not in self._cleaned:
+                cleaned = clean_text(raw, eos=self._eos)
+                self._cleaned[raw] = f" {cleaned}" if cleaned else ""
+        kept = [(index, turn.speaker, piece) for index, turn in enumerate(turns) if (piece := self._cleaned[turn.text])]
+        pieces = self._plain([piece for _, _, piece in kept])
+        return [TurnIds(speaker, ids, index) for (index, speaker, _), ids in zip(kept, pieces, strict=True)]
+
+    def assemble(self, turns: Sequence[TurnIds], *, responder: str, open_reply: bool) -> DialogueIds:
+        """Joins tokenized turns with their labels (numbered from the first turn given) and EOS ids."""
+        labels = speaker_labels((turn.speaker for turn in turns), responder=responder)
+        heads = self._plain([f"{labels[turn.speaker]}:" for turn in turns] + [f"{RESPONDER_LABEL}:"])
+        ids: list[int] = []
+        spans = []
+        for turn, head in zip(turns, heads[:-1], strict=True):
+            start = len(ids)
+            ids += head
+            text_start = len(ids)
+            ids += turn.text_ids
+            ids.append(self.eos_id)
+            spans.append(TurnSpan(turn.source, start, text_start, len(ids)))
+        if open_reply:
+            ids += heads[-1]
+        return DialogueIds(ids, tuple(spans))
+
+    def fit(self, turns: Sequence[TurnIds], *, responder: str, open_reply: bool, max_tokens: int) -> DialogueIds:
+        """Drops whole oldest turns until the ids fit in `max_tokens` or one turn is left (callers check)."""
+        start = 0
+        while True:
+            dialogue = self.assemble(turns[start:], responder=responder, open_reply=open_reply)
+            if len(dialogue.ids) <= max_tokens or len(turns) - start <= 1:
+                return dialogue
+            start += 1
+
+    def _plain(self, pieces: Sequence[str]) -> list[tuple[int, ...]]:
+        """Token ids of each piece as plain text: special-token strings in it are ordinary characters."""
+        missing = [piece for piece in dict.fromkeys(pieces) if piece not in self._pieces]
+        if missing:
+            encoded = self._tokenizer(missing, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            for piece, ids in zip(missing, encoded, strict=True):
+                self._pieces[piece] = tuple(i for i in ids if i not in self._special_ids)
+        return [self._pieces[piece] for piece in pieces]
+
+
+def encode_dialogue(
+    turns: Sequence[Turn], tokenizer: PreTrainedTokenizerBase, *, responder: str = BOT_SPEAKER, open_reply: bool = True
+) -> DialogueIds:
+    """`format_dialogue` as token ids, without ever parsing user text into special tokens (see `DialogueEncoder`)."""
+    encoder = DialogueEncoder(tokenizer)
+    return encoder.assemble(encoder.turns(turns), responder=responder, open_reply=open_reply)

@@ -6,18 +6,21 @@ also masks the real end-of-turn EOS, so the model never learns to stop talking. 
 before any padding exists, and the collator masks padding by *position* (beyond each row's length), never by id.
 Padding every chat line to 512 tokens also spent ~94% of the compute on padding; packing (run_clm's
 `group_texts`) concatenates shuffled samples and cuts the stream into full blocks, so almost nothing is padding.
+Labels are built per turn: a context-only line (`Line.learnable` false) is masked wherever it appears, so what
+the dataset demoted to context is read by the model but never taught to it.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from trainer.dataset import Sample
+from core.dialogue import DialogueEncoder, DialogueIds
+from trainer.dataset import Line, Sample
 
 IGNORE_INDEX = -100
 """Label value that the loss skips (PyTorch's cross-entropy `ignore_index`)."""
@@ -27,7 +30,7 @@ Features = dict[str, list[int]]
 
 @dataclass(frozen=True, slots=True)
 class Encoded:
-    """A sample as ids; `labels` is `input_ids` with the prompt masked when the loss is on the response only."""
+    """A sample as ids; `labels` is `input_ids` with -100 on every token that must not be learned."""
 
     input_ids: list[int]
     labels: list[int]
@@ -40,13 +43,8 @@ class EncodingStats:
 
     trimmed: int = 0
     too_long: int = 0
-
-
-def _ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
-    if not texts:
-        return []
-    encoded: list[list[int]] = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return encoded
+    nothing_to_learn: int = 0
+    """Samples dropped because every token was masked (a target that is not `learnable`)."""
 
 
 def encode_samples(
@@ -59,40 +57,44 @@ def encode_samples(
 ) -> list[Encoded]:
     """Tokenises samples, dropping the oldest context turns of any that exceed `max_length` tokens.
 
-    The prompt and the response are tokenised separately and concatenated, so the prompt's ids are exactly what
-    the engine feeds the model at inference and the response mask falls on a token boundary. A sample whose
-    target alone does not fit is dropped.
+    The ids come from `core.dialogue.DialogueEncoder`, the engine's own: user text is never parsed into special
+    tokens, and a sample's ids start with exactly the prompt ids the engine would build for its context. A sample
+    whose target alone does not fit is dropped, and so is one with nothing left to learn.
     """
     stats = stats if stats is not None else EncodingStats()
-    eos = str(tokenizer.eos_token)
-    prompts = [s.prompt(eos) for s in samples]
-    rests = [s.text(eos)[len(p) :] for s, p in zip(samples, prompts, strict=True)]
+    encoder = DialogueEncoder(tokenizer)
+    encoder.turns([line.turn for sample in samples for line in (*sample.context, sample.target)])  # one batch
     encoded = []
-    for sample, first_prompt, first_rest in zip(samples, _ids(tokenizer, prompts), _ids(tokenizer, rests), strict=True):
-        fitted = _fit(sample, first_prompt, first_rest, tokenizer, max_length)
-        if fitted is None:
-            stats.too_long += 1
+    for sample in samples:
+        lines = (*sample.context, sample.target)
+        turns = encoder.turns([line.turn for line in lines])
+        dialogue = encoder.fit(turns, responder=sample.target.speaker, open_reply=False, max_tokens=max_length)
+        if len(dialogue.ids) > max_length or not dialogue.spans or dialogue.spans[-1].source != len(sample.context):
+            stats.too_long += 1  # (or a target that cleaning left empty, which the dataset never produces)
             continue
-        if fitted[0] is not sample:
+        if len(dialogue.spans) < len(turns):
             stats.trimmed += 1
-        kept, prompt_ids, rest_ids = fitted
-        labels = ([IGNORE_INDEX] * len(prompt_ids) if response_only else list(prompt_ids)) + list(rest_ids)
-        encoded.append(Encoded(list(prompt_ids) + list(rest_ids), labels, kept))
+        labels = _labels(dialogue, lines, response_only=response_only)
+        if all(label == IGNORE_INDEX for label in labels):
+            stats.nothing_to_learn += 1
+            continue
+        kept = replace(sample, context=sample.context[dialogue.spans[0].source :])
+        encoded.append(Encoded(dialogue.ids, labels, kept))
     return encoded
 
 
-def _fit(
-    sample: Sample, prompt_ids: list[int], rest_ids: list[int], tokenizer: PreTrainedTokenizerBase, max_length: int
-) -> tuple[Sample, list[int], list[int]] | None:
-    """Drops the oldest context turns until the sample fits (labels renumber, so it re-renders each time)."""
-    eos = str(tokenizer.eos_token)
-    while len(prompt_ids) + len(rest_ids) > max_length:
-        if not sample.context:
-            return None
-        sample = sample.without_oldest_turn()
-        prompt = sample.prompt(eos)
-        prompt_ids, rest_ids = _ids(tokenizer, [prompt, sample.text(eos)[len(prompt) :]])
-    return sample, prompt_ids, rest_ids
+def _labels(dialogue: DialogueIds, lines: Sequence[Line], *, response_only: bool) -> list[int]:
+    """Labels per turn, as DialoGPT weights turns: a line that is not `learnable` (blocklisted, repetitive,
+    capped, a near-duplicate, a bot reply that is not a target) gets no loss on any of its tokens, label and EOS
+    included, whatever the loss setting; with `response_only` only the target's text and EOS are learned."""
+    labels = [IGNORE_INDEX] * len(dialogue.ids)
+    target = len(lines) - 1
+    for span in dialogue.spans:
+        if not lines[span.source].learnable or (response_only and span.source != target):
+            continue
+        start = span.text_start if response_only else span.start
+        labels[start : span.end] = dialogue.ids[start : span.end]
+    return labels
 
 
 def pack(encoded: Sequence[Encoded], *, block_size: int, seed: int) -> list[Features]:

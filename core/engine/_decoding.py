@@ -15,7 +15,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from core.dialogue import BOT_SPEAKER, Turn, clean_text, format_dialogue, parse_reply, speaker_labels
+from core.dialogue import BOT_SPEAKER, DialogueEncoder, Turn, clean_text, parse_reply
 from core.engine._loading import LoadedModel
 from core.engine._types import GenerationParams
 
@@ -42,21 +42,19 @@ def build_prompt_ids(
 ) -> list[int]:
     """Token ids of the prompt for `turns`, cut from the left to fit `max_prompt_tokens`.
 
-    The newest turn matters most, so old history goes first: at most `history_turns` turns before the newest are
-    kept, then whole oldest turns are dropped until the prompt fits; if the newest turn alone is still too long,
-    its speaker label is kept with its last tokens (the end of a long message is what a reply answers).
+    The ids come from `DialogueEncoder` (user text as plain text, EOS ids inserted), never from tokenizing the
+    prompt's text, so no message can end its turn early and write one for the bot. The newest turn matters most,
+    so old history goes first: at most `history_turns` turns before the newest are kept, then whole oldest turns
+    are dropped until the prompt fits; if the newest turn alone is still too long, its speaker label is kept with
+    its last tokens (the end of a long message is what a reply answers).
     """
-    eos = tokenizer.eos_token
-    kept = [turn for turn in turns if clean_text(turn.text, eos=eos)][-(history_turns + 1) :]
-    while True:
-        ids: list[int] = tokenizer(format_dialogue(kept, responder=BOT_SPEAKER, eos=eos))["input_ids"]
-        if len(ids) <= max_prompt_tokens or len(kept) <= 1:
-            break
-        kept = kept[1:]
+    encoder = DialogueEncoder(tokenizer)
+    kept = encoder.turns(turns)[-(history_turns + 1) :]
+    dialogue = encoder.fit(kept, responder=BOT_SPEAKER, open_reply=True, max_tokens=max_prompt_tokens)
+    ids = dialogue.ids
     if len(ids) <= max_prompt_tokens:
         return ids
-    label = speaker_labels(kept, responder=BOT_SPEAKER)[kept[0].speaker]
-    head: list[int] = tokenizer(f"{label}:")["input_ids"]
+    head = ids[: dialogue.spans[0].text_start] if dialogue.spans else []
     if len(head) >= max_prompt_tokens // 2:
         return ids[-max_prompt_tokens:]
     return head + ids[len(ids) - (max_prompt_tokens - len(head)) :]
