@@ -42,6 +42,8 @@ class RecordingHandler:
         self.received: list[IncomingMessage] = []
         self.delivered: list[tuple[Reply, list[str]]] = []
         self.undelivered: list[tuple[Reply, str]] = []
+        self.parts_sent: dict[int | None, int] = {}
+        self.interrupted: list[tuple[Reply, int]] = []
         self.migrated: list[tuple[str, str]] = []
         self.edits: list[tuple[str, str, str | None]] = []
         self.deletions: list[tuple[str, str]] = []
@@ -68,8 +70,13 @@ class RecordingHandler:
         self.delivered.append((reply, platform_message_ids))
         await self._changed()
 
-    async def mark_undelivered(self, reply: Reply, reason: str) -> None:
+    async def mark_undelivered(self, reply: Reply, reason: str, *, parts_sent: int = 0) -> None:
         self.undelivered.append((reply, reason))
+        self.parts_sent[reply.log_id] = parts_sent
+        await self._changed()
+
+    async def mark_interrupted(self, reply: Reply, *, parts_sent: int) -> None:
+        self.interrupted.append((reply, parts_sent))
         await self._changed()
 
     async def message_edited(self, platform: str, chat_id: str, message_id: str, text: str | None) -> None:
