@@ -151,11 +151,11 @@ async def _serve(settings: Settings) -> None:
                 await _let_console_run_finish(orchestrator, stop)
             await orchestrator.stop()
 
-        async def recover(started: Sequence[Backend]) -> None:
+        async def recover(started: Sequence[Backend], stop: asyncio.Event) -> None:
             if plan is not None:
-                await _recover(service, plan, started)
+                await _recover(service, plan, started, stop)
 
-        await _run_backends(backends, before_stop=finish, after_start=recover)
+        await _run_backends(backends, before_stop=finish, after_start=recover, grace_s=settings.shutdown_grace_seconds)
     finally:
         await retention.stop()
         await orchestrator.stop()
@@ -192,11 +192,16 @@ async def _let_console_run_finish(orchestrator: TrainingOrchestrator, stop: asyn
         await asyncio.gather(waiting, stopped, return_exceptions=True)
 
 
-async def _recover(service: ChatService, plan: RecoveryPlan, backends: Sequence[Backend]) -> None:
-    """Hands each reply the previous run owed to the backend of its platform (the core knows no platform)."""
+async def _recover(
+    service: ChatService, plan: RecoveryPlan, backends: Sequence[Backend], stop: asyncio.Event | None = None
+) -> None:
+    """Hands each reply the previous run owed to the backend of its platform (the core knows no platform), until
+    `stop` is set: what is left then stays in the outbox for the next start."""
     by_platform = {backend.platform: backend for backend in backends}
     count = 0
     async for item in service.recover(plan):
+        if stop is not None and stop.is_set():
+            break
         backend = by_platform.get(item.platform)
         if backend is None:  # its backend failed to start: the reply stays in the outbox for the next start
             continue
@@ -210,11 +215,13 @@ async def _run_backends(
     backends: Sequence[Backend],
     *,
     before_stop: Callable[[asyncio.Event], Awaitable[None]] | None = None,
-    after_start: Callable[[Sequence[Backend]], Awaitable[None]] | None = None,
+    after_start: Callable[[Sequence[Backend], asyncio.Event], Awaitable[None]] | None = None,
+    grace_s: float = 0.0,
 ) -> None:
     """Starts every backend, runs `after_start` (crash recovery) alongside them, and on a signal (or the end of
-    the console's input) stops taking new work: recovery is cancelled first (what it did not finish stays in the
-    outbox), then each backend stops, finishing what it can within SHUTDOWN_GRACE_SECONDS."""
+    the console's input) stops taking new work: recovery starts no new reply and gets `grace_s` to finish the
+    one it is sending (what it leaves stays in the outbox), then each backend stops, finishing what it can within
+    SHUTDOWN_GRACE_SECONDS."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -222,6 +229,7 @@ async def _run_backends(
     waiters = [asyncio.create_task(stop.wait())]
     started: list[Backend] = []
     background: asyncio.Task[None] | None = None
+    stopping = asyncio.Event()  # not `stop`: that one says whether a signal (rather than the console's end) came
     try:
         for backend in backends:
             await backend.start()
@@ -229,12 +237,15 @@ async def _run_backends(
             if isinstance(backend, ConsoleBackend):
                 waiters.append(asyncio.create_task(backend.finished.wait()))
         if after_start is not None:
-            background = asyncio.create_task(_logging_failures(after_start(started)), name="recovery")
+            work = after_start(started, stopping)
+            background = asyncio.create_task(_logging_failures(work), name="recovery")
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for waiter in waiters:
             waiter.cancel()
+        stopping.set()
         if background is not None:
+            await asyncio.wait({background}, timeout=grace_s)
             background.cancel()
             await asyncio.gather(background, return_exceptions=True)
         if before_stop is not None:
