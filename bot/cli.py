@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -199,14 +200,15 @@ async def _recover(
     `stop` is set: what is left then stays in the outbox for the next start."""
     by_platform = {backend.platform: backend for backend in backends}
     count = 0
-    async for item in service.recover(plan):
-        if stop is not None and stop.is_set():
-            break
-        backend = by_platform.get(item.platform)
-        if backend is None:  # its backend failed to start: the reply stays in the outbox for the next start
-            continue
-        await backend.deliver_reply(item.chat_id, item.reply, parts_sent=item.parts_sent)
-        count += 1
+    async with contextlib.aclosing(service.recover(plan)) as owed:  # closed at once on break: no work left behind
+        async for item in owed:
+            if stop is not None and stop.is_set():
+                break
+            backend = by_platform.get(item.platform)
+            if backend is None:  # its backend failed to start: the reply stays in the outbox for the next start
+                continue
+            await backend.deliver_reply(item.chat_id, item.reply, parts_sent=item.parts_sent)
+            count += 1
     if count:
         log.info("Recovery: delivered %d answers owed since before the restart", count)
 

@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -188,7 +188,7 @@ class ChatService:
         since = datetime.now(UTC) - timedelta(minutes=minutes)
         return RecoveryPlan(since=since, up_to_id=up_to_id, platforms=frozenset(platforms))
 
-    async def recover(self, plan: RecoveryPlan) -> AsyncIterator[Recovered]:
+    async def recover(self, plan: RecoveryPlan) -> AsyncGenerator[Recovered, None]:
         """Yields every reply the plan's messages still owe: PENDING ones first (they only need sending), then
         the answers written now, concurrently and as they finish. A yielded reply stays PENDING until the
         adapter reports it, so a crash during recovery leaves it to the next start."""

@@ -270,3 +270,23 @@ async def test_discord_recovery_answers_in_the_channel_as_a_reply_to_the_message
         Delivery.SENT,
         answer["id"],
     )
+
+
+async def test_the_console_shows_a_recovered_answer_as_one_to_an_earlier_message(
+    service: ChatService, db: Database, tmp_path: Path
+) -> None:
+    import io
+
+    from bot.console import ConsoleBackend
+
+    await killed_after_logging(service, incoming("hello there", chat="console", user="me", platform="console"))
+    out = io.StringIO()
+    console = ConsoleBackend(
+        handler=service, bot_name="Magpie", exports_dir=tmp_path, stdin=io.StringIO(""), stdout=out
+    )
+    plan = await service.plan_recovery(["console"])
+    assert plan is not None
+    await _recover(service, plan, [console])
+    [line] = out.getvalue().splitlines()
+    assert line.startswith("[Magpie, answering an earlier message] ")
+    assert [row.delivery for row in await rows(db)] == [None, Delivery.SENT]
