@@ -23,7 +23,7 @@ from bot.cli import _recover
 from bot.telegram import TelegramBackend
 from core.db import Database
 from core.engine import Engine
-from core.messages import ChatKind, IncomingMessage
+from core.messages import ChatKind, IncomingMessage, Reply
 from core.models import Delivery, Message, Role
 from core.service import EXPORT_AFTER_RESTART, ChatService, Recovered
 from core.settings import Settings
@@ -290,3 +290,74 @@ async def test_the_console_shows_a_recovered_answer_as_one_to_an_earlier_message
     [line] = out.getvalue().splitlines()
     assert line.startswith("[Magpie, answering an earlier message] ")
     assert [row.delivery for row in await rows(db)] == [None, Delivery.SENT]
+
+
+class RecordingDiscordHandler:
+    """A ChatHandler for the adapter-only Discord test: answers every message with `text`, records the outcome."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.delivered: list[int | None] = []
+        self.interrupted: list[tuple[int | None, int]] = []
+
+    async def handle(self, message: IncomingMessage) -> Reply | None:
+        return Reply(self.text, reply_to=message.message_id, log_id=int(message.message_id))
+
+    async def mark_delivered(self, reply: Reply, platform_message_ids: list[str]) -> None:
+        self.delivered.append(reply.log_id)
+
+    async def mark_undelivered(self, reply: Reply, reason: str, *, parts_sent: int = 0) -> None:
+        raise AssertionError(f"not expected: {reason}")
+
+    async def mark_interrupted(self, reply: Reply, *, parts_sent: int) -> None:
+        self.interrupted.append((reply.log_id, parts_sent))
+
+    async def message_edited(self, platform: str, chat_id: str, message_id: str, text: str | None) -> None:
+        return None
+
+    async def message_deleted(self, platform: str, chat_id: str, message_id: str) -> None:
+        return None
+
+    async def migrate_chat(self, platform: str, old_chat_id: str, new_chat_id: str) -> None:
+        return None
+
+
+async def test_discord_sends_only_the_remaining_parts_and_leaves_a_send_cut_off_at_stop_to_recovery(
+    tmp_path: Path,
+) -> None:
+    import discord
+
+    from bot.discord_bot import DiscordBackend
+    from tests.fake_discord import FakeDiscord
+
+    base, gateway = discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
+    fake = FakeDiscord()
+    await fake.start()
+    settings = make_settings(
+        tmp_path,
+        discord_bot_token=fake.token,
+        discord_api_base_url=fake.api_base_url,
+        discord_gateway_url=fake.gateway_url,
+        discord_guild_ids=str(fake.guild_id),
+        shutdown_grace_seconds=0.2,
+    )
+    long_reply = "\n\n".join(f"Part {n}. " + "word " * 350 for n in (1, 2, 3))  # three Discord messages
+    handler = RecordingDiscordHandler(long_reply)
+    backend = DiscordBackend(settings=settings, handler=handler, ready_timeout=15, guild_ready_timeout=0.05)
+    wen = fake.add_user("wen")
+    channel = fake.dm_channel(wen)
+    await backend.start()
+    try:
+        earlier = await fake.send_message(wen, "from before the restart", deliver=False)
+        rest = Reply(long_reply, reply_to=earlier["id"], log_id=1)
+        await backend.deliver_reply(str(channel), rest, parts_sent=1)
+        assert [post["content"].split(".")[0] for post in fake.posts_in(channel)] == ["Part 2", "Part 3"]
+        fake.hold("POST", rf"/channels/{channel}/messages", after=1)
+        asked = await fake.send_message(wen, "tell me a long story")
+        await fake.wait_until(lambda: len(fake.held_calls()) == 1)
+        await backend.stop()
+    finally:
+        await fake.close()
+        discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = base, gateway
+    assert handler.delivered == [1]
+    assert handler.interrupted == [(int(asked["id"]), 1)]
