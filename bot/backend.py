@@ -11,6 +11,8 @@ import logging
 from collections.abc import Sequence
 from typing import Protocol
 
+from core.messages import Reply
+
 log = logging.getLogger(__name__)
 
 
@@ -29,6 +31,11 @@ class Backend(Protocol):
 
     async def notify(self, chat_id: str, text: str) -> None:
         """Sends unsolicited text (e.g. retraining progress) to a chat; logs and swallows delivery failures."""
+        ...
+
+    async def deliver_reply(self, chat_id: str, reply: Reply, *, parts_sent: int = 0) -> None:
+        """Delivers a reply that crash recovery found unsent into a chat by id, from the part after `parts_sent`,
+        and reports the outcome to the core like any reply; only called once the backend has started."""
         ...
 
 

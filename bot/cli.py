@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -28,7 +29,7 @@ from core.engine import Engine, ModelRef
 from core.errors import ConfigError, HubUnreachableError, MagpieError
 from core.models import ModelVersion, VersionStatus
 from core.retention import RetentionJob, prune_old_messages
-from core.service import ChatService
+from core.service import ChatService, RecoveryPlan
 from core.settings import Settings, load_settings
 from core.storage import collect_stats
 
@@ -143,13 +144,19 @@ async def _serve(settings: Settings) -> None:
         service = ChatService(settings=settings, db=db, engine=engine, retrainer=orchestrator)
         backends = _backends(settings, service)
         notifier.attach(backends)
+        # Fixed before any backend takes a message: recovery answers only what the previous run left behind.
+        plan = await service.plan_recovery([backend.platform for backend in backends])
 
         async def finish(stop: asyncio.Event) -> None:
             if not stop.is_set():  # the console reached the end of its input, nobody pressed Ctrl-C
                 await _let_console_run_finish(orchestrator, stop)
             await orchestrator.stop()
 
-        await _run_backends(backends, before_stop=finish)
+        async def recover(started: Sequence[Backend], stop: asyncio.Event) -> None:
+            if plan is not None:
+                await _recover(service, plan, started, stop)
+
+        await _run_backends(backends, before_stop=finish, after_start=recover, grace_s=settings.shutdown_grace_seconds)
     finally:
         await retention.stop()
         await orchestrator.stop()
@@ -186,31 +193,77 @@ async def _let_console_run_finish(orchestrator: TrainingOrchestrator, stop: asyn
         await asyncio.gather(waiting, stopped, return_exceptions=True)
 
 
-async def _run_backends(
-    backends: Sequence[Backend], *, before_stop: Callable[[asyncio.Event], Awaitable[None]] | None = None
+async def _recover(
+    service: ChatService, plan: RecoveryPlan, backends: Sequence[Backend], stop: asyncio.Event | None = None
 ) -> None:
+    """Hands each reply the previous run owed to the backend of its platform (the core knows no platform), until
+    `stop` is set: what is left then stays in the outbox for the next start."""
+    by_platform = {backend.platform: backend for backend in backends}
+    count = 0
+    async with contextlib.aclosing(service.recover(plan)) as owed:  # closed at once on break: no work left behind
+        async for item in owed:
+            if stop is not None and stop.is_set():
+                break
+            backend = by_platform.get(item.platform)
+            if backend is None:  # its backend failed to start: the reply stays in the outbox for the next start
+                continue
+            await backend.deliver_reply(item.chat_id, item.reply, parts_sent=item.parts_sent)
+            count += 1
+    if count:
+        log.info("Recovery: delivered %d answers owed since before the restart", count)
+
+
+async def _run_backends(
+    backends: Sequence[Backend],
+    *,
+    before_stop: Callable[[asyncio.Event], Awaitable[None]] | None = None,
+    after_start: Callable[[Sequence[Backend], asyncio.Event], Awaitable[None]] | None = None,
+    grace_s: float = 0.0,
+) -> None:
+    """Starts every backend, runs `after_start` (crash recovery) alongside them, and on a signal (or the end of
+    the console's input) stops taking new work: recovery starts no new reply and gets `grace_s` to finish the
+    one it is sending (what it leaves stays in the outbox), then each backend stops, finishing what it can within
+    SHUTDOWN_GRACE_SECONDS."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     waiters = [asyncio.create_task(stop.wait())]
     started: list[Backend] = []
+    background: asyncio.Task[None] | None = None
+    stopping = asyncio.Event()  # not `stop`: that one says whether a signal (rather than the console's end) came
     try:
         for backend in backends:
             await backend.start()
             started.append(backend)
             if isinstance(backend, ConsoleBackend):
                 waiters.append(asyncio.create_task(backend.finished.wait()))
+        if after_start is not None:
+            work = after_start(started, stopping)
+            background = asyncio.create_task(_logging_failures(work), name="recovery")
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for waiter in waiters:
             waiter.cancel()
+        stopping.set()
+        if background is not None:
+            await asyncio.wait({background}, timeout=grace_s)
+            background.cancel()
+            await asyncio.gather(background, return_exceptions=True)
         if before_stop is not None:
             await before_stop(stop)
         for backend in reversed(started):
             await backend.stop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
+
+
+async def _logging_failures(work: Awaitable[None]) -> None:
+    """Background work must not die silently: a failure is logged (the bot keeps serving)."""
+    try:
+        await work
+    except Exception:
+        log.exception("Crash recovery failed; the messages it did not answer stay in the outbox")
 
 
 async def _db_prune(settings: Settings, days: float | None) -> None:

@@ -61,6 +61,12 @@ class ConsoleBackend:
     async def notify(self, chat_id: str, text: str) -> None:
         self._write(f"[{self._bot_name}] {text}\n")
 
+    async def deliver_reply(self, chat_id: str, reply: Reply, *, parts_sent: int = 0) -> None:
+        """An answer to a message typed before a restart: shown like a notification, so it is not taken for the
+        answer to the line just typed."""
+        self._write(f"[{self._bot_name}, answering an earlier message] {reply.text}\n")
+        await self._handler.mark_delivered(reply, [])
+
     async def _read_loop(self) -> None:
         try:
             while True:

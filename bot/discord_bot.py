@@ -4,7 +4,8 @@ What a Discord user gets: every DM is answered; in servers (channels and threads
 answered only when it mentions the bot, replies to it, or is a slash command. Other bots are never answered (no
 bot loops), replies never ping @everyone, @here, roles or users from generated text, and long replies are split at
 2,000 characters. Rate limits (429) and gateway reconnects/resumes are discord.py's job; this module only makes
-sure a reply that finally fails is recorded as undelivered instead of being lost.
+sure a reply that finally fails is recorded as undelivered instead of being lost. A reply cut off by shutdown is
+recorded as interrupted and left, like a message not yet answered, to the next start's recovery (`deliver_reply`).
 
 Endpoints: discord.py has no per-client option for the REST base URL or the gateway URL, only the process-global
 class attributes `discord.http.Route.BASE` and `discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY`. `use_endpoints`
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 PLATFORM = "discord"
 MESSAGE_LIMIT = 2000
-STOP_GRACE_S = 10.0
+CLOSE_TIMEOUT_S = 10.0
 SAFE_MENTIONS = discord.AllowedMentions(everyone=False, users=False, roles=False, replied_user=True)
 """Generated text can never ping anyone; only the user the bot replies to is notified, as for a human reply."""
 _USER_MENTION = re.compile(r"<@!?(\d+)>")
@@ -233,20 +234,24 @@ class MagpieClient(discord.Client):
             return
         await self.deliver(reply, send)
 
-    async def deliver(self, reply: Reply, send: Sender) -> None:
-        """The one send path: split at 2,000 characters, send in order, then record delivered or undelivered."""
+    async def deliver(self, reply: Reply, send: Sender, *, parts_sent: int = 0) -> None:
+        """The one send path: split at 2,000 characters, send in order (from the part after `parts_sent`), then
+        record delivered, undelivered or interrupted, with how many parts arrived."""
         chunks = split_message(reply.text, MESSAGE_LIMIT) or [""]
         sent: list[str] = []
         try:
-            for index, chunk in enumerate(chunks):
+            for index, chunk in enumerate(chunks[parts_sent:], start=parts_sent):
                 sent.append(str(await send(chunk, reply.attachment if index == 0 else None)))
         except _SEND_ERRORS as exc:
             reason = _failure_reason(exc)
-            if sent:
-                reason += f" (after {len(sent)} of {len(chunks)} parts)"
+            if parts_sent + len(sent):
+                reason += f" (after {parts_sent + len(sent)} of {len(chunks)} parts)"
             log.warning("Discord reply %s was not delivered: %s", reply.log_id, reason)
-            await self.handler.mark_undelivered(reply, reason)
+            await self.handler.mark_undelivered(reply, reason, parts_sent=parts_sent + len(sent))
             return
+        except asyncio.CancelledError:
+            await self.handler.mark_interrupted(reply, parts_sent=parts_sent + len(sent))
+            raise
         await self.handler.mark_delivered(reply, sent)
 
     async def deliver_privately(self, reply: Reply, public: Sender, author: Sender) -> None:
@@ -339,7 +344,7 @@ class DiscordBackend:
         ready.cancel()
         if ready not in done:
             await client.close()
-            await asyncio.wait({task}, timeout=STOP_GRACE_S)
+            await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S)
             if not task.done():
                 task.cancel()
             raise _start_error(task, self._ready_timeout)
@@ -347,18 +352,23 @@ class DiscordBackend:
         task.add_done_callback(_report_exit)
 
     async def stop(self) -> None:
-        """Gives in-flight replies `STOP_GRACE_S` to finish, cancels the rest, then closes the connection."""
+        """Gives in-flight replies SHUTDOWN_GRACE_SECONDS to finish, cancels the rest, then closes the connection.
+
+        What is cut off (a message logged but not answered, a reply written but not sent) stays in the database's
+        outbox, and the next start's recovery answers it."""
         client, task = self._client, self._task
         self._client = self._task = None
         if client is None or task is None:
             return
         if client.in_flight:
-            _, pending = await asyncio.wait(set(client.in_flight), timeout=STOP_GRACE_S)
+            _, pending = await asyncio.wait(set(client.in_flight), timeout=self._settings.shutdown_grace_seconds)
+            if pending:
+                log.warning("Discord: cancelling %d replies still running at shutdown", len(pending))
             for straggler in pending:
                 straggler.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         await client.close()
-        await asyncio.wait({task}, timeout=STOP_GRACE_S)
+        await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S)
 
     async def notify(self, chat_id: str, text: str) -> None:
         """Sends unsolicited text (e.g. retraining progress) to a channel or DM channel; failures are logged."""
@@ -372,6 +382,21 @@ class DiscordBackend:
                 await channel.send(chunk, allowed_mentions=NO_MENTIONS)
         except _SEND_ERRORS as exc:
             log.warning("Could not notify Discord chat %s: %s", chat_id, _failure_reason(exc))
+
+    async def deliver_reply(self, chat_id: str, reply: Reply, *, parts_sent: int = 0) -> None:
+        """Delivers a reply the core recovered after a restart into a channel (or DM channel) by id, from the
+        part after `parts_sent`, as a reply to the message it answers (if that still exists)."""
+        client = self._client
+        if client is None:
+            log.warning("Discord is not connected; reply %s is left for the next start", reply.log_id)
+            return
+        channel = client.get_partial_messageable(int(chat_id))
+        reference = None
+        if reply.reply_to and reply.reply_to.isdigit():
+            reference = discord.MessageReference(
+                message_id=int(reply.reply_to), channel_id=channel.id, fail_if_not_exists=False
+            )
+        await client.deliver(reply, _channel_sender(channel, reference), parts_sent=parts_sent)
 
 
 def _start_error(task: asyncio.Task[None], timeout: float) -> MagpieError:

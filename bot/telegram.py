@@ -7,8 +7,10 @@ to the bare client, and why:
 - start-up retries `getMe` (PTB tries once) and bootstraps polling/webhook with retries, so a bot started during
   a network blip comes up when the network does;
 - AIORateLimiter waits out 429s (PTB raises `RetryAfter` into the handler otherwise and the reply is lost), and the
-  send path retries network errors and 5xx with capped backoff; a reply that still fails is reported to the core
-  as undelivered, never dropped silently;
+  send path retries, with capped backoff, only what provably never reached Telegram (see `_never_arrived`): a
+  read timeout may come after delivery, so it is not repeated. A reply that still fails is reported to the core as
+  undelivered with how many of its parts arrived, never dropped silently; a send cut off by shutdown is reported
+  as interrupted and left to the next start's recovery (`deliver_reply`);
 - updates are handled concurrently (the core queues per user), with "typing…" shown while the model thinks;
 - the token is inside every request URL, so nothing logged here is formatted without `_redact`.
 """
@@ -27,9 +29,19 @@ from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+import httpx
 from telegram import BotCommand, BotCommandScopeChat, InputFile, Message, ReplyParameters, Update
 from telegram.constants import ChatAction, ChatType, MessageEntityType, MessageLimit
-from telegram.error import BadRequest, ChatMigrated, Forbidden, InvalidToken, NetworkError, TelegramError
+from telegram.error import (
+    BadRequest,
+    ChatMigrated,
+    Forbidden,
+    InvalidToken,
+    NetworkError,
+    RetryAfter,
+    TelegramError,
+    TimedOut,
+)
 from telegram.ext import AIORateLimiter, Application, ApplicationBuilder, ContextTypes, ExtBot, MessageHandler, filters
 
 from bot.text import split_message, utf16_length
@@ -53,7 +65,8 @@ STARTUP_ATTEMPTS = 8
 BACKOFF_FIRST_S = 0.5
 BACKOFF_CAP_S = 8.0
 RATE_LIMIT_RETRIES = 3
-STOP_GRACE_S = 15.0
+READ_TIMEOUT_S = 30.0
+"""How long a request waits for Telegram's answer; past it, the request may or may not have been carried out."""
 _COMMAND = re.compile(r"^/(?P<name>[A-Za-z0-9_]{1,32})(?:@(?P<bot>[A-Za-z0-9_]+))?(?![\w@])")
 _WEBHOOK_SECRET = re.compile(r"[A-Za-z0-9_-]{1,256}")
 
@@ -90,7 +103,7 @@ def _build_application(settings: Settings, token: str) -> _App:
         .rate_limiter(AIORateLimiter(max_retries=RATE_LIMIT_RETRIES))
         .concurrent_updates(True)
         .connect_timeout(10.0)
-        .read_timeout(30.0)
+        .read_timeout(READ_TIMEOUT_S)
         .write_timeout(30.0)
         .pool_timeout(30.0)
         .get_updates_read_timeout(POLL_TIMEOUT_S + 10.0)
@@ -104,7 +117,7 @@ class TelegramBackend:
 
     platform = "telegram"
 
-    def __init__(self, *, settings: Settings, handler: ChatHandler, stop_grace_s: float = STOP_GRACE_S) -> None:
+    def __init__(self, *, settings: Settings, handler: ChatHandler, stop_grace_s: float | None = None) -> None:
         if settings.telegram_bot_token is None or not settings.telegram_bot_token.get_secret_value().strip():
             raise ConfigError("TELEGRAM_BOT_TOKEN is not set: get one from @BotFather (see docs/telegram.md).")
         secret = settings.telegram_webhook_secret
@@ -112,7 +125,7 @@ class TelegramBackend:
             raise ConfigError("TELEGRAM_WEBHOOK_SECRET may only use A-Z, a-z, 0-9, _ and - (1 to 256 characters).")
         self._settings = settings
         self._handler = handler
-        self._stop_grace_s = stop_grace_s
+        self._stop_grace_s = settings.shutdown_grace_seconds if stop_grace_s is None else stop_grace_s
         self._token = settings.telegram_bot_token.get_secret_value().strip()
         self._app = _build_application(settings, self._token)
         self._app.add_handler(MessageHandler(filters.StatusUpdate.MIGRATE, self._on_migrate))
@@ -156,7 +169,10 @@ class TelegramBackend:
         log.info("Telegram: @%s is up (%s)", self._app.bot.username, mode)
 
     async def stop(self) -> None:
-        """Stops fetching, lets in-flight replies finish for `stop_grace_s`, cancels the rest, and disconnects."""
+        """Stops fetching, lets in-flight replies finish for `stop_grace_s`, cancels the rest, and disconnects.
+
+        Updates already fetched are still logged; what is cut off (a message logged but not yet answered, a reply
+        written but not yet sent) stays in the database's outbox and is answered by the next start's recovery."""
         updater = self._app.updater
         if updater is not None and updater.running:
             await updater.stop()
@@ -178,6 +194,13 @@ class TelegramBackend:
             await self._following_migration(_Place.parse(chat_id), partial(self._send_text, text=text, reply_to=None))
         except (TelegramError, ValueError) as exc:
             log.warning("Telegram: could not notify chat %s: %s", chat_id, self._redact(repr(exc)))
+
+    async def deliver_reply(self, chat_id: str, reply: Reply, *, parts_sent: int = 0) -> None:
+        """Delivers a reply the core recovered after a restart into a chat by id ("<chat>:<topic>" for a forum
+        topic), from the part after `parts_sent`. It quotes the message it answers, in private chats too: a late
+        answer should say what it answers."""
+        reply_to = int(reply.reply_to) if reply.reply_to and reply.reply_to.isdigit() else None
+        await self._deliver(_Place.parse(chat_id), reply, reply_to, parts_sent)
 
     # --- receiving ------------------------------------------------------------------------------------------
 
@@ -308,22 +331,27 @@ class TelegramBackend:
 
     # --- sending --------------------------------------------------------------------------------------------
 
-    async def _deliver(self, place: _Place, reply: Reply, reply_to: int | None) -> None:
-        """Sends a reply and tells the core whether it arrived, so that no reply is ever lost silently."""
+    async def _deliver(self, place: _Place, reply: Reply, reply_to: int | None, parts_sent: int = 0) -> None:
+        """Sends a reply (from the part after `parts_sent`) and tells the core whether it arrived and how far it
+        got, so that no reply is ever lost silently and a later re-send repeats no part that arrived."""
+        sent: list[str] = []  # the ids of the text parts this call delivered, kept as they arrive
         try:
             # In the supergroup the answered message has another id: a reply there answers nothing.
             ids = await self._following_migration(
-                place, lambda target: self._send_reply(target, reply, reply_to if target == place else None)
+                place,
+                lambda target: self._send_reply(target, reply, reply_to if target == place else None, sent, parts_sent),
             )
         except Exception as exc:  # retries exhausted, or a bug: either way the core must hear of it
             reason = self._redact(f"{type(exc).__name__}: {exc}")
+            if isinstance(exc, NetworkError) and not isinstance(exc, BadRequest) and not _never_arrived(exc):
+                reason = f"unconfirmed, may have arrived, so not sent again ({reason})"
             log.error("Telegram: reply %s to chat %s undelivered: %s", reply.log_id, place.key, reason)
             if not isinstance(exc, TelegramError):
                 self._log_exception(f"sending reply {reply.log_id}", exc)
-            await self._handler.mark_undelivered(reply, reason)
+            await self._handler.mark_undelivered(reply, reason, parts_sent=parts_sent + len(sent))
             return
         except asyncio.CancelledError:
-            await self._handler.mark_undelivered(reply, "cancelled at shutdown")
+            await self._handler.mark_interrupted(reply, parts_sent=parts_sent + len(sent))
             raise
         await self._handler.mark_delivered(reply, ids)
 
@@ -363,40 +391,56 @@ class TelegramBackend:
             await self._handler.migrate_chat(self.platform, place.key, new_place.key)
             return await send(new_place)
 
-    async def _send_reply(self, place: _Place, reply: Reply, reply_to: int | None) -> list[str]:
-        """The reply's text (split as needed) and its attachment, if any; the platform ids of what was sent."""
-        ids = await self._send_text(place, text=reply.text, reply_to=reply_to)
+    async def _send_reply(
+        self, place: _Place, reply: Reply, reply_to: int | None, sent: list[str] | None = None, parts_sent: int = 0
+    ) -> list[str]:
+        """The reply's text (split as needed, the parts after `parts_sent`) and its attachment, if any; the
+        platform ids of what was sent."""
+        ids = list(await self._send_text(place, text=reply.text, reply_to=reply_to, sent=sent, skip=parts_sent))
         if reply.attachment is not None:
             document = InputFile(reply.attachment.content, filename=reply.attachment.filename)
             send = partial(self._app.bot.send_document, place.chat_id, document, message_thread_id=place.thread_id)
-            sent = await self._retrying(send)
-            ids.append(str(sent.message_id))
+            document_message = await self._retrying(send)
+            ids.append(str(document_message.message_id))
         return ids
 
-    async def _send_text(self, place: _Place, *, text: str, reply_to: int | None) -> list[str]:
+    async def _send_text(
+        self, place: _Place, *, text: str, reply_to: int | None, sent: list[str] | None = None, skip: int = 0
+    ) -> list[str]:
         """The send path: splits at paragraph/sentence/word boundaries within 4096 UTF-16 units; the first part
-        answers `reply_to` (still sent, into the same topic, if that message was deleted meanwhile)."""
-        ids: list[str] = []
-        for part in split_message(text, MessageLimit.MAX_TEXT_LENGTH, utf16_length):
-            answer = ReplyParameters(reply_to, allow_sending_without_reply=True) if reply_to and not ids else None
+        answers `reply_to` (still sent, into the same topic, if that message was deleted meanwhile).
+
+        The parts start after `skip` plus those already in `sent`; each part's id is appended to `sent` as soon
+        as Telegram confirms it, so a caller whose send failed part-way knows how many parts arrived."""
+        ids: list[str] = [] if sent is None else sent
+        start = skip + len(ids)
+        for part in split_message(text, MessageLimit.MAX_TEXT_LENGTH, utf16_length)[start:]:
+            first = start == 0 and not ids
+            answer = ReplyParameters(reply_to, allow_sending_without_reply=True) if reply_to and first else None
             send = partial(
                 self._app.bot.send_message, place.chat_id, part, reply_parameters=answer,
                 message_thread_id=place.thread_id,
             )  # fmt: skip
-            sent = await self._retrying(send)
-            ids.append(str(sent.message_id))
+            message = await self._retrying(send)
+            ids.append(str(message.message_id))
         return ids
 
-    async def _retrying(self, call: Callable[[], Awaitable[T]], attempts: int = SEND_ATTEMPTS) -> T:
-        """Retries network errors and 5xx (PTB raises both as NetworkError) with capped, jittered backoff.
-        429s never get here (AIORateLimiter waits them out underneath), and a 400 is final: retrying can't fix it."""
+    async def _retrying(
+        self, call: Callable[[], Awaitable[T]], attempts: int = SEND_ATTEMPTS, *, repeatable: bool = False
+    ) -> T:
+        """Retries failed requests with capped, jittered backoff: any network error or 5xx for a `repeatable`
+        call (one that does the same thing twice, such as getMe), otherwise only what provably never reached
+        Telegram, so that a retry can never post a message twice. 429s rarely get here (AIORateLimiter waits them
+        out underneath), and a 400 is final: retrying can't fix it."""
         delay = BACKOFF_FIRST_S
         for attempt in range(1, attempts):
             try:
                 return await call()
             except BadRequest:
                 raise
-            except NetworkError as exc:
+            except (NetworkError, RetryAfter) as exc:
+                if not repeatable and not _never_arrived(exc):
+                    raise
                 log.warning("Telegram: request failed (%s), retry %d of %d", self._redact(str(exc)), attempt, attempts)
             await asyncio.sleep(delay * random.uniform(0.75, 1.0))
             delay = min(delay * 2, BACKOFF_CAP_S)
@@ -408,7 +452,7 @@ class TelegramBackend:
         """Initializes the Application (`getMe`) with retries: PTB itself tries once."""
         rejected, failure = False, ""
         try:
-            await self._retrying(self._app.initialize, attempts=STARTUP_ATTEMPTS)
+            await self._retrying(self._app.initialize, attempts=STARTUP_ATTEMPTS, repeatable=True)
             return
         except InvalidToken:  # its message contains the token: raised below, so not even chained
             rejected = True
@@ -430,7 +474,8 @@ class TelegramBackend:
         scopes: list[BotCommandScopeChat | None] = [None, *(BotCommandScopeChat(ident) for ident in admin_ids)]
         for scope in scopes:
             try:
-                await self._retrying(partial(self._app.bot.set_my_commands, admins if scope else everyone, scope=scope))
+                commands = admins if scope else everyone
+                await self._retrying(partial(self._app.bot.set_my_commands, commands, scope=scope), repeatable=True)
             except TelegramError as exc:  # the menu is a convenience: never a reason not to start
                 where = f"admin chat {scope.chat_id}" if scope else "everyone"
                 log.warning("Telegram: command menu for %s not set: %s", where, self._redact(str(exc)))
@@ -471,6 +516,30 @@ def _author_place(message: Message) -> _Place | None:
     if message.sender_chat is not None or message.from_user is None or message.from_user.is_bot:
         return None
     return _Place(message.from_user.id)
+
+
+def _never_arrived(exc: BaseException) -> bool:
+    """Whether a failed request provably never reached Telegram's API, so that sending it again cannot post it twice.
+
+    PTB raises `NetworkError` (`TimedOut` for timeouts) for transport failures and bad HTTP statuses alike; what
+    tells them apart is the exception it chains as `__cause__`:
+
+    - `httpx.ConnectError`, `ConnectTimeout`, `PoolTimeout`: no connection, so nothing was sent;
+    - `RetryAfter` (429): Telegram refused the request without carrying it out;
+    - a `TelegramError` cause: PTB could not parse the body of an error status, so the answer came from Telegram's
+      front-end proxy (a 502/503 page), not from the Bot API: the request was not processed.
+
+    Everything else is in doubt: a read or write timeout, a connection dropped before the answer, or a 5xx that the
+    Bot API itself explained may all come after the message was delivered.
+    """
+    if isinstance(exc, RetryAfter):
+        return True
+    cause = exc.__cause__
+    if isinstance(exc, TimedOut):
+        return isinstance(cause, httpx.ConnectTimeout | httpx.PoolTimeout)
+    if isinstance(exc, NetworkError):
+        return isinstance(cause, httpx.ConnectError | TelegramError)
+    return False
 
 
 def _cut_utf16(text: str, spans: list[tuple[int, int]]) -> str:

@@ -92,8 +92,13 @@ class ChatHandler(Protocol):
         """Records that a reply reached the platform (and under which ids)."""
         ...
 
-    async def mark_undelivered(self, reply: Reply, reason: str) -> None:
-        """Records that a reply could not be delivered, so it is never lost silently."""
+    async def mark_undelivered(self, reply: Reply, reason: str, *, parts_sent: int = 0) -> None:
+        """Records that a reply could not be delivered (and how many of its parts did), so it is never lost
+        silently."""
+        ...
+
+    async def mark_interrupted(self, reply: Reply, *, parts_sent: int) -> None:
+        """Records that shutdown cut a send off after `parts_sent` parts: the reply is left for recovery."""
         ...
 
     async def private_unreachable(self, reply: Reply, reason: str) -> Reply:

@@ -4,15 +4,23 @@ One entry point, `ChatService.handle`, serves every platform. Each incoming mess
 its own transaction, idempotent on the platform message id) before anything else happens, so that nothing a user
 sent is lost even when the answer is a refusal or the model fails. Replies are logged in a second transaction
 with the model version that wrote them.
+
+The log is also the outbox. An incoming message the service means to answer is logged with `awaits_reply`, and
+each reply row starts PENDING until the adapter reports it SENT or FAILED. After a crash, or a shutdown that cut
+answers off, `plan_recovery` (before the adapters start) and `recover` (after) find the messages of the last
+RECOVERY_WINDOW_MINUTES with no settled reply: a PENDING reply is handed back to be sent again (from the part where
+it stopped), and a message with no reply at all is answered now, through the same path a live message takes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from core.commands import ParsedCommand, help_text, parse_command, start_text, status_text
 from core.db import Database
@@ -25,15 +33,18 @@ from core.models import Delivery, Message, Role, User
 from core.retraining import Retrainer
 from core.settings import Settings
 from core.storage import (
+    Unanswered,
     collect_stats,
     delete_message,
     export_user,
     find_user_message,
     forget_user,
+    last_message_id,
     log_message,
     migrate_chat,
     recent_history,
     set_delivery,
+    unanswered_messages,
     upsert_chat,
     upsert_user,
 )
@@ -50,6 +61,7 @@ EXPORT_UNREACHABLE = (
     "I can't send you your export privately (you haven't started a private chat with me, or you don't accept "
     "private messages), and I won't post it here. Start a private chat with me and send /export there."
 )
+EXPORT_AFTER_RESTART = "I was restarted before I could send your export. Please send /export again."
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +73,27 @@ class Logged:
     chat_row_id: int
     user_row_id: int
     command: ParsedCommand | None
+    recovered: bool = False
+    """Answered after a restart: its history ends at the message itself, not at what was said since."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryPlan:
+    """Which logged messages crash recovery may answer, fixed before the adapters start taking new ones."""
+
+    since: datetime
+    up_to_id: int
+    platforms: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    """A reply to deliver after a restart: where it goes, and how many of its parts already arrived."""
+
+    platform: str
+    chat_id: str
+    reply: Reply
+    parts_sent: int = 0
 
 
 class ChatService:
@@ -92,6 +125,11 @@ class ChatService:
             return Reply(NOT_LOGGED, reply_to=message.message_id) if self._should_answer(message, command) else None
         if logged is None or not self._should_answer(message, logged.command):
             return None
+        return await self._answer_or_apologise(logged)
+
+    async def _answer_or_apologise(self, logged: Logged) -> Reply:
+        """The answer, or a generic apology when answering failed: the user is never left without a word."""
+        message = logged.message
         try:
             return await self._answer(logged)
         except Exception:
@@ -106,9 +144,19 @@ class ChatService:
         first = platform_message_ids[0] if platform_message_ids else None
         await self._record_delivery(reply, Delivery.SENT, platform_message_id=first, error=None)
 
-    async def mark_undelivered(self, reply: Reply, reason: str) -> None:
+    async def mark_undelivered(self, reply: Reply, reason: str, *, parts_sent: int = 0) -> None:
         log.warning("Reply %s could not be delivered: %s", reply.log_id, reason)
-        await self._record_delivery(reply, Delivery.FAILED, platform_message_id=None, error=reason)
+        await self._record_delivery(
+            reply, Delivery.FAILED, platform_message_id=None, error=reason, parts_sent=parts_sent
+        )
+
+    async def mark_interrupted(self, reply: Reply, *, parts_sent: int) -> None:
+        """A send cut off by shutdown: the reply stays PENDING in the outbox, and the next start's recovery sends
+        the parts after `parts_sent` (the part that was in flight may then arrive twice)."""
+        log.info("Reply %s was interrupted after %d parts: left to recovery", reply.log_id, parts_sent)
+        await self._record_delivery(
+            reply, Delivery.PENDING, platform_message_id=None, error="interrupted by shutdown", parts_sent=parts_sent
+        )
 
     async def private_unreachable(self, reply: Reply, reason: str) -> Reply:
         """The author could not be reached privately: the personal part stays undelivered (and is never shown in
@@ -138,7 +186,13 @@ class ChatService:
         return row.id
 
     async def _record_delivery(
-        self, reply: Reply, delivery: Delivery, *, platform_message_id: str | None, error: str | None
+        self,
+        reply: Reply,
+        delivery: Delivery,
+        *,
+        platform_message_id: str | None,
+        error: str | None,
+        parts_sent: int | None = None,
     ) -> None:
         """Bookkeeping only: a database hiccup here is logged, never raised into the adapter's send path."""
         if reply.log_id is None:
@@ -147,10 +201,75 @@ class ChatService:
             async with self._db.sessions.begin() as session:
                 await set_delivery(
                     session, message_id=reply.log_id, delivery=delivery, platform_message_id=platform_message_id,
-                    error=error,
+                    error=error, parts_sent=parts_sent,
                 )  # fmt: skip
         except Exception:
             log.exception("Could not record reply %s as %s", reply.log_id, delivery.value)
+
+    # --- crash recovery (the outbox) --------------------------------------------------------------------------
+
+    async def plan_recovery(self, platforms: Collection[str]) -> RecoveryPlan | None:
+        """Fixes what `recover` may answer: the messages logged so far. Called before the adapters start, so
+        recovery and the live path (which ignores re-delivered messages) never answer the same message. None
+        when RECOVERY_WINDOW_MINUTES is 0."""
+        minutes = self._settings.recovery_window_minutes
+        if minutes <= 0:
+            return None
+        async with self._db.sessions() as session:
+            up_to_id = await last_message_id(session)
+        since = datetime.now(UTC) - timedelta(minutes=minutes)
+        return RecoveryPlan(since=since, up_to_id=up_to_id, platforms=frozenset(platforms))
+
+    async def recover(self, plan: RecoveryPlan) -> AsyncGenerator[Recovered, None]:
+        """Yields every reply the plan's messages still owe: PENDING ones first (they only need sending), then
+        the answers written now, concurrently and as they finish. A yielded reply stays PENDING until the
+        adapter reports it, so a crash during recovery leaves it to the next start."""
+        async with self._db.sessions() as session:
+            owed = await unanswered_messages(
+                session, since=plan.since, up_to_id=plan.up_to_id, platforms=plan.platforms
+            )
+        if owed:
+            log.info("Recovery: %d messages were left without a delivered answer", len(owed))
+        unwritten = []
+        for item in owed:
+            # A pending /export note ("sent to you privately") would be a lie without the export: ask again instead.
+            if item.pending is None or _asks_for_export(item.message):
+                unwritten.append(item)
+                continue
+            reply = Reply(item.pending.text, reply_to=item.message.platform_message_id, log_id=item.pending.id)
+            yield Recovered(item.chat.platform, item.chat.platform_chat_id, reply, item.pending.parts_sent or 0)
+        slots = asyncio.Semaphore(self._settings.engine_max_batch_size)
+        tasks = [asyncio.ensure_future(self._recover_one(item, slots)) for item in unwritten]
+        try:
+            for finished in asyncio.as_completed(tasks):
+                yield await finished
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _recover_one(self, item: Unanswered, slots: asyncio.Semaphore) -> Recovered:
+        """Answers a logged message as the live path would have, without logging it again."""
+        message, chat, author = item.message, item.chat, item.author
+        incoming = IncomingMessage(
+            platform=chat.platform,
+            chat_id=chat.platform_chat_id,
+            chat_kind=ChatKind(chat.kind),
+            author_id=author.platform_user_id,
+            author_name=author.display_name,
+            text=message.text or None,  # non-text content was logged as ""
+            message_id=message.platform_message_id or "",
+            addressed=True,
+            sent_at=message.created_at,
+        )
+        command = parse_command(message.text) if message.is_command else None
+        logged = Logged(incoming, message.id, chat.id, author.id, command, recovered=True)
+        async with slots:
+            if _asks_for_export(message):  # personal data goes out only on a live request
+                reply = await self._system_reply(logged, EXPORT_AFTER_RESTART)
+            else:
+                reply = await self._answer_or_apologise(logged)
+        return Recovered(chat.platform, chat.platform_chat_id, reply)
 
     async def migrate_chat(self, platform: str, old_chat_id: str, new_chat_id: str) -> None:
         async with self._db.sessions.begin() as session:
@@ -205,6 +324,7 @@ class ChatService:
                 platform_message_id=message.message_id,
                 is_command=command is not None,
                 resets_context=command is not None and command.name == "reset",
+                awaits_reply=self._should_answer(message, command),
             )
             if message.sent_at is not None:
                 row.created_at = message.sent_at
@@ -305,6 +425,7 @@ class ChatService:
                 chat_id=logged.chat_row_id,
                 limit=self._settings.history_turns + 1,  # the message being answered plus its history
                 user_id=logged.user_row_id if per_user else None,
+                up_to_id=logged.row_id if logged.recovered else None,
             )
         return [Turn(BOT_SPEAKER if row.role is Role.BOT else f"user:{row.author_id}", row.text) for row in rows]
 
@@ -433,3 +554,8 @@ class ChatService:
             version=command.args or None, triggered_by=f"{message.platform}:{message.author_id}"
         )
         return await self._system_reply(logged, text)
+
+
+def _asks_for_export(message: Message) -> bool:
+    command = parse_command(message.text) if message.is_command else None
+    return command is not None and command.name == "export"

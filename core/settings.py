@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     max_input_chars: int = Field(2000, ge=1)
     group_context: Literal["shared", "user"] = "shared"
     log_retention_days: float = Field(0.0, ge=0.0)
+    recovery_window_minutes: float = Field(10.0, ge=0.0)
+    shutdown_grace_seconds: float = Field(15.0, ge=0.0)
 
     # --- retraining (defaults are the seed notebook's) ---------------------------------------------------------
     train_epochs: float = Field(3.0, gt=0.0)

@@ -7,6 +7,7 @@ first messages from a new user at once) run in a savepoint and fall back to the 
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -108,14 +109,17 @@ def _context_query(chat_id: int, user_id: int | None) -> Select[Message]:
 
 
 async def recent_history(
-    session: AsyncSession, *, chat_id: int, limit: int, user_id: int | None = None
+    session: AsyncSession, *, chat_id: int, limit: int, user_id: int | None = None, up_to_id: int | None = None
 ) -> list[Message]:
     """The last `limit` conversational messages since the latest `/reset`, oldest first.
 
     Commands and the bot's system replies (help texts, refusals) are not conversation and are left out, and so are
     replies that never reached the chat: nobody read them, so the bot must not carry on as if they were said.
+    `up_to_id` ends the history at that message (a late answer sees the conversation as it was then).
     """
     context = _context_query(chat_id, user_id)
+    if up_to_id is not None:
+        context = context.where(Message.id <= up_to_id)
     last_reset = (
         await session.execute(context.where(Message.resets_context.is_(True)).order_by(Message.id.desc()).limit(1))
     ).scalar_one_or_none()
@@ -131,15 +135,77 @@ async def recent_history(
 
 
 async def set_delivery(
-    session: AsyncSession, *, message_id: int, delivery: Delivery, platform_message_id: str | None, error: str | None
+    session: AsyncSession,
+    *,
+    message_id: int,
+    delivery: Delivery,
+    platform_message_id: str | None,
+    error: str | None,
+    parts_sent: int | None = None,
 ) -> None:
     message = await session.get(Message, message_id)
     if message is None:  # deleted meanwhile (e.g. /forget)
         return
     message.delivery = delivery
     message.delivery_error = error
+    if parts_sent is not None:
+        message.parts_sent = parts_sent
     if platform_message_id is not None and message.platform_message_id is None:
         message.platform_message_id = platform_message_id
+
+
+@dataclass(frozen=True)
+class Unanswered:
+    """A logged message that should have been answered and has no delivered (or given-up) reply: the outbox."""
+
+    message: Message
+    chat: Chat
+    author: User
+    pending: Message | None
+    """The reply already written for it and never confirmed sent (None: no reply was written yet)."""
+
+
+async def last_message_id(session: AsyncSession) -> int:
+    """The newest message id (0 for an empty log): where crash recovery stops, so it never meets a message that
+    the live path logs after it."""
+    return int((await session.execute(select(func.coalesce(func.max(Message.id), 0)))).scalar_one())
+
+
+async def unanswered_messages(
+    session: AsyncSession, *, since: datetime, up_to_id: int, platforms: Collection[str]
+) -> list[Unanswered]:
+    """Messages logged since `since` (up to `up_to_id`) that await a reply and have none SENT or FAILED, oldest
+    first, each with its newest PENDING reply if one was written."""
+    reply = aliased(Message)
+    settled = select(reply.id).where(
+        reply.reply_to_id == Message.id, reply.delivery.in_([Delivery.SENT, Delivery.FAILED])
+    )
+    rows = (
+        await session.execute(
+            select(Message, Chat, User)
+            .join(Chat, Chat.id == Message.chat_id)
+            .join(User, User.id == Message.author_id)
+            .where(
+                Message.role == Role.USER,
+                Message.awaits_reply.is_(True),
+                Message.created_at >= since,
+                Message.id <= up_to_id,
+                Chat.platform.in_(list(platforms)),
+                ~settled.exists(),
+            )
+            .order_by(Message.id)
+        )
+    ).all()
+    ids = [message.id for message, _, _ in rows]
+    pending: dict[int, Message] = {}
+    if ids:
+        replies = await session.scalars(
+            select(Message)
+            .where(Message.reply_to_id.in_(ids), Message.delivery == Delivery.PENDING)
+            .order_by(Message.id)
+        )
+        pending = {row.reply_to_id: row for row in replies if row.reply_to_id is not None}
+    return [Unanswered(message, chat, user, pending.get(message.id)) for message, chat, user in rows]
 
 
 async def forget_user(session: AsyncSession, *, user_id: int) -> int:

@@ -156,6 +156,8 @@ class FakeDiscord:
         self.heartbeats = 0
         self.session: Session | None = None
         self._faults: list[Fault] = []
+        self._holding: tuple[str, re.Pattern[str], list[int]] | None = None  # method, path, calls that may pass
+        self._held: list[tuple[RecordedCall, asyncio.Event]] = []
         self._dm_channels: dict[int, int] = {}  # user id -> DM channel id
         self._closed_dms: set[int] = set()  # users who do not accept DMs from the bot
         self._threads: dict[int, int] = {}  # thread id -> guild id
@@ -178,6 +180,7 @@ class FakeDiscord:
         await web.SockSite(self._runner, sock).start()
 
     async def close(self) -> None:
+        self.release()
         if self._conn is not None and self._conn.request.transport is not None:
             self._conn.request.transport.abort()
         if self._runner is not None:
@@ -271,6 +274,34 @@ class FakeDiscord:
         """The next `times` requests whose path fully matches the regex `path` get `status` instead."""
         self._faults.append(Fault(method, re.compile(path), status, times, retry_after, via))
 
+    def hold(self, method: str, path: str, *, after: int = 0) -> None:
+        """After `after` more that pass, requests matching `method` and the regex `path` wait, unanswered, until
+        `release` (a send hanging on the network)."""
+        self._holding = (method, re.compile(path), [after])
+
+    def held_calls(self) -> list[RecordedCall]:
+        return [call for call, released in self._held if not released.is_set()]
+
+    def release(self) -> None:
+        """Lets every held request through and stops holding."""
+        self._holding = None
+        for _, released in self._held:
+            released.set()
+
+    async def _wait_if_held(self, call: RecordedCall) -> None:
+        if self._holding is None:
+            return
+        method, path, passing = self._holding
+        if call.method != method or not path.fullmatch(call.path):
+            return
+        if passing[0] > 0:
+            passing[0] -= 1
+            return
+        released = asyncio.Event()
+        self._held.append((call, released))
+        await self._notify()
+        await released.wait()
+
     def _take_fault(self, method: str, path: str) -> Fault | None:
         for fault in self._faults:
             if fault.times > 0 and fault.method == method and fault.path.fullmatch(path):
@@ -286,6 +317,7 @@ class FakeDiscord:
             request.method, path, dict(request.query), body, files, request.headers.get("Authorization")
         )
         self.calls.append(call)
+        await self._wait_if_held(call)
         response = self._route(call)
         call.status = response.status
         await self._notify()

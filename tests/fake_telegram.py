@@ -4,10 +4,13 @@ It speaks the real wire format on 127.0.0.1 (`/bot<TOKEN>/<method>`, JSON, form-
 `{"ok": ..., "result"|"description": ...}` answers), keeps chats and messages like the real server does (per-chat
 message ids, entities computed from the text, replies that must point at an existing message), long-polls
 `getUpdates` on a condition instead of sleeping, and delivers updates to a registered webhook with the secret
-header as Telegram does. Every call is recorded for assertions; faults (429 with `retry_after`, 502) can be
-injected per method. Like Telegram, a bot cannot write first to a person: a private chat exists only once the
-person opened it (`private_chat`, i.e. pressed Start), and a send to someone the fake has seen but who never did
-is refused with 403 "Forbidden: bot can't initiate conversation with a user".
+header as Telegram does. Every call is recorded for assertions; faults can be injected per method: 429 with
+`retry_after`, a 5xx page from Telegram's front (HTML, the API never saw the request) or a 5xx the API explained
+(JSON), an answer that comes too late (the request was carried out, the client timed out waiting), requests held
+until the test releases them (carried out or lost), and refused connections. Like Telegram, a bot cannot write
+first to a person: a private chat exists only once the person opened it (`private_chat`, i.e. pressed Start), and
+a send to someone the fake has seen but who never did is refused with 403 "Forbidden: bot can't initiate
+conversation with a user".
 
     async with FakeTelegram() as telegram:
         settings = Settings(telegram_bot_token=telegram.token, telegram_base_url=telegram.base_url)
@@ -118,7 +121,17 @@ class Call:
 @dataclass
 class _Fault:
     status: int
-    retry_after: int
+    retry_after: int = 0
+    explained: bool = False
+    """A 5xx with the Bot API's JSON body (it saw the request) instead of the front-end's HTML page."""
+    late_s: float = 0.0
+    """Not an error: the call is carried out, but its answer waits this long (past the client's read timeout)."""
+
+
+@dataclass
+class _Held:
+    call: Call
+    outcome: asyncio.Future[bool]
 
 
 class FakeTelegram:
@@ -140,7 +153,11 @@ class FakeTelegram:
         self._message_ids: dict[int, itertools.count[int]] = {}
         self._updates: list[dict[str, Any]] = []
         self._update_ids = itertools.count(1)
-        self._faults: dict[str, list[_Fault]] = {}
+        self._faults: dict[str, list[_Fault | None]] = {}
+        self._holding: dict[str, int] = {}
+        """Methods whose calls wait for `release`, with how many calls may still pass first."""
+        self.held: list[_Held] = []
+        self._site: web.TCPSite | None = None
         self._upgraded: dict[int, int] = {}
         """Groups that became supergroups: old chat id -> new chat id."""
         self._changed = asyncio.Condition()
@@ -159,13 +176,14 @@ class FakeTelegram:
         app.router.add_get("/bot{token}/{method}", self._dispatch)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
+        self._site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await self._site.start()
         self.port = self._runner.addresses[0][1]
         self._client = aiohttp.ClientSession()
 
     async def stop(self) -> None:
         self._closing = True
+        self.release(arrived=0)
         async with self._changed:
             self._changed.notify_all()
         if self._background:
@@ -338,9 +356,60 @@ class FakeTelegram:
 
     # --- faults -----------------------------------------------------------------------------------------------
 
-    def fail_next(self, method: str, times: int = 1, *, status: int = 429, retry_after: int = 1) -> None:
-        """The next `times` calls of `method` answer `status` (429 carries `parameters.retry_after`)."""
-        self._faults.setdefault(method, []).extend(_Fault(status, retry_after) for _ in range(times))
+    def fail_next(
+        self,
+        method: str,
+        times: int = 1,
+        *,
+        status: int = 429,
+        retry_after: int = 1,
+        after: int = 0,
+        explained: bool = False,
+    ) -> None:
+        """After `after` calls that pass, the next `times` calls of `method` answer `status`: a 429 carries
+        `parameters.retry_after`; a 5xx is the HTML page of Telegram's front (the API never saw the request), or,
+        `explained`, the API's own JSON error (it may have carried the request out)."""
+        queue = self._faults.setdefault(method, [])
+        queue.extend([None] * after)
+        queue.extend(_Fault(status, retry_after, explained) for _ in range(times))
+
+    def answer_late(self, method: str, seconds: float, times: int = 1) -> None:
+        """The next `times` calls of `method` are carried out (a message is stored) but answered only after
+        `seconds`: a client with a shorter read timeout gives up on a request that did arrive."""
+        self._faults.setdefault(method, []).extend(_Fault(200, late_s=seconds) for _ in range(times))
+
+    def hold(self, method: str, *, after: int = 0) -> None:
+        """Calls of `method` (after the next `after`) wait, unanswered, until `release` decides their fate."""
+        self._holding[method] = after
+
+    def held_calls(self, method: str | None = None) -> list[Call]:
+        """The calls waiting now."""
+        return [h.call for h in self.held if not h.outcome.done() and method in (None, h.call.method)]
+
+    def release(self, *, arrived: int | None = None, count: int | None = None) -> None:
+        """Decides the first `count` (default: all) held calls: the first `arrived` of them (default: all) are
+        carried out as if they had just arrived, the others are lost on the way (answered with the front's 502
+        page, which a client killed meanwhile never reads). Releasing them all stops holding."""
+        waiting = [h for h in self.held if not h.outcome.done()]
+        chosen = waiting if count is None else waiting[:count]
+        for index, held in enumerate(chosen):
+            held.outcome.set_result(arrived is None or index < arrived)
+        if count is None:
+            self._holding.clear()
+
+    async def refuse_connections(self) -> None:
+        """Stops listening and drops open connections: every request fails to connect until `accept_connections`."""
+        assert self._runner is not None and self._site is not None
+        await self._site.stop()
+        server = self._runner.server
+        for connection in server.connections if server is not None else []:
+            connection.force_close()
+
+    async def accept_connections(self) -> None:
+        """Listens again, on the same port."""
+        assert self._runner is not None
+        self._site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        await self._site.start()
 
     # --- the server -------------------------------------------------------------------------------------------
 
@@ -352,7 +421,10 @@ class FakeTelegram:
         try:
             if request.match_info["token"] != self.token:
                 return _error(call, 401, "Unauthorized")
-            if fault := self._take_fault(method):
+            if not await self._arrives(call):
+                return _fault_response(call, _Fault(502))
+            fault = self._take_fault(method)
+            if fault is not None and fault.late_s <= 0:
                 return _fault_response(call, fault)
             if (new_id := self._upgraded.get(_chat_id(params))) is not None:
                 body = _error_body(400, "Bad Request: group chat was upgraded to a supergroup chat")
@@ -363,6 +435,11 @@ class FakeTelegram:
             if handler is None:
                 return _error(call, 404, "Not Found")
             result = await handler(params, files)
+            if fault is not None:  # carried out; the answer is late
+                await self._notify()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(fault.late_s), self._changed:
+                        await self._changed.wait_for(lambda: self._closing)
             if isinstance(result, web.Response):
                 call.status = result.status
                 return result
@@ -373,6 +450,19 @@ class FakeTelegram:
     def _take_fault(self, method: str) -> _Fault | None:
         queue = self._faults.get(method)
         return queue.pop(0) if queue else None
+
+    async def _arrives(self, call: Call) -> bool:
+        """False when the call was held and then lost on the way; True for every call not held."""
+        passing = self._holding.get(call.method)
+        if passing is None:
+            return True
+        if passing > 0:
+            self._holding[call.method] = passing - 1
+            return True
+        held = _Held(call, asyncio.get_running_loop().create_future())
+        self.held.append(held)
+        await self._notify()
+        return await held.outcome
 
     async def _api_getme(self, params: dict[str, Any], files: Any) -> Any:
         return {**self.bot.as_dict(), "can_join_groups": True, "can_read_all_group_messages": False}
@@ -617,6 +707,8 @@ def _fault_response(call: Call, fault: _Fault) -> web.Response:
         body = _error_body(429, f"Too Many Requests: retry after {fault.retry_after}")
         body["parameters"] = {"retry_after": fault.retry_after}
         return web.json_response(body, status=429)
+    if fault.explained:
+        return _error_response(fault.status, "Internal Server Error")
     # Telegram's 5xx come from its nginx front, as HTML.
     html = f"<html><head><title>{fault.status}</title></head><body><center><h1>{fault.status}</h1></center></body>"
     return web.Response(status=fault.status, text=html, content_type="text/html")

@@ -78,8 +78,8 @@ class Observed:
         self.delivered.append((reply, platform_message_ids))
         await self._notify()
 
-    async def mark_undelivered(self, reply: Reply, reason: str) -> None:
-        await self.inner.mark_undelivered(reply, reason)
+    async def mark_undelivered(self, reply: Reply, reason: str, *, parts_sent: int = 0) -> None:
+        await self.inner.mark_undelivered(reply, reason, parts_sent=parts_sent)
         self.undelivered.append((reply, reason))
         await self._notify()
 
@@ -88,6 +88,9 @@ class Observed:
         self.unreachable.append((reply, reason))
         await self._notify()
         return note
+
+    async def mark_interrupted(self, reply: Reply, *, parts_sent: int) -> None:
+        await self.inner.mark_interrupted(reply, parts_sent=parts_sent)
 
     async def message_edited(self, platform: str, chat_id: str, message_id: str, text: str | None) -> None:
         await self.inner.message_edited(platform, chat_id, message_id, text)
@@ -121,7 +124,10 @@ class Scripted:
     async def mark_delivered(self, reply: Reply, platform_message_ids: list[str]) -> None:
         return None
 
-    async def mark_undelivered(self, reply: Reply, reason: str) -> None:
+    async def mark_undelivered(self, reply: Reply, reason: str, *, parts_sent: int = 0) -> None:
+        return None
+
+    async def mark_interrupted(self, reply: Reply, *, parts_sent: int) -> None:
         return None
 
     async def private_unreachable(self, reply: Reply, reason: str) -> Reply:

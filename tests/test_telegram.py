@@ -44,6 +44,8 @@ class RecordingHandler:
         self.delivered: list[tuple[Reply, list[str]]] = []
         self.undelivered: list[tuple[Reply, str]] = []
         self.unreachable: list[tuple[Reply, str]] = []
+        self.parts_sent: dict[int | None, int] = {}
+        self.interrupted: list[tuple[Reply, int]] = []
         self.migrated: list[tuple[str, str]] = []
         self.edits: list[tuple[str, str, str | None]] = []
         self.deletions: list[tuple[str, str]] = []
@@ -70,8 +72,13 @@ class RecordingHandler:
         self.delivered.append((reply, platform_message_ids))
         await self._changed()
 
-    async def mark_undelivered(self, reply: Reply, reason: str) -> None:
+    async def mark_undelivered(self, reply: Reply, reason: str, *, parts_sent: int = 0) -> None:
         self.undelivered.append((reply, reason))
+        self.parts_sent[reply.log_id] = parts_sent
+        await self._changed()
+
+    async def mark_interrupted(self, reply: Reply, *, parts_sent: int) -> None:
+        self.interrupted.append((reply, parts_sent))
         await self._changed()
 
     async def private_unreachable(self, reply: Reply, reason: str) -> Reply:
@@ -505,6 +512,148 @@ async def test_stop_cancels_replies_still_running_after_the_grace_period(telegra
     await asyncio.wait_for(backend.stop(), WAIT)
     assert handler.cancelled.is_set()
     assert telegram.sent_messages(lea.id) == []
+
+
+# --- sends that must not be repeated, and sends cut off part-way (issue #10, items 8 and 10) -------------------
+
+THREE_PARTS = "\n\n".join(f"Part {n}. " + "word " * 700 for n in (1, 2, 3))
+"""A reply Telegram's 4096-character limit splits into three messages."""
+
+
+class _Seen(logging.Handler):
+    """Turns "a record containing `needle` was logged" into an event a test can await."""
+
+    def __init__(self, needle: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.needle = needle
+        self.seen = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.needle in record.getMessage():
+            self.seen.set()
+
+
+async def test_a_read_timeout_after_delivery_is_not_sent_again(
+    telegram: FakeTelegram, monkeypatch: pytest.MonkeyPatch, no_token_in_logs: pytest.LogCaptureFixture
+) -> None:
+    """Telegram carried the message out but answered after the client stopped waiting: a blind retry would post it
+    twice, so the reply is recorded as unconfirmed instead."""
+    monkeypatch.setattr(telegram_module, "READ_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(telegram_module, "BACKOFF_FIRST_S", 0.01)
+    mia = telegram.user(13001, "Mia")
+    handler = RecordingHandler()
+    async with running(settings_for(telegram), handler):
+        telegram.answer_late("sendMessage", 10.0)
+        telegram.user_says(telegram.private_chat(mia), mia, "are you there?")
+        await handler.wait_until(lambda: len(handler.undelivered) == 1)
+    assert [m["text"] for m in telegram.sent_messages(mia.id)] == ["echo: are you there?"]
+    assert len(telegram.calls_to("sendMessage")) == 1
+    [(_, reason)] = handler.undelivered
+    assert "may have arrived" in reason and "TimedOut" in reason
+
+
+async def test_a_5xx_page_from_telegrams_front_is_retried_and_delivered_once(
+    telegram: FakeTelegram, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(telegram_module, "BACKOFF_FIRST_S", 0.01)
+    nia = telegram.user(13002, "Nia")
+    handler = RecordingHandler()
+    async with running(settings_for(telegram), handler):
+        telegram.fail_next("sendMessage", 1, status=502)
+        telegram.user_says(telegram.private_chat(nia), nia, "hi")
+        await handler.wait_until(lambda: len(handler.delivered) == 1)
+    assert [call.status for call in telegram.calls_to("sendMessage")] == [502, 200]
+    assert [m["text"] for m in telegram.sent_messages(nia.id)] == ["echo: hi"]
+
+
+async def test_a_5xx_the_bot_api_explained_is_not_repeated(
+    telegram: FakeTelegram, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A JSON error from the Bot API itself means it saw the request, which may have been carried out."""
+    monkeypatch.setattr(telegram_module, "BACKOFF_FIRST_S", 0.01)
+    oto = telegram.user(13003, "Oto")
+    handler = RecordingHandler()
+    async with running(settings_for(telegram), handler):
+        telegram.fail_next("sendMessage", 1, status=500, explained=True)
+        telegram.user_says(telegram.private_chat(oto), oto, "hi")
+        await handler.wait_until(lambda: len(handler.undelivered) == 1)
+    assert [call.status for call in telegram.calls_to("sendMessage")] == [500]
+    assert "may have arrived" in handler.undelivered[0][1]
+
+
+async def test_a_refused_connection_is_retried_until_telegram_is_back(telegram: FakeTelegram) -> None:
+    """Nothing was sent when the connection was refused, so sending again is safe."""
+    pia = telegram.user(13004, "Pia")
+    handler = RecordingHandler()
+    handler.release = asyncio.Event()
+    retrying = _Seen("request failed")
+    logging.getLogger("bot.telegram").addHandler(retrying)
+    try:
+        async with running(settings_for(telegram), handler):
+            telegram.user_says(telegram.private_chat(pia), pia, "knock knock")
+            await asyncio.wait_for(handler.entered.wait(), WAIT)
+            await telegram.refuse_connections()
+            handler.release.set()
+            await asyncio.wait_for(retrying.seen.wait(), WAIT)
+            await telegram.accept_connections()
+            await handler.wait_until(lambda: len(handler.delivered) == 1)
+    finally:
+        logging.getLogger("bot.telegram").removeHandler(retrying)
+    assert [m["text"] for m in telegram.sent_messages(pia.id)] == ["echo: knock knock"]
+    assert handler.undelivered == []
+
+
+async def test_a_split_reply_that_fails_part_way_records_how_many_parts_arrived(
+    telegram: FakeTelegram, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(telegram_module, "BACKOFF_FIRST_S", 0.01)
+    quin = telegram.user(13005, "Quin")
+    handler = RecordingHandler(answer=lambda message: THREE_PARTS)
+    async with running(settings_for(telegram), handler):
+        telegram.fail_next("sendMessage", telegram_module.SEND_ATTEMPTS, status=502, after=1)
+        telegram.user_says(telegram.private_chat(quin), quin, "tell me everything")
+        await handler.wait_until(lambda: len(handler.undelivered) == 1)
+    [(reply, _)] = handler.undelivered
+    assert handler.parts_sent[reply.log_id] == 1
+    [first] = telegram.sent_messages(quin.id)
+    assert first["text"].startswith("Part 1.")
+
+
+async def test_a_send_cut_off_by_shutdown_is_left_to_recovery_with_the_parts_that_arrived(
+    telegram: FakeTelegram,
+) -> None:
+    rey = telegram.user(13006, "Rey")
+    handler = RecordingHandler(answer=lambda message: THREE_PARTS)
+    backend = TelegramBackend(settings=settings_for(telegram), handler=handler, stop_grace_s=0.2)
+    await backend.start()
+    telegram.hold("sendMessage", after=1)
+    telegram.user_says(telegram.private_chat(rey), rey, "tell me everything")
+    await telegram.wait_until(lambda: len(telegram.held_calls("sendMessage")) == 1)
+    await asyncio.wait_for(backend.stop(), WAIT)
+    telegram.release(arrived=0)
+    [(reply, parts_sent)] = handler.interrupted
+    assert parts_sent == 1 and reply.text == THREE_PARTS
+    assert handler.undelivered == [] and handler.delivered == []
+
+
+async def test_deliver_reply_sends_the_remaining_parts_into_a_chat_by_id(telegram: FakeTelegram) -> None:
+    """Crash recovery's way out: a reply delivered by chat id (a forum topic too), quoting the message it answers
+    when it starts from the first part, and skipping the parts that already arrived."""
+    forum, sam = telegram.group(-100700, "Forum", forum=True), telegram.user(13007, "Sam")
+    handler = RecordingHandler()
+    async with running(settings_for(telegram), handler) as backend:
+        asked = telegram.user_says(forum, sam, "@MagpieTestBot long story please", topic=4)
+        await handler.wait_until(lambda: len(handler.delivered) == 1)
+        late = Reply("I'm back: hello!", reply_to=str(asked["message_id"]), log_id=70)
+        await backend.deliver_reply("-100700:4", late)
+        rest = Reply(THREE_PARTS, reply_to=str(asked["message_id"]), log_id=71)
+        await backend.deliver_reply("-100700:4", rest, parts_sent=1)
+    _, back, part2, part3 = telegram.sent_messages(forum.id)
+    assert back["text"] == "I'm back: hello!" and back["reply_to_message"]["message_id"] == asked["message_id"]
+    assert part2["text"].startswith("Part 2.") and part3["text"].startswith("Part 3.")
+    assert "reply_to_message" not in part2
+    assert {m["message_thread_id"] for m in (back, part2, part3)} == {4}
+    assert [reply.log_id for reply, _ in handler.delivered[1:]] == [70, 71]
 
 
 # --- webhook mode ---------------------------------------------------------------------------------------------
