@@ -236,8 +236,12 @@ class TrainingOrchestrator:
         clock: Clock = _utcnow,
         poll_interval_s: float = 5.0,
         schedule_check_s: float = 300.0,
+        trainer_module: str = "trainer.retrain",
     ) -> None:
+        """`trainer_module` is the program each run starts (`python -m <it> --run-id N`): tests put one there that
+        wraps `trainer.retrain.main` to act at a given moment of the run."""
         self._settings = settings
+        self._trainer_module = trainer_module
         self._db = db
         self._engine = engine
         self._notifier = notifier
@@ -403,7 +407,7 @@ class TrainingOrchestrator:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "trainer.retrain",
+            self._trainer_module,
             "--run-id",
             str(run_id),
             stdin=asyncio.subprocess.DEVNULL,
