@@ -162,7 +162,7 @@ async def _train_and_gate(
     before_record: BeforeRecord | None,
 ) -> RunStatus:
     # torch and transformers load only now, so a run without enough data fails in a moment.
-    from trainer.train import TrainArguments, read_manifest, train
+    from trainer.train import TrainArguments, train
 
     # Dataset: everything the filters let through, split by conversation.
     emit({"event": "stage", "stage": "dataset"})
@@ -195,17 +195,7 @@ async def _train_and_gate(
     gate = decide(active_loss=active_loss, new_loss=new_loss, margin=settings.promotion_margin)
 
     # Gate and record atomically: the version row, the activation (or rejection) and the run's outcome.
-    version_metrics, run_metrics = _metrics(result.metrics, report, gate, version=output_dir.name)
-    recorded = Recorded(
-        output_dir,
-        start,
-        gate,
-        version_metrics,
-        run_metrics,
-        read_manifest(output_dir),
-        created=_created_at(report.train),
-        retention_days=settings.log_retention_days,
-    )
+    recorded = _recorded(settings, report, result.metrics, start, gate, output_dir)
     if before_record is not None:
         await before_record()
     return await _record_or_discard(db, run_id, recorded)
@@ -222,6 +212,29 @@ async def _record_or_discard(db: Database, run_id: int, recorded: Recorded) -> R
         metrics = {**recorded.run_metrics, DATA_WITHDRAWN: withdrawn.count}
         await _finish(db, run_id, RunStatus.REJECTED, error=str(withdrawn), metrics=metrics)
         return RunStatus.REJECTED
+
+
+def _recorded(  # noqa: PLR0917 (the stages' results, in the order they came)
+    settings: Settings,
+    report: DatasetReport,
+    train_metrics: dict[str, Any],
+    start: StartPoint,
+    gate: GateDecision,
+    output_dir: Path,
+) -> Recorded:
+    from trainer.train import read_manifest
+
+    version_metrics, run_metrics = _metrics(train_metrics, report, gate, version=output_dir.name)
+    return Recorded(
+        output_dir,
+        start,
+        gate,
+        version_metrics,
+        run_metrics,
+        read_manifest(output_dir),
+        created=_created_at(report.train),
+        retention_days=settings.log_retention_days,
+    )
 
 
 def _created_at(samples: Sequence[Sample]) -> dict[int, datetime]:
