@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import transformers
-from sqlalchemy import select
 
 from bot import cli_training
 from bot.backend import Backend, BackendNotifier
@@ -26,12 +25,12 @@ from bot.console import PLATFORM as CONSOLE_PLATFORM
 from bot.console import ConsoleBackend
 from core.db import Database, upgrade
 from core.engine import Engine, ModelRef
-from core.errors import ConfigError, HubUnreachableError, MagpieError
-from core.models import ModelVersion, VersionStatus
+from core.errors import ConfigError, HubUnreachableError, MagpieError, ModelLoadError
 from core.retention import RetentionJob, prune_old_messages
 from core.service import ChatService, RecoveryPlan
 from core.settings import Settings, load_settings
 from core.storage import collect_stats
+from core.versions import fallback_versions, get_active_version, version_files_problem
 
 if TYPE_CHECKING:
     from trainer.orchestrator import TrainingOrchestrator
@@ -98,15 +97,28 @@ async def _db_upgrade(settings: Settings, quiet: bool) -> None:
         print("Database is up to date.")
 
 
-async def _active_model(settings: Settings, db: Database) -> ModelRef:
-    """The active trained version if there is one, else BASE_MODEL."""
+async def _model_choices(settings: Settings, db: Database) -> list[ModelRef]:
+    """What to serve, in order of preference: the active version, then (should it not load) the versions that
+    served before it, most recent first, and last BASE_MODEL. Versions whose files are missing or incomplete are
+    left out, with a log line: a broken active version must not keep the bot from starting."""
+    base = ModelRef(source=settings.base_model, name=settings.base_model)
     async with db.sessions() as session:
-        active = (
-            await session.execute(select(ModelVersion).where(ModelVersion.status == VersionStatus.ACTIVE))
-        ).scalar_one_or_none()
-    if active is not None:
-        return ModelRef(source=active.path, name=active.name, version_id=active.id)
-    return ModelRef(source=settings.base_model, name=settings.base_model)
+        active = await get_active_version(session)
+        if active is None:
+            return [base]
+        earlier = await fallback_versions(session, besides=active.id)
+    choices = []
+    for version in (active, *earlier):
+        problem = version_files_problem(version.path)
+        if problem is None:
+            choices.append(ModelRef(source=version.path, name=version.name, version_id=version.id))
+        elif version is active:
+            log.error("The active model version %s cannot be loaded: %s (%s).", active.name, problem, active.path)
+    if choices and choices[0].version_id != active.id:
+        log.warning("Serving %s, the version that served before %s, instead.", choices[0].name, active.name)
+    elif not choices:
+        log.warning("No earlier version can serve instead of %s: serving BASE_MODEL (%s).", active.name, base.name)
+    return [*choices, base]
 
 
 def _backends(settings: Settings, service: ChatService) -> list[Backend]:
@@ -165,8 +177,17 @@ async def _serve(settings: Settings) -> None:
 
 
 async def _start_engine(settings: Settings, db: Database, engine: Engine) -> None:
-    """Serves the active version, else BASE_MODEL; offline with no model at all, builds the starter once."""
-    ref = await _active_model(settings, db)
+    """Serves the active version, else the first earlier one that loads, else BASE_MODEL; offline with no model at
+    all, builds the starter once."""
+    *versions, ref = await _model_choices(settings, db)
+    for version in versions:
+        log.info("Loading model %s", version.name)
+        try:
+            await engine.start(version)
+        except ModelLoadError:
+            log.exception("Model version %s could not be loaded; trying the next one.", version.name)
+            continue
+        return
     log.info("Loading model %s", ref.name)
     try:
         await engine.start(ref)

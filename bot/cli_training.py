@@ -36,7 +36,17 @@ Handler = Callable[[argparse.Namespace, Settings, Database], Awaitable[int]]
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Adds `retrain`, `models`, `dataset` and `bootstrap` to the `magpie` parser."""
     retrain = subparsers.add_parser("retrain", help="train a new model version now, with a progress bar")
-    retrain.add_argument("--force", action="store_true", help="ignore RETRAIN_COOLDOWN_MINUTES")
+    retrain.add_argument(
+        "--force",
+        action="store_true",
+        help="ignore RETRAIN_COOLDOWN_MINUTES, and clear a run recorded as running whose process is gone or never "
+        "started",
+    )
+    retrain.add_argument(
+        "--stop-running",
+        action="store_true",
+        help="also stop a training run whose process is still alive (marked failed), then start a new one",
+    )
 
     models = subparsers.add_parser("models", help="list and switch model versions")
     models_commands = models.add_subparsers(dest="models_command", required=True)
@@ -47,6 +57,10 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "rollback", help="go back to the previous (or a named) version, marking the current one rolled back"
     )
     rollback.add_argument("name", nargs="?", help="the version to go back to (default: the one before)")
+    check = models_commands.add_parser(
+        "check", help="compare MODELS_DIR with the registry: stray directories, versions whose files are missing"
+    )
+    check.add_argument("--remove", action="store_true", help="delete the stray directories")
 
     dataset = subparsers.add_parser("dataset", help="inspect the training data")
     dataset_commands = dataset.add_subparsers(dest="dataset_command", required=True)
@@ -84,7 +98,7 @@ async def _retrain(args: argparse.Namespace, settings: Settings, db: Database) -
 
     try:
         outcome = await orchestrator.run_in_foreground(
-            triggered_by=_operator(), on_progress=show, ignore_cooldown=args.force
+            triggered_by=_operator(), on_progress=show, force=args.force, stop_running=args.stop_running
         )
     finally:
         for bar in bars:
@@ -92,12 +106,16 @@ async def _retrain(args: argparse.Namespace, settings: Settings, db: Database) -
     if isinstance(outcome, str):
         print(outcome, file=sys.stderr)
         return 1
+    for earlier in outcome.earlier:
+        print(earlier.message())
     print(outcome.message())
     return 1 if outcome.status is RunStatus.FAILED else 0
 
 
 async def _models(args: argparse.Namespace, settings: Settings, db: Database) -> int:
     orchestrator = TrainingOrchestrator(settings=settings, db=db)
+    if args.models_command == "check":
+        return await _models_check(settings, db, remove=args.remove)
     if args.models_command == "list":
         print(await orchestrator.list_versions())
         return 0
@@ -106,6 +124,26 @@ async def _models(args: argparse.Namespace, settings: Settings, db: Database) ->
     )
     print(switch.text, file=sys.stdout if switch.done else sys.stderr)
     return 0 if switch.done else 1
+
+
+async def _models_check(settings: Settings, db: Database, *, remove: bool) -> int:
+    """`magpie models check [--remove]`: exit 0 when the registry and MODELS_DIR agree (after removing strays)."""
+    from trainer.model_dirs import check_models, remove_dirs
+
+    async with db.sessions() as session:
+        check = await check_models(session, settings.models_dir)
+    for path in check.strays:
+        print(f"stray directory (no version row): {path}")
+    for name, where, problem in check.broken:
+        print(f"version {name}: {problem} ({where})")
+    if check.strays and remove:
+        remove_dirs(check.strays)
+        print(f"Removed {len(check.strays)} stray director{'y' if len(check.strays) == 1 else 'ies'}.")
+    elif check.strays:
+        print("`magpie models check --remove` deletes the stray directories.")
+    if check.ok:
+        print(f"The registry and {settings.models_dir} agree.")
+    return 0 if not check.broken and (remove or not check.strays) else 1
 
 
 async def _dataset(args: argparse.Namespace, settings: Settings, db: Database) -> int:

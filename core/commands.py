@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from core.messages import ADMIN_COMMANDS, COMMANDS
 from core.storage import Stats
+from core.versions import version_files_problem
 
 _COMMAND = re.compile(r"^/([A-Za-z0-9_]{1,32})(?:@(\S+))?(?:\s+(.*))?$", re.DOTALL)
 
@@ -67,8 +68,8 @@ def start_text(bot_name: str, *, is_admin: bool, private_chats_learned: bool) ->
 def status_text(stats: Stats, *, model_name: str, queue_depth: int) -> str:
     """What an admin sees for `/status`."""
     version = stats.active_version
-    metrics = version.metrics if version is not None else {}
-    lines = [f"Model: {model_name}"]
+    metrics = version.metrics if version is not None and version.name == model_name else {}
+    lines = [f"Model: {model_name}{_not_serving(stats, model_name)}"]
     if "eval_loss" in metrics:
         lines.append(f"  eval loss {metrics['eval_loss']:.3f}, perplexity {metrics.get('perplexity', 0.0):.1f}")
     lines += [
@@ -84,3 +85,14 @@ def status_text(stats: Stats, *, model_name: str, queue_depth: int) -> str:
         when = run.started_at.strftime("%Y-%m-%d %H:%M UTC")
         lines.append(f"Last training run: #{run.id} {run.status.value} (started {when} by {run.triggered_by})")
     return "\n".join(lines)
+
+
+def _not_serving(stats: Stats, model_name: str) -> str:
+    """Why the active version is not the one serving (it could not be loaded), or "" when it is."""
+    active = stats.active_version
+    if active is None or active.name == model_name:
+        return ""
+    problem = version_files_problem(active.path)
+    if problem is None:
+        return f" ({active.name} is active but not loaded yet, or it failed to load: the log says which)"
+    return f" ({active.name} is active but could not be loaded: {problem})"

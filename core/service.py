@@ -48,7 +48,7 @@ from core.storage import (
     upsert_chat,
     upsert_user,
 )
-from core.versions import versions_trained_on_user
+from core.versions import training_in_progress, versions_trained_on_user
 
 log = logging.getLogger(__name__)
 
@@ -482,6 +482,7 @@ class ChatService:
         async with self._db.sessions.begin() as session:
             count = await forget_user(session, user_id=logged.user_row_id)
             trained_on = await versions_trained_on_user(session, user_id=logged.user_row_id)
+            training = await training_in_progress(session)
         log.info("Forgot %d messages of user row %d", count, logged.user_row_id)
         noun = "message" if count == 1 else "messages"
         text = f"Done: I deleted {count} {noun} you sent me, in every chat (this /forget included)."
@@ -491,6 +492,8 @@ class ChatService:
                 f" Your messages were part of the training data of versions {names}; "
                 "they will not be in future versions."
             )
+        if training:
+            text += " A training run is in progress: the version it trains will not be used with your messages in it."
         return await self._log_reply(logged, text, model_version_id=None, system=True, answers_logged=False)
 
     async def _cmd_export(self, logged: Logged, _: ParsedCommand) -> Reply:

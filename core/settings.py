@@ -91,6 +91,7 @@ class Settings(BaseSettings):
     retrain_interval_hours: float = Field(24.0, ge=0.0)
     retrain_min_new_messages: int = Field(200, ge=0)
     retrain_cooldown_minutes: float = Field(30.0, ge=0.0)
+    retrain_timeout_minutes: float = Field(180.0, ge=0.0)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -9,14 +9,18 @@ second fails on the index and rolls back).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from core.models import ModelVersion, ModelVersionMessage, VersionStatus
+from core.models import Message as LoggedMessage
+from core.models import ModelVersion, ModelVersionMessage, RunStatus, TrainingRun, User, VersionStatus
 
 RETIRING_STATUSES = frozenset({VersionStatus.RETIRED, VersionStatus.ROLLED_BACK})
 """What an active version may become when another takes its place (rolled back = it served badly)."""
@@ -142,3 +146,85 @@ async def manifest_message_ids(session: AsyncSession, *, version_id: int) -> set
         select(ModelVersionMessage.message_id).where(ModelVersionMessage.model_version_id == version_id)
     )
     return set(result.all())
+
+
+@dataclass(frozen=True)
+class Withdrawn:
+    """Messages in a version's manifest that may no longer be trained on."""
+
+    deleted: frozenset[int]
+    """No longer in the log: `/forget`, a message deleted on the platform, or retention pruning."""
+    opted_out: frozenset[int]
+    """Still logged, but their author has sent `/optout`."""
+
+
+async def withdrawn_training_data(session: AsyncSession, *, version_id: int) -> Withdrawn:
+    """Which of the messages in `version_id`'s manifest were deleted or withdrawn (the author opted out).
+
+    The promotion transaction calls this after registering the version and right before activating it. On
+    PostgreSQL it first locks `messages` and `users` against writes (SHARE mode, until the transaction ends), so a
+    concurrent `/forget` or `/optout` either committed before the check (and is seen) or waits until the version
+    is recorded (and then names it among the versions that trained on the user). SQLite needs no lock: the
+    transaction already holds the database's only write lock since it registered the version.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        await session.execute(text("LOCK TABLE messages, users IN SHARE MODE"))
+    manifest = select(ModelVersionMessage.message_id).where(ModelVersionMessage.model_version_id == version_id)
+    logged = LoggedMessage.id == ModelVersionMessage.message_id
+    deleted = await session.scalars(manifest.outerjoin(LoggedMessage, logged).where(LoggedMessage.id.is_(None)))
+    opted_out = await session.scalars(
+        manifest.join(LoggedMessage, logged)
+        .join(User, User.id == LoggedMessage.author_id)
+        .where(User.opted_out.is_(True))
+    )
+    return Withdrawn(frozenset(deleted.all()), frozenset(opted_out.all()))
+
+
+async def training_in_progress(session: AsyncSession) -> bool:
+    """Whether a training run is recorded as running (what `/forget` tells the user about)."""
+    running = await session.scalar(select(TrainingRun.id).where(TrainingRun.status == RunStatus.RUNNING).limit(1))
+    return running is not None
+
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
+
+
+def version_files_problem(path: str | Path) -> str | None:
+    """Why a version's directory cannot serve (None when its files are all there): a cheap check, no loading.
+
+    A directory that passes can still fail to load (corrupt weights); the engine's load is the final word.
+    A hub id (not a local path) is not checked here.
+    """
+    directory = Path(path)
+    if not directory.exists():
+        return "files missing"
+    if not directory.is_dir():
+        return "not a directory"
+    try:
+        json.loads((directory / "config.json").read_text())
+    except FileNotFoundError:
+        return "config.json missing"
+    except (OSError, ValueError):
+        return "config.json unreadable"
+    if not any((directory / name).is_file() for name in WEIGHT_FILES):
+        return "weights missing"
+    return None
+
+
+async def fallback_versions(session: AsyncSession, *, besides: int | None) -> Sequence[ModelVersion]:
+    """Versions that served well before (retired, not rolled back or rejected), most recently active first: what
+    to serve when the active version cannot be loaded."""
+    query = (
+        select(ModelVersion)
+        .where(ModelVersion.status == VersionStatus.RETIRED, ModelVersion.activated_at.is_not(None))
+        .order_by(ModelVersion.activated_at.desc(), ModelVersion.id.desc())
+    )
+    if besides is not None:
+        query = query.where(ModelVersion.id != besides)
+    result = await session.scalars(query)
+    return result.all()

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -21,6 +25,7 @@ from core.service import ChatService
 from core.settings import Settings
 from core.versions import activate_version, register_version
 from tests.loop_support import PHRASE, QUESTION, build_loop_model, greedy_engine, log_community, loop_settings, msg
+from trainer.process import process_start_token
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -133,3 +138,87 @@ def test_the_magpie_command_runs_them(tmp_path: Path) -> None:
     listed = run("models", "list")
     assert listed.returncode == 0 and "No trained model versions yet" in listed.stdout
     assert "bootstrap" in run("--help").stdout
+
+
+@pytest.fixture
+def live_process() -> Iterator[subprocess.Popen[bytes]]:
+    """A live process of ours (standing in for a trainer whose row says it is running)."""
+    code = "import sys; print('ready', flush=True); sys.stdin.read()"
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, "trainer.retrain"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert process.stdout is not None and process.stdout.readline() == b"ready\n"
+    try:
+        yield process
+    finally:
+        assert process.stdin is not None
+        process.stdin.close()
+        process.wait(timeout=30)
+        process.stdout.close()
+
+
+async def _running_row(db: Database, **fields: Any) -> int:
+    async with db.sessions.begin() as session:
+        run = TrainingRun(status=RunStatus.RUNNING, triggered_by="telegram:42", started_at=datetime.now(UTC), **fields)
+        session.add(run)
+        await session.flush()
+        return run.id
+
+
+async def _runs(db: Database) -> dict[int, TrainingRun]:
+    async with db.sessions() as session:
+        return {run.id: run for run in (await session.scalars(select(TrainingRun))).all()}
+
+
+async def test_retrain_force_clears_a_stale_run(
+    db: Database, settings: Settings, live_process: subprocess.Popen[bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A bot died right after recording a run, before its child started: within the start-up grace the row counts
+    # as running. A reused pid (a live process, but not the one that started at the recorded time) never does.
+    starting = await _running_row(db)
+    token = process_start_token(live_process.pid)
+    reused = await _running_row(db, pid=live_process.pid, process_start=f"{token}7", progress=0.3)
+
+    assert await magpie(settings, "retrain") == 1
+    assert f"A training run (#{starting}) is already running" in capsys.readouterr().err
+    assert (await _runs(db))[reused].status is RunStatus.FAILED, "a reused pid is not the run's process"
+
+    assert await magpie(settings, "retrain", "--force") == 1  # the new run fails: nothing was logged yet
+    out = capsys.readouterr().out
+    runs = await _runs(db)
+    assert runs[starting].status is RunStatus.FAILED and (runs[starting].error or "").startswith("interrupted")
+    assert len(runs) == 3 and runs[3].triggered_by.startswith("cli") and "not enough conversation" in out
+    assert live_process.poll() is None, "a process that is not the run's own is never killed"
+
+
+async def test_retrain_stop_running_stops_a_live_run(
+    db: Database, settings: Settings, live_process: subprocess.Popen[bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    alive = await _running_row(db, pid=live_process.pid, process_start=process_start_token(live_process.pid))
+
+    assert await magpie(settings, "retrain", "--force") == 1
+    err = capsys.readouterr().err
+    assert f"A training run (#{alive}) is already running" in err and "--stop-running" in err
+    assert live_process.poll() is None
+
+    assert await magpie(settings, "retrain", "--stop-running") == 1  # the new run fails: nothing was logged yet
+    assert live_process.wait(timeout=30) == -signal.SIGKILL
+    run = (await _runs(db))[alive]
+    assert run.status is RunStatus.FAILED and (run.error or "").startswith("stopped by cli")
+    assert "magpie retrain --stop-running" in (run.error or "")
+
+
+def test_retrain_force_through_the_magpie_command(tmp_path: Path) -> None:
+    """The flags exist on the real command line (`magpie retrain --help`)."""
+    env = {key: value for key, value in os.environ.items() if not key.endswith("_TOKEN")}
+    env.update(PYTHONPATH=str(ROOT), DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
+    shown = subprocess.run(
+        [sys.executable, "-m", "bot", "retrain", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
+        check=False,
+    )
+    assert shown.returncode == 0 and "--force" in shown.stdout and "--stop-running" in shown.stdout

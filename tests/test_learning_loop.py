@@ -13,6 +13,7 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -323,3 +324,35 @@ async def test_forget_names_the_versions_that_trained_on_the_user(base_loop: Loo
     assert "training data of versions v2, v3; they will not be in future versions" in reply.text
     other = await loop.service.handle(msg("/forget", user="77"))
     assert other is not None and "training data" not in other.text
+
+
+async def test_a_run_past_the_timeout_is_stopped_and_failed(
+    db: Database, database_url: str, loop_model_dir: Path, tmp_path: Path
+) -> None:
+    """A hung trainer must not block retraining forever: past RETRAIN_TIMEOUT_MINUTES (by the orchestrator's
+    clock, here moved on by hand) the orchestrator stops its child and fails the run."""
+    settings = loop_settings(
+        tmp_path, database_url, loop_model_dir, train_learning_rate=1e-4, train_epochs=200, retrain_timeout_minutes=180
+    )
+    await log_community(ChatService(settings=settings, db=db, engine=greedy_engine()))
+    now = [datetime.now(UTC)]
+    orchestrator = TrainingOrchestrator(settings=settings, db=db, clock=lambda: now[0], poll_interval_s=0.05)
+    pids: list[int] = []
+
+    async def hours_pass(fraction: float) -> None:
+        running = orchestrator.running
+        if running is not None and not pids:
+            pids.append(running.pid)
+            now[0] += timedelta(minutes=181)
+
+    outcome = await asyncio.wait_for(
+        orchestrator.run_in_foreground(triggered_by="cli:me", on_progress=hours_pass), WAIT_S
+    )
+
+    assert not isinstance(outcome, str) and outcome.status is RunStatus.FAILED
+    assert outcome.reason == "it ran longer than RETRAIN_TIMEOUT_MINUTES (180 min) and was stopped"
+    run = await _run_row(db, 1)
+    assert run.status is RunStatus.FAILED and run.error == outcome.reason and run.model_version_id is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pids[0], 0)
+    assert not settings.models_dir.exists() or list(settings.models_dir.iterdir()) == []

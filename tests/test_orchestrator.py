@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -27,6 +28,7 @@ from core.service import ChatService
 from core.settings import Settings
 from core.versions import activate_version, register_version, set_version_status
 from tests.loop_support import ADMIN, RecordingNotifier, greedy_engine, loop_settings, msg
+from trainer import process
 from trainer.orchestrator import (
     RunOutcome,
     TrainingOrchestrator,
@@ -35,6 +37,7 @@ from trainer.orchestrator import (
     retrain_due,
     trainer_process_alive,
 )
+from trainer.process import process_start_token
 from trainer.retrain import decide, json_safe
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
@@ -172,10 +175,26 @@ def _dead_pid() -> int:
 
 
 def test_trainer_process_alive(fake_trainer: subprocess.Popen[bytes]) -> None:
-    assert trainer_process_alive(fake_trainer.pid)
-    assert not trainer_process_alive(os.getpid()), "a live process that is not a trainer (a reused pid)"
-    assert not trainer_process_alive(_dead_pid())
-    assert not trainer_process_alive(None)
+    token = process_start_token(fake_trainer.pid)
+    assert token is not None and token.isdigit()
+    assert trainer_process_alive(fake_trainer.pid, token)
+    later = str(int(token) + 1)
+    assert not trainer_process_alive(fake_trainer.pid, later), "the pid is alive, but it is not the run's process"
+    assert not trainer_process_alive(os.getpid(), None), "an old row without a token: not a trainer's command line"
+    assert not trainer_process_alive(_dead_pid(), token)
+    assert not trainer_process_alive(None, token)
+
+
+def test_a_pid_we_may_not_signal_is_not_our_trainer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without /proc only the pid can be checked: a PermissionError means another user's process has that pid."""
+
+    def denied(pid: int, sig: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(process, "has_proc", lambda: False)
+    monkeypatch.setattr(os, "kill", denied)
+    assert not trainer_process_alive(1, None)
+    assert not trainer_process_alive(1, "123")
 
 
 # --- runs in the database -------------------------------------------------------------------------------------
@@ -208,7 +227,9 @@ async def test_interrupted_runs_are_marked_failed_at_start(
     dead = await _add_run(db, pid=_dead_pid(), progress=0.4)
     never_spawned = await _add_run(db, pid=None, started_at=NOW - timedelta(hours=1))
     just_created = await _add_run(db, pid=None, started_at=NOW - timedelta(seconds=10))
-    other_shell = await _add_run(db, pid=fake_trainer.pid)
+    token = process_start_token(fake_trainer.pid)
+    other_shell = await _add_run(db, pid=fake_trainer.pid, process_start=token)
+    reused_pid = await _add_run(db, pid=fake_trainer.pid, process_start=f"{token}0")
     finished = await _add_run(db, status=RunStatus.PROMOTED, finished_at=NOW - timedelta(days=1))
     partial = settings.models_dir / f".v{dead}.partial"
     partial.mkdir(parents=True)
@@ -217,7 +238,7 @@ async def test_interrupted_runs_are_marked_failed_at_start(
     await orchestrator.start()
     await orchestrator.stop()
 
-    for run_id in (dead, never_spawned):
+    for run_id in (dead, never_spawned, reused_pid):
         run = await _run(db, run_id)
         assert run.status is RunStatus.FAILED and run.finished_at == NOW
         assert run.error is not None and run.error.startswith("interrupted")
@@ -230,12 +251,44 @@ async def test_interrupted_runs_are_marked_failed_at_start(
 async def test_a_run_in_another_process_is_reported_as_running(
     db: Database, settings: Settings, fake_trainer: subprocess.Popen[bytes]
 ) -> None:
-    await _add_run(db, pid=fake_trainer.pid, progress=0.42)
+    await _add_run(db, pid=fake_trainer.pid, process_start=process_start_token(fake_trainer.pid), progress=0.42)
     orchestrator = TrainingOrchestrator(settings=settings, db=db, clock=Clock())
     reply = await orchestrator.request(triggered_by="telegram:42", notify_platform="telegram", notify_chat_id="42")
     assert reply == "A training run (#1) is already running, 42% done."
     async with db.sessions() as session:
         assert len((await session.scalars(select(TrainingRun))).all()) == 1
+
+
+async def test_a_run_of_another_process_past_the_timeout_is_killed_and_failed(
+    db: Database, settings: Settings, fake_trainer: subprocess.Popen[bytes]
+) -> None:
+    """A hung trainer started by another process (a `magpie retrain` in a shell, a bot that died): its row would
+    block retraining forever. Past RETRAIN_TIMEOUT_MINUTES it is killed (verified as that run's process) and
+    failed, at start and when a run is asked for."""
+    token = process_start_token(fake_trainer.pid)
+    limited = settings.model_copy(update={"retrain_timeout_minutes": 180.0})
+    hung = await _add_run(db, pid=fake_trainer.pid, process_start=token, started_at=NOW - timedelta(minutes=181))
+    orchestrator = TrainingOrchestrator(settings=limited, db=db, clock=Clock())
+
+    assert await orchestrator.recover_interrupted_runs() == [hung]
+
+    assert fake_trainer.wait(timeout=30) == -signal.SIGKILL
+    run = await _run(db, hung)
+    assert run.status is RunStatus.FAILED and run.finished_at == NOW
+    assert run.error == "it ran longer than RETRAIN_TIMEOUT_MINUTES (180 min) and was stopped"
+
+
+async def test_a_run_within_the_timeout_is_left_alone(
+    db: Database, settings: Settings, fake_trainer: subprocess.Popen[bytes]
+) -> None:
+    token = process_start_token(fake_trainer.pid)
+    unlimited = settings.model_copy(update={"retrain_timeout_minutes": 0.0})
+    long_ago = await _add_run(db, pid=fake_trainer.pid, process_start=token, started_at=NOW - timedelta(days=3))
+    limited = settings.model_copy(update={"retrain_timeout_minutes": 180.0})
+    assert await TrainingOrchestrator(settings=unlimited, db=db, clock=Clock()).recover_interrupted_runs() == []
+    clock = Clock(NOW - timedelta(days=3) + timedelta(minutes=179))
+    assert await TrainingOrchestrator(settings=limited, db=db, clock=clock).recover_interrupted_runs() == []
+    assert (await _run(db, long_ago)).status is RunStatus.RUNNING and fake_trainer.poll() is None
 
 
 async def test_cooldown_refuses_a_new_run_and_the_service_relays_it(db: Database, settings: Settings) -> None:

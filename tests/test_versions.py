@@ -7,8 +7,10 @@ from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
 
 from core.db import Database
-from core.models import Chat, Message, ModelVersion, Role, User, VersionStatus
+from core.models import Chat, Message, ModelVersion, Role, RunStatus, TrainingRun, User, VersionStatus
+from core.storage import forget_user
 from core.versions import (
+    Withdrawn,
     activate_version,
     get_active_version,
     get_version,
@@ -16,7 +18,9 @@ from core.versions import (
     manifest_message_ids,
     register_version,
     set_version_status,
+    training_in_progress,
     versions_trained_on_user,
+    withdrawn_training_data,
 )
 
 
@@ -123,3 +127,47 @@ async def test_the_manifest_outlives_forgotten_messages(db: Database) -> None:
     async with db.sessions() as session:
         assert [v.name for v in await versions_trained_on_user(session, user_id=user_id)] == ["v1"]
         assert await manifest_message_ids(session, version_id=trained) == {message_id, 999}
+
+
+async def test_withdrawn_training_data_names_deleted_and_opted_out_messages(db: Database) -> None:
+    async with db.sessions.begin() as session:
+        ann = User(platform="telegram", platform_user_id="1", display_name="ann")
+        bob = User(platform="telegram", platform_user_id="2", display_name="bob")
+        cy = User(platform="telegram", platform_user_id="3", display_name="cy")
+        chat = Chat(platform="telegram", platform_chat_id="-7", kind="group")
+        session.add_all([ann, bob, cy, chat])
+        await session.flush()
+        rows = [
+            Message(chat_id=chat.id, author_id=author.id, role=Role.USER, text=text, platform_message_id=text)
+            for author, text in ((ann, "a1"), (ann, "a2"), (bob, "b1"), (cy, "c1"))
+        ]
+        session.add_all(rows)
+        await session.flush()
+        ids = {row.text: row.id for row in rows}
+        authors = {row.id: row.author_id for row in rows}
+    trained = await _register(db, "v1", authors)
+    assert await _withdrawn(db, trained) == Withdrawn(frozenset(), frozenset())
+
+    async with db.sessions.begin() as session:
+        await forget_user(session, user_id=authors[ids["a1"]])  # ann: /forget
+        bob_row = await session.get(User, authors[ids["b1"]])
+        assert bob_row is not None
+        bob_row.opted_out = True  # bob: /optout
+
+    assert await _withdrawn(db, trained) == Withdrawn(frozenset({ids["a1"], ids["a2"]}), frozenset({ids["b1"]}))
+
+
+async def _withdrawn(db: Database, version_id: int) -> Withdrawn:
+    async with db.sessions.begin() as session:
+        return await withdrawn_training_data(session, version_id=version_id)
+
+
+async def test_training_in_progress(db: Database) -> None:
+    async with db.sessions.begin() as session:
+        assert not await training_in_progress(session)
+        session.add(TrainingRun(status=RunStatus.PROMOTED, triggered_by="t"))
+        await session.flush()
+        assert not await training_in_progress(session)
+        session.add(TrainingRun(status=RunStatus.RUNNING, triggered_by="t"))
+        await session.flush()
+        assert await training_in_progress(session)

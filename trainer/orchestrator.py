@@ -15,8 +15,13 @@ What happens to a run:
 
 Besides runs it keeps the engine in step with the database: a watcher polls the active version and hot-swaps when
 another process changed it (`magpie models activate`, `magpie retrain`), and `start()` marks runs whose process
-is gone (the bot or the machine stopped mid-run) as failed. The periodic schedule is a loop around
-`retrain_due`, a pure function of the clock, so it is tested without waiting hours.
+is gone (the bot or the machine stopped mid-run) as failed and removes the directories they left. The periodic
+schedule is a loop around `retrain_due`, a pure function of the clock, so it is tested without waiting hours.
+
+A run's process is identified by its pid and start token (`trainer.process`), never by the pid alone. A run past
+RETRAIN_TIMEOUT_MINUTES is stopped and failed: the one this process follows by its watchdog, one of another
+process when a new run is asked for or at start. A run rejected because its training data was deleted or
+withdrawn while it trained (`/forget`, `/optout`) is followed by one new run, whatever the cooldown.
 """
 
 from __future__ import annotations
@@ -27,7 +32,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping
@@ -47,8 +51,10 @@ from core.messages import Notifier
 from core.models import ModelVersion, RunStatus, TrainingRun, VersionStatus
 from core.settings import Settings
 from core.storage import collect_stats
-from core.versions import activate_version, get_active_version, get_version, list_versions
-from trainer.retrain import partial_dirs
+from core.versions import activate_version, get_active_version, get_version, list_versions, version_files_problem
+from trainer.model_dirs import leftovers_of_run, remove_dirs
+from trainer.process import kill_trainer, process_start_token, trainer_process_alive
+from trainer.retrain import DATA_WITHDRAWN
 
 log = logging.getLogger(__name__)
 
@@ -123,22 +129,6 @@ def _env_value(value: object) -> str:
     return str(value)
 
 
-def trainer_process_alive(pid: int | None) -> bool:
-    """Whether `pid` is a live training process (a reused pid of some other program does not count)."""
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return b"trainer.retrain" in Path(f"/proc/{pid}/cmdline").read_bytes()  # a zombie's is empty
-    except OSError:
-        return True  # no /proc here: the pid exists, trust it
-
-
 # --- what a run reports ---------------------------------------------------------------------------------------
 
 
@@ -152,6 +142,8 @@ class RunOutcome:
     metrics: dict[str, Any] = field(default_factory=dict)
     reason: str | None = None
     note: str = ""
+    earlier: tuple[RunOutcome, ...] = ()
+    """Runs that came before this one in the same request (a run discarded because its data was withdrawn)."""
 
     def message(self) -> str:
         reason = (self.reason or "no reason recorded").rstrip(". ")
@@ -167,6 +159,8 @@ class RunOutcome:
 
     def _numbers(self) -> str:
         metrics = self.metrics
+        if metrics.get(DATA_WITHDRAWN):
+            return ""  # the version was discarded: its scores mean nothing to anyone now
         before, after = metrics.get("active_eval_loss"), metrics.get("eval_loss")
         if not isinstance(before, float) or not isinstance(after, float):
             return ""
@@ -204,9 +198,26 @@ class _Run:
     process: asyncio.subprocess.Process
     notify: tuple[str, str] | None
     on_progress: ProgressCallback | None
+    started_at: datetime
+    rerun_of: int | None = None
     progress: float = 0.0
     stop_reason: str | None = None
+    timed_out: bool = False
     task: asyncio.Task[RunOutcome] | None = None
+    watchdog: asyncio.Task[None] | None = None
+    rerun: _Run | None = None
+    """The run started because this one's data was withdrawn (set before this one's task finishes)."""
+
+
+@dataclass(frozen=True)
+class _Ended:
+    """A run row this process ended (interrupted, timed out, stopped): what to kill and clean up after commit."""
+
+    run_id: int
+    started_at: datetime
+    pid: int | None = None
+    process_start: str | None = None
+    kill: bool = False
 
 
 # --- the orchestrator -----------------------------------------------------------------------------------------
@@ -225,8 +236,12 @@ class TrainingOrchestrator:
         clock: Clock = _utcnow,
         poll_interval_s: float = 5.0,
         schedule_check_s: float = 300.0,
+        trainer_module: str = "trainer.retrain",
     ) -> None:
+        """`trainer_module` is the program each run starts (`python -m <it> --run-id N`): tests put one there that
+        wraps `trainer.retrain.main` to act at a given moment of the run."""
         self._settings = settings
+        self._trainer_module = trainer_module
         self._db = db
         self._engine = engine
         self._notifier = notifier
@@ -238,6 +253,7 @@ class TrainingOrchestrator:
         self._swap_lock = asyncio.Lock()  # one read-the-database-then-swap at a time
         self._switch_lock = asyncio.Lock()  # one rollback/activate at a time
         self._unloadable: set[int] = set()  # versions whose load failed: not retried by the watcher
+        self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -254,6 +270,7 @@ class TrainingOrchestrator:
 
     async def stop(self) -> None:
         """Stops the loops and terminates a running child, whose run is marked failed "stopped with the bot"."""
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -262,40 +279,59 @@ class TrainingOrchestrator:
             await self._terminate(self._current, "stopped with the bot")
 
     async def wait_for_run(self, *, notify: tuple[str, str]) -> RunOutcome | None:
-        """The running run's outcome, if that run reports to `notify` (platform, chat id); else None at once."""
+        """The running run's outcome (after its rerun, if it has one), if that run reports to `notify` (platform,
+        chat id); else None at once."""
         run = self._current
         if run is None or run.notify != notify or run.task is None:
             return None
         log.info("waiting for training run #%d to finish (Ctrl-C stops it)", run.run_id)
-        return await asyncio.shield(run.task)
+        return await self._final_outcome(run, stop_reason=None)
+
+    async def _final_outcome(self, run: _Run, *, stop_reason: str | None) -> RunOutcome:
+        """Follows `run` and the rerun it may start; cancelled, it terminates the run it is following with
+        `stop_reason` (None: leaves it running)."""
+        earlier: list[RunOutcome] = []
+        while True:
+            assert run.task is not None
+            try:
+                outcome = await asyncio.shield(run.task)
+            except asyncio.CancelledError:
+                if stop_reason is not None:
+                    await self._terminate(run, stop_reason)
+                raise
+            if run.rerun is None:
+                return replace(outcome, earlier=tuple(earlier))
+            earlier.append(outcome)
+            run = run.rerun
 
     # --- starting runs ----------------------------------------------------------------------------------------
 
     async def request(self, *, triggered_by: str, notify_platform: str | None, notify_chat_id: str | None) -> str:
         """Starts a run in the background (see `core.retraining.Retrainer`); returns the immediate reply."""
         notify = (notify_platform, notify_chat_id) if notify_platform and notify_chat_id else None
-        started = await self._begin(triggered_by, notify=notify, on_progress=None, ignore_cooldown=False)
+        started = await self._begin(triggered_by, notify=notify, on_progress=None, start=_Start())
         if isinstance(started, str):
             return started
         where = " I'll report progress here." if notify else ""
         return f"Training run #{started.run_id} started. I keep answering while it trains.{where}"
 
     async def run_in_foreground(
-        self, *, triggered_by: str, on_progress: ProgressCallback, ignore_cooldown: bool = False
+        self, *, triggered_by: str, on_progress: ProgressCallback, force: bool = False, stop_running: bool = False
     ) -> RunOutcome | str:
         """`magpie retrain`: the same checks and child as `request`, awaited; a refusal comes back as text.
 
-        Cancelling it (Ctrl-C) terminates the child and marks the run failed.
+        `force` (`--force`) ignores the cooldown and clears a run recorded as running whose process is gone or
+        never started (even within its start-up grace). `stop_running` (`--stop-running`) also stops a run whose
+        process is alive, verified by pid and start token, and marks it failed. Cancelling it (Ctrl-C)
+        terminates the child and marks the run failed.
         """
-        started = await self._begin(triggered_by, notify=None, on_progress=on_progress, ignore_cooldown=ignore_cooldown)
+        start = _Start(ignore_cooldown=force or stop_running, clear_starting=force or stop_running)
+        if stop_running:
+            start = replace(start, stop_running_by=triggered_by)
+        started = await self._begin(triggered_by, notify=None, on_progress=on_progress, start=start)
         if isinstance(started, str):
             return started
-        assert started.task is not None
-        try:
-            return await asyncio.shield(started.task)
-        except asyncio.CancelledError:
-            await self._terminate(started, "interrupted from the shell")
-            raise
+        return await self._final_outcome(started, stop_reason="interrupted from the shell")
 
     async def _begin(
         self,
@@ -303,11 +339,12 @@ class TrainingOrchestrator:
         *,
         notify: tuple[str, str] | None,
         on_progress: ProgressCallback | None,
-        ignore_cooldown: bool,
+        start: _Start,
+        rerun_of: int | None = None,
     ) -> _Run | str:
         async with self._start_lock:
             now = self._clock()
-            refusal = await self._refusal(now, ignore_cooldown=ignore_cooldown)
+            refusal = await self._refusal(now, start)
             if refusal is not None:
                 return refusal
             run_id = await self._create_run(triggered_by, notify, now)
@@ -318,25 +355,32 @@ class TrainingOrchestrator:
                 log.exception("could not start the training process for run #%d", run_id)
                 await self._mark_failed(run_id, f"the training process could not start ({type(exc).__name__})")
                 return "Sorry, I could not start the training process; the bot's log says why."
-            run = _Run(run_id, process, notify, on_progress or self._progress_notifier(run_id, notify))
+            progress = on_progress or self._progress_notifier(run_id, notify)
+            run = _Run(run_id, process, notify, progress, started_at=now, rerun_of=rerun_of)
             run.task = asyncio.create_task(self._monitor(run), name=f"magpie-training-run-{run_id}")
+            if self._timeout() is not None:
+                run.watchdog = asyncio.create_task(self._watchdog(run), name=f"magpie-training-watchdog-{run_id}")
             self._current = run
             return run
 
-    async def _refusal(self, now: datetime, *, ignore_cooldown: bool) -> str | None:
-        """Why a run cannot start now (one is running, or the cooldown), or None. Clears runs whose process died."""
+    async def _refusal(self, now: datetime, start: _Start) -> str | None:
+        """Why a run cannot start now (one is running, or the cooldown), or None. Ends runs whose process died,
+        that ran past RETRAIN_TIMEOUT_MINUTES, or (`start.stop_running_by`) that the operator stops."""
         if self._current is not None:
             return _already_running(self._current.run_id, self._current.progress)
+        ended: list[_Ended] = []
+        refusal = None
         async with self._db.sessions.begin() as session:
             for row in await _running_rows(session):
-                if self._row_alive(row, now):
-                    return _already_running(row.id, row.progress)
-                self._mark_interrupted(row, now)
+                refusal = self._settle(row, now, ended, start) or refusal
             last_finished = await session.scalar(select(func.max(TrainingRun.finished_at)))
+        await self._clean_up(ended)
+        if refusal is not None:
+            return refusal
         left = cooldown_left(
             now=now, last_finished_at=last_finished, cooldown_minutes=self._settings.retrain_cooldown_minutes
         )
-        if left is None or ignore_cooldown:
+        if left is None or start.ignore_cooldown:
             return None
         minutes = math.ceil(left.total_seconds() / 60)
         return (
@@ -363,7 +407,7 @@ class TrainingOrchestrator:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "trainer.retrain",
+            self._trainer_module,
             "--run-id",
             str(run_id),
             stdin=asyncio.subprocess.DEVNULL,
@@ -375,6 +419,7 @@ class TrainingOrchestrator:
             row = await session.get(TrainingRun, run_id)
             if row is not None and row.pid is None:
                 row.pid = process.pid
+                row.process_start = process_start_token(process.pid)
         return process
 
     # --- following runs ---------------------------------------------------------------------------------------
@@ -389,8 +434,12 @@ class TrainingOrchestrator:
             log.exception("lost track of training run #%d", run.run_id)
             outcome = RunOutcome(run.run_id, RunStatus.FAILED, reason="the bot lost track of it (see the bot's log)")
         finally:
+            if run.watchdog is not None and not run.timed_out:
+                run.watchdog.cancel()
             if self._current is run:
                 self._current = None
+        if outcome.status is RunStatus.REJECTED and outcome.metrics.get(DATA_WITHDRAWN):
+            outcome = await self._train_again(run, outcome)
         log.info("training run #%d: %s", run.run_id, outcome.message())
         if run.notify is not None:
             await self._notify(run.notify, outcome.message())
@@ -412,22 +461,62 @@ class TrainingOrchestrator:
                 if run.on_progress is not None:
                     await run.on_progress(run.progress)
 
+    async def _train_again(self, run: _Run, outcome: RunOutcome) -> RunOutcome:
+        """The run was discarded because people withdrew data it trained on: train once more on the data as it is
+        now (the cooldown does not apply; a rerun that is discarded too is not repeated)."""
+        if run.rerun_of is not None or run.stop_reason is not None or self._stopping:
+            return replace(outcome, note=" The next training run will train without them.")
+        on_progress = None if run.notify is not None else run.on_progress
+        started = await self._begin(
+            f"rerun of #{run.run_id}",
+            notify=run.notify,
+            on_progress=on_progress,
+            start=_Start(ignore_cooldown=True),
+            rerun_of=run.run_id,
+        )
+        if isinstance(started, str):
+            return replace(outcome, note=f" Not training again now: {started}")
+        run.rerun = started
+        log.info("training run #%d: its data changed; run #%d trains again", run.run_id, started.run_id)
+        return replace(outcome, note=f" Training again without them: run #{started.run_id} started.")
+
+    async def _watchdog(self, run: _Run) -> None:
+        """Stops the run once it has run longer than RETRAIN_TIMEOUT_MINUTES (checked every poll interval)."""
+        limit = self._timeout()
+        assert limit is not None
+        while True:
+            await asyncio.sleep(self._poll_interval_s)
+            if self._clock() - run.started_at > limit:
+                break
+        log.warning("training run #%d ran past RETRAIN_TIMEOUT_MINUTES; stopping it", run.run_id)
+        run.timed_out = True
+        await self._terminate(run, self._timeout_reason())
+
+    def _timeout(self) -> timedelta | None:
+        minutes = self._settings.retrain_timeout_minutes
+        return timedelta(minutes=minutes) if minutes > 0 else None
+
+    def _timeout_reason(self) -> str:
+        minutes = self._settings.retrain_timeout_minutes
+        return f"it ran longer than RETRAIN_TIMEOUT_MINUTES ({minutes:g} min) and was stopped"
+
     async def _conclude(self, run: _Run, returncode: int) -> RunOutcome:
         """Reads the outcome the child recorded; a run still `running` was killed or crashed and is failed here."""
         now = self._clock()
         async with self._db.sessions.begin() as session:
-            row = await session.get(TrainingRun, run.run_id)
+            row = await session.get(TrainingRun, run.run_id, with_for_update=True)
             if row is None:
                 return RunOutcome(run.run_id, RunStatus.FAILED, reason="its record disappeared")
             if row.status is RunStatus.RUNNING:
                 row.status = RunStatus.FAILED
                 row.error = run.stop_reason or _exit_reason(returncode)
                 row.finished_at = now
-                self._remove_partials(run.run_id)
             version = await session.get(ModelVersion, row.model_version_id) if row.model_version_id else None
             outcome = RunOutcome(
                 run.run_id, row.status, version.name if version else None, dict(row.metrics or {}), row.error
             )
+        if outcome.status is RunStatus.FAILED:
+            await self._clean_up([_Ended(run.run_id, run.started_at)])
         if outcome.status is RunStatus.PROMOTED:
             outcome = replace(outcome, note=await self._swap_note())
         return outcome
@@ -471,39 +560,53 @@ class TrainingOrchestrator:
     # --- recovery ---------------------------------------------------------------------------------------------
 
     async def recover_interrupted_runs(self) -> list[int]:
-        """Marks `running` runs whose training process is gone as failed; returns their ids."""
+        """Fails `running` runs whose training process is gone or that ran past RETRAIN_TIMEOUT_MINUTES (their
+        process is stopped), and removes the directories they left; returns their ids."""
         now = self._clock()
-        recovered = []
+        ended: list[_Ended] = []
         async with self._db.sessions.begin() as session:
             for row in await _running_rows(session):
-                if self._current is not None and row.id == self._current.run_id:
-                    continue
-                if not self._row_alive(row, now):
-                    self._mark_interrupted(row, now)
-                    recovered.append(row.id)
-        return recovered
+                if self._current is None or row.id != self._current.run_id:
+                    self._settle(row, now, ended, _Start())
+        await self._clean_up(ended)
+        return [end.run_id for end in ended]
 
-    def _row_alive(self, row: TrainingRun, now: datetime) -> bool:
+    def _settle(self, row: TrainingRun, now: datetime, ended: list[_Ended], start: _Start) -> str | None:
+        """Decides about a `running` row of another process: ends it (appending to `ended`) when its process is
+        gone, it timed out or the operator stops it; returns the refusal when it is a live run that goes on."""
         if row.pid is None:
-            return now - row.started_at < SPAWN_GRACE
-        return trainer_process_alive(row.pid)
+            if now - row.started_at < SPAWN_GRACE and not start.clear_starting:
+                return _already_running(row.id, row.progress)
+            reason = _INTERRUPTED
+        elif not trainer_process_alive(row.pid, row.process_start):
+            reason = _INTERRUPTED
+        elif (limit := self._timeout()) is not None and now - row.started_at > limit:
+            reason = self._timeout_reason()
+        elif start.stop_running_by is not None:
+            reason = f"stopped by {start.stop_running_by} (magpie retrain --stop-running)"
+        else:
+            hint = _STOP_HINT.format(pid=row.pid) if start.clear_starting else ""
+            return _already_running(row.id, row.progress) + hint
+        log.warning("training run #%d (process %s) is marked failed: %s", row.id, row.pid, reason)
+        row.status, row.error, row.finished_at = RunStatus.FAILED, reason, now
+        ended.append(_Ended(row.id, row.started_at, row.pid, row.process_start, kill=reason != _INTERRUPTED))
+        return None
 
-    def _mark_interrupted(self, row: TrainingRun, now: datetime) -> None:
-        log.warning("training run #%d was interrupted (its process %s is gone); marking it failed", row.id, row.pid)
-        row.status = RunStatus.FAILED
-        row.error = "interrupted: the training process stopped without recording an outcome (restart or crash)"
-        row.finished_at = now
-        self._remove_partials(row.id)
+    async def _clean_up(self, ended: list[_Ended]) -> None:
+        """After the rows are committed as failed: kill the processes that were stopped (verified as the runs'
+        own), then remove the directories the runs left that no version row points at."""
+        for end in ended:
+            if end.kill:
+                kill_trainer(end.pid, end.process_start)
+            async with self._db.sessions() as session:
+                leftovers = await leftovers_of_run(session, self._settings.models_dir, end.run_id, end.started_at)
+            await asyncio.to_thread(remove_dirs, leftovers)
 
     async def _mark_failed(self, run_id: int, reason: str) -> None:
         async with self._db.sessions.begin() as session:
             row = await session.get(TrainingRun, run_id)
             if row is not None:
                 row.status, row.error, row.finished_at = RunStatus.FAILED, reason, self._clock()
-
-    def _remove_partials(self, run_id: int) -> None:
-        for leftover in partial_dirs(self._settings.models_dir, run_id):
-            shutil.rmtree(leftover, ignore_errors=True)
 
     # --- model versions and the engine ------------------------------------------------------------------------
 
@@ -520,6 +623,10 @@ class TrainingOrchestrator:
             current = self._engine.model_ref
             if active is None or (current is not None and current.version_id == active.id):
                 return None
+            problem = version_files_problem(active.path)
+            if problem is not None:
+                self._unloadable.add(active.id)
+                raise ModelLoadError(f"model version {active.name} cannot be loaded: {problem} ({active.path})")
             ref = ModelRef(source=active.path, name=active.name, version_id=active.id)
             try:
                 await self._engine.swap(ref)
@@ -642,6 +749,21 @@ def _already_running(run_id: int, progress: float) -> str:
     return f"A training run (#{run_id}) is already running, {math.floor(progress * 100)}% done."
 
 
+_INTERRUPTED = "interrupted: the training process stopped without recording an outcome (restart or crash)"
+_STOP_HINT = " Its process ({pid}) is alive; `magpie retrain --stop-running` stops it and starts a new run."
+
+
+@dataclass(frozen=True)
+class _Start:
+    """How a run request treats what stands in its way (`magpie retrain --force / --stop-running`)."""
+
+    ignore_cooldown: bool = False
+    clear_starting: bool = False
+    """Also clear a row with no process yet, within its start-up grace (a bot that died while spawning)."""
+    stop_running_by: str | None = None
+    """Who stops a live run (then marked failed and killed), or None to leave live runs alone."""
+
+
 def _exit_reason(returncode: int) -> str:
     if returncode < 0:
         try:
@@ -662,7 +784,9 @@ def _parse_event(raw: bytes) -> dict[str, Any] | None:
 
 
 async def _running_rows(session: AsyncSession) -> list[TrainingRun]:
-    rows = await session.scalars(select(TrainingRun).where(TrainingRun.status == RunStatus.RUNNING))
+    """Locked (on PostgreSQL): a trainer recording its outcome meanwhile is waited for, not overwritten."""
+    query = select(TrainingRun).where(TrainingRun.status == RunStatus.RUNNING).with_for_update()
+    rows = await session.scalars(query)
     return list(rows.all())
 
 

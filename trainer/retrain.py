@@ -6,7 +6,7 @@ Settings come from the environment like in every Magpie process (`trainer.orches
 the parent's settings down).
 
 Stages, top to bottom:
-1. claim the run row (it must be `running`) and record this process's pid;
+1. claim the run row (it must be `running`) and record this process's pid and start token;
 2. build the dataset from the database (`trainer.dataset.build_dataset`: filters, caps, redaction, split by
    conversation); too little data ends the run `failed` with the reason;
 3. start from the active version (or BASE_MODEL) and train into `MODELS_DIR/v<run id>` with `trainer.train.train`
@@ -14,7 +14,14 @@ Stages, top to bottom:
 4. score the active version and the new one on the SAME held-out split (`evaluate_loss`);
 5. gate and record, in one transaction: register the version with its manifest, then either activate it (new eval
    loss <= active eval loss + PROMOTION_MARGIN, and the active version is still the one it was compared with) or
-   mark it `rejected` with the reason; the run row gets the status, metrics and finish time.
+   mark it `rejected` with the reason; the run row gets the status, metrics and finish time. In that same
+   transaction the manifest is checked against the log as it is now: if any message it trained on was deleted
+   (`/forget`) or withdrawn (`/optout`) while it trained, the version is not registered at all, its directory is
+   deleted, and the run ends `rejected` ("training data changed during the run"); the orchestrator then starts
+   one new run, which reads the data again.
+
+A run that fails after its directory was renamed into place (scoring, recording) deletes that directory: only a
+registered version keeps files under MODELS_DIR.
 
 Progress goes two ways: the row's `progress` column, and JSON lines on stdout for the parent process:
 `{"event": "stage", "stage": "training"}`, `{"event": "progress", "progress": 0.42}`,
@@ -33,9 +40,9 @@ import math
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,8 +50,17 @@ from core.db import Database
 from core.errors import MagpieError
 from core.models import RunStatus, TrainingRun, VersionStatus
 from core.settings import Settings
-from core.versions import activate_version, get_active_version, register_version, set_version_status
+from core.versions import (
+    Withdrawn,
+    activate_version,
+    get_active_version,
+    register_version,
+    set_version_status,
+    withdrawn_training_data,
+)
 from trainer.dataset import DatasetReport, Sample, build_dataset
+from trainer.model_dirs import partial_dirs, version_name
+from trainer.process import process_start_token
 
 if TYPE_CHECKING:
     from trainer.train import TrainArguments
@@ -53,6 +69,10 @@ log = logging.getLogger(__name__)
 
 Emit = Callable[[dict[str, Any]], None]
 """Where progress events go: JSON lines on stdout in the child process, a list in tests."""
+BeforeRecord = Callable[[], Awaitable[None]]
+"""Awaited after scoring, right before the recording transaction (tests act "while the run trains" there)."""
+DATA_WITHDRAWN = "data_withdrawn"
+"""The run metric (a count) that marks a run rejected because its training data changed while it trained."""
 
 
 class NotEnoughDataError(MagpieError):
@@ -61,6 +81,18 @@ class NotEnoughDataError(MagpieError):
 
 class RunNotClaimableError(MagpieError):
     """The run row does not exist or is not `running` (another process finished or failed it)."""
+
+
+class DataWithdrawnError(MagpieError):
+    """Messages the new version trained on were deleted or withdrawn while it trained: it must not serve."""
+
+    def __init__(self, count: int) -> None:
+        noun = "message was" if count == 1 else "messages were"
+        super().__init__(
+            f"training data changed during the run: {count} {noun} deleted or withdrawn (/forget or /optout), "
+            "so the version it trained was discarded"
+        )
+        self.count = count
 
 
 @dataclass(frozen=True)
@@ -82,18 +114,6 @@ class GateDecision:
     new_loss: float
 
 
-def version_name(run_id: int) -> str:
-    """A run's version is named after it (`v7` comes from run #7), which keeps names unique and auditable."""
-    return f"v{run_id}"
-
-
-def partial_dirs(models_dir: Path, run_id: int) -> Iterator[Path]:
-    """Half-written version directories a killed run may leave (`trainer.train` writes into `.<name>.partial`)."""
-    name = version_name(run_id)
-    yield from models_dir.glob(f".{name}.partial")
-    yield from models_dir.glob(f".{name}-*.partial")
-
-
 def decide(*, active_loss: float, new_loss: float, margin: float) -> GateDecision:
     """Promote only a version that is not worse than the active one on the same held-out split (plus `margin`)."""
     if not math.isfinite(new_loss):
@@ -105,19 +125,25 @@ def decide(*, active_loss: float, new_loss: float, margin: float) -> GateDecisio
     return GateDecision(False, reason, active_loss, new_loss)
 
 
-async def retrain(settings: Settings, run_id: int, *, emit: Emit) -> RunStatus:
+async def retrain(
+    settings: Settings, run_id: int, *, emit: Emit, before_record: BeforeRecord | None = None
+) -> RunStatus:
     """Runs the whole training run `run_id`, recording every outcome on its row; returns the final status."""
     db = Database.connect(settings.database_url)
     try:
         await _claim(db, run_id)
+        output_dir = _output_dir(settings, run_id)
         try:
-            status = await _train_and_gate(settings, db, run_id, emit)
+            status = await _train_and_gate(
+                settings, db, run_id, emit, output_dir=output_dir, before_record=before_record
+            )
         except Exception as exc:
             reason = _failure_reason(exc)
             if not isinstance(exc, MagpieError):
                 log.exception("training run #%d failed", run_id)
             await _finish(db, run_id, RunStatus.FAILED, error=reason)
-            for leftover in partial_dirs(settings.models_dir, run_id):
+            # Nothing was registered (the recording transaction is the last step): no files may stay behind.
+            for leftover in (*partial_dirs(settings.models_dir, run_id), output_dir):
                 shutil.rmtree(leftover, ignore_errors=True)
             status = RunStatus.FAILED
         emit({"event": "finished", "status": status.value})
@@ -126,9 +152,17 @@ async def retrain(settings: Settings, run_id: int, *, emit: Emit) -> RunStatus:
         await db.close()
 
 
-async def _train_and_gate(settings: Settings, db: Database, run_id: int, emit: Emit) -> RunStatus:
+async def _train_and_gate(
+    settings: Settings,
+    db: Database,
+    run_id: int,
+    emit: Emit,
+    *,
+    output_dir: Path,
+    before_record: BeforeRecord | None,
+) -> RunStatus:
     # torch and transformers load only now, so a run without enough data fails in a moment.
-    from trainer.train import TrainArguments, read_manifest, train
+    from trainer.train import TrainArguments, train
 
     # Dataset: everything the filters let through, split by conversation.
     emit({"event": "stage", "stage": "dataset"})
@@ -140,7 +174,6 @@ async def _train_and_gate(settings: Settings, db: Database, run_id: int, emit: E
 
     # Train in a worker thread: the event loop stays free to record progress in the database.
     emit({"event": "stage", "stage": "training"})
-    output_dir = _output_dir(settings, run_id)
     # No early stopping on the held-out conversations: the gate below scores the new version on them, and a
     # version picked for doing well on them would be judged on its own selection data.
     args = TrainArguments.from_settings(settings, select_on_eval=False)
@@ -162,9 +195,56 @@ async def _train_and_gate(settings: Settings, db: Database, run_id: int, emit: E
     gate = decide(active_loss=active_loss, new_loss=new_loss, margin=settings.promotion_margin)
 
     # Gate and record atomically: the version row, the activation (or rejection) and the run's outcome.
-    version_metrics, run_metrics = _metrics(result.metrics, report, gate, version=output_dir.name)
-    recorded = Recorded(output_dir, start, gate, version_metrics, run_metrics, read_manifest(output_dir))
-    return await _record(db, run_id, recorded)
+    recorded = _recorded(settings, report, result.metrics, start, gate, output_dir)
+    if before_record is not None:
+        await before_record()
+    return await _record_or_discard(db, run_id, recorded)
+
+
+async def _record_or_discard(db: Database, run_id: int, recorded: Recorded) -> RunStatus:
+    """Records the outcome; a version trained on data that was deleted or withdrawn meanwhile is not registered,
+    its files are deleted and the run ends `rejected` (marked so the orchestrator trains again)."""
+    try:
+        return await _record(db, run_id, recorded)
+    except DataWithdrawnError as withdrawn:
+        shutil.rmtree(recorded.output_dir, ignore_errors=True)
+        log.warning("training run #%d: %s", run_id, withdrawn)
+        metrics = {**recorded.run_metrics, DATA_WITHDRAWN: withdrawn.count}
+        await _finish(db, run_id, RunStatus.REJECTED, error=str(withdrawn), metrics=metrics)
+        return RunStatus.REJECTED
+
+
+def _recorded(  # noqa: PLR0917 (the stages' results, in the order they came)
+    settings: Settings,
+    report: DatasetReport,
+    train_metrics: dict[str, Any],
+    start: StartPoint,
+    gate: GateDecision,
+    output_dir: Path,
+) -> Recorded:
+    from trainer.train import read_manifest
+
+    version_metrics, run_metrics = _metrics(train_metrics, report, gate, version=output_dir.name)
+    return Recorded(
+        output_dir,
+        start,
+        gate,
+        version_metrics,
+        run_metrics,
+        read_manifest(output_dir),
+        created=_created_at(report.train),
+        retention_days=settings.log_retention_days,
+    )
+
+
+def _created_at(samples: Sequence[Sample]) -> dict[int, datetime]:
+    """When each message the run trains on was logged (to tell retention pruning from deletions on request)."""
+    return {
+        line.message_id: line.created_at
+        for sample in samples
+        for line in (*sample.context, sample.target)
+        if line.message_id is not None and line.created_at is not None
+    }
 
 
 def _check_enough(report: DatasetReport) -> None:
@@ -233,6 +313,7 @@ async def _claim(db: Database, run_id: int) -> None:
             state = "does not exist" if run is None else f"is already {run.status.value}"
             raise RunNotClaimableError(f"training run #{run_id} {state}")
         run.pid = os.getpid()
+        run.process_start = process_start_token(run.pid)
 
 
 async def _start_point(settings: Settings, db: Database, run_id: int) -> StartPoint:
@@ -296,11 +377,27 @@ class Recorded:
     version_metrics: dict[str, Any]
     run_metrics: dict[str, Any]
     manifest: dict[int, int | None]
+    created: Mapping[int, datetime] = field(default_factory=dict)
+    retention_days: float = 0.0
+
+    def forbidden(self, withdrawn: Withdrawn) -> int:
+        """How many training messages may no longer be used. A message older than LOG_RETENTION_DAYS that left
+        the log was pruned by the log's housekeeping, not deleted at someone's request: that does not count (or
+        with retention on, every run longer than the pruning interval would be discarded)."""
+        deleted = withdrawn.deleted
+        if self.retention_days > 0:
+            cutoff = datetime.now(UTC) - timedelta(days=self.retention_days)
+            deleted = frozenset(i for i in deleted if not (i in self.created and self.created[i] < cutoff))
+        return len(deleted) + len(withdrawn.opted_out)
 
 
 async def _record(db: Database, run_id: int, recorded: Recorded) -> RunStatus:
     """One transaction: a crash anywhere in it leaves the old version active and the run `running` (recovered as
-    failed at the next start), never a half-promoted version."""
+    failed at the next start), never a half-promoted version.
+
+    Raises `DataWithdrawnError` (nothing written) when the manifest holds messages deleted or withdrawn since the
+    dataset was read, and `RunNotClaimableError` when the run was ended meanwhile (timed out, `--force`).
+    """
     output_dir, start, gate = recorded.output_dir, recorded.start, recorded.gate
     async with db.sessions.begin() as session:
         version = await register_version(
@@ -312,6 +409,12 @@ async def _record(db: Database, run_id: int, recorded: Recorded) -> RunStatus:
             note=f"trained by run #{run_id}",
             manifest=recorded.manifest.items(),
         )
+        run = await session.get(TrainingRun, run_id, with_for_update=True, populate_existing=True)
+        if run is None or run.status != RunStatus.RUNNING:
+            raise RunNotClaimableError(f"training run #{run_id} was ended while it trained; its version is discarded")
+        forbidden = recorded.forbidden(await withdrawn_training_data(session, version_id=version.id))
+        if forbidden:
+            raise DataWithdrawnError(forbidden)
         active = await get_active_version(session)
         promote, reason = gate.promote, gate.reason
         if promote and (active.id if active is not None else None) != start.version_id:
@@ -321,8 +424,6 @@ async def _record(db: Database, run_id: int, recorded: Recorded) -> RunStatus:
             await activate_version(session, version_id=version.id)
         else:
             await set_version_status(session, version_id=version.id, status=VersionStatus.REJECTED, note=reason)
-        run = await session.get(TrainingRun, run_id)
-        assert run is not None
         run.status = RunStatus.PROMOTED if promote else RunStatus.REJECTED
         run.model_version_id = version.id
         run.metrics = recorded.run_metrics
@@ -333,13 +434,17 @@ async def _record(db: Database, run_id: int, recorded: Recorded) -> RunStatus:
     return run.status
 
 
-async def _finish(db: Database, run_id: int, status: RunStatus, *, error: str) -> None:
+async def _finish(
+    db: Database, run_id: int, status: RunStatus, *, error: str, metrics: Mapping[str, Any] | None = None
+) -> None:
     async with db.sessions.begin() as session:
-        run = await session.get(TrainingRun, run_id)
+        run = await session.get(TrainingRun, run_id, with_for_update=True)
         if run is not None and run.status == RunStatus.RUNNING:
             run.status = status
             run.error = error
             run.finished_at = datetime.now(UTC)
+            if metrics is not None:
+                run.metrics = dict(metrics)
 
 
 def _failure_reason(exc: Exception) -> str:
@@ -356,7 +461,7 @@ def _print_event(event: dict[str, Any]) -> None:
         print(json.dumps(event), flush=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, before_record: BeforeRecord | None = None) -> int:
     """`python -m trainer.retrain --run-id N`: settings from the environment, progress as JSON lines on stdout."""
     from core.settings import load_settings
 
@@ -372,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_process_logging(settings.log_level)
     try:
-        status = asyncio.run(retrain(settings, options.run_id, emit=_print_event))
+        status = asyncio.run(retrain(settings, options.run_id, emit=_print_event, before_record=before_record))
     except RunNotClaimableError as exc:
         print(f"magpie trainer: {exc}", file=sys.stderr)
         return 2
