@@ -32,7 +32,7 @@ import yaml
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from core.dialogue import BOT_SPEAKER, Turn, encode_dialogue
+from core.dialogue import BOT_SPEAKER, Turn, encode_dialogue, speaker_key
 from core.engine import Engine, GenerationParams, ModelRef, load_pretrained
 from trainer.starter_model import save_model, train_tokenizer
 
@@ -83,7 +83,7 @@ def chats(count: int, tokenizer: PreTrainedTokenizerBase) -> list[list[Turn]]:
     """`count` chats from the corpus that end with a user's line, each with about PROMPT_TOKENS prompt tokens."""
     result: list[list[Turn]] = []
     for talk in corpus_lines():
-        turns = [Turn(BOT_SPEAKER if i % 2 else "user", line) for i, line in enumerate(talk)]
+        turns = [Turn(speaker_key(1, bot=i % 2 == 1), line) for i, line in enumerate(talk)]
         for end in range(1, len(turns) + 1, 2):
             if abs(len(prompt_ids(turns[:end], tokenizer)) - PROMPT_TOKENS) <= 5:
                 result.append(turns[:end])

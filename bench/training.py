@@ -32,8 +32,9 @@ from transformers import DataCollatorForLanguageModeling, GPT2Config, GPT2LMHead
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from core.dialogue import GPT2_EOS
 from trainer.corpus import load_dialogues
-from trainer.dataset import EOS, Sample, samples_from_dialogues, split_by_conversation
+from trainer.dataset import Sample, samples_from_dialogues, split_by_conversation
 from trainer.packing import Encoded, encode_samples, pack, unpacked
 from trainer.starter_model import train_tokenizer
 from trainer.train import TrainArguments, build_trainer, mean_loss, training_arguments
@@ -76,7 +77,7 @@ def run_seed(
 ) -> tuple[Outcome, GPT2LMHeadModel]:
     """The notebook: tokenizer(padding="max_length", max_length=512) and the masked-LM collator with mlm=False."""
     used = train[: steps * args.batch_size]
-    texts = [e.sample.text(EOS) for e in used]
+    texts = [e.sample.text(GPT2_EOS) for e in used]
     features = [dict(tokenizer(t, padding="max_length", max_length=BLOCK, truncation=True)) for t in texts]
     useful = sum(sum(f["attention_mask"]) for f in features)
     model = fresh_model(args.seed)

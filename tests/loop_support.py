@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from core.dialogue import speaker_key
 from core.engine import Engine, GenerationParams, ModelRef
 from core.messages import ChatKind, IncomingMessage
 from core.service import ChatService
@@ -131,8 +132,8 @@ def community_samples(*, chats: int = 30, askers: int = 3) -> list[Sample]:
     samples = []
     for index in range(chats):
         asker, answerer, chat = 1000 + index % askers, 2000 + index, f"telegram:-{500 + index}"
-        question = Line(f"user:{asker}", QUESTION, 2 * index + 1, asker)
-        answer = Line(f"user:{answerer}", PHRASE, 2 * index + 2, answerer)
+        question = Line(speaker_key(asker, bot=False), QUESTION, 2 * index + 1, asker)
+        answer = Line(speaker_key(answerer, bot=False), PHRASE, 2 * index + 2, answerer)
         if index < askers:
             samples.append(Sample((), question, chat))
         samples.append(Sample((question,), answer, chat))

@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from core.db import Database
+from core.dialogue import GPT2_EOS
 from core.models import Chat, Delivery, Message, ModelVersion, Role, User, VersionStatus
 from core.settings import Settings
 from trainer.dataset import (
-    EOS,
     DatasetReport,
     Line,
     Sample,
@@ -154,7 +154,7 @@ async def test_context_is_the_chat_so_far_cut_at_reset(db: Database) -> None:
     assert context_of(report, "indeed") == ["fresh start"]
     assert context_of(report, "other chat") == []  # chats never leak into each other
     # responder perspective: the target's author is "Bot", the real bot is just another speaker
-    assert sample_for(report, "hello ann").text() == f"User 1: hi all{EOS}Bot: hello ann{EOS}"
+    assert sample_for(report, "hello ann").text() == f"User 1: hi all{GPT2_EOS}Bot: hello ann{GPT2_EOS}"
     assert report.excluded["bot_reply_context_only"] == 1
     assert report.excluded["command"] == 1
 
@@ -175,7 +175,8 @@ async def test_bot_replies_become_targets_only_when_enabled(db: Database) -> Non
     await log.say("c", None, "four, I think")
     assert "four, I think" not in targets(await build_dataset(make_settings(), db))
     report = await build_dataset(make_settings(train_on_bot_replies=True), db)
-    assert sample_for(report, "four, I think").text() == f"User 1: what is two plus two{EOS}Bot: four, I think{EOS}"
+    expected = f"User 1: what is two plus two{GPT2_EOS}Bot: four, I think{GPT2_EOS}"
+    assert sample_for(report, "four, I think").text() == expected
 
 
 async def test_opted_out_users_are_neither_target_nor_context(db: Database) -> None:

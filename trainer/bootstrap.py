@@ -20,10 +20,11 @@ from typing import Any
 import torch
 
 from core.db import Database
+from core.dialogue import GPT2_EOS
 from core.settings import Settings
 from core.versions import activate_version, get_active_version, register_version
 from trainer.corpus import DEFAULT_LANGUAGES, load_dialogues
-from trainer.dataset import EOS, Sample, samples_from_dialogues, split_by_conversation, stable_fraction
+from trainer.dataset import Sample, samples_from_dialogues, split_by_conversation, stable_fraction
 from trainer.starter_model import ModelShape, build_model, save_model, train_tokenizer
 from trainer.train import ProgressFn, TrainArguments, TrainResult, train
 
@@ -116,7 +117,7 @@ def build_starter(
     progress: ProgressFn | None = None,
 ) -> TrainResult:
     """Trains the tokenizer on the training turns, initialises a GPT-2 of `shape` and trains it (no database)."""
-    turns = [turn for sample in train_samples for turn in sample.text(EOS).split(EOS) if turn]
+    turns = [turn for sample in train_samples for turn in sample.text(GPT2_EOS).split(GPT2_EOS) if turn]
     tokenizer = train_tokenizer(turns, vocab_size=shape.vocab_size)
     model = build_model(tokenizer, shape, seed=arguments.seed)
     arguments = replace(arguments, max_length=min(arguments.max_length, shape.n_positions))

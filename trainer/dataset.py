@@ -42,15 +42,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import aliased
 
 from core.db import Database
-from core.dialogue import BOT_SPEAKER, GPT2_EOS, Turn, clean_text, format_dialogue
+from core.dialogue import GPT2_EOS, Turn, clean_text, format_dialogue, speaker_key
 from core.messages import ChatKind
 from core.models import Chat, Delivery, Message, ModelVersion, Role, User, VersionStatus
 from core.settings import Settings
 from trainer.corpus import Dialogue
 
 log = logging.getLogger(__name__)
-
-EOS = GPT2_EOS
 
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 _PHONE = re.compile(r"(?<![0-9A-Za-z+])\+?\d[\d ().-]{5,}\d(?![0-9A-Za-z])")
@@ -90,11 +88,11 @@ class Sample:
     """Which conversation it comes from: the unit the held-out split draws (a chat cut at /reset and at long
     silences, or a corpus dialogue)."""
 
-    def prompt(self, eos: str = EOS) -> str:
+    def prompt(self, eos: str = GPT2_EOS) -> str:
         """What the model sees before it writes the target: the same text the engine builds at inference."""
         return format_dialogue([line.turn for line in self.context], responder=self.target.speaker, eos=eos)
 
-    def text(self, eos: str = EOS) -> str:
+    def text(self, eos: str = GPT2_EOS) -> str:
         """The whole sample: prompt, target text and the end-of-turn EOS."""
         turns = [line.turn for line in (*self.context, self.target)]
         return format_dialogue(turns, responder=self.target.speaker, eos=eos, open_reply=False)
@@ -341,12 +339,12 @@ def _to_line(row: _Row, settings: Settings, rolled_back: set[int], history: Sequ
         return None, "undelivered_bot_reply"
     if row.role == Role.BOT and row.model_version_id in rolled_back:
         return None, "rolled_back_bot_reply"
-    text = clean_text(row.text, eos=EOS)
+    text = clean_text(row.text, eos=GPT2_EOS)
     if settings.train_redact_pii:
         text = redact_pii(text)
     if not text:
         return None, "empty"
-    speaker = BOT_SPEAKER if row.role == Role.BOT else f"user:{row.author_id}"
+    speaker = speaker_key(row.author_id, bot=row.role == Role.BOT)
     if history and history[-1].speaker == speaker and normalise(history[-1].text) == normalise(text):
         return None, "repeated_line"
     user_id = row.author_id if row.role == Role.USER else None
@@ -463,7 +461,7 @@ def samples_from_dialogues(dialogues: Iterable[Dialogue], *, history_turns: int)
     """
     samples: dict[str, Sample] = {}
     for dialogue in dialogues:
-        lines = [Line("ab"[index % 2], clean_text(text, eos=EOS)) for index, text in enumerate(dialogue.lines)]
+        lines = [Line("ab"[index % 2], clean_text(text, eos=GPT2_EOS)) for index, text in enumerate(dialogue.lines)]
         for index in range(1, len(lines)):
             context = lines[max(0, index - history_turns) : index] if history_turns else []
             sample = Sample(tuple(context), lines[index], dialogue.key)
