@@ -19,7 +19,6 @@ with a different (per-sample) evaluation; its own figure is in the starter's met
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import sys
 import time
@@ -33,6 +32,7 @@ from transformers import Trainer, TrainingArguments, default_data_collator
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.dialogue import GPT2_EOS, Turn, clean_text, format_dialogue
+from core.metrics import perplexity_text
 from trainer.corpus import Dialogue, load_dialogues
 from trainer.starter_model import ModelShape, build_model, train_tokenizer
 
@@ -97,10 +97,10 @@ def run(variant: str, epochs: int) -> None:
     started = time.perf_counter()
     trainer.train()
     losses = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
-    per_epoch = ", ".join(f"{math.exp(loss):.1f}" for loss in losses)
+    per_epoch = ", ".join(perplexity_text(loss) for loss in losses)
     print(f"[{variant}] held-out perplexity per epoch: {per_epoch}", flush=True)
     print(
-        f"[{variant}] best {math.exp(min(losses)):.1f} after {time.perf_counter() - started:.0f} s of training",
+        f"[{variant}] best {perplexity_text(min(losses))} after {time.perf_counter() - started:.0f} s of training",
         flush=True,
     )
 

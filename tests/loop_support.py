@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from core.dialogue import speaker_key
-from core.engine import Engine, GenerationParams, ModelRef
+from core.engine import Engine, ModelRef
 from core.messages import ChatKind, IncomingMessage
 from core.service import ChatService
 from core.settings import Settings
-from tests.conftest import TINY_CORPUS
+from tests.conftest import TINY_CORPUS, engine_config, generation_params
 from trainer.dataset import Line, Sample
 from trainer.starter_model import ModelShape, build_model, save_model, train_tokenizer
 
@@ -62,13 +62,17 @@ class RecordingNotifier:
             if not future.done() and matches(text):
                 future.set_result(text)
 
-    async def wait_for(self, fragment: str, timeout: float = WAIT_S) -> str:  # noqa: ASYNC109
-        """The first notification containing `fragment` (already sent or still to come)."""
+    async def wait_for(self, *fragments: str, timeout: float = WAIT_S) -> str:  # noqa: ASYNC109
+        """The first notification containing any of `fragments` (already sent or still to come)."""
+
+        def matches(text: str) -> bool:
+            return any(fragment in text for fragment in fragments)
+
         for _, _, text in self.sent:
-            if fragment in text:
+            if matches(text):
                 return text
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._waiters.append((lambda text: fragment in text, future))
+        self._waiters.append((matches, future))
         return await asyncio.wait_for(future, timeout)
 
     def texts(self) -> list[str]:
@@ -105,8 +109,8 @@ def loop_settings(tmp_path: Path, database_url: str, base_model: Path, **overrid
 
 def greedy_engine() -> Engine:
     """Greedy decoding without a repetition penalty: the reply is the model's single most likely line."""
-    params = GenerationParams(max_new_tokens=24, temperature=0.0, repetition_penalty=1.0)
-    return Engine(device="cpu", default_params=params, seed=0, torch_threads=1)
+    params = generation_params(max_new_tokens=24, temperature=0.0, repetition_penalty=1.0)
+    return Engine(engine_config(params=params, seed=0, torch_threads=1))
 
 
 async def started_engine(source: Path, name: str, version_id: int | None = None) -> Engine:

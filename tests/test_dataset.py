@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from datetime import datetime, timedelta
@@ -26,7 +27,6 @@ from trainer.dataset import (
     cap_user_share,
     export_jsonl,
     is_repetitive,
-    load_jsonl,
     redact_pii,
     split_by_conversation,
 )
@@ -546,7 +546,13 @@ def test_two_chats_always_give_both_splits() -> None:
     assert (len(train), len(held_out)) == (1, 0)
 
 
-async def test_export_writes_jsonl_that_reads_back(db: Database, tmp_path: Path) -> None:
+def _exported_line(line: Line) -> dict[str, object]:
+    created = line.created_at.isoformat() if line.created_at else None
+    return {"speaker": line.speaker, "text": line.text, "message_id": line.message_id, "user_id": line.user_id,
+            "created_at": created, "learnable": line.learnable}  # fmt: skip
+
+
+async def test_export_writes_every_sample_with_its_turns(db: Database, tmp_path: Path) -> None:
     log = ChatLog(db)
     await log.say("a", "ann", "/start", command=True)
     await log.say("a", "ann", "안녕하세요 😀")
@@ -560,10 +566,15 @@ async def test_export_writes_jsonl_that_reads_back(db: Database, tmp_path: Path)
     assert '"command": 1' in first_line
     assert "안녕하세요 😀" in path.read_text(encoding="utf-8")
 
-    loaded = load_jsonl(path)
-    assert loaded.train == report.train
-    assert loaded.eval == report.eval
-    assert loaded.excluded == report.excluded
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert records[0] == {"report": report.summary()}
+    expected = [
+        {"split": split, "conversation": sample.conversation, "text": sample.text(),
+         "context": [_exported_line(line) for line in sample.context], "target": _exported_line(sample.target)}
+        for split, samples in (("train", report.train), ("eval", report.eval))
+        for sample in samples
+    ]  # fmt: skip
+    assert records[1:] == expected
 
 
 # --- encoding, labels, packing ----------------------------------------------------------------------------------

@@ -97,9 +97,6 @@ class Sample:
         turns = [line.turn for line in (*self.context, self.target)]
         return format_dialogue(turns, responder=self.target.speaker, eos=eos, open_reply=False)
 
-    def without_oldest_turn(self) -> Sample:
-        return Sample(self.context[1:], self.target, self.conversation)
-
     def sources(self) -> Iterator[tuple[int, int | None]]:
         """(message id, user id) of every logged message in the sample: what the training manifest records."""
         for line in (*self.context, self.target):
@@ -484,20 +481,8 @@ def _line_json(line: Line) -> dict[str, Any]:
     }
 
 
-def _line_from_json(data: dict[str, Any]) -> Line:
-    created = data.get("created_at")
-    return Line(
-        data["speaker"],
-        data["text"],
-        data.get("message_id"),
-        data.get("user_id"),
-        datetime.fromisoformat(created) if created else None,
-        bool(data.get("learnable", True)),
-    )
-
-
 def export_jsonl(report: DatasetReport, path: Path) -> int:
-    """Writes the dataset for inspection (and for a training process to read back with `load_jsonl`).
+    """Writes the dataset for inspection (`magpie dataset export`).
 
     The first line is `{"report": <summary with exclusion counts>}`; every further line is one sample with its
     split, rendered text (as the model will see it) and the structured turns. Returns the samples written.
@@ -518,19 +503,3 @@ def export_jsonl(report: DatasetReport, path: Path) -> int:
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
                 written += 1
     return written
-
-
-def load_jsonl(path: Path) -> DatasetReport:
-    """Reads a file written by `export_jsonl` back into a report (exclusion counts included)."""
-    report = DatasetReport(train=[], eval=[])
-    with path.open(encoding="utf-8") as source:
-        for raw in source:
-            data = json.loads(raw)
-            if "report" in data:
-                report.excluded = Counter(data["report"].get("excluded", {}))
-                report.messages_read = int(data["report"].get("messages_read", 0))
-                continue
-            context = tuple(_line_from_json(line) for line in data["context"])
-            sample = Sample(context, _line_from_json(data["target"]), data["conversation"])
-            (report.train if data["split"] == "train" else report.eval).append(sample)
-    return report
