@@ -99,6 +99,9 @@ def loop_settings(tmp_path: Path, database_url: str, base_model: Path, **overrid
         "train_loss_on_response_only": True,
         "train_threads": 1,
         "train_logging_steps": 100,
+        # fp32 whatever the CPU: with TRAIN_PRECISION=auto an AVX512-BF16 or AMX machine would train these runs
+        # under bf16 autocast, and the expected outcomes (which answer is learned, which version wins) could change.
+        "train_precision": "fp32",
         "seed": 0,
         "retrain_interval_hours": 0,
         "retrain_cooldown_minutes": 0,

@@ -162,3 +162,5 @@ async def test_a_training_process_reports_progress_and_keeps_its_log_quiet(
         run = await session.get(TrainingRun, 1)
     assert run is not None and run.status in (RunStatus.PROMOTED, RunStatus.REJECTED) and run.progress == 1.0
     assert run.metrics["train_samples"] > 0 and (settings.models_dir / "v1" / "model.safetensors").is_file()
+    written = json.loads((settings.models_dir / "v1" / "metrics.json").read_text())
+    assert written["arguments"]["precision"] == "fp32" and written["bf16"] is False, "TRAIN_PRECISION reached it"
