@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -35,14 +35,14 @@ class GenerationParams:
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> GenerationParams:
         """MAX_NEW_TOKENS, TEMPERATURE, TOP_P, TOP_K and REPETITION_PENALTY, with keyword overrides on top."""
-        values: dict[str, Any] = {
-            "max_new_tokens": settings.max_new_tokens,
-            "temperature": settings.temperature,
-            "top_p": settings.top_p,
-            "top_k": settings.top_k,
-            "repetition_penalty": settings.repetition_penalty,
-        }
-        return cls(**{**values, **overrides})
+        params = cls(
+            max_new_tokens=settings.max_new_tokens,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            top_k=settings.top_k,
+            repetition_penalty=settings.repetition_penalty,
+        )
+        return replace(params, **overrides)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,18 +73,18 @@ class EngineConfig:
     def from_settings(cls, settings: Settings, **overrides: Any) -> EngineConfig:
         """The ENGINE_* settings, DEVICE (resolved), TORCH_THREADS, HISTORY_TURNS, SEED and the sampling settings,
         with keyword overrides on top."""
-        values: dict[str, Any] = {
-            "device": settings.resolved_device,
-            "max_batch_size": settings.engine_max_batch_size,
-            "queue_size": settings.engine_queue_size,
-            "batch_wait_ms": settings.engine_batch_wait_ms,
-            "timeout_s": settings.engine_timeout_s,
-            "torch_threads": settings.torch_threads,
-            "history_turns": settings.history_turns,
-            "seed": settings.seed,
-            "params": GenerationParams.from_settings(settings),
-        }
-        return cls(**{**values, **overrides})
+        config = cls(
+            device=settings.resolved_device,
+            max_batch_size=settings.engine_max_batch_size,
+            queue_size=settings.engine_queue_size,
+            batch_wait_ms=settings.engine_batch_wait_ms,
+            timeout_s=settings.engine_timeout_s,
+            torch_threads=settings.torch_threads,
+            history_turns=settings.history_turns,
+            seed=settings.seed,
+            params=GenerationParams.from_settings(settings),
+        )
+        return replace(config, **overrides)
 
 
 @dataclass(frozen=True, slots=True)
