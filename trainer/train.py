@@ -8,8 +8,8 @@ retraining leaves the held-out data to the promotion gate.
 
 Who calls it: a retraining run's own process (`python -m trainer.retrain`, started by the bot or by `magpie
 retrain`) calls `train()` in a worker thread, so the bot keeps serving meanwhile and that process's event loop keeps
-recording progress; `magpie bootstrap` calls it in a worker thread to build the offline starter. This module has no
-command line of its own.
+recording progress; the offline starter (`magpie bootstrap`, or `magpie run` when the Hub is unreachable) calls it
+in a worker thread too. This module has no command line of its own.
 
 A version directory holds: `model.safetensors`, `config.json`, the tokenizer files, `metrics.json` and
 `manifest.json` (the ids of the logged messages it was trained on). It is written under a hidden `.partial`
@@ -578,7 +578,7 @@ def read_manifest(version_dir: Path) -> dict[int, int | None]:
     return {int(message_id): user_id for message_id, user_id in data["messages"]}
 
 
-# --- the training process ----------------------------------------------------------------------------------------
+# --- the training process -------------------------------------------------------------------------------------
 
 
 def configure_process_logging(level: str) -> None:
