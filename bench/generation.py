@@ -32,8 +32,9 @@ import yaml
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from core.dialogue import BOT_SPEAKER, Turn, encode_dialogue
-from core.engine import Engine, GenerationParams, ModelRef, load_pretrained
+from core.dialogue import BOT_SPEAKER, Turn, encode_dialogue, speaker_key
+from core.engine import Engine, EngineConfig, GenerationParams, ModelRef, load_pretrained
+from core.settings import Settings
 from trainer.starter_model import save_model, train_tokenizer
 
 PROMPT_TOKENS = 30
@@ -83,7 +84,7 @@ def chats(count: int, tokenizer: PreTrainedTokenizerBase) -> list[list[Turn]]:
     """`count` chats from the corpus that end with a user's line, each with about PROMPT_TOKENS prompt tokens."""
     result: list[list[Turn]] = []
     for talk in corpus_lines():
-        turns = [Turn(BOT_SPEAKER if i % 2 else "user", line) for i, line in enumerate(talk)]
+        turns = [Turn(speaker_key(1, bot=i % 2 == 1), line) for i, line in enumerate(talk)]
         for end in range(1, len(turns) + 1, 2):
             if abs(len(prompt_ids(turns[:end], tokenizer)) - PROMPT_TOKENS) <= 5:
                 result.append(turns[:end])
@@ -130,7 +131,14 @@ def serve_serially(
 
 async def serve_with_engine(directory: Path, requests: list[list[Turn]], params: GenerationParams) -> tuple[Run, float]:
     """All requests at once through the Engine; also returns the event loop's worst lateness in seconds."""
-    engine = Engine(max_batch_size=len(requests), queue_size=len(requests), seed=0, default_params=params)
+    config = EngineConfig.from_settings(
+        Settings(_env_file=None, device="cpu"),  # type: ignore[call-arg]
+        max_batch_size=len(requests),
+        queue_size=len(requests),
+        seed=0,
+        params=params,
+    )
+    engine = Engine(config)
     await engine.start(ModelRef(str(directory), "gpt2-shape"))
     worst_lag = 0.0
     done = asyncio.Event()
@@ -185,7 +193,11 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
-    params = GenerationParams(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+    params = GenerationParams.from_settings(
+        Settings(_env_file=None),  # type: ignore[call-arg]
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,
+    )
     with tempfile.TemporaryDirectory(prefix="magpie-bench-") as tmp:
         directory = Path(tmp)
         builder = multiprocessing.get_context("spawn").Process(target=build_model, args=(directory,))

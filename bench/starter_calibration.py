@@ -19,7 +19,6 @@ with a different (per-sample) evaluation; its own figure is in the starter's met
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import sys
 import time
@@ -32,16 +31,17 @@ from transformers import Trainer, TrainingArguments, default_data_collator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.dialogue import Turn, clean_text, format_dialogue
+from core.dialogue import GPT2_EOS, Turn, clean_text, format_dialogue
+from core.metrics import perplexity_text
 from trainer.corpus import Dialogue, load_dialogues
-from trainer.starter_model import EOS, ModelShape, build_model, train_tokenizer
+from trainer.starter_model import ModelShape, build_model, train_tokenizer
 
 BLOCK = 256
 
 
 def conversation_text(dialogue: Dialogue) -> str:
-    turns = [Turn("ab"[index % 2], clean_text(line, eos=EOS)) for index, line in enumerate(dialogue.lines)]
-    return format_dialogue(turns, responder="b", eos=EOS, open_reply=False)
+    turns = [Turn("ab"[index % 2], clean_text(line, eos=GPT2_EOS)) for index, line in enumerate(dialogue.lines)]
+    return format_dialogue(turns, responder="b", eos=GPT2_EOS, open_reply=False)
 
 
 def split(texts: list[str], seed: int = 0) -> tuple[list[str], list[str]]:
@@ -63,7 +63,7 @@ def run(variant: str, epochs: int) -> None:
         texts = list(dict.fromkeys(texts))
     train_texts, eval_texts = split(texts)
     seen = set(train_texts)
-    tokenizer = train_tokenizer([turn for text in texts for turn in text.split(EOS) if turn], vocab_size=8000)
+    tokenizer = train_tokenizer([turn for text in texts for turn in text.split(GPT2_EOS) if turn], vocab_size=8000)
     train_blocks, train_tokens = packed(train_texts, tokenizer)
     eval_blocks, eval_tokens = packed(eval_texts, tokenizer)
     leaked = sum(text in seen for text in eval_texts)
@@ -97,10 +97,10 @@ def run(variant: str, epochs: int) -> None:
     started = time.perf_counter()
     trainer.train()
     losses = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
-    per_epoch = ", ".join(f"{math.exp(loss):.1f}" for loss in losses)
+    per_epoch = ", ".join(perplexity_text(loss) for loss in losses)
     print(f"[{variant}] held-out perplexity per epoch: {per_epoch}", flush=True)
     print(
-        f"[{variant}] best {math.exp(min(losses)):.1f} after {time.perf_counter() - started:.0f} s of training",
+        f"[{variant}] best {perplexity_text(min(losses))} after {time.perf_counter() - started:.0f} s of training",
         flush=True,
     )
 

@@ -32,8 +32,10 @@ from transformers import DataCollatorForLanguageModeling, GPT2Config, GPT2LMHead
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from core.dialogue import GPT2_EOS
+from core.settings import Settings
 from trainer.corpus import load_dialogues
-from trainer.dataset import EOS, Sample, samples_from_dialogues, split_by_conversation
+from trainer.dataset import Sample, samples_from_dialogues, split_by_conversation
 from trainer.packing import Encoded, encode_samples, pack, unpacked
 from trainer.starter_model import train_tokenizer
 from trainer.train import TrainArguments, build_trainer, mean_loss, training_arguments
@@ -76,12 +78,12 @@ def run_seed(
 ) -> tuple[Outcome, GPT2LMHeadModel]:
     """The notebook: tokenizer(padding="max_length", max_length=512) and the masked-LM collator with mlm=False."""
     used = train[: steps * args.batch_size]
-    texts = [e.sample.text(EOS) for e in used]
+    texts = [e.sample.text(GPT2_EOS) for e in used]
     features = [dict(tokenizer(t, padding="max_length", max_length=BLOCK, truncation=True)) for t in texts]
     useful = sum(sum(f["attention_mask"]) for f in features)
     model = fresh_model(args.seed)
     hf_args = training_arguments(
-        replace(args, bf16=False), Path("bench/out/seed"), train_rows=len(features), with_eval=False
+        replace(args, precision="fp32"), Path("bench/out/seed"), train_rows=len(features), with_eval=False
     )
     trainer = Trainer(
         model=model,
@@ -111,7 +113,8 @@ def run_magpie(
 ) -> tuple[Outcome, GPT2LMHeadModel]:
     """Magpie's pipeline (pack or dynamic padding, PadCollator, build_trainer) for `steps` optimizer steps."""
     packing = way.startswith("packed")
-    args = replace(args, packing=packing, bf16=way.endswith("bf16"), max_steps=steps, warmup_steps=0)
+    precision = "bf16" if way.endswith("bf16") else "fp32"
+    args = replace(args, packing=packing, precision=precision, max_steps=steps, warmup_steps=0)
     if packing:
         needed = steps * args.batch_size * BLOCK
         used, total = [], 0
@@ -150,9 +153,12 @@ def main() -> int:
     train, held_out = chat_samples(tokenizer)
     held_out = held_out[: options.eval_samples]
     mean_tokens = statistics.mean(len(e.input_ids) for e in train)
-    args = TrainArguments(batch_size=2, learning_rate=5e-5, threads=options.threads, device="cpu", seed=0)
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    args = TrainArguments.from_settings(
+        settings, batch_size=2, learning_rate=5e-5, threads=options.threads, device="cpu", precision="auto", seed=0
+    )
     ways = [w.strip() for w in options.ways.split(",") if w.strip()]
-    if "packed+bf16" in ways and not replace(args, bf16=None).resolved_bf16():
+    if "packed+bf16" in ways and not args.resolved_bf16():
         print("(packed+bf16 skipped: this hardware has no native bf16)")
         ways.remove("packed+bf16")
 

@@ -37,11 +37,12 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 GPT2_EOS = "<|endoftext|>"
-"""The end-of-text token of every GPT-2-family model (gpt2, DialoGPT, the starter). Inference takes the EOS from
-the loaded tokenizer; this constant is for code that formats text without one (corpus samples, exports)."""
+"""The end-of-text token of every GPT-2-family model (gpt2, DialoGPT, the starter), under its one name in the code.
+Inference takes the EOS from the loaded tokenizer; this constant is for code that formats text without one (corpus
+samples, exports) and for the starter's tokenizer, which is built with it."""
 
 BOT_SPEAKER = "bot"
-"""The speaker key of Magpie's own turns at inference time."""
+"""The speaker key of Magpie's own turns."""
 
 RESPONDER_LABEL = "Bot"
 OTHER_LABEL = "User"
@@ -67,6 +68,16 @@ class Turn:
 
     speaker: str
     text: str
+
+
+def speaker_key(author_id: int | None, *, bot: bool) -> str:
+    """The stable key of a logged message's speaker: `BOT_SPEAKER` for the bot's turns, ``user:<id>`` for people.
+
+    Inference (the chat history) and training (the dataset) must key speakers the same way: the labels a prompt
+    shows (`Bot`, `User 1`…) are numbered by these keys, so a second rule would give the model different labels
+    for the same conversation at training and at inference.
+    """
+    return BOT_SPEAKER if bot else f"user:{author_id}"
 
 
 def clean_text(text: str, *, eos: str) -> str:

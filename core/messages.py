@@ -6,7 +6,7 @@ Adapters translate a native event into an `IncomingMessage` in one place, call `
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Protocol
@@ -77,7 +77,6 @@ class Reply:
     reply_to: str | None = None
     attachment: Attachment | None = None
     log_id: int | None = None
-    extra: dict[str, str] = field(default_factory=dict)
     private: Private | None = None
 
 

@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 
 from core.commands import ParsedCommand, help_text, parse_command, start_text, status_text
 from core.db import Database
-from core.dialogue import BOT_SPEAKER, Turn
+from core.dialogue import Turn, speaker_key
 from core.engine import Engine
 from core.errors import EngineError
 from core.limits import KeyedLock, RateLimiter
@@ -427,7 +427,7 @@ class ChatService:
                 user_id=logged.user_row_id if per_user else None,
                 up_to_id=logged.row_id if logged.recovered else None,
             )
-        return [Turn(BOT_SPEAKER if row.role is Role.BOT else f"user:{row.author_id}", row.text) for row in rows]
+        return [Turn(speaker_key(row.author_id, bot=row.role is Role.BOT), row.text) for row in rows]
 
     # --- commands ---------------------------------------------------------------------------------------------
 

@@ -78,6 +78,7 @@ class Settings(BaseSettings):
     train_logging_steps: int = Field(10, ge=1)
     train_max_length: int = Field(512, ge=16)
     train_threads: int = Field(1, ge=1)
+    train_precision: Literal["auto", "fp32", "bf16"] = "auto"
     train_on_bot_replies: bool = False
     train_on_private_chats: bool = False
     train_loss_on_response_only: bool = False

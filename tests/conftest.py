@@ -13,14 +13,16 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from core.db import Database, upgrade
-from core.engine import Engine, GenerationParams, ModelRef
+from core.engine import Engine, EngineConfig, GenerationParams, ModelRef
 from core.models import Base
+from core.settings import Settings
 from trainer.starter_model import ModelShape, build_model, save_model, train_tokenizer
 
 POSTGRES_ADMIN_URL = os.environ.get("MAGPIE_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
@@ -39,6 +41,16 @@ TINY_CORPUS = [
 ]
 
 
+def generation_params(**overrides: Any) -> GenerationParams:
+    """Sampling parameters with Settings' defaults (the only place they live), overridden where a test cares."""
+    return GenerationParams.from_settings(Settings(_env_file=None), **overrides)  # type: ignore[call-arg]
+
+
+def engine_config(**overrides: Any) -> EngineConfig:
+    """An engine configuration on the CPU with Settings' defaults, overridden where a test cares."""
+    return EngineConfig.from_settings(Settings(_env_file=None, device="cpu"), **overrides)  # type: ignore[call-arg]
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer GPT-2 with a locally trained byte-level BPE, saved with save_pretrained (seeded)."""
@@ -52,7 +64,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 async def engine(tiny_model_dir: Path) -> AsyncIterator[Engine]:
     """The real engine over the tiny model, greedy and short, so answers are deterministic and quick."""
-    engine = Engine(device="cpu", default_params=GenerationParams(max_new_tokens=6, temperature=0.0), seed=0)
+    engine = Engine(engine_config(params=generation_params(max_new_tokens=6, temperature=0.0), seed=0))
     await engine.start(ModelRef(source=str(tiny_model_dir), name="tiny"))
     try:
         yield engine

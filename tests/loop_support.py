@@ -8,11 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from core.engine import Engine, GenerationParams, ModelRef
+from core.dialogue import speaker_key
+from core.engine import Engine, ModelRef
 from core.messages import ChatKind, IncomingMessage
 from core.service import ChatService
 from core.settings import Settings
-from tests.conftest import TINY_CORPUS
+from tests.conftest import TINY_CORPUS, engine_config, generation_params
 from trainer.dataset import Line, Sample
 from trainer.starter_model import ModelShape, build_model, save_model, train_tokenizer
 
@@ -61,13 +62,17 @@ class RecordingNotifier:
             if not future.done() and matches(text):
                 future.set_result(text)
 
-    async def wait_for(self, fragment: str, timeout: float = WAIT_S) -> str:  # noqa: ASYNC109
-        """The first notification containing `fragment` (already sent or still to come)."""
+    async def wait_for(self, *fragments: str, timeout: float = WAIT_S) -> str:  # noqa: ASYNC109
+        """The first notification containing any of `fragments` (already sent or still to come)."""
+
+        def matches(text: str) -> bool:
+            return any(fragment in text for fragment in fragments)
+
         for _, _, text in self.sent:
-            if fragment in text:
+            if matches(text):
                 return text
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._waiters.append((lambda text: fragment in text, future))
+        self._waiters.append((matches, future))
         return await asyncio.wait_for(future, timeout)
 
     def texts(self) -> list[str]:
@@ -94,6 +99,9 @@ def loop_settings(tmp_path: Path, database_url: str, base_model: Path, **overrid
         "train_loss_on_response_only": True,
         "train_threads": 1,
         "train_logging_steps": 100,
+        # fp32 whatever the CPU: with TRAIN_PRECISION=auto an AVX512-BF16 or AMX machine would train these runs
+        # under bf16 autocast, and the expected outcomes (which answer is learned, which version wins) could change.
+        "train_precision": "fp32",
         "seed": 0,
         "retrain_interval_hours": 0,
         "retrain_cooldown_minutes": 0,
@@ -104,8 +112,8 @@ def loop_settings(tmp_path: Path, database_url: str, base_model: Path, **overrid
 
 def greedy_engine() -> Engine:
     """Greedy decoding without a repetition penalty: the reply is the model's single most likely line."""
-    params = GenerationParams(max_new_tokens=24, temperature=0.0, repetition_penalty=1.0)
-    return Engine(device="cpu", default_params=params, seed=0, torch_threads=1)
+    params = generation_params(max_new_tokens=24, temperature=0.0, repetition_penalty=1.0)
+    return Engine(engine_config(params=params, seed=0, torch_threads=1))
 
 
 async def started_engine(source: Path, name: str, version_id: int | None = None) -> Engine:
@@ -131,8 +139,8 @@ def community_samples(*, chats: int = 30, askers: int = 3) -> list[Sample]:
     samples = []
     for index in range(chats):
         asker, answerer, chat = 1000 + index % askers, 2000 + index, f"telegram:-{500 + index}"
-        question = Line(f"user:{asker}", QUESTION, 2 * index + 1, asker)
-        answer = Line(f"user:{answerer}", PHRASE, 2 * index + 2, answerer)
+        question = Line(speaker_key(asker, bot=False), QUESTION, 2 * index + 1, asker)
+        answer = Line(speaker_key(answerer, bot=False), PHRASE, 2 * index + 2, answerer)
         if index < askers:
             samples.append(Sample((), question, chat))
         samples.append(Sample((question,), answer, chat))

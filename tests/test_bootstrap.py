@@ -16,12 +16,18 @@ from core.engine import Engine
 from core.models import VersionStatus
 from core.settings import Settings
 from core.versions import get_active_version, list_versions
-from trainer.bootstrap import STARTER_ARGUMENTS, StarterVersion, bootstrap
+from trainer.bootstrap import StarterVersion, bootstrap, starter_arguments
 from trainer.corpus import load_dialogues
 from trainer.starter_model import ModelShape
+from trainer.train import TrainArguments
 
 TINY_SHAPE = ModelShape(n_layer=1, n_embd=32, n_head=2, n_positions=128, vocab_size=600)
-QUICK = replace(STARTER_ARGUMENTS, epochs=1, batch_size=4, warmup_steps=0, threads=1)
+
+
+def quick(settings: Settings) -> TrainArguments:
+    """The starter's recipe cut to one epoch on one thread (the settings pin TRAIN_PRECISION=fp32)."""
+    assert settings.train_precision == "fp32", "a run with fixed expected outcomes must not depend on the CPU"
+    return replace(starter_arguments(settings), epochs=1, warmup_steps=0, threads=1)
 
 
 def test_corpus_has_english_and_korean_dialogues() -> None:
@@ -33,16 +39,23 @@ def test_corpus_has_english_and_korean_dialogues() -> None:
 
 
 async def test_bootstrap_registers_an_active_starter(db: Database, tmp_path: Path) -> None:
-    settings = Settings(_env_file=None, models_dir=tmp_path / "models")  # type: ignore[call-arg]
+    settings = Settings(_env_file=None, models_dir=tmp_path / "models", train_precision="fp32")  # type: ignore[call-arg]
     fractions: list[float] = []
 
     starter = await bootstrap(
-        settings, db, progress=fractions.append, shape=TINY_SHAPE, max_dialogues=80, arguments=QUICK, name="starter-t"
+        settings,
+        db,
+        progress=fractions.append,
+        shape=TINY_SHAPE,
+        max_dialogues=80,
+        arguments=quick(settings),
+        name="starter-t",
     )
 
     assert starter.activated and starter.path == (tmp_path / "models" / "starter-t").resolve()
     assert math.isfinite(starter.metrics["perplexity"]) and starter.metrics["eval_samples"] > 0
     assert fractions[-1] == 1.0
+    assert starter.metrics["arguments"]["precision"] == "fp32" and starter.metrics["bf16"] is False
     async with db.sessions() as session:
         active = await get_active_version(session)
         assert active is not None and active.id == starter.version_id
@@ -55,7 +68,9 @@ async def test_bootstrap_registers_an_active_starter(db: Database, tmp_path: Pat
     assert tokenizer.decode(tokenizer("안녕하세요 hello")["input_ids"]) == "안녕하세요 hello"
 
     # a second starter is registered but does not displace the active version
-    again = await bootstrap(settings, db, shape=TINY_SHAPE, max_dialogues=40, arguments=QUICK, name="starter-u")
+    again = await bootstrap(
+        settings, db, shape=TINY_SHAPE, max_dialogues=40, arguments=quick(settings), name="starter-u"
+    )
     assert not again.activated
     async with db.sessions() as session:
         statuses = {v.name: v.status for v in await list_versions(session)}
@@ -75,11 +90,15 @@ async def test_magpie_run_builds_the_starter_once_when_the_hub_is_unreachable(
 
     async def quick_starter(settings: Settings, db: Database) -> StarterVersion:  # the real build, smaller
         builds.append(settings.base_model)
-        return await bootstrap(settings, db, shape=TINY_SHAPE, max_dialogues=60, arguments=QUICK)
+        return await bootstrap(settings, db, shape=TINY_SHAPE, max_dialogues=60, arguments=quick(settings))
 
     monkeypatch.setattr(cli.cli_training, "build_starter", quick_starter)
     settings = Settings(  # type: ignore[call-arg]
-        _env_file=None, base_model="some-org/never-cached-model", models_dir=tmp_path / "models", max_new_tokens=4
+        _env_file=None,
+        base_model="some-org/never-cached-model",
+        models_dir=tmp_path / "models",
+        max_new_tokens=4,
+        train_precision="fp32",
     )
     for _ in range(2):
         engine = Engine.from_settings(settings)
@@ -90,3 +109,10 @@ async def test_magpie_run_builds_the_starter_once_when_the_hub_is_unreachable(
         finally:
             await engine.close()
     assert builds == ["some-org/never-cached-model"]  # once: the second start served the registered starter
+
+
+def test_the_starter_recipe_takes_device_and_precision_from_the_settings() -> None:
+    settings = Settings(_env_file=None, device="cpu", train_precision="bf16", train_learning_rate=5e-5)  # type: ignore[call-arg]
+    args = starter_arguments(settings)
+    assert (args.device, args.precision, args.resolved_bf16()) == ("cpu", "bf16", True)
+    assert (args.learning_rate, args.epochs, args.batch_size) == (1e-3, 10, 4)  # its own recipe, not fine-tuning's

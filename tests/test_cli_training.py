@@ -49,8 +49,14 @@ async def _log(db: Database, settings: Settings) -> None:
     await log_community(ChatService(settings=settings, db=db, engine=engine))
 
 
-async def test_other_commands_are_not_mine(settings: Settings) -> None:
+async def test_other_commands_are_not_mine(
+    db: Database, settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`db stats` is left to bot/cli.py untouched (None, nothing printed), while a command of this module runs."""
     assert await magpie(settings, "db", "stats") is None
+    assert capsys.readouterr() == ("", "")
+    assert await magpie(settings, "models", "list") == 0
+    assert "No trained model versions yet" in capsys.readouterr().out
 
 
 async def test_retrain_in_the_foreground(db: Database, settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:

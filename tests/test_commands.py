@@ -20,7 +20,8 @@ async def test_help_and_start_say_which_chats_are_learned_from(
 ) -> None:
     """Private chats are learned from only with TRAIN_ON_PRIVATE_CHATS; the console is the operator's own."""
     settings = Settings(_env_file=None, train_on_private_chats=opted_in)  # type: ignore[call-arg]
-    service = ChatService(settings=settings, db=db, engine=Engine())  # never started: commands need no model
+    engine = Engine.from_settings(settings)  # never started: commands need no model
+    service = ChatService(settings=settings, db=db, engine=engine)
     for index, command in enumerate(("/help", "/start")):
         incoming = IncomingMessage(
             platform=platform,

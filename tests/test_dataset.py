@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from datetime import datetime, timedelta
@@ -15,10 +16,10 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from core.db import Database
+from core.dialogue import GPT2_EOS
 from core.models import Chat, Delivery, Message, ModelVersion, Role, User, VersionStatus
 from core.settings import Settings
 from trainer.dataset import (
-    EOS,
     DatasetReport,
     Line,
     Sample,
@@ -26,7 +27,6 @@ from trainer.dataset import (
     cap_user_share,
     export_jsonl,
     is_repetitive,
-    load_jsonl,
     redact_pii,
     split_by_conversation,
 )
@@ -154,7 +154,7 @@ async def test_context_is_the_chat_so_far_cut_at_reset(db: Database) -> None:
     assert context_of(report, "indeed") == ["fresh start"]
     assert context_of(report, "other chat") == []  # chats never leak into each other
     # responder perspective: the target's author is "Bot", the real bot is just another speaker
-    assert sample_for(report, "hello ann").text() == f"User 1: hi all{EOS}Bot: hello ann{EOS}"
+    assert sample_for(report, "hello ann").text() == f"User 1: hi all{GPT2_EOS}Bot: hello ann{GPT2_EOS}"
     assert report.excluded["bot_reply_context_only"] == 1
     assert report.excluded["command"] == 1
 
@@ -175,7 +175,8 @@ async def test_bot_replies_become_targets_only_when_enabled(db: Database) -> Non
     await log.say("c", None, "four, I think")
     assert "four, I think" not in targets(await build_dataset(make_settings(), db))
     report = await build_dataset(make_settings(train_on_bot_replies=True), db)
-    assert sample_for(report, "four, I think").text() == f"User 1: what is two plus two{EOS}Bot: four, I think{EOS}"
+    expected = f"User 1: what is two plus two{GPT2_EOS}Bot: four, I think{GPT2_EOS}"
+    assert sample_for(report, "four, I think").text() == expected
 
 
 async def test_opted_out_users_are_neither_target_nor_context(db: Database) -> None:
@@ -545,7 +546,13 @@ def test_two_chats_always_give_both_splits() -> None:
     assert (len(train), len(held_out)) == (1, 0)
 
 
-async def test_export_writes_jsonl_that_reads_back(db: Database, tmp_path: Path) -> None:
+def _exported_line(line: Line) -> dict[str, object]:
+    created = line.created_at.isoformat() if line.created_at else None
+    return {"speaker": line.speaker, "text": line.text, "message_id": line.message_id, "user_id": line.user_id,
+            "created_at": created, "learnable": line.learnable}  # fmt: skip
+
+
+async def test_export_writes_every_sample_with_its_turns(db: Database, tmp_path: Path) -> None:
     log = ChatLog(db)
     await log.say("a", "ann", "/start", command=True)
     await log.say("a", "ann", "안녕하세요 😀")
@@ -559,10 +566,15 @@ async def test_export_writes_jsonl_that_reads_back(db: Database, tmp_path: Path)
     assert '"command": 1' in first_line
     assert "안녕하세요 😀" in path.read_text(encoding="utf-8")
 
-    loaded = load_jsonl(path)
-    assert loaded.train == report.train
-    assert loaded.eval == report.eval
-    assert loaded.excluded == report.excluded
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert records[0] == {"report": report.summary()}
+    expected = [
+        {"split": split, "conversation": sample.conversation, "text": sample.text(),
+         "context": [_exported_line(line) for line in sample.context], "target": _exported_line(sample.target)}
+        for split, samples in (("train", report.train), ("eval", report.eval))
+        for sample in samples
+    ]  # fmt: skip
+    assert records[1:] == expected
 
 
 # --- encoding, labels, packing ----------------------------------------------------------------------------------

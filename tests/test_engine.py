@@ -22,6 +22,7 @@ import core.engine._loading
 from core.dialogue import BOT_SPEAKER, Turn, format_dialogue
 from core.engine import (
     Engine,
+    EngineConfig,
     Generation,
     GenerationParams,
     ModelRef,
@@ -33,9 +34,10 @@ from core.engine._decoding import _EndOfTurn, _TopKTopPSampler
 from core.engine._loading import prepare
 from core.errors import EngineBusyError, EngineClosedError, EngineTimeoutError, HubUnreachableError, ModelLoadError
 from core.settings import Settings
+from tests.conftest import engine_config, generation_params
 
-GREEDY = GenerationParams(max_new_tokens=16, temperature=0.0, repetition_penalty=2.0)
-SHORT = GenerationParams(max_new_tokens=8, temperature=0.0, repetition_penalty=2.0)
+GREEDY = generation_params(max_new_tokens=16, temperature=0.0, repetition_penalty=2.0)
+SHORT = generation_params(max_new_tokens=8, temperature=0.0, repetition_penalty=2.0)
 UNICODE_TEXTS = ["안녕하세요, 오늘 기분이 어때요?", "좋아요! 날씨가 정말 좋네요 😀🍕", "שלום, מה שלומך?"]
 WAIT_S = 10.0
 
@@ -107,9 +109,9 @@ async def make_engine(tiny_model_dir: Path, probe: GenerateProbe) -> AsyncIterat
     threads = torch.get_num_threads()
 
     async def make(**kwargs: Any) -> Engine:
-        options: dict[str, Any] = {"seed": 0, "batch_wait_ms": 0.0, "default_params": GREEDY, "torch_threads": 1}
+        options: dict[str, Any] = {"seed": 0, "batch_wait_ms": 0.0, "params": GREEDY, "torch_threads": 1}
         options.update(kwargs)
-        engine = Engine(**options)
+        engine = Engine(engine_config(**options))
         engines.append(engine)
         await engine.start(ModelRef(str(tiny_model_dir), "tiny"))
         return engine
@@ -122,7 +124,7 @@ async def make_engine(tiny_model_dir: Path, probe: GenerateProbe) -> AsyncIterat
 
 
 async def test_reply_is_only_new_text(make_engine: Callable[..., Awaitable[Engine]]) -> None:
-    engine = await make_engine(default_params=GenerationParams(max_new_tokens=32))
+    engine = await make_engine(params=generation_params(max_new_tokens=32))
     turns = chat("the quick brown fox jumps over the lazy dog")
     generation = await engine.generate_response(turns)
     assert generation.text.strip() == generation.text != ""
@@ -162,8 +164,8 @@ def test_one_turn_too_long_keeps_its_label_and_last_tokens(tiny_model_dir: Path)
 async def test_long_history_still_fits_the_context_window(
     make_engine: Callable[..., Awaitable[Engine]], probe: GenerateProbe
 ) -> None:
-    forced = GenerationParams(max_new_tokens=64, min_new_tokens=64, temperature=0.0)
-    engine = await make_engine(default_params=forced, history_turns=50)
+    forced = generation_params(max_new_tokens=64, min_new_tokens=64, temperature=0.0)
+    engine = await make_engine(params=forced, history_turns=50)
     assert engine.context_window == 128
     turns = [Turn(f"user{i % 3}", "the quick brown fox jumps over the lazy dog " * 3) for i in range(40)]
     generation = await engine.generate_response(turns)  # without truncation the positions would overflow
@@ -179,7 +181,7 @@ async def test_unicode_round_trip(make_engine: Callable[..., Awaitable[Engine]],
     prompt = format_dialogue(turns, responder=BOT_SPEAKER, eos=tokenizer.eos_token)
     assert tokenizer.decode(tokenizer(prompt)["input_ids"]) == prompt
 
-    engine = await make_engine(default_params=GenerationParams(max_new_tokens=24))
+    engine = await make_engine(params=generation_params(max_new_tokens=24))
     generation = await engine.generate_response(turns)
     assert generation.text and "\ufffd" not in generation.text
     generation.text.encode("utf-8")  # a valid string: no lone surrogates
@@ -209,7 +211,7 @@ async def test_concurrent_requests_share_generate_calls(
 
 async def test_event_loop_keeps_running_during_generation(make_engine: Callable[..., Awaitable[Engine]]) -> None:
     engine = await make_engine(max_batch_size=8)
-    forced = GenerationParams(max_new_tokens=48, min_new_tokens=48, temperature=0.8)
+    forced = generation_params(max_new_tokens=48, min_new_tokens=48, temperature=0.8)
     ticks = 0
     stop = asyncio.Event()
 
@@ -344,10 +346,10 @@ async def test_close_fails_waiting_requests_and_finishes_the_running_batch(
 
 
 async def test_seeded_sampling_is_reproducible(make_engine: Callable[..., Awaitable[Engine]]) -> None:
-    sampled = GenerationParams(max_new_tokens=24, temperature=1.0)
-    first = await make_engine(seed=7, default_params=sampled)
-    second = await make_engine(seed=7, default_params=sampled)
-    other = await make_engine(seed=8, default_params=sampled)
+    sampled = generation_params(max_new_tokens=24, temperature=1.0)
+    first = await make_engine(seed=7, params=sampled)
+    second = await make_engine(seed=7, params=sampled)
+    other = await make_engine(seed=8, params=sampled)
     replies = [(await engine.generate_response(chat("pizza?"))).text for engine in (first, second, first, other)]
     assert replies[0] == replies[1] == replies[2]
     assert replies[3] != replies[0]
@@ -355,12 +357,12 @@ async def test_seeded_sampling_is_reproducible(make_engine: Callable[..., Awaita
 
 async def test_generate_before_start_is_refused() -> None:
     with pytest.raises(EngineClosedError):
-        await Engine().generate_response(chat("hello"))
+        await Engine(engine_config()).generate_response(chat("hello"))
 
 
 async def test_missing_local_directory_is_one_clear_line(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-model"
-    engine = Engine()
+    engine = Engine(engine_config())
     with pytest.raises(ModelLoadError) as caught:
         await engine.start(ModelRef(str(missing), "v9", version_id=9))
     message = str(caught.value)
@@ -406,14 +408,24 @@ def test_loaded_model_is_ready_for_batched_generation(tiny_model_dir: Path) -> N
 
 
 def test_settings_reach_the_engine() -> None:
-    settings = Settings(max_new_tokens=12, temperature=0.0, top_p=0.5, top_k=3, repetition_penalty=1.5)
-    params = GenerationParams.from_settings(settings)
-    assert params == GenerationParams(
+    """Every setting the engine reads, each away from its default, arrives where it is used."""
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, device="cpu", max_new_tokens=12, temperature=0.0, top_p=0.5, top_k=3,
+        repetition_penalty=1.5, engine_max_batch_size=3, engine_queue_size=5, engine_batch_wait_ms=7.5,
+        engine_timeout_s=9.0, torch_threads=2, history_turns=4, seed=11,
+    )  # fmt: skip
+    params = GenerationParams(
         max_new_tokens=12, temperature=0.0, top_p=0.5, top_k=3, repetition_penalty=1.5, min_new_tokens=1
     )
-    assert isinstance(Engine.from_settings(settings), Engine)
+    assert GenerationParams.from_settings(settings) == params
+    assert Engine.from_settings(settings).config == EngineConfig(
+        device="cpu", max_batch_size=3, queue_size=5, batch_wait_ms=7.5, timeout_s=9.0, torch_threads=2,
+        history_turns=4, seed=11, params=params,
+    )  # fmt: skip
     with pytest.raises(ValueError):
-        GenerationParams(max_new_tokens=4, min_new_tokens=5)
+        generation_params(max_new_tokens=4, min_new_tokens=5)
+    with pytest.raises(ValueError):
+        engine_config(queue_size=0)
 
 
 def test_a_row_stops_at_the_next_speaker_label(tiny_model_dir: Path) -> None:
@@ -437,11 +449,11 @@ def test_sampler_draws_from_the_top_k_and_top_p_only() -> None:
     scores = torch.tensor([[0.0, 5.0, 4.0, 1.0, 3.0]]).repeat(2000, 1)
     no_ids = torch.zeros((2000, 0), dtype=torch.long)
     torch.manual_seed(0)
-    top_two = _TopKTopPSampler(GenerationParams(temperature=1.0, top_k=2, top_p=1.0))(no_ids, scores)
+    top_two = _TopKTopPSampler(generation_params(temperature=1.0, top_k=2, top_p=1.0))(no_ids, scores)
     assert bool((top_two.isfinite().sum(dim=-1) == 1).all()), "exactly one token may stay"
     chosen = top_two.argmax(dim=-1)
     assert set(chosen.tolist()) == {1, 2}
     assert abs((chosen == 1).float().mean().item() - 0.731) < 0.05  # e^5 / (e^5 + e^4)
 
-    nucleus = _TopKTopPSampler(GenerationParams(temperature=1.0, top_k=0, top_p=0.5))(no_ids, scores)
+    nucleus = _TopKTopPSampler(generation_params(temperature=1.0, top_k=0, top_p=0.5))(no_ids, scores)
     assert set(nucleus.argmax(dim=-1).tolist()) == {1}

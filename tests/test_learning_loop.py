@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -39,6 +40,7 @@ from tests.loop_support import (
     msg,
     started_engine,
 )
+from tests.paused_retrain import SOCKET_VARIABLE, pause_server
 from trainer.dataset import split_by_conversation
 from trainer.orchestrator import TrainingOrchestrator
 from trainer.train import TrainArguments, train
@@ -72,9 +74,11 @@ class Loop:
         return reply.text
 
 
-async def _wire(settings: Settings, db: Database, engine: Engine) -> Loop:
+async def _wire(settings: Settings, db: Database, engine: Engine, **orchestrator_options: Any) -> Loop:
     notifier = RecordingNotifier()
-    orchestrator = TrainingOrchestrator(settings=settings, db=db, engine=engine, notifier=notifier)
+    orchestrator = TrainingOrchestrator(
+        settings=settings, db=db, engine=engine, notifier=notifier, **orchestrator_options
+    )
     await orchestrator.start()
     service = ChatService(settings=settings, db=db, engine=engine, retrainer=orchestrator)
     return Loop(settings, db, engine, notifier, orchestrator, service)
@@ -105,23 +109,43 @@ async def _run_row(db: Database, run_id: int) -> TrainingRun:
     return run
 
 
-async def test_retrain_teaches_the_community_answer(base_loop: Loop) -> None:
-    loop = base_loop
+@pytest.fixture
+async def paused_loop(db: Database, database_url: str, loop_model_dir: Path, tmp_path: Path) -> AsyncIterator[Loop]:
+    """Like `base_loop`, but its runs are `tests.paused_retrain`: the real training program, which stops after
+    training and scoring, before it records, until the test's `decide` answers (see `paused_retrain`)."""
+    settings = loop_settings(tmp_path, database_url, loop_model_dir)
+    engine = await started_engine(loop_model_dir, "tiny")
+    loop = await _wire(settings, db, engine, trainer_module="tests.paused_retrain")
+    try:
+        yield loop
+    finally:
+        await loop.orchestrator.stop()
+        await engine.close()
+
+
+async def test_retrain_teaches_the_community_answer(paused_loop: Loop, monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = paused_loop
     before, _ = await loop.ask(QUESTION, user="900")
     assert PHRASE not in before
     await log_community(loop.service)
+    during: list[tuple[str, int | None]] = []
 
-    started = await loop.admin("/retrain")
-    assert started.startswith("Training run #1 started")
-    assert "already running" in await loop.admin("/retrain")
+    async def while_it_runs(run_id: int) -> str:
+        """The run has trained and is held before it records: the bot must still answer, with the old model."""
+        assert run_id == 1 and loop.orchestrator.running is not None
+        during.append(await loop.ask("are you still there?", user="901"))
+        return "go"
 
-    # The bot keeps answering while the child trains.
-    await loop.notifier.wait_for("% done")
-    during, _ = await loop.ask("are you still there?", user="901")
-    assert during.strip()
-    assert loop.orchestrator.running is not None, "the reply came while the run was still going"
+    async with pause_server(while_it_runs) as socket:
+        monkeypatch.setenv(SOCKET_VARIABLE, socket)
+        started = await loop.admin("/retrain")
+        assert started.startswith("Training run #1 started")
+        assert "already running" in await loop.admin("/retrain")
+        outcome = await loop.notifier.wait_for("Training run #1 finished", "Training run #1 failed")
 
-    outcome = await loop.notifier.wait_for("Training run #1 finished")
+    # The bot kept answering while the child ran: a reply, written by the model that served before the run.
+    assert len(during) == 1 and during[0][0].strip() and during[0][1] is None
+    assert any(text.endswith("% done.") for text in loop.notifier.texts()), "progress was reported on the way"
     assert "v1 is now the active model" in outcome and "Eval loss" in outcome and "perplexity" in outcome
     assert all(chat == ADMIN for _, chat, _ in loop.notifier.sent)
 
@@ -148,8 +172,8 @@ def community_model_dir(loop_model_dir: Path, tmp_path_factory: pytest.TempPathF
     # Response-only loss: with the questions in the loss too, whether the model answers or echoes the question was
     # down to float rounding (an AVX-512 CPU echoed it).
     args = TrainArguments(
-        epochs=30, batch_size=2, learning_rate=1e-2, warmup_steps=0, max_length=64, threads=1, seed=0,
-        loss_on_response_only=True,
+        epochs=30, batch_size=2, learning_rate=1e-2, warmup_steps=0, weight_decay=0.01, logging_steps=10,
+        max_length=64, threads=1, seed=0, loss_on_response_only=True, precision="fp32", device="auto",
     )  # fmt: skip
     output = tmp_path_factory.mktemp("community") / "taught"
     train(args, train_samples, eval_samples, model_source=str(loop_model_dir), output_dir=output)

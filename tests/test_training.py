@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import trainer.train
+from core.db import Database
+from core.dialogue import speaker_key
+from core.models import RunStatus, TrainingRun
+from core.service import ChatService
 from core.settings import Settings
-from trainer.dataset import DatasetReport, Line, Sample, export_jsonl
-from trainer.train import TrainArguments, evaluate_loss, read_manifest, train
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.loop_support import WAIT_S, greedy_engine, log_community, loop_settings
+from trainer.dataset import Line, Sample
+from trainer.orchestrator import TrainingOrchestrator
+from trainer.train import TrainArguments, evaluate_loss, read_manifest, train, training_arguments
 
 CONVERSATIONS = [
     ("hello there, how are you today?", "I am fine, thank you. And you?"),
@@ -32,22 +36,32 @@ def corpus(chat_prefix: str, first_id: int) -> list[Sample]:
     """One chat per exchange; the lines carry message and user ids like logged messages do."""
     samples = []
     for index, (question, answer) in enumerate(CONVERSATIONS):
-        asked = Line("user:1", question, message_id=first_id + 2 * index, user_id=1)
-        answered = Line("user:2", answer, message_id=first_id + 2 * index + 1, user_id=2)
+        asked = Line(speaker_key(1, bot=False), question, message_id=first_id + 2 * index, user_id=1)
+        answered = Line(speaker_key(2, bot=False), answer, message_id=first_id + 2 * index + 1, user_id=2)
         samples.append(Sample((asked,), answered, f"{chat_prefix}-{index}"))
     return samples
 
 
 TINY = TrainArguments(
-    epochs=2, batch_size=2, learning_rate=3e-3, warmup_steps=0, logging_steps=1, max_length=64, threads=1, seed=0
-)
+    epochs=2, batch_size=2, learning_rate=3e-3, warmup_steps=0, weight_decay=0.01, logging_steps=1, max_length=64,
+    threads=1, loss_on_response_only=False, precision="fp32", device="auto", seed=0,
+)  # fmt: skip
+"""A few quick steps in fp32: the expected outcomes must not depend on whether this CPU computes bf16."""
+
+
+def score(model_dir: Path, samples: list[Sample]) -> float:
+    """The held-out loss the way a run with TINY is judged."""
+    return evaluate_loss(
+        model_dir, samples, max_length=TINY.max_length, response_only=False, batch_size=TINY.eval_batch_size, threads=1
+    )
 
 
 def test_a_few_steps_write_a_loadable_version(
-    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(trainer.train, "cpu_has_native_bf16", lambda: True)  # as on an AVX512-BF16 CPU: fp32 holds
     train_samples, eval_samples = corpus("train", 100) * 2, corpus("eval", 500)
-    before = evaluate_loss(tiny_model_dir, eval_samples, threads=1)
+    before = score(tiny_model_dir, eval_samples)
     seen: list[float] = []
 
     result = train(
@@ -77,6 +91,7 @@ def test_a_few_steps_write_a_loadable_version(
     assert metrics["eval_loss"] < before, "a few steps on the same kind of text must lower the held-out loss"
     assert (metrics["train_samples"], metrics["eval_samples"], metrics["parent_version"]) == (12, 6, "tiny")
     assert metrics["steps"] >= 2 and metrics["timings"]["total_s"] > 0
+    assert metrics["bf16"] is False and metrics["arguments"]["precision"] == "fp32"
     assert seen and seen[-1] == 1.0 and seen == sorted(seen)
 
     assert read_manifest(version) == {100 + i: 1 + i % 2 for i in range(12)}
@@ -84,7 +99,7 @@ def test_a_few_steps_write_a_loadable_version(
     model = AutoModelForCausalLM.from_pretrained(version)
     tokenizer = AutoTokenizer.from_pretrained(version)
     assert model.config.n_layer == 2 and tokenizer.eos_token == "<|endoftext|>"
-    assert evaluate_loss(version, eval_samples, threads=1) == pytest.approx(metrics["eval_loss"], rel=1e-4)
+    assert score(version, eval_samples) == pytest.approx(metrics["eval_loss"], rel=1e-4)
 
 
 def test_a_version_is_never_overwritten(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -94,30 +109,58 @@ def test_a_version_is_never_overwritten(tiny_model_dir: Path, tmp_path: Path) ->
 
 
 def test_arguments_come_from_settings_and_are_validated() -> None:
-    settings = Settings(_env_file=None, train_epochs=4, train_threads=2, train_loss_on_response_only=True)  # type: ignore[call-arg]
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, train_epochs=4, train_threads=2, train_loss_on_response_only=True, train_precision="fp32"
+    )
     args = TrainArguments.from_settings(settings, batch_size=8)
     assert (args.epochs, args.threads, args.loss_on_response_only, args.batch_size) == (4, 2, True, 8)
+    assert args.precision == "fp32"
     assert (args.warmup_steps, args.weight_decay, args.logging_steps, args.max_length) == (100, 0.01, 10, 512)
     with pytest.raises(ValueError, match="batch_size"):
         replace(args, batch_size=0)
     with pytest.raises(ValueError, match="max_length"):
         replace(args, max_length=8)
+    with pytest.raises(ValueError, match="precision"):
+        replace(args, precision="fp16")
 
 
-def test_training_runs_as_its_own_process(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """`python -m trainer.train` reads an exported dataset and reports progress and the result as JSON lines."""
-    dataset = tmp_path / "dataset.jsonl"
-    export_jsonl(DatasetReport(train=corpus("train", 1), eval=corpus("eval", 50)), dataset)
-    command = [
-        sys.executable, "-m", "trainer.train",
-        "--dataset", str(dataset), "--model_source", str(tiny_model_dir), "--output_dir", str(tmp_path / "v2"),
-        "--epochs", "1", "--max_length", "64", "--warmup_steps", "0", "--threads", "1",
-    ]  # fmt: skip
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "Writing model shards" not in done.stderr and "loss_type" not in done.stderr  # no noise in the bot's log
-    records = [json.loads(line) for line in done.stdout.splitlines()]
-    assert records[-1]["result"]["output_dir"] == str(tmp_path / "v2")
-    assert records[-1]["result"]["metrics"]["train_samples"] == 6
-    assert [r["progress"] for r in records[:-1]][-1] == 1.0
-    assert (tmp_path / "v2" / "model.safetensors").is_file()
+@pytest.mark.parametrize(
+    ("precision", "native_bf16", "autocast"),
+    [("auto", True, True), ("auto", False, False), ("fp32", True, False), ("bf16", False, True)],
+)
+def test_train_precision_decides_bf16_autocast(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, precision: str, native_bf16: bool, autocast: bool
+) -> None:
+    """TRAIN_PRECISION: fp32 and bf16 whatever the CPU; auto follows the CPU's native bf16 (today's behaviour)."""
+    monkeypatch.setattr(trainer.train, "cpu_has_native_bf16", lambda: native_bf16)
+    settings = Settings(_env_file=None, device="cpu", train_precision=precision)  # type: ignore[call-arg]
+    args = TrainArguments.from_settings(settings)
+    assert args.resolved_bf16() is autocast
+    assert training_arguments(args, tmp_path, train_rows=4, with_eval=False).bf16 is autocast
+
+
+async def test_a_training_process_reports_progress_and_keeps_its_log_quiet(
+    db: Database, database_url: str, tiny_model_dir: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A run's own process, started the way the bot and `magpie retrain` start it (`python -m trainer.retrain`):
+    progress arrives up to 1.0, and its log, which lands in the bot's, holds no progress bars and no false alarms."""
+    settings = loop_settings(tmp_path, database_url, tiny_model_dir, train_epochs=1)
+    await log_community(ChatService(settings=settings, db=db, engine=greedy_engine()), chats=4)
+    seen: list[float] = []
+
+    async def on_progress(fraction: float) -> None:
+        seen.append(fraction)
+
+    orchestrator = TrainingOrchestrator(settings=settings, db=db)
+    await asyncio.wait_for(orchestrator.run_in_foreground(triggered_by="test", on_progress=on_progress), WAIT_S)
+
+    log = capfd.readouterr().err
+    assert "trainer.dataset: dataset: " in log, "the child's log is what this test reads"
+    assert "Writing model shards" not in log and "Loading weights" not in log and "loss_type" not in log
+    assert seen and seen[-1] == 1.0 and seen == sorted(seen)
+    async with db.sessions() as session:
+        run = await session.get(TrainingRun, 1)
+    assert run is not None and run.status in (RunStatus.PROMOTED, RunStatus.REJECTED) and run.progress == 1.0
+    assert run.metrics["train_samples"] > 0 and (settings.models_dir / "v1" / "model.safetensors").is_file()
+    written = json.loads((settings.models_dir / "v1" / "metrics.json").read_text())
+    assert written["arguments"]["precision"] == "fp32" and written["bf16"] is False, "TRAIN_PRECISION reached it"

@@ -20,29 +20,41 @@ from typing import Any
 import torch
 
 from core.db import Database
+from core.dialogue import GPT2_EOS
 from core.settings import Settings
 from core.versions import activate_version, get_active_version, register_version
 from trainer.corpus import DEFAULT_LANGUAGES, load_dialogues
-from trainer.dataset import EOS, Sample, samples_from_dialogues, split_by_conversation, stable_fraction
+from trainer.dataset import Sample, samples_from_dialogues, split_by_conversation, stable_fraction
 from trainer.starter_model import ModelShape, build_model, save_model, train_tokenizer
 from trainer.train import ProgressFn, TrainArguments, TrainResult, train
 
 log = logging.getLogger(__name__)
 
-STARTER_ARGUMENTS = TrainArguments(
-    epochs=10,
-    batch_size=4,
-    learning_rate=1e-3,
-    warmup_steps=30,
-    weight_decay=0.01,
-    logging_steps=20,
-    max_length=512,
-    early_stopping_patience=2,
-)
-"""From scratch a small model needs a far higher learning rate than fine-tuning (1e-3 vs 5e-5). Ten epochs of
-the deduplicated corpus (~60k tokens, 30 steps of 4 blocks each) is where the held-out loss flattens (measured:
-held-out perplexity 111 after 10 epochs, 120 after an 8-epoch schedule, epochs 8 -> 10 of the 10-epoch schedule
-gain 0.01 nats); early stopping ends the run sooner if the held-out loss turns up."""
+
+def starter_arguments(settings: Settings) -> TrainArguments:
+    """The starter's recipe, with DEVICE and TRAIN_PRECISION from the settings and every core's thread.
+
+    From scratch a small model needs a far higher learning rate than fine-tuning (1e-3 vs 5e-5). Ten epochs of the
+    deduplicated corpus (~60k tokens, 30 steps of 4 blocks each) is where the held-out loss flattens (measured:
+    held-out perplexity 111 after 10 epochs, 120 after an 8-epoch schedule, epochs 8 -> 10 of the 10-epoch schedule
+    gain 0.01 nats); early stopping ends the run sooner if the held-out loss turns up. The other TRAIN_* settings
+    are for fine-tuning and do not apply; all cores are used because the starter is built before the bot serves.
+    """
+    return TrainArguments(
+        epochs=10,
+        batch_size=4,
+        learning_rate=1e-3,
+        warmup_steps=30,
+        weight_decay=0.01,
+        logging_steps=20,
+        max_length=512,
+        threads=torch.get_num_threads(),
+        loss_on_response_only=False,
+        precision=settings.train_precision,
+        device=settings.device,
+        early_stopping_patience=2,
+    )
+
 
 STARTER_SHAPE = ModelShape()
 """4 layers x 256 wide, 8k byte-level BPE, 512-token context."""
@@ -75,7 +87,7 @@ async def bootstrap(
     """Builds the starter under `MODELS_DIR/starter-<time>` and registers it (active when none is).
 
     `max_dialogues` trains on a hash-chosen slice of the corpus (quick runs, tests). Training runs in a worker
-    thread and uses every core unless `arguments` says otherwise: the starter is built before the bot serves.
+    thread with `arguments`, by default `starter_arguments(settings)`.
     """
     dialogues = load_dialogues(languages)
     if max_dialogues is not None:
@@ -83,7 +95,7 @@ async def bootstrap(
         dialogues = sorted(dialogues, key=lambda d: stable_fraction(f"slice:{d.key}"))[:max_dialogues]
     samples = samples_from_dialogues(dialogues, history_turns=settings.history_turns)
     train_samples, eval_samples = split_by_conversation(samples, settings.train_eval_fraction)
-    args = arguments or replace(STARTER_ARGUMENTS, threads=torch.get_num_threads(), device=settings.device)
+    args = arguments or starter_arguments(settings)
     name = name or f"starter-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     output_dir = (settings.models_dir / name).resolve()
     log.info(
@@ -94,7 +106,7 @@ async def bootstrap(
         len(dialogues),
     )
     result = await asyncio.to_thread(
-        build_starter, train_samples, eval_samples, output_dir, shape=shape, arguments=args, progress=progress
+        train_starter, train_samples, eval_samples, output_dir, shape=shape, arguments=args, progress=progress
     )
     async with db.sessions.begin() as session:
         active = await get_active_version(session)
@@ -106,17 +118,17 @@ async def bootstrap(
     return StarterVersion(version.id, name, output_dir, result.metrics, activated=active is None)
 
 
-def build_starter(
+def train_starter(
     train_samples: Sequence[Sample],
     eval_samples: Sequence[Sample],
     output_dir: Path,
     *,
-    shape: ModelShape = STARTER_SHAPE,
-    arguments: TrainArguments = STARTER_ARGUMENTS,
+    shape: ModelShape,
+    arguments: TrainArguments,
     progress: ProgressFn | None = None,
 ) -> TrainResult:
     """Trains the tokenizer on the training turns, initialises a GPT-2 of `shape` and trains it (no database)."""
-    turns = [turn for sample in train_samples for turn in sample.text(EOS).split(EOS) if turn]
+    turns = [turn for sample in train_samples for turn in sample.text(GPT2_EOS).split(GPT2_EOS) if turn]
     tokenizer = train_tokenizer(turns, vocab_size=shape.vocab_size)
     model = build_model(tokenizer, shape, seed=arguments.seed)
     arguments = replace(arguments, max_length=min(arguments.max_length, shape.n_positions))

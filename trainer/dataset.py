@@ -42,15 +42,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import aliased
 
 from core.db import Database
-from core.dialogue import BOT_SPEAKER, GPT2_EOS, Turn, clean_text, format_dialogue
+from core.dialogue import GPT2_EOS, Turn, clean_text, format_dialogue, speaker_key
 from core.messages import ChatKind
 from core.models import Chat, Delivery, Message, ModelVersion, Role, User, VersionStatus
 from core.settings import Settings
 from trainer.corpus import Dialogue
 
 log = logging.getLogger(__name__)
-
-EOS = GPT2_EOS
 
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 _PHONE = re.compile(r"(?<![0-9A-Za-z+])\+?\d[\d ().-]{5,}\d(?![0-9A-Za-z])")
@@ -90,17 +88,14 @@ class Sample:
     """Which conversation it comes from: the unit the held-out split draws (a chat cut at /reset and at long
     silences, or a corpus dialogue)."""
 
-    def prompt(self, eos: str = EOS) -> str:
+    def prompt(self, eos: str = GPT2_EOS) -> str:
         """What the model sees before it writes the target: the same text the engine builds at inference."""
         return format_dialogue([line.turn for line in self.context], responder=self.target.speaker, eos=eos)
 
-    def text(self, eos: str = EOS) -> str:
+    def text(self, eos: str = GPT2_EOS) -> str:
         """The whole sample: prompt, target text and the end-of-turn EOS."""
         turns = [line.turn for line in (*self.context, self.target)]
         return format_dialogue(turns, responder=self.target.speaker, eos=eos, open_reply=False)
-
-    def without_oldest_turn(self) -> Sample:
-        return Sample(self.context[1:], self.target, self.conversation)
 
     def sources(self) -> Iterator[tuple[int, int | None]]:
         """(message id, user id) of every logged message in the sample: what the training manifest records."""
@@ -341,12 +336,12 @@ def _to_line(row: _Row, settings: Settings, rolled_back: set[int], history: Sequ
         return None, "undelivered_bot_reply"
     if row.role == Role.BOT and row.model_version_id in rolled_back:
         return None, "rolled_back_bot_reply"
-    text = clean_text(row.text, eos=EOS)
+    text = clean_text(row.text, eos=GPT2_EOS)
     if settings.train_redact_pii:
         text = redact_pii(text)
     if not text:
         return None, "empty"
-    speaker = BOT_SPEAKER if row.role == Role.BOT else f"user:{row.author_id}"
+    speaker = speaker_key(row.author_id, bot=row.role == Role.BOT)
     if history and history[-1].speaker == speaker and normalise(history[-1].text) == normalise(text):
         return None, "repeated_line"
     user_id = row.author_id if row.role == Role.USER else None
@@ -463,7 +458,7 @@ def samples_from_dialogues(dialogues: Iterable[Dialogue], *, history_turns: int)
     """
     samples: dict[str, Sample] = {}
     for dialogue in dialogues:
-        lines = [Line("ab"[index % 2], clean_text(text, eos=EOS)) for index, text in enumerate(dialogue.lines)]
+        lines = [Line("ab"[index % 2], clean_text(text, eos=GPT2_EOS)) for index, text in enumerate(dialogue.lines)]
         for index in range(1, len(lines)):
             context = lines[max(0, index - history_turns) : index] if history_turns else []
             sample = Sample(tuple(context), lines[index], dialogue.key)
@@ -486,20 +481,8 @@ def _line_json(line: Line) -> dict[str, Any]:
     }
 
 
-def _line_from_json(data: dict[str, Any]) -> Line:
-    created = data.get("created_at")
-    return Line(
-        data["speaker"],
-        data["text"],
-        data.get("message_id"),
-        data.get("user_id"),
-        datetime.fromisoformat(created) if created else None,
-        bool(data.get("learnable", True)),
-    )
-
-
 def export_jsonl(report: DatasetReport, path: Path) -> int:
-    """Writes the dataset for inspection (and for a training process to read back with `load_jsonl`).
+    """Writes the dataset for inspection (`magpie dataset export`).
 
     The first line is `{"report": <summary with exclusion counts>}`; every further line is one sample with its
     split, rendered text (as the model will see it) and the structured turns. Returns the samples written.
@@ -520,19 +503,3 @@ def export_jsonl(report: DatasetReport, path: Path) -> int:
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
                 written += 1
     return written
-
-
-def load_jsonl(path: Path) -> DatasetReport:
-    """Reads a file written by `export_jsonl` back into a report (exclusion counts included)."""
-    report = DatasetReport(train=[], eval=[])
-    with path.open(encoding="utf-8") as source:
-        for raw in source:
-            data = json.loads(raw)
-            if "report" in data:
-                report.excluded = Counter(data["report"].get("excluded", {}))
-                report.messages_read = int(data["report"].get("messages_read", 0))
-                continue
-            context = tuple(_line_from_json(line) for line in data["context"])
-            sample = Sample(context, _line_from_json(data["target"]), data["conversation"])
-            (report.train if data["split"] == "train" else report.eval).append(sample)
-    return report

@@ -48,6 +48,7 @@ from core.db import Database
 from core.engine import Engine, ModelRef
 from core.errors import EngineError, ModelLoadError
 from core.messages import Notifier
+from core.metrics import perplexity_text
 from core.models import ModelVersion, RunStatus, TrainingRun, VersionStatus
 from core.settings import Settings
 from core.storage import collect_stats
@@ -166,13 +167,10 @@ class RunOutcome:
             return ""
         held_out = metrics.get("eval_samples", "?")
         return (
-            f" Eval loss {before:.3f} → {after:.3f} (perplexity {_ppl(before)} → {_ppl(after)}) on "
+            f" Eval loss {before:.3f} → {after:.3f} (perplexity {perplexity_text(before)} → "
+            f"{perplexity_text(after)}) on "
             f"{held_out} held-out sample{'' if held_out == 1 else 's'}; trained on {metrics.get('train_samples', '?')}."
         )
-
-
-def _ppl(loss: float) -> str:
-    return f"{math.exp(loss):.1f}" if loss < 50 else "huge"
 
 
 @dataclass(frozen=True)
@@ -835,7 +833,7 @@ def _version_line(version: ModelVersion) -> str:
     line = f"{marker} {version.name}: {version.status.value}"
     loss = (version.metrics or {}).get("eval_loss")
     if isinstance(loss, int | float) and math.isfinite(loss):
-        line += f", eval loss {loss:.3f} (perplexity {_ppl(float(loss))})"
+        line += f", eval loss {loss:.3f} (perplexity {perplexity_text(float(loss))})"
     line += f", {version.created_at:%Y-%m-%d %H:%M}"
     if version.status is VersionStatus.REJECTED and version.note:
         line += f" ({version.note})"

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from core.db import Database
 from core.errors import MagpieError
+from core.metrics import perplexity
 from core.models import RunStatus, TrainingRun, VersionStatus
 from core.settings import Settings
 from core.versions import (
@@ -333,13 +334,13 @@ def _metrics(
     """The version row's metrics (`metrics.json` with the gate's score) and the run row's (both scores side by
     side, plus the data counts), JSON-safe."""
     version_metrics = {key: value for key, value in train_metrics.items() if key != "arguments"}
-    version_metrics.update(eval_loss=gate.new_loss, perplexity=_perplexity(gate.new_loss))
+    version_metrics.update(eval_loss=gate.new_loss, perplexity=perplexity(gate.new_loss))
     run_metrics = {
         "version": version,
         "active_eval_loss": gate.active_loss,
-        "active_perplexity": _perplexity(gate.active_loss),
+        "active_perplexity": perplexity(gate.active_loss),
         "eval_loss": gate.new_loss,
-        "perplexity": _perplexity(gate.new_loss),
+        "perplexity": perplexity(gate.new_loss),
         "train_loss": train_metrics.get("train_loss"),
         "steps": train_metrics.get("steps"),
         "train_samples": len(report.train),
@@ -361,10 +362,6 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [json_safe(item) for item in value]
     return value
-
-
-def _perplexity(loss: float) -> float | None:
-    return math.exp(loss) if math.isfinite(loss) and loss < 700 else None
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,6 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 
 from core.dialogue import GPT2_EOS
 
-EOS = GPT2_EOS
-
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -34,11 +32,13 @@ class ModelShape:
 def train_tokenizer(texts: Iterable[str], *, vocab_size: int) -> GPT2Tokenizer:
     """Trains a GPT-2-style byte-level BPE; byte-level means any Unicode text (Korean, emoji, RTL) encodes."""
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=False)
+    bpe.train_from_iterator(
+        texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[GPT2_EOS], show_progress=False
+    )
     # The raw `tokenizers.Tokenizer`, not the ByteLevelBPETokenizer wrapper: transformers calls methods (padding,
     # truncation) whose signatures only the raw class has.
     backend = Tokenizer.from_str(bpe.to_str())
-    tokenizer = GPT2Tokenizer(tokenizer_object=backend, bos_token=EOS, eos_token=EOS, unk_token=EOS)
+    tokenizer = GPT2Tokenizer(tokenizer_object=backend, bos_token=GPT2_EOS, eos_token=GPT2_EOS, unk_token=GPT2_EOS)
     if len(tokenizer) < 257:
         raise RuntimeError(f"tokenizer training produced only {len(tokenizer)} tokens")
     return tokenizer

@@ -6,9 +6,10 @@ to 512 (samples are packed into full blocks), the end-of-turn EOS stays a target
 response-only loss, bounded CPU threads. Early stopping on the held-out loss (`select_on_eval`) serves the starter;
 retraining leaves the held-out data to the promotion gate.
 
-It is built to run in a process of its own (the bot keeps serving meanwhile): `train()` takes only picklable
-arguments, and `python -m trainer.train --dataset data.jsonl --model_source DIR --output_dir DIR` runs it from a
-file written by `trainer.dataset.export_jsonl`, printing JSON lines (`{"progress": 0.42}`, then `{"result": ...}`).
+Who calls it: a retraining run's own process (`python -m trainer.retrain`, started by the bot or by `magpie
+retrain`) calls `train()` in a worker thread, so the bot keeps serving meanwhile and that process's event loop keeps
+recording progress; the offline starter (`magpie bootstrap`, or `magpie run` when the Hub is unreachable) calls it
+in a worker thread too. This module has no command line of its own.
 
 A version directory holds: `model.safetensors`, `config.json`, the tokenizer files, `metrics.json` and
 `manifest.json` (the ids of the logged messages it was trained on). It is written under a hidden `.partial`
@@ -24,13 +25,12 @@ import logging
 import math
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import torch
 import transformers
@@ -38,7 +38,6 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     EarlyStoppingCallback,
-    HfArgumentParser,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PrinterCallback,
@@ -50,43 +49,47 @@ from transformers import (
 )
 
 from core.errors import ModelLoadError
+from core.metrics import perplexity
 from core.settings import Settings
-from trainer.dataset import Sample, load_jsonl
+from trainer.dataset import Sample
 from trainer.packing import Encoded, EncodingStats, Features, PadCollator, encode_samples, pack, unpacked
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[float], None]
-"""Called with the fraction of training done (0..1). Must be picklable (a module-level function or a partial)
-when `train` runs in a spawned process."""
+"""Called with the fraction of training done (0..1), from the thread that runs `train`."""
+
+Precision = Literal["auto", "fp32", "bf16"]
+"""TRAIN_PRECISION: `auto` is bf16 autocast where the hardware computes bf16 natively, else fp32."""
 
 
 @dataclass
 class TrainArguments:
-    """Everything a training run needs besides data and model; defaults are the seed notebook's."""
+    """Everything a training run needs besides data and model.
 
-    epochs: float = field(default=3.0, metadata={"help": "Passes over the data (fewer if select_on_eval stops early)."})
-    batch_size: int = field(default=2, metadata={"help": "Blocks (or samples, without packing) per step."})
-    learning_rate: float = field(default=5e-5, metadata={"help": "Peak AdamW learning rate (linear decay)."})
-    warmup_steps: int = field(
-        default=100, metadata={"help": "Linear warm-up steps, capped at a tenth of the run's steps."}
-    )
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
-    logging_steps: int = field(default=10, metadata={"help": "Log the training loss every this many steps."})
+    A field that mirrors a TRAIN_* setting has no default here: its default lives in `Settings` only, and
+    `from_settings` fills it. The fields after `device` shape one run (packing, evaluation, limits for quick runs)
+    and have no setting.
+    """
+
+    epochs: float = field(metadata={"help": "Passes over the data (fewer if select_on_eval stops early)."})
+    batch_size: int = field(metadata={"help": "Blocks (or samples, without packing) per step."})
+    learning_rate: float = field(metadata={"help": "Peak AdamW learning rate (linear decay)."})
+    warmup_steps: int = field(metadata={"help": "Linear warm-up steps, capped at a tenth of the run's steps."})
+    weight_decay: float = field(metadata={"help": "AdamW weight decay."})
+    logging_steps: int = field(metadata={"help": "Log the training loss every this many steps."})
     max_length: int = field(
-        default=512, metadata={"help": "Longest sample and block size, in tokens (capped by the model's context)."}
+        metadata={"help": "Longest sample and block size, in tokens (capped by the model's context)."}
     )
-    threads: int = field(default=1, metadata={"help": "CPU threads torch may use (keep chat responsive)."})
-    loss_on_response_only: bool = field(
-        default=False, metadata={"help": "Learn only the target line, not the context before it."}
+    threads: int = field(metadata={"help": "CPU threads torch may use (keep chat responsive)."})
+    loss_on_response_only: bool = field(metadata={"help": "Learn only the target line, not the context before it."})
+    precision: Precision = field(
+        metadata={"help": "auto (bf16 autocast where the hardware has native bf16, else fp32), fp32 or bf16."}
     )
+    device: Literal["auto", "cpu", "cuda"] = field(metadata={"help": "auto, cpu or cuda."})
     packing: bool = field(
         default=True, metadata={"help": "Pack samples into full blocks (faster) instead of dynamic padding."}
     )
-    bf16: bool | None = field(
-        default=None, metadata={"help": "bf16 autocast; empty = on where the hardware has native bf16."}
-    )
-    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={"help": "auto, cpu or cuda."})
     select_on_eval: bool = field(
         default=True,
         metadata={
@@ -101,7 +104,7 @@ class TrainArguments:
     max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1 = by epochs)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training samples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many eval samples."})
-    seed: int = field(default=42, metadata={"help": "Seed for initialisation, shuffling and dropout."})
+    seed: int = field(default=42, metadata={"help": "Seed for initialisation, shuffling and dropout (SEED if set)."})
 
     def __post_init__(self) -> None:
         positive = ("epochs", "batch_size", "learning_rate", "logging_steps", "threads", "eval_batch_size")
@@ -117,6 +120,8 @@ class TrainArguments:
         for name in ("max_train_samples", "max_eval_samples"):
             if (value := getattr(self, name)) is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1 when set, got {value}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> TrainArguments:
@@ -131,6 +136,7 @@ class TrainArguments:
             "max_length": settings.train_max_length,
             "threads": settings.train_threads,
             "loss_on_response_only": settings.train_loss_on_response_only,
+            "precision": settings.train_precision,
             "device": settings.device,
         }
         if settings.seed is not None:
@@ -143,9 +149,10 @@ class TrainArguments:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     def resolved_bf16(self) -> bool:
-        """bf16 autocast helps where the hardware computes bf16 natively (recent GPUs, CPUs with AVX512-BF16/AMX)."""
-        if self.bf16 is not None:
-            return self.bf16
+        """Whether to train under bf16 autocast: as `precision` says, and with `auto` where the hardware computes
+        bf16 natively (recent GPUs, CPUs with AVX512-BF16/AMX), where it helps."""
+        if self.precision != "auto":
+            return self.precision == "bf16"
         if self.resolved_device() == "cuda":
             return bool(torch.cuda.is_bf16_supported())
         return cpu_has_native_bf16()
@@ -503,12 +510,13 @@ def evaluate_loss(
     model_dir: str | Path,
     eval_samples: Sequence[Sample],
     *,
-    max_length: int = 512,
-    response_only: bool = False,
-    batch_size: int = 8,
+    max_length: int,
+    response_only: bool,
+    batch_size: int,
     threads: int | None = None,
 ) -> float:
-    """Scores a saved model on samples; the gate calls it for the active and the new version on the same split."""
+    """Scores a saved model on samples; the gate calls it for the active and the new version on the same split,
+    with the run's `TrainArguments` values (`threads` None leaves torch's thread count as it is)."""
     if threads is not None:
         torch.set_num_threads(threads)
     model, tokenizer = load_for_training(str(model_dir))
@@ -529,7 +537,7 @@ def _metrics(
     return {
         "train_loss": train_loss,
         "eval_loss": eval_loss,
-        "perplexity": math.exp(eval_loss) if eval_loss is not None else None,
+        "perplexity": perplexity(eval_loss),
         "eval_loss_per_epoch": evals,
         "train_samples": len(data.train),
         "eval_samples": len(data.eval),
@@ -570,21 +578,7 @@ def read_manifest(version_dir: Path) -> dict[int, int | None]:
     return {int(message_id): user_id for message_id, user_id in data["messages"]}
 
 
-# --- command line: one run in its own process ---------------------------------------------------------------------
-
-
-@dataclass
-class RunArguments:
-    """What to train on and where to write it."""
-
-    dataset: str = field(metadata={"help": "JSONL written by `magpie dataset export` (export_jsonl)."})
-    model_source: str = field(metadata={"help": "The model to start from: a version directory or a hub id."})
-    output_dir: str = field(metadata={"help": "The new version directory (must not exist)."})
-    parent_version: str | None = field(default=None, metadata={"help": "Name of the version it starts from."})
-
-
-def _print_progress(fraction: float) -> None:
-    print(json.dumps({"progress": round(fraction, 4)}), flush=True)
+# --- the training process -------------------------------------------------------------------------------------
 
 
 def configure_process_logging(level: str) -> None:
@@ -592,30 +586,3 @@ def configure_process_logging(level: str) -> None:
     progress bars transformers draws for every save and load ("Writing model shards", "Loading weights")."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m trainer.train`: defaults from Magpie's settings, any TrainArguments field as a flag."""
-    from core.settings import load_settings
-
-    settings = load_settings()
-    configure_process_logging(settings.log_level)
-    parser = HfArgumentParser(cast(Any, (RunArguments, TrainArguments)))
-    parser.set_defaults(**asdict(TrainArguments.from_settings(settings)))
-    run, args = parser.parse_args_into_dataclasses(args=argv)
-    data = load_jsonl(Path(run.dataset))
-    result = train(
-        args,
-        data.train,
-        data.eval,
-        model_source=run.model_source,
-        output_dir=Path(run.output_dir),
-        parent_version=run.parent_version,
-        progress=_print_progress,
-    )
-    print(json.dumps({"result": {"output_dir": str(result.output_dir), "metrics": result.metrics}}), flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

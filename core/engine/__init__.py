@@ -19,8 +19,9 @@ parameters (up to `max_batch_size`) → fits each prompt into the context window
 at the end of the bot's turn. A caller that times out or is cancelled withdraws its request: it is dropped if it
 has not started, and if it is mid-batch its row stops early and its result is discarded.
 
-Modules: `_types` (the public value types), `_loading` (from_pretrained and its errors), `_decoding` (prompt
-fitting, one batched `generate`, reply parsing), `_engine` (the queue, the worker thread and the asyncio side).
+Modules: `_types` (the public value types, the engine's `EngineConfig` among them), `_loading` (from_pretrained
+and its errors), `_decoding` (prompt fitting, one batched `generate`, reply parsing), `_engine` (the queue, the
+worker thread and the asyncio side).
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ from __future__ import annotations
 from core.engine._decoding import EMPTY_REPLY, build_prompt_ids
 from core.engine._engine import Engine
 from core.engine._loading import hub_reachable, load_pretrained
-from core.engine._types import Generation, GenerationParams, ModelRef
+from core.engine._types import EngineConfig, Generation, GenerationParams, ModelRef
 
 __all__ = [
     "EMPTY_REPLY",
     "Engine",
+    "EngineConfig",
     "Generation",
     "GenerationParams",
     "ModelRef",

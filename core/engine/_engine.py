@@ -21,7 +21,7 @@ import torch
 from core.dialogue import Turn
 from core.engine._decoding import generate_replies
 from core.engine._loading import LoadedModel, prepare
-from core.engine._types import Generation, GenerationParams, ModelRef
+from core.engine._types import EngineConfig, Generation, GenerationParams, ModelRef
 from core.errors import EngineBusyError, EngineClosedError, EngineError, EngineTimeoutError, ModelLoadError
 
 if TYPE_CHECKING:
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-_DEFAULT_PARAMS = GenerationParams()
 
 
 @dataclass(eq=False, slots=True)
@@ -70,30 +69,8 @@ def _deliver(loop: asyncio.AbstractEventLoop, future: asyncio.Future[_T], outcom
 class Engine:
     """Serves `generate_response` from one worker thread that owns the model (see the package docstring)."""
 
-    def __init__(
-        self,
-        *,
-        device: str = "cpu",
-        max_batch_size: int = 16,
-        queue_size: int = 64,
-        batch_wait_ms: float = 5.0,
-        timeout_s: float = 60.0,
-        torch_threads: int | None = None,
-        default_params: GenerationParams = _DEFAULT_PARAMS,
-        history_turns: int = 10,
-        seed: int | None = None,
-    ) -> None:
-        if max_batch_size < 1 or queue_size < 1 or batch_wait_ms < 0 or timeout_s <= 0 or history_turns < 0:
-            raise ValueError("need max_batch_size, queue_size >= 1, batch_wait_ms, history_turns >= 0, timeout_s > 0")
-        self._device = device
-        self._max_batch_size = max_batch_size
-        self._queue_size = queue_size
-        self._batch_wait_s = batch_wait_ms / 1000
-        self._timeout_s = timeout_s
-        self._torch_threads = torch_threads
-        self._default_params = default_params
-        self._history_turns = history_turns
-        self._seed = seed
+    def __init__(self, config: EngineConfig) -> None:
+        self._config = config
         # Shared with the worker thread and guarded by `_cond` (single attribute reads excepted).
         self._cond = threading.Condition()
         self._pending: deque[_Request] = deque()
@@ -106,17 +83,12 @@ class Engine:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Engine:
-        return cls(
-            device=settings.resolved_device,
-            max_batch_size=settings.engine_max_batch_size,
-            queue_size=settings.engine_queue_size,
-            batch_wait_ms=settings.engine_batch_wait_ms,
-            timeout_s=settings.engine_timeout_s,
-            torch_threads=settings.torch_threads,
-            default_params=GenerationParams.from_settings(settings),
-            history_turns=settings.history_turns,
-            seed=settings.seed,
-        )
+        return cls(EngineConfig.from_settings(settings))
+
+    @property
+    def config(self) -> EngineConfig:
+        """What the engine was built with (read-only)."""
+        return self._config
 
     @property
     def model_ref(self) -> ModelRef | None:
@@ -166,8 +138,8 @@ class Engine:
         Raises `EngineBusyError` at once when the queue is full, `EngineTimeoutError` after `timeout` seconds
         (default `timeout_s`) of waiting plus generating, and `EngineClosedError` when the engine is not running.
         """
-        request = self._submit(turns, params or self._default_params)
-        limit = self._timeout_s if timeout is None else timeout
+        request = self._submit(turns, params or self._config.params)
+        limit = self._config.timeout_s if timeout is None else timeout
         try:
             async with asyncio.timeout(limit):
                 return await request.future
@@ -186,7 +158,7 @@ class Engine:
         async with self._swap_lock:
             if self._loaded is None or self._closing:
                 raise EngineClosedError("the engine is not running")
-            loaded = await asyncio.to_thread(prepare, ref, self._device)
+            loaded = await asyncio.to_thread(prepare, ref, self._config.device)
             loop = asyncio.get_running_loop()
             switched: asyncio.Future[None] = loop.create_future()
             with self._cond:
@@ -218,7 +190,7 @@ class Engine:
         with self._cond:
             if self._loaded is None or self._closing:
                 raise EngineClosedError("the engine is not running")
-            if len(self._pending) >= self._queue_size:
+            if len(self._pending) >= self._config.queue_size:
                 raise EngineBusyError(f"{len(self._pending)} requests are already waiting")
             self._pending.append(request)
             self._cond.notify_all()
@@ -233,10 +205,10 @@ class Engine:
     # --- the worker thread -------------------------------------------------------------------------------------
 
     def _run(self, ref: ModelRef, loop: asyncio.AbstractEventLoop, started: asyncio.Future[None]) -> None:
-        if self._torch_threads is not None:
-            torch.set_num_threads(self._torch_threads)
+        if self._config.torch_threads is not None:
+            torch.set_num_threads(self._config.torch_threads)
         try:
-            self._loaded = prepare(ref, self._device)
+            self._loaded = prepare(ref, self._config.device)
         except Exception as exc:
             if not isinstance(exc, ModelLoadError):
                 log.exception("preparing %s failed", ref.source)
@@ -262,13 +234,13 @@ class Engine:
                     return None
                 elif not self._pending:
                     self._cond.wait()
-                elif len(self._pending) < self._max_batch_size and (delay := self._gathering_left()) > 0:
+                elif len(self._pending) < self._config.max_batch_size and (delay := self._gathering_left()) > 0:
                     self._cond.wait(delay)
                 else:
                     return self._take_batch()
 
     def _gathering_left(self) -> float:
-        return self._pending[0].queued_at + self._batch_wait_s - time.monotonic()
+        return self._pending[0].queued_at + self._config.batch_wait_ms / 1000 - time.monotonic()
 
     def _take_batch(self) -> list[_Request]:
         """The oldest request and the next ones with the same parameters, in arrival order (called under the lock)."""
@@ -276,7 +248,7 @@ class Engine:
         batch: list[_Request] = []
         rest: deque[_Request] = deque()
         for request in self._pending:
-            (batch if request.params == params and len(batch) < self._max_batch_size else rest).append(request)
+            (batch if request.params == params and len(batch) < self._config.max_batch_size else rest).append(request)
         self._pending = rest
         self._running = len(batch)
         return batch
@@ -291,7 +263,7 @@ class Engine:
             if batch:
                 with torch.inference_mode():
                     texts = generate_replies(
-                        loaded, batch, batch[0].params, history_turns=self._history_turns, seed=self._seed
+                        loaded, batch, batch[0].params, history_turns=self._config.history_turns, seed=self._config.seed
                     )
                 outcomes = [Generation(text, loaded.ref) for text in texts]
         except Exception:
