@@ -660,7 +660,7 @@ async def test_notify_sends_to_a_channel_and_swallows_failures(
         await backend.notify(str(fake.channel_id), "Training finished: v2 is live")
         await backend.notify("123456789", "to a channel that does not exist")
     assert [post["content"] for post in fake.posts] == ["Training finished: v2 is live"]
-    assert "Could not notify Discord chat 123456789" in caplog.text
+    assert "Discord: could not notify chat 123456789" in caplog.text
 
 
 # --- gateway reconnects ----------------------------------------------------------------------------------------------

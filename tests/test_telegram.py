@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 from sqlalchemy import select
 
-import bot.telegram as telegram_module
+from bot import telegram_requests
 from bot.telegram import TelegramBackend
 from core.db import Database
 from core.engine import Engine, ModelRef
@@ -217,8 +217,8 @@ async def test_a_wrong_token_is_a_clear_error_that_does_not_contain_it(
 async def test_an_unreachable_api_is_a_clear_error_after_the_retries(
     telegram: FakeTelegram, monkeypatch: pytest.MonkeyPatch, no_token_in_logs: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(telegram_module, "STARTUP_ATTEMPTS", 3)
-    monkeypatch.setattr(telegram_module, "BACKOFF_FIRST_S", 0.01)
+    monkeypatch.setattr(telegram_requests, "STARTUP_ATTEMPTS", 3)
+    monkeypatch.setattr(telegram_requests, "BACKOFF_FIRST_S", 0.01)
     telegram.fail_next("getMe", 3, status=502)
     backend = TelegramBackend(settings=settings_for(telegram), handler=RecordingHandler())
     with pytest.raises(MagpieError, match=r"Cannot reach the Telegram Bot API at 127\.0\.0\.1:\d+: Bad Gateway"):
@@ -366,7 +366,7 @@ async def test_a_10000_character_answer_is_split_within_limits_at_sentence_bound
 async def test_typing_is_shown_at_once_renewed_while_thinking_and_never_after_the_reply(
     telegram: FakeTelegram, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(telegram_module, "TYPING_RENEW_S", 0.05)
+    monkeypatch.setattr(TelegramBackend, "typing_renew_s", 0.05)
     frank = telegram.user(5001, "Frank")
     handler = RecordingHandler()
     handler.release = asyncio.Event()
@@ -384,17 +384,17 @@ async def test_typing_is_shown_at_once_renewed_while_thinking_and_never_after_th
 async def test_a_reply_that_cannot_be_delivered_is_reported_undelivered(
     telegram: FakeTelegram, monkeypatch: pytest.MonkeyPatch, no_token_in_logs: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(telegram_module, "BACKOFF_FIRST_S", 0.01)
+    monkeypatch.setattr(telegram_requests, "BACKOFF_FIRST_S", 0.01)
     hank = telegram.user(7001, "Hank")
     handler = RecordingHandler()
     async with running(settings_for(telegram), handler) as backend:
-        telegram.fail_next("sendMessage", telegram_module.SEND_ATTEMPTS, status=502)
+        telegram.fail_next("sendMessage", telegram_requests.SEND_ATTEMPTS, status=502)
         telegram.user_says(telegram.private_chat(hank), hank, "hello?")
         await handler.wait_until(lambda: len(handler.undelivered) == 1)
         await backend.notify("424242", "training finished")  # an unknown chat: logged, not raised
     [(reply, reason)] = handler.undelivered
     assert reply.text == "echo: hello?" and "Bad Gateway" in reason and "NetworkError" in reason
-    assert len(telegram.calls_to("sendMessage")) == telegram_module.SEND_ATTEMPTS + 1
+    assert len(telegram.calls_to("sendMessage")) == telegram_requests.SEND_ATTEMPTS + 1
     assert handler.delivered == []
     assert "undelivered" in no_token_in_logs.text and "could not notify chat 424242" in no_token_in_logs.text
 
@@ -538,8 +538,8 @@ async def test_a_read_timeout_after_delivery_is_not_sent_again(
 ) -> None:
     """Telegram carried the message out but answered after the client stopped waiting: a blind retry would post it
     twice, so the reply is recorded as unconfirmed instead."""
-    monkeypatch.setattr(telegram_module, "READ_TIMEOUT_S", 0.3)
-    monkeypatch.setattr(telegram_module, "BACKOFF_FIRST_S", 0.01)
+    monkeypatch.setattr(telegram_requests, "READ_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(telegram_requests, "BACKOFF_FIRST_S", 0.01)
     mia = telegram.user(13001, "Mia")
     handler = RecordingHandler()
     async with running(settings_for(telegram), handler):
@@ -555,7 +555,7 @@ async def test_a_read_timeout_after_delivery_is_not_sent_again(
 async def test_a_5xx_page_from_telegrams_front_is_retried_and_delivered_once(
     telegram: FakeTelegram, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(telegram_module, "BACKOFF_FIRST_S", 0.01)
+    monkeypatch.setattr(telegram_requests, "BACKOFF_FIRST_S", 0.01)
     nia = telegram.user(13002, "Nia")
     handler = RecordingHandler()
     async with running(settings_for(telegram), handler):
@@ -570,7 +570,7 @@ async def test_a_5xx_the_bot_api_explained_is_not_repeated(
     telegram: FakeTelegram, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A JSON error from the Bot API itself means it saw the request, which may have been carried out."""
-    monkeypatch.setattr(telegram_module, "BACKOFF_FIRST_S", 0.01)
+    monkeypatch.setattr(telegram_requests, "BACKOFF_FIRST_S", 0.01)
     oto = telegram.user(13003, "Oto")
     handler = RecordingHandler()
     async with running(settings_for(telegram), handler):
@@ -587,7 +587,7 @@ async def test_a_refused_connection_is_retried_until_telegram_is_back(telegram: 
     handler = RecordingHandler()
     handler.release = asyncio.Event()
     retrying = _Seen("request failed")
-    logging.getLogger("bot.telegram").addHandler(retrying)
+    logging.getLogger("bot.telegram_requests").addHandler(retrying)
     try:
         async with running(settings_for(telegram), handler):
             telegram.user_says(telegram.private_chat(pia), pia, "knock knock")
@@ -598,7 +598,7 @@ async def test_a_refused_connection_is_retried_until_telegram_is_back(telegram: 
             await telegram.accept_connections()
             await handler.wait_until(lambda: len(handler.delivered) == 1)
     finally:
-        logging.getLogger("bot.telegram").removeHandler(retrying)
+        logging.getLogger("bot.telegram_requests").removeHandler(retrying)
     assert [m["text"] for m in telegram.sent_messages(pia.id)] == ["echo: knock knock"]
     assert handler.undelivered == []
 
@@ -606,11 +606,11 @@ async def test_a_refused_connection_is_retried_until_telegram_is_back(telegram: 
 async def test_a_split_reply_that_fails_part_way_records_how_many_parts_arrived(
     telegram: FakeTelegram, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(telegram_module, "BACKOFF_FIRST_S", 0.01)
+    monkeypatch.setattr(telegram_requests, "BACKOFF_FIRST_S", 0.01)
     quin = telegram.user(13005, "Quin")
     handler = RecordingHandler(answer=lambda message: THREE_PARTS)
     async with running(settings_for(telegram), handler):
-        telegram.fail_next("sendMessage", telegram_module.SEND_ATTEMPTS, status=502, after=1)
+        telegram.fail_next("sendMessage", telegram_requests.SEND_ATTEMPTS, status=502, after=1)
         telegram.user_says(telegram.private_chat(quin), quin, "tell me everything")
         await handler.wait_until(lambda: len(handler.undelivered) == 1)
     [(reply, _)] = handler.undelivered
