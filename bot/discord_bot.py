@@ -16,6 +16,7 @@ import asyncio
 import logging
 import re
 from dataclasses import replace
+from datetime import datetime
 
 import aiohttp
 import discord
@@ -176,32 +177,34 @@ def to_incoming(message: discord.Message, me: discord.abc.User) -> IncomingMessa
             return None
         if message.attachments or message.stickers:
             text = None
-    return IncomingMessage(
-        platform=PLATFORM,
-        chat_id=str(message.channel.id),
-        chat_kind=ChatKind.PRIVATE if private else ChatKind.GROUP,
-        author_id=str(message.author.id),
-        author_name=message.author.display_name,
-        text=text,
-        message_id=str(message.id),
-        addressed=addressed,
-        sent_at=message.created_at,
+    kind = ChatKind.PRIVATE if private else ChatKind.GROUP
+    return _incoming(
+        message.channel.id, kind, message.author, text, ident=message.id, addressed=addressed, at=message.created_at
     )
 
 
 def command_to_incoming(interaction: discord.Interaction, text: str) -> IncomingMessage:
     """A slash command, as the text a user would have typed, addressed to the bot."""
-    return IncomingMessage(
-        platform=PLATFORM,
-        chat_id=str(interaction.channel_id),
-        chat_kind=ChatKind.PRIVATE if interaction.guild_id is None else ChatKind.GROUP,
-        author_id=str(interaction.user.id),
-        author_name=interaction.user.display_name,
-        text=text,
-        message_id=str(interaction.id),
+    kind = ChatKind.PRIVATE if interaction.guild_id is None else ChatKind.GROUP
+    return _incoming(
+        interaction.channel_id,
+        kind,
+        interaction.user,
+        text,
+        ident=interaction.id,
         addressed=True,
-        sent_at=interaction.created_at,
+        at=interaction.created_at,
     )
+
+
+def _incoming(
+    chat: int | None, kind: ChatKind, author: discord.abc.User, text: str | None, *, ident: int, addressed: bool,
+    at: datetime,
+) -> IncomingMessage:  # fmt: skip
+    return IncomingMessage(
+        platform=PLATFORM, chat_id=str(chat), chat_kind=kind, author_id=str(author.id),
+        author_name=author.display_name, text=text, message_id=str(ident), addressed=addressed, sent_at=at,
+    )  # fmt: skip
 
 
 def _is_private(channel: object) -> bool:
