@@ -495,8 +495,9 @@ async def test_mentions_and_replies_to_the_bot_address_it_and_mentions_become_na
     handler = Observed(Scripted())
     alice, bob = fake.add_user("alice"), fake.add_user("bob")
     bot = fake.bot_user
+    thread = fake.add_thread()  # the unaddressed chatter goes there, so any "typing…" it caused would show
     async with running(fake, handler):
-        chatter = await fake.send_message(alice, f"just chatting with {mention(bob)}", guild=True)
+        chatter = await fake.send_message(alice, f"just chatting with {mention(bob)}", channel_id=thread)
         assert await handler.wait_handled(chatter["id"]) is None
         asked = await fake.send_message(alice, f"{mention(bot)} how are you {mention(bob)}?", guild=True)
         [answer] = await fake.wait_for_posts(fake.channel_id, 1)
@@ -509,7 +510,10 @@ async def test_mentions_and_replies_to_the_bot_address_it_and_mentions_become_na
     assert answer["message_reference"]["message_id"] == asked["id"]
     assert [user["id"] for user in answer["mentions"]] == [alice["id"]], "only the asker is notified"
     assert handler.incoming(followup["id"]).addressed, "a reply to the bot's message addresses it"
-    assert len(fake.calls_to(rf"POST /channels/{fake.channel_id}/typing")) == 2, "typing only when addressed"
+    # Typing is renewed while the core works, so how often it shows depends on the machine: at least once for each
+    # of the two addressed messages, and never for the chatter (stop waited for every exchange to finish).
+    assert len(fake.calls_to(rf"POST /channels/{fake.channel_id}/typing")) >= 2
+    assert fake.calls_to(rf"POST /channels/{thread}/typing") == [], "typing only when addressed"
 
 
 async def test_a_mention_in_a_thread_is_answered_in_the_thread(fake: FakeDiscord) -> None:
