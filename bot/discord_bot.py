@@ -81,21 +81,19 @@ class DiscordBackend(ChatBackend[Destination]):
 
     # --- events -----------------------------------------------------------------------------------------------
 
-    async def on_message(self, message: discord.Message) -> None:
+    async def on_message(self, message: discord.Message, me: discord.ClientUser) -> None:
         """Every text message is logged through the core; the ones addressed to the bot are answered in their
         channel (in a server as a reply, "typing…" meanwhile), a private part by DM."""
-        me = self._client.user if self._client is not None else None
-        incoming = to_incoming(message, me) if me is not None else None
+        incoming = to_incoming(message, me)
         if incoming is None:
             return
         group = incoming.chat_kind is ChatKind.GROUP
         channel = ChannelDestination(message.channel, channel_id=message.channel.id, quotes=group)
         await self.converse(incoming, Route(channel, author=ChannelDestination(message.author), typing=channel))
 
-    async def on_edit(self, message: discord.Message) -> None:
+    async def on_edit(self, message: discord.Message, me: discord.ClientUser) -> None:
         """A person edited a message: the log follows the edit; it is never answered again."""
-        me = self._client.user if self._client is not None else None
-        incoming = to_incoming(message, me) if me is not None else None
+        incoming = to_incoming(message, me)
         if incoming is not None:
             await self._handler.message_edited(PLATFORM, incoming.chat_id, incoming.message_id, incoming.text)
 

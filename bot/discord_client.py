@@ -31,9 +31,9 @@ CLOSE_TIMEOUT_S = 10.0
 class Events(Protocol):
     """What the client hands on: the backend's side of every event Magpie listens to."""
 
-    async def on_message(self, message: discord.Message) -> None: ...
+    async def on_message(self, message: discord.Message, me: discord.ClientUser) -> None: ...
 
-    async def on_edit(self, message: discord.Message) -> None: ...
+    async def on_edit(self, message: discord.Message, me: discord.ClientUser) -> None: ...
 
     async def on_delete(self, channel_id: int, message_ids: list[int]) -> None: ...
 
@@ -101,11 +101,14 @@ class MagpieClient(discord.Client):
         self.ready.set()
 
     async def on_message(self, message: discord.Message) -> None:
-        await self.events.on_message(message)
+        """Messages may come before READY's `on_ready` (while discord.py waits for the guilds): they count too."""
+        if self.user is not None:
+            await self.events.on_message(message, self.user)
 
     async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
         """Raw: an edited message may predate the cache."""
-        await self.events.on_edit(payload.message)
+        if self.user is not None:
+            await self.events.on_edit(payload.message, self.user)
 
     async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
         await self.events.on_delete(payload.channel_id, [payload.message_id])
