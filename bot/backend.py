@@ -1,23 +1,48 @@
-"""The one interface every platform backend (console, Telegram, Discord) implements.
+"""The conversation loop every platform shares (in the spirit of errbot's backend base), and what the CLI sees.
 
-A backend owns its platform's connection: it translates native events into `core.messages.IncomingMessage` in one
-place, hands them to the `ChatHandler`, and sends replies through its own send path. The composition root
-(`bot/cli.py`) starts every configured backend and stops them all on shutdown.
+The message path, written once here for Telegram, Discord and the console alike:
+
+    platform event ─► the platform's translate ─► `ChatBackend.converse`: the core answers (typing meanwhile)
+        ─► `_parts`: split at the platform's limit ─► `_send_part`, one part at a time ─► the core hears delivered
+        (with the platform ids), undelivered (why, and how many parts arrived) or interrupted (cut off by stop)
+
+A reply with a `Reply.private` part goes to its author alone first, and the chat sees only the note; when the
+author cannot be reached privately nothing personal is sent anywhere and the chat gets the core's
+`private_unreachable` note instead. Crash recovery hands owed replies in through `deliver_reply` (from the part
+after those that arrived), retraining progress through `notify`. `stop` stops receiving, lets the replies in
+flight finish for SHUTDOWN_GRACE_SECONDS and cancels the rest: their messages stay in the outbox for recovery.
+
+A platform subclasses `ChatBackend[Target]`, where `Target` is whatever names a place it can send to, and supplies
+only: `start`, `_send_part`, `_recovery_target` (a chat by id), and, where it has them, `_show_typing`,
+`_stop_receiving`/`_drain`/`_disconnect`, and its quirks (`_parts`, `_redirect`, `_unreachable`,
+`_failure_reason`, `_redact`). Its event handlers translate a native event in one place and call `converse`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Sequence
-from typing import Protocol
+import traceback
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
-from core.messages import Reply
+from bot.text import split_message
+from core.messages import Attachment, ChatHandler, IncomingMessage, Reply
 
 log = logging.getLogger(__name__)
 
+Target = TypeVar("Target")
+
+TYPING_LANDING_S = 2.0
+"""How long a finished exchange waits for a "typing…" request in flight: one landing after the reply would show
+"typing…" again."""
+
 
 class Backend(Protocol):
-    """A running connection to one chat platform."""
+    """A running connection to one chat platform, as the composition root (`bot/cli.py`) starts and stops it."""
 
     platform: str
 
@@ -37,6 +62,275 @@ class Backend(Protocol):
         """Delivers a reply that crash recovery found unsent into a chat by id, from the part after `parts_sent`,
         and reports the outcome to the core like any reply; only called once the backend has started."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """One message of a reply as the platform sends it: some text, or a file, or both."""
+
+    text: str
+    attachment: Attachment | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Route(Generic[Target]):
+    """Where the answer to one incoming message goes: `chat`, `author` for a reply's private part (None: they
+    cannot be written to alone), and `typing`, where "typing…" shows while the core works (None: nowhere, e.g.
+    where the platform shows its own "thinking…")."""
+
+    chat: Target
+    author: Target | None = None
+    typing: Target | None = None
+
+
+class ChatBackend(ABC, Generic[Target]):
+    """The loop: receive -> core -> typing -> split -> send -> record, in-flight tracking and graceful stop."""
+
+    platform: str
+    title: str
+    """The platform's name in log lines."""
+    message_limit: ClassVar[int | None] = None
+    """The longest message the platform takes, as `_length` counts; None: no limit."""
+    typing_renew_s: ClassVar[float] = 4.0
+    send_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+    """What a send is expected to fail with (logged as a line); anything else is a bug, logged with its traceback."""
+
+    def __init__(self, *, handler: ChatHandler, stop_grace_s: float) -> None:
+        self._handler = handler
+        self._stop_grace_s = stop_grace_s
+        self._in_flight: set[asyncio.Task[Any]] = set()
+        self._cancelling = False
+
+    # --- what a platform supplies -----------------------------------------------------------------------------
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Connects and begins receiving; returns once running, or raises a clear `MagpieError`."""
+
+    @abstractmethod
+    async def _send_part(self, target: Target, part: Part, *, quote: str | None) -> str | None:
+        """Sends one part; `quote` is the id of the message a reply's first part answers (the target decides
+        whether it shows as a reply there). Returns the id the platform gave the part (None where it gives none)."""
+
+    @abstractmethod
+    def _recovery_target(self, chat_id: str) -> Target | None:
+        """A chat by the id the core knows it by, where a late answer quotes the message it answers; None when
+        not connected."""
+
+    def _notification_target(self, chat_id: str) -> Target | None:
+        return self._recovery_target(chat_id)
+
+    async def _show_typing(self, target: Target) -> None:
+        """Shows "typing…" once (the loop renews it every `typing_renew_s`)."""
+
+    async def _stop_receiving(self) -> None:
+        """Takes no new events from the platform."""
+
+    async def _drain(self) -> None:
+        """Returns once the work in flight is done (the stop grace bounds it)."""
+        while self._in_flight:
+            await asyncio.wait(set(self._in_flight))
+
+    async def _disconnect(self) -> None:
+        """Closes the connection; harmless when it never opened."""
+
+    def _length(self, text: str) -> int:
+        return len(text)
+
+    def _parts(self, reply: Reply) -> list[Part]:
+        """The reply's text split at the platform's limit, its attachment (if any) with the first part."""
+        texts = (
+            [reply.text] if self.message_limit is None else split_message(reply.text, self.message_limit, self._length)
+        )
+        texts = texts or [""]
+        return [Part(text, reply.attachment if index == 0 else None) for index, text in enumerate(texts)]
+
+    async def _redirect(self, target: Target, error: Exception) -> Target | None:
+        """Where to send instead after `error` (a chat that moved), or None: the error stands."""
+        return None
+
+    def _unreachable(self, error: Exception) -> bool:
+        """Whether `error` says the author cannot be written to alone (rather than that sending failed)."""
+        return False
+
+    def _failure_reason(self, error: BaseException) -> str:
+        """Why a send failed, in words safe to store and log."""
+        return self._redact(f"{type(error).__name__}: {error}")
+
+    def _redact(self, text: str) -> str:
+        """Removes secrets (a token inside URLs) from text about to be logged or stored."""
+        return text
+
+    # --- the conversation -------------------------------------------------------------------------------------
+
+    async def converse(self, incoming: IncomingMessage, route: Route[Target]) -> None:
+        """The one path a platform's message takes: the core answers it, the answer goes out and is recorded."""
+        with self.tracked() as accepted:
+            if not accepted:
+                return
+            reply = await self.ask_core(incoming, route.typing)
+            if reply is not None:
+                await self.answer(reply, route)
+
+    @contextmanager
+    def tracked(self) -> Iterator[bool]:
+        """Counts the running task as work in flight, which `stop` lets finish; False once stop has given up
+        waiting (then nothing new is started)."""
+        task = asyncio.current_task()
+        if self._cancelling:
+            log.warning("%s: dropping a message, shutting down", self.title)
+            yield False
+            return
+        if task is None or task in self._in_flight:
+            yield True
+            return
+        self._in_flight.add(task)
+        try:
+            yield True
+        finally:
+            self._in_flight.discard(task)
+
+    async def ask_core(self, incoming: IncomingMessage, typing_at: Target | None) -> Reply | None:
+        """Awaits the core's answer, showing "typing…" at `typing_at` meanwhile when an answer is expected."""
+        if typing_at is None or incoming.text is None or not incoming.addressed:
+            return await self._handler.handle(incoming)
+        done = asyncio.Event()
+        typing = asyncio.create_task(self._keep_typing(typing_at, done))
+        try:
+            return await self._handler.handle(incoming)
+        finally:
+            done.set()
+            try:
+                await asyncio.wait_for(typing, timeout=TYPING_LANDING_S)
+            except TimeoutError:
+                log.debug("%s: typing indicator cancelled", self.title)
+
+    async def _keep_typing(self, target: Target, done: asyncio.Event) -> None:
+        """Shows "typing…" at once (even when the answer came first: it lands before the answer is sent) and
+        every `typing_renew_s` until `done`; it is cosmetic, so failures only log."""
+        while True:
+            try:
+                await self._show_typing(target)
+            except Exception as exc:
+                log.debug("%s: typing indicator failed: %s", self.title, self._failure_reason(exc))
+            with suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), timeout=self.typing_renew_s)
+            if done.is_set():
+                return
+
+    async def answer(self, reply: Reply, route: Route[Target]) -> None:
+        """Delivers a reply along `route`: a private part to the author alone first, then the chat's text."""
+        if reply.private is None:
+            await self._deliver(route.chat, reply)
+            return
+        personal = Reply(reply.private.text, attachment=reply.private.attachment)
+        if route.author is None:
+            await self._instead(reply, route, "the author speaks as a chat, not as a person")
+            return
+        try:
+            await self._send_parts(route.author, self._parts(personal), [], quote=None)
+        except asyncio.CancelledError:
+            await self._handler.mark_undelivered(reply, "cancelled at shutdown")
+            raise
+        except Exception as exc:
+            if not self._unreachable(exc):  # nothing reached anyone, as for any undelivered reply
+                reason = self._failure_reason(exc)
+                self._log_failure(f"reply {reply.log_id} to its author undelivered: {reason}", exc)
+                await self._handler.mark_undelivered(reply, reason)
+                return
+            await self._instead(reply, route, self._failure_reason(exc))
+            return
+        await self._deliver(route.chat, replace(reply, private=None))
+
+    async def _instead(self, reply: Reply, route: Route[Target], reason: str) -> None:
+        """The author cannot be reached privately: the chat gets the core's note saying how to ask instead."""
+        log.info("%s: reply %s cannot reach its author privately: %s", self.title, reply.log_id, reason)
+        await self._deliver(route.chat, await self._handler.private_unreachable(reply, reason))
+
+    async def _deliver(self, target: Target, reply: Reply, *, parts_sent: int = 0) -> None:
+        """Sends a reply (from the part after `parts_sent`) and tells the core whether it arrived and how far it
+        got, so that no reply is ever lost silently and a later re-send repeats no part that arrived."""
+        parts = self._parts(reply)
+        sent: list[str | None] = []  # one entry per part this call delivered, kept as they arrive
+        try:
+            await self._send_parts(target, parts, sent, quote=reply.reply_to, start=parts_sent)
+        except asyncio.CancelledError:
+            await self._handler.mark_interrupted(reply, parts_sent=parts_sent + len(sent))
+            raise
+        except Exception as exc:  # retries exhausted, or a bug: either way the core must hear of it
+            arrived = parts_sent + len(sent)
+            reason = self._failure_reason(exc)
+            if arrived:
+                reason += f" (after {arrived} of {len(parts)} parts)"
+            self._log_failure(f"reply {reply.log_id} undelivered: {reason}", exc)
+            await self._handler.mark_undelivered(reply, reason, parts_sent=arrived)
+            return
+        await self._handler.mark_delivered(reply, [ident for ident in sent if ident is not None])
+
+    async def _send_parts(
+        self, target: Target, parts: Sequence[Part], sent: list[str | None], *, quote: str | None, start: int = 0
+    ) -> None:
+        """Sends `parts[start:]` in order, the first part of all quoting message `quote`, appending each part's id
+        to `sent` as soon as it arrived; follows the platform's redirect (a chat that moved) once."""
+        index, redirected = start, False
+        while index < len(parts):
+            try:
+                sent.append(await self._send_part(target, parts[index], quote=quote if index == 0 else None))
+            except Exception as exc:
+                moved = None if redirected else await self._redirect(target, exc)
+                if moved is None:
+                    raise
+                target, redirected = moved, True
+                continue
+            index += 1
+
+    def _log_failure(self, message: str, error: BaseException) -> None:
+        """An expected failure is one line; anything else is a bug, logged with its traceback (as text, redacted:
+        `exc_info` would be formatted later, past `_redact`)."""
+        if isinstance(error, self.send_errors):
+            log.warning("%s: %s", self.title, message)
+            return
+        trace = self._redact("".join(traceback.format_exception(error)))
+        log.error("%s: %s\n%s", self.title, message, trace)
+
+    # --- the outside world's entry points ---------------------------------------------------------------------
+
+    async def deliver_reply(self, chat_id: str, reply: Reply, *, parts_sent: int = 0) -> None:
+        """Crash recovery's way out: a reply owed since before a restart, into a chat by id, quoting the message
+        it answers, from the part after `parts_sent`; its outcome is recorded like any reply's."""
+        target = self._recovery_target(chat_id)
+        if target is None:
+            log.warning("%s is not connected; reply %s is left for the next start", self.title, reply.log_id)
+            return
+        await self._deliver(target, reply, parts_sent=parts_sent)
+
+    async def notify(self, chat_id: str, text: str) -> None:
+        """Sends unsolicited text (e.g. retraining progress); failures are logged, never raised to the caller."""
+        try:
+            target = self._notification_target(chat_id)
+            if target is None:
+                log.warning("%s is not connected; dropped a notification for chat %s", self.title, chat_id)
+                return
+            await self._send_parts(target, self._parts(Reply(text)), [], quote=None)
+        except Exception as exc:
+            self._log_failure(f"could not notify chat {chat_id}: {self._failure_reason(exc)}", exc)
+
+    async def stop(self) -> None:
+        """Stops receiving, lets the replies in flight finish for the grace period, cancels the rest (each is
+        recorded as interrupted and left, with its message, to the next start's recovery), and disconnects."""
+        await self._stop_receiving()
+        if self._in_flight:
+            log.info("%s: letting %d replies finish (up to %gs)", self.title, len(self._in_flight), self._stop_grace_s)
+        draining = asyncio.ensure_future(self._drain())
+        done, _ = await asyncio.wait({draining}, timeout=self._stop_grace_s)
+        if not done:
+            self._cancelling = True
+            log.warning("%s: cancelling %d replies still running at shutdown", self.title, len(self._in_flight))
+            for task in list(self._in_flight):
+                task.cancel()
+            await draining
+        await self._disconnect()
+        log.info("%s: stopped", self.title)
 
 
 class BackendNotifier:

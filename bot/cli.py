@@ -135,7 +135,10 @@ def _backends(settings: Settings, service: ChatService) -> list[Backend]:
         backends.append(DiscordBackend(settings=settings, handler=service))
     if not backends:
         exports = Path("data") / "exports"
-        backends.append(ConsoleBackend(handler=service, bot_name=settings.bot_name, exports_dir=exports))
+        grace = settings.shutdown_grace_seconds
+        backends.append(
+            ConsoleBackend(handler=service, bot_name=settings.bot_name, exports_dir=exports, stop_grace_s=grace)
+        )
     return backends
 
 

@@ -3,6 +3,9 @@
 On a TTY it is an interactive chat with a prompt. With piped stdin it reads one message per line, prints one
 reply per message on stdout (logs go to stderr), and finishes at end of input, so
 `printf 'hello\\n/help\\n' | magpie run` works in scripts. The console user is local, hence an admin.
+
+It runs the same conversation loop as the chat platforms (`bot.backend.ChatBackend`); what it supplies is a
+printed "part" (a whole reply: a terminal has no length limit) and, for an export, a file in `exports_dir`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from core.messages import ChatHandler, ChatKind, IncomingMessage, Reply
+from bot.backend import ChatBackend, Part, Route
+from core.messages import ChatHandler, ChatKind, IncomingMessage
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +27,12 @@ PLATFORM = "console"
 CHAT_ID = "console"
 
 
-class ConsoleBackend:
-    """A `bot.backend.Backend` over stdin/stdout."""
+class ConsoleBackend(ChatBackend[str]):
+    """A `bot.backend.Backend` over stdin/stdout; a target is the prefix its lines are printed with."""
 
     platform = PLATFORM
+    title = "Console"
+    send_errors = (OSError,)
 
     def __init__(
         self,
@@ -36,8 +42,9 @@ class ConsoleBackend:
         exports_dir: Path,
         stdin: TextIO | None = None,
         stdout: TextIO | None = None,
+        stop_grace_s: float = 0.0,
     ) -> None:
-        self._handler = handler
+        super().__init__(handler=handler, stop_grace_s=stop_grace_s)
         self._bot_name = bot_name
         self._exports_dir = exports_dir
         self._stdin = stdin or sys.stdin
@@ -52,20 +59,14 @@ class ConsoleBackend:
             self._write(f"Chatting with {self._bot_name}. Type /help for commands, Ctrl-D to quit.\n")
         self._task = asyncio.create_task(self._read_loop(), name="console-reader")
 
-    async def stop(self) -> None:
+    async def _stop_receiving(self) -> None:
+        """Stops reading; the exchange in flight runs on (the loop gives it the grace)."""
         if self._task is not None and not self._task.done():
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _disconnect(self) -> None:
         self.finished.set()
-
-    async def notify(self, chat_id: str, text: str) -> None:
-        self._write(f"[{self._bot_name}] {text}\n")
-
-    async def deliver_reply(self, chat_id: str, reply: Reply, *, parts_sent: int = 0) -> None:
-        """An answer to a message typed before a restart: shown like a notification, so it is not taken for the
-        answer to the line just typed."""
-        self._write(f"[{self._bot_name}, answering an earlier message] {reply.text}\n")
-        await self._handler.mark_delivered(reply, [])
 
     async def _read_loop(self) -> None:
         try:
@@ -75,7 +76,8 @@ class ConsoleBackend:
                 line = await asyncio.to_thread(self._stdin.readline)
                 if not line:  # end of input
                     break
-                await self._exchange(line.rstrip("\r\n"))
+                exchange = asyncio.create_task(self._exchange(line.rstrip("\r\n")))
+                await asyncio.shield(exchange)  # one line at a time; stopping the reader does not cut it off
         finally:
             if self._interactive:
                 self._write("\n")
@@ -92,20 +94,24 @@ class ConsoleBackend:
             message_id=str(time.time_ns()),
             addressed=True,
         )
-        reply = await self._handler.handle(message)
-        if reply is None:
-            return
-        self._show(reply)
-        await self._handler.mark_delivered(reply, [])
+        await self.converse(message, Route(f"{self._bot_name.lower()}> " if self._interactive else ""))
 
-    def _show(self, reply: Reply) -> None:
-        prefix = f"{self._bot_name.lower()}> " if self._interactive else ""
-        self._write(f"{prefix}{reply.text}\n")
-        if reply.attachment is not None:
+    async def _send_part(self, target: str, part: Part, *, quote: str | None) -> None:
+        """Prints the reply; an attachment is saved under `exports_dir` and its path printed."""
+        self._write(f"{target}{part.text}\n")
+        if part.attachment is not None:
             self._exports_dir.mkdir(parents=True, exist_ok=True)
-            path = self._exports_dir / reply.attachment.filename
-            path.write_bytes(reply.attachment.content)
-            self._write(f"{prefix}(saved {reply.attachment.filename} to {path})\n")
+            path = self._exports_dir / part.attachment.filename
+            path.write_bytes(part.attachment.content)
+            self._write(f"{target}(saved {part.attachment.filename} to {path})\n")
+
+    def _recovery_target(self, chat_id: str) -> str:
+        """An answer to a message typed before a restart: shown like a notification, so it is not taken for the
+        answer to the line just typed."""
+        return f"[{self._bot_name}, answering an earlier message] "
+
+    def _notification_target(self, chat_id: str) -> str:
+        return f"[{self._bot_name}] "
 
     def _write(self, text: str) -> None:
         self._stdout.write(text)

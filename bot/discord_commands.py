@@ -1,4 +1,5 @@
-"""Magpie's Discord slash commands: the app-command tree, and the follow-up path that answers an interaction.
+"""Magpie's Discord slash commands (the app-command tree), and where a Discord reply goes: a channel or an
+interaction's follow-ups (`Destination`).
 
 The commands carry no logic: each turns its arguments back into the text a user would have typed (`/rollback v2`)
 and hands it to one runner (`MagpieClient.run_command`), so slash commands and typed commands reach the core the
@@ -12,11 +13,13 @@ import io
 import logging
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import discord
 from discord import app_commands
 
+from bot.backend import Part
 from core.errors import MagpieError
 from core.messages import COMMANDS, Attachment
 
@@ -25,10 +28,64 @@ log = logging.getLogger(__name__)
 CommandRunner = Callable[[discord.Interaction, str], Awaitable[None]]
 """Receives the interaction and the text it stands for (`/reset`, `/rollback v2`, or plain chat text)."""
 
-Sender = Callable[[str, Attachment | None], Awaitable[int]]
-"""Sends one chunk of a reply (with the attachment, if any) and returns the id of the message it created."""
-
 NO_MENTIONS = discord.AllowedMentions.none()
+SAFE_MENTIONS = discord.AllowedMentions(everyone=False, users=False, roles=False, replied_user=True)
+"""Generated text can never ping anyone; only the user the bot replies to is notified, as for a human reply."""
+
+
+class Destination(Protocol):
+    """Where the parts of a Discord reply go."""
+
+    @property
+    def channel(self) -> discord.abc.Messageable | None:
+        """Where "typing…" can show; None for an interaction's follow-ups (Discord shows "thinking…" there)."""
+        ...
+
+    async def send(self, part: Part, quote: str | None) -> int:
+        """Sends one part (as a reply to message `quote` where that applies); the id of the message it created."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelDestination:
+    """A channel, a DM channel, or a user (discord.py opens the DM); with `quotes`, a reply's first part is a
+    reply to the message it answers in channel `channel_id` (still sent if that message is gone)."""
+
+    channel: discord.abc.Messageable
+    channel_id: int | None = None
+    quotes: bool = False
+    mentions: discord.AllowedMentions = SAFE_MENTIONS
+
+    async def send(self, part: Part, quote: str | None) -> int:
+        kwargs: dict[str, Any] = {"allowed_mentions": self.mentions}
+        if part.attachment is not None:
+            kwargs["file"] = as_file(part.attachment)
+        if self.quotes and self.channel_id is not None and quote is not None and quote.isdigit():
+            kwargs["reference"] = discord.MessageReference(
+                message_id=int(quote), channel_id=self.channel_id, fail_if_not_exists=False
+            )
+        message = await self.channel.send(part.text or None, **kwargs)
+        return message.id
+
+
+@dataclass(frozen=True, slots=True)
+class Followups:
+    """Answers a deferred interaction: the first follow-up replaces "thinking…", later ones add messages. The
+    first is as ephemeral as the defer was, whatever it asks; `ephemeral` keeps the later ones so."""
+
+    interaction: discord.Interaction
+    ephemeral: bool = False
+
+    @property
+    def channel(self) -> None:
+        return None
+
+    async def send(self, part: Part, quote: str | None) -> int:
+        kwargs: dict[str, Any] = {"allowed_mentions": NO_MENTIONS, "wait": True, "ephemeral": self.ephemeral}
+        if part.attachment is not None:
+            kwargs["file"] = as_file(part.attachment)
+        message = await self.interaction.followup.send(part.text, **kwargs)
+        return int(message.id)
 
 
 def build_command_tree(client: discord.Client, run: CommandRunner) -> app_commands.CommandTree[Any]:
@@ -70,22 +127,6 @@ def _command(name: str, description: str, run: CommandRunner) -> app_commands.Co
 
 def as_file(attachment: Attachment) -> discord.File:
     return discord.File(io.BytesIO(attachment.content), filename=attachment.filename)
-
-
-def followup_sender(interaction: discord.Interaction, *, ephemeral: bool = False) -> Sender:
-    """Answers a deferred interaction: the first follow-up replaces "thinking…", later ones add messages.
-
-    The first follow-up is as ephemeral as the defer was, whatever it asks; `ephemeral` keeps the later ones so.
-    """
-
-    async def send(text: str, attachment: Attachment | None) -> int:
-        kwargs: dict[str, Any] = {"allowed_mentions": NO_MENTIONS, "wait": True, "ephemeral": ephemeral}
-        if attachment is not None:
-            kwargs["file"] = as_file(attachment)
-        message = await interaction.followup.send(text, **kwargs)
-        return int(message.id)
-
-    return send
 
 
 async def _report_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:

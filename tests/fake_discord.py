@@ -15,8 +15,12 @@ REST (under `/api/v10`, every call recorded in `calls`):
 Ephemeral answers (flag 64) are kept in `posts` with `flags: 64` and left out of `visible_posts_in`: the first
 follow-up after a defer is as ephemeral as the defer was, whatever its own flags say, as on Discord.
 
-Faults (`fail_next`): a 429 carries JSON `retry_after`, `X-RateLimit-*` headers and `Via: 1.1 google` — without
-`Via` discord.py takes a 429 for a Cloudflare ban and gives up, which `via=False` reproduces on purpose.
+Lifecycle, call records, waits and fault injection come from `fake_base.FakeServer`; an endpoint is the HTTP
+method and the path without the prefix ("POST /channels/123/messages"). Faults in Discord's shapes (`fail_next`):
+a 429 carries JSON `retry_after`, `X-RateLimit-*` headers and `Via: 1.1 google`; without `Via` (`via=False`) it is
+Cloudflare's ban page (text, error 1015), which discord.py gives up on, reproduced on purpose. Other statuses carry
+Discord's JSON error with a real code (`code=`, default: 403 → 50013 Missing Permissions, 404 → 10003 Unknown
+Channel, 400 → 50035 Invalid Form Body); a 5xx is the Cloudflare front's HTML page.
 
 Gateway (`/gateway`, and `/resume` as READY's `resume_gateway_url`): `compress=zlib-stream` with one compressor
 per connection, every payload flushed with Z_SYNC_FLUSH; HELLO → IDENTIFY → READY + GUILD_CREATE; heartbeats are
@@ -25,7 +29,7 @@ INVALID_SESSION. Like Discord, it delivers events only for the intents asked for
 messages that do not mention the bot unless MESSAGE_CONTENT was asked for, and closes with 4014 when that
 privileged intent was asked for but is not enabled (`message_content_enabled=False`).
 
-Everything runs on the test's event loop; `wait_until` awaits a condition on the fake's state with a timeout.
+Everything runs on the test's event loop.
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ import asyncio
 import itertools
 import json
 import re
-import socket
 import time
 import uuid
 import zlib
@@ -45,11 +48,14 @@ from typing import Any
 
 from aiohttp import BodyPartReader, WSMsgType, web
 
+from tests.fake_base import WAIT_S, FakeServer, Fault, RecordedCall, front_page
+
+__all__ = ["WAIT_S", "FakeDiscord", "Json", "RestCall"]
+
 API_PREFIX = "/api/v10"
 DISCORD_EPOCH_MS = 1_420_070_400_000
 MESSAGE_LIMIT = 2000
 EPHEMERAL = 1 << 6  # message flag: only the user who ran the interaction sees it
-WAIT_S = 10.0  # how long the wait helpers wait for the client before failing the test
 
 # Gateway intents (https://discord.com/developers/docs/events/gateway#gateway-intents)
 GUILDS = 1 << 0
@@ -61,7 +67,7 @@ Json = dict[str, Any]
 
 
 @dataclass
-class RecordedCall:
+class RestCall(RecordedCall):
     """One REST request as the fake saw it (path without the `/api/v10` prefix) and the status it answered."""
 
     method: str
@@ -70,17 +76,10 @@ class RecordedCall:
     body: Any
     files: list[tuple[str, bytes]]
     authorization: str | None
-    status: int = 0
 
-
-@dataclass
-class Fault:
-    method: str
-    path: re.Pattern[str]
-    status: int
-    times: int
-    retry_after: float
-    via: bool
+    @property
+    def endpoint(self) -> str:
+        return f"{self.method} {self.path}"
 
 
 @dataclass
@@ -123,8 +122,13 @@ class Interaction:
     ephemeral: bool = False  # what the callback (a defer, or the answer itself) asked for
 
 
-class FakeDiscord:
-    """The fake server. `start()` it, point the client at `api_base_url` / `gateway_url`, `close()` it."""
+class FakeDiscord(FakeServer[RestCall]):
+    """The fake server. Start it with `async with`, point the client at `api_base_url` / `gateway_url`.
+
+    Fault options (`fail_next`): `via` (a 429 through Discord's Google front, default True) and `code` (Discord's
+    error code for another status)."""
+
+    fault_options = frozenset({"via", "code"})
 
     def __init__(
         self,
@@ -134,6 +138,7 @@ class FakeDiscord:
         message_content_enabled: bool = True,
         heartbeat_interval_ms: int = 41_250,
     ) -> None:
+        super().__init__()
         self.token = token
         self.message_content_enabled = message_content_enabled
         self.heartbeat_interval_ms = heartbeat_interval_ms
@@ -146,7 +151,6 @@ class FakeDiscord:
         for number in range(guild_count):
             guild_id = self.new_id()
             self.guilds[guild_id] = {"id": guild_id, "channel_id": self.new_id(), "name": f"guild-{number}"}
-        self.calls: list[RecordedCall] = []
         self.posts: list[Json] = []  # every message the bot created (channel sends and interaction follow-ups)
         self.commands: dict[int | None, list[Json]] = {}  # synced commands per guild (None = global)
         self.interactions: dict[int, Interaction] = {}
@@ -155,48 +159,24 @@ class FakeDiscord:
         self.resumes = 0
         self.heartbeats = 0
         self.session: Session | None = None
-        self._faults: list[Fault] = []
-        self._holding: tuple[str, re.Pattern[str], list[int]] | None = None  # method, path, calls that may pass
-        self._held: list[tuple[RecordedCall, asyncio.Event]] = []
         self._dm_channels: dict[int, int] = {}  # user id -> DM channel id
         self._closed_dms: set[int] = set()  # users who do not accept DMs from the bot
         self._threads: dict[int, int] = {}  # thread id -> guild id
         self._conn: Connection | None = None
-        self._changed = asyncio.Condition()
-        self._runner: web.AppRunner | None = None
-        self.port = 0
 
     # --- lifecycle -----------------------------------------------------------------------------------------
-    async def start(self) -> None:
-        app = web.Application()
+    def _add_routes(self, app: web.Application) -> None:
         app.router.add_get("/gateway", self._gateway)
         app.router.add_get("/resume", self._gateway)
         app.router.add_route("*", API_PREFIX + "/{tail:.*}", self._rest)
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
-        await self._runner.setup()
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        await web.SockSite(self._runner, sock).start()
 
-    async def close(self) -> None:
-        self.release()
+    async def _on_close(self) -> None:
         if self._conn is not None and self._conn.request.transport is not None:
             self._conn.request.transport.abort()
-        if self._runner is not None:
-            await self._runner.cleanup()
 
-    @property
-    def api_base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{API_PREFIX}"
-
-    @property
-    def gateway_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/gateway"
-
-    @property
-    def resume_gateway_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/resume"
+    api_base_url = property(lambda self: self.url(API_PREFIX))
+    gateway_url = property(lambda self: self.url("/gateway", scheme="ws"))
+    resume_gateway_url = property(lambda self: self.url("/resume", scheme="ws"))
 
     # --- ids, users, channels ------------------------------------------------------------------------------
     def new_id(self) -> int:
@@ -240,17 +220,7 @@ class FakeDiscord:
     def _known_channel(self, channel_id: int) -> bool:
         return self._guild_of_channel(channel_id) is not None or channel_id in self._dm_channels.values()
 
-    # --- waiting -------------------------------------------------------------------------------------------
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
-
-    async def wait_until(self, predicate: Callable[[], bool]) -> None:
-        """Awaits `predicate()` becoming true as the fake's state changes; TimeoutError after `WAIT_S` seconds
-        (wrap the call in `asyncio.timeout` for another limit)."""
-        async with self._changed:
-            await asyncio.wait_for(self._changed.wait_for(predicate), WAIT_S)
-
+    # --- what the bot did ----------------------------------------------------------------------------------
     def posts_in(self, channel_id: int) -> list[Json]:
         return [post for post in self.posts if int(post["channel_id"]) == channel_id]
 
@@ -258,76 +228,33 @@ class FakeDiscord:
         """What everyone in the channel sees: its posts without the ephemeral ones."""
         return [post for post in self.posts_in(channel_id) if not int(post.get("flags") or 0) & EPHEMERAL]
 
-    async def wait_for_posts(self, channel_id: int, count: int) -> list[Json]:
+    async def wait_for_posts(self, channel_id: int, count: int, within: float = WAIT_S) -> list[Json]:
         """Awaits at least `count` bot messages in `channel_id` and returns them all."""
-        await self.wait_until(lambda: len(self.posts_in(channel_id)) >= count)
+        await self.wait_until(lambda: len(self.posts_in(channel_id)) >= count, within)
         return self.posts_in(channel_id)
-
-    def calls_to(self, method: str, pattern: str) -> list[RecordedCall]:
-        regex = re.compile(pattern)
-        return [call for call in self.calls if call.method == method and regex.fullmatch(call.path)]
-
-    # --- fault injection -----------------------------------------------------------------------------------
-    def fail_next(
-        self, method: str, path: str, *, status: int = 429, times: int = 1, retry_after: float = 0.2, via: bool = True
-    ) -> None:
-        """The next `times` requests whose path fully matches the regex `path` get `status` instead."""
-        self._faults.append(Fault(method, re.compile(path), status, times, retry_after, via))
-
-    def hold(self, method: str, path: str, *, after: int = 0) -> None:
-        """After `after` more that pass, requests matching `method` and the regex `path` wait, unanswered, until
-        `release` (a send hanging on the network)."""
-        self._holding = (method, re.compile(path), [after])
-
-    def held_calls(self) -> list[RecordedCall]:
-        return [call for call, released in self._held if not released.is_set()]
-
-    def release(self) -> None:
-        """Lets every held request through and stops holding."""
-        self._holding = None
-        for _, released in self._held:
-            released.set()
-
-    async def _wait_if_held(self, call: RecordedCall) -> None:
-        if self._holding is None:
-            return
-        method, path, passing = self._holding
-        if call.method != method or not path.fullmatch(call.path):
-            return
-        if passing[0] > 0:
-            passing[0] -= 1
-            return
-        released = asyncio.Event()
-        self._held.append((call, released))
-        await self._notify()
-        await released.wait()
-
-    def _take_fault(self, method: str, path: str) -> Fault | None:
-        for fault in self._faults:
-            if fault.times > 0 and fault.method == method and fault.path.fullmatch(path):
-                fault.times -= 1
-                return fault
-        return None
 
     # --- REST ----------------------------------------------------------------------------------------------
     async def _rest(self, request: web.Request) -> web.StreamResponse:
-        path = "/" + request.match_info["tail"]
         body, files = await _read_body(request)
-        call = RecordedCall(
-            request.method, path, dict(request.query), body, files, request.headers.get("Authorization")
+        call = RestCall(
+            method=request.method,
+            path="/" + request.match_info["tail"],
+            query=dict(request.query),
+            body=body,
+            files=files,
+            authorization=request.headers.get("Authorization"),
         )
-        self.calls.append(call)
-        await self._wait_if_held(call)
-        response = self._route(call)
-        call.status = response.status
-        await self._notify()
-        return response
 
-    def _route(self, call: RecordedCall) -> web.Response:
+        async def respond() -> web.Response:
+            return self._route(call)
+
+        return await self._answer(call, respond)
+
+    def _route(self, call: RestCall) -> web.Response:
         webhook = call.path.startswith(("/webhooks/", "/interactions/"))
         if not webhook and call.authorization != f"Bot {self.token}":
             return _error(401, 0, "401: Unauthorized")
-        fault = self._take_fault(call.method, call.path)
+        fault = self._take_fault(call.endpoint)
         if fault is not None:
             return _fault_response(fault)
         routes: list[tuple[str, str, Callable[..., web.Response]]] = [
@@ -371,7 +298,7 @@ class FakeDiscord:
         limit = {"total": 1000, "remaining": 999, "reset_after": 0, "max_concurrency": 1}
         return _json({"url": self.gateway_url, "shards": 1, "session_start_limit": limit})
 
-    def _sync_commands(self, call: RecordedCall, app: str, guild: str | None) -> web.Response:
+    def _sync_commands(self, call: RestCall, app: str, guild: str | None) -> web.Response:
         if int(app) != self.app_id:
             return _error(403, 50001, "Missing Access")
         synced = []
@@ -389,14 +316,14 @@ class FakeDiscord:
             return _error(404, 10003, "Unknown Channel")
         return web.Response(status=204)
 
-    def _open_dm(self, call: RecordedCall) -> web.Response:
+    def _open_dm(self, call: RestCall) -> web.Response:
         recipient = self.users.get(str((call.body or {}).get("recipient_id")))
         if recipient is None:
             return _error(400, 50035, "Invalid Form Body")
         channel = {"id": str(self.dm_channel(recipient)), "type": 1, "last_message_id": None, "flags": 0}
         return _json({**channel, "recipients": [recipient]})
 
-    def _create_message(self, call: RecordedCall, channel: str) -> web.Response:
+    def _create_message(self, call: RestCall, channel: str) -> web.Response:
         channel_id = int(channel)
         if not self._known_channel(channel_id):
             return _error(404, 10003, "Unknown Channel")
@@ -407,7 +334,7 @@ class FakeDiscord:
             return problem
         return _json(self._post(call, channel_id, self._guild_of_channel(channel_id)))
 
-    def _post(self, call: RecordedCall, channel_id: int, guild_id: int | None, **extra: Any) -> Json:
+    def _post(self, call: RestCall, channel_id: int, guild_id: int | None, **extra: Any) -> Json:
         body: Json = call.body or {}
         content = str(body.get("content") or "")
         reference = body.get("message_reference")
@@ -440,7 +367,7 @@ class FakeDiscord:
         candidates = itertools.chain(self.posts, self._session_messages())
         return next((message for message in candidates if int(message["id"]) == message_id), None)
 
-    def _callback(self, call: RecordedCall, interaction_id: str, token: str) -> web.Response:
+    def _callback(self, call: RestCall, interaction_id: str, token: str) -> web.Response:
         interaction = self.interactions.get(int(interaction_id))
         if interaction is None or interaction.payload["token"] != token:
             return _error(404, 10062, "Unknown interaction")
@@ -470,14 +397,14 @@ class FakeDiscord:
     def _interaction_by_token(self, token: str) -> Interaction | None:
         return next((i for i in self.interactions.values() if i.payload["token"] == token), None)
 
-    def _interaction_post(self, call: RecordedCall, interaction: Interaction, *, ephemeral: bool = False) -> Json:
+    def _interaction_post(self, call: RestCall, interaction: Interaction, *, ephemeral: bool = False) -> Json:
         payload = interaction.payload
         guild = payload.get("guild_id")
         extra: Json = {"webhook_id": str(self.app_id), "interaction_id": payload["id"]}
         extra["flags"] = EPHEMERAL if ephemeral else 0
         return self._post(call, int(payload["channel_id"]), int(guild) if guild else None, **extra)
 
-    def _followup(self, call: RecordedCall, app: str, token: str) -> web.Response:
+    def _followup(self, call: RestCall, app: str, token: str) -> web.Response:
         interaction = self._interaction_by_token(token)
         if int(app) != self.app_id or interaction is None or interaction.responded is None:
             return _error(404, 10015, "Unknown Webhook")
@@ -492,7 +419,7 @@ class FakeDiscord:
             interaction.original_id = int(post["id"])
         return _json(post) if call.query.get("wait") in ("1", "true", "True") else web.Response(status=204)
 
-    def _edit_original(self, call: RecordedCall, token: str) -> web.Response:
+    def _edit_original(self, call: RestCall, token: str) -> web.Response:
         interaction = self._interaction_by_token(token)
         if interaction is None or interaction.responded is None:
             return _error(404, 10015, "Unknown Webhook")
@@ -828,9 +755,18 @@ def _error(status: int, code: int, message: str, errors: Json | None = None) -> 
     return _json(body, status)
 
 
+_ERROR_CODES = {400: (50035, "Invalid Form Body"), 403: (50013, "Missing Permissions"), 404: (10003, "Unknown Channel")}
+"""What Discord answers with each status, when the test names no other code."""
+
+
 def _fault_response(fault: Fault) -> web.Response:
+    if fault.status >= 500:
+        return front_page(fault.status)
     if fault.status != 429:
-        return _error(fault.status, 0, f"{fault.status}: injected fault")
+        code, message = _ERROR_CODES.get(fault.status, (0, f"{fault.status}: error"))
+        return _error(fault.status, int(fault.options.get("code", code)), message)
+    if not fault.options.get("via", True):  # Cloudflare's ban, not Discord's rate limiter: no JSON, no headers
+        return web.Response(status=429, text="error code: 1015", content_type="text/plain")
     headers = {
         "X-RateLimit-Limit": "5",
         "X-RateLimit-Remaining": "0",
@@ -839,10 +775,9 @@ def _fault_response(fault: Fault) -> web.Response:
         "X-RateLimit-Bucket": "fake-bucket",
         "X-RateLimit-Scope": "user",
         "Retry-After": str(max(1, round(fault.retry_after))),
+        "Via": "1.1 google",
     }
-    if fault.via:
-        headers["Via"] = "1.1 google"
-    body = {"message": "You are being rate limited.", "retry_after": fault.retry_after, "global": False, "code": 0}
+    body = {"message": "You are being rate limited.", "retry_after": fault.retry_after, "global": False}
     return _json(body, 429, headers)
 
 

@@ -4,10 +4,11 @@ It speaks the real wire format on 127.0.0.1 (`/bot<TOKEN>/<method>`, JSON, form-
 `{"ok": ..., "result"|"description": ...}` answers), keeps chats and messages like the real server does (per-chat
 message ids, entities computed from the text, replies that must point at an existing message), long-polls
 `getUpdates` on a condition instead of sleeping, and delivers updates to a registered webhook with the secret
-header as Telegram does. Every call is recorded for assertions; faults can be injected per method: 429 with
-`retry_after`, a 5xx page from Telegram's front (HTML, the API never saw the request) or a 5xx the API explained
-(JSON), an answer that comes too late (the request was carried out, the client timed out waiting), requests held
-until the test releases them (carried out or lost), and refused connections. Like Telegram, a bot cannot write
+header as Telegram does. Lifecycle, call records, waits and fault injection come from `fake_base.FakeServer`
+(an endpoint is the method name); the faults in Telegram's shapes: 429 with `retry_after`, a 5xx page from
+Telegram's front (HTML, the API never saw the request) or a 5xx the API explained (`explained=True`: JSON), an
+answer that comes too late (`answer_late`: the request was carried out, the client timed out waiting), requests
+held until the test releases them (carried out or lost), and refused connections. Like Telegram, a bot cannot write
 first to a person: a private chat exists only once the person opened it (`private_chat`, i.e. pressed Start), and
 a send to someone the fake has seen but who never did is refused with 403 "Forbidden: bot can't initiate
 conversation with a user".
@@ -27,13 +28,14 @@ import itertools
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+
+from tests.fake_base import WAIT_S, FakeServer, Fault, RecordedCall, front_page
 
 TEXT_LIMIT = 4096
 """Telegram's limit for one message, in UTF-16 code units."""
@@ -108,39 +110,30 @@ class ChatRef:
 
 
 @dataclass
-class Call:
+class Call(RecordedCall):
     """One request the client made: the method, its decoded parameters and what the server answered."""
 
     method: str
     params: dict[str, Any]
-    status: int = 200
     files: dict[str, tuple[str, bytes]] = field(default_factory=dict)
-    at: float = field(default_factory=time.monotonic)
+
+    @property
+    def endpoint(self) -> str:
+        return self.method
 
 
-@dataclass
-class _Fault:
-    status: int
-    retry_after: int = 0
-    explained: bool = False
-    """A 5xx with the Bot API's JSON body (it saw the request) instead of the front-end's HTML page."""
-    late_s: float = 0.0
-    """Not an error: the call is carried out, but its answer waits this long (past the client's read timeout)."""
+class FakeTelegram(FakeServer[Call]):
+    """The fake server. Start it with `async with`, point `TELEGRAM_BASE_URL` at `base_url`.
 
+    Fault options (`fail_next`): `explained` (a 5xx with the Bot API's JSON body: it saw the request, instead of
+    the front's HTML page) and `late_s` (not an error: the call is carried out, but its answer waits this long)."""
 
-@dataclass
-class _Held:
-    call: Call
-    outcome: asyncio.Future[bool]
-
-
-class FakeTelegram:
-    """The fake server. Start it with `async with`, point `TELEGRAM_BASE_URL` at `base_url`."""
+    fault_options = frozenset({"explained", "late_s"})
 
     def __init__(self, token: str = "123456789:AAFakeTokenForTestsOnly-xyz", bot_username: str = "MagpieTestBot"):
+        super().__init__()
         self.token = token
         self.bot = Person(int(token.split(":", maxsplit=1)[0]), "Magpie", bot_username, is_bot=True)
-        self.calls: list[Call] = []
         self.commands: dict[str, list[dict[str, str]]] = {}
         """`setMyCommands` results by scope (`default`, `chat:<id>`, …)."""
         self.webhook_url = ""
@@ -153,63 +146,31 @@ class FakeTelegram:
         self._message_ids: dict[int, itertools.count[int]] = {}
         self._updates: list[dict[str, Any]] = []
         self._update_ids = itertools.count(1)
-        self._faults: dict[str, list[_Fault | None]] = {}
-        self._holding: dict[str, int] = {}
-        """Methods whose calls wait for `release`, with how many calls may still pass first."""
-        self.held: list[_Held] = []
-        self._site: web.TCPSite | None = None
         self._upgraded: dict[int, int] = {}
         """Groups that became supergroups: old chat id -> new chat id."""
-        self._changed = asyncio.Condition()
-        self._closing = False
         self._background: set[asyncio.Task[None]] = set()
         self._seq = itertools.count()
-        self._runner: web.AppRunner | None = None
         self._client: aiohttp.ClientSession | None = None
-        self.port = 0
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+    def _add_routes(self, app: web.Application) -> None:
         app.router.add_post("/bot{token}/{method}", self._dispatch)
         app.router.add_get("/bot{token}/{method}", self._dispatch)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        self._site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await self._site.start()
-        self.port = self._runner.addresses[0][1]
+
+    async def start(self) -> None:
+        await super().start()
         self._client = aiohttp.ClientSession()
 
-    async def stop(self) -> None:
-        self._closing = True
-        self.release(arrived=0)
-        async with self._changed:
-            self._changed.notify_all()
+    async def _on_close(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         if self._client is not None:
             await self._client.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
 
-    async def __aenter__(self) -> FakeTelegram:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
-
-    @property
-    def base_url(self) -> str:
-        """What `TELEGRAM_BASE_URL` should be: the client appends the token."""
-        return f"http://127.0.0.1:{self.port}/bot"
-
-    @property
-    def base_file_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/file/bot"
+    base_url = property(lambda self: self.url("/bot"))
+    """What `TELEGRAM_BASE_URL` should be: the client appends the token."""
+    base_file_url = property(lambda self: self.url("/file/bot"))
 
     # --- people, chats and what they say ----------------------------------------------------------------------
 
@@ -335,134 +296,54 @@ class FakeTelegram:
 
     # --- what the bot did -------------------------------------------------------------------------------------
 
-    def calls_to(self, method: str) -> list[Call]:
-        return [call for call in self.calls if call.method == method]
-
     def sent_messages(self, chat_id: int | None = None) -> list[dict[str, Any]]:
         """Messages the bot sent successfully, in order (documents included)."""
         sent = [m for m in self._messages.values() if m.get("from", {}).get("id") == self.bot.id]
         sent.sort(key=lambda m: m["_seq"])
         return [m for m in sent if chat_id is None or m["chat"]["id"] == chat_id]
 
-    async def wait_for_messages(self, chat_id: int, count: int, within: float = 20.0) -> list[dict[str, Any]]:
+    async def wait_for_messages(self, chat_id: int, count: int, within: float = WAIT_S) -> list[dict[str, Any]]:
         """Waits until the bot sent at least `count` messages to `chat_id`; returns them all."""
         await self.wait_until(lambda: len(self.sent_messages(chat_id)) >= count, within)
         return self.sent_messages(chat_id)
 
-    async def wait_until(self, condition: Callable[[], bool], within: float = 20.0) -> None:
-        """Waits (on a condition variable, no polling) until `condition()` holds after some request."""
-        async with asyncio.timeout(within), self._changed:
-            await self._changed.wait_for(condition)
-
-    # --- faults -----------------------------------------------------------------------------------------------
-
-    def fail_next(
-        self,
-        method: str,
-        times: int = 1,
-        *,
-        status: int = 429,
-        retry_after: int = 1,
-        after: int = 0,
-        explained: bool = False,
-    ) -> None:
-        """After `after` calls that pass, the next `times` calls of `method` answer `status`: a 429 carries
-        `parameters.retry_after`; a 5xx is the HTML page of Telegram's front (the API never saw the request), or,
-        `explained`, the API's own JSON error (it may have carried the request out)."""
-        queue = self._faults.setdefault(method, [])
-        queue.extend([None] * after)
-        queue.extend(_Fault(status, retry_after, explained) for _ in range(times))
+    # --- faults in Telegram's own shapes ---------------------------------------------------------------------------
 
     def answer_late(self, method: str, seconds: float, times: int = 1) -> None:
         """The next `times` calls of `method` are carried out (a message is stored) but answered only after
         `seconds`: a client with a shorter read timeout gives up on a request that did arrive."""
-        self._faults.setdefault(method, []).extend(_Fault(200, late_s=seconds) for _ in range(times))
-
-    def hold(self, method: str, *, after: int = 0) -> None:
-        """Calls of `method` (after the next `after`) wait, unanswered, until `release` decides their fate."""
-        self._holding[method] = after
-
-    def held_calls(self, method: str | None = None) -> list[Call]:
-        """The calls waiting now."""
-        return [h.call for h in self.held if not h.outcome.done() and method in (None, h.call.method)]
-
-    def release(self, *, arrived: int | None = None, count: int | None = None) -> None:
-        """Decides the first `count` (default: all) held calls: the first `arrived` of them (default: all) are
-        carried out as if they had just arrived, the others are lost on the way (answered with the front's 502
-        page, which a client killed meanwhile never reads). Releasing them all stops holding."""
-        waiting = [h for h in self.held if not h.outcome.done()]
-        chosen = waiting if count is None else waiting[:count]
-        for index, held in enumerate(chosen):
-            held.outcome.set_result(arrived is None or index < arrived)
-        if count is None:
-            self._holding.clear()
-
-    async def refuse_connections(self) -> None:
-        """Stops listening and drops open connections: every request fails to connect until `accept_connections`."""
-        assert self._runner is not None and self._site is not None
-        await self._site.stop()
-        server = self._runner.server
-        for connection in server.connections if server is not None else []:
-            connection.force_close()
-
-    async def accept_connections(self) -> None:
-        """Listens again, on the same port."""
-        assert self._runner is not None
-        self._site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-        await self._site.start()
+        self.fail_next(method, times, status=200, late_s=seconds)
 
     # --- the server -------------------------------------------------------------------------------------------
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
-        method = request.match_info["method"]
         params, files = await _read_params(request)
-        call = Call(method, params, files=files)
-        self.calls.append(call)
-        try:
-            if request.match_info["token"] != self.token:
-                return _error(call, 401, "Unauthorized")
-            if not await self._arrives(call):
-                return _fault_response(call, _Fault(502))
-            fault = self._take_fault(method)
-            if fault is not None and fault.late_s <= 0:
-                return _fault_response(call, fault)
-            if (new_id := self._upgraded.get(_chat_id(params))) is not None:
-                body = _error_body(400, "Bad Request: group chat was upgraded to a supergroup chat")
-                body["parameters"] = {"migrate_to_chat_id": new_id}
-                call.status = 400
-                return web.json_response(body, status=400)
-            handler = getattr(self, f"_api_{method.lower()}", None)
-            if handler is None:
-                return _error(call, 404, "Not Found")
-            result = await handler(params, files)
-            if fault is not None:  # carried out; the answer is late
-                await self._notify()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(fault.late_s), self._changed:
-                        await self._changed.wait_for(lambda: self._closing)
-            if isinstance(result, web.Response):
-                call.status = result.status
-                return result
-            return web.json_response({"ok": True, "result": result})
-        finally:
+        call = Call(method=request.match_info["method"], params=params, files=files)
+        return await self._answer(call, lambda: self._respond(call, request.match_info["token"]))
+
+    async def _respond(self, call: Call, token: str) -> web.Response:
+        if token != self.token:
+            return _error_response(401, "Unauthorized")
+        fault = self._take_fault(call.method)
+        late_s = float(fault.options.get("late_s", 0.0)) if fault is not None else 0.0
+        if fault is not None and late_s <= 0:
+            return _fault_response(fault)
+        if (new_id := self._upgraded.get(_chat_id(call.params))) is not None:
+            body = _error_body(400, "Bad Request: group chat was upgraded to a supergroup chat")
+            body["parameters"] = {"migrate_to_chat_id": new_id}
+            return web.json_response(body, status=400)
+        handler = getattr(self, f"_api_{call.method.lower()}", None)
+        if handler is None:
+            return _error_response(404, "Not Found")
+        result = await handler(call.params, call.files)
+        if late_s > 0:  # carried out; the answer is late
             await self._notify()
-
-    def _take_fault(self, method: str) -> _Fault | None:
-        queue = self._faults.get(method)
-        return queue.pop(0) if queue else None
-
-    async def _arrives(self, call: Call) -> bool:
-        """False when the call was held and then lost on the way; True for every call not held."""
-        passing = self._holding.get(call.method)
-        if passing is None:
-            return True
-        if passing > 0:
-            self._holding[call.method] = passing - 1
-            return True
-        held = _Held(call, asyncio.get_running_loop().create_future())
-        self.held.append(held)
-        await self._notify()
-        return await held.outcome
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(late_s), self._changed:
+                    await self._changed.wait_for(lambda: self._closing)
+        if isinstance(result, web.Response):
+            return result
+        return web.json_response({"ok": True, "result": result})
 
     async def _api_getme(self, params: dict[str, Any], files: Any) -> Any:
         return {**self.bot.as_dict(), "can_join_groups": True, "can_read_all_group_messages": False}
@@ -696,19 +577,11 @@ def _error_response(code: int, description: str) -> web.Response:
     return web.json_response(_error_body(code, description), status=code)
 
 
-def _error(call: Call, code: int, description: str) -> web.Response:
-    call.status = code
-    return _error_response(code, description)
-
-
-def _fault_response(call: Call, fault: _Fault) -> web.Response:
-    call.status = fault.status
+def _fault_response(fault: Fault) -> web.Response:
     if fault.status == 429:
-        body = _error_body(429, f"Too Many Requests: retry after {fault.retry_after}")
-        body["parameters"] = {"retry_after": fault.retry_after}
+        body = _error_body(429, f"Too Many Requests: retry after {fault.retry_after:g}")
+        body["parameters"] = {"retry_after": int(fault.retry_after)}
         return web.json_response(body, status=429)
-    if fault.explained:
+    if fault.options.get("explained"):
         return _error_response(fault.status, "Internal Server Error")
-    # Telegram's 5xx come from its nginx front, as HTML.
-    html = f"<html><head><title>{fault.status}</title></head><body><center><h1>{fault.status}</h1></center></body>"
-    return web.Response(status=fault.status, text=html, content_type="text/html")
+    return front_page(fault.status)  # Telegram's 5xx come from its nginx front, as HTML

@@ -154,12 +154,8 @@ def _restore_discord_endpoints() -> Any:
 
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeDiscord]:
-    server = FakeDiscord()
-    await server.start()
-    try:
+    async with FakeDiscord() as server:
         yield server
-    finally:
-        await server.close()
 
 
 def settings_for(fake: FakeDiscord, **overrides: Any) -> Settings:
@@ -214,8 +210,8 @@ async def test_start_logs_in_syncs_commands_and_returns_once_ready(fake: FakeDis
 
 async def test_commands_sync_globally_without_guild_ids(fake: FakeDiscord) -> None:
     async with running(fake, Observed(Scripted()), discord_guild_ids=""):
-        assert fake.calls_to("PUT", rf"/applications/{fake.app_id}/commands")
-        assert not fake.calls_to("PUT", r"/applications/\d+/guilds/\d+/commands")
+        assert fake.calls_to(rf"PUT /applications/{fake.app_id}/commands")
+        assert not fake.calls_to(r"PUT /applications/\d+/guilds/\d+/commands")
         assert len(fake.commands[None]) == 12
 
 
@@ -280,8 +276,8 @@ async def test_dm_round_trip_is_logged(
     assert (chat.platform, chat.platform_chat_id, chat.kind) == ("discord", str(fake.dm_channel(alice)), "private")
     assert (user.platform_user_id, user.display_name) == (alice["id"], "alice")
     assert "message_reference" not in post, "in a DM the answer is not a reply"
-    typing = fake.calls_to("POST", rf"/channels/{fake.dm_channel(alice)}/typing")
-    send = fake.calls_to("POST", r"/channels/\d+/messages")
+    typing = fake.calls_to(rf"POST /channels/{fake.dm_channel(alice)}/typing")
+    send = fake.calls_to(r"POST /channels/\d+/messages")
     assert typing and fake.calls.index(typing[0]) < fake.calls.index(send[0]), "typing while generating"
 
 
@@ -335,8 +331,8 @@ async def test_slash_chat_is_deferred_then_answered_by_followup(
         interaction = await fake.send_command(alice, "chat", {"text": "do you like pizza or pasta more?"}, guild=True)
         [post] = await fake.wait_for_posts(fake.channel_id, 1)
         await service.wait_until(lambda: len(service.delivered) == 1)
-    [callback] = fake.calls_to("POST", rf"/interactions/{interaction['id']}/.+/callback")
-    [followup] = fake.calls_to("POST", rf"/webhooks/{fake.app_id}/.+")
+    [callback] = fake.calls_to(rf"POST /interactions/{interaction['id']}/.+/callback")
+    [followup] = fake.calls_to(rf"POST /webhooks/{fake.app_id}/.+")
     assert callback.body["type"] == 5 and fake.calls.index(callback) < fake.calls.index(followup)
     question, answer = await logged_messages(db)
     assert (question.text, question.platform_message_id) == ("do you like pizza or pasta more?", interaction["id"])
@@ -370,9 +366,9 @@ async def test_slash_export_in_a_server_is_an_ephemeral_file_nobody_else_sees(
         interaction = await fake.send_command(alice, "export", guild=True)
         await fake.wait_for_posts(fake.channel_id, 2)
         await service.wait_until(lambda: len(service.delivered) == 3)
-    [callback] = fake.calls_to("POST", rf"/interactions/{interaction['id']}/.+/callback")
+    [callback] = fake.calls_to(rf"POST /interactions/{interaction['id']}/.+/callback")
     assert (callback.body["type"], callback.body["data"]["flags"]) == (5, 64), "deferred ephemerally"
-    [followup] = fake.calls_to("POST", rf"/webhooks/{fake.app_id}/{interaction['token']}")
+    [followup] = fake.calls_to(rf"POST /webhooks/{fake.app_id}/{interaction['token']}")
     [(filename, content)] = followup.files
     exported = [m["text"] for m in json.loads(content)["messages"]]
     assert filename == "magpie-export.json" and followup.body["content"] == "Here are the 3 messages I have from you."
@@ -380,7 +376,7 @@ async def test_slash_export_in_a_server_is_an_ephemeral_file_nobody_else_sees(
     *_, private = fake.posts_in(fake.channel_id)
     assert private["flags"] == 64 and private["interaction_id"] == interaction["id"]
     assert len(fake.visible_posts_in(fake.channel_id)) == 1, "the channel sees the earlier answer, nothing of this"
-    assert not fake.calls_to("POST", r"/users/@me/channels"), "no DM needed"
+    assert not fake.calls_to(r"POST /users/@me/channels"), "no DM needed"
     *_, answer = await logged_messages(db)
     assert (answer.delivery, answer.platform_message_id) == (Delivery.SENT, private["id"])
 
@@ -395,12 +391,12 @@ async def test_a_typed_export_in_a_server_goes_by_dm_and_the_channel_sees_only_a
         asked = await fake.send_message(alice, "/export", guild=True)
         await fake.wait_for_posts(fake.channel_id, 2)
         await service.wait_until(lambda: len(service.delivered) == 2)
-    [opened] = fake.calls_to("POST", r"/users/@me/channels")
+    [opened] = fake.calls_to(r"POST /users/@me/channels")
     assert opened.body == {"recipient_id": int(alice["id"])}
     [dm] = fake.posts_in(fake.dm_channel(alice))
     assert dm["content"] == "Here are the 2 messages I have from you."
     assert [a["filename"] for a in dm["attachments"]] == ["magpie-export.json"]
-    [dm_call] = fake.calls_to("POST", rf"/channels/{fake.dm_channel(alice)}/messages")
+    [dm_call] = fake.calls_to(rf"POST /channels/{fake.dm_channel(alice)}/messages")
     assert [m["text"] for m in json.loads(dm_call.files[0][1])["messages"]] == ["I live at 7 Oak Road", "/export"]
     _, note = fake.visible_posts_in(fake.channel_id)
     assert note["content"] == EXPORT_SENT_PRIVATELY and note["message_reference"]["message_id"] == asked["id"]
@@ -424,7 +420,7 @@ async def test_an_export_for_someone_with_closed_dms_stays_out_of_the_channel(
         asked = await fake.send_message(bob, "/export", guild=True)
         await fake.wait_for_posts(fake.channel_id, 2)
         await service.wait_until(lambda: len(service.delivered) == 2)
-    [refused] = fake.calls_to("POST", rf"/channels/{fake.dm_channel(bob)}/messages")
+    [refused] = fake.calls_to(rf"POST /channels/{fake.dm_channel(bob)}/messages")
     assert (refused.status, refused.files != []) == (403, True)
     assert fake.posts_in(fake.dm_channel(bob)) == [] and not any(post["attachments"] for post in fake.posts)
     _, note = fake.visible_posts_in(fake.channel_id)
@@ -441,15 +437,15 @@ async def test_429s_with_retry_after_are_survived_and_the_replies_recorded_as_se
     alice = fake.add_user("alice")
     async with running(fake, service, settings=live_settings):
         channel = fake.dm_channel(alice)
-        fake.fail_next("POST", rf"/channels/{channel}/messages", status=429, retry_after=0.2)
-        fake.fail_next("POST", rf"/webhooks/{fake.app_id}/.+", status=429, retry_after=0.2)
+        fake.fail_next(rf"POST /channels/{channel}/messages", status=429, retry_after=0.2)
+        fake.fail_next(rf"POST /webhooks/{fake.app_id}/.+", status=429, retry_after=0.2)
         await fake.send_message(alice, "hello there")
         [post] = await fake.wait_for_posts(channel, 1)
         await fake.send_command(alice, "help", guild=True)
         [followup] = await fake.wait_for_posts(fake.channel_id, 1)
         await service.wait_until(lambda: len(service.delivered) == 2)
-    assert [call.status for call in fake.calls_to("POST", rf"/channels/{channel}/messages")] == [429, 200]
-    assert [call.status for call in fake.calls_to("POST", rf"/webhooks/{fake.app_id}/.+")] == [429, 200]
+    assert [call.status for call in fake.calls_to(rf"POST /channels/{channel}/messages")] == [429, 200]
+    assert [call.status for call in fake.calls_to(rf"POST /webhooks/{fake.app_id}/.+")] == [429, 200]
     answers = [row for row in await logged_messages(db) if row.role is Role.BOT]
     assert [(row.delivery, row.platform_message_id) for row in answers] == [
         (Delivery.SENT, post["id"]),
@@ -463,7 +459,7 @@ async def test_a_reply_discord_refuses_is_recorded_as_failed(
 ) -> None:
     alice = fake.add_user("alice")
     async with running(fake, service, settings=live_settings):
-        fake.fail_next("POST", rf"/channels/{fake.channel_id}/messages", status=403)
+        fake.fail_next(rf"POST /channels/{fake.channel_id}/messages", status=403)
         await fake.send_message(alice, f"{mention(fake.bot_user)} hello there", guild=True)
         await service.wait_until(lambda: len(service.undelivered) == 1)
     answer = (await logged_messages(db))[-1]
@@ -499,8 +495,9 @@ async def test_mentions_and_replies_to_the_bot_address_it_and_mentions_become_na
     handler = Observed(Scripted())
     alice, bob = fake.add_user("alice"), fake.add_user("bob")
     bot = fake.bot_user
+    thread = fake.add_thread()  # the unaddressed chatter goes there, so any "typing…" it caused would show
     async with running(fake, handler):
-        chatter = await fake.send_message(alice, f"just chatting with {mention(bob)}", guild=True)
+        chatter = await fake.send_message(alice, f"just chatting with {mention(bob)}", channel_id=thread)
         assert await handler.wait_handled(chatter["id"]) is None
         asked = await fake.send_message(alice, f"{mention(bot)} how are you {mention(bob)}?", guild=True)
         [answer] = await fake.wait_for_posts(fake.channel_id, 1)
@@ -513,7 +510,10 @@ async def test_mentions_and_replies_to_the_bot_address_it_and_mentions_become_na
     assert answer["message_reference"]["message_id"] == asked["id"]
     assert [user["id"] for user in answer["mentions"]] == [alice["id"]], "only the asker is notified"
     assert handler.incoming(followup["id"]).addressed, "a reply to the bot's message addresses it"
-    assert len(fake.calls_to("POST", rf"/channels/{fake.channel_id}/typing")) == 2, "typing only when addressed"
+    # Typing is renewed while the core works, so how often it shows depends on the machine: at least once for each
+    # of the two addressed messages, and never for the chatter (stop waited for every exchange to finish).
+    assert len(fake.calls_to(rf"POST /channels/{fake.channel_id}/typing")) >= 2
+    assert fake.calls_to(rf"POST /channels/{thread}/typing") == [], "typing only when addressed"
 
 
 async def test_a_mention_in_a_thread_is_answered_in_the_thread(fake: FakeDiscord) -> None:
@@ -567,7 +567,7 @@ async def test_a_long_answer_is_split_into_messages_of_at_most_2000_characters(f
     assert posts[0]["message_reference"]["message_id"] == asked["id"]
     assert all("message_reference" not in post for post in posts[1:])
     assert handler.delivered[0][1] == [post["id"] for post in posts]
-    assert all(call.status == 200 for call in fake.calls_to("POST", r"/channels/\d+/messages"))
+    assert all(call.status == 200 for call in fake.calls_to(r"POST /channels/\d+/messages"))
 
 
 async def test_generated_mentions_never_ping_anyone(fake: FakeDiscord) -> None:
@@ -609,8 +609,8 @@ async def test_slash_command_defers_then_answers_by_followup(fake: FakeDiscord) 
         [post] = await fake.wait_for_posts(fake.channel_id, 1)
         await handler.wait_until(lambda: len(handler.delivered) == 1)
     token = interaction["token"]
-    [callback] = fake.calls_to("POST", rf"/interactions/{interaction['id']}/{token}/callback")
-    [followup] = fake.calls_to("POST", rf"/webhooks/{fake.app_id}/{token}")
+    [callback] = fake.calls_to(rf"POST /interactions/{interaction['id']}/{token}/callback")
+    [followup] = fake.calls_to(rf"POST /webhooks/{fake.app_id}/{token}")
     assert callback.body["type"] == 5, "deferred (thinking) first"
     assert fake.calls.index(callback) < fake.calls.index(followup)
     incoming = handler.incoming(interaction["id"])
@@ -628,7 +628,7 @@ async def test_slash_chat_in_a_dm_is_plain_text_and_a_file_is_attached(fake: Fak
         [post] = await fake.wait_for_posts(fake.dm_channel(alice), 1)
     incoming = handler.incoming(interaction["id"])
     assert (incoming.text, incoming.chat_kind) == ("hello", ChatKind.PRIVATE)
-    [followup] = fake.calls_to("POST", rf"/webhooks/{fake.app_id}/{interaction['token']}")
+    [followup] = fake.calls_to(rf"POST /webhooks/{fake.app_id}/{interaction['token']}")
     assert followup.files == [("magpie-export.json", b'{"messages": []}')]
     assert post["attachments"][0]["filename"] == "magpie-export.json"
 
@@ -639,17 +639,18 @@ async def test_a_reply_that_finally_fails_is_marked_undelivered(fake: FakeDiscor
     alice = fake.add_user("alice")
     async with running(fake, handler):
         channel = fake.dm_channel(alice)
-        fake.fail_next("POST", rf"/channels/{channel}/messages", status=429, via=False)  # Cloudflare: no retry
-        fake.fail_next("POST", rf"/channels/{channel}/typing", status=403)
+        fake.fail_next(rf"POST /channels/{channel}/messages", status=429, via=False)  # Cloudflare: no retry
+        fake.fail_next(rf"POST /channels/{channel}/typing", status=403)
         await fake.send_message(alice, "hello")
         await handler.wait_until(lambda: len(handler.undelivered) == 1)
-        fake.fail_next("POST", rf"/channels/{channel}/messages", status=403)
+        fake.fail_next(rf"POST /channels/{channel}/messages", status=403)
         await fake.send_message(alice, "again")
         await handler.wait_until(lambda: len(handler.undelivered) == 2)
-    assert [reason.split(":")[0] for _, reason in handler.undelivered] == [
-        "Discord HTTP 429 (code 0)",
-        "Discord HTTP 403 (code 0)",
-    ]
+    # The reasons carry what Discord answered: Cloudflare's ban page (text, so discord.py knows no code), and the
+    # error code Discord's JSON gives a 403 (the fake answers in Discord's shape, never with an invented code).
+    banned, refused = (reason for _, reason in handler.undelivered)
+    assert banned.startswith("Discord HTTP 429") and "error code: 1015" in banned
+    assert refused == "Discord HTTP 403 (code 50013): Missing Permissions"
     assert not handler.delivered and fake.posts == []
 
 
@@ -660,7 +661,7 @@ async def test_notify_sends_to_a_channel_and_swallows_failures(
         await backend.notify(str(fake.channel_id), "Training finished: v2 is live")
         await backend.notify("123456789", "to a channel that does not exist")
     assert [post["content"] for post in fake.posts] == ["Training finished: v2 is live"]
-    assert "Could not notify Discord chat 123456789" in caplog.text
+    assert "Discord: could not notify chat 123456789" in caplog.text
 
 
 # --- gateway reconnects ----------------------------------------------------------------------------------------------

@@ -364,7 +364,7 @@ async def test_discord_sends_only_the_remaining_parts_and_leaves_a_send_cut_off_
         rest = Reply(long_reply, reply_to=earlier["id"], log_id=1)
         await backend.deliver_reply(str(channel), rest, parts_sent=1)
         assert [post["content"].split(".")[0] for post in fake.posts_in(channel)] == ["Part 2", "Part 3"]
-        fake.hold("POST", rf"/channels/{channel}/messages", after=1)
+        fake.hold(rf"POST /channels/{channel}/messages", after=1)
         asked = await fake.send_message(wen, "tell me a long story")
         await fake.wait_until(lambda: len(fake.held_calls()) == 1)
         await backend.stop()

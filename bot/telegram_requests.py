@@ -1,0 +1,176 @@
+"""How Magpie talks to the Telegram Bot API: the PTB Application built from settings, start-up, and retries.
+
+Kept apart from `bot/telegram.py` (which translates and sends) because it answers questions of its own: how
+patient to be with a Bot API that is not there yet (start-up retries `getMe`, which PTB tries once, and
+bootstraps polling or the webhook with retries, so a bot started during a network blip comes up when the network
+does), and when it is safe to send a request again: a read timeout may come after Telegram delivered the
+message, so only what provably never reached the API (`never_arrived`) is repeated; 429s are waited out by
+AIORateLimiter underneath. Whatever is logged here is redacted first: the token is inside every request URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import httpx
+from telegram import BotCommand, BotCommandScopeChat
+from telegram.error import BadRequest, InvalidToken, NetworkError, RetryAfter, TelegramError, TimedOut
+from telegram.ext import AIORateLimiter, Application, ApplicationBuilder, ContextTypes, ExtBot
+
+from core.errors import ConfigError, MagpieError
+from core.messages import ADMIN_COMMANDS, COMMANDS
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+App = Application[ExtBot[int], ContextTypes.DEFAULT_TYPE, dict[Any, Any], dict[Any, Any], dict[Any, Any], None]
+
+POLL_TIMEOUT_S = 30
+"""Long-poll duration of one `getUpdates`; the HTTP read timeout is a little longer."""
+SEND_ATTEMPTS = 5
+STARTUP_ATTEMPTS = 8
+BACKOFF_FIRST_S = 0.5
+BACKOFF_CAP_S = 8.0
+RATE_LIMIT_RETRIES = 3
+READ_TIMEOUT_S = 30.0
+"""How long a request waits for Telegram's answer; past it, the request may or may not have been carried out."""
+
+
+def build_application(settings: Settings, token: str) -> App:
+    """The one place settings become a PTB Application: where it connects and how patient it is."""
+    return (
+        ApplicationBuilder()
+        .token(token)
+        .base_url(settings.telegram_base_url)
+        .base_file_url(settings.telegram_base_file_url)
+        .rate_limiter(AIORateLimiter(max_retries=RATE_LIMIT_RETRIES))
+        .concurrent_updates(True)
+        .connect_timeout(10.0)
+        .read_timeout(READ_TIMEOUT_S)
+        .write_timeout(30.0)
+        .pool_timeout(30.0)
+        .get_updates_read_timeout(POLL_TIMEOUT_S + 10.0)
+        .job_queue(None)
+        .build()
+    )
+
+
+async def connect(app: App, settings: Settings, redact: Callable[[str], str]) -> None:
+    """Initializes the Application (`getMe`) with retries: PTB itself tries once."""
+    rejected, failure = False, ""
+    try:
+        await retrying(app.initialize, redact, STARTUP_ATTEMPTS, repeatable=True)
+        return
+    except InvalidToken:  # its message contains the token: raised below, so not even chained
+        rejected = True
+    except NetworkError as exc:
+        failure = redact(str(exc))
+    await app.bot.shutdown()
+    if rejected:
+        raise ConfigError("Telegram rejected TELEGRAM_BOT_TOKEN: check it with @BotFather.")
+    host = urlsplit(settings.telegram_base_url).netloc
+    raise MagpieError(f"Cannot reach the Telegram Bot API at {host}: {failure}")
+
+
+async def register_commands(app: App, settings: Settings, redact: Callable[[str], str]) -> None:
+    """Fills Telegram's "/" menu: user commands for everyone, and all commands in each admin's private chat."""
+    everyone = [BotCommand(name, text) for name, text in COMMANDS.items() if name not in ADMIN_COMMANDS]
+    admins = [BotCommand(name, text) for name, text in COMMANDS.items()]
+    admin_ids = sorted(int(item.partition(":")[2]) for item in settings.admin_ids if item.startswith("telegram:"))
+    scopes: list[BotCommandScopeChat | None] = [None, *(BotCommandScopeChat(ident) for ident in admin_ids)]
+    for scope in scopes:
+        try:
+            commands = admins if scope else everyone
+            await retrying(partial(app.bot.set_my_commands, commands, scope=scope), redact, repeatable=True)
+        except TelegramError as exc:  # the menu is a convenience: never a reason not to start
+            where = f"admin chat {scope.chat_id}" if scope else "everyone"
+            log.warning("Telegram: command menu for %s not set: %s", where, redact(str(exc)))
+
+
+async def start_fetching(app: App, settings: Settings, on_polling_error: Callable[[TelegramError], None]) -> None:
+    """Long polling by default; a webhook when TELEGRAM_WEBHOOK_URL is set (it serves that URL's path)."""
+    updater = app.updater
+    url, secret = settings.telegram_webhook_url, settings.telegram_webhook_secret
+    assert updater is not None
+    if url:
+        assert secret is not None  # Settings refuses a webhook without one
+        await updater.start_webhook(
+            listen=settings.telegram_webhook_listen,
+            port=settings.telegram_webhook_port,
+            url_path=urlsplit(url).path,
+            webhook_url=url,
+            secret_token=secret.get_secret_value(),
+            bootstrap_retries=STARTUP_ATTEMPTS,
+        )
+    else:
+        await updater.start_polling(
+            timeout=POLL_TIMEOUT_S, bootstrap_retries=STARTUP_ATTEMPTS, error_callback=on_polling_error
+        )
+    mode = f"webhook on port {settings.telegram_webhook_port}" if url else "long polling"
+    log.info("Telegram: @%s is up (%s)", app.bot.username, mode)
+
+
+async def retrying(
+    call: Callable[[], Awaitable[T]],
+    redact: Callable[[str], str],
+    attempts: int | None = None,
+    *,
+    repeatable: bool = False,
+) -> T:
+    """Retries failed requests with capped, jittered backoff: any network error or 5xx for a `repeatable`
+    call (one that does the same thing twice, such as getMe), otherwise only what provably never reached
+    Telegram, so that a retry can never post a message twice. 429s rarely get here (AIORateLimiter waits them
+    out underneath), and a 400 is final: retrying can't fix it."""
+    attempts = SEND_ATTEMPTS if attempts is None else attempts
+    delay = BACKOFF_FIRST_S
+    for attempt in range(1, attempts):
+        try:
+            return await call()
+        except BadRequest:
+            raise
+        except (NetworkError, RetryAfter) as exc:
+            if not repeatable and not never_arrived(exc):
+                raise
+            log.warning("Telegram: request failed (%s), retry %d of %d", redact(str(exc)), attempt, attempts)
+        await asyncio.sleep(delay * random.uniform(0.75, 1.0))
+        delay = min(delay * 2, BACKOFF_CAP_S)
+    return await call()
+
+
+def failure_reason(error: BaseException, redact: Callable[[str], str]) -> str:
+    """Why a request failed, redacted; a failure that may have come after delivery says so (it is not repeated)."""
+    reason = redact(f"{type(error).__name__}: {error}")
+    if isinstance(error, NetworkError) and not isinstance(error, BadRequest) and not never_arrived(error):
+        return f"unconfirmed, may have arrived, so not sent again ({reason})"
+    return reason
+
+
+def never_arrived(exc: BaseException) -> bool:
+    """Whether a failed request provably never reached Telegram's API, so that sending it again cannot post it twice.
+
+    PTB raises `NetworkError` (`TimedOut` for timeouts) for transport failures and bad HTTP statuses alike; what
+    tells them apart is the exception it chains as `__cause__`:
+
+    - `httpx.ConnectError`, `ConnectTimeout`, `PoolTimeout`: no connection, so nothing was sent;
+    - `RetryAfter` (429): Telegram refused the request without carrying it out;
+    - a `TelegramError` cause: PTB could not parse the body of an error status, so the answer came from Telegram's
+      front-end proxy (a 502/503 page), not from the Bot API: the request was not processed.
+
+    Everything else is in doubt: a read or write timeout, a connection dropped before the answer, or a 5xx that the
+    Bot API itself explained may all come after the message was delivered.
+    """
+    if isinstance(exc, RetryAfter):
+        return True
+    cause = exc.__cause__
+    if isinstance(exc, TimedOut):
+        return isinstance(cause, httpx.ConnectTimeout | httpx.PoolTimeout)
+    if isinstance(exc, NetworkError):
+        return isinstance(cause, httpx.ConnectError | TelegramError)
+    return False

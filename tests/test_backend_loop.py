@@ -1,0 +1,357 @@
+"""The shared conversation loop (`bot.backend.ChatBackend`), run through every platform: the same scenarios against
+python-telegram-bot and the fake Bot API, discord.py and the fake Discord, and the console over a pipe.
+
+Each `Platform` harness starts the real backend with a `Recorder` handler (the model is irrelevant here) and lets a
+person say something addressed to the bot; the scenarios assert on what the platform received and on what the
+core was told (delivered ids, parts_sent, interrupted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import discord
+import pytest
+
+from bot import telegram_requests
+from bot.backend import ChatBackend
+from bot.console import ConsoleBackend
+from bot.discord_bot import DiscordBackend
+from bot.telegram import TelegramBackend
+from core.messages import IncomingMessage, Reply
+from core.settings import Settings
+from tests.fake_base import WAIT_S
+from tests.fake_discord import FakeDiscord
+from tests.fake_telegram import FakeTelegram
+
+pytestmark = pytest.mark.timeout(90)
+
+
+class Recorder:
+    """A `ChatHandler` answering every message with `answer`; a message whose text is in `gates` waits in the core
+    until its gate opens. Records what the loop reports."""
+
+    def __init__(self, answer: str = "hello") -> None:
+        self.answer = answer
+        self.gates: dict[str, asyncio.Event] = {}
+        self.entered: set[str] = set()
+        self.cancelled: set[str] = set()
+        self.delivered: list[tuple[Reply, list[str]]] = []
+        self.undelivered: list[tuple[Reply, str, int]] = []
+        self.interrupted: list[tuple[Reply, int]] = []
+        self._changed = asyncio.Condition()
+
+    async def wait_until(self, condition: Callable[[], bool]) -> None:
+        async with asyncio.timeout(WAIT_S), self._changed:
+            await self._changed.wait_for(condition)
+
+    async def _note(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def handle(self, message: IncomingMessage) -> Reply | None:
+        text = message.text or ""
+        self.entered.add(text)
+        await self._note()
+        if text in self.gates:
+            try:
+                await self.gates[text].wait()
+            except asyncio.CancelledError:
+                self.cancelled.add(text)
+                raise
+        return Reply(self.answer, reply_to=message.message_id, log_id=len(self.entered))
+
+    async def mark_delivered(self, reply: Reply, platform_message_ids: list[str]) -> None:
+        self.delivered.append((reply, platform_message_ids))
+        await self._note()
+
+    async def mark_undelivered(self, reply: Reply, reason: str, *, parts_sent: int = 0) -> None:
+        self.undelivered.append((reply, reason, parts_sent))
+        await self._note()
+
+    async def mark_interrupted(self, reply: Reply, *, parts_sent: int) -> None:
+        self.interrupted.append((reply, parts_sent))
+        await self._note()
+
+    async def private_unreachable(self, reply: Reply, reason: str) -> Reply:
+        raise AssertionError("no private replies here")
+
+    async def message_edited(self, platform: str, chat_id: str, message_id: str, text: str | None) -> None:
+        return None
+
+    async def message_deleted(self, platform: str, chat_id: str, message_id: str) -> None:
+        return None
+
+    async def migrate_chat(self, platform: str, old_chat_id: str, new_chat_id: str) -> None:
+        return None
+
+
+class Platform(Protocol):
+    """One platform under the loop: its fake, a person talking to the bot, and ways to make its sends fail."""
+
+    limit: int | None
+
+    async def start(self, handler: Recorder, grace: float) -> ChatBackend[Any]: ...
+
+    async def say(self, text: str) -> None: ...
+
+    def received(self) -> list[tuple[str | None, str]]:
+        """(platform id, text) of what the bot sent to the person, in order."""
+        ...
+
+    def fail_sends(self, after: int) -> None: ...
+
+
+class TelegramPlatform:
+    limit = 4096
+
+    def __init__(self, fake: FakeTelegram) -> None:
+        self.fake = fake
+        self.person = fake.user(7001, "Ana")
+        self.chat = fake.private_chat(self.person)
+
+    async def start(self, handler: Recorder, grace: float) -> ChatBackend[Any]:
+        settings = Settings(
+            _env_file=None,  # type: ignore[call-arg]
+            telegram_bot_token=self.fake.token,
+            telegram_base_url=self.fake.base_url,
+            telegram_base_file_url=self.fake.base_file_url,
+        )
+        backend = TelegramBackend(settings=settings, handler=handler, stop_grace_s=grace)
+        await backend.start()
+        return backend
+
+    async def say(self, text: str) -> None:
+        self.fake.user_says(self.chat, self.person, text)
+
+    def received(self) -> list[tuple[str | None, str]]:
+        return [(str(m["message_id"]), m["text"]) for m in self.fake.sent_messages(self.person.id)]
+
+    def fail_sends(self, after: int) -> None:
+        self.fake.fail_next("sendMessage", status=500, explained=True, after=after)  # final: it may have arrived
+
+    def hold_sends(self, after: int) -> None:
+        self.fake.hold("sendMessage", after=after)
+
+    async def wait_for_a_held_send(self) -> None:
+        await self.fake.wait_until(lambda: len(self.fake.held_calls("sendMessage")) == 1)
+
+
+class DiscordPlatform:
+    limit = 2000
+
+    def __init__(self, fake: FakeDiscord) -> None:
+        self.fake = fake
+        self.person = fake.add_user("ana")
+        self.channel = fake.dm_channel(self.person)
+
+    async def start(self, handler: Recorder, grace: float) -> ChatBackend[Any]:
+        settings = Settings(
+            _env_file=None,  # type: ignore[call-arg]
+            discord_bot_token=self.fake.token,
+            discord_api_base_url=self.fake.api_base_url,
+            discord_gateway_url=self.fake.gateway_url,
+            discord_guild_ids=str(self.fake.guild_id),
+            shutdown_grace_seconds=grace,
+        )
+        backend = DiscordBackend(settings=settings, handler=handler, ready_timeout=15, guild_ready_timeout=0.05)
+        await backend.start()
+        return backend
+
+    async def say(self, text: str) -> None:
+        await self.fake.send_message(self.person, text)
+
+    def received(self) -> list[tuple[str | None, str]]:
+        return [(post["id"], post["content"]) for post in self.fake.posts_in(self.channel)]
+
+    def fail_sends(self, after: int) -> None:
+        self.fake.fail_next(rf"POST /channels/{self.channel}/messages", status=403, after=after)
+
+    def hold_sends(self, after: int) -> None:
+        self.fake.hold(rf"POST /channels/{self.channel}/messages", after=after)
+
+    async def wait_for_a_held_send(self) -> None:
+        await self.fake.wait_until(lambda: len(self.fake.held_calls()) == 1)
+
+
+class _Screen(io.StringIO):
+    """The console's stdout: what was printed, and a terminal that fails (OSError) after `works` more writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.works: int | None = None
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        if self.works is not None:
+            if self.works <= 0:
+                raise OSError("the terminal went away")
+            self.works -= 1
+        self.writes.append(text)
+        return super().write(text)
+
+
+class ConsolePlatform:
+    limit = None
+
+    def __init__(self, tmp_path: Path) -> None:
+        read, self._write_end = os.pipe()
+        self.stdin = os.fdopen(read, "r")
+        self.stdout = _Screen()
+        self.tmp_path = tmp_path
+
+    async def start(self, handler: Recorder, grace: float) -> ChatBackend[Any]:
+        backend = ConsoleBackend(
+            handler=handler, bot_name="Magpie", exports_dir=self.tmp_path, stdin=self.stdin, stdout=self.stdout,
+            stop_grace_s=grace,
+        )  # fmt: skip
+        await backend.start()
+        return backend
+
+    async def say(self, text: str) -> None:
+        os.write(self._write_end, f"{text}\n".encode())
+
+    def received(self) -> list[tuple[str | None, str]]:
+        return [(None, text.removesuffix("\n")) for text in self.stdout.writes]  # one write a reply
+
+    def fail_sends(self, after: int) -> None:
+        self.stdout.works = after
+
+    def close(self) -> None:
+        os.close(self._write_end)  # the reader thread sees the end of input
+        self.stdin.close()
+
+
+@pytest.fixture(params=["telegram", "discord", "console"])
+async def platform(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Platform]:
+    if request.param == "telegram":
+        async with FakeTelegram() as telegram:
+            yield TelegramPlatform(telegram)
+    elif request.param == "discord":
+        base, gateway = discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
+        try:
+            async with FakeDiscord() as fake:
+                yield DiscordPlatform(fake)
+        finally:
+            discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = base, gateway
+    else:
+        console = ConsolePlatform(tmp_path)
+        try:
+            yield console
+        finally:
+            console.close()
+
+
+@contextlib.asynccontextmanager
+async def running(platform: Platform, handler: Recorder, grace: float = 10.0) -> AsyncIterator[ChatBackend[Any]]:
+    backend = await platform.start(handler, grace)
+    try:
+        yield backend
+    finally:
+        await backend.stop()
+
+
+def long_reply(limit: int | None) -> str:
+    """Three paragraphs, each close to the platform's limit (the console has none: then 1,500 characters each)."""
+    size = int((limit or 1_500) * 0.9)
+    return "\n\n".join(f"Part {n}. " + ("word " * size)[: size - 8].strip() for n in (1, 2, 3))
+
+
+def parts_for(platform: Platform) -> int:
+    return 1 if platform.limit is None else 3
+
+
+async def test_a_long_reply_is_split_at_the_platforms_limit_and_its_ids_are_recorded(platform: Platform) -> None:
+    handler = Recorder(long_reply(platform.limit))
+    async with running(platform, handler):
+        await platform.say("tell me everything")
+        await handler.wait_until(lambda: len(handler.delivered) == 1)
+    received = platform.received()
+    assert len(received) == parts_for(platform)
+    assert all(platform.limit is None or len(text) <= platform.limit for _, text in received)
+    assert " ".join(text for _, text in received).split() == handler.answer.split()
+    [(_, ids)] = handler.delivered
+    assert ids == [ident for ident, _ in received if ident is not None]
+    assert handler.undelivered == [] and handler.interrupted == []
+
+
+async def test_a_send_failing_part_way_records_how_many_parts_arrived(
+    platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(telegram_requests, "BACKOFF_FIRST_S", 0.01)
+    handler = Recorder(long_reply(platform.limit))
+    arrive = parts_for(platform) - 1  # all but the last part (the console's one part: none)
+    async with running(platform, handler):
+        platform.fail_sends(after=arrive)
+        await platform.say("tell me everything")
+        await handler.wait_until(lambda: len(handler.undelivered) == 1)
+    [(reply, reason, parts_sent)] = handler.undelivered
+    assert parts_sent == arrive == len(platform.received())
+    assert reply.text == handler.answer and reason and handler.delivered == []
+
+
+async def test_stop_waits_for_the_reply_in_flight_within_the_grace(
+    platform: Platform, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="bot.backend")
+    handler = Recorder()
+    handler.gates["slow one"] = asyncio.Event()
+    backend = await platform.start(handler, grace=WAIT_S)
+    await platform.say("slow one")
+    await handler.wait_until(lambda: "slow one" in handler.entered)
+    stopping = asyncio.create_task(backend.stop())
+    await _logged("letting 1 replies finish")
+    done, _ = await asyncio.wait({stopping}, timeout=0.5)  # a stop that does not wait is over long before this
+    assert not done and handler.delivered == []
+    handler.gates["slow one"].set()
+    await asyncio.wait_for(stopping, WAIT_S)
+    assert [text for _, text in platform.received()] == ["hello"]
+    assert len(handler.delivered) == 1 and handler.cancelled == set()
+
+
+async def test_stop_cancels_what_is_still_in_the_core_after_the_grace(platform: Platform) -> None:
+    handler = Recorder()
+    handler.gates["endless"] = asyncio.Event()  # never opened
+    backend = await platform.start(handler, grace=0.2)
+    await platform.say("endless")
+    await handler.wait_until(lambda: "endless" in handler.entered)
+    await asyncio.wait_for(backend.stop(), WAIT_S)
+    assert handler.cancelled == {"endless"}
+    assert platform.received() == [] and handler.delivered == handler.undelivered == []
+
+
+@pytest.mark.parametrize("platform", ["telegram", "discord"], indirect=True)
+async def test_a_send_cut_off_by_stop_is_left_to_recovery_with_the_parts_that_arrived(platform: Any) -> None:
+    handler = Recorder(long_reply(platform.limit))
+    backend = await platform.start(handler, grace=0.2)
+    platform.hold_sends(after=1)
+    await platform.say("tell me everything")
+    await platform.wait_for_a_held_send()
+    await asyncio.wait_for(backend.stop(), WAIT_S)
+    [(reply, parts_sent)] = handler.interrupted
+    assert parts_sent == 1 and reply.text == handler.answer
+    assert handler.delivered == handler.undelivered == []
+
+
+async def _logged(needle: str) -> None:
+    """Awaits a log record of `bot.backend` containing `needle`."""
+    seen = asyncio.Event()
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if needle in record.getMessage():
+                seen.set()
+
+    watcher = Seen()
+    logging.getLogger("bot.backend").addHandler(watcher)
+    try:
+        await asyncio.wait_for(seen.wait(), WAIT_S)
+    finally:
+        logging.getLogger("bot.backend").removeHandler(watcher)
