@@ -28,6 +28,7 @@ from core.errors import ConfigError, MagpieError
 from core.messages import ADMIN_COMMANDS, COMMANDS, ChatKind, IncomingMessage, Reply
 from core.models import Chat, Delivery, Role
 from core.models import Message as DbMessage
+from core.outcomes import RunStarted
 from core.service import EXPORT_SENT_PRIVATELY, EXPORT_UNREACHABLE, NOT_TEXT, ChatService
 from core.settings import Settings
 from tests.fake_telegram import FakeTelegram, utf16_length
@@ -727,15 +728,11 @@ class RecordingRetrainer:
     def __init__(self) -> None:
         self.requests: list[str] = []
 
-    async def request(self, *, triggered_by: str, notify_platform: str | None, notify_chat_id: str | None) -> str:
+    async def request(
+        self, *, triggered_by: str, notify_platform: str | None, notify_chat_id: str | None
+    ) -> RunStarted:
         self.requests.append(triggered_by)
-        return "Training started; I'll tell you when it's done."
-
-    async def rollback(self, *, version: str | None, triggered_by: str) -> str:
-        return "Nothing to roll back to."
-
-    async def list_versions(self) -> str:
-        return "base (active)"
+        return RunStarted(len(self.requests), reports_here=notify_chat_id is not None)
 
 
 @dataclass
@@ -948,7 +945,7 @@ async def test_admin_commands_are_refused_to_non_admins_and_run_for_admins(
         telegram.user_says(telegram.private_chat(admin), admin, "/retrain")
         [accepted] = await telegram.wait_for_messages(admin.id, 1)
     assert "admin" in refusal["text"].lower()
-    assert accepted["text"] == "Training started; I'll tell you when it's done."
+    assert accepted["text"] == "Training run #1 started. I keep answering while it trains. I'll report progress here."
     assert served.retrainer.requests == ["telegram:42"]
 
 
