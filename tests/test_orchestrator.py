@@ -28,9 +28,10 @@ from core.settings import Settings
 from core.texts import run_outcome, run_request
 from tests.loop_support import ADMIN, RecordingNotifier, greedy_engine, loop_settings, msg
 from trainer import process
-from trainer.orchestrator import TrainingOrchestrator, cooldown_left, retrain_due
+from trainer.orchestrator import TrainingOrchestrator
 from trainer.process import child_environment, process_start_token, trainer_process_alive
 from trainer.retrain import decide, json_safe
+from trainer.schedule import cooldown_left, retrain_due
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 

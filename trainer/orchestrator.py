@@ -17,22 +17,20 @@ What happens to a run:
 they left (`trainer.runs.settle_running`). A run past RETRAIN_TIMEOUT_MINUTES is stopped and failed: the one this
 process follows by its watchdog, one of another process when a new run is asked for or at start. A run rejected
 because its training data was deleted or withdrawn while it trained (`/forget`, `/optout`) is followed by one new
-run, whatever the cooldown. The periodic schedule is a loop around `retrain_due`, a pure function of the clock,
-so it is tested without waiting hours. Results are typed (`core.outcomes`); `core.texts` words them, and the
-orchestrator sends those words to the requester's chat (`core.messages.Notifier`).
+run, whatever the cooldown. The periodic schedule is a loop around `trainer.schedule.retrain_due`. Results are
+typed (`core.outcomes`); `core.texts` words them, and the orchestrator sends those words to the requester's chat
+(`core.messages.Notifier`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import UTC, datetime
 
 from core.db import Database
 from core.messages import Notifier
@@ -51,11 +49,11 @@ from core.outcomes import (
 )
 from core.retraining import ServingFollower
 from core.settings import Settings
-from core.storage import collect_stats
 from core.texts import run_outcome, run_progress, run_request
 from trainer import runs
-from trainer.process import spawn_trainer
+from trainer.process import progress_lines, spawn_trainer
 from trainer.runs import StartPolicy
+from trainer.schedule import cooldown_left, scheduled_run_due
 
 log = logging.getLogger(__name__)
 
@@ -70,30 +68,6 @@ ProgressCallback = Callable[[float], Awaitable[None]]
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def retrain_due(
-    *,
-    now: datetime,
-    last_run_started_at: datetime | None,
-    new_messages: int,
-    interval_hours: float,
-    min_new_messages: int,
-) -> bool:
-    """The periodic schedule: every `interval_hours` (0 = never), and only when enough new conversation arrived."""
-    if interval_hours <= 0:
-        return False
-    if last_run_started_at is not None and now - last_run_started_at < timedelta(hours=interval_hours):
-        return False
-    return new_messages >= min_new_messages
-
-
-def cooldown_left(*, now: datetime, last_finished_at: datetime | None, cooldown_minutes: float) -> timedelta | None:
-    """How long until another run may start, or None when it may start now."""
-    if last_finished_at is None or cooldown_minutes <= 0:
-        return None
-    left = last_finished_at + timedelta(minutes=cooldown_minutes) - now
-    return left if left > timedelta(0) else None
 
 
 @dataclass(frozen=True)
@@ -270,7 +244,6 @@ class TrainingOrchestrator:
         if self._current is not None:
             return AlreadyRunning(self._current.run_id, self._current.progress)
         settled = await runs.settle_running(self._db, self._settings, now=now, policy=policy)
-        await runs.clean_up(self._db, self._settings.models_dir, settled.ended)
         if settled.running is not None:
             return settled.running
         cooldown = self._settings.retrain_cooldown_minutes
@@ -304,20 +277,10 @@ class TrainingOrchestrator:
         return outcome
 
     async def _follow(self, run: _Run) -> None:
-        stdout = run.process.stdout
-        assert stdout is not None
-        while True:
-            try:
-                raw = await stdout.readline()
-            except ValueError:  # a line over the limit (not one of ours): skip it
-                continue
-            if not raw:
-                return
-            event = _parse_event(raw)
-            if event is not None and event.get("event") == "progress":
-                run.progress = float(event.get("progress", run.progress))
-                if run.on_progress is not None:
-                    await run.on_progress(run.progress)
+        async for fraction in progress_lines(run.process):
+            run.progress = fraction
+            if run.on_progress is not None:
+                await run.on_progress(fraction)
 
     async def _train_again(self, run: _Run) -> TrainingAgain:
         """The run was discarded because people withdrew data it trained on: train once more on the data as it is
@@ -407,7 +370,6 @@ class TrainingOrchestrator:
         settled = await runs.settle_running(
             self._db, self._settings, now=self._clock(), policy=_LEAVE_RUNS_ALONE, besides=following
         )
-        await runs.clean_up(self._db, self._settings.models_dir, settled.ended)
         return [ended.run_id for ended in settled.ended]
 
     async def _keep_schedule(self) -> None:
@@ -419,27 +381,10 @@ class TrainingOrchestrator:
                 log.exception("scheduled retraining check failed")
 
     async def check_schedule(self) -> RunRequest | None:
-        """Starts a scheduled run when `retrain_due` says so; returns what `request` returned, or None if not due."""
-        async with self._db.sessions() as session:
-            stats = await collect_stats(session)
-        due = retrain_due(
-            now=self._clock(),
-            last_run_started_at=stats.last_run.started_at if stats.last_run else None,
-            new_messages=stats.since_last_training,
-            interval_hours=self._settings.retrain_interval_hours,
-            min_new_messages=self._settings.retrain_min_new_messages,
-        )
-        if not due:
+        """Starts a scheduled run when one is due; returns what `request` returned, or None if not due."""
+        new_messages = await scheduled_run_due(self._db, self._settings, now=self._clock())
+        if new_messages is None:
             return None
         result = await self.request(triggered_by="schedule", notify_platform=None, notify_chat_id=None)
-        log.info("scheduled retraining (%d new messages): %s", stats.since_last_training, run_request(result))
+        log.info("scheduled retraining (%d new messages): %s", new_messages, run_request(result))
         return result
-
-
-def _parse_event(raw: bytes) -> dict[str, Any] | None:
-    """A progress line from the child, or None for anything else a library printed."""
-    try:
-        event = json.loads(raw)
-    except ValueError:
-        return None
-    return event if isinstance(event, dict) else None

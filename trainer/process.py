@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -107,6 +108,26 @@ async def spawn_trainer(module: str, run_id: int, settings: Settings) -> asyncio
         env=child_environment(settings, os.environ),
         limit=2**20,
     )
+
+
+async def progress_lines(process: asyncio.subprocess.Process) -> AsyncIterator[float]:
+    """The progress fractions the trainer reports on stdout (`{"event": "progress", "progress": 0.42}`), until it
+    closes stdout; anything else a library printed there is skipped."""
+    stdout = process.stdout
+    assert stdout is not None
+    while True:
+        try:
+            raw = await stdout.readline()
+        except ValueError:  # a line over the limit (not one of ours): skip it
+            continue
+        if not raw:
+            return
+        try:
+            event = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "progress" and "progress" in event:
+            yield float(event["progress"])
 
 
 def child_environment(settings: Settings, inherited: Mapping[str, str]) -> dict[str, str]:

@@ -10,8 +10,8 @@ the trainer is `python -m trainer.retrain`, which could as well be a worker on a
                    promotion transaction), or end / fail (trainer or launcher; `fail` is the only way a run fails)
     conclude (launcher: reads the outcome; a row still `running` after its process exited is failed)
     settle_running (launcher, at start and before a new run): a `running` row of another process whose process
-    is gone, or that ran past RETRAIN_TIMEOUT_MINUTES, is failed (and its process killed); clean_up then removes
-    the directories the ended runs left.
+    is gone, or that ran past RETRAIN_TIMEOUT_MINUTES, is failed (and its process killed), and the directories
+    the ended runs left are removed (clean_up).
 
 A run's process is identified by its pid and start token (`trainer.process`), never by the pid alone. The reasons
 written here (interrupted, timed out, stopped, killed) are the row's record of what happened; people read them
@@ -236,7 +236,8 @@ async def settle_running(
     db: Database, settings: Settings, *, now: datetime, policy: StartPolicy, besides: int | None = None
 ) -> Settled:
     """Decides about every `running` row but `besides` (the run this process follows): rows whose process is
-    gone or that timed out (or that `policy` stops) are failed; the rest are runs that go on."""
+    gone or that timed out (or that `policy` stops) are failed, their processes killed and their directories
+    removed; the rest are runs that go on."""
     ended: list[Ended] = []
     running = None
     async with db.sessions.begin() as session:
@@ -244,6 +245,7 @@ async def settle_running(
             if row.id != besides:
                 running = _settle(row, settings, now, ended, policy) or running
         last_finished = await session.scalar(select(func.max(TrainingRun.finished_at)))
+    await clean_up(db, settings.models_dir, ended)
     return Settled(ended, running, last_finished)
 
 
