@@ -27,6 +27,9 @@ Progress goes two ways: the row's `progress` column, and JSON lines on stdout fo
 `{"event": "stage", "stage": "training"}`, `{"event": "progress", "progress": 0.42}`,
 `{"event": "finished", "status": "promoted"}`. Logs go to stderr. The exit status is 0 when an outcome (promoted or
 rejected) was recorded, 1 when the run failed (recorded with its reason), 2 when the run row was not usable.
+
+The module is longer than most (about 450 lines) on purpose: it reads top to bottom as one run's stages, like
+transformers' `run_clm.py`, and the gate and the recording transaction it ends with are that story's last stage.
 """
 
 from __future__ import annotations
