@@ -16,21 +16,19 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import transformers
-
 from bot import cli_training
 from bot.backend import Backend, BackendNotifier
 from bot.console import CHAT_ID as CONSOLE_CHAT_ID
 from bot.console import PLATFORM as CONSOLE_PLATFORM
 from bot.console import ConsoleBackend
 from core.db import Database, upgrade
-from core.engine import Engine, ModelRef
-from core.errors import ConfigError, HubUnreachableError, MagpieError, ModelLoadError
+from core.engine import Engine
+from core.errors import ConfigError, MagpieError
 from core.retention import RetentionJob, prune_old_messages
 from core.service import ChatService, RecoveryPlan
+from core.serving import ModelServing, quiet_model_progress_bars
 from core.settings import Settings, load_settings
 from core.storage import collect_stats
-from core.versions import fallback_versions, get_active_version, version_files_problem
 
 if TYPE_CHECKING:
     from trainer.orchestrator import TrainingOrchestrator
@@ -86,39 +84,13 @@ def configure_logging(settings: Settings) -> None:
     ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("discord.client").setLevel(logging.ERROR)  # "voice will NOT be supported" on every start
-    # transformers draws its own bars for every save and load ("Writing model shards", "Loading weights"); they
-    # would break up Magpie's one progress bar and fill service logs with carriage returns.
-    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    quiet_model_progress_bars()
 
 
 async def _db_upgrade(settings: Settings, quiet: bool) -> None:
     await upgrade(settings.database_url)
     if not quiet:
         print("Database is up to date.")
-
-
-async def _model_choices(settings: Settings, db: Database) -> list[ModelRef]:
-    """What to serve, in order of preference: the active version, then (should it not load) the versions that
-    served before it, most recent first, and last BASE_MODEL. Versions whose files are missing or incomplete are
-    left out, with a log line: a broken active version must not keep the bot from starting."""
-    base = ModelRef(source=settings.base_model, name=settings.base_model)
-    async with db.sessions() as session:
-        active = await get_active_version(session)
-        if active is None:
-            return [base]
-        earlier = await fallback_versions(session, besides=active.id)
-    choices = []
-    for version in (active, *earlier):
-        problem = version_files_problem(version.path)
-        if problem is None:
-            choices.append(ModelRef(source=version.path, name=version.name, version_id=version.id))
-        elif version is active:
-            log.error("The active model version %s cannot be loaded: %s (%s).", active.name, problem, active.path)
-    if choices and choices[0].version_id != active.id:
-        log.warning("Serving %s, the version that served before %s, instead.", choices[0].name, active.name)
-    elif not choices:
-        log.warning("No earlier version can serve instead of %s: serving BASE_MODEL (%s).", active.name, base.name)
-    return [*choices, base]
 
 
 def _backends(settings: Settings, service: ChatService) -> list[Backend]:
@@ -149,14 +121,16 @@ async def _serve(settings: Settings) -> None:
     db = Database.connect(settings.database_url)
     engine = Engine.from_settings(settings)
     notifier = BackendNotifier()
-    orchestrator = TrainingOrchestrator(settings=settings, db=db, engine=engine, notifier=notifier)
+    serving = ModelServing(settings=settings, db=db, engine=engine)
+    orchestrator = TrainingOrchestrator(settings=settings, db=db, serving=serving, notifier=notifier)
     retention = RetentionJob(db, days=settings.log_retention_days)
     try:
         await db.check_schema()
         retention.start()
-        await _start_engine(settings, db, engine)
+        await _start_engine(settings, db, serving)
+        await serving.start()
         await orchestrator.start()
-        service = ChatService(settings=settings, db=db, engine=engine, retrainer=orchestrator)
+        service = ChatService(settings=settings, db=db, engine=engine, retrainer=orchestrator, serving=serving)
         backends = _backends(settings, service)
         notifier.attach(backends)
         # Fixed before any backend takes a message: recovery answers only what the previous run left behind.
@@ -175,33 +149,19 @@ async def _serve(settings: Settings) -> None:
     finally:
         await retention.stop()
         await orchestrator.stop()
+        await serving.stop()
         await engine.close()
         await db.close()
 
 
-async def _start_engine(settings: Settings, db: Database, engine: Engine) -> None:
-    """Serves the active version, else the first earlier one that loads, else BASE_MODEL; offline with no model at
-    all, builds the starter once."""
-    *versions, ref = await _model_choices(settings, db)
-    for version in versions:
-        log.info("Loading model %s", version.name)
-        try:
-            await engine.start(version)
-        except ModelLoadError:
-            log.exception("Model version %s could not be loaded; trying the next one.", version.name)
-            continue
-        return
-    log.info("Loading model %s", ref.name)
-    try:
-        await engine.start(ref)
-    except HubUnreachableError:
-        log.warning(
-            'Model "%s" is not available offline (the Hugging Face Hub is unreachable and it is not cached): '
-            "using the offline starter model instead.",
-            ref.name,
-        )
-        starter = await cli_training.build_starter(settings, db)
-        await engine.start(ModelRef(source=str(starter.path), name=starter.name, version_id=starter.version_id))
+async def _start_engine(settings: Settings, db: Database, serving: ModelServing) -> None:
+    """Serves the active version (or what can stand in for it, see `ModelServing.start_engine`); offline with no
+    model at all, builds the starter once, with a progress bar."""
+
+    async def offline_starter() -> int:
+        return (await cli_training.build_starter(settings, db)).version_id
+
+    await serving.start_engine(offline_starter=offline_starter)
 
 
 async def _let_console_run_finish(orchestrator: TrainingOrchestrator, stop: asyncio.Event) -> None:

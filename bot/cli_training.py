@@ -2,8 +2,9 @@
 
 They go through the same code as the chat commands: `magpie retrain` runs the same training child as `/retrain`
 (`TrainingOrchestrator.run_in_foreground`), and `magpie models activate/rollback` switch versions in the database
-the same atomic way as `/rollback`. A running bot notices the new active version within seconds and hot-swaps
-(its orchestrator's watcher), so these commands never need the bot to stop.
+the same atomic way as `/rollback` (`core.serving.ModelServing`, here without an engine). A running bot notices
+the new active version within seconds and hot-swaps (its serving side's watcher), so these commands never need
+the bot to stop. What they print about runs and versions is worded by `core.texts`, like the chat's answers.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from tqdm import tqdm
 
 from core.db import Database
 from core.models import RunStatus
+from core.outcomes import RunOutcome, SwitchRefused
+from core.serving import ModelServing
 from core.settings import Settings
+from core.texts import run_outcome, run_request, switch, version_list
 from trainer.orchestrator import TrainingOrchestrator
 
 if TYPE_CHECKING:
@@ -103,27 +107,28 @@ async def _retrain(args: argparse.Namespace, settings: Settings, db: Database) -
     finally:
         for bar in bars:
             bar.close()
-    if isinstance(outcome, str):
-        print(outcome, file=sys.stderr)
+    if not isinstance(outcome, RunOutcome):
+        print(run_request(outcome), file=sys.stderr)
         return 1
     for earlier in outcome.earlier:
-        print(earlier.message())
-    print(outcome.message())
+        print(run_outcome(earlier))
+    print(run_outcome(outcome))
     return 1 if outcome.status is RunStatus.FAILED else 0
 
 
 async def _models(args: argparse.Namespace, settings: Settings, db: Database) -> int:
-    orchestrator = TrainingOrchestrator(settings=settings, db=db)
+    serving = ModelServing(settings=settings, db=db)  # no engine here: a running bot's watcher follows
     if args.models_command == "check":
         return await _models_check(settings, db, remove=args.remove)
     if args.models_command == "list":
-        print(await orchestrator.list_versions())
+        print(version_list(await serving.list_versions()))
         return 0
-    switch = await orchestrator.switch_version(
+    result = await serving.switch_version(
         version=args.name, rolled_back=args.models_command == "rollback", triggered_by=_operator()
     )
-    print(switch.text, file=sys.stdout if switch.done else sys.stderr)
-    return 0 if switch.done else 1
+    refused = isinstance(result, SwitchRefused)
+    print(switch(result), file=sys.stderr if refused else sys.stdout)
+    return 1 if refused else 0
 
 
 async def _models_check(settings: Settings, db: Database, *, remove: bool) -> int:

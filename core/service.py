@@ -22,7 +22,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from core.commands import ParsedCommand, help_text, parse_command, start_text, status_text
+from core.commands import ParsedCommand, parse_command
 from core.db import Database
 from core.dialogue import Turn, speaker_key
 from core.engine import Engine
@@ -31,6 +31,7 @@ from core.limits import KeyedLock, RateLimiter
 from core.messages import ADMIN_COMMANDS, Attachment, ChatKind, IncomingMessage, Private, Reply
 from core.models import Delivery, Message, Role, User
 from core.retraining import Retrainer
+from core.serving import ModelServing
 from core.settings import Settings
 from core.storage import (
     Unanswered,
@@ -48,20 +49,36 @@ from core.storage import (
     upsert_chat,
     upsert_user,
 )
-from core.versions import training_in_progress, versions_trained_on_user
+from core.texts import (
+    ADMINS_ONLY,
+    EMPTY,
+    EXPORT_AFTER_RESTART,
+    EXPORT_SENT_PRIVATELY,
+    EXPORT_UNREACHABLE,
+    GENERIC_FAILURE,
+    MODELS_UNAVAILABLE,
+    NOT_LOGGED,
+    NOT_TEXT,
+    OPTED_IN,
+    OPTED_OUT,
+    RESET_DONE,
+    RETRAIN_UNAVAILABLE,
+    ROLLBACK_UNAVAILABLE,
+    export_ready,
+    forgotten,
+    help_text,
+    rate_limited,
+    run_request,
+    start_text,
+    status_text,
+    switch,
+    too_long,
+    unknown_command,
+    version_list,
+)
+from core.versions import training_in_progress, version_files_problem, versions_trained_on_user
 
 log = logging.getLogger(__name__)
-
-NOT_TEXT = "I can only read text messages for now."
-EMPTY = "Send me some text and I'll answer."
-GENERIC_FAILURE = "Sorry, something went wrong on my side. Please try again."
-NOT_LOGGED = "Sorry, I can't take messages right now (my database is not answering). Please try again in a minute."
-EXPORT_SENT_PRIVATELY = "I sent your export to you privately: only you can see it."
-EXPORT_UNREACHABLE = (
-    "I can't send you your export privately (you haven't started a private chat with me, or you don't accept "
-    "private messages), and I won't post it here. Start a private chat with me and send /export there."
-)
-EXPORT_AFTER_RESTART = "I was restarted before I could send your export. Please send /export again."
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +114,11 @@ class Recovered:
 
 
 class ChatService:
-    """Implements `core.messages.ChatHandler` for every platform."""
+    """Implements `core.messages.ChatHandler` for every platform.
+
+    `retrainer` (the trainer's orchestrator) answers `/retrain`; `serving` (which version serves) answers
+    `/models` and `/rollback`. Without them those commands say they are not available in this setup.
+    """
 
     def __init__(
         self,
@@ -106,12 +127,14 @@ class ChatService:
         db: Database,
         engine: Engine,
         retrainer: Retrainer | None = None,
+        serving: ModelServing | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
         self._db = db
         self._engine = engine
         self._retrainer = retrainer
+        self._serving = serving
         self._limiter = RateLimiter(limit=settings.rate_limit_per_minute, clock=clock)
         self._user_turns = KeyedLock()
 
@@ -382,11 +405,7 @@ class ChatService:
         # or an admin checking /status must not be told to wait.
         if not self._is_admin(logged) and not self._limiter.allow(user_key):
             wait = max(1, round(self._limiter.retry_after(user_key)))
-            return await self._system_reply(
-                logged,
-                f"Whoa, that's a lot of messages! I answer up to {self._settings.rate_limit_per_minute} a minute — "
-                f"try again in {wait} s.",
-            )
+            return await self._system_reply(logged, rate_limited(self._settings.rate_limit_per_minute, wait))
         if message.text is None:
             return await self._system_reply(logged, NOT_TEXT)
         if logged.command is not None:
@@ -395,11 +414,7 @@ class ChatService:
         if not text:
             return await self._system_reply(logged, EMPTY)
         if len(text) > self._settings.max_input_chars:
-            return await self._system_reply(
-                logged,
-                f"That message is too long for me ({len(text)} characters; I read up to "
-                f"{self._settings.max_input_chars}). Could you say it in fewer words?",
-            )
+            return await self._system_reply(logged, too_long(len(text), self._settings.max_input_chars))
         return await self._chat(logged)
 
     async def _chat(self, logged: Logged) -> Reply:
@@ -441,10 +456,10 @@ class ChatService:
                 message.platform,
                 message.author_id,
             )
-            return await self._system_reply(logged, "Sorry, only the bot's admins can use that command.")
+            return await self._system_reply(logged, ADMINS_ONLY)
         handler = self._command_handlers().get(command.name)
         if handler is None:
-            return await self._system_reply(logged, f"I don't know /{command.name}. Try /help.")
+            return await self._system_reply(logged, unknown_command(command.name))
         return await handler(logged, command)
 
     def _command_handlers(self) -> dict[str, Callable[[Logged, ParsedCommand], Awaitable[Reply]]]:
@@ -476,7 +491,7 @@ class ChatService:
         return await self._system_reply(logged, text)
 
     async def _cmd_reset(self, logged: Logged, _: ParsedCommand) -> Reply:
-        return await self._system_reply(logged, "Okay — fresh start. I've set our earlier conversation aside.")
+        return await self._system_reply(logged, RESET_DONE)
 
     async def _cmd_forget(self, logged: Logged, _: ParsedCommand) -> Reply:
         async with self._db.sessions.begin() as session:
@@ -484,16 +499,8 @@ class ChatService:
             trained_on = await versions_trained_on_user(session, user_id=logged.user_row_id)
             training = await training_in_progress(session)
         log.info("Forgot %d messages of user row %d", count, logged.user_row_id)
-        noun = "message" if count == 1 else "messages"
-        text = f"Done: I deleted {count} {noun} you sent me, in every chat (this /forget included)."
-        if trained_on:
-            names = ", ".join(version.name for version in trained_on)
-            text += (
-                f" Your messages were part of the training data of versions {names}; "
-                "they will not be in future versions."
-            )
-        if training:
-            text += " A training run is in progress: the version it trains will not be used with your messages in it."
+        names = [version.name for version in trained_on]
+        text = forgotten(count, trained_on=names, training_now=training)
         return await self._log_reply(logged, text, model_version_id=None, system=True, answers_logged=False)
 
     async def _cmd_export(self, logged: Logged, _: ParsedCommand) -> Reply:
@@ -501,7 +508,7 @@ class ChatService:
             rows = await export_user(session, user_id=logged.user_row_id)
         content = json.dumps({"messages": rows}, ensure_ascii=False, indent=2).encode()
         attachment = Attachment(filename="magpie-export.json", content=content)
-        text = f"Here are the {len(rows)} messages I have from you."
+        text = export_ready(len(rows))
         if logged.message.chat_kind is ChatKind.PRIVATE:
             return await self._system_reply(logged, text, attachment)
         # Everything the user ever sent, private chats included: never for the eyes of a group.
@@ -516,47 +523,46 @@ class ChatService:
 
     async def _cmd_optout(self, logged: Logged, _: ParsedCommand) -> Reply:
         await self._set_opt_out(logged, True)
-        return await self._system_reply(
-            logged, "Got it: I'll keep chatting, but your messages won't be used for training. /optin undoes it."
-        )
+        return await self._system_reply(logged, OPTED_OUT)
 
     async def _cmd_optin(self, logged: Logged, _: ParsedCommand) -> Reply:
         await self._set_opt_out(logged, False)
-        return await self._system_reply(logged, "Thanks! Your messages can help me learn again.")
+        return await self._system_reply(logged, OPTED_IN)
 
     async def _cmd_retrain(self, logged: Logged, _: ParsedCommand) -> Reply:
         if self._retrainer is None:
-            return await self._system_reply(logged, "Retraining is not available in this setup.")
+            return await self._system_reply(logged, RETRAIN_UNAVAILABLE)
         message = logged.message
-        text = await self._retrainer.request(
+        result = await self._retrainer.request(
             triggered_by=f"{message.platform}:{message.author_id}",
             notify_platform=message.platform,
             notify_chat_id=message.chat_id,
         )
-        return await self._system_reply(logged, text)
+        return await self._system_reply(logged, run_request(result))
 
     async def _cmd_status(self, logged: Logged, _: ParsedCommand) -> Reply:
         async with self._db.sessions() as session:
             stats = await collect_stats(session)
         ref = self._engine.model_ref
         model_name = ref.name if ref is not None else "none loaded"
-        return await self._system_reply(
-            logged, status_text(stats, model_name=model_name, queue_depth=self._engine.queue_depth)
-        )
+        active = stats.active_version
+        problem = version_files_problem(active.path) if active is not None and active.name != model_name else None
+        text = status_text(stats, model_name=model_name, queue_depth=self._engine.queue_depth, active_problem=problem)
+        return await self._system_reply(logged, text)
 
     async def _cmd_models(self, logged: Logged, _: ParsedCommand) -> Reply:
-        if self._retrainer is None:
-            return await self._system_reply(logged, "Model versions are not available in this setup.")
-        return await self._system_reply(logged, await self._retrainer.list_versions())
+        if self._serving is None:
+            return await self._system_reply(logged, MODELS_UNAVAILABLE)
+        return await self._system_reply(logged, version_list(await self._serving.list_versions()))
 
     async def _cmd_rollback(self, logged: Logged, command: ParsedCommand) -> Reply:
-        if self._retrainer is None:
-            return await self._system_reply(logged, "Rollback is not available in this setup.")
+        if self._serving is None:
+            return await self._system_reply(logged, ROLLBACK_UNAVAILABLE)
         message = logged.message
-        text = await self._retrainer.rollback(
+        result = await self._serving.rollback(
             version=command.args or None, triggered_by=f"{message.platform}:{message.author_id}"
         )
-        return await self._system_reply(logged, text)
+        return await self._system_reply(logged, switch(result))
 
 
 def _asks_for_export(message: Message) -> bool:

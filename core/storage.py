@@ -17,7 +17,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
-from core.models import Chat, Delivery, Message, ModelVersion, Role, TrainingRun, User, VersionStatus
+from core.models import Chat, Delivery, Message, ModelVersion, Role, TrainingRun, User
+from core.versions import get_active_version
 
 
 async def upsert_user(session: AsyncSession, *, platform: str, platform_user_id: str, display_name: str) -> User:
@@ -308,9 +309,7 @@ async def collect_stats(session: AsyncSession) -> Stats:
     last_run = (
         await session.execute(select(TrainingRun).order_by(TrainingRun.id.desc()).limit(1))
     ).scalar_one_or_none()
-    active = (
-        await session.execute(select(ModelVersion).where(ModelVersion.status == VersionStatus.ACTIVE))
-    ).scalar_one_or_none()
+    active = await get_active_version(session)
     since: datetime | None = last_run.started_at if last_run is not None else None
     messages = select(func.count()).select_from(Message)
     conversational = messages.where(Message.role == Role.USER, Message.is_command.is_(False))

@@ -5,6 +5,8 @@ Every function takes the session explicitly and does not commit: the caller owns
 work. That, plus the partial unique index on `status = 'active'`, is what makes activation atomic: a crash at any
 moment leaves either the old or the new version active, and two concurrent activations cannot both win (the
 second fails on the index and rolls back).
+
+This module knows no model: putting the active version into the engine is `core.serving`'s job.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ async def get_version(
 
 
 async def get_active_version(session: AsyncSession) -> ModelVersion | None:
-    """The version that should be serving, if any."""
+    """The version that should be serving, if any: the one query for it (serving, `/status`, the trainer)."""
     result: ModelVersion | None = await session.scalar(
         select(ModelVersion).where(ModelVersion.status == VersionStatus.ACTIVE)
     )

@@ -14,6 +14,7 @@ from core.db import Database
 from core.dialogue import Turn
 from core.engine import Engine
 from core.models import VersionStatus
+from core.serving import ModelServing
 from core.settings import Settings
 from core.versions import get_active_version, list_versions
 from trainer.bootstrap import StarterVersion, bootstrap, starter_arguments
@@ -103,7 +104,7 @@ async def test_magpie_run_builds_the_starter_once_when_the_hub_is_unreachable(
     for _ in range(2):
         engine = Engine.from_settings(settings)
         try:
-            await cli._start_engine(settings, db, engine)
+            await cli._start_engine(settings, db, ModelServing(settings=settings, db=db, engine=engine))
             assert engine.model_ref is not None and engine.model_ref.name.startswith("starter-")
             assert (await engine.generate_response([Turn("user:1", "hello")])).text.strip()
         finally:

@@ -23,8 +23,11 @@ from sqlalchemy import select
 from core.db import Database
 from core.engine import Engine
 from core.models import Message, ModelVersion, Role, RunStatus, TrainingRun, VersionStatus
+from core.outcomes import RunOutcome
 from core.service import ChatService
+from core.serving import ModelServing
 from core.settings import Settings
+from core.texts import run_outcome
 from core.versions import activate_version, get_active_version, register_version
 from tests.loop_support import (
     ADMIN,
@@ -56,8 +59,13 @@ class Loop:
     db: Database
     engine: Engine
     notifier: RecordingNotifier
+    serving: ModelServing
     orchestrator: TrainingOrchestrator
     service: ChatService
+
+    async def stop(self) -> None:
+        await self.orchestrator.stop()
+        await self.serving.stop()
 
     async def ask(self, text: str, user: str) -> tuple[str, int | None]:
         """A private message; returns the reply and the model version the service logged it with."""
@@ -76,12 +84,14 @@ class Loop:
 
 async def _wire(settings: Settings, db: Database, engine: Engine, **orchestrator_options: Any) -> Loop:
     notifier = RecordingNotifier()
+    serving = ModelServing(settings=settings, db=db, engine=engine)
     orchestrator = TrainingOrchestrator(
-        settings=settings, db=db, engine=engine, notifier=notifier, **orchestrator_options
+        settings=settings, db=db, serving=serving, notifier=notifier, **orchestrator_options
     )
+    await serving.start()
     await orchestrator.start()
-    service = ChatService(settings=settings, db=db, engine=engine, retrainer=orchestrator)
-    return Loop(settings, db, engine, notifier, orchestrator, service)
+    service = ChatService(settings=settings, db=db, engine=engine, retrainer=orchestrator, serving=serving)
+    return Loop(settings, db, engine, notifier, serving, orchestrator, service)
 
 
 @pytest.fixture(scope="session")
@@ -98,7 +108,7 @@ async def base_loop(db: Database, database_url: str, loop_model_dir: Path, tmp_p
     try:
         yield loop
     finally:
-        await loop.orchestrator.stop()
+        await loop.stop()
         await engine.close()
 
 
@@ -216,7 +226,7 @@ async def test_a_worse_version_is_rejected_and_the_old_one_kept(
         assert PHRASE in answer and version_id == good
         assert "v1: rejected" in await loop.admin("/models")
     finally:
-        await loop.orchestrator.stop()
+        await loop.stop()
         await engine.close()
 
 
@@ -243,8 +253,8 @@ async def test_killing_the_trainer_keeps_the_active_version_and_rollback_works(
             loop.orchestrator.run_in_foreground(triggered_by="test", on_progress=kill_once_it_progresses), WAIT_S
         )
 
-        assert killed and not isinstance(outcome, str)
-        assert outcome.status is RunStatus.FAILED and "killed (SIGKILL)" in outcome.message()
+        assert killed and isinstance(outcome, RunOutcome)
+        assert outcome.status is RunStatus.FAILED and "killed (SIGKILL)" in run_outcome(outcome)
         run = await _run_row(db, 1)
         assert run.status is RunStatus.FAILED and "killed" in (run.error or "") and run.finished_at is not None
         assert 0 < run.progress < 1 and run.model_version_id is None
@@ -262,7 +272,7 @@ async def test_killing_the_trainer_keeps_the_active_version_and_rollback_works(
             statuses = {v.name: v.status for v in (await session.scalars(select(ModelVersion))).all()}
         assert statuses == {"old": VersionStatus.ACTIVE, "taught": VersionStatus.ROLLED_BACK}
     finally:
-        await loop.orchestrator.stop()
+        await loop.stop()
         await engine.close()
 
 
@@ -279,7 +289,7 @@ async def test_stopping_the_bot_stops_the_run(
         running = loop.orchestrator.running
         assert running is not None
 
-        await loop.orchestrator.stop()
+        await loop.stop()
 
         assert loop.orchestrator.running is None
         run = await _run_row(db, 1)
@@ -288,7 +298,7 @@ async def test_stopping_the_bot_stops_the_run(
         with pytest.raises(ProcessLookupError):
             os.kill(running.pid, 0)
     finally:
-        await loop.orchestrator.stop()
+        await loop.stop()
         await engine.close()
 
 
@@ -373,7 +383,7 @@ async def test_a_run_past_the_timeout_is_stopped_and_failed(
         orchestrator.run_in_foreground(triggered_by="cli:me", on_progress=hours_pass), WAIT_S
     )
 
-    assert not isinstance(outcome, str) and outcome.status is RunStatus.FAILED
+    assert isinstance(outcome, RunOutcome) and outcome.status is RunStatus.FAILED
     assert outcome.reason == "it ran longer than RETRAIN_TIMEOUT_MINUTES (180 min) and was stopped"
     run = await _run_row(db, 1)
     assert run.status is RunStatus.FAILED and run.error == outcome.reason and run.model_version_id is None

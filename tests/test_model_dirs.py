@@ -19,7 +19,9 @@ from bot.cli_training import run_command
 from core.db import Database
 from core.engine import Engine
 from core.models import ModelVersion, RunStatus, TrainingRun, VersionStatus
+from core.outcomes import RunOutcome
 from core.service import ChatService
+from core.serving import ModelServing
 from core.settings import Settings
 from core.versions import activate_version, register_version, set_version_status
 from tests.loop_support import ADMIN, build_loop_model, greedy_engine, log_community, loop_settings, msg
@@ -119,7 +121,7 @@ async def test_an_error_or_a_kill_after_the_rename_removes_the_version_directory
         monkeypatch.setenv(SOCKET_VARIABLE, socket)
         outcome = await orchestrator.run_in_foreground(triggered_by="test", on_progress=_ignore)
 
-    assert not isinstance(outcome, str) and seen == [1]
+    assert isinstance(outcome, RunOutcome) and seen == [1]
     assert outcome.status is RunStatus.FAILED
     expected = "killed (SIGKILL)" if answer == "kill" else "training failed (InjectedFailureError)"
     assert expected in (outcome.reason or "")
@@ -213,7 +215,7 @@ async def test_a_broken_active_version_falls_back_to_the_one_before(
         (active_dir / "model.safetensors").write_bytes(b"not a model")
 
     with caplog.at_level(logging.INFO):
-        await _start_engine(settings, db, engine)
+        await _start_engine(settings, db, ModelServing(settings=settings, db=db, engine=engine))
 
     assert engine.model_ref is not None and engine.model_ref.name == "v2" and engine.model_ref.version_id == previous
     logged = caplog.text
@@ -238,7 +240,7 @@ async def test_with_no_version_to_fall_back_to_base_model_serves(
     await _register(db, "v1", settings.models_dir / "v1", active=True)  # never there
 
     with caplog.at_level(logging.INFO):
-        await _start_engine(settings, db, engine)
+        await _start_engine(settings, db, ModelServing(settings=settings, db=db, engine=engine))
 
     assert engine.model_ref is not None and engine.model_ref.name == settings.base_model
     assert engine.model_ref.version_id is None

@@ -1,18 +1,17 @@
-"""The orchestrator's decisions and bookkeeping: schedule, cooldown, refusals, recovery, versions, the watcher.
+"""The orchestrator's decisions and bookkeeping: schedule, cooldown, refusals, recovery, what a run reports.
 
-The pure decisions are tested with an injected clock; the rest against a real database (SQLite and PostgreSQL)
-and, where a swap happens, a real engine serving the tiny GPT-2.
+The pure decisions are tested with an injected clock; the rest against a real database (SQLite and PostgreSQL).
+Switching versions and the watcher are the serving side's (tests/test_serving.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,23 +21,17 @@ from pydantic import SecretStr
 from sqlalchemy import select
 
 from core.db import Database
-from core.engine import Engine, ModelRef
-from core.models import ModelVersion, RunStatus, TrainingRun, VersionStatus
+from core.models import RunStatus, TrainingRun
+from core.outcomes import AlreadyRunning, RunOutcome, RunStarted, SwapOutcome, SwapState, TrainingAgain
 from core.service import ChatService
 from core.settings import Settings
-from core.versions import activate_version, register_version, set_version_status
+from core.texts import run_outcome, run_request
 from tests.loop_support import ADMIN, RecordingNotifier, greedy_engine, loop_settings, msg
 from trainer import process
-from trainer.orchestrator import (
-    RunOutcome,
-    TrainingOrchestrator,
-    child_environment,
-    cooldown_left,
-    retrain_due,
-    trainer_process_alive,
-)
-from trainer.process import process_start_token
+from trainer.orchestrator import TrainingOrchestrator
+from trainer.process import child_environment, process_start_token, trainer_process_alive
 from trainer.retrain import decide, json_safe
+from trainer.schedule import cooldown_left, retrain_due
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -110,17 +103,32 @@ def test_metrics_are_made_json_safe() -> None:
 
 def test_outcome_messages() -> None:
     metrics = {"active_eval_loss": 2.0, "eval_loss": 1.0, "eval_samples": 12, "train_samples": 90}
-    promoted = RunOutcome(3, RunStatus.PROMOTED, "v3", metrics).message()
+    promoted = run_outcome(RunOutcome(3, RunStatus.PROMOTED, "v3", metrics))
     assert promoted == (
         "Training run #3 finished: v3 is now the active model. Eval loss 2.000 → 1.000 (perplexity 7.4 → 2.7) "
         "on 12 held-out samples; trained on 90."
     )
-    rejected = RunOutcome(4, RunStatus.REJECTED, "v4", metrics, reason="worse").message()
+    rejected = run_outcome(RunOutcome(4, RunStatus.REJECTED, "v4", metrics, reason="worse"))
     assert rejected.startswith("Training run #4 finished, but v4 was not promoted: worse. The active model stays.")
-    single = RunOutcome(6, RunStatus.PROMOTED, "v6", {**metrics, "eval_samples": 1}).message()
+    single = run_outcome(RunOutcome(6, RunStatus.PROMOTED, "v6", {**metrics, "eval_samples": 1}))
     assert "on 1 held-out sample; trained on 90." in single
-    failed = RunOutcome(5, RunStatus.FAILED, reason="the training process was killed (SIGKILL)").message()
+    failed = run_outcome(RunOutcome(5, RunStatus.FAILED, reason="the training process was killed (SIGKILL)"))
     assert failed == "Training run #5 failed: the training process was killed (SIGKILL). The active model stays."
+    elsewhere = run_outcome(RunOutcome(7, RunStatus.PROMOTED, "v7", swap=SwapOutcome(SwapState.ELSEWHERE)))
+    assert (
+        elsewhere
+        == "Training run #7 finished: v7 is now the active model. A running bot switches to it within a few seconds."
+    )
+    broken = SwapOutcome(SwapState.LOAD_FAILED, "config.json missing", "v6")
+    assert run_outcome(RunOutcome(8, RunStatus.PROMOTED, "v8", swap=broken)).endswith(
+        " But it could not be loaded (config.json missing); still serving v6."
+    )
+    withdrawn = {**metrics, "data_withdrawn": 2}
+    again = run_outcome(RunOutcome(9, RunStatus.REJECTED, "v9", withdrawn, "data changed", again=TrainingAgain(10)))
+    assert again == (
+        "Training run #9 finished, but v9 was not promoted: data changed. The active model stays. "
+        "Training again without them: run #10 started."
+    )
 
 
 def test_child_environment_hands_the_settings_down_without_secrets(
@@ -254,7 +262,8 @@ async def test_a_run_in_another_process_is_reported_as_running(
     await _add_run(db, pid=fake_trainer.pid, process_start=process_start_token(fake_trainer.pid), progress=0.42)
     orchestrator = TrainingOrchestrator(settings=settings, db=db, clock=Clock())
     reply = await orchestrator.request(triggered_by="telegram:42", notify_platform="telegram", notify_chat_id="42")
-    assert reply == "A training run (#1) is already running, 42% done."
+    assert reply == AlreadyRunning(1, 0.42)
+    assert run_request(reply) == "A training run (#1) is already running, 42% done."
     async with db.sessions() as session:
         assert len((await session.scalars(select(TrainingRun))).all()) == 1
 
@@ -328,106 +337,13 @@ async def test_the_schedule_starts_a_run_when_due(db: Database, settings: Settin
     reply = await orchestrator.check_schedule()
     await orchestrator.stop()
 
-    assert reply is not None and reply.startswith("Training run #2 started")
+    assert reply == RunStarted(2, reports_here=False)
+    assert run_request(reply).startswith("Training run #2 started")
     run = await _run(db, 2)
     assert run.triggered_by == "schedule" and run.status is RunStatus.FAILED and run.finished_at is not None
 
 
-# --- versions and the engine ----------------------------------------------------------------------------------
-
-
-async def _register(db: Database, name: str, path: Path, *, loss: float | None = None, active: bool = False) -> int:
-    async with db.sessions.begin() as session:
-        metrics = {"eval_loss": loss} if loss is not None else {}
-        version = await register_version(session, name=name, path=str(path), metrics=metrics)
-        if active:
-            await activate_version(session, version_id=version.id)
-        return version.id
-
-
-@pytest.fixture
-async def engine(tiny_model_dir: Path) -> AsyncIterator[Engine]:
-    engine = greedy_engine()
-    await engine.start(ModelRef(source=str(tiny_model_dir), name="tiny"))
-    try:
-        yield engine
-    finally:
-        await engine.close()
-
-
-async def test_versions_are_listed_newest_first_with_the_active_one_marked(
-    db: Database, settings: Settings, tiny_model_dir: Path
-) -> None:
-    orchestrator = TrainingOrchestrator(settings=settings, db=db)
-    assert (await orchestrator.list_versions()).startswith("No trained model versions yet: serving BASE_MODEL")
-    await _register(db, "v1", tiny_model_dir, loss=2.0, active=True)
-    rejected = await _register(db, "v2", tiny_model_dir, loss=2.5)
-    async with db.sessions.begin() as session:
-        await set_version_status(session, version_id=rejected, status=VersionStatus.REJECTED, note="worse")
-
-    lines = (await orchestrator.list_versions()).splitlines()
-
-    assert lines[0] == "Model versions, newest first (* = active):"
-    assert lines[1].startswith("  v2: rejected, eval loss 2.500 (perplexity 12.2), ") and lines[1].endswith("(worse)")
-    assert lines[2].startswith("* v1: active, eval loss 2.000 (perplexity 7.4), ")
-
-
-async def test_rollback_refuses_clearly(db: Database, settings: Settings, tiny_model_dir: Path, tmp_path: Path) -> None:
-    orchestrator = TrainingOrchestrator(settings=settings, db=db)
-    assert "nothing to roll back" in await orchestrator.rollback(version=None, triggered_by="t")
-    assert await orchestrator.rollback(version="v9", triggered_by="t") == (
-        'I don\'t know a model version called "v9". /models lists them.'
-    )
-    await _register(db, "v1", tiny_model_dir, active=True)
-    assert "no earlier version to go back to from v1" in await orchestrator.rollback(version=None, triggered_by="t")
-    assert await orchestrator.rollback(version="v1", triggered_by="t") == "v1 is already the active model."
-    await _register(db, "gone", tmp_path / "deleted")
-    assert "files are missing" in await orchestrator.rollback(version="gone", triggered_by="t")
-
-
-async def test_rollback_and_activate_switch_the_engine(
-    db: Database, settings: Settings, tiny_model_dir: Path, engine: Engine
-) -> None:
-    first = await _register(db, "v1", tiny_model_dir, active=True)
-    second = await _register(db, "v2", tiny_model_dir, active=True)
-    orchestrator = TrainingOrchestrator(settings=settings, db=db, engine=engine)
-    await orchestrator.sync_engine()
-    assert engine.model_ref is not None and engine.model_ref.version_id == second
-
-    reply = await orchestrator.rollback(version=None, triggered_by="telegram:42")
-
-    assert reply == "Switched to v1. v2 is marked rolled back; its replies will not be used for training."
-    assert engine.model_ref.version_id == first
-    switch = await orchestrator.switch_version(version="2", rolled_back=False, triggered_by="cli:me")
-    assert switch.done and switch.text == "Switched to v2."
-    assert engine.model_ref.version_id == second
-    async with db.sessions() as session:
-        statuses = {v.name: v.status for v in (await session.scalars(select(ModelVersion))).all()}
-    assert statuses == {"v1": VersionStatus.RETIRED, "v2": VersionStatus.ACTIVE}
-
-
-async def test_the_watcher_swaps_when_another_process_activates_a_version(
-    db: Database, settings: Settings, tiny_model_dir: Path, engine: Engine
-) -> None:
-    version = await _register(db, "v1", tiny_model_dir)
-    swapped = asyncio.Event()
-    original = engine.swap
-
-    async def spy(ref: ModelRef) -> None:
-        await original(ref)
-        swapped.set()
-
-    engine.swap = spy  # type: ignore[method-assign]
-    orchestrator = TrainingOrchestrator(settings=settings, db=db, engine=engine, poll_interval_s=0.05)
-    await orchestrator.start()
-    try:
-        async with db.sessions.begin() as session:  # what `magpie models activate v1` does in another process
-            await activate_version(session, version_id=version)
-        await asyncio.wait_for(swapped.wait(), 60)
-    finally:
-        await orchestrator.stop()
-    assert engine.model_ref is not None and engine.model_ref.version_id == version
-    assert engine.model_ref.source == str(tiny_model_dir)
+# --- what a run reports -------------------------------------------------------------------------------------
 
 
 async def test_progress_is_notified_every_quarter(db: Database, settings: Settings) -> None:

@@ -16,15 +16,15 @@ from core.dialogue import Turn, speaker_key
 from core.engine import Engine
 from core.messages import PRIVATE_COMMANDS, ChatKind, IncomingMessage, Reply
 from core.models import Delivery, Message, Role, User
-from core.service import (
+from core.service import ChatService
+from core.settings import Settings
+from core.texts import (
     EXPORT_SENT_PRIVATELY,
     EXPORT_UNREACHABLE,
     GENERIC_FAILURE,
     NOT_LOGGED,
     NOT_TEXT,
-    ChatService,
 )
-from core.settings import Settings
 
 _ids = itertools.count(1)
 

@@ -28,6 +28,7 @@ from core.errors import ConfigError, MagpieError
 from core.messages import ADMIN_COMMANDS, COMMANDS, ChatKind, IncomingMessage, Reply
 from core.models import Chat, Delivery, Role
 from core.models import Message as DbMessage
+from core.outcomes import RunStarted
 from core.service import EXPORT_SENT_PRIVATELY, EXPORT_UNREACHABLE, NOT_TEXT, ChatService
 from core.settings import Settings
 from tests.fake_telegram import FakeTelegram, utf16_length
@@ -742,15 +743,11 @@ class RecordingRetrainer:
     def __init__(self) -> None:
         self.requests: list[str] = []
 
-    async def request(self, *, triggered_by: str, notify_platform: str | None, notify_chat_id: str | None) -> str:
+    async def request(
+        self, *, triggered_by: str, notify_platform: str | None, notify_chat_id: str | None
+    ) -> RunStarted:
         self.requests.append(triggered_by)
-        return "Training started; I'll tell you when it's done."
-
-    async def rollback(self, *, version: str | None, triggered_by: str) -> str:
-        return "Nothing to roll back to."
-
-    async def list_versions(self) -> str:
-        return "base (active)"
+        return RunStarted(len(self.requests), reports_here=notify_chat_id is not None)
 
 
 @dataclass

@@ -22,7 +22,9 @@ from sqlalchemy import select
 from core.db import Database
 from core.engine import Engine
 from core.models import ModelVersion, ModelVersionMessage, RunStatus, TrainingRun, User
+from core.outcomes import DATA_WITHDRAWN
 from core.service import ChatService
+from core.serving import ModelServing
 from core.settings import Settings
 from core.versions import activate_version, get_active_version, register_version
 from tests.loop_support import (
@@ -38,7 +40,7 @@ from tests.loop_support import (
 )
 from tests.paused_retrain import SOCKET_VARIABLE, pause_server
 from trainer.orchestrator import TrainingOrchestrator
-from trainer.retrain import DATA_WITHDRAWN, retrain
+from trainer.retrain import retrain
 
 pytestmark = pytest.mark.slow
 
@@ -154,8 +156,9 @@ async def test_the_run_is_rejected_and_trained_again_without_the_withdrawn_data(
     and run #2 starts by itself, reads the data again and trains without X."""
     x_row = await _user_row(db, X)
     notifier = RecordingNotifier()
+    serving = ModelServing(settings=settings, db=db, engine=engine)
     orchestrator = TrainingOrchestrator(
-        settings=settings, db=db, engine=engine, notifier=notifier, trainer_module="tests.paused_retrain"
+        settings=settings, db=db, serving=serving, notifier=notifier, trainer_module="tests.paused_retrain"
     )
     bot = ChatService(settings=settings, db=db, engine=engine, retrainer=orchestrator)
     replies: list[str] = []

@@ -1,4 +1,7 @@
-"""Which process a training run belongs to, and whether it still lives.
+"""The trainer's process: how it is started, which process a training run belongs to, and whether it still lives.
+
+A run's trainer is a child process (`python -m trainer.retrain --run-id N`, `spawn_trainer`) whose environment
+carries the parent's settings (`child_environment`), so the child sees exactly what the parent was configured with.
 
 A `training_runs` row records the trainer's pid and its start token: the process's start time in clock ticks
 after boot (field 22 of `/proc/<pid>/stat`). The kernel reuses pids, but not a pid together with its start time,
@@ -8,13 +11,23 @@ pid, a reused pid, a process of another user that we may not even signal) is not
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
+import sys
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
+from pydantic import SecretStr
+
+from core.settings import Settings
+
 log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 _STAT_START_FIELD = 22
 _GONE_STATES = frozenset({"Z", "X", "x"})
@@ -76,3 +89,70 @@ def kill_trainer(pid: int | None, start_token: str | None) -> bool:
         return False
     log.warning("killed training process %d", pid)
     return True
+
+
+# --- starting the trainer -------------------------------------------------------------------------------------
+
+
+async def spawn_trainer(module: str, run_id: int, settings: Settings) -> asyncio.subprocess.Process:
+    """Starts `python -m <module> --run-id N`: the settings go through its environment, its log to our stderr,
+    its progress lines (JSON) to a pipe."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        module,
+        "--run-id",
+        str(run_id),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        env=child_environment(settings, os.environ),
+        limit=2**20,
+    )
+
+
+async def progress_lines(process: asyncio.subprocess.Process) -> AsyncIterator[float]:
+    """The progress fractions the trainer reports on stdout (`{"event": "progress", "progress": 0.42}`), until it
+    closes stdout; anything else a library printed there is skipped."""
+    stdout = process.stdout
+    assert stdout is not None
+    while True:
+        try:
+            raw = await stdout.readline()
+        except ValueError:  # a line over the limit (not one of ours): skip it
+            continue
+        if not raw:
+            return
+        try:
+            event = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "progress" and "progress" in event:
+            yield float(event["progress"])
+
+
+def child_environment(settings: Settings, inherited: Mapping[str, str]) -> dict[str, str]:
+    """The training process's environment: this process's settings as variables, so the child sees exactly what
+    the parent was configured with (tests build Settings in code); secrets are left out (the trainer needs no
+    platform token), the thread settings bound every math library, not only torch, and library progress bars
+    stay out of the child's log."""
+    fields = type(settings).model_fields
+    env = {key: value for key, value in inherited.items() if key.lower() not in fields}
+    for name in fields:
+        value = getattr(settings, name)
+        if value is not None and not isinstance(value, SecretStr):
+            env[name.upper()] = _env_value(value)
+    threads = str(settings.train_threads)
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false")
+    env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # the child's stderr is a log; progress comes back as JSON lines
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), inherited.get("PYTHONPATH")]))
+    return env
+
+
+def _env_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, frozenset | set):
+        return ",".join(sorted(str(item) for item in value))
+    if isinstance(value, tuple | list):
+        return ",".join(str(item) for item in value)
+    return str(value)

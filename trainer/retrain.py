@@ -2,8 +2,8 @@
 
 The serving process (or `magpie retrain`) creates a `training_runs` row and starts this program; everything else
 happens here, so the bot's event loop never runs torch code and a crash or a kill here cannot take the chat down.
-Settings come from the environment like in every Magpie process (`trainer.orchestrator.child_environment` hands
-the parent's settings down).
+Settings come from the environment like in every Magpie process (`trainer.process.child_environment` hands
+the parent's settings down). The run's row is read and written through `trainer.runs`, which owns it.
 
 Stages, top to bottom:
 1. claim the run row (it must be `running`) and record this process's pid and start token;
@@ -27,6 +27,9 @@ Progress goes two ways: the row's `progress` column, and JSON lines on stdout fo
 `{"event": "stage", "stage": "training"}`, `{"event": "progress", "progress": 0.42}`,
 `{"event": "finished", "status": "promoted"}`. Logs go to stderr. The exit status is 0 when an outcome (promoted or
 rejected) was recorded, 1 when the run failed (recorded with its reason), 2 when the run row was not usable.
+
+The module is longer than most (about 450 lines) on purpose: it reads top to bottom as one run's stages, like
+transformers' `run_clm.py`, and the gate and the recording transaction it ends with are that story's last stage.
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -49,7 +51,8 @@ from typing import TYPE_CHECKING, Any
 from core.db import Database
 from core.errors import MagpieError
 from core.metrics import perplexity
-from core.models import RunStatus, TrainingRun, VersionStatus
+from core.models import RunStatus, VersionStatus
+from core.outcomes import DATA_WITHDRAWN
 from core.settings import Settings
 from core.versions import (
     Withdrawn,
@@ -59,9 +62,10 @@ from core.versions import (
     set_version_status,
     withdrawn_training_data,
 )
+from trainer import runs
 from trainer.dataset import DatasetReport, Sample, build_dataset
 from trainer.model_dirs import partial_dirs, version_name
-from trainer.process import process_start_token
+from trainer.runs import RunNotClaimableError
 
 if TYPE_CHECKING:
     from trainer.train import TrainArguments
@@ -72,16 +76,11 @@ Emit = Callable[[dict[str, Any]], None]
 """Where progress events go: JSON lines on stdout in the child process, a list in tests."""
 BeforeRecord = Callable[[], Awaitable[None]]
 """Awaited after scoring, right before the recording transaction (tests act "while the run trains" there)."""
-DATA_WITHDRAWN = "data_withdrawn"
-"""The run metric (a count) that marks a run rejected because its training data changed while it trained."""
+__all__ = ["DATA_WITHDRAWN", "RunNotClaimableError", "main", "retrain"]
 
 
 class NotEnoughDataError(MagpieError):
     """The logged conversations do not yet make a training set with a held-out split."""
-
-
-class RunNotClaimableError(MagpieError):
-    """The run row does not exist or is not `running` (another process finished or failed it)."""
 
 
 class DataWithdrawnError(MagpieError):
@@ -132,7 +131,7 @@ async def retrain(
     """Runs the whole training run `run_id`, recording every outcome on its row; returns the final status."""
     db = Database.connect(settings.database_url)
     try:
-        await _claim(db, run_id)
+        await runs.claim(db, run_id)
         output_dir = _output_dir(settings, run_id)
         try:
             status = await _train_and_gate(
@@ -142,7 +141,7 @@ async def retrain(
             reason = _failure_reason(exc)
             if not isinstance(exc, MagpieError):
                 log.exception("training run #%d failed", run_id)
-            await _finish(db, run_id, RunStatus.FAILED, error=reason)
+            await runs.fail(db, run_id, reason, now=datetime.now(UTC))
             # Nothing was registered (the recording transaction is the last step): no files may stay behind.
             for leftover in (*partial_dirs(settings.models_dir, run_id), output_dir):
                 shutil.rmtree(leftover, ignore_errors=True)
@@ -211,7 +210,9 @@ async def _record_or_discard(db: Database, run_id: int, recorded: Recorded) -> R
         shutil.rmtree(recorded.output_dir, ignore_errors=True)
         log.warning("training run #%d: %s", run_id, withdrawn)
         metrics = {**recorded.run_metrics, DATA_WITHDRAWN: withdrawn.count}
-        await _finish(db, run_id, RunStatus.REJECTED, error=str(withdrawn), metrics=metrics)
+        await runs.end_if_running(
+            db, run_id, RunStatus.REJECTED, str(withdrawn), now=datetime.now(UTC), metrics=metrics
+        )
         return RunStatus.REJECTED
 
 
@@ -290,7 +291,7 @@ def _progress_reporter(
     what the parent was told and a late write can never land after the outcome), then the line for the parent."""
 
     def report(fraction: float) -> None:
-        future = asyncio.run_coroutine_threadsafe(_set_progress(db, run_id, fraction), loop)
+        future = asyncio.run_coroutine_threadsafe(runs.set_progress(db, run_id, fraction), loop)
         try:
             future.result(timeout=30)
         except Exception:
@@ -300,29 +301,10 @@ def _progress_reporter(
     return report
 
 
-async def _set_progress(db: Database, run_id: int, fraction: float) -> None:
-    async with db.sessions.begin() as session:
-        run = await session.get(TrainingRun, run_id)
-        if run is not None and run.status == RunStatus.RUNNING:
-            run.progress = fraction
-
-
-async def _claim(db: Database, run_id: int) -> None:
-    async with db.sessions.begin() as session:
-        run = await session.get(TrainingRun, run_id)
-        if run is None or run.status != RunStatus.RUNNING:
-            state = "does not exist" if run is None else f"is already {run.status.value}"
-            raise RunNotClaimableError(f"training run #{run_id} {state}")
-        run.pid = os.getpid()
-        run.process_start = process_start_token(run.pid)
-
-
 async def _start_point(settings: Settings, db: Database, run_id: int) -> StartPoint:
     async with db.sessions.begin() as session:
         active = await get_active_version(session)
-        run = await session.get(TrainingRun, run_id)
-        assert run is not None
-        run.parent_version_id = active.id if active is not None else None
+        await runs.set_parent(session, run_id, active.id if active is not None else None)
     if active is None:
         return StartPoint(settings.base_model, settings.base_model, None)
     return StartPoint(active.path, active.name, active.id)
@@ -406,9 +388,7 @@ async def _record(db: Database, run_id: int, recorded: Recorded) -> RunStatus:
             note=f"trained by run #{run_id}",
             manifest=recorded.manifest.items(),
         )
-        run = await session.get(TrainingRun, run_id, with_for_update=True, populate_existing=True)
-        if run is None or run.status != RunStatus.RUNNING:
-            raise RunNotClaimableError(f"training run #{run_id} was ended while it trained; its version is discarded")
+        run = await runs.lock_for_outcome(session, run_id)
         forbidden = recorded.forbidden(await withdrawn_training_data(session, version_id=version.id))
         if forbidden:
             raise DataWithdrawnError(forbidden)
@@ -421,27 +401,16 @@ async def _record(db: Database, run_id: int, recorded: Recorded) -> RunStatus:
             await activate_version(session, version_id=version.id)
         else:
             await set_version_status(session, version_id=version.id, status=VersionStatus.REJECTED, note=reason)
-        run.status = RunStatus.PROMOTED if promote else RunStatus.REJECTED
-        run.model_version_id = version.id
-        run.metrics = recorded.run_metrics
-        run.error = None if promote else reason
-        run.progress = 1.0
-        run.finished_at = datetime.now(UTC)
+        runs.record_outcome(
+            run,
+            promoted=promote,
+            version_id=version.id,
+            metrics=recorded.run_metrics,
+            reason=reason,
+            now=datetime.now(UTC),
+        )
     log.info("training run #%d: %s %s (%s)", run_id, output_dir.name, run.status.value, reason)
     return run.status
-
-
-async def _finish(
-    db: Database, run_id: int, status: RunStatus, *, error: str, metrics: Mapping[str, Any] | None = None
-) -> None:
-    async with db.sessions.begin() as session:
-        run = await session.get(TrainingRun, run_id, with_for_update=True)
-        if run is not None and run.status == RunStatus.RUNNING:
-            run.status = status
-            run.error = error
-            run.finished_at = datetime.now(UTC)
-            if metrics is not None:
-                run.metrics = dict(metrics)
 
 
 def _failure_reason(exc: Exception) -> str:

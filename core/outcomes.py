@@ -1,0 +1,171 @@
+"""What the learning side's operations return: typed results, never chat text.
+
+Starting a run (`core.retraining.Retrainer.request`), a run's end (`RunOutcome`), switching versions and listing
+them (`core.serving.ModelServing`) each return one of these values; `core.texts` turns them into the words a
+person reads, in one place. Callers tell the cases apart by type (`RunStarted` or one of the `RunRefused`), not by
+looking at text.
+
+This module imports neither the engine nor the trainer, so both sides of the seam can use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from core.models import RunStatus, VersionStatus
+
+DATA_WITHDRAWN = "data_withdrawn"
+"""The run metric (a count) that marks a run rejected because its training data changed while it trained."""
+
+
+# --- starting a run -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    """A run started in the background."""
+
+    run_id: int
+    reports_here: bool = False
+    """Progress and the outcome go to the chat that asked."""
+
+
+@dataclass(frozen=True)
+class AlreadyRunning:
+    """Another run is in progress (of this process or another one)."""
+
+    run_id: int
+    progress: float
+    live_pid: int | None = None
+    """The run's live process, when the asker could stop it (`magpie retrain --stop-running`)."""
+
+
+@dataclass(frozen=True)
+class CoolingDown:
+    """The last run finished less than RETRAIN_COOLDOWN_MINUTES ago."""
+
+    cooldown_minutes: float
+    minutes_left: int
+
+
+@dataclass(frozen=True)
+class CouldNotStart:
+    """The training process could not be started (the log says why)."""
+
+
+RunRefused = AlreadyRunning | CoolingDown | CouldNotStart
+RunRequest = RunStarted | RunRefused
+
+
+# --- the engine after a switch --------------------------------------------------------------------------------
+
+
+class SwapState(StrEnum):
+    """Where the engine stands after the registry's active version changed."""
+
+    SERVING = "serving"
+    """It serves the active version (swapped now, or it already did)."""
+    ELSEWHERE = "elsewhere"
+    """No engine in this process (a shell command): a running bot follows within seconds."""
+    ENGINE_DOWN = "engine_down"
+    """The engine is not running; it loads the active version at its next start."""
+    LOAD_FAILED = "load_failed"
+    """The active version could not be loaded; the engine keeps serving what it served."""
+
+
+@dataclass(frozen=True)
+class SwapOutcome:
+    state: SwapState
+    problem: str = ""
+    """Why the version could not be loaded (LOAD_FAILED)."""
+    still_serving: str | None = None
+    """What the engine still serves after a failed load (None: nothing)."""
+
+
+# --- how a run ended ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainingAgain:
+    """After a run was discarded because its data was withdrawn: whether another run trains without that data."""
+
+    run_id: int | None = None
+    """The run started to train again, if one did."""
+    refused: RunRefused | None = None
+    """Why no run started now, if one was tried; with neither set, the next run will train without them."""
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How a run ended: its row's outcome, and what happened next (the engine's swap, a run that trains again)."""
+
+    run_id: int
+    status: RunStatus
+    version: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    reason: str | None = None
+    swap: SwapOutcome | None = None
+    """The engine after a promotion."""
+    again: TrainingAgain | None = None
+    """Set when the run was discarded because its data was withdrawn."""
+    earlier: tuple[RunOutcome, ...] = ()
+    """Runs that came before this one in the same request (a run discarded because its data was withdrawn)."""
+
+    @property
+    def data_withdrawn(self) -> bool:
+        return bool(self.metrics.get(DATA_WITHDRAWN))
+
+
+# --- model versions -------------------------------------------------------------------------------------------
+
+
+class SwitchRefusal(StrEnum):
+    UNKNOWN_VERSION = "unknown_version"
+    NOTHING_ACTIVE = "nothing_active"
+    """Rollback asked while BASE_MODEL serves (no version is active)."""
+    NO_EARLIER_VERSION = "no_earlier_version"
+    ALREADY_ACTIVE = "already_active"
+    FILES_MISSING = "files_missing"
+
+
+@dataclass(frozen=True)
+class SwitchRefused:
+    why: SwitchRefusal
+    version: str | None = None
+    """The version asked for (or, for NO_EARLIER_VERSION, the active one)."""
+    path: str | None = None
+    """Where its files should be (FILES_MISSING)."""
+
+
+@dataclass(frozen=True)
+class Switched:
+    version: str
+    rolled_back: str | None = None
+    """The version that was replaced and marked rolled back (a rollback), if any."""
+    replies_excluded: bool = False
+    """Whether that version's replies leave the training data (TRAIN_EXCLUDE_ROLLED_BACK)."""
+    swap: SwapOutcome = field(default_factory=lambda: SwapOutcome(SwapState.SERVING))
+
+
+Switch = Switched | SwitchRefused
+
+
+@dataclass(frozen=True)
+class VersionSummary:
+    name: str
+    status: VersionStatus
+    eval_loss: float | None
+    created_at: datetime
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class VersionList:
+    """The newest versions (newest first), how many older ones were left out, and what serves without any."""
+
+    versions: tuple[VersionSummary, ...]
+    older: int
+    base_model: str

@@ -1,0 +1,286 @@
+"""The words people read in chat, in one place: replies, command texts, and what the learning side reports.
+
+The chat service and the training orchestrator hand typed results (`core.outcomes`) to the functions here, which
+return the text; nothing else in Magpie writes chat wording, so translating the bot touches this module only.
+(The command list's one-line descriptions live beside the command set in `core.messages.COMMANDS`.) Texts never
+contain exception text or secrets: a reason shown here is one Magpie wrote itself (a run's recorded reason, a
+version's files problem).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from core.messages import ADMIN_COMMANDS, COMMANDS
+from core.metrics import perplexity_text
+from core.models import RunStatus, VersionStatus
+from core.outcomes import (
+    AlreadyRunning,
+    CoolingDown,
+    CouldNotStart,
+    RunOutcome,
+    RunRequest,
+    RunStarted,
+    SwapOutcome,
+    SwapState,
+    Switch,
+    SwitchRefusal,
+    SwitchRefused,
+    TrainingAgain,
+    VersionList,
+    VersionSummary,
+)
+from core.storage import Stats
+
+# --- the chat service's fixed replies -------------------------------------------------------------------------
+
+NOT_TEXT = "I can only read text messages for now."
+EMPTY = "Send me some text and I'll answer."
+GENERIC_FAILURE = "Sorry, something went wrong on my side. Please try again."
+NOT_LOGGED = "Sorry, I can't take messages right now (my database is not answering). Please try again in a minute."
+EXPORT_SENT_PRIVATELY = "I sent your export to you privately: only you can see it."
+EXPORT_UNREACHABLE = (
+    "I can't send you your export privately (you haven't started a private chat with me, or you don't accept "
+    "private messages), and I won't post it here. Start a private chat with me and send /export there."
+)
+EXPORT_AFTER_RESTART = "I was restarted before I could send your export. Please send /export again."
+ADMINS_ONLY = "Sorry, only the bot's admins can use that command."
+RESET_DONE = "Okay — fresh start. I've set our earlier conversation aside."
+OPTED_OUT = "Got it: I'll keep chatting, but your messages won't be used for training. /optin undoes it."
+OPTED_IN = "Thanks! Your messages can help me learn again."
+RETRAIN_UNAVAILABLE = "Retraining is not available in this setup."
+MODELS_UNAVAILABLE = "Model versions are not available in this setup."
+ROLLBACK_UNAVAILABLE = "Rollback is not available in this setup."
+
+
+def rate_limited(per_minute: int, wait_s: int) -> str:
+    return f"Whoa, that's a lot of messages! I answer up to {per_minute} a minute — try again in {wait_s} s."
+
+
+def too_long(length: int, limit: int) -> str:
+    return (
+        f"That message is too long for me ({length} characters; I read up to {limit}). Could you say it in fewer words?"
+    )
+
+
+def unknown_command(name: str) -> str:
+    return f"I don't know /{name}. Try /help."
+
+
+# --- help, start and status -----------------------------------------------------------------------------------
+
+
+def help_text(bot_name: str, *, is_admin: bool, private_chats_learned: bool) -> str:
+    """The command list, preceded by which chats the bot learns from: people should know before they talk."""
+    lines = [
+        f"I'm {bot_name}, a chatbot that learns to talk like this community. Just talk to me!",
+        learning_note(private_chats_learned=private_chats_learned),
+        "",
+    ]
+    for name, description in COMMANDS.items():
+        if name in ADMIN_COMMANDS and not is_admin:
+            continue
+        lines.append(f"/{name} — {description}")
+    return "\n".join(lines)
+
+
+def learning_note(*, private_chats_learned: bool) -> str:
+    """Which chats become training data (`Settings.learns_from_private_chats`)."""
+    if private_chats_learned:
+        return "I learn from what people write in group chats and in private chats with me."
+    return "I learn from what people write in group chats; what you tell me in a private chat is never trained on."
+
+
+def start_text(bot_name: str, *, is_admin: bool, private_chats_learned: bool) -> str:
+    return (
+        f"Hi! {help_text(bot_name, is_admin=is_admin, private_chats_learned=private_chats_learned)}\n\n"
+        "I keep a log of our conversations so I can follow them. /optout keeps your messages out of training, "
+        "/forget deletes them."
+    )
+
+
+def status_text(stats: Stats, *, model_name: str, queue_depth: int, active_problem: str | None) -> str:
+    """What an admin sees for `/status`. `active_problem` is why the active version's files cannot serve (None
+    when they can), asked for only when another model serves."""
+    version = stats.active_version
+    metrics = version.metrics if version is not None and version.name == model_name else {}
+    lines = [f"Model: {model_name}{_not_serving(stats, model_name, active_problem)}"]
+    if "eval_loss" in metrics:
+        lines.append(f"  eval loss {metrics['eval_loss']:.3f}, perplexity {perplexity_text(metrics['eval_loss'])}")
+    lines += [
+        f"Messages logged: {stats.messages} ({stats.user_messages} from people, {stats.bot_messages} from me)",
+        f"People: {stats.users}, chats: {stats.chats}",
+        f"New messages since the last training run: {stats.since_last_training}",
+        f"Requests waiting for the model: {queue_depth}",
+    ]
+    run = stats.last_run
+    if run is None:
+        lines.append("Last training run: none yet")
+    else:
+        when = run.started_at.strftime("%Y-%m-%d %H:%M UTC")
+        lines.append(f"Last training run: #{run.id} {run.status.value} (started {when} by {run.triggered_by})")
+    return "\n".join(lines)
+
+
+def _not_serving(stats: Stats, model_name: str, problem: str | None) -> str:
+    """Why the active version is not the one serving (it could not be loaded), or "" when it is."""
+    active = stats.active_version
+    if active is None or active.name == model_name:
+        return ""
+    if problem is None:
+        return f" ({active.name} is active but not loaded yet, or it failed to load: the log says which)"
+    return f" ({active.name} is active but could not be loaded: {problem})"
+
+
+# --- the user's own data --------------------------------------------------------------------------------------
+
+
+def export_ready(count: int) -> str:
+    return f"Here are the {count} messages I have from you."
+
+
+def forgotten(count: int, *, trained_on: Sequence[str], training_now: bool) -> str:
+    """`/forget`'s answer: how many messages went, which versions had learned from them, a run in progress."""
+    noun = "message" if count == 1 else "messages"
+    text = f"Done: I deleted {count} {noun} you sent me, in every chat (this /forget included)."
+    if trained_on:
+        text += (
+            f" Your messages were part of the training data of versions {', '.join(trained_on)}; "
+            "they will not be in future versions."
+        )
+    if training_now:
+        text += " A training run is in progress: the version it trains will not be used with your messages in it."
+    return text
+
+
+# --- training runs --------------------------------------------------------------------------------------------
+
+
+def run_request(result: RunRequest) -> str:
+    """The immediate answer to a request for a training run."""
+    match result:
+        case RunStarted(run_id=run_id, reports_here=here):
+            where = " I'll report progress here." if here else ""
+            return f"Training run #{run_id} started. I keep answering while it trains.{where}"
+        case AlreadyRunning(run_id=run_id, progress=progress, live_pid=pid):
+            text = f"A training run (#{run_id}) is already running, {math.floor(progress * 100)}% done."
+            if pid is not None:
+                text += f" Its process ({pid}) is alive; `magpie retrain --stop-running` stops it and starts a new one."
+            return text
+        case CoolingDown(cooldown_minutes=cooldown, minutes_left=left):
+            return (
+                f"The last training run finished less than {cooldown:g} minutes ago (RETRAIN_COOLDOWN_MINUTES). "
+                f"Try again in {left} min."
+            )
+        case CouldNotStart():
+            return "Sorry, I could not start the training process; the bot's log says why."
+
+
+def run_progress(run_id: int, fraction: float) -> str:
+    return f"Training run #{run_id}: {math.floor(fraction * 100)}% done."
+
+
+def run_outcome(outcome: RunOutcome) -> str:
+    """How a run ended, in the words the requester reads (with old vs new eval loss when it was scored)."""
+    reason = (outcome.reason or "no reason recorded").rstrip(". ")
+    run_id = outcome.run_id
+    if outcome.status is RunStatus.PROMOTED:
+        text = f"Training run #{run_id} finished: {outcome.version} is now the active model."
+    elif outcome.status is RunStatus.REJECTED:
+        version = outcome.version or "the new version"
+        text = f"Training run #{run_id} finished, but {version} was not promoted: {reason}. The active model stays."
+    else:
+        return f"Training run #{run_id} failed: {reason}. The active model stays."
+    notes = _scores(outcome)
+    if outcome.again is not None:
+        notes += _training_again(outcome.again)
+    if outcome.swap is not None:
+        notes += _swap_note(outcome.swap)
+    return text + notes
+
+
+def _scores(outcome: RunOutcome) -> str:
+    metrics = outcome.metrics
+    if outcome.data_withdrawn:
+        return ""  # the version was discarded: its scores mean nothing to anyone now
+    before, after = metrics.get("active_eval_loss"), metrics.get("eval_loss")
+    if not isinstance(before, float) or not isinstance(after, float):
+        return ""
+    held_out = metrics.get("eval_samples", "?")
+    return (
+        f" Eval loss {before:.3f} → {after:.3f} (perplexity {perplexity_text(before)} → {perplexity_text(after)}) on "
+        f"{held_out} held-out sample{'' if held_out == 1 else 's'}; trained on {metrics.get('train_samples', '?')}."
+    )
+
+
+def _training_again(again: TrainingAgain) -> str:
+    if again.run_id is not None:
+        return f" Training again without them: run #{again.run_id} started."
+    if again.refused is not None:
+        return f" Not training again now: {run_request(again.refused)}"
+    return " The next training run will train without them."
+
+
+# --- model versions -------------------------------------------------------------------------------------------
+
+
+def switch(result: Switch) -> str:
+    """The answer to `/rollback` (and `magpie models activate / rollback`)."""
+    if isinstance(result, SwitchRefused):
+        return _switch_refused(result)
+    text = f"Switched to {result.version}."
+    if result.rolled_back is not None:
+        text += f" {result.rolled_back} is marked rolled back"
+        text += "; its replies will not be used for training." if result.replies_excluded else "."
+    return text + _swap_note(result.swap)
+
+
+def _switch_refused(refused: SwitchRefused) -> str:
+    name = refused.version
+    match refused.why:
+        case SwitchRefusal.UNKNOWN_VERSION:
+            return f'I don\'t know a model version called "{name}". /models lists them.'
+        case SwitchRefusal.NOTHING_ACTIVE:
+            return "No trained version is active (serving BASE_MODEL), so there is nothing to roll back."
+        case SwitchRefusal.NO_EARLIER_VERSION:
+            return f"There is no earlier version to go back to from {name}. /models lists them."
+        case SwitchRefusal.ALREADY_ACTIVE:
+            return f"{name} is already the active model."
+        case SwitchRefusal.FILES_MISSING:
+            return f"{name}'s files are missing from {refused.path}, so I can't switch to it."
+
+
+def _swap_note(swap: SwapOutcome) -> str:
+    """What the requester should know about the engine after the registry switched versions."""
+    match swap.state:
+        case SwapState.SERVING:
+            return ""
+        case SwapState.ELSEWHERE:
+            return " A running bot switches to it within a few seconds."
+        case SwapState.ENGINE_DOWN:
+            return " The model engine is not running; it will load it at the next start."
+        case SwapState.LOAD_FAILED:
+            return f" But it could not be loaded ({swap.problem}); still serving {swap.still_serving or 'nothing'}."
+
+
+def version_list(listing: VersionList) -> str:
+    """Newest first, with status, eval loss and perplexity; the active one is marked with `*`."""
+    if not listing.versions:
+        return f"No trained model versions yet: serving BASE_MODEL ({listing.base_model})."
+    lines = ["Model versions, newest first (* = active):"]
+    lines += [_version_line(version) for version in listing.versions]
+    if listing.older:
+        lines.append(f"  … and {listing.older} older")
+    return "\n".join(lines)
+
+
+def _version_line(version: VersionSummary) -> str:
+    marker = "*" if version.status is VersionStatus.ACTIVE else " "
+    line = f"{marker} {version.name}: {version.status.value}"
+    if version.eval_loss is not None:
+        line += f", eval loss {version.eval_loss:.3f} (perplexity {perplexity_text(version.eval_loss)})"
+    line += f", {version.created_at:%Y-%m-%d %H:%M}"
+    if version.status is VersionStatus.REJECTED and version.note:
+        line += f" ({version.note})"
+    return line

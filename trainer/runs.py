@@ -1,0 +1,290 @@
+"""The life of a training run's row: the contract between whoever starts a run and the process that trains it.
+
+A `training_runs` row is all the two processes share (the launcher is the bot's orchestrator or `magpie retrain`;
+the trainer is `python -m trainer.retrain`, which could as well be a worker on another machine):
+
+    create (launcher: `running`, who asked, whom to tell)
+      └─ record_process (launcher) / claim (trainer: must still be `running`; its pid and start token)
+           └─ set_parent, set_progress (trainer)
+                └─ one ending, only while `running`: record_outcome (trainer: promoted or rejected, in the
+                   promotion transaction), or end / fail (trainer or launcher; `fail` is the only way a run fails)
+    conclude (launcher: reads the outcome; a row still `running` after its process exited is failed)
+    settle_running (launcher, at start and before a new run): a `running` row of another process whose process
+    is gone, or that ran past RETRAIN_TIMEOUT_MINUTES, is failed (and its process killed), and the directories
+    the ended runs left are removed (clean_up).
+
+A run's process is identified by its pid and start token (`trainer.process`), never by the pid alone. The reasons
+written here (interrupted, timed out, stopped, killed) are the row's record of what happened; people read them
+in the run's outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from core.db import Database
+from core.errors import MagpieError
+from core.models import RunStatus, TrainingRun
+from core.outcomes import AlreadyRunning, RunOutcome
+from core.settings import Settings
+from core.versions import get_version
+from trainer.model_dirs import leftovers_of_run, remove_dirs
+from trainer.process import kill_trainer, process_start_token, trainer_process_alive
+
+log = logging.getLogger(__name__)
+
+SPAWN_GRACE = timedelta(minutes=2)
+"""A `running` row without a pid younger than this belongs to a process that is still starting its child."""
+INTERRUPTED = "interrupted: the training process stopped without recording an outcome (restart or crash)"
+
+
+class RunNotClaimableError(MagpieError):
+    """The run row does not exist or is not `running` (another process finished or failed it)."""
+
+
+# --- the launcher starts a run, the trainer claims it ---------------------------------------------------------
+
+
+async def create(db: Database, *, triggered_by: str, notify: tuple[str, str] | None, now: datetime) -> int:
+    """A new `running` row: who asked (the audit trail) and which chat hears the outcome."""
+    async with db.sessions.begin() as session:
+        run = TrainingRun(
+            status=RunStatus.RUNNING,
+            triggered_by=triggered_by[:128],
+            notify_platform=notify[0] if notify else None,
+            notify_chat_id=notify[1] if notify else None,
+            progress=0.0,
+            started_at=now,
+        )
+        session.add(run)
+        await session.flush()
+        return run.id
+
+
+async def record_process(db: Database, run_id: int, pid: int) -> None:
+    """The launcher's record of the child it started (unless the child already claimed the row itself)."""
+    async with db.sessions.begin() as session:
+        row = await session.get(TrainingRun, run_id)
+        if row is not None and row.pid is None:
+            row.pid = pid
+            row.process_start = process_start_token(pid)
+
+
+async def claim(db: Database, run_id: int) -> None:
+    """The trainer takes the run: it must still be `running`; its own pid and start token are recorded."""
+    async with db.sessions.begin() as session:
+        run = await session.get(TrainingRun, run_id)
+        if run is None or run.status != RunStatus.RUNNING:
+            state = "does not exist" if run is None else f"is already {run.status.value}"
+            raise RunNotClaimableError(f"training run #{run_id} {state}")
+        run.pid = os.getpid()
+        run.process_start = process_start_token(run.pid)
+
+
+async def set_progress(db: Database, run_id: int, fraction: float) -> None:
+    async with db.sessions.begin() as session:
+        run = await session.get(TrainingRun, run_id)
+        if run is not None and run.status == RunStatus.RUNNING:
+            run.progress = fraction
+
+
+async def set_parent(session: AsyncSession, run_id: int, version_id: int | None) -> None:
+    """The version the run starts from (None: BASE_MODEL), set in the transaction that read the active version."""
+    run = await session.get(TrainingRun, run_id)
+    assert run is not None
+    run.parent_version_id = version_id
+
+
+# --- endings --------------------------------------------------------------------------------------------------
+
+
+def end(
+    row: TrainingRun, status: RunStatus, reason: str | None, *, now: datetime, metrics: Mapping[str, Any] | None = None
+) -> None:
+    """The one way a row ends (the caller's transaction commits it)."""
+    row.status = status
+    row.error = reason
+    row.finished_at = now
+    if metrics is not None:
+        row.metrics = dict(metrics)
+
+
+async def end_if_running(
+    db: Database,
+    run_id: int,
+    status: RunStatus,
+    reason: str,
+    *,
+    now: datetime,
+    metrics: Mapping[str, Any] | None = None,
+) -> None:
+    """Ends the run unless it already ended (locked: an outcome recorded meanwhile is never overwritten)."""
+    async with db.sessions.begin() as session:
+        row = await session.get(TrainingRun, run_id, with_for_update=True)
+        if row is not None and row.status == RunStatus.RUNNING:
+            end(row, status, reason, now=now, metrics=metrics)
+
+
+async def fail(db: Database, run_id: int, reason: str, *, now: datetime) -> None:
+    await end_if_running(db, run_id, RunStatus.FAILED, reason, now=now)
+
+
+async def lock_for_outcome(session: AsyncSession, run_id: int) -> TrainingRun:
+    """The row, locked for the promotion transaction. Raises `RunNotClaimableError` when the run was ended
+    meanwhile (timed out, `--force`): its version must then be discarded."""
+    run = await session.get(TrainingRun, run_id, with_for_update=True, populate_existing=True)
+    if run is None or run.status != RunStatus.RUNNING:
+        raise RunNotClaimableError(f"training run #{run_id} was ended while it trained; its version is discarded")
+    return run
+
+
+def record_outcome(
+    run: TrainingRun,
+    *,
+    promoted: bool,
+    version_id: int,
+    metrics: Mapping[str, Any],
+    reason: str,
+    now: datetime,
+) -> None:
+    """A scored run's outcome, inside the transaction that promoted or rejected its version."""
+    end(run, RunStatus.PROMOTED if promoted else RunStatus.REJECTED, None if promoted else reason, now=now)
+    run.model_version_id = version_id
+    run.metrics = dict(metrics)
+    run.progress = 1.0
+
+
+async def conclude(db: Database, run_id: int, *, reason_if_running: str, now: datetime) -> RunOutcome:
+    """The outcome the trainer recorded, once its process exited; a row still `running` was killed or crashed and
+    is failed here with `reason_if_running`."""
+    async with db.sessions.begin() as session:
+        row = await session.get(TrainingRun, run_id, with_for_update=True)
+        if row is None:
+            return RunOutcome(run_id, RunStatus.FAILED, reason="its record disappeared")
+        if row.status is RunStatus.RUNNING:
+            end(row, RunStatus.FAILED, reason_if_running, now=now)
+        version = await get_version(session, version_id=row.model_version_id) if row.model_version_id else None
+        return RunOutcome(run_id, row.status, version.name if version else None, dict(row.metrics or {}), row.error)
+
+
+def exit_reason(returncode: int) -> str:
+    """Why a trainer that exited without recording an outcome failed."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"the training process was killed ({name})"
+    return f"the training process exited unexpectedly (status {returncode})"
+
+
+def timeout(settings: Settings) -> timedelta | None:
+    """RETRAIN_TIMEOUT_MINUTES as a duration (None: no limit)."""
+    minutes = settings.retrain_timeout_minutes
+    return timedelta(minutes=minutes) if minutes > 0 else None
+
+
+def timeout_reason(settings: Settings) -> str:
+    return f"it ran longer than RETRAIN_TIMEOUT_MINUTES ({settings.retrain_timeout_minutes:g} min) and was stopped"
+
+
+# --- runs of other processes ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StartPolicy:
+    """How a new run treats a `running` row in its way (`magpie retrain --force / --stop-running`)."""
+
+    clear_starting: bool = False
+    """Also clear a row with no process yet, within its start-up grace (a bot that died while spawning)."""
+    stop_running_by: str | None = None
+    """Who stops a live run (then failed and killed), or None to leave live runs alone."""
+
+
+@dataclass(frozen=True)
+class Ended:
+    """A row ended here (interrupted, timed out, stopped): what to kill and clean up once it is committed."""
+
+    run_id: int
+    started_at: datetime
+    pid: int | None = None
+    process_start: str | None = None
+    kill: bool = False
+
+
+@dataclass(frozen=True)
+class Settled:
+    """What `settle_running` found: the rows it ended, a live run that goes on, when the last run finished."""
+
+    ended: list[Ended]
+    running: AlreadyRunning | None
+    last_finished_at: datetime | None
+
+
+async def settle_running(
+    db: Database, settings: Settings, *, now: datetime, policy: StartPolicy, besides: int | None = None
+) -> Settled:
+    """Decides about every `running` row but `besides` (the run this process follows): rows whose process is
+    gone or that timed out (or that `policy` stops) are failed, their processes killed and their directories
+    removed; the rest are runs that go on."""
+    ended: list[Ended] = []
+    running = None
+    async with db.sessions.begin() as session:
+        for row in await _running_rows(session):
+            if row.id != besides:
+                running = _settle(row, settings, now, ended, policy) or running
+        last_finished = await session.scalar(select(func.max(TrainingRun.finished_at)))
+    await clean_up(db, settings.models_dir, ended)
+    return Settled(ended, running, last_finished)
+
+
+async def _running_rows(session: AsyncSession) -> Sequence[TrainingRun]:
+    """Locked (on PostgreSQL): a trainer recording its outcome meanwhile is waited for, not overwritten."""
+    query = select(TrainingRun).where(TrainingRun.status == RunStatus.RUNNING).with_for_update()
+    return (await session.scalars(query)).all()
+
+
+def _settle(
+    row: TrainingRun, settings: Settings, now: datetime, ended: list[Ended], policy: StartPolicy
+) -> AlreadyRunning | None:
+    """Ends the row (appending to `ended`) when its process is gone, it timed out or the policy stops it; returns
+    it as a run that goes on otherwise."""
+    limit = timeout(settings)
+    if row.pid is None:
+        if now - row.started_at < SPAWN_GRACE and not policy.clear_starting:
+            return AlreadyRunning(row.id, row.progress)
+        reason = INTERRUPTED
+    elif not trainer_process_alive(row.pid, row.process_start):
+        reason = INTERRUPTED
+    elif limit is not None and now - row.started_at > limit:
+        reason = timeout_reason(settings)
+    elif policy.stop_running_by is not None:
+        reason = f"stopped by {policy.stop_running_by} (magpie retrain --stop-running)"
+    else:
+        return AlreadyRunning(row.id, row.progress, row.pid if policy.clear_starting else None)
+    log.warning("training run #%d (process %s) is marked failed: %s", row.id, row.pid, reason)
+    end(row, RunStatus.FAILED, reason, now=now)
+    ended.append(Ended(row.id, row.started_at, row.pid, row.process_start, kill=reason != INTERRUPTED))
+    return None
+
+
+async def clean_up(db: Database, models_dir: Path, ended: Sequence[Ended]) -> None:
+    """After the rows are committed as ended: kill the processes that were stopped (verified as the runs' own),
+    then remove the directories the runs left that no version row points at."""
+    for run in ended:
+        if run.kill:
+            kill_trainer(run.pid, run.process_start)
+        async with db.sessions() as session:
+            leftovers = await leftovers_of_run(session, models_dir, run.run_id, run.started_at)
+        await asyncio.to_thread(remove_dirs, leftovers)
