@@ -35,8 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from core.dialogue import GPT2_EOS
 from core.settings import Settings
 from trainer.corpus import load_dialogues
-from trainer.dataset import Sample, samples_from_dialogues, split_by_conversation
+from trainer.dataset import samples_from_dialogues, split_by_conversation
 from trainer.packing import Encoded, encode_samples, pack, unpacked
+from trainer.samples import Sample
 from trainer.starter_model import train_tokenizer
 from trainer.train import TrainArguments, build_trainer, mean_loss, training_arguments
 

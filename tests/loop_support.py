@@ -14,7 +14,7 @@ from core.messages import ChatKind, IncomingMessage
 from core.service import ChatService
 from core.settings import Settings
 from tests.conftest import TINY_CORPUS, engine_config, generation_params
-from trainer.dataset import Line, Sample
+from trainer.samples import Line, Sample
 from trainer.starter_model import ModelShape, build_model, save_model, train_tokenizer
 
 QUESTION = "what is the secret word?"

@@ -19,18 +19,11 @@ from core.db import Database
 from core.dialogue import GPT2_EOS
 from core.models import Chat, Delivery, Message, ModelVersion, Role, User, VersionStatus
 from core.settings import Settings
-from trainer.dataset import (
-    DatasetReport,
-    Line,
-    Sample,
-    build_dataset,
-    cap_user_share,
-    export_jsonl,
-    is_repetitive,
-    redact_pii,
-    split_by_conversation,
-)
+from trainer.dataset import build_dataset, export_jsonl, split_by_conversation
+from trainer.filters import is_repetitive, redact_pii
 from trainer.packing import IGNORE_INDEX, PadCollator, encode_samples, pack, unpacked
+from trainer.poisoning import cap_user_share
+from trainer.samples import DatasetReport, Line, Sample
 
 _ids = count(1)
 

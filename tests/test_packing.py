@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
 
-from trainer.dataset import Line, Sample
 from trainer.packing import IGNORE_INDEX, EncodingStats, PadCollator, encode_samples, pack
+from trainer.samples import Line, Sample
 from trainer.train import mean_loss
 
 BLOCKED = "buy cheap pills now"

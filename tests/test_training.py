@@ -18,8 +18,8 @@ from core.models import RunStatus, TrainingRun
 from core.service import ChatService
 from core.settings import Settings
 from tests.loop_support import WAIT_S, greedy_engine, log_community, loop_settings
-from trainer.dataset import Line, Sample
 from trainer.orchestrator import TrainingOrchestrator
+from trainer.samples import Line, Sample
 from trainer.train import TrainArguments, evaluate_loss, read_manifest, train, training_arguments
 
 CONVERSATIONS = [

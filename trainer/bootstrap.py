@@ -24,9 +24,12 @@ from core.dialogue import GPT2_EOS
 from core.settings import Settings
 from core.versions import activate_version, get_active_version, register_version
 from trainer.corpus import DEFAULT_LANGUAGES, load_dialogues
-from trainer.dataset import Sample, samples_from_dialogues, split_by_conversation, stable_fraction
+from trainer.dataset import samples_from_dialogues, split_by_conversation
+from trainer.filters import stable_fraction
+from trainer.samples import Sample
 from trainer.starter_model import ModelShape, build_model, save_model, train_tokenizer
-from trainer.train import ProgressFn, TrainArguments, TrainResult, train
+from trainer.train import TrainArguments, TrainResult, train
+from trainer.training_logs import ProgressFn
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ label it fills at inference). Pipeline, in order:
    redacted; every remaining line becomes context for what follows (at most `history_turns`);
 2. target eligibility: human turns (bot turns too with `train_on_bot_replies`), except blocklisted and
    repetitive lines, which stay context only;
-3. Tay defence across the whole dataset: a user's near-duplicate targets (same normalised text) are dropped,
-   then no user may own more than `train_user_share_cap` of the targets that remain (which ones stay is a
-   deterministic hash, not "the first N");
+3. Tay defence across the whole dataset (`trainer.poisoning`): a user's near-duplicate targets (same normalised
+   text) are dropped, then no user may own more than `train_user_share_cap` of the targets that remain (which
+   ones stay is a deterministic hash, not "the first N");
 4. every line that is not a target in the end (step 2 or 3) is marked not learnable wherever it appears as
    context, so it carries no loss anywhere (`trainer.packing` masks it);
 5. a deterministic split by conversation into train and eval.
@@ -25,16 +25,12 @@ different tokenizers, on the same split. The token-length bound is applied when 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import re
-import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -42,142 +38,19 @@ from sqlalchemy import select
 from sqlalchemy.orm import aliased
 
 from core.db import Database
-from core.dialogue import GPT2_EOS, Turn, clean_text, format_dialogue, speaker_key
+from core.dialogue import GPT2_EOS, clean_text, speaker_key
 from core.messages import ChatKind
 from core.models import Chat, Delivery, Message, ModelVersion, Role, User, VersionStatus
 from core.settings import Settings
 from trainer.corpus import Dialogue
+from trainer.filters import is_blocklisted, is_repetitive, normalise, redact_pii, stable_fraction
+from trainer.poisoning import cap_user_share, drop_near_duplicates, unlearn_dropped_targets
+from trainer.samples import DatasetReport, Line, Sample
 
 log = logging.getLogger(__name__)
 
-_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
-_PHONE = re.compile(r"(?<![0-9A-Za-z+])\+?\d[\d ().-]{5,}\d(?![0-9A-Za-z])")
-_DATE = re.compile(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{2,4}")
-_REPEATED_UNIT = re.compile(r"(.{1,4}?)\1{3,}")
-_LONG_RUNS = re.compile(r"(.)\1{2,}")
-
 _DELIVERED = (Delivery.SENT, None)
 """Bot replies that reached the chat; None is a row logged before delivery was tracked."""
-
-
-@dataclass(frozen=True, slots=True)
-class Line:
-    """A turn plus where it came from (database ids are None for corpus lines)."""
-
-    speaker: str
-    text: str
-    message_id: int | None = None
-    user_id: int | None = None
-    created_at: datetime | None = None
-    learnable: bool = True
-    """False for a line that may be context but must never be learned (blocklisted, repetitive, capped, a bot
-    reply when bot replies are not targets): its tokens get no loss wherever it appears."""
-
-    @property
-    def turn(self) -> Turn:
-        return Turn(self.speaker, self.text)
-
-
-@dataclass(frozen=True, slots=True)
-class Sample:
-    """A target line with its context; the prompt is a prefix of the text (response-only loss relies on it)."""
-
-    context: tuple[Line, ...]
-    target: Line
-    conversation: str
-    """Which conversation it comes from: the unit the held-out split draws (a chat cut at /reset and at long
-    silences, or a corpus dialogue)."""
-
-    def prompt(self, eos: str = GPT2_EOS) -> str:
-        """What the model sees before it writes the target: the same text the engine builds at inference."""
-        return format_dialogue([line.turn for line in self.context], responder=self.target.speaker, eos=eos)
-
-    def text(self, eos: str = GPT2_EOS) -> str:
-        """The whole sample: prompt, target text and the end-of-turn EOS."""
-        turns = [line.turn for line in (*self.context, self.target)]
-        return format_dialogue(turns, responder=self.target.speaker, eos=eos, open_reply=False)
-
-    def sources(self) -> Iterator[tuple[int, int | None]]:
-        """(message id, user id) of every logged message in the sample: what the training manifest records."""
-        for line in (*self.context, self.target):
-            if line.message_id is not None:
-                yield line.message_id, line.user_id
-
-
-@dataclass
-class DatasetReport:
-    """The split dataset plus an account of every message that did not become a target, by reason."""
-
-    train: list[Sample]
-    eval: list[Sample]
-    excluded: Counter[str] = field(default_factory=Counter)
-    messages_read: int = 0
-
-    def manifest(self) -> dict[int, int | None]:
-        """Message id -> author id of every message in the training split (context included)."""
-        return dict(pair for sample in self.train for pair in sample.sources())
-
-    def time_range(self) -> tuple[datetime | None, datetime | None]:
-        """When the oldest and newest training targets were written."""
-        stamps = [s.target.created_at for s in self.train if s.target.created_at is not None]
-        return (min(stamps), max(stamps)) if stamps else (None, None)
-
-    def summary(self) -> dict[str, Any]:
-        first, last = self.time_range()
-        return {
-            "messages_read": self.messages_read,
-            "train_samples": len(self.train),
-            "eval_samples": len(self.eval),
-            "train_conversations": len({s.conversation for s in self.train}),
-            "eval_conversations": len({s.conversation for s in self.eval}),
-            "excluded": dict(sorted(self.excluded.items())),
-            "data_from": first.isoformat() if first else None,
-            "data_to": last.isoformat() if last else None,
-        }
-
-
-# --- text filters ---------------------------------------------------------------------------------------------
-
-
-def redact_pii(text: str) -> str:
-    """Replaces e-mail addresses and phone-like numbers (7-15 digits, not dates) with placeholders."""
-    text = _EMAIL.sub("[email]", text)
-
-    def phone(match: re.Match[str]) -> str:
-        candidate = match.group(0)
-        digits = sum(ch.isdigit() for ch in candidate)
-        if not 7 <= digits <= 15 or _DATE.fullmatch(candidate.strip()):
-            return candidate
-        return "[phone]"
-
-    return _PHONE.sub(phone, text)
-
-
-def normalise(text: str) -> str:
-    """The text two near-duplicates share: case, punctuation, spacing and stretched letters ("sooo") removed."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    text = "".join(ch if ch.isalnum() else " " for ch in text)
-    text = _LONG_RUNS.sub(r"\1\1", text)
-    return " ".join(text.split())
-
-
-def is_repetitive(text: str) -> bool:
-    """A line that is mostly one repeated word or a short repeated unit ("lol lol lol lol", "hahahahaha")."""
-    words = normalise(text).split()
-    if len(words) >= 3 and Counter(words).most_common(1)[0][1] / len(words) >= 0.6:
-        return True
-    compact = "".join(text.split())
-    return len(compact) >= 8 and _REPEATED_UNIT.fullmatch(compact) is not None
-
-
-def is_blocklisted(text: str, blocklist: Sequence[str]) -> bool:
-    lowered = text.casefold()
-    return any(item.casefold() in lowered for item in blocklist)
-
-
-def stable_fraction(key: str) -> float:
-    """A number in [0, 1) that depends only on `key`: the same chat lands in the same split on every run."""
-    return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:16], 16) / 2**64
 
 
 # --- building samples -----------------------------------------------------------------------------------------
@@ -357,79 +230,6 @@ def _target_reason(row: _Row, line: Line, settings: Settings) -> str:
     if is_repetitive(line.text):
         return "repetitive_context_only"
     return ""
-
-
-def drop_near_duplicates(samples: Iterable[Sample], excluded: Counter[str]) -> list[Sample]:
-    """Keeps a user's first target of each normalised text; repeats by the same author are flooding.
-
-    Different people giving the same answer is kept: that agreement is what the model should learn, and the
-    per-user share cap bounds what any one account can add.
-    """
-    seen: set[tuple[str, str]] = set()
-    kept = []
-    for sample in sorted(samples, key=lambda s: s.target.message_id or 0):
-        key = (sample.target.speaker, normalise(sample.target.text))
-        if key in seen:
-            excluded["near_duplicate_target"] += 1
-            continue
-        seen.add(key)
-        kept.append(sample)
-    return kept
-
-
-def cap_user_share(samples: Sequence[Sample], cap: float, excluded: Counter[str]) -> list[Sample]:
-    """Keeps no author above `cap` of the targets that remain, each capped author keeping a hash-chosen (stable,
-    time-spread) subset of the same size; authors under the limit keep everything."""
-    by_author: dict[str, list[Sample]] = defaultdict(list)
-    for sample in samples:
-        by_author[sample.target.speaker].append(sample)
-    limit = share_limit([len(author_samples) for author_samples in by_author.values()], cap)
-    keep: set[int] = set()
-    for author_samples in by_author.values():
-        ranked = sorted(author_samples, key=lambda s: stable_fraction(f"{s.conversation}/{s.target.message_id}"))
-        keep.update(id(s) for s in ranked[:limit])
-        excluded["user_share_cap"] += max(0, len(ranked) - limit)
-    return [s for s in samples if id(s) in keep]
-
-
-def share_limit(counts: Sequence[int], cap: float) -> int:
-    """The most targets one author may keep so that, after capping, nobody owns more than `cap` of the rest.
-
-    The limit must count the flooder out of its own base: `cap x all targets` lets one account with 1,000 lines
-    among 50 honest ones keep most of the data. With a limit L each author keeps min(n, L) of the total
-    T(L) = sum(min(n, L)), and L is the largest value with min(L, max n) <= cap' x T(L). `cap'` is `cap`, or an
-    equal share (1 / authors) when fewer than 1/cap people contributed, so a small group still trains. The slack
-    cap' x T(L) - L is concave in L and holds at L = 1, so the values that fit form a range a bisection finds.
-    """
-    if not counts:
-        return 0
-    share = max(Fraction(cap).limit_denominator(10**6), Fraction(1, len(counts)))
-    largest = max(counts)
-
-    def fits(limit: int) -> bool:
-        return min(limit, largest) <= share * sum(min(n, limit) for n in counts)
-
-    low, high = 1, largest  # fits(1) always holds: every author has at least one target
-    while low < high:
-        middle = (low + high + 1) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle - 1)
-    return low
-
-
-def unlearn_dropped_targets(kept: Sequence[Sample], candidates: Iterable[Sample]) -> list[Sample]:
-    """Marks every context line whose message was dropped as a target (a near-duplicate, over the share cap) as not
-    learnable: it stays context for the lines after it, but would otherwise be learned there after all."""
-    dropped = {s.target.message_id for s in candidates} - {s.target.message_id for s in kept} - {None}
-    return [_unlearn(sample, dropped) for sample in kept] if dropped else list(kept)
-
-
-def _unlearn(sample: Sample, message_ids: set[int | None]) -> Sample:
-    if not any(line.message_id in message_ids for line in sample.context):
-        return sample
-    context = tuple(
-        replace(line, learnable=False) if line.message_id in message_ids else line for line in sample.context
-    )
-    return replace(sample, context=context)
 
 
 def split_by_conversation(samples: Sequence[Sample], eval_fraction: float) -> tuple[list[Sample], list[Sample]]:

@@ -20,7 +20,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from core.dialogue import DialogueEncoder, DialogueIds
-from trainer.dataset import Line, Sample
+from trainer.samples import Line, Sample
 
 IGNORE_INDEX = -100
 """Label value that the loss skips (PyTorch's cross-entropy `ignore_index`)."""

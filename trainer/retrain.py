@@ -63,9 +63,10 @@ from core.versions import (
     withdrawn_training_data,
 )
 from trainer import runs
-from trainer.dataset import DatasetReport, Sample, build_dataset
+from trainer.dataset import build_dataset
 from trainer.model_dirs import partial_dirs, version_name
 from trainer.runs import RunNotClaimableError
+from trainer.samples import DatasetReport, Sample
 
 if TYPE_CHECKING:
     from trainer.train import TrainArguments
@@ -439,7 +440,7 @@ def main(argv: Sequence[str] | None = None, *, before_record: BeforeRecord | Non
     except MagpieError as exc:
         print(f"magpie trainer: {exc}", file=sys.stderr)
         return 2
-    from trainer.train import configure_process_logging
+    from trainer.training_logs import configure_process_logging
 
     configure_process_logging(settings.log_level)
     try:

@@ -18,15 +18,13 @@ name and renamed into place at the end, so a killed run never leaves a half-writ
 
 from __future__ import annotations
 
-import ast
-import contextlib
 import json
 import logging
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,7 +41,6 @@ from transformers import (
     PrinterCallback,
     Trainer,
     TrainerCallback,
-    TrainerControl,
     TrainerState,
     TrainingArguments,
 )
@@ -51,13 +48,11 @@ from transformers import (
 from core.errors import ModelLoadError
 from core.metrics import perplexity
 from core.settings import Settings
-from trainer.dataset import Sample
 from trainer.packing import Encoded, EncodingStats, Features, PadCollator, encode_samples, pack, unpacked
+from trainer.samples import Sample
+from trainer.training_logs import LogToLogger, ProgressFn, ReportProgress, false_alarms_hidden
 
 log = logging.getLogger(__name__)
-
-ProgressFn = Callable[[float], None]
-"""Called with the fraction of training done (0..1), from the thread that runs `train`."""
 
 Precision = Literal["auto", "fp32", "bf16"]
 """TRAIN_PRECISION: `auto` is bf16 autocast where the hardware computes bf16 natively, else fp32."""
@@ -272,7 +267,7 @@ def _train_into(
         model, tokenizer, args, train_features=features, eval_features=unpacked(data.eval), checkpoints=checkpoints,
         progress=progress,
     )  # fmt: skip
-    with _false_alarms_hidden(model):
+    with false_alarms_hidden(model):
         outcome = trainer.train()
     shutil.rmtree(checkpoints, ignore_errors=True)
     timings["train_s"] = time.perf_counter() - phase
@@ -382,11 +377,11 @@ def build_trainer(
     """A Trainer over ready-made features, logging to `logging` (not stdout); with `select_on_eval` it evaluates
     every epoch, stops on the eval loss and keeps the best epoch."""
     with_eval = bool(eval_features) and args.select_on_eval
-    callbacks: list[TrainerCallback] = [_LogToLogger()]
+    callbacks: list[TrainerCallback] = [LogToLogger()]
     if with_eval:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
     if progress is not None:
-        callbacks.append(_ReportProgress(progress))
+        callbacks.append(ReportProgress(progress))
     trainer = Trainer(
         model=model,
         args=training_arguments(args, checkpoints, train_rows=len(train_features), with_eval=with_eval),
@@ -398,85 +393,6 @@ def build_trainer(
     )
     trainer.remove_callback(PrinterCallback)
     return trainer
-
-
-_MISSING_KEYS = "There were missing keys in the checkpoint model loaded: "
-_NO_LOSS_TYPE = "`loss_type=None` was set in the config but it is unrecognized."
-
-
-class _HideFalseAlarms(logging.Filter):
-    """Drops two transformers warnings that are wrong about GPT-2: the Trainer's "missing keys" when every key it
-    names is a tied parameter, and "loss_type=None … unrecognized" (GPT-2 names no loss type; transformers then uses
-    the causal-LM loss, which is the right one. Setting it instead would change how the Trainer counts tokens per
-    batch, and with it the training dynamics)."""
-
-    def __init__(self, tied: set[str]) -> None:
-        super().__init__()
-        self._tied = tied
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if message.startswith(_NO_LOSS_TYPE):
-            return False
-        if not message.startswith(_MISSING_KEYS):
-            return True
-        try:
-            missing = set(ast.literal_eval(message.removeprefix(_MISSING_KEYS).rstrip(".")))
-        except (ValueError, SyntaxError):
-            return True
-        return not missing <= self._tied
-
-
-@contextlib.contextmanager
-def _false_alarms_hidden(model: PreTrainedModel) -> Iterator[None]:
-    """Keeps `_HideFalseAlarms`' two warnings out of the logs while the Trainer runs. Reloading the best checkpoint,
-    it reports GPT-2's output weights as missing, though they are tied to the input embedding (saved once, restored
-    through the tie; transformers looks for the tie under an attribute GPT-2 no longer sets). Any other missing key
-    still shows."""
-    first_name: dict[int, str] = {}
-    tied = set()
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        if first_name.setdefault(id(parameter), name) != name:
-            tied.add(name)
-    notice = _HideFalseAlarms(tied)
-    loggers = [logging.getLogger(name) for name in ("transformers.trainer", "transformers.modeling_utils")]
-    for logger in loggers:
-        logger.addFilter(notice)
-    try:
-        yield
-    finally:
-        for logger in loggers:
-            logger.removeFilter(notice)
-
-
-class _ReportProgress(TrainerCallback):
-    """Forwards the fraction of optimizer steps done, at most once per percent."""
-
-    def __init__(self, report: ProgressFn) -> None:
-        self.report = report
-        self.last = 0.0
-
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any) -> None:
-        if state.max_steps:
-            fraction = min(1.0, state.global_step / state.max_steps)
-            if fraction - self.last >= 0.01:
-                self.last = fraction
-                self.report(fraction)
-
-
-class _LogToLogger(TrainerCallback):
-    """The Trainer's periodic losses, to `logging` instead of stdout."""
-
-    def on_log(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        logs: dict[str, Any] | None = None,
-        **_: Any,
-    ) -> None:
-        if logs:
-            log.info("step %d/%d: %s", state.global_step, state.max_steps, json.dumps(logs))
 
 
 def mean_loss(
@@ -576,13 +492,3 @@ def read_manifest(version_dir: Path) -> dict[int, int | None]:
     """Message id -> author id of what a version was trained on (for registering it in the database)."""
     data = json.loads((Path(version_dir) / "manifest.json").read_text())
     return {int(message_id): user_id for message_id, user_id in data["messages"]}
-
-
-# --- the training process -------------------------------------------------------------------------------------
-
-
-def configure_process_logging(level: str) -> None:
-    """Logging for a training process (its stderr ends up in the bot's log): plain lines, and none of the
-    progress bars transformers draws for every save and load ("Writing model shards", "Loading weights")."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
