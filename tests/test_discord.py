@@ -26,8 +26,9 @@ from core.engine import Engine
 from core.errors import ConfigError
 from core.messages import Attachment, ChatHandler, ChatKind, IncomingMessage, Reply
 from core.models import Chat, Delivery, Message, Role, User
-from core.service import EXPORT_SENT_PRIVATELY, EXPORT_UNREACHABLE, ChatService
+from core.service import ChatService
 from core.settings import Settings
+from core.texts import EXPORT_SENT_PRIVATELY, EXPORT_UNREACHABLE
 from tests.fake_discord import MESSAGE_CONTENT, WAIT_S, FakeDiscord, Json
 
 pytestmark = pytest.mark.timeout(60)

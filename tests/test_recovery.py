@@ -1,7 +1,7 @@
 """Crash recovery (the outbox): what a killed or stopped bot owed is answered on the next start, exactly once.
 
 Service-level tests run the real `ChatService` with the tiny real model on SQLite and PostgreSQL; "the process was
-killed after logging the message" is the database state `ChatService._log_incoming` leaves behind, and "killed
+killed after logging the message" is the database state `ReplyLog.log_incoming` leaves behind, and "killed
 while sending" is a reply row still PENDING. The adapter-level tests hand recovered replies to the real Telegram
 backend (python-telegram-bot against `tests/fake_telegram.py`) and to the Discord backend (discord.py against
 `tests/fake_discord.py`) through the CLI's `_recover`, as `magpie run` does. The subprocess tests (SIGKILL,
@@ -25,8 +25,9 @@ from core.db import Database
 from core.engine import Engine
 from core.messages import ChatKind, IncomingMessage, Reply
 from core.models import Delivery, Message, Role
-from core.service import EXPORT_AFTER_RESTART, ChatService, Recovered
+from core.service import ChatService, Recovered
 from core.settings import Settings
+from core.texts import EXPORT_AFTER_RESTART
 from tests.fake_telegram import FakeTelegram
 from tests.test_service import record_prompts
 
@@ -73,7 +74,7 @@ def service(tmp_path: Path, db: Database, engine: Engine) -> ChatService:
 
 async def killed_after_logging(service: ChatService, message: IncomingMessage) -> None:
     """What a process killed while generating leaves behind: the message logged, no reply written."""
-    assert await service._log_incoming(message) is not None
+    assert await service._replies.log_incoming(message) is not None
 
 
 async def recover_all(service: ChatService, platforms: tuple[str, ...] = ("telegram",)) -> list[Recovered]:

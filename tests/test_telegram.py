@@ -29,8 +29,9 @@ from core.messages import ADMIN_COMMANDS, COMMANDS, ChatKind, IncomingMessage, R
 from core.models import Chat, Delivery, Role
 from core.models import Message as DbMessage
 from core.outcomes import RunStarted
-from core.service import EXPORT_SENT_PRIVATELY, EXPORT_UNREACHABLE, NOT_TEXT, ChatService
+from core.service import ChatService
 from core.settings import Settings
+from core.texts import EXPORT_SENT_PRIVATELY, EXPORT_UNREACHABLE, NOT_TEXT
 from tests.fake_telegram import FakeTelegram, utf16_length
 
 WAIT = 20.0

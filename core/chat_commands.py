@@ -1,0 +1,187 @@
+"""The chat commands (`/start`, `/help`, `/forget`, `/export`, `/retrain`…): what each does and answers.
+
+Admin rights come from numeric platform ids in ADMIN_IDS (`Settings.is_admin`), never from display names. Every
+answer is a logged system reply (`ReplyLog`), worded in `core.texts`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+from core.commands import ParsedCommand
+from core.db import Database
+from core.engine import Engine
+from core.messages import ADMIN_COMMANDS, Attachment, ChatKind, Private, Reply
+from core.models import User
+from core.reply_log import Logged, ReplyLog
+from core.retraining import Retrainer
+from core.serving import ModelServing
+from core.settings import Settings
+from core.storage import collect_stats, export_user, forget_user
+from core.texts import (
+    ADMINS_ONLY,
+    EXPORT_SENT_PRIVATELY,
+    EXPORT_UNREACHABLE,
+    MODELS_UNAVAILABLE,
+    OPTED_IN,
+    OPTED_OUT,
+    RESET_DONE,
+    RETRAIN_UNAVAILABLE,
+    ROLLBACK_UNAVAILABLE,
+    export_ready,
+    forgotten,
+    help_text,
+    run_request,
+    start_text,
+    status_text,
+    switch,
+    unknown_command,
+    version_list,
+)
+from core.versions import training_in_progress, version_files_problem, versions_trained_on_user
+
+log = logging.getLogger("core.service")
+
+
+class ChatCommands:
+    """Runs one parsed command for the chat service. `retrainer` answers `/retrain`, `serving` `/models` and
+    `/rollback`; without them those commands say they are not available in this setup."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        db: Database,
+        engine: Engine,
+        replies: ReplyLog,
+        retrainer: Retrainer | None,
+        serving: ModelServing | None,
+    ) -> None:
+        self._settings = settings
+        self._db = db
+        self._engine = engine
+        self._replies = replies
+        self._retrainer = retrainer
+        self._serving = serving
+
+    async def run(self, logged: Logged, command: ParsedCommand) -> Reply:
+        message = logged.message
+        is_admin = self._settings.is_admin(message.platform, message.author_id)
+        if command.name in ADMIN_COMMANDS and not is_admin:
+            log.warning(
+                "Refused admin command /%s from %s:%s (not in ADMIN_IDS)",
+                command.name,
+                message.platform,
+                message.author_id,
+            )
+            return await self._replies.system_reply(logged, ADMINS_ONLY)
+        handler = self._handlers().get(command.name)
+        if handler is None:
+            return await self._replies.system_reply(logged, unknown_command(command.name))
+        return await handler(logged, command)
+
+    def _handlers(self) -> dict[str, Callable[[Logged, ParsedCommand], Awaitable[Reply]]]:
+        return {
+            "start": self._cmd_start,
+            "help": self._cmd_help,
+            "reset": self._cmd_reset,
+            "forget": self._cmd_forget,
+            "export": self._cmd_export,
+            "optout": self._cmd_optout,
+            "optin": self._cmd_optin,
+            "retrain": self._cmd_retrain,
+            "status": self._cmd_status,
+            "models": self._cmd_models,
+            "rollback": self._cmd_rollback,
+        }
+
+    def _is_admin(self, logged: Logged) -> bool:
+        return self._settings.is_admin(logged.message.platform, logged.message.author_id)
+
+    async def _cmd_start(self, logged: Logged, _: ParsedCommand) -> Reply:
+        learned = self._settings.learns_from_private_chats(logged.message.platform)
+        text = start_text(self._settings.bot_name, is_admin=self._is_admin(logged), private_chats_learned=learned)
+        return await self._replies.system_reply(logged, text)
+
+    async def _cmd_help(self, logged: Logged, _: ParsedCommand) -> Reply:
+        learned = self._settings.learns_from_private_chats(logged.message.platform)
+        text = help_text(self._settings.bot_name, is_admin=self._is_admin(logged), private_chats_learned=learned)
+        return await self._replies.system_reply(logged, text)
+
+    async def _cmd_reset(self, logged: Logged, _: ParsedCommand) -> Reply:
+        return await self._replies.system_reply(logged, RESET_DONE)
+
+    async def _cmd_forget(self, logged: Logged, _: ParsedCommand) -> Reply:
+        async with self._db.sessions.begin() as session:
+            count = await forget_user(session, user_id=logged.user_row_id)
+            trained_on = await versions_trained_on_user(session, user_id=logged.user_row_id)
+            training = await training_in_progress(session)
+        log.info("Forgot %d messages of user row %d", count, logged.user_row_id)
+        names = [version.name for version in trained_on]
+        text = forgotten(count, trained_on=names, training_now=training)
+        return await self._replies.log_reply(logged, text, model_version_id=None, system=True, answers_logged=False)
+
+    async def _cmd_export(self, logged: Logged, _: ParsedCommand) -> Reply:
+        async with self._db.sessions() as session:
+            rows = await export_user(session, user_id=logged.user_row_id)
+        content = json.dumps({"messages": rows}, ensure_ascii=False, indent=2).encode()
+        attachment = Attachment(filename="magpie-export.json", content=content)
+        text = export_ready(len(rows))
+        if logged.message.chat_kind is ChatKind.PRIVATE:
+            return await self._replies.system_reply(logged, text, attachment)
+        # Everything the user ever sent, private chats included: never for the eyes of a group.
+        private = Private(text, attachment, unreachable=EXPORT_UNREACHABLE)
+        return await self._replies.log_reply(
+            logged, EXPORT_SENT_PRIVATELY, model_version_id=None, system=True, private=private
+        )
+
+    async def _set_opt_out(self, logged: Logged, opted_out: bool) -> None:
+        async with self._db.sessions.begin() as session:
+            user = await session.get(User, logged.user_row_id)
+            if user is not None:
+                user.opted_out = opted_out
+
+    async def _cmd_optout(self, logged: Logged, _: ParsedCommand) -> Reply:
+        await self._set_opt_out(logged, True)
+        return await self._replies.system_reply(logged, OPTED_OUT)
+
+    async def _cmd_optin(self, logged: Logged, _: ParsedCommand) -> Reply:
+        await self._set_opt_out(logged, False)
+        return await self._replies.system_reply(logged, OPTED_IN)
+
+    async def _cmd_retrain(self, logged: Logged, _: ParsedCommand) -> Reply:
+        if self._retrainer is None:
+            return await self._replies.system_reply(logged, RETRAIN_UNAVAILABLE)
+        message = logged.message
+        result = await self._retrainer.request(
+            triggered_by=f"{message.platform}:{message.author_id}",
+            notify_platform=message.platform,
+            notify_chat_id=message.chat_id,
+        )
+        return await self._replies.system_reply(logged, run_request(result))
+
+    async def _cmd_status(self, logged: Logged, _: ParsedCommand) -> Reply:
+        async with self._db.sessions() as session:
+            stats = await collect_stats(session)
+        ref = self._engine.model_ref
+        model_name = ref.name if ref is not None else "none loaded"
+        active = stats.active_version
+        problem = version_files_problem(active.path) if active is not None and active.name != model_name else None
+        text = status_text(stats, model_name=model_name, queue_depth=self._engine.queue_depth, active_problem=problem)
+        return await self._replies.system_reply(logged, text)
+
+    async def _cmd_models(self, logged: Logged, _: ParsedCommand) -> Reply:
+        if self._serving is None:
+            return await self._replies.system_reply(logged, MODELS_UNAVAILABLE)
+        return await self._replies.system_reply(logged, version_list(await self._serving.list_versions()))
+
+    async def _cmd_rollback(self, logged: Logged, command: ParsedCommand) -> Reply:
+        if self._serving is None:
+            return await self._replies.system_reply(logged, ROLLBACK_UNAVAILABLE)
+        message = logged.message
+        result = await self._serving.rollback(
+            version=command.args or None, triggered_by=f"{message.platform}:{message.author_id}"
+        )
+        return await self._replies.system_reply(logged, switch(result))
