@@ -1,5 +1,10 @@
 """A fake Discord — REST API and gateway websocket — on 127.0.0.1, for driving the real discord.py client in tests.
 
+Longer than other modules on purpose: it is a protocol model (REST routes with Discord's error shapes and limits,
+the gateway's handshake, heartbeats and dispatches, interactions and webhooks) kept in one place so that its
+strictness is reviewed as a whole; the lifecycle, call records, waits and fault injection it shares with the fake
+Telegram are in `tests/fake_base.py`.
+
 It speaks what discord.py 2.x actually uses (see `discord/http.py`, `discord/gateway.py`, `discord/webhook/`):
 
 REST (under `/api/v10`, every call recorded in `calls`):

@@ -1,5 +1,9 @@
 """A small fake of the Telegram Bot API for driving the real python-telegram-bot client in tests.
 
+Longer than other modules on purpose: it models the Bot API's rules (chats, per-chat message ids, entities, reply
+targets, forums, migrations, who may be written to first, limits and error shapes) in one place so that its
+strictness is reviewed as a whole; what it shares with the fake Discord is in `tests/fake_base.py`.
+
 It speaks the real wire format on 127.0.0.1 (`/bot<TOKEN>/<method>`, JSON, form-encoded and multipart bodies,
 `{"ok": ..., "result"|"description": ...}` answers), keeps chats and messages like the real server does (per-chat
 message ids, entities computed from the text, replies that must point at an existing message), long-polls

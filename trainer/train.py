@@ -11,6 +11,9 @@ retrain`) calls `train()` in a worker thread, so the bot keeps serving meanwhile
 recording progress; the offline starter (`magpie bootstrap`, or `magpie run` when the Hub is unreachable) calls it
 in a worker thread too. This module has no command line of its own.
 
+It is longer than most (about 500 lines) on purpose: like `run_clm.py`, one training program read in order, its
+arguments dataclass beside the stages that use it. Its logging plumbing lives in `trainer.training_logs`.
+
 A version directory holds: `model.safetensors`, `config.json`, the tokenizer files, `metrics.json` and
 `manifest.json` (the ids of the logged messages it was trained on). It is written under a hidden `.partial`
 name and renamed into place at the end, so a killed run never leaves a half-written version behind.
