@@ -30,11 +30,12 @@ from core.settings import Settings
 from tests.fake_base import WAIT_S
 from tests.fake_discord import FakeDiscord
 from tests.fake_telegram import FakeTelegram
+from tests.handler_base import IgnoresLogEvents
 
 pytestmark = pytest.mark.timeout(90)
 
 
-class Recorder:
+class Recorder(IgnoresLogEvents):
     """A `ChatHandler` answering every message with `answer`; a message whose text is in `gates` waits in the core
     until its gate opens. Records what the loop reports."""
 
@@ -82,15 +83,6 @@ class Recorder:
 
     async def private_unreachable(self, reply: Reply, reason: str) -> Reply:
         raise AssertionError("no private replies here")
-
-    async def message_edited(self, platform: str, chat_id: str, message_id: str, text: str | None) -> None:
-        return None
-
-    async def message_deleted(self, platform: str, chat_id: str, message_id: str) -> None:
-        return None
-
-    async def migrate_chat(self, platform: str, old_chat_id: str, new_chat_id: str) -> None:
-        return None
 
 
 class Platform(Protocol):

@@ -30,6 +30,7 @@ from core.service import ChatService
 from core.settings import Settings
 from core.texts import EXPORT_SENT_PRIVATELY, EXPORT_UNREACHABLE
 from tests.fake_discord import MESSAGE_CONTENT, WAIT_S, FakeDiscord, Json
+from tests.handler_base import IgnoresLogEvents
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -107,7 +108,7 @@ class Observed:
         await self.inner.migrate_chat(platform, old_chat_id, new_chat_id)
 
 
-class Scripted:
+class Scripted(IgnoresLogEvents):
     """A ChatHandler whose answer the test chooses, for adapter behaviour where the model is irrelevant."""
 
     def __init__(self, answer: Callable[[IncomingMessage], str] = lambda m: f"echo: {m.text}") -> None:
@@ -134,15 +135,6 @@ class Scripted:
     async def private_unreachable(self, reply: Reply, reason: str) -> Reply:
         assert reply.private is not None
         return Reply(reply.private.unreachable, reply_to=reply.reply_to)
-
-    async def message_edited(self, platform: str, chat_id: str, message_id: str, text: str | None) -> None:
-        return None
-
-    async def message_deleted(self, platform: str, chat_id: str, message_id: str) -> None:
-        return None
-
-    async def migrate_chat(self, platform: str, old_chat_id: str, new_chat_id: str) -> None:
-        return None
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,6 @@ SIGTERM) are in `tests/test_run.py`.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,33 +28,9 @@ from core.service import ChatService, Recovered
 from core.settings import Settings
 from core.texts import EXPORT_AFTER_RESTART
 from tests.fake_telegram import FakeTelegram
+from tests.handler_base import IgnoresLogEvents
+from tests.test_service import msg as incoming
 from tests.test_service import record_prompts
-
-_ids = itertools.count(1)
-
-
-def incoming(
-    text: str,
-    *,
-    user: str = "1",
-    chat: str = "100",
-    kind: ChatKind = ChatKind.PRIVATE,
-    addressed: bool = False,
-    message_id: str | None = None,
-    sent_at: datetime | None = None,
-    platform: str = "telegram",
-) -> IncomingMessage:
-    return IncomingMessage(
-        platform=platform,
-        chat_id=chat,
-        chat_kind=kind,
-        author_id=user,
-        author_name=f"name-{user}",
-        text=text,
-        message_id=message_id or str(next(_ids)),
-        addressed=addressed,
-        sent_at=sent_at,
-    )
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
@@ -305,7 +280,7 @@ async def test_the_console_shows_a_recovered_answer_as_one_to_an_earlier_message
     assert [row.delivery for row in await rows(db)] == [None, Delivery.SENT]
 
 
-class RecordingDiscordHandler:
+class RecordingDiscordHandler(IgnoresLogEvents):
     """A ChatHandler for the adapter-only Discord test: answers every message with `text`, records the outcome."""
 
     def __init__(self, text: str) -> None:
@@ -324,15 +299,6 @@ class RecordingDiscordHandler:
 
     async def mark_interrupted(self, reply: Reply, *, parts_sent: int) -> None:
         self.interrupted.append((reply.log_id, parts_sent))
-
-    async def message_edited(self, platform: str, chat_id: str, message_id: str, text: str | None) -> None:
-        return None
-
-    async def message_deleted(self, platform: str, chat_id: str, message_id: str) -> None:
-        return None
-
-    async def migrate_chat(self, platform: str, old_chat_id: str, new_chat_id: str) -> None:
-        return None
 
 
 async def test_discord_sends_only_the_remaining_parts_and_leaves_a_send_cut_off_at_stop_to_recovery(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 
@@ -38,8 +39,9 @@ def msg(
     addressed: bool = False,
     message_id: str | None = None,
     platform: str = "telegram",
+    sent_at: datetime | None = None,
 ) -> IncomingMessage:
-    """An incoming message from user `user` in chat `chat`."""
+    """An incoming message from user `user` in chat `chat` (sent at `sent_at`, else now)."""
     return IncomingMessage(
         platform=platform,
         chat_id=chat,
@@ -49,6 +51,7 @@ def msg(
         text=text,
         message_id=message_id or str(next(_ids)),
         addressed=addressed,
+        sent_at=sent_at,
     )
 
 
