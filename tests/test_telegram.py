@@ -376,7 +376,7 @@ async def test_typing_is_shown_at_once_renewed_while_thinking_and_never_after_th
     frank = telegram.user(5001, "Frank")
     handler = RecordingHandler()
     handler.release = asyncio.Event()
-    async with running(settings_for(telegram), handler):
+    async with running(settings_for(telegram, typing_after_ms=0), handler):
         telegram.user_says(telegram.private_chat(frank), frank, "think hard")
         await telegram.wait_until(lambda: len(telegram.calls_to("sendChatAction")) >= 3)
         handler.release.set()
@@ -796,7 +796,7 @@ async def test_private_chat_round_trip_is_logged_with_typing_before_the_reply(
 ) -> None:
     alice = telegram.user(1001, "Alice")
     chat = telegram.private_chat(alice)
-    async with serving(telegram, db, tiny_model_dir):
+    async with serving(telegram, db, tiny_model_dir, typing_after_ms=0):  # "typing…" at once, however quick
         asked = telegram.user_says(chat, alice, "hello there, how are you today?")
         [answer] = await telegram.wait_for_messages(alice.id, 1)
     user_row, bot_row = await logged(db, alice.id)
@@ -859,7 +859,7 @@ async def test_forum_topics_are_separate_conversations_answered_in_their_topic(
 ) -> None:
     forum = telegram.group(-100300, "Hobbies", forum=True)
     bob, carol = telegram.user(2001, "Bob"), telegram.user(2002, "Carol")
-    async with serving(telegram, db, tiny_model_dir):
+    async with serving(telegram, db, tiny_model_dir, typing_after_ms=0):  # "typing…" in each topic, however quick
         telegram.user_says(forum, bob, "@MagpieTestBot which guitar should I buy?", topic=5)
         telegram.user_says(forum, carol, "@MagpieTestBot who won the match?", topic=9)
         telegram.user_says(forum, carol, "anyone here?")  # the General topic: no thread id
