@@ -31,6 +31,7 @@ from core.models import Message as DbMessage
 from core.outcomes import RunStarted
 from core.service import EXPORT_SENT_PRIVATELY, EXPORT_UNREACHABLE, NOT_TEXT, ChatService
 from core.settings import Settings
+from core.texts import BUSY, OPTED_OUT
 from tests.fake_telegram import FakeTelegram, utf16_length
 
 WAIT = 20.0
@@ -810,6 +811,48 @@ async def test_private_chat_round_trip_is_logged_with_typing_before_the_reply(
     assert answer["text"].strip()
     methods = [call.method for call in telegram.calls if call.method in ("sendChatAction", "sendMessage")]
     assert methods[0] == "sendChatAction" and methods[-1] == "sendMessage"
+
+
+async def test_while_replies_queue_for_telegram_new_messages_get_the_busy_note_and_are_still_logged(
+    telegram: FakeTelegram, db: Database, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More platform calls waiting than SEND_QUEUE_LIMIT: a new chat message gets the short busy note at once
+    instead of an answer that would arrive late, a command still runs, everything is logged, and once the queue has
+    drained answers resume."""
+    delivered = asyncio.Condition()
+    recorded: list[Reply] = []
+    record_delivery = ChatService.mark_delivered
+
+    async def noting(self: ChatService, reply: Reply, platform_message_ids: list[str]) -> None:
+        await record_delivery(self, reply, platform_message_ids)
+        async with delivered:
+            recorded.append(reply)
+            delivered.notify_all()
+
+    monkeypatch.setattr(ChatService, "mark_delivered", noting)
+    names = ["Ana", "Ben", "Cid", "Dora", "Eve"]
+    ana, ben, cid, dora, eve = (telegram.user(8001 + n, name) for n, name in enumerate(names))
+    async with serving(telegram, db, tiny_model_dir, send_queue_limit=1, typing_after_ms=60_000):
+        telegram.hold("sendMessage")
+        for person in (ana, ben):
+            telegram.user_says(telegram.private_chat(person), person, "hello, how are you?")
+        await telegram.wait_until(lambda: len(telegram.held_calls("sendMessage")) == 2)  # past the limit of 1
+        telegram.user_says(telegram.private_chat(cid), cid, "anyone there?")
+        telegram.user_says(telegram.private_chat(dora), dora, "/optout")
+        await telegram.wait_until(lambda: len(telegram.held_calls("sendMessage")) == 4)
+        telegram.release()
+        async with asyncio.timeout(WAIT), delivered:
+            await delivered.wait_for(lambda: len(recorded) == 4)  # every call answered: the queue is empty
+        telegram.user_says(telegram.private_chat(eve), eve, "hello, how are you?")
+        await telegram.wait_for_messages(eve.id, 1)
+    [[busy], [opted_out], [answer]] = [telegram.sent_messages(p.id) for p in (cid, dora, eve)]
+    assert (busy["text"], opted_out["text"]) == (BUSY, OPTED_OUT), "a command still runs while busy"
+    assert all(telegram.sent_messages(p.id)[0]["text"] != BUSY for p in (ana, ben, eve))
+    question, note = await logged(db, cid.id)
+    assert (question.role, question.text) == (Role.USER, "anyone there?"), "nothing a person sent is lost"
+    assert (note.text, note.is_command, note.delivery) == (BUSY, True, Delivery.SENT), "kept out of training"
+    assert [row.is_command for row in await logged(db, eve.id)] == [False, False], "a model answer again"
+    assert answer["text"].strip()
 
 
 async def test_group_chat_is_logged_whole_but_answered_only_when_addressed(
