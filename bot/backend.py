@@ -233,7 +233,7 @@ class ChatBackend(ABC, Generic[Target]):
         when an answer is expected. `busy`: the core answers with its busy note (quick: no "typing…", which
         would only spend another call)."""
         if busy:
-            log.info("%s: %d platform calls waiting: new messages get the busy note", self.title, self._calls_waiting)
+            log.debug("%s: %d platform calls waiting: new messages get the busy note", self.title, self._calls_waiting)
             return await self._handler.handle(incoming, busy=True)
         if typing_at is None or incoming.text is None or not incoming.addressed:
             return await self._handler.handle(incoming)
