@@ -2,7 +2,9 @@
 
 The message path, written once here for Telegram, Discord and the console alike:
 
-    platform event ─► the platform's translate ─► `ChatBackend.converse`: the core answers (typing meanwhile)
+    platform event ─► the platform's translate ─► `ChatBackend.converse`: the core answers ("typing…" once it
+        takes longer than TYPING_AFTER_MS; the short busy note instead of a model answer while more than
+        SEND_QUEUE_LIMIT platform calls wait to go out)
         ─► `_parts`: split at the platform's limit ─► `_send_part`, one part at a time ─► the core hears delivered
         (with the platform ids), undelivered (why, and how many parts arrived) or interrupted (cut off by stop)
 
@@ -11,6 +13,13 @@ author cannot be reached privately nothing personal is sent anywhere and the cha
 `private_unreachable` note instead. Crash recovery hands owed replies in through `deliver_reply` (from the part
 after those that arrived), retraining progress through `notify`. `stop` stops receiving, lets the replies in
 flight finish for SHUTDOWN_GRACE_SECONDS and cancels the rest: their messages stay in the outbox for recovery.
+
+Every send and "typing…" spends the platform's call budget (Telegram: ~30 calls/s, queued by PTB's rate limiter),
+so under load the queue that decides how late an answer arrives is the platform's, not the engine's. Hence
+"typing…" only for slow answers, and the busy check: the backend counts the platform calls it has waiting and,
+past the bound, asks the core for the busy note (`ChatHandler.handle(busy=True)`: the message is logged, commands
+run). The check is made once, when a message arrives; the note itself then queues like any reply and counts
+against the bound, as it is a call too.
 
 A platform subclasses `ChatBackend[Target]`, where `Target` is whatever names a place it can send to, and supplies
 only: `start`, `_send_part`, `_recovery_target` (a chat by id), and, where it has them, `_show_typing`,
@@ -95,9 +104,22 @@ class ChatBackend(ABC, Generic[Target]):
     send_errors: ClassVar[tuple[type[BaseException], ...]] = ()
     """What a send is expected to fail with (logged as a line); anything else is a bug, logged with its traceback."""
 
-    def __init__(self, *, handler: ChatHandler, stop_grace_s: float) -> None:
+    def __init__(
+        self,
+        *,
+        handler: ChatHandler,
+        stop_grace_s: float,
+        typing_after_s: float = 1.0,
+        send_queue_limit: int | None = None,
+    ) -> None:
+        """`typing_after_s`: how long an answer may take before "typing…" shows; `send_queue_limit`: how many
+        platform calls may wait to go out before new messages get the busy note (None: no bound)."""
         self._handler = handler
         self._stop_grace_s = stop_grace_s
+        self._typing_after_s = typing_after_s
+        self._send_queue_limit = send_queue_limit
+        self._calls_waiting = 0
+        """Sends and "typing…" calls started and not yet answered: the platform's queue as this backend sees it."""
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._cancelling = False
 
@@ -168,7 +190,7 @@ class ChatBackend(ABC, Generic[Target]):
         with self.tracked() as accepted:
             if not accepted:
                 return
-            reply = await self.ask_core(incoming, route.typing)
+            reply = await self.ask_core(incoming, route.typing, busy=self.backlogged)
             if reply is not None:
                 await self.answer(reply, route)
 
@@ -190,8 +212,29 @@ class ChatBackend(ABC, Generic[Target]):
         finally:
             self._in_flight.discard(task)
 
-    async def ask_core(self, incoming: IncomingMessage, typing_at: Target | None) -> Reply | None:
-        """Awaits the core's answer, showing "typing…" at `typing_at` meanwhile when an answer is expected."""
+    @property
+    def backlogged(self) -> bool:
+        """Whether more platform calls wait to go out than SEND_QUEUE_LIMIT: a new answer would arrive late."""
+        return self._send_queue_limit is not None and self._calls_waiting > self._send_queue_limit
+
+    @contextmanager
+    def _platform_call(self) -> Iterator[None]:
+        """Counts a call to the platform while it waits (in its rate limiter) and runs."""
+        self._calls_waiting += 1
+        try:
+            yield
+        finally:
+            self._calls_waiting -= 1
+
+    async def ask_core(
+        self, incoming: IncomingMessage, typing_at: Target | None, *, busy: bool = False
+    ) -> Reply | None:
+        """Awaits the core's answer, showing "typing…" at `typing_at` once it takes longer than TYPING_AFTER_MS
+        when an answer is expected. `busy`: the core answers with its busy note (quick: no "typing…", which
+        would only spend another call)."""
+        if busy:
+            log.debug("%s: %d platform calls waiting: new messages get the busy note", self.title, self._calls_waiting)
+            return await self._handler.handle(incoming, busy=True)
         if typing_at is None or incoming.text is None or not incoming.addressed:
             return await self._handler.handle(incoming)
         done = asyncio.Event()
@@ -206,11 +249,18 @@ class ChatBackend(ABC, Generic[Target]):
                 log.debug("%s: typing indicator cancelled", self.title)
 
     async def _keep_typing(self, target: Target, done: asyncio.Event) -> None:
-        """Shows "typing…" at once (even when the answer came first: it lands before the answer is sent) and
-        every `typing_renew_s` until `done`; it is cosmetic, so failures only log."""
+        """Shows "typing…" once the answer has taken `typing_after_s` (at once when 0, even when the answer came
+        first: it lands before the answer is sent) and every `typing_renew_s` until `done`; a quick answer costs
+        no call at all. It is cosmetic, so failures only log."""
+        if self._typing_after_s > 0:
+            with suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), timeout=self._typing_after_s)
+            if done.is_set():
+                return
         while True:
             try:
-                await self._show_typing(target)
+                with self._platform_call():
+                    await self._show_typing(target)
             except Exception as exc:
                 log.debug("%s: typing indicator failed: %s", self.title, self._failure_reason(exc))
             with suppress(TimeoutError):
@@ -275,7 +325,8 @@ class ChatBackend(ABC, Generic[Target]):
         index, redirected = start, False
         while index < len(parts):
             try:
-                sent.append(await self._send_part(target, parts[index], quote=quote if index == 0 else None))
+                with self._platform_call():
+                    sent.append(await self._send_part(target, parts[index], quote=quote if index == 0 else None))
             except Exception as exc:
                 moved = None if redirected else await self._redirect(target, exc)
                 if moved is None:

@@ -60,7 +60,10 @@ class DiscordBackend(ChatBackend[Destination]):
         ready_timeout: float = 60.0,
         guild_ready_timeout: float = 2.0,
     ) -> None:
-        super().__init__(handler=handler, stop_grace_s=settings.shutdown_grace_seconds)
+        super().__init__(
+            handler=handler, stop_grace_s=settings.shutdown_grace_seconds,
+            typing_after_s=settings.typing_after_ms / 1000, send_queue_limit=settings.send_queue_limit,
+        )  # fmt: skip
         self._settings = settings
         self._ready_timeout = ready_timeout
         self._guild_ready_timeout = guild_ready_timeout

@@ -92,7 +92,10 @@ class TelegramBackend(ChatBackend[_Target]):
         if secret is not None and not _WEBHOOK_SECRET.fullmatch(secret.get_secret_value()):
             raise ConfigError("TELEGRAM_WEBHOOK_SECRET may only use A-Z, a-z, 0-9, _ and - (1 to 256 characters).")
         grace = settings.shutdown_grace_seconds if stop_grace_s is None else stop_grace_s
-        super().__init__(handler=handler, stop_grace_s=grace)
+        super().__init__(
+            handler=handler, stop_grace_s=grace, typing_after_s=settings.typing_after_ms / 1000,
+            send_queue_limit=settings.send_queue_limit,
+        )  # fmt: skip
         self._settings = settings
         self._token = settings.telegram_bot_token.get_secret_value().strip()
         self._app = requests.build_application(settings, self._token)

@@ -83,8 +83,10 @@ class Reply:
 class ChatHandler(Protocol):
     """What an adapter needs from the core."""
 
-    async def handle(self, message: IncomingMessage) -> Reply | None:
-        """Logs the message and returns the reply, or None when the bot should stay quiet."""
+    async def handle(self, message: IncomingMessage, *, busy: bool = False) -> Reply | None:
+        """Logs the message and returns the reply, or None when the bot should stay quiet. `busy`: the adapter's
+        replies already queue for the platform, so an answer would arrive late; the message is logged and
+        commands run as usual, but what would be a model answer is the short busy note instead."""
         ...
 
     async def mark_delivered(self, reply: Reply, platform_message_ids: list[str]) -> None:

@@ -30,6 +30,8 @@ class Logged:
     command: ParsedCommand | None
     recovered: bool = False
     """Answered after a restart: its history ends at the message itself, not at what was said since."""
+    busy: bool = False
+    """The adapter's replies already queue for the platform: a model answer would arrive late (`handle`)."""
 
 
 def should_answer(message: IncomingMessage, command: ParsedCommand | None) -> bool:

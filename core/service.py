@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from core.chat_commands import ChatCommands
@@ -44,6 +44,7 @@ from core.storage import (
     unanswered_messages,
 )
 from core.texts import (
+    BUSY,
     EMPTY,
     EXPORT_AFTER_RESTART,
     GENERIC_FAILURE,
@@ -102,8 +103,10 @@ class ChatService:
         self._limiter = RateLimiter(limit=settings.rate_limit_per_minute, clock=clock)
         self._user_turns = KeyedLock()
 
-    async def handle(self, message: IncomingMessage) -> Reply | None:
-        """Logs `message` once and returns the reply, or None when the bot should stay quiet."""
+    async def handle(self, message: IncomingMessage, *, busy: bool = False) -> Reply | None:
+        """Logs `message` once and returns the reply, or None when the bot should stay quiet. `busy` (the adapter's
+        sends are backlogged): a chat message gets the short busy note instead of a model answer; commands still
+        run, since their replies cost the platform no more than the note and what they do must not be lost."""
         try:
             logged = await self._replies.log_incoming(message)
         except Exception:  # the database is down or refused the row: say so rather than drop the message
@@ -112,7 +115,7 @@ class ChatService:
             return Reply(NOT_LOGGED, reply_to=message.message_id) if should_answer(message, command) else None
         if logged is None or not should_answer(message, logged.command):
             return None
-        return await self._answer_or_apologise(logged)
+        return await self._answer_or_apologise(replace(logged, busy=busy))
 
     async def _answer_or_apologise(self, logged: Logged) -> Reply:
         """The answer, or a generic apology when answering failed: the user is never left without a word."""
@@ -272,6 +275,9 @@ class ChatService:
             return await self._replies.system_reply(logged, EMPTY)
         if len(text) > self._settings.max_input_chars:
             return await self._replies.system_reply(logged, too_long(len(text), self._settings.max_input_chars))
+        if logged.busy:
+            log.info("Sends are backlogged: %s message %s gets the busy note", message.platform, message.message_id)
+            return await self._replies.system_reply(logged, BUSY)
         return await self._chat(logged)
 
     async def _chat(self, logged: Logged) -> Reply:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from core.errors import EngineBusyError
 from core.messages import ADMIN_COMMANDS, COMMANDS
 from core.metrics import perplexity_text
 from core.models import RunStatus, VersionStatus
@@ -38,6 +39,9 @@ from core.storage import Stats
 NOT_TEXT = "I can only read text messages for now."
 EMPTY = "Send me some text and I'll answer."
 GENERIC_FAILURE = "Sorry, something went wrong on my side. Please try again."
+BUSY = EngineBusyError.user_message
+"""Replies already queue for the platform (its calls a second are spent): the same words as a full engine queue,
+since to the person it is the same situation."""
 NOT_LOGGED = "Sorry, I can't take messages right now (my database is not answering). Please try again in a minute."
 EXPORT_SENT_PRIVATELY = "I sent your export to you privately: only you can see it."
 EXPORT_UNREACHABLE = (

@@ -13,6 +13,7 @@ import contextlib
 import io
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -43,6 +44,7 @@ class Recorder(IgnoresLogEvents):
         self.answer = answer
         self.gates: dict[str, asyncio.Event] = {}
         self.entered: set[str] = set()
+        self.entered_at: dict[str, float] = {}
         self.cancelled: set[str] = set()
         self.delivered: list[tuple[Reply, list[str]]] = []
         self.undelivered: list[tuple[Reply, str, int]] = []
@@ -60,6 +62,7 @@ class Recorder(IgnoresLogEvents):
     async def handle(self, message: IncomingMessage) -> Reply | None:
         text = message.text or ""
         self.entered.add(text)
+        self.entered_at.setdefault(text, time.monotonic())
         await self._note()
         if text in self.gates:
             try:
@@ -90,7 +93,9 @@ class Platform(Protocol):
 
     limit: int | None
 
-    async def start(self, handler: Recorder, grace: float) -> ChatBackend[Any]: ...
+    async def start(self, handler: Recorder, grace: float, **settings: Any) -> ChatBackend[Any]:
+        """`settings`: overrides of the platform's `Settings` (the console takes none)."""
+        ...
 
     async def say(self, text: str) -> None: ...
 
@@ -109,12 +114,13 @@ class TelegramPlatform:
         self.person = fake.user(7001, "Ana")
         self.chat = fake.private_chat(self.person)
 
-    async def start(self, handler: Recorder, grace: float) -> ChatBackend[Any]:
+    async def start(self, handler: Recorder, grace: float, **overrides: Any) -> ChatBackend[Any]:
         settings = Settings(
             _env_file=None,  # type: ignore[call-arg]
             telegram_bot_token=self.fake.token,
             telegram_base_url=self.fake.base_url,
             telegram_base_file_url=self.fake.base_file_url,
+            **overrides,
         )
         backend = TelegramBackend(settings=settings, handler=handler, stop_grace_s=grace)
         await backend.start()
@@ -135,6 +141,13 @@ class TelegramPlatform:
     async def wait_for_a_held_send(self) -> None:
         await self.fake.wait_until(lambda: len(self.fake.held_calls("sendMessage")) == 1)
 
+    def typing_calls(self) -> list[float]:
+        """When each "typing…" request reached the platform."""
+        return [call.at for call in self.fake.calls_to("sendChatAction")]
+
+    async def wait_for_typing(self) -> None:
+        await self.fake.wait_until(lambda: bool(self.typing_calls()))
+
 
 class DiscordPlatform:
     limit = 2000
@@ -144,7 +157,7 @@ class DiscordPlatform:
         self.person = fake.add_user("ana")
         self.channel = fake.dm_channel(self.person)
 
-    async def start(self, handler: Recorder, grace: float) -> ChatBackend[Any]:
+    async def start(self, handler: Recorder, grace: float, **overrides: Any) -> ChatBackend[Any]:
         settings = Settings(
             _env_file=None,  # type: ignore[call-arg]
             discord_bot_token=self.fake.token,
@@ -152,6 +165,7 @@ class DiscordPlatform:
             discord_gateway_url=self.fake.gateway_url,
             discord_guild_ids=str(self.fake.guild_id),
             shutdown_grace_seconds=grace,
+            **overrides,
         )
         backend = DiscordBackend(settings=settings, handler=handler, ready_timeout=15, guild_ready_timeout=0.05)
         await backend.start()
@@ -171,6 +185,13 @@ class DiscordPlatform:
 
     async def wait_for_a_held_send(self) -> None:
         await self.fake.wait_until(lambda: len(self.fake.held_calls()) == 1)
+
+    def typing_calls(self) -> list[float]:
+        """When each "typing…" request reached the platform."""
+        return [call.at for call in self.fake.calls_to(rf"POST /channels/{self.channel}/typing")]
+
+    async def wait_for_typing(self) -> None:
+        await self.fake.wait_until(lambda: bool(self.typing_calls()))
 
 
 class _Screen(io.StringIO):
@@ -199,7 +220,7 @@ class ConsolePlatform:
         self.stdout = _Screen()
         self.tmp_path = tmp_path
 
-    async def start(self, handler: Recorder, grace: float) -> ChatBackend[Any]:
+    async def start(self, handler: Recorder, grace: float, **overrides: Any) -> ChatBackend[Any]:
         backend = ConsoleBackend(
             handler=handler, bot_name="Magpie", exports_dir=self.tmp_path, stdin=self.stdin, stdout=self.stdout,
             stop_grace_s=grace,
@@ -242,8 +263,10 @@ async def platform(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
 
 
 @contextlib.asynccontextmanager
-async def running(platform: Platform, handler: Recorder, grace: float = 10.0) -> AsyncIterator[ChatBackend[Any]]:
-    backend = await platform.start(handler, grace)
+async def running(
+    platform: Platform, handler: Recorder, grace: float = 10.0, **settings: Any
+) -> AsyncIterator[ChatBackend[Any]]:
+    backend = await platform.start(handler, grace, **settings)
     try:
         yield backend
     finally:
@@ -330,6 +353,33 @@ async def test_a_send_cut_off_by_stop_is_left_to_recovery_with_the_parts_that_ar
     [(reply, parts_sent)] = handler.interrupted
     assert parts_sent == 1 and reply.text == handler.answer
     assert handler.delivered == handler.undelivered == []
+
+
+@pytest.mark.parametrize("platform", ["telegram", "discord"], indirect=True)
+async def test_a_quick_answer_shows_no_typing(platform: Any) -> None:
+    """Each "typing…" is a call against the platform's budget (Telegram: ~30 a second in all): an answer ready
+    within TYPING_AFTER_MS (default 1 s) goes out without one."""
+    handler = Recorder()
+    async with running(platform, handler):
+        await platform.say("quick one")
+        await handler.wait_until(lambda: len(handler.delivered) == 1)
+    assert [text for _, text in platform.received()] == ["hello"]
+    assert platform.typing_calls() == []
+
+
+@pytest.mark.parametrize("platform", ["telegram", "discord"], indirect=True)
+async def test_a_slow_answer_shows_typing_once_it_took_longer_than_the_delay(platform: Any) -> None:
+    handler = Recorder()
+    handler.gates["slow one"] = asyncio.Event()
+    async with running(platform, handler, typing_after_ms=300):
+        await platform.say("slow one")
+        await platform.wait_for_typing()
+        assert handler.delivered == [], "typing while the core still works"
+        handler.gates["slow one"].set()
+        await handler.wait_until(lambda: len(handler.delivered) == 1)
+    first_typing = platform.typing_calls()[0]
+    assert first_typing - handler.entered_at["slow one"] >= 0.3
+    assert [text for _, text in platform.received()] == ["hello"]
 
 
 async def _logged(needle: str) -> None:

@@ -254,7 +254,8 @@ async def test_dm_round_trip_is_logged(
     fake: FakeDiscord, service: Observed, live_settings: Settings, db: Database
 ) -> None:
     alice = fake.add_user("alice")
-    async with running(fake, service, settings=live_settings):
+    at_once = live_settings.model_copy(update={"typing_after_ms": 0})  # "typing…" from the start, however quick
+    async with running(fake, service, settings=at_once):
         sent = await fake.send_message(alice, "hello there, how are you today?")
         [post] = await fake.wait_for_posts(fake.dm_channel(alice), 1)
         await service.wait_until(lambda: len(service.delivered) == 1)
@@ -489,7 +490,7 @@ async def test_mentions_and_replies_to_the_bot_address_it_and_mentions_become_na
     alice, bob = fake.add_user("alice"), fake.add_user("bob")
     bot = fake.bot_user
     thread = fake.add_thread()  # the unaddressed chatter goes there, so any "typing…" it caused would show
-    async with running(fake, handler):
+    async with running(fake, handler, typing_after_ms=0):  # "typing…" at once, however quick the answer
         chatter = await fake.send_message(alice, f"just chatting with {mention(bob)}", channel_id=thread)
         assert await handler.wait_handled(chatter["id"]) is None
         asked = await fake.send_message(alice, f"{mention(bot)} how are you {mention(bob)}?", guild=True)

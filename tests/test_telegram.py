@@ -31,7 +31,7 @@ from core.models import Message as DbMessage
 from core.outcomes import RunStarted
 from core.service import ChatService
 from core.settings import Settings
-from core.texts import EXPORT_SENT_PRIVATELY, EXPORT_UNREACHABLE, NOT_TEXT
+from core.texts import BUSY, EXPORT_SENT_PRIVATELY, EXPORT_UNREACHABLE, NOT_TEXT, OPTED_OUT
 from tests.fake_telegram import FakeTelegram, utf16_length
 
 WAIT = 20.0
@@ -377,7 +377,7 @@ async def test_typing_is_shown_at_once_renewed_while_thinking_and_never_after_th
     frank = telegram.user(5001, "Frank")
     handler = RecordingHandler()
     handler.release = asyncio.Event()
-    async with running(settings_for(telegram), handler):
+    async with running(settings_for(telegram, typing_after_ms=0), handler):
         telegram.user_says(telegram.private_chat(frank), frank, "think hard")
         await telegram.wait_until(lambda: len(telegram.calls_to("sendChatAction")) >= 3)
         handler.release.set()
@@ -797,7 +797,7 @@ async def test_private_chat_round_trip_is_logged_with_typing_before_the_reply(
 ) -> None:
     alice = telegram.user(1001, "Alice")
     chat = telegram.private_chat(alice)
-    async with serving(telegram, db, tiny_model_dir):
+    async with serving(telegram, db, tiny_model_dir, typing_after_ms=0):  # "typing…" at once, however quick
         asked = telegram.user_says(chat, alice, "hello there, how are you today?")
         [answer] = await telegram.wait_for_messages(alice.id, 1)
     user_row, bot_row = await logged(db, alice.id)
@@ -811,6 +811,48 @@ async def test_private_chat_round_trip_is_logged_with_typing_before_the_reply(
     assert answer["text"].strip()
     methods = [call.method for call in telegram.calls if call.method in ("sendChatAction", "sendMessage")]
     assert methods[0] == "sendChatAction" and methods[-1] == "sendMessage"
+
+
+async def test_while_replies_queue_for_telegram_new_messages_get_the_busy_note_and_are_still_logged(
+    telegram: FakeTelegram, db: Database, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More platform calls waiting than SEND_QUEUE_LIMIT: a new chat message gets the short busy note at once
+    instead of an answer that would arrive late, a command still runs, everything is logged, and once the queue has
+    drained answers resume."""
+    delivered = asyncio.Condition()
+    recorded: list[Reply] = []
+    record_delivery = ChatService.mark_delivered
+
+    async def noting(self: ChatService, reply: Reply, platform_message_ids: list[str]) -> None:
+        await record_delivery(self, reply, platform_message_ids)
+        async with delivered:
+            recorded.append(reply)
+            delivered.notify_all()
+
+    monkeypatch.setattr(ChatService, "mark_delivered", noting)
+    names = ["Ana", "Ben", "Cid", "Dora", "Eve"]
+    ana, ben, cid, dora, eve = (telegram.user(8001 + n, name) for n, name in enumerate(names))
+    async with serving(telegram, db, tiny_model_dir, send_queue_limit=1, typing_after_ms=60_000):
+        telegram.hold("sendMessage")
+        for person in (ana, ben):
+            telegram.user_says(telegram.private_chat(person), person, "hello, how are you?")
+        await telegram.wait_until(lambda: len(telegram.held_calls("sendMessage")) == 2)  # past the limit of 1
+        telegram.user_says(telegram.private_chat(cid), cid, "anyone there?")
+        telegram.user_says(telegram.private_chat(dora), dora, "/optout")
+        await telegram.wait_until(lambda: len(telegram.held_calls("sendMessage")) == 4)
+        telegram.release()
+        async with asyncio.timeout(WAIT), delivered:
+            await delivered.wait_for(lambda: len(recorded) == 4)  # every call answered: the queue is empty
+        telegram.user_says(telegram.private_chat(eve), eve, "hello, how are you?")
+        await telegram.wait_for_messages(eve.id, 1)
+    [[busy], [opted_out], [answer]] = [telegram.sent_messages(p.id) for p in (cid, dora, eve)]
+    assert (busy["text"], opted_out["text"]) == (BUSY, OPTED_OUT), "a command still runs while busy"
+    assert all(telegram.sent_messages(p.id)[0]["text"] != BUSY for p in (ana, ben, eve))
+    question, note = await logged(db, cid.id)
+    assert (question.role, question.text) == (Role.USER, "anyone there?"), "nothing a person sent is lost"
+    assert (note.text, note.is_command, note.delivery) == (BUSY, True, Delivery.SENT), "kept out of training"
+    assert [row.is_command for row in await logged(db, eve.id)] == [False, False], "a model answer again"
+    assert answer["text"].strip()
 
 
 async def test_group_chat_is_logged_whole_but_answered_only_when_addressed(
@@ -860,7 +902,7 @@ async def test_forum_topics_are_separate_conversations_answered_in_their_topic(
 ) -> None:
     forum = telegram.group(-100300, "Hobbies", forum=True)
     bob, carol = telegram.user(2001, "Bob"), telegram.user(2002, "Carol")
-    async with serving(telegram, db, tiny_model_dir):
+    async with serving(telegram, db, tiny_model_dir, typing_after_ms=0):  # "typing…" in each topic, however quick
         telegram.user_says(forum, bob, "@MagpieTestBot which guitar should I buy?", topic=5)
         telegram.user_says(forum, carol, "@MagpieTestBot who won the match?", topic=9)
         telegram.user_says(forum, carol, "anyone here?")  # the General topic: no thread id
