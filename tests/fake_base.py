@@ -151,8 +151,12 @@ class FakeServer(Generic[C]):
             self._changed.notify_all()
 
     async def _answer(self, call: C, respond: Callable[[], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        """Records `call`, holds it if asked to, answers it with `respond` and notes the status it answered."""
+        """Records `call`, holds it if asked to, answers it with `respond` and notes the status it answered.
+
+        Waiters are woken when a call arrives as well as when it is answered: a long poll is answered only much
+        later, and a test waiting for it to be made must not depend on some other call waking it."""
         self.calls.append(call)
+        await self._notify()
         try:
             response = await respond() if await self._arrives(call) else self._lost_response()
             call.status = response.status
