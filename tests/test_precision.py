@@ -183,6 +183,9 @@ async def test_bf16_serves_where_the_cpu_has_it(tiny_model_dir: Path, monkeypatc
     assert loaded.model.dtype == torch.bfloat16
 
 
-def test_int8_is_refused_off_the_cpu() -> None:
-    assert precision_module.unsupported("int8", "cuda") is not None
-    assert precision_module.unsupported("int8", "cpu") is None
+def test_int8_is_refused_off_the_cpu_and_for_unknown_layers(tiny_model_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert precision_module.unsupported("int8", "cuda", model) is not None
+    assert precision_module.unsupported("int8", "cpu", model) is None
+    model.transformer.h = nn.Sequential()  # as an architecture whose blocks the converter does not know
+    assert precision_module.unsupported("int8", "cpu", model) is not None

@@ -60,10 +60,12 @@ def cpu_has_native_bf16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
-def unsupported(precision: Served, device: str) -> str | None:
-    """Why `precision` cannot serve on `device` (None: it can)."""
+def unsupported(precision: Served, device: str, model: PreTrainedModel | None = None) -> str | None:
+    """Why `precision` cannot serve `model` on `device` (None: it can)."""
     if precision == "int8" and device != "cpu":
         return "int8 (dynamic quantization) runs on the CPU only"
+    if precision == "int8" and model is not None and _blocks(model) is None:
+        return f"int8 conversion does not know the layers of {type(model).__name__}"
     if precision == "bf16" and device == "cpu" and not cpu_has_native_bf16():
         return "this CPU has no native bf16 (AVX512-BF16 or AMX), where bf16 is slower than fp32"
     if precision == "bf16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
@@ -76,7 +78,7 @@ def convert(model: PreTrainedModel, precision: Served) -> PreTrainedModel:
     if precision == "bf16":
         nn.Module.to(model, torch.bfloat16)  # transformers types `to` for devices only
     elif precision == "int8":
-        for block in _blocks(model):
+        for block in _blocks(model) or []:
             _conv1d_to_linear(block)
             _quantize_linears(block)
         _quantize_head(model)
@@ -111,13 +113,11 @@ def _quantize_linears(block: nn.Module) -> None:
         )
 
 
-def _blocks(model: PreTrainedModel) -> list[nn.Module]:
-    """The transformer blocks: every linear layer outside them (the LM head) stays as it is."""
+def _blocks(model: PreTrainedModel) -> list[nn.Module] | None:
+    """The transformer blocks (GPT-2's `h`, most others' `layers`), converted one at a time; None if unknown."""
     base = getattr(model, "base_model", model)
     blocks = getattr(base, "h", None) or getattr(base, "layers", None)
-    if blocks is None:
-        raise ValueError(f"{type(model).__name__} has no transformer blocks this converter knows")
-    return list(blocks)
+    return list(blocks) if isinstance(blocks, nn.ModuleList) else None
 
 
 def _conv1d_to_linear(module: nn.Module) -> None:
@@ -162,7 +162,7 @@ def apply_precision(
     if requested == "fp32":
         return model, "fp32"
     if requested != "auto":
-        if (reason := unsupported(requested, device)) is not None:
+        if (reason := unsupported(requested, device, model)) is not None:
             log.warning("SERVE_PRECISION=%s is not available, serving fp32: %s.", requested, reason)
             return model, "fp32"
         return convert(model, requested), requested
@@ -182,7 +182,7 @@ def _choose(
     reference = gate_loss(model, tokenizer)
     losses = {"fp32": reference}
     for candidate in PREFERENCE:
-        if (reason := unsupported(candidate, device)) is not None:
+        if (reason := unsupported(candidate, device, model)) is not None:
             log.debug("serving precision %s skipped: %s", candidate, reason)
             continue
         loss = gate_loss(convert(model, candidate), tokenizer)
