@@ -5,7 +5,9 @@ Why these choices:
   GPT-2 keeps the projections as `Conv1D` (a transposed linear), which `quantize_dynamic` does not recognise, so
   each block's `Conv1D`s become `nn.Linear`s first. Block by block, so at most one block exists twice while
   converting (peak memory). The LM head gets an int8 copy while the embedding lookup keeps the fp32 table (see
-  `_quantize_head` for why). Dynamic quantization runs on the CPU only.
+  `_quantize_head` for why). Dynamic quantization runs on the CPU only. It picks one activation scale per tensor,
+  i.e. per batch: an int8 row's rounding depends on the rows (and padding) beside it, so int8 answers are not
+  batch-invariant the way fp32's are (the same prompt alone and in a batch can differ after a near-tie).
 - *bf16* halves the weights' memory traffic, but it only pays where the hardware computes bf16 natively (CUDA,
   CPUs with AVX512-BF16 or AMX); elsewhere torch emulates it, slower than fp32, so it is refused there.
 - *auto* tries the candidates fastest first (int8, then bf16; a fixed order: on CPUs int8 reads a quarter of the
