@@ -1,4 +1,5 @@
-"""Generation throughput: one `model.generate` after another (the seed notebook's way) vs the Engine's batching.
+"""Generation throughput: one `model.generate` after another (the seed notebook's way) vs the Engine's batching,
+in every serving precision asked for (SERVE_PRECISION), side by side in one run.
 
 Serves the same chat requests both ways in one process, on a GPT-2-small-shaped model (124M parameters, random
 weights, 50257-token vocabulary) saved with `save_pretrained` and loaded through `core.engine.load_pretrained`.
@@ -9,7 +10,10 @@ The tokenizer is a byte-level BPE trained on the fly on the chatterbot English c
 the model keeps GPT-2's 50257-row embedding so every step costs what real GPT-2 small costs. Ids the model samples
 beyond the tokenizer's vocabulary decode to nothing, which does not matter for timing.
 
-    python bench/generation.py [--requests 16] [--new-tokens 32] [--threads N]
+A second table serves one chat alone per precision (per-token time, what a lone user feels); the CPU's model and
+its AVX2/AVX-512/AMX/bf16 flags are printed, since the ratios depend on them.
+
+    python bench/generation.py [--requests 16] [--new-tokens 32] [--threads N] [--precisions fp32,int8]
 """
 
 from __future__ import annotations
@@ -23,8 +27,12 @@ import resource
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from operator import attrgetter
 from pathlib import Path
+from typing import cast
 
 import chatterbot_corpus
 import torch
@@ -33,7 +41,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTraine
 from transformers.utils import logging as hf_logging
 
 from core.dialogue import BOT_SPEAKER, Turn, encode_dialogue, speaker_key
-from core.engine import Engine, EngineConfig, GenerationParams, ModelRef, load_pretrained
+from core.engine import Engine, EngineConfig, GenerationParams, ModelRef, Precision, load_pretrained
 from core.settings import Settings
 from trainer.starter_model import save_model, train_tokenizer
 
@@ -129,7 +137,9 @@ def serve_serially(
     return Run("serial generate", wall, latencies, len(requests) * params.max_new_tokens)
 
 
-async def serve_with_engine(directory: Path, requests: list[list[Turn]], params: GenerationParams) -> tuple[Run, float]:
+async def serve_with_engine(
+    directory: Path, requests: list[list[Turn]], params: GenerationParams, precision: Precision = "fp32"
+) -> tuple[Run, float]:
     """All requests at once through the Engine; also returns the event loop's worst lateness in seconds."""
     config = EngineConfig.from_settings(
         Settings(_env_file=None, device="cpu"),  # type: ignore[call-arg]
@@ -137,9 +147,11 @@ async def serve_with_engine(directory: Path, requests: list[list[Turn]], params:
         queue_size=len(requests),
         seed=0,
         params=params,
+        precision=precision,
     )
     engine = Engine(config)
     await engine.start(ModelRef(str(directory), "gpt2-shape"))
+    served = engine.precision
     worst_lag = 0.0
     done = asyncio.Event()
 
@@ -162,25 +174,46 @@ async def serve_with_engine(directory: Path, requests: list[list[Turn]], params:
     done.set()
     await ticking
     await engine.close()
-    return Run("Engine (batched)", wall, list(latencies), len(requests) * params.max_new_tokens), worst_lag
+    name = f"Engine {served}" if served == precision else f"Engine {precision}->{served}"
+    return Run(name, wall, list(latencies), len(requests) * params.max_new_tokens), worst_lag
 
 
-def report(serial: Run, batched: Run, lag_s: float, requests: int) -> None:
+def cpu_description() -> str:
+    """The CPU's model name and the flags that decide which precision is fast (Linux; elsewhere 'unknown')."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    fields = dict(line.split(":", 1) for line in info.splitlines()[:40] if ":" in line)
+    model = fields.get("model name\t", "unknown").strip()
+    flags = set(fields.get("flags\t\t", "").split())
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+    return f"{model}; flags: {' '.join(f for f in wanted if f in flags) or 'none of ' + ', '.join(wanted)}"
+
+
+def report(serial: Run, engines: list[Run], alone: list[Run], lag_s: float, requests: int) -> None:
     print(
         f"\n{requests} concurrent chats, {serial.new_tokens // requests} new tokens each, "
-        f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs"
+        f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs\n{cpu_description()}"
     )
-    print(f"{'':16} {serial.name:>16} {batched.name:>17} {'engine advantage':>17}")
-    metrics = [  # (label, serial, engine, higher is better)
-        ("tokens/s", serial.tokens_per_s, batched.tokens_per_s, True),
-        ("p50 latency (s)", serial.percentile(50), batched.percentile(50), False),
-        ("p95 latency (s)", serial.percentile(95), batched.percentile(95), False),
+    print(f"{'':16} {serial.name:>16}" + "".join(f" {run.name:>16} {'vs serial':>9}" for run in engines))
+    metrics: list[tuple[str, Callable[[Run], float], bool]] = [  # (label, value, higher is better)
+        ("tokens/s", attrgetter("tokens_per_s"), True),
+        ("p50 latency (s)", partial(Run.percentile, q=50), False),
+        ("p95 latency (s)", partial(Run.percentile, q=95), False),
     ]
-    for label, left, right, higher_is_better in metrics:
-        ratio = right / left if higher_is_better else left / right
-        print(f"{label:16} {left:>16.2f} {right:>17.2f} {ratio:>16.1f}x")
+    for label, value, higher_is_better in metrics:
+        cells = ""
+        for run in engines:
+            ratio = value(run) / value(serial) if higher_is_better else value(serial) / value(run)
+            cells += f" {value(run):>16.2f} {ratio:>8.1f}x"
+        print(f"{label:16} {value(serial):>16.2f}{cells}")
+    print("\none chat alone through the engine:")
+    for run in alone:
+        per_token = run.wall_s / run.new_tokens * 1000
+        print(f"{run.name:16} {per_token:>7.1f} ms/token {alone[0].wall_s / run.wall_s:>6.2f}x vs {alone[0].name}")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\nevent loop worst lag during the engine run: {lag_s * 1000:.1f} ms (target < 20 ms)")
+    print(f"\nevent loop worst lag during the engine runs: {lag_s * 1000:.1f} ms (target < 20 ms)")
     print(f"peak RSS of this process: {peak_mb:.0f} MB (target <= 1300 MB)")
 
 
@@ -189,6 +222,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16, help="concurrent chats (default 16)")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per reply (default 32)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--precisions", default="fp32,int8", help="SERVE_PRECISION values to compare, first = reference (fp32,int8)"
+    )
     args = parser.parse_args()
     hf_logging.disable_progress_bar()
     if args.threads:
@@ -212,8 +248,14 @@ def main() -> None:
         serial = serve_serially(model, tokenizer, requests, params)
         del model
         gc.collect()
-        batched, lag = asyncio.run(serve_with_engine(directory, requests, params))
-    report(serial, batched, lag, args.requests)
+        engines, alone, lag = [], [], 0.0
+        for precision in cast("list[Precision]", args.precisions.split(",")):
+            batched, worst = asyncio.run(serve_with_engine(directory, requests, params, precision))
+            single, _ = asyncio.run(serve_with_engine(directory, requests[:1], params, precision))
+            engines.append(batched)
+            alone.append(single)
+            lag = max(lag, worst)
+    report(serial, engines, alone, lag, args.requests)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from transformers import (
     TrainingArguments,
 )
 
+from core.engine import cpu_has_native_bf16
 from core.errors import ModelLoadError
 from core.metrics import perplexity
 from core.settings import Settings
@@ -154,12 +155,6 @@ class TrainArguments:
         if self.resolved_device() == "cuda":
             return bool(torch.cuda.is_bf16_supported())
         return cpu_has_native_bf16()
-
-
-def cpu_has_native_bf16() -> bool:
-    """torch only exposes this check privately; a torch without it is treated as "no"."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,9 @@ at the end of the bot's turn. A caller that times out or is cancelled withdraws 
 has not started, and if it is mid-batch its row stops early and its result is discarded.
 
 Modules: `_types` (the public value types, the engine's `EngineConfig` among them), `_loading` (from_pretrained
-and its errors), `_decoding` (prompt fitting, one batched `generate`, reply parsing), `_engine` (the queue, the
-worker thread and the asyncio side).
+and its errors), `_precision` (SERVE_PRECISION: int8/bf16 conversion and the loss gate of `auto`), `_decoding`
+(prompt fitting, one batched `generate`, reply parsing), `_engine` (the queue, the worker thread and the asyncio
+side).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from __future__ import annotations
 from core.engine._decoding import EMPTY_REPLY, build_prompt_ids
 from core.engine._engine import Engine
 from core.engine._loading import hub_reachable, load_pretrained
-from core.engine._types import EngineConfig, Generation, GenerationParams, ModelRef
+from core.engine._precision import cpu_has_native_bf16
+from core.engine._types import EngineConfig, Generation, GenerationParams, ModelRef, Precision
 
 __all__ = [
     "EMPTY_REPLY",
@@ -38,7 +40,9 @@ __all__ = [
     "Generation",
     "GenerationParams",
     "ModelRef",
+    "Precision",
     "build_prompt_ids",
+    "cpu_has_native_bf16",
     "hub_reachable",
     "load_pretrained",
 ]

@@ -96,6 +96,12 @@ class Engine:
         return loaded.ref if loaded else None
 
     @property
+    def precision(self) -> str | None:
+        """The number format the current model serves in (SERVE_PRECISION resolved for it); None when stopped."""
+        loaded = self._loaded
+        return loaded.precision if loaded else None
+
+    @property
     def queue_depth(self) -> int:
         """Requests waiting plus those in the batch being generated."""
         return len(self._pending) + self._running
@@ -124,7 +130,7 @@ class Engine:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
             raise
-        log.info("serving model %s from %s", ref.name, ref.source)
+        log.info("serving model %s from %s in %s", ref.name, ref.source, self.precision)
 
     async def generate_response(
         self,
@@ -158,7 +164,7 @@ class Engine:
         async with self._swap_lock:
             if self._loaded is None or self._closing:
                 raise EngineClosedError("the engine is not running")
-            loaded = await asyncio.to_thread(prepare, ref, self._config.device)
+            loaded = await asyncio.to_thread(prepare, ref, self._config.device, self._config.precision)
             loop = asyncio.get_running_loop()
             switched: asyncio.Future[None] = loop.create_future()
             with self._cond:
@@ -167,7 +173,7 @@ class Engine:
                 self._swap = _Swap(loaded, loop, switched)
                 self._cond.notify_all()
             await switched
-        log.info("swapped to model %s from %s", ref.name, ref.source)
+        log.info("swapped to model %s from %s in %s", ref.name, ref.source, loaded.precision)
 
     async def close(self) -> None:
         """Fails waiting requests with `EngineClosedError`, lets the running batch finish, and joins the worker."""
@@ -208,7 +214,7 @@ class Engine:
         if self._config.torch_threads is not None:
             torch.set_num_threads(self._config.torch_threads)
         try:
-            self._loaded = prepare(ref, self._config.device)
+            self._loaded = prepare(ref, self._config.device, self._config.precision)
         except Exception as exc:
             if not isinstance(exc, ModelLoadError):
                 log.exception("preparing %s failed", ref.source)

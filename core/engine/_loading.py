@@ -18,7 +18,8 @@ from huggingface_hub.errors import (
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from core.engine._types import ModelRef
+from core.engine._precision import Served, apply_precision
+from core.engine._types import ModelRef, Precision
 from core.errors import HubUnreachableError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -116,11 +117,24 @@ class LoadedModel:
     context_window: int
     colon_ids: frozenset[int]  # tokens containing ":", the only ones that can complete a speaker label
     blank_ids: tuple[int, ...]  # whitespace-only tokens, suppressed at the first step so replies start with text
+    precision: Served = "fp32"  # what SERVE_PRECISION resolved to for this model on this machine
 
 
-def prepare(ref: ModelRef, device: str) -> LoadedModel:
-    """`load_pretrained` plus the per-model facts decoding needs; raises `ModelLoadError`."""
+def prepare(ref: ModelRef, device: str, precision: Precision = "fp32") -> LoadedModel:
+    """`load_pretrained` in the serving `precision` plus the per-model facts decoding needs; raises `ModelLoadError`.
+
+    Start and swap both come through here, so a newly promoted version passes the same precision gate before it
+    serves. A version's directory caches the gate's verdict (versions never change; base models are re-measured).
+    """
     model, tokenizer = load_pretrained(ref.source, device)
+    model, served = apply_precision(
+        model,
+        tokenizer,
+        requested=precision,
+        device=device,
+        reload=lambda: load_pretrained(ref.source, device)[0],
+        cache_dir=Path(ref.source) if ref.version_id is not None and Path(ref.source).is_dir() else None,
+    )
     window = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     if not window:
         log.warning("%s does not say its context window; assuming %d tokens", ref.source, FALLBACK_CONTEXT_WINDOW)
@@ -134,4 +148,5 @@ def prepare(ref: ModelRef, device: str) -> LoadedModel:
         context_window=int(window or FALLBACK_CONTEXT_WINDOW),
         colon_ids=frozenset(token_id for token, token_id in vocab.items() if ":" in token),
         blank_ids=tuple(token_id for token_id, text in zip(ids, texts, strict=True) if not text.strip()),
+        precision=served,
     )

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from core.settings import Settings
+
+Precision = Literal["auto", "fp32", "bf16", "int8"]
+"""SERVE_PRECISION: the number format the engine serves in (see `core.engine._precision`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +53,8 @@ class EngineConfig:
     """How the engine serves; every field mirrors a setting, so none has a default here (see `from_settings`).
 
     `device` is a resolved device (`cpu`, `cuda`), never `auto`; `params` are the sampling parameters of a request
-    that names none.
+    that names none; `precision` is SERVE_PRECISION, resolved per model at load (the served one is
+    `Engine.precision`).
     """
 
     device: str
@@ -62,6 +66,7 @@ class EngineConfig:
     history_turns: int
     seed: int | None
     params: GenerationParams
+    precision: Precision
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.queue_size < 1 or self.batch_wait_ms < 0 or self.timeout_s <= 0:
@@ -71,8 +76,8 @@ class EngineConfig:
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> EngineConfig:
-        """The ENGINE_* settings, DEVICE (resolved), TORCH_THREADS, HISTORY_TURNS, SEED and the sampling settings,
-        with keyword overrides on top."""
+        """The ENGINE_* settings, DEVICE (resolved), TORCH_THREADS, HISTORY_TURNS, SEED, SERVE_PRECISION and the
+        sampling settings, with keyword overrides on top."""
         config = cls(
             device=settings.resolved_device,
             max_batch_size=settings.engine_max_batch_size,
@@ -83,6 +88,7 @@ class EngineConfig:
             history_turns=settings.history_turns,
             seed=settings.seed,
             params=GenerationParams.from_settings(settings),
+            precision=settings.serve_precision,
         )
         return replace(config, **overrides)
 
