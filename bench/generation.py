@@ -4,6 +4,9 @@ serving precision asked for (SERVE_PRECISION), side by side in one run, under th
     python bench/generation.py [--arrivals burst|poisson] [--rate 8] [--requests 16] [--new-tokens 32]
         [--length-spread 0.5] [--precisions fp32,int8] [--threads N] [--shape gpt2|tiny] [--seed 0]
 
+    python bench/generation.py --arrivals poisson --rate 8 --requests 16     # the "16 chats over ~2 s"
+    python bench/generation.py --shape tiny --requests 4 --new-tokens 8     # a smoke run, seconds
+
 The rows of the table, every one serving the same chats at the same arrival times:
 
 - **seed notebook** (the baseline, every ratio is against it): the prompt is the chat rendered as plain text
