@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -32,15 +33,16 @@ WAIT_S = 20.0
 
 
 @dataclass(kw_only=True)
-class RecordedCall:
+class RecordedCall(ABC):
     """One request as the fake saw it, and the status it answered (0 while unanswered)."""
 
     status: int = 0
     at: float = field(default_factory=time.monotonic)
 
     @property
+    @abstractmethod
     def endpoint(self) -> str:
-        raise NotImplementedError
+        """What `calls_to` matches: the method name for Telegram, "VERB /path" for Discord."""
 
 
 C = TypeVar("C", bound=RecordedCall)
@@ -69,7 +71,7 @@ class _Held(Generic[C]):
     outcome: asyncio.Future[bool]
 
 
-class FakeServer(Generic[C]):
+class FakeServer(ABC, Generic[C]):
     """The shared part of a fake platform server; see the module docstring."""
 
     fault_options: ClassVar[frozenset[str]] = frozenset()
@@ -232,8 +234,9 @@ class FakeServer(Generic[C]):
 
     # --- what a fake supplies ------------------------------------------------------------------------------------
 
+    @abstractmethod
     def _add_routes(self, app: web.Application) -> None:
-        raise NotImplementedError
+        """The fake's endpoints."""
 
     def _lost_response(self) -> web.Response:
         """What the client sees of a request lost on the way: the platform front's 502 page."""

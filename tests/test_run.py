@@ -21,22 +21,10 @@ STARTUP_S = 90.0
 
 
 def _env(telegram: FakeTelegram, discord: FakeDiscord, database_url: str, model_dir: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        PYTHONPATH=str(ROOT),
-        HF_HUB_OFFLINE="1",
-        DATABASE_URL=database_url,
-        BASE_MODEL=str(model_dir),
-        MAX_NEW_TOKENS="8",
-        TEMPERATURE="0",
-        TELEGRAM_BOT_TOKEN=telegram.token,
-        TELEGRAM_BASE_URL=telegram.base_url,
-        TELEGRAM_BASE_FILE_URL=telegram.base_file_url,
-        DISCORD_BOT_TOKEN=discord.token,
-        DISCORD_API_BASE_URL=discord.api_base_url,
-        DISCORD_GATEWAY_URL=discord.gateway_url,
-    )
-    return env
+    return _telegram_env(
+        telegram, database_url, model_dir, DISCORD_BOT_TOKEN=discord.token,
+        DISCORD_API_BASE_URL=discord.api_base_url, DISCORD_GATEWAY_URL=discord.gateway_url,
+    )  # fmt: skip
 
 
 async def test_one_process_serves_both_platforms_and_stops_on_sigterm(
