@@ -16,11 +16,10 @@ The rows of the table, every one serving the same chats at the same arrival time
   decoded. One request at a time, in arrival order. It ignores the drawn reply lengths: that is what it did.
 - **Magpie serial**: Magpie's prompt ids (`encode_dialogue`) and sampling settings, the drawn reply length, one
   `generate` at a time in arrival order (what the Engine would cost without batching).
-- **Engine <precision>**: `core.engine.Engine` (batches of up to `--requests`, the default ENGINE_BATCH_WAIT_MS)
-  with one asyncio caller per chat, each submitting at its arrival time with its drawn reply length
-  (`min_new_tokens = max_new_tokens`, so every way does the work it was asked). Today's engine batches only
-  requests with identical `GenerationParams`, so varying lengths split its batches (`--length-spread 0` gives
-  every reply the same length).
+- **Engine <precision>**: `core.engine.Engine` (up to `--requests` rows, the default ENGINE_BATCH_WAIT_MS) with one
+  asyncio caller per chat, each submitting at its arrival time with its drawn reply length (`min_new_tokens =
+  max_new_tokens`, so every way does the work it was asked). The engine batches at every decoding step: a chat
+  that arrives joins the running rows at the next step and a finished reply leaves at once.
 
 Arrivals (`--arrivals`): `burst` = every chat at t=0; `poisson` = exponential gaps at `--rate` chats per second,
 the first at t=0. Reply lengths: uniform integers in `new_tokens * (1 +- length_spread)`. Arrivals and lengths are
@@ -34,8 +33,9 @@ The model is GPT-2 small's shape (`--shape gpt2`: 124M parameters, random weight
 through `core.engine.load_pretrained`. The tokenizer is a byte-level BPE trained on the fly on the chatterbot
 English corpus (8000 tokens); ids the model picks beyond it decode to nothing, which does not matter for timing.
 
-A second table serves one chat alone per precision (per-token time, what a lone user feels); the CPU's model and
-its AVX2/AVX-512/AMX/bf16 flags are printed, since the ratios depend on them.
+A second table serves one chat alone (per-token time, what a lone user feels): fp32 `model.generate` first, the
+reference of the ratios, then the engine in each precision; the CPU's model and its AVX2/AVX-512/AMX/bf16 flags
+are printed, since the ratios depend on them.
 """
 
 from __future__ import annotations
@@ -315,7 +315,7 @@ def report(runs: list[Run], alone: list[Run], lag_s: float, work: Workload, arri
         "with the last.\nseed notebook: generate(max_length=50) counts the prompt, so its replies are 50 minus the "
         "prompt's tokens\n(fewer at EOS), whatever was drawn; the other rows make exactly the drawn lengths."
     )
-    print("\none chat alone through the engine:")
+    print("\none chat alone: transformers' fp32 `generate`, then the engine in each precision:")
     for run in alone:
         per_token = run.wall_s / run.new_tokens * 1000
         print(f"{run.name:16} {per_token:>7.1f} ms/token {alone[0].wall_s / run.wall_s:>6.2f}x vs {alone[0].name}")
@@ -374,10 +374,11 @@ def main() -> None:
         print(f"model: {args.shape} shape, random weights, prompts of {min(lengths)}-{max(lengths)} tokens")
         runs = [serve_like_seed(model, GPT2Tokenizer.from_pretrained(str(directory)), work)]
         runs.append(serve_serially(model, tokenizer, work, params))
+        lone = Workload(requests[:1], [0.0], [args.new_tokens])
+        alone = [replace(serve_serially(model, tokenizer, lone, params), name="fp32 generate")]
         del model
         gc.collect()
-        alone, lag = [], 0.0
-        lone = Workload(requests[:1], [0.0], [args.new_tokens])
+        lag = 0.0
         for precision in cast("list[Precision]", args.precisions.split(",")):
             batched, worst = asyncio.run(serve_with_engine(directory, work, params, precision))
             runs.append(batched)

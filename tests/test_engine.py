@@ -1,15 +1,13 @@
 """The engine against a real tiny GPT-2 (n_positions=128), loaded through `from_pretrained`.
 
-`GenerateProbe` wraps the real model's `generate` to count calls and rows and, when a test closes its gate, to
-hold the worker inside `generate`: that makes "the model is busy" a state the test controls instead of a race.
+`tests.engine_probe` watches the worker's forward passes; continuous batching itself is in
+`test_continuous_batching.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
-import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,109 +16,30 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-import core.engine._loading
 from core.dialogue import BOT_SPEAKER, Turn, format_dialogue
 from core.engine import (
     Engine,
     EngineConfig,
-    Generation,
     GenerationParams,
     ModelRef,
     build_prompt_ids,
     hub_reachable,
     load_pretrained,
 )
-from core.engine._decoding import _EndOfTurn, _TopKTopPSampler
 from core.engine._loading import prepare
-from core.errors import EngineBusyError, EngineClosedError, EngineTimeoutError, HubUnreachableError, ModelLoadError
+from core.engine._sampling import RowDecoder
+from core.errors import EngineClosedError, HubUnreachableError, ModelLoadError
 from core.settings import Settings
 from tests.conftest import engine_config, generation_params
+from tests.engine_probe import SHORT, ForwardProbe, make_engine, probe
 
-GREEDY = generation_params(max_new_tokens=16, temperature=0.0, repetition_penalty=2.0)
-SHORT = generation_params(max_new_tokens=8, temperature=0.0, repetition_penalty=2.0)
+__all__ = ["make_engine", "probe"]  # fixtures
+
 UNICODE_TEXTS = ["안녕하세요, 오늘 기분이 어때요?", "좋아요! 날씨가 정말 좋네요 😀🍕", "שלום, מה שלומך?"]
-WAIT_S = 10.0
 
 
 def chat(text: str) -> list[Turn]:
     return [Turn("alice", "hello there, how are you today?"), Turn(BOT_SPEAKER, "I am fine."), Turn("alice", text)]
-
-
-class GenerateProbe:
-    """Stands in for `load_pretrained`: loads for real, then wraps the model's `generate` to observe the worker."""
-
-    def __init__(self) -> None:
-        self.batches: list[int] = []  # rows of each generate call
-        self.shapes: list[tuple[int, int]] = []  # (prompt length, new tokens) of each generate call
-        self.gate = threading.Event()  # cleared: generate waits inside the worker thread
-        self.gate.set()
-        self.load_threads: list[str] = []
-        self._entered: queue.Queue[int] = queue.Queue()
-        self._loaded: queue.Queue[str] = queue.Queue()
-
-    def load(self, source: str, device: str) -> tuple[Any, Any]:
-        model, tokenizer = load_pretrained(source, device)
-        original = model.generate
-
-        def generate(*args: Any, **kwargs: Any) -> Any:
-            rows = int(kwargs["input_ids"].shape[0])
-            self.batches.append(rows)
-            self._entered.put(rows)
-            if not self.gate.wait(timeout=30):
-                raise RuntimeError("the test never opened the gate")
-            output = original(*args, **kwargs)
-            prompt_length = int(kwargs["input_ids"].shape[1])
-            self.shapes.append((prompt_length, int(output.shape[1]) - prompt_length))
-            return output
-
-        model.generate = generate
-        self.load_threads.append(threading.current_thread().name)
-        self._loaded.put(source)
-        return model, tokenizer
-
-    def forget_calls(self) -> None:
-        self.batches.clear()
-        while not self._entered.empty():
-            self._entered.get_nowait()
-
-    async def entered_generate(self) -> int:
-        """Waits until the worker is inside `generate`; returns that batch's size."""
-        return await asyncio.to_thread(self._entered.get, timeout=WAIT_S)
-
-    async def finished_loading(self) -> str:
-        return await asyncio.to_thread(self._loaded.get, timeout=WAIT_S)
-
-
-@pytest.fixture
-def probe(monkeypatch: pytest.MonkeyPatch) -> GenerateProbe:
-    probe = GenerateProbe()
-    monkeypatch.setattr(core.engine._loading, "load_pretrained", probe.load)
-    return probe
-
-
-@pytest.fixture
-async def make_engine(tiny_model_dir: Path, probe: GenerateProbe) -> AsyncIterator[Callable[..., Awaitable[Engine]]]:
-    """Starts engines on the tiny model (seeded, greedy by default) and closes them after the test.
-
-    One torch thread: for a model this small a second thread only adds OpenMP hand-offs, which stall for whole
-    scheduler slices when the machine's two cores are shared.
-    """
-    engines: list[Engine] = []
-    threads = torch.get_num_threads()
-
-    async def make(**kwargs: Any) -> Engine:
-        options: dict[str, Any] = {"seed": 0, "batch_wait_ms": 0.0, "params": GREEDY, "torch_threads": 1}
-        options.update(kwargs)
-        engine = Engine(engine_config(**options))
-        engines.append(engine)
-        await engine.start(ModelRef(str(tiny_model_dir), "tiny"))
-        return engine
-
-    yield make
-    probe.gate.set()
-    for engine in engines:
-        await engine.close()
-    torch.set_num_threads(threads)
 
 
 async def test_reply_is_only_new_text(make_engine: Callable[..., Awaitable[Engine]]) -> None:
@@ -162,7 +81,7 @@ def test_one_turn_too_long_keeps_its_label_and_last_tokens(tiny_model_dir: Path)
 
 
 async def test_long_history_still_fits_the_context_window(
-    make_engine: Callable[..., Awaitable[Engine]], probe: GenerateProbe
+    make_engine: Callable[..., Awaitable[Engine]], probe: ForwardProbe
 ) -> None:
     forced = generation_params(max_new_tokens=64, min_new_tokens=64, temperature=0.0)
     engine = await make_engine(params=forced, history_turns=50)
@@ -170,9 +89,9 @@ async def test_long_history_still_fits_the_context_window(
     turns = [Turn(f"user{i % 3}", "the quick brown fox jumps over the lazy dog " * 3) for i in range(40)]
     generation = await engine.generate_response(turns)  # without truncation the positions would overflow
     assert generation.text
-    [(prompt_length, new_tokens)] = probe.shapes
-    assert new_tokens == 64  # max_new_tokens, whatever the prompt's length
-    assert prompt_length + new_tokens <= 128
+    [prefill, *steps] = probe.passes
+    assert len(steps) == 63  # max_new_tokens, whatever the prompt's length: the 64th token needs no step
+    assert prefill.width + 64 <= 128
 
 
 async def test_unicode_round_trip(make_engine: Callable[..., Awaitable[Engine]], tiny_model_dir: Path) -> None:
@@ -185,28 +104,6 @@ async def test_unicode_round_trip(make_engine: Callable[..., Awaitable[Engine]],
     generation = await engine.generate_response(turns)
     assert generation.text and "\ufffd" not in generation.text
     generation.text.encode("utf-8")  # a valid string: no lone surrogates
-
-
-async def test_concurrent_requests_share_generate_calls(
-    make_engine: Callable[..., Awaitable[Engine]], probe: GenerateProbe
-) -> None:
-    engine = await make_engine(max_batch_size=8)
-    prompts = [*UNICODE_TEXTS, "what is your favourite colour?", "pizza or pasta?", "I like blue", "the sea"]
-    one_by_one = [(await engine.generate_response(chat(text))).text for text in prompts]
-    assert probe.batches == [1] * len(prompts)
-    assert len(set(one_by_one)) > 1, "the prompts should lead to different answers"
-
-    probe.forget_calls()
-    probe.gate.clear()
-    first = asyncio.create_task(engine.generate_response(chat(prompts[0])))
-    assert await probe.entered_generate() == 1
-    rest = [asyncio.create_task(engine.generate_response(chat(text))) for text in prompts[1:]]
-    await asyncio.sleep(0)  # let every task queue its request while the model is busy
-    assert engine.queue_depth == len(prompts)
-    probe.gate.set()
-    answers = [generation.text for generation in await asyncio.gather(first, *rest)]
-    assert probe.batches == [1, len(prompts) - 1]
-    assert answers == one_by_one
 
 
 async def test_event_loop_keeps_running_during_generation(make_engine: Callable[..., Awaitable[Engine]]) -> None:
@@ -231,31 +128,6 @@ async def test_event_loop_keeps_running_during_generation(make_engine: Callable[
     assert during >= 10, f"the event loop ran only {during} times while the model generated"
 
 
-async def test_swap_under_load(
-    make_engine: Callable[..., Awaitable[Engine]], probe: GenerateProbe, tiny_model_dir: Path
-) -> None:
-    engine = await make_engine(max_batch_size=3, batch_wait_ms=60_000)  # a batch starts when 3 are queued
-    old = engine.model_ref
-    new = ModelRef(str(tiny_model_dir), "v2", version_id=2)
-    await probe.finished_loading()
-
-    probe.gate.clear()
-    before = [asyncio.create_task(engine.generate_response(chat(t), params=SHORT)) for t in UNICODE_TEXTS]
-    assert await probe.entered_generate() == len(UNICODE_TEXTS)
-    swapping = asyncio.create_task(engine.swap(new))
-    assert await probe.finished_loading() == new.source  # loaded while the worker is busy generating
-    during = [asyncio.create_task(engine.generate_response(chat(t), params=SHORT)) for t in UNICODE_TEXTS]
-    probe.gate.set()
-    await asyncio.wait_for(swapping, WAIT_S)
-    after = await asyncio.gather(*(engine.generate_response(chat(t), params=SHORT) for t in UNICODE_TEXTS))
-
-    assert [g.model for g in await asyncio.gather(*before)] == [old] * 3
-    assert [g.model for g in await asyncio.gather(*during)] == [new] * 3
-    assert [g.model for g in after] == [new] * 3
-    assert engine.model_ref == new
-    assert probe.load_threads[0] == "magpie-engine" != probe.load_threads[1]
-
-
 async def test_failed_swap_keeps_the_old_model(make_engine: Callable[..., Awaitable[Engine]], tmp_path: Path) -> None:
     engine = await make_engine()
     old = engine.model_ref
@@ -263,86 +135,6 @@ async def test_failed_swap_keeps_the_old_model(make_engine: Callable[..., Awaita
         await engine.swap(ModelRef(str(tmp_path / "missing"), "v3", version_id=3))
     assert engine.model_ref == old
     assert (await engine.generate_response(chat("still there?"), params=SHORT)).model == old
-
-
-async def hold_worker(engine: Engine, probe: GenerateProbe) -> asyncio.Task[Generation]:
-    """Starts a request and keeps the worker inside its `generate` until the test sets `probe.gate`."""
-    probe.gate.clear()
-    running = asyncio.create_task(engine.generate_response(chat("one"), params=SHORT))
-    await probe.entered_generate()
-    return running
-
-
-async def queue_behind(engine: Engine, *texts: str) -> list[asyncio.Task[Generation]]:
-    """Requests for `texts`, returned once each has joined the queue."""
-    tasks = [asyncio.create_task(engine.generate_response(chat(text), params=SHORT)) for text in texts]
-    await asyncio.sleep(0)  # let every task run up to its first await, which is after queueing
-    return tasks
-
-
-async def test_full_queue_raises_busy_at_once(
-    make_engine: Callable[..., Awaitable[Engine]], probe: GenerateProbe
-) -> None:
-    engine = await make_engine(max_batch_size=1, queue_size=2)
-    running = await hold_worker(engine, probe)
-    waiting = await queue_behind(engine, "two", "three")
-    assert engine.queue_depth == 3
-    with pytest.raises(EngineBusyError):
-        await engine.generate_response(chat("four"), params=SHORT)
-    probe.gate.set()
-    assert all(g.text for g in await asyncio.gather(running, *waiting))
-    assert engine.queue_depth == 0
-
-
-async def test_timeout_mid_batch_discards_only_that_reply(
-    make_engine: Callable[..., Awaitable[Engine]], probe: GenerateProbe
-) -> None:
-    engine = await make_engine(max_batch_size=2, batch_wait_ms=60_000)  # the batch starts once both are queued
-    probe.gate.clear()
-    impatient = asyncio.create_task(engine.generate_response(chat("one"), params=SHORT, timeout=0.05))
-    patient = asyncio.create_task(engine.generate_response(chat("two"), params=SHORT))
-    assert await probe.entered_generate() == 2
-    with pytest.raises(EngineTimeoutError):
-        await impatient
-    probe.gate.set()
-    assert (await patient).text
-    later = await asyncio.gather(*(engine.generate_response(chat(t), params=SHORT) for t in ("three", "four")))
-    assert all(g.text for g in later)
-    assert probe.batches == [2, 2]
-
-
-async def test_cancelled_request_is_never_generated(
-    make_engine: Callable[..., Awaitable[Engine]], probe: GenerateProbe
-) -> None:
-    engine = await make_engine(max_batch_size=1)
-    running = await hold_worker(engine, probe)
-    [doomed] = await queue_behind(engine, "two")
-    assert engine.queue_depth == 2
-    doomed.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await doomed
-    assert engine.queue_depth == 1
-    probe.gate.set()
-    assert (await running).text
-    assert (await engine.generate_response(chat("three"), params=SHORT)).text
-    assert probe.batches == [1, 1]
-
-
-async def test_close_fails_waiting_requests_and_finishes_the_running_batch(
-    make_engine: Callable[..., Awaitable[Engine]], probe: GenerateProbe
-) -> None:
-    engine = await make_engine(max_batch_size=1)
-    running = await hold_worker(engine, probe)
-    [waiting] = await queue_behind(engine, "two")
-    closing = asyncio.create_task(engine.close())
-    with pytest.raises(EngineClosedError):
-        await asyncio.wait_for(waiting, WAIT_S)
-    probe.gate.set()
-    assert isinstance(await running, Generation)
-    await asyncio.wait_for(closing, WAIT_S)
-    with pytest.raises(EngineClosedError):
-        await engine.generate_response(chat("three"))
-    assert engine.model_ref is None
 
 
 async def test_seeded_sampling_is_reproducible(make_engine: Callable[..., Awaitable[Engine]]) -> None:
@@ -428,32 +220,42 @@ def test_settings_reach_the_engine() -> None:
         engine_config(queue_size=0)
 
 
+def feed(loaded: Any, tokens: list[int], *, min_new: int = 1) -> RowDecoder:
+    """A decoder that was made to choose `tokens` one by one (each as the only finite logit)."""
+    params = generation_params(max_new_tokens=64, min_new_tokens=min_new, temperature=0.0, repetition_penalty=1.0)
+    decoder = RowDecoder(loaded, [], params, seed=None)
+    for token in tokens:
+        assert not decoder.done
+        logits = torch.full((len(loaded.tokenizer),), float("-inf"))
+        logits[token] = 0.0
+        assert decoder.choose(logits) == token
+    return decoder
+
+
 def test_a_row_stops_at_the_next_speaker_label(tiny_model_dir: Path) -> None:
     loaded = prepare(ModelRef(str(tiny_model_dir), "tiny"), "cpu")
-    prompt = loaded.tokenizer(f"User 1: hi{loaded.tokenizer.eos_token}Bot:")["input_ids"]
 
-    def stops(generated: str, *, min_new: int = 1, withdrawn: bool = False) -> bool:
-        ids = torch.tensor([prompt + loaded.tokenizer(generated)["input_ids"]])
-        row = SimpleNamespace(turns=(), withdrawn=withdrawn)
-        return bool(_EndOfTurn(loaded, [row], len(prompt), min_new)(ids, None)[0])
+    def stops(generated: str, *, min_new: int = 1) -> bool:
+        return feed(loaded, loaded.tokenizer(generated)["input_ids"], min_new=min_new).done
 
     assert stops(" fine thanks\nUser 1:")
     assert stops(" fine thanks\nBot:")
     assert not stops(" fine thanks")
     assert not stops(" the time is 10:")  # a colon that ends no speaker label
     assert not stops(" fine thanks\nUser 1:", min_new=50)
-    assert stops(" fine", withdrawn=True)
+    assert feed(loaded, loaded.tokenizer(" fine thanks\nUser 1:")["input_ids"]).text() == "fine thanks"
 
 
 def test_sampler_draws_from_the_top_k_and_top_p_only() -> None:
-    scores = torch.tensor([[0.0, 5.0, 4.0, 1.0, 3.0]]).repeat(2000, 1)
-    no_ids = torch.zeros((2000, 0), dtype=torch.long)
-    torch.manual_seed(0)
-    top_two = _TopKTopPSampler(generation_params(temperature=1.0, top_k=2, top_p=1.0))(no_ids, scores)
-    assert bool((top_two.isfinite().sum(dim=-1) == 1).all()), "exactly one token may stay"
-    chosen = top_two.argmax(dim=-1)
-    assert set(chosen.tolist()) == {1, 2}
-    assert abs((chosen == 1).float().mean().item() - 0.731) < 0.05  # e^5 / (e^5 + e^4)
+    loaded = SimpleNamespace(context_window=128, tokenizer=SimpleNamespace(eos_token_id=0), blank_ids=(), colon_ids=())
+    scores = torch.tensor([-9.0, 5.0, 4.0, 1.0, 3.0])
 
-    nucleus = _TopKTopPSampler(generation_params(temperature=1.0, top_k=0, top_p=0.5))(no_ids, scores)
-    assert set(nucleus.argmax(dim=-1).tolist()) == {1}
+    def draws(**params: Any) -> list[int]:
+        chosen = generation_params(temperature=1.0, repetition_penalty=1.0, **params)
+        return [RowDecoder(loaded, [], chosen, seed=None).choose(scores) for _ in range(2000)]  # type: ignore[arg-type]
+
+    torch.manual_seed(0)
+    top_two = draws(top_k=2, top_p=1.0)
+    assert set(top_two) == {1, 2}
+    assert abs(top_two.count(1) / 2000 - 0.731) < 0.05  # e^5 / (e^5 + e^4)
+    assert set(draws(top_k=0, top_p=0.5)) == {1}

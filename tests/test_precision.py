@@ -118,8 +118,9 @@ async def test_auto_serves_int8_when_it_keeps_the_loss(tiny_model_dir: Path, tmp
 
 
 async def test_auto_falls_back_to_fp32_when_int8_rounding_breaks_the_model(
-    tiny_model_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: False)  # int8 is the only other candidate
     version = _version_copy(tiny_model_dir, tmp_path / "bad", sharpen=10.0, break_int8=True)
     assert gate_loss(prepare(ModelRef(str(version), "bad"), "cpu", "int8").model, _tokenizer(version)) > 1.1 * (
         gate_loss(prepare(ModelRef(str(version), "bad"), "cpu", "fp32").model, _tokenizer(version))
@@ -155,7 +156,21 @@ async def test_the_verdict_is_cached_per_version(
         prepare(ModelRef(str(version), "base"), "cpu", "auto")
 
 
-async def test_a_swap_passes_the_gate_before_serving(tiny_model_dir: Path, tmp_path: Path) -> None:
+async def test_auto_takes_bf16_when_int8_breaks_on_a_cpu_with_native_bf16(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: True)
+    version = _version_copy(tiny_model_dir, tmp_path / "bad", sharpen=10.0, break_int8=True)
+    loaded = prepare(ModelRef(str(version), "bad", 1), "cpu", "auto")
+    assert loaded.precision == "bf16" and not _quantized(loaded.model)
+    verdict = json.loads((version / CACHE_FILE).read_text())["machines"]
+    assert [v["precision"] for v in verdict.values()] == ["bf16"]
+
+
+async def test_a_swap_passes_the_gate_before_serving(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: False)
     good = _version_copy(tiny_model_dir, tmp_path / "good", sharpen=10.0)
     bad = _version_copy(tiny_model_dir, tmp_path / "bad", sharpen=10.0, break_int8=True)
     async with _engine(good, "auto") as engine:

@@ -1,4 +1,5 @@
-"""The Engine: a bounded request queue, the worker thread that owns the model, and the asyncio side.
+"""The Engine: a bounded request queue, the worker thread that owns the model and decodes step by step, and the
+asyncio side.
 
 Threading: the event loop only appends to and removes from the queue under `_cond` (held for microseconds, never
 during generation) and awaits futures; the worker thread does all torch work and hands results back with
@@ -19,9 +20,11 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 
 from core.dialogue import Turn
-from core.engine._decoding import generate_replies
+from core.engine._batching import KVBatch
 from core.engine._loading import LoadedModel, prepare
-from core.engine._types import EngineConfig, Generation, GenerationParams, ModelRef
+from core.engine._prompts import build_prompt_ids
+from core.engine._sampling import RowDecoder
+from core.engine._types import EngineConfig, EngineStats, Generation, GenerationParams, ModelRef
 from core.errors import EngineBusyError, EngineClosedError, EngineError, EngineTimeoutError, ModelLoadError
 
 if TYPE_CHECKING:
@@ -74,8 +77,11 @@ class Engine:
         # Shared with the worker thread and guarded by `_cond` (single attribute reads excepted).
         self._cond = threading.Condition()
         self._pending: deque[_Request] = deque()
-        self._running = 0
-        self._loaded: LoadedModel | None = None
+        self._running = 0  # rows admitted and not yet finished, across models
+        self._loaded: LoadedModel | None = None  # the model new requests start on
+        self._cohorts: list[_Cohort] = []  # worker thread only
+        self._tokens_generated = 0  # written by the worker only
+        self._generate_seconds = 0.0
         self._swap: _Swap | None = None
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -103,8 +109,17 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        """Requests waiting plus those in the batch being generated."""
+        """Requests waiting plus those being decoded."""
         return len(self._pending) + self._running
+
+    def stats(self) -> EngineStats:
+        """A snapshot for metrics; the counters only grow, so a scraper derives rates from them."""
+        return EngineStats(
+            queue_depth=len(self._pending),
+            batch_rows=self._running,
+            tokens_generated=self._tokens_generated,
+            generate_seconds=self._generate_seconds,
+        )
 
     @property
     def context_window(self) -> int:
@@ -156,10 +171,12 @@ class Engine:
                 self._withdraw(request)
 
     async def swap(self, ref: ModelRef) -> None:
-        """Loads `ref` beside the running model, then has the worker switch to it between two batches.
+        """Loads `ref` beside the running model, then has the worker switch to it between two decoding steps.
 
-        Serving continues during the load; requests already in a batch finish on the old model and nothing fails.
-        Returns once every later batch uses the new model; raises `ModelLoadError` (the old model stays).
+        Serving continues during the load. Rows already decoding finish on the old model (a reply is never written
+        by two models) while every request that starts after the switch decodes on the new one, side by side, so
+        nobody waits for the old rows; the old model is dropped with its last row. Returns once the switch is made;
+        raises `ModelLoadError` (the old model stays).
         """
         async with self._swap_lock:
             if self._loaded is None or self._closing:
@@ -176,7 +193,7 @@ class Engine:
         log.info("swapped to model %s from %s in %s", ref.name, ref.source, loaded.precision)
 
     async def close(self) -> None:
-        """Fails waiting requests with `EngineClosedError`, lets the running batch finish, and joins the worker."""
+        """Fails waiting requests with `EngineClosedError`, lets the rows being decoded finish, and joins the worker."""
         with self._cond:
             self._closing = True
             drained, self._pending = list(self._pending), deque()
@@ -221,21 +238,27 @@ class Engine:
                 exc = ModelLoadError(f'Model "{ref.source}" could not be prepared for serving ({type(exc).__name__}).')
             _deliver(loop, started, exc)
             return
+        self._cohorts = [_Cohort(self._loaded)]
         _deliver(loop, started, None)
-        while (batch := self._next_batch()) is not None:
-            self._serve(batch)
+        with torch.inference_mode():
+            while (arrivals := self._next_work()) is not None:
+                if arrivals:
+                    self._admit(arrivals)
+                self._step()
 
-    def _next_batch(self) -> list[_Request] | None:
-        """Blocks until a batch is due (full, or its oldest request waited `batch_wait_ms`); None means stop.
+    def _next_work(self) -> list[_Request] | None:
+        """The requests that join the running rows now (often none); None means stop.
 
-        A pending swap is applied here, between batches, so a batch never mixes models.
+        While rows are decoding this never waits: arrivals join at the next step. When nothing runs it blocks until
+        a request is due (the queue holds a full batch, or its oldest request waited `batch_wait_ms`). A pending
+        swap is applied here, between two steps.
         """
         with self._cond:
             while True:
                 if self._swap is not None:
-                    self._loaded = self._swap.loaded
-                    _deliver(self._swap.loop, self._swap.switched, None)
-                    self._swap = None
+                    self._switch(self._swap)
+                elif self._running:
+                    return self._take(self._config.max_batch_size - self._running)
                 elif self._closing:
                     return None
                 elif not self._pending:
@@ -243,40 +266,136 @@ class Engine:
                 elif len(self._pending) < self._config.max_batch_size and (delay := self._gathering_left()) > 0:
                     self._cond.wait(delay)
                 else:
-                    return self._take_batch()
+                    return self._take(self._config.max_batch_size)
 
     def _gathering_left(self) -> float:
         return self._pending[0].queued_at + self._config.batch_wait_ms / 1000 - time.monotonic()
 
-    def _take_batch(self) -> list[_Request]:
-        """The oldest request and the next ones with the same parameters, in arrival order (called under the lock)."""
-        params = self._pending[0].params
-        batch: list[_Request] = []
-        rest: deque[_Request] = deque()
-        for request in self._pending:
-            (batch if request.params == params and len(batch) < self._config.max_batch_size else rest).append(request)
-        self._pending = rest
-        self._running = len(batch)
-        return batch
+    def _take(self, free_slots: int) -> list[_Request]:
+        """Up to `free_slots` of the oldest waiting requests (called under the lock)."""
+        taken = [self._pending.popleft() for _ in range(min(free_slots, len(self._pending)))]
+        self._running += len(taken)
+        return taken
 
-    def _serve(self, batch: list[_Request]) -> None:
-        loaded = self._loaded
-        assert loaded is not None
-        batch = [request for request in batch if not request.withdrawn]
+    def _switch(self, swap: _Swap) -> None:
+        """Later requests start on the new model; rows already decoding finish on the old one (under the lock)."""
+        self._loaded = swap.loaded
+        self._cohorts.append(_Cohort(swap.loaded))
+        self._swap = None
+        _deliver(swap.loop, swap.switched, None)
+
+    def _admit(self, arrivals: list[_Request]) -> None:
+        """Prefills the arrivals on the newest model and chooses their first tokens."""
+        cohort = self._cohorts[-1]
+        live = [request for request in arrivals if not request.withdrawn]
+        self._release(len(arrivals) - len(live))
+        if not live:
+            return
         started = time.perf_counter()
-        outcomes: list[Generation | BaseException] = []
         try:
-            if batch:
-                with torch.inference_mode():
-                    texts = generate_replies(
-                        loaded, batch, batch[0].params, history_turns=self._config.history_turns, seed=self._config.seed
-                    )
-                outcomes = [Generation(text, loaded.ref) for text in texts]
+            rows = cohort.admit(live, history_turns=self._config.history_turns, seed=self._config.seed)
         except Exception:
-            log.exception("generation failed for a batch of %d", len(batch))
-            outcomes = [EngineError("generation failed") for _ in batch]
-        log.debug("batch of %d served by %s in %.2f s", len(batch), loaded.ref.name, time.perf_counter() - started)
-        with self._cond:
-            self._running = 0  # before delivering, so a caller holding its reply never sees itself counted
-        for request, outcome in zip(batch, outcomes, strict=True):
-            _deliver(request.loop, request.future, outcome)
+            log.exception("prefill failed for %d requests", len(live))
+            self._fail(live)
+            return
+        self._account(len(rows), time.perf_counter() - started)
+        self._finish(cohort)
+
+    def _step(self) -> None:
+        """One decoding step for every model's rows; finished and withdrawn rows leave at once."""
+        for cohort in self._cohorts:
+            before = len(cohort.rows)
+            cohort.drop_withdrawn()
+            self._release(before - len(cohort.rows))
+            if not cohort.rows:
+                continue
+            started = time.perf_counter()
+            try:
+                cohort.step()
+            except Exception:
+                log.exception("a decoding step failed for %d rows", len(cohort.rows))
+                self._fail([row.request for row in cohort.rows])
+                cohort.reset()
+                continue
+            self._account(len(cohort.rows), time.perf_counter() - started)
+            self._finish(cohort)
+        if len(self._cohorts) > 1:  # an older model leaves once its last row is done
+            self._cohorts = [cohort for cohort in self._cohorts[:-1] if cohort.rows] + self._cohorts[-1:]
+
+    def _finish(self, cohort: _Cohort) -> None:
+        finished = cohort.pop_finished()
+        self._release(len(finished))  # before delivering, so a caller holding its reply never sees itself counted
+        for row in finished:
+            _deliver(row.request.loop, row.request.future, Generation(row.decoder.text(), cohort.loaded.ref))
+
+    def _fail(self, requests: list[_Request]) -> None:
+        self._release(len(requests))
+        for request in requests:
+            _deliver(request.loop, request.future, EngineError("generation failed"))
+
+    def _release(self, rows: int) -> None:
+        if rows:
+            with self._cond:
+                self._running -= rows
+
+    def _account(self, tokens: int, seconds: float) -> None:
+        self._tokens_generated += tokens
+        self._generate_seconds += seconds
+
+
+@dataclass(eq=False, slots=True)
+class _Row:
+    request: _Request
+    decoder: RowDecoder
+
+
+class _Cohort:
+    """The rows decoding on one model: normally the only one; during a swap, the old model's rows draining."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.rows: list[_Row] = []
+        self._batch = KVBatch(loaded.model)
+
+    def admit(self, requests: list[_Request], *, history_turns: int, seed: int | None) -> list[_Row]:
+        """Prefills `requests` as new rows and chooses each one's first token."""
+        loaded = self.loaded
+        rows, prompts = [], []
+        for request in requests:
+            new_tokens = min(request.params.max_new_tokens, loaded.context_window // 2)
+            prompt = build_prompt_ids(
+                request.turns,
+                tokenizer=loaded.tokenizer,
+                max_prompt_tokens=loaded.context_window - new_tokens,
+                history_turns=history_turns,
+            )
+            prompts.append(prompt)
+            rows.append(_Row(request, RowDecoder(loaded, prompt, request.params, seed=seed)))
+        logits = self._batch.prefill(prompts)
+        for row, row_logits in zip(rows, logits, strict=True):
+            row.decoder.choose(row_logits)
+        self.rows.extend(rows)
+        return rows
+
+    def step(self) -> None:
+        logits = self._batch.step([row.decoder.tokens[-1] for row in self.rows])
+        for row, row_logits in zip(self.rows, logits, strict=True):
+            row.decoder.choose(row_logits)
+
+    def drop_withdrawn(self) -> None:
+        self._keep([row for row in self.rows if not row.request.withdrawn])
+
+    def pop_finished(self) -> list[_Row]:
+        finished = [row for row in self.rows if row.decoder.done]
+        if finished:
+            self._keep([row for row in self.rows if not row.decoder.done])
+        return finished
+
+    def reset(self) -> None:
+        self.rows, self._batch = [], KVBatch(self.loaded.model)
+
+    def _keep(self, rows: list[_Row]) -> None:
+        if len(rows) != len(self.rows):
+            position = {id(row): index for index, row in enumerate(self.rows)}
+            self._batch.keep([position[id(row)] for row in rows])
+            self.rows = rows

@@ -108,3 +108,13 @@ class Generation:
 
     text: str
     model: ModelRef
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """What the engine is doing, for metrics: requests waiting, rows decoding, and two counters that only grow."""
+
+    queue_depth: int
+    batch_rows: int
+    tokens_generated: int
+    generate_seconds: float
