@@ -31,12 +31,13 @@ from core.engine._decoding import EMPTY_REPLY, build_prompt_ids
 from core.engine._engine import Engine
 from core.engine._loading import hub_reachable, load_pretrained
 from core.engine._precision import cpu_has_native_bf16
-from core.engine._types import EngineConfig, Generation, GenerationParams, ModelRef, Precision
+from core.engine._types import EngineConfig, EngineStats, Generation, GenerationParams, ModelRef, Precision
 
 __all__ = [
     "EMPTY_REPLY",
     "Engine",
     "EngineConfig",
+    "EngineStats",
     "Generation",
     "GenerationParams",
     "ModelRef",

@@ -21,8 +21,9 @@ import torch
 from core.dialogue import Turn
 from core.engine._decoding import generate_replies
 from core.engine._loading import LoadedModel, prepare
-from core.engine._types import EngineConfig, Generation, GenerationParams, ModelRef
+from core.engine._types import EngineConfig, EngineStats, Generation, GenerationParams, ModelRef
 from core.errors import EngineBusyError, EngineClosedError, EngineError, EngineTimeoutError, ModelLoadError
+from core.logging_setup import current_correlation_id
 
 if TYPE_CHECKING:
     from core.settings import Settings
@@ -40,6 +41,7 @@ class _Request:
     future: asyncio.Future[Generation]
     queued_at: float = field(default_factory=time.monotonic)
     withdrawn: bool = False  # set on the event loop when the caller gave up; read by the worker
+    correlation_id: str | None = field(default_factory=current_correlation_id)  # the worker logs it with the batch
 
 
 @dataclass(slots=True)
@@ -80,6 +82,8 @@ class Engine:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._swap_lock = asyncio.Lock()
+        self._tokens_generated = 0  # cumulative, for `stats` (written by the worker under `_cond`)
+        self._generate_seconds = 0.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Engine:
@@ -105,6 +109,11 @@ class Engine:
     def queue_depth(self) -> int:
         """Requests waiting plus those in the batch being generated."""
         return len(self._pending) + self._running
+
+    def stats(self) -> EngineStats:
+        """A consistent snapshot of the queue and the cumulative work, for metrics (see `EngineStats`)."""
+        with self._cond:
+            return EngineStats(len(self._pending), self._running, self._tokens_generated, self._generate_seconds)
 
     @property
     def context_window(self) -> int:
@@ -275,8 +284,22 @@ class Engine:
         except Exception:
             log.exception("generation failed for a batch of %d", len(batch))
             outcomes = [EngineError("generation failed") for _ in batch]
-        log.debug("batch of %d served by %s in %.2f s", len(batch), loaded.ref.name, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        ids = [request.correlation_id for request in batch]
+        log.debug(
+            "batch of %d served by %s in %.2f s", len(batch), loaded.ref.name, elapsed, extra={"correlation_ids": ids}
+        )
         with self._cond:
             self._running = 0  # before delivering, so a caller holding its reply never sees itself counted
+            self._generate_seconds += elapsed
         for request, outcome in zip(batch, outcomes, strict=True):
             _deliver(request.loop, request.future, outcome)
+        tokens = _reply_tokens(loaded, outcomes)  # after delivering: counting must not delay a reply
+        with self._cond:
+            self._tokens_generated += tokens
+
+
+def _reply_tokens(loaded: LoadedModel, outcomes: Sequence[Generation | BaseException]) -> int:
+    """How many tokens the batch's replies hold (what users get; not the rows' padding after their turn ended)."""
+    texts = [outcome.text for outcome in outcomes if isinstance(outcome, Generation)]
+    return sum(len(ids) for ids in loaded.tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else 0

@@ -108,3 +108,15 @@ class Generation:
 
     text: str
     model: ModelRef
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """What the engine is doing, read at any moment (`Engine.stats()`) for metrics: `queue_depth` requests wait,
+    `batch_rows` are being generated now; `tokens_generated` (the tokens of the replies) and `generate_seconds`
+    (wall time of batches) are cumulative since start, so a rate of one, or of one over the other, is tokens/s."""
+
+    queue_depth: int
+    batch_rows: int
+    tokens_generated: int
+    generate_seconds: float

@@ -1,0 +1,323 @@
+"""Operating Magpie (issue #13, item 1): `/healthz` and `/metrics` over real HTTP, and JSON logs in which one
+correlation id follows a message through the service, the engine and the send.
+
+Everything is real but the platforms' servers (the Telegram fake): the database, the tiny model's engine, the
+console backend reading a pipe, the aiohttp server on a free port, and `magpie run` itself in a subprocess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from bot.cli import RedactSecrets
+from bot.console import ConsoleBackend
+from bot.http_server import HttpServer, build_http_app
+from bot.telegram import TelegramBackend
+from core.db import Database
+from core.engine import Engine
+from core.health import HealthCheck
+from core.logging_setup import CorrelationFilter, JsonFormatter, correlated
+from core.service import ChatService
+from core.settings import Settings
+from core.telemetry import Telemetry
+from tests.fake_telegram import FakeTelegram
+from tests.test_console import _env as console_env
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def _settings(**overrides: Any) -> Settings:
+    return Settings(_env_file=None, **overrides)  # type: ignore[call-arg]
+
+
+@asynccontextmanager
+async def http_server(health: HealthCheck, telemetry: Telemetry) -> AsyncIterator[str]:
+    """The app's HTTP server on a free port; yields its base URL."""
+    server = HttpServer(build_http_app(health=health, telemetry=telemetry), host="127.0.0.1", port=0)
+    await server.start()
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        await server.stop()
+
+
+async def get(url: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return response.status, await response.text()
+
+
+def samples(exposition: str) -> Samples:
+    """Every sample of a Prometheus exposition by name and labels."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+    }
+
+
+def value(found: Samples, metric: str, /, **labels: str) -> float:
+    return found[(metric, frozenset(labels.items()))]
+
+
+@contextmanager
+def console_input() -> Iterator[tuple[io.TextIOWrapper, int]]:
+    """A pipe the console reads as its stdin: it stays connected, blocked on the next line, until the writing end
+    closes (end of input)."""
+    read_fd, write_fd = os.pipe()
+    with os.fdopen(read_fd, "r") as stdin:
+        try:
+            yield stdin, write_fd
+        finally:
+            with suppress(OSError):  # the test closed it already
+                os.close(write_fd)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# --- /healthz ------------------------------------------------------------------------------------------------------
+
+
+async def test_healthz_is_200_with_every_part_and_the_active_version(
+    db: Database, engine: Engine, tmp_path: Path
+) -> None:
+    service = ChatService(settings=_settings(), db=db, engine=engine)
+    health = HealthCheck(db=db, engine=engine)
+    with console_input() as (stdin, write_end):
+        console = ConsoleBackend(handler=service, bot_name="Magpie", exports_dir=tmp_path, stdin=stdin)
+        health.watch_platforms([console])
+        await console.start()
+        async with http_server(health, Telemetry()) as url:
+            status, body = await get(f"{url}/healthz")
+        os.close(write_end)
+        await asyncio.wait_for(console.finished.wait(), timeout=10)
+        await console.stop()
+    assert status == 200, body
+    report = json.loads(body)
+    assert report["status"] == "ok" and report["failing"] == []
+    assert {name: part["ok"] for name, part in report["parts"].items()} == {
+        "database": True,
+        "engine": True,
+        "console": True,
+    }
+    assert report["parts"]["engine"]["detail"] == "serving tiny in fp32"
+    assert report["active_version"] == {"name": "tiny", "id": None}
+
+
+async def test_healthz_is_503_naming_an_unreachable_database_without_its_password(engine: Engine) -> None:
+    url = f"postgresql+asyncpg://magpie:hunter2-secret@127.0.0.1:{free_port()}/magpie"
+    db = Database.connect(url)
+    telemetry = Telemetry()
+    telemetry.watch_database(db)
+    try:
+        async with http_server(HealthCheck(db=db, engine=engine), telemetry) as base:
+            status, body = await get(f"{base}/healthz")
+            _, metrics = await get(f"{base}/metrics")
+    finally:
+        await db.close()
+    assert status == 503
+    report = json.loads(body)
+    assert report["failing"] == ["database"]
+    assert report["parts"]["database"]["detail"].startswith("unreachable (")
+    assert report["parts"]["engine"]["ok"] is True
+    assert "hunter2" not in body
+    errors = {
+        labels: count for (name, labels), count in samples(metrics).items() if name == "magpie_database_errors_total"
+    }
+    assert sum(errors.values()) >= 1, metrics
+
+
+async def test_healthz_is_503_naming_telegram_while_its_polling_fails(sqlite_url: str, engine: Engine) -> None:
+    db = Database.connect(sqlite_url)
+    async with FakeTelegram() as telegram:
+        telegram.fail_next("getUpdates", status=502)
+        settings = _settings(
+            telegram_bot_token=telegram.token,
+            telegram_base_url=telegram.base_url,
+            telegram_base_file_url=telegram.base_file_url,
+        )
+        backend = TelegramBackend(settings=settings, handler=ChatService(settings=settings, db=db, engine=engine))
+        health = HealthCheck(db=db, engine=engine)
+        health.watch_platforms([backend])
+        await backend.start()
+        try:
+            # PTB reports the failed poll before it polls again (after a 1 s backoff)
+            await telegram.wait_until(lambda: len(telegram.calls_to("getUpdates")) >= 2)
+            async with http_server(health, Telemetry()) as base:
+                status, body = await get(f"{base}/healthz")
+        finally:
+            await backend.stop()
+            await db.close()
+    assert status == 503
+    report = json.loads(body)
+    assert report["failing"] == ["telegram"]
+    assert report["parts"]["telegram"] == {"ok": False, "detail": "not connected"}
+    assert telegram.token not in body
+
+
+# --- /metrics ------------------------------------------------------------------------------------------------------
+
+
+async def test_metrics_count_real_messages_through_the_console(db: Database, engine: Engine, tmp_path: Path) -> None:
+    telemetry = Telemetry()
+    telemetry.watch_engine(engine)
+    service = ChatService(settings=_settings(max_input_chars=40), db=db, engine=engine, telemetry=telemetry)
+    lines = "hello there, how are you?\n" + "a long message " * 5 + "\n"
+    console = ConsoleBackend(
+        handler=service, bot_name="Magpie", exports_dir=tmp_path, stdin=io.StringIO(lines), stdout=io.StringIO(),
+        telemetry=telemetry,
+    )  # fmt: skip
+    await console.start()
+    await asyncio.wait_for(console.finished.wait(), timeout=60)
+    await console.stop()
+    async with (
+        http_server(HealthCheck(db=db, engine=engine), telemetry) as base,
+        aiohttp.ClientSession() as session,
+        session.get(f"{base}/metrics") as response,
+    ):
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        found = samples(await response.text())
+    assert value(found, "magpie_messages_received_total", platform="console") == 2
+    assert value(found, "magpie_replies_total", platform="console", outcome="delivered") == 2
+    assert value(found, "magpie_reply_latency_seconds_count", platform="console") == 2
+    assert value(found, "magpie_reply_latency_seconds_sum", platform="console") > 0
+    refusals = {reason: value(found, "magpie_refusals_total", reason=reason) for reason in ("rate_limit", "too_long")}
+    assert refusals == {"rate_limit": 0, "too_long": 1}
+    assert value(found, "magpie_engine_tokens_generated_total") >= 1  # the one model answer
+    assert value(found, "magpie_engine_generate_seconds_total") > 0
+    assert value(found, "magpie_engine_queue_depth") == 0 and value(found, "magpie_engine_batch_rows") == 0
+    assert value(found, "magpie_active_version", name="tiny", version_id="none") == 1
+
+
+def test_a_finished_training_run_is_counted_by_outcome_with_its_duration() -> None:
+    telemetry = Telemetry()
+    telemetry.training_run_finished("promoted", duration_s=95.0)
+    telemetry.training_run_finished("failed", duration_s=4.0)
+    found = samples(telemetry.exposition(None)[0].decode())
+    assert value(found, "magpie_training_runs_total", outcome="promoted") == 1
+    assert value(found, "magpie_training_runs_total", outcome="failed") == 1
+    assert value(found, "magpie_training_run_duration_seconds_sum", outcome="promoted") == 95.0
+    assert value(found, "magpie_training_run_duration_seconds_bucket", outcome="promoted", le="300.0") == 1
+    assert value(found, "magpie_training_run_duration_seconds_bucket", outcome="promoted", le="60.0") == 0
+
+
+# --- JSON logs -----------------------------------------------------------------------------------------------------
+
+
+def test_json_lines_carry_the_correlation_id_and_never_a_secret() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RedactSecrets(["123456:SECRET-TOKEN"]))
+    handler.addFilter(CorrelationFilter())
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("tests.operating")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        with correlated("abc123"):
+            try:
+                raise RuntimeError("GET https://api.telegram.org/bot123456:SECRET-TOKEN/getMe failed")
+            except RuntimeError:
+                logger.exception("calling %s", "https://api.telegram.org/bot123456:SECRET-TOKEN/getMe")
+        logger.warning("outside any message")
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert "SECRET-TOKEN" not in stream.getvalue()
+    assert first["correlation_id"] == "abc123" and first["level"] == "ERROR" and first["logger"] == "tests.operating"
+    assert "[redacted]" in first["message"] and "RuntimeError" in first["exc"]
+    assert "correlation_id" not in second
+
+
+# --- `magpie run`: the server, the metrics and the logs of the composed app ----------------------------------------
+
+
+class _Stderr:
+    """Reads the subprocess' JSON log lines as they come, so the test can await a given line."""
+
+    def __init__(self, stream: asyncio.StreamReader) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.other: list[str] = []
+        self._changed = asyncio.Condition()
+        self._task = asyncio.create_task(self._read(stream))
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        async for raw in stream:
+            line = raw.decode().rstrip("\n")
+            try:
+                self.records.append(json.loads(line))
+            except json.JSONDecodeError:
+                self.other.append(line)
+            async with self._changed:
+                self._changed.notify_all()
+
+    def matching(self, predicate: Any) -> list[dict[str, Any]]:
+        return [record for record in self.records if predicate(record)]
+
+    async def wait_for(self, predicate: Any, count: int = 1, within: float = 120.0) -> list[dict[str, Any]]:
+        """The records matching `predicate`, once there are `count` of them."""
+        async with asyncio.timeout(within), self._changed:
+            await self._changed.wait_for(lambda: len(self.matching(predicate)) >= count)
+        return self.matching(predicate)
+
+    async def finished(self) -> None:
+        await self._task
+
+
+async def test_magpie_run_serves_health_and_metrics_and_logs_json_per_message(
+    sqlite_url: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    env = console_env(sqlite_url, tiny_model_dir, tmp_path)
+    env.update(LOG_FORMAT="json", LOG_LEVEL="DEBUG", HTTP_LISTEN="127.0.0.1:0")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "run", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+    stderr = _Stderr(process.stderr)
+    try:
+        started = await stderr.wait_for(lambda r: r["message"].startswith("HTTP server on http://127.0.0.1:"))
+        base = started[0]["message"].split()[3]
+        process.stdin.write(b"hello there, how are you?\nwhat is your favourite colour?\n")
+        await process.stdin.drain()
+        await stderr.wait_for(lambda r: r["message"].endswith(" delivered"), count=2)  # logged once counted
+        health_status, health = await get(f"{base}/healthz")
+        _, metrics = await get(f"{base}/metrics")
+    finally:
+        process.stdin.close()
+        out, _ = await asyncio.wait_for(asyncio.gather(process.stdout.read(), process.wait()), timeout=120)
+        await stderr.finished()
+    assert process.returncode == 0, stderr.other
+    assert health_status == 200 and json.loads(health)["parts"]["console"]["ok"] is True, health
+    found = samples(metrics)
+    assert value(found, "magpie_messages_received_total", platform="console") == 2
+    assert value(found, "magpie_replies_total", platform="console", outcome="delivered") == 2
+    assert len(out.decode().strip().splitlines()) >= 2  # the replies, on stdout
+    assert not [line for line in stderr.other if "Traceback" in line]
+    # One id per message, from the backend taking it, through the service and the engine's worker, to the send
+    received = stderr.matching(lambda r: r["message"].startswith("Console: message "))
+    assert len(received) == 2 and received[0]["correlation_id"] != received[1]["correlation_id"]
+    for message in received:
+        cid = message["correlation_id"]
+        tagged = {r["logger"] for r in stderr.records if r.get("correlation_id") == cid}
+        assert {"bot.backend", "core.service"} <= tagged, tagged
+        assert any(cid in r.get("correlation_ids", []) for r in stderr.records if r["logger"] == "core.engine._engine")
+        assert any(r["message"].endswith(" delivered") and r.get("correlation_id") == cid for r in stderr.records)
