@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bot.cli import RedactSecrets
@@ -28,10 +29,11 @@ from bot.http_server import HttpServer, build_http_app
 from bot.telegram import TelegramBackend
 from core.db import Database
 from core.engine import Engine
+from core.errors import ConfigError
 from core.health import HealthCheck
 from core.logging_setup import CorrelationFilter, JsonFormatter, correlated
 from core.service import ChatService
-from core.settings import Settings
+from core.settings import Settings, load_settings
 from core.telemetry import Telemetry
 from tests.fake_telegram import FakeTelegram
 from tests.test_console import _env as console_env
@@ -321,3 +323,36 @@ async def test_magpie_run_serves_health_and_metrics_and_logs_json_per_message(
         assert {"bot.backend", "core.service"} <= tagged, tagged
         assert any(cid in r.get("correlation_ids", []) for r in stderr.records if r["logger"] == "core.engine._engine")
         assert any(r["message"].endswith(" delivered") and r.get("correlation_id") == cid for r in stderr.records)
+
+
+# --- HTTP_LISTEN ---------------------------------------------------------------------------------------------------
+
+
+def test_http_listen_is_host_and_port_or_empty_and_a_bad_one_names_itself(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no developer's .env
+    monkeypatch.delenv("HTTP_LISTEN")  # conftest points test subprocesses at a free port
+    assert _settings().http_address == ("127.0.0.1", 8080)
+    assert _settings(http_listen="0.0.0.0:9100").http_address == ("0.0.0.0", 9100)
+    assert _settings(http_listen="[::1]:8080").http_address == ("::1", 8080)
+    assert _settings(http_listen="").http_address is None
+    for bad in ("8080", "localhost", "127.0.0.1:http", "127.0.0.1:70000"):
+        monkeypatch.setenv("HTTP_LISTEN", bad)
+        with pytest.raises(ConfigError, match="HTTP_LISTEN") as info:
+            load_settings()
+        assert "host:port" in str(info.value)
+
+
+async def test_an_address_in_use_stops_the_server_with_http_listen_named(engine: Engine, sqlite_url: str) -> None:
+    db = Database.connect(sqlite_url)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        app = build_http_app(health=HealthCheck(db=db, engine=engine), telemetry=Telemetry())
+        server = HttpServer(app, host="127.0.0.1", port=port)
+        with pytest.raises(ConfigError, match=f"HTTP_LISTEN 127.0.0.1:{port} cannot be used"):
+            await server.start()
+        await server.stop()
+    await db.close()
