@@ -206,17 +206,22 @@ class ChatBackend(ABC, Generic[Target]):
     # --- the conversation -------------------------------------------------------------------------------------
 
     async def converse(self, incoming: IncomingMessage, route: Route[Target]) -> None:
-        """The one path a platform's message takes: the core answers it, the answer goes out and is recorded.
-        Everything logged on the way carries one correlation id (`core.logging_setup`)."""
-        with self.tracked() as accepted, correlated():
+        """The one path a platform's message takes: the core answers it, the answer goes out and is recorded."""
+        with self.exchange() as accepted:
             if not accepted:
                 return
+            reply = await self.ask_core(incoming, route.typing, busy=self.backlogged)
+            if reply is not None:
+                await self.answer(reply, route)
+
+    @contextmanager
+    def exchange(self) -> Iterator[bool]:
+        """One incoming message's exchange: work in flight (`tracked`), with a correlation id of its own on every
+        log line on the way (`core.logging_setup`) and its start, from which the reply's latency is measured."""
+        with self.tracked() as accepted, correlated():
             received = _received_at.set(time.monotonic())
             try:
-                log.debug("%s: message %s in chat %s", self.title, incoming.message_id, incoming.chat_id)
-                reply = await self.ask_core(incoming, route.typing, busy=self.backlogged)
-                if reply is not None:
-                    await self.answer(reply, route)
+                yield accepted
             finally:
                 _received_at.reset(received)
 
@@ -258,6 +263,7 @@ class ChatBackend(ABC, Generic[Target]):
         """Awaits the core's answer, showing "typing…" at `typing_at` once it takes longer than TYPING_AFTER_MS
         when an answer is expected. `busy`: the core answers with its busy note (quick: no "typing…", which
         would only spend another call)."""
+        log.debug("%s: message %s in chat %s", self.title, incoming.message_id, incoming.chat_id)
         if busy:
             log.debug("%s: %d platform calls waiting: new messages get the busy note", self.title, self._calls_waiting)
             return await self._handler.handle(incoming, busy=True)

@@ -121,7 +121,7 @@ class DiscordBackend(ChatBackend[Destination]):
         commands whose answer is personal data (`PRIVATE_COMMANDS`) are deferred ephemerally, and that answer
         goes to the user alone. A personal answer to anything else goes by DM, with a note in the channel.
         """
-        with self.tracked() as accepted:
+        with self.exchange() as accepted:
             if not accepted:
                 return
             command = parse_command(text)

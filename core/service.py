@@ -82,6 +82,7 @@ class ChatService:
 
     `retrainer` (the trainer's orchestrator) answers `/retrain`; `serving` (which version serves) answers
     `/models` and `/rollback`. Without them those commands say they are not available in this setup.
+    `telemetry` counts the messages received and the refusals (a private one when none is given).
     """
 
     def __init__(

@@ -99,7 +99,8 @@ class _Run:
 
 class TrainingOrchestrator:
     """Implements `core.retraining.Retrainer`. `serving` follows a promoted version into the engine and `notifier`
-    tells requesters; both are None in the shell (`magpie retrain`: a running bot's watcher follows)."""
+    tells requesters; both are None in the shell (`magpie retrain`: a running bot's watcher follows). `telemetry`
+    counts the runs it follows to their end, by outcome and duration."""
 
     def __init__(
         self,
