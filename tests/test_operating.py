@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import discord
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bot.cli import RedactSecrets
 from bot.console import ConsoleBackend
+from bot.discord_bot import DiscordBackend
 from bot.http_server import HttpServer, build_http_app
 from bot.telegram import TelegramBackend
 from core.db import Database
@@ -35,6 +37,7 @@ from core.logging_setup import CorrelationFilter, JsonFormatter, correlated
 from core.service import ChatService
 from core.settings import Settings, load_settings
 from core.telemetry import Telemetry
+from tests.fake_discord import FakeDiscord
 from tests.fake_telegram import FakeTelegram
 from tests.test_console import _env as console_env
 
@@ -171,6 +174,35 @@ async def test_healthz_is_503_naming_telegram_while_its_polling_fails(sqlite_url
     assert report["failing"] == ["telegram"]
     assert report["parts"]["telegram"] == {"ok": False, "detail": "not connected"}
     assert telegram.token not in body
+
+
+async def test_each_platform_is_connected_while_it_runs_only(sqlite_url: str, engine: Engine) -> None:
+    db = Database.connect(sqlite_url)
+    endpoints = discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY  # process-global
+    try:
+        async with FakeTelegram() as telegram, FakeDiscord() as fake_discord:
+            settings = _settings(
+                telegram_bot_token=telegram.token, telegram_base_url=telegram.base_url,
+                telegram_base_file_url=telegram.base_file_url, discord_bot_token=fake_discord.token,
+                discord_api_base_url=fake_discord.api_base_url, discord_gateway_url=fake_discord.gateway_url,
+                discord_guild_ids=str(fake_discord.guild_id),
+            )  # fmt: skip
+            service = ChatService(settings=settings, db=db, engine=engine)
+            backends: list[TelegramBackend | DiscordBackend] = [
+                TelegramBackend(settings=settings, handler=service),
+                DiscordBackend(settings=settings, handler=service, ready_timeout=15, guild_ready_timeout=0.05),
+            ]
+            before = [backend.connected for backend in backends]
+            for backend in backends:
+                await backend.start()
+            running = [backend.connected for backend in backends]
+            for backend in backends:
+                await backend.stop()
+            after = [backend.connected for backend in backends]
+    finally:
+        discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = endpoints
+        await db.close()
+    assert (before, running, after) == ([False, False], [True, True], [False, False])
 
 
 # --- /metrics ------------------------------------------------------------------------------------------------------
