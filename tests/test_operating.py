@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ import discord
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bot.cli import RedactSecrets
+from bot.cli import _serve, configure_logging
 from bot.console import ConsoleBackend
 from bot.discord_bot import DiscordBackend
 from bot.http_server import HttpServer, build_http_app
@@ -39,7 +39,6 @@ from core.settings import Settings, load_settings
 from core.telemetry import Telemetry
 from tests.fake_discord import FakeDiscord
 from tests.fake_telegram import FakeTelegram
-from tests.test_console import _env as console_env
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -255,106 +254,128 @@ def test_a_finished_training_run_is_counted_by_outcome_with_its_duration() -> No
 # --- JSON logs -----------------------------------------------------------------------------------------------------
 
 
-def test_json_lines_carry_the_correlation_id_and_never_a_secret() -> None:
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.addFilter(RedactSecrets(["123456:SECRET-TOKEN"]))
-    handler.addFilter(CorrelationFilter())
-    handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("tests.operating")
-    logger.addHandler(handler)
-    logger.propagate = False
+@contextmanager
+def root_logging() -> Iterator[logging.Logger]:
+    """The root logger with no handlers, as in a fresh process; its handlers, level and every logger's level are
+    put back afterwards (`configure_logging` turns noisy libraries down)."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    levels = {
+        name: logger.level for name, logger in root.manager.loggerDict.items() if isinstance(logger, logging.Logger)
+    }
+    root.handlers = []
     try:
+        yield root
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers = handlers
+        root.setLevel(level)
+        for name, logger_level in levels.items():
+            logging.getLogger(name).setLevel(logger_level)
+
+
+def test_the_cli_writes_json_lines_with_the_correlation_id_and_never_a_token() -> None:
+    token = "123456:SECRET-TOKEN"
+    stream = io.StringIO()
+    with root_logging() as root:
+        configure_logging(_settings(log_format="json", telegram_bot_token=token))
+        (handler,) = root.handlers
+        assert isinstance(handler, logging.StreamHandler)
+        handler.setStream(stream)
+        logger = logging.getLogger("tests.operating")
         with correlated("abc123"):
             try:
-                raise RuntimeError("GET https://api.telegram.org/bot123456:SECRET-TOKEN/getMe failed")
+                raise RuntimeError(f"GET https://api.telegram.org/bot{token}/getMe failed")
             except RuntimeError:
-                logger.exception("calling %s", "https://api.telegram.org/bot123456:SECRET-TOKEN/getMe")
+                logger.exception("calling %s", f"https://api.telegram.org/bot{token}/getMe")
         logger.warning("outside any message")
-    finally:
-        logger.removeHandler(handler)
-        logger.propagate = True
     first, second = (json.loads(line) for line in stream.getvalue().splitlines())
     assert "SECRET-TOKEN" not in stream.getvalue()
     assert first["correlation_id"] == "abc123" and first["level"] == "ERROR" and first["logger"] == "tests.operating"
     assert "[redacted]" in first["message"] and "RuntimeError" in first["exc"]
-    assert "correlation_id" not in second
+    assert "correlation_id" not in second and second["message"] == "outside any message"
 
 
 # --- `magpie run`: the server, the metrics and the logs of the composed app ----------------------------------------
 
 
-class _Stderr:
-    """Reads the subprocess' JSON log lines as they come, so the test can await a given line."""
+class JsonRecords(logging.Handler):
+    """Keeps every record as its JSON line (parsed), from any thread, and lets the test await given ones."""
 
-    def __init__(self, stream: asyncio.StreamReader) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(JsonFormatter())
+        self.addFilter(CorrelationFilter())
         self.records: list[dict[str, Any]] = []
-        self.other: list[str] = []
-        self._changed = asyncio.Condition()
-        self._task = asyncio.create_task(self._read(stream))
+        self._loop = loop
+        self._changed = asyncio.Event()
 
-    async def _read(self, stream: asyncio.StreamReader) -> None:
-        async for raw in stream:
-            line = raw.decode().rstrip("\n")
-            try:
-                self.records.append(json.loads(line))
-            except json.JSONDecodeError:
-                self.other.append(line)
-            async with self._changed:
-                self._changed.notify_all()
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(json.loads(self.format(record)))
+        self._loop.call_soon_threadsafe(self._changed.set)
 
-    def matching(self, predicate: Any) -> list[dict[str, Any]]:
+    def matching(self, predicate: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
         return [record for record in self.records if predicate(record)]
 
-    async def wait_for(self, predicate: Any, count: int = 1, within: float = 120.0) -> list[dict[str, Any]]:
+    async def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], count: int = 1, within: float = 60.0
+    ) -> list[dict[str, Any]]:
         """The records matching `predicate`, once there are `count` of them."""
-        async with asyncio.timeout(within), self._changed:
-            await self._changed.wait_for(lambda: len(self.matching(predicate)) >= count)
+        async with asyncio.timeout(within):
+            while len(self.matching(predicate)) < count:
+                self._changed.clear()
+                if len(self.matching(predicate)) < count:
+                    await self._changed.wait()
         return self.matching(predicate)
 
-    async def finished(self) -> None:
-        await self._task
+
+def delivered(record: dict[str, Any]) -> bool:
+    return record["logger"] == "bot.backend" and str(record["message"]).endswith(" delivered")
 
 
-async def test_magpie_run_serves_health_and_metrics_and_logs_json_per_message(
-    sqlite_url: str, tiny_model_dir: Path, tmp_path: Path
+async def test_magpie_run_serves_health_and_metrics_and_logs_each_message_under_one_id(
+    sqlite_url: str, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
-    env = console_env(sqlite_url, tiny_model_dir, tmp_path)
-    env.update(LOG_FORMAT="json", LOG_LEVEL="DEBUG", HTTP_LISTEN="127.0.0.1:0")
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bot", "run", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, cwd=tmp_path, env=env,
+    """`magpie run` as composed by the CLI (in this process, on the console reading a pipe)."""
+    monkeypatch.chdir(tmp_path)
+    settings = _settings(
+        database_url=sqlite_url, base_model=str(tiny_model_dir), models_dir=tmp_path / "models", max_new_tokens=8,
+        temperature=0.0, http_listen="127.0.0.1:0", recovery_window_minutes=0, retrain_interval_hours=0,
     )  # fmt: skip
-    assert process.stdin is not None and process.stdout is not None and process.stderr is not None
-    stderr = _Stderr(process.stderr)
-    try:
-        started = await stderr.wait_for(lambda r: r["message"].startswith("HTTP server on http://127.0.0.1:"))
-        base = started[0]["message"].split()[3]
-        process.stdin.write(b"hello there, how are you?\nwhat is your favourite colour?\n")
-        await process.stdin.drain()
-        await stderr.wait_for(lambda r: r["message"].endswith(" delivered"), count=2)  # logged once counted
-        health_status, health = await get(f"{base}/healthz")
-        _, metrics = await get(f"{base}/metrics")
-    finally:
-        process.stdin.close()
-        out, _ = await asyncio.wait_for(asyncio.gather(process.stdout.read(), process.wait()), timeout=120)
-        await stderr.finished()
-    assert process.returncode == 0, stderr.other
+    records = JsonRecords(asyncio.get_running_loop())
+    with root_logging() as root, console_input() as (stdin, write_end):
+        root.addHandler(records)
+        root.setLevel(logging.DEBUG)
+        monkeypatch.setattr(sys, "stdin", stdin)
+        serving = asyncio.create_task(_serve(settings))
+        try:
+            started = await records.wait_for(lambda r: str(r["message"]).startswith("HTTP server on http://"))
+            base = str(started[0]["message"]).split()[3]
+            os.write(write_end, b"hello there, how are you?\nwhat is your favourite colour?\n")
+            await records.wait_for(delivered, count=2)  # logged once counted
+            health_status, health = await get(f"{base}/healthz")
+            _, metrics = await get(f"{base}/metrics")
+        finally:
+            os.close(write_end)  # end of input: the console, then `magpie run`, finish
+            await asyncio.wait_for(serving, timeout=60)
     assert health_status == 200 and json.loads(health)["parts"]["console"]["ok"] is True, health
     found = samples(metrics)
     assert value(found, "magpie_messages_received_total", platform="console") == 2
     assert value(found, "magpie_replies_total", platform="console", outcome="delivered") == 2
-    assert len(out.decode().strip().splitlines()) >= 2  # the replies, on stdout
-    assert not [line for line in stderr.other if "Traceback" in line]
-    # One id per message, from the backend taking it, through the service and the engine's worker, to the send
-    received = stderr.matching(lambda r: r["message"].startswith("Console: message "))
+    assert value(found, "magpie_reply_latency_seconds_count", platform="console") == 2
+    assert len(capsys.readouterr().out.strip().splitlines()) >= 2  # the replies, on stdout
+    # One id per message: the backend taking it, the service, the engine's worker (batch lines list the ids of
+    # their rows) and the send
+    received = records.matching(lambda r: str(r["message"]).startswith("Console: message "))
     assert len(received) == 2 and received[0]["correlation_id"] != received[1]["correlation_id"]
     for message in received:
         cid = message["correlation_id"]
-        tagged = {r["logger"] for r in stderr.records if r.get("correlation_id") == cid}
-        assert {"bot.backend", "core.service"} <= tagged, tagged
-        assert any(cid in r.get("correlation_ids", []) for r in stderr.records if r["logger"] == "core.engine._engine")
-        assert any(r["message"].endswith(" delivered") and r.get("correlation_id") == cid for r in stderr.records)
+        assert {"bot.backend", "core.service"} <= {
+            r["logger"] for r in records.records if r.get("correlation_id") == cid
+        }
+        assert any(cid in r.get("correlation_ids", []) for r in records.matching(lambda r: "batch of" in r["message"]))
+        assert any(r.get("correlation_id") == cid for r in records.matching(delivered))
 
 
 # --- HTTP_LISTEN ---------------------------------------------------------------------------------------------------
