@@ -31,15 +31,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from bot.text import split_message
+from core.logging_setup import correlated
 from core.messages import Attachment, ChatHandler, IncomingMessage, Reply
+from core.telemetry import ReplyOutcome, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +53,19 @@ TYPING_LANDING_S = 2.0
 """How long a finished exchange waits for a "typing…" request in flight: one landing after the reply would show
 "typing…" again."""
 
+_received_at: ContextVar[float | None] = ContextVar("magpie_received_at", default=None)
+"""When the message being answered in this context reached the backend (None: recovery, a notification)."""
+
 
 class Backend(Protocol):
     """A running connection to one chat platform, as the composition root (`bot/cli.py`) starts and stops it."""
 
     platform: str
+
+    @property
+    def connected(self) -> bool:
+        """Whether the platform can be reached now (for `/healthz`)."""
+        ...
 
     async def start(self) -> None:
         """Connects and begins receiving messages; returns once it is running (does not block until stop)."""
@@ -111,10 +123,13 @@ class ChatBackend(ABC, Generic[Target]):
         stop_grace_s: float,
         typing_after_s: float = 1.0,
         send_queue_limit: int | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         """`typing_after_s`: how long an answer may take before "typing…" shows; `send_queue_limit`: how many
-        platform calls may wait to go out before new messages get the busy note (None: no bound)."""
+        platform calls may wait to go out before new messages get the busy note (None: no bound); `telemetry`
+        counts replies and their latency."""
         self._handler = handler
+        self._telemetry = telemetry or Telemetry()
         self._stop_grace_s = stop_grace_s
         self._typing_after_s = typing_after_s
         self._send_queue_limit = send_queue_limit
@@ -141,6 +156,11 @@ class ChatBackend(ABC, Generic[Target]):
 
     def _notification_target(self, chat_id: str) -> Target | None:
         return self._recovery_target(chat_id)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the platform can be reached now (for `/healthz`); platforms with a connection override it."""
+        return True
 
     async def _show_typing(self, target: Target) -> None:
         """Shows "typing…" once (the loop renews it every `typing_renew_s`)."""
@@ -187,12 +207,23 @@ class ChatBackend(ABC, Generic[Target]):
 
     async def converse(self, incoming: IncomingMessage, route: Route[Target]) -> None:
         """The one path a platform's message takes: the core answers it, the answer goes out and is recorded."""
-        with self.tracked() as accepted:
+        with self.exchange() as accepted:
             if not accepted:
                 return
             reply = await self.ask_core(incoming, route.typing, busy=self.backlogged)
             if reply is not None:
                 await self.answer(reply, route)
+
+    @contextmanager
+    def exchange(self) -> Iterator[bool]:
+        """One incoming message's exchange: work in flight (`tracked`), with a correlation id of its own on every
+        log line on the way (`core.logging_setup`) and its start, from which the reply's latency is measured."""
+        with self.tracked() as accepted, correlated():
+            received = _received_at.set(time.monotonic())
+            try:
+                yield accepted
+            finally:
+                _received_at.reset(received)
 
     @contextmanager
     def tracked(self) -> Iterator[bool]:
@@ -232,6 +263,7 @@ class ChatBackend(ABC, Generic[Target]):
         """Awaits the core's answer, showing "typing…" at `typing_at` once it takes longer than TYPING_AFTER_MS
         when an answer is expected. `busy`: the core answers with its busy note (quick: no "typing…", which
         would only spend another call)."""
+        log.debug("%s: message %s in chat %s", self.title, incoming.message_id, incoming.chat_id)
         if busy:
             log.debug("%s: %d platform calls waiting: new messages get the busy note", self.title, self._calls_waiting)
             return await self._handler.handle(incoming, busy=True)
@@ -281,12 +313,14 @@ class ChatBackend(ABC, Generic[Target]):
             await self._send_parts(route.author, self._parts(personal), [], quote=None)
         except asyncio.CancelledError:
             await self._handler.mark_undelivered(reply, "cancelled at shutdown")
+            self._count(reply, "undelivered")
             raise
         except Exception as exc:
             if not self._unreachable(exc):  # nothing reached anyone, as for any undelivered reply
                 reason = self._failure_reason(exc)
                 self._log_failure(f"reply {reply.log_id} to its author undelivered: {reason}", exc)
                 await self._handler.mark_undelivered(reply, reason)
+                self._count(reply, "undelivered")
                 return
             await self._instead(reply, route, self._failure_reason(exc))
             return
@@ -306,6 +340,7 @@ class ChatBackend(ABC, Generic[Target]):
             await self._send_parts(target, parts, sent, quote=reply.reply_to, start=parts_sent)
         except asyncio.CancelledError:
             await self._handler.mark_interrupted(reply, parts_sent=parts_sent + len(sent))
+            self._count(reply, "interrupted")
             raise
         except Exception as exc:  # retries exhausted, or a bug: either way the core must hear of it
             arrived = parts_sent + len(sent)
@@ -314,8 +349,17 @@ class ChatBackend(ABC, Generic[Target]):
                 reason += f" (after {arrived} of {len(parts)} parts)"
             self._log_failure(f"reply {reply.log_id} undelivered: {reason}", exc)
             await self._handler.mark_undelivered(reply, reason, parts_sent=arrived)
+            self._count(reply, "undelivered")
             return
         await self._handler.mark_delivered(reply, [ident for ident in sent if ident is not None])
+        self._count(reply, "delivered")
+
+    def _count(self, reply: Reply, outcome: ReplyOutcome) -> None:
+        """Counts a reply's fate and, for one delivered in answer to a live message, its latency."""
+        received = _received_at.get()
+        latency = time.monotonic() - received if received is not None and outcome == "delivered" else None
+        self._telemetry.reply_finished(self.platform, outcome, latency_s=latency)
+        log.debug("%s: reply %s %s", self.title, reply.log_id, outcome)
 
     async def _send_parts(
         self, target: Target, parts: Sequence[Part], sent: list[str | None], *, quote: str | None, start: int = 0

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,13 +24,19 @@ from bot.console import ConsoleBackend
 from core.db import Database, upgrade
 from core.engine import Engine
 from core.errors import ConfigError, MagpieError
+from core.health import HealthCheck
+from core.logging_setup import CorrelationFilter, JsonFormatter
 from core.retention import RetentionJob, prune_old_messages
 from core.service import ChatService, RecoveryPlan
 from core.serving import ModelServing, quiet_model_progress_bars
 from core.settings import Settings, load_settings
 from core.storage import collect_stats
+from core.telemetry import Telemetry
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
+    from bot.http_server import HttpServer
     from trainer.orchestrator import TrainingOrchestrator
 
 log = logging.getLogger("magpie")
@@ -59,7 +65,8 @@ class RedactSecrets(logging.Filter):
 
 
 def configure_logging(settings: Settings) -> None:
-    """Logging is configured here only; noisy libraries are turned down so tokens in URLs never reach logs."""
+    """Logging is configured here only; noisy libraries are turned down so tokens in URLs never reach logs.
+    LOG_FORMAT=json writes one JSON object per line, with the correlation id of the message it belongs to."""
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
@@ -70,6 +77,9 @@ def configure_logging(settings: Settings) -> None:
     ]
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactSecrets(secrets))
+        handler.addFilter(CorrelationFilter())
+        if settings.log_format == "json":
+            handler.setFormatter(JsonFormatter())
     # telegram.Bot / telegram.ext.ExtBot log the API URL, token included, at DEBUG: never let them.
     for noisy in (
         "telegram.Bot",
@@ -93,25 +103,39 @@ async def _db_upgrade(settings: Settings, quiet: bool) -> None:
         print("Database is up to date.")
 
 
-def _backends(settings: Settings, service: ChatService) -> list[Backend]:
+def _backends(settings: Settings, service: ChatService, telemetry: Telemetry) -> list[Backend]:
     """The platforms that have tokens, sharing one service (engine and database); the console when none has."""
     backends: list[Backend] = []
     # Imported only when configured: each platform library costs start-up time the console should not pay.
     if settings.telegram_bot_token is not None:
         from bot.telegram import TelegramBackend
 
-        backends.append(TelegramBackend(settings=settings, handler=service))
+        backends.append(TelegramBackend(settings=settings, handler=service, telemetry=telemetry))
     if settings.discord_bot_token is not None:
         from bot.discord_bot import DiscordBackend
 
-        backends.append(DiscordBackend(settings=settings, handler=service))
+        backends.append(DiscordBackend(settings=settings, handler=service, telemetry=telemetry))
     if not backends:
         exports = Path("data") / "exports"
         grace = settings.shutdown_grace_seconds
-        backends.append(
-            ConsoleBackend(handler=service, bot_name=settings.bot_name, exports_dir=exports, stop_grace_s=grace)
+        console = ConsoleBackend(
+            handler=service, bot_name=settings.bot_name, exports_dir=exports, stop_grace_s=grace, telemetry=telemetry
         )
+        backends.append(console)
     return backends
+
+
+def _http_server(
+    settings: Settings, health: HealthCheck, telemetry: Telemetry, extra: Mapping[str, web.Application] | None = None
+) -> HttpServer | None:
+    """The server on HTTP_LISTEN (None when it is empty): /healthz, /metrics, and `extra`'s sub-apps by prefix."""
+    address = settings.http_address
+    if address is None:
+        return None
+    from bot.http_server import HttpServer, build_http_app  # aiohttp's import is for `run` only
+
+    app = build_http_app(health=health, telemetry=telemetry, extra=extra)
+    return HttpServer(app, host=address[0], port=address[1])
 
 
 async def _serve(settings: Settings) -> None:
@@ -120,19 +144,28 @@ async def _serve(settings: Settings) -> None:
 
     db = Database.connect(settings.database_url)
     engine = Engine.from_settings(settings)
+    telemetry, health = _telemetry(db, engine)
     notifier = BackendNotifier()
     serving = ModelServing(settings=settings, db=db, engine=engine)
-    orchestrator = TrainingOrchestrator(settings=settings, db=db, serving=serving, notifier=notifier)
+    orchestrator = TrainingOrchestrator(
+        settings=settings, db=db, serving=serving, notifier=notifier, telemetry=telemetry
+    )
     retention = RetentionJob(db, days=settings.log_retention_days)
+    http = _http_server(settings, health, telemetry)
     try:
         await db.check_schema()
+        if http is not None:  # before the model loads (minutes, for a starter build): /healthz says "engine"
+            await http.start()
         retention.start()
         await _start_engine(settings, db, serving)
         await serving.start()
         await orchestrator.start()
-        service = ChatService(settings=settings, db=db, engine=engine, retrainer=orchestrator, serving=serving)
-        backends = _backends(settings, service)
+        service = ChatService(
+            settings=settings, db=db, engine=engine, retrainer=orchestrator, serving=serving, telemetry=telemetry
+        )
+        backends = _backends(settings, service, telemetry)
         notifier.attach(backends)
+        health.watch_platforms(backends)
         # Fixed before any backend takes a message: recovery answers only what the previous run left behind.
         plan = await service.plan_recovery([backend.platform for backend in backends])
 
@@ -147,11 +180,21 @@ async def _serve(settings: Settings) -> None:
 
         await _run_backends(backends, before_stop=finish, after_start=recover, grace_s=settings.shutdown_grace_seconds)
     finally:
+        if http is not None:
+            await http.stop()
         await retention.stop()
         await orchestrator.stop()
         await serving.stop()
         await engine.close()
         await db.close()
+
+
+def _telemetry(db: Database, engine: Engine) -> tuple[Telemetry, HealthCheck]:
+    """The app's metrics (the engine's read when scraped, database errors counted as they happen) and health."""
+    telemetry = Telemetry()
+    telemetry.watch_engine(engine)
+    telemetry.watch_database(db)
+    return telemetry, HealthCheck(db=db, engine=engine)
 
 
 async def _start_engine(settings: Settings, db: Database, serving: ModelServing) -> None:

@@ -20,6 +20,7 @@ from typing import TextIO
 
 from bot.backend import ChatBackend, Part, Route
 from core.messages import ChatHandler, ChatKind, IncomingMessage
+from core.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,9 @@ class ConsoleBackend(ChatBackend[str]):
         stdin: TextIO | None = None,
         stdout: TextIO | None = None,
         stop_grace_s: float = 0.0,
+        telemetry: Telemetry | None = None,
     ) -> None:
-        super().__init__(handler=handler, stop_grace_s=stop_grace_s)
+        super().__init__(handler=handler, stop_grace_s=stop_grace_s, telemetry=telemetry)
         self._bot_name = bot_name
         self._exports_dir = exports_dir
         self._stdin = stdin or sys.stdin
@@ -58,6 +60,11 @@ class ConsoleBackend(ChatBackend[str]):
         if self._interactive:
             self._write(f"Chatting with {self._bot_name}. Type /help for commands, Ctrl-D to quit.\n")
         self._task = asyncio.create_task(self._read_loop(), name="console-reader")
+
+    @property
+    def connected(self) -> bool:
+        """The terminal is "connected" while its input is being read."""
+        return self._task is not None and not self._task.done()
 
     async def _stop_receiving(self) -> None:
         """Stops reading; the exchange in flight runs on (the loop gives it the grace)."""

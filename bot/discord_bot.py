@@ -27,6 +27,7 @@ from bot.discord_commands import NO_MENTIONS, ChannelDestination, Destination, F
 from core.commands import parse_command
 from core.messages import PRIVATE_COMMANDS, ChatHandler, ChatKind, IncomingMessage
 from core.settings import Settings
+from core.telemetry import Telemetry
 
 __all__ = ["DiscordBackend", "to_incoming"]
 
@@ -59,10 +60,12 @@ class DiscordBackend(ChatBackend[Destination]):
         handler: ChatHandler,
         ready_timeout: float = 60.0,
         guild_ready_timeout: float = 2.0,
+        telemetry: Telemetry | None = None,
     ) -> None:
         super().__init__(
             handler=handler, stop_grace_s=settings.shutdown_grace_seconds,
             typing_after_s=settings.typing_after_ms / 1000, send_queue_limit=settings.send_queue_limit,
+            telemetry=telemetry,
         )  # fmt: skip
         self._settings = settings
         self._ready_timeout = ready_timeout
@@ -75,6 +78,11 @@ class DiscordBackend(ChatBackend[Destination]):
         self._client, self._task = await discord_client.connect(
             self._settings, self, ready_timeout=self._ready_timeout, guild_ready_timeout=self._guild_ready_timeout
         )
+
+    @property
+    def connected(self) -> bool:
+        """Ready and with an open gateway connection (false while discord.py reconnects)."""
+        return self._client is not None and discord_client.is_connected(self._client)
 
     async def _disconnect(self) -> None:
         client, task = self._client, self._task
@@ -113,7 +121,7 @@ class DiscordBackend(ChatBackend[Destination]):
         commands whose answer is personal data (`PRIVATE_COMMANDS`) are deferred ephemerally, and that answer
         goes to the user alone. A personal answer to anything else goes by DM, with a note in the channel.
         """
-        with self.tracked() as accepted:
+        with self.exchange() as accepted:
             if not accepted:
                 return
             command = parse_command(text)

@@ -148,6 +148,12 @@ async def connect(
     return client, task
 
 
+def is_connected(client: discord.Client) -> bool:
+    """Ready, not closed, and the gateway's websocket open (discord.py keeps "ready" while it reconnects)."""
+    ws = client.ws
+    return client.is_ready() and not client.is_closed() and ws is not None and ws.open
+
+
 async def disconnect(client: discord.Client, task: asyncio.Task[None]) -> None:
     await client.close()
     await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S)

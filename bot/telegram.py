@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import traceback
 from dataclasses import dataclass
 from functools import partial
@@ -35,6 +36,7 @@ from bot.text import split_message, utf16_length
 from core.errors import ConfigError
 from core.messages import ChatHandler, ChatKind, IncomingMessage, Reply
 from core.settings import Settings
+from core.telemetry import Telemetry
 
 __all__ = ["TelegramBackend"]
 
@@ -42,6 +44,9 @@ log = logging.getLogger(__name__)
 
 _COMMAND = re.compile(r"^/(?P<name>[A-Za-z0-9_]{1,32})(?:@(?P<bot>[A-Za-z0-9_]+))?(?![\w@])")
 _WEBHOOK_SECRET = re.compile(r"[A-Za-z0-9_-]{1,256}")
+POLLING_HEALTH_WINDOW_S = 60.0
+"""After a failed getUpdates, how long `/healthz` reports Telegram as not connected (PTB retries with a backoff of
+at most 30 s, so a lasting failure keeps it there; it turns healthy a minute after the last failure)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +90,14 @@ class TelegramBackend(ChatBackend[_Target]):
     """Telegram shows a chat action for 5 s; renewing a little sooner keeps "typing…" steady."""
     send_errors = (TelegramError,)
 
-    def __init__(self, *, settings: Settings, handler: ChatHandler, stop_grace_s: float | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        handler: ChatHandler,
+        stop_grace_s: float | None = None,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         if settings.telegram_bot_token is None or not settings.telegram_bot_token.get_secret_value().strip():
             raise ConfigError("TELEGRAM_BOT_TOKEN is not set: get one from @BotFather (see docs/telegram.md).")
         secret = settings.telegram_webhook_secret
@@ -94,9 +106,10 @@ class TelegramBackend(ChatBackend[_Target]):
         grace = settings.shutdown_grace_seconds if stop_grace_s is None else stop_grace_s
         super().__init__(
             handler=handler, stop_grace_s=grace, typing_after_s=settings.typing_after_ms / 1000,
-            send_queue_limit=settings.send_queue_limit,
+            send_queue_limit=settings.send_queue_limit, telemetry=telemetry,
         )  # fmt: skip
         self._settings = settings
+        self._polling_failed_at: float | None = None
         self._token = settings.telegram_bot_token.get_secret_value().strip()
         self._app = requests.build_application(settings, self._token)
         self._app.add_handler(MessageHandler(filters.StatusUpdate.MIGRATE, self._on_migrate))
@@ -116,6 +129,15 @@ class TelegramBackend(ChatBackend[_Target]):
         except BaseException:
             await self.stop()
             raise
+
+    @property
+    def connected(self) -> bool:
+        """Receiving updates, and no failed getUpdates within the last `POLLING_HEALTH_WINDOW_S`."""
+        updater = self._app.updater
+        if not self._app.running or updater is None or not updater.running:
+            return False
+        failed_at = self._polling_failed_at
+        return failed_at is None or time.monotonic() - failed_at > POLLING_HEALTH_WINDOW_S
 
     async def _stop_receiving(self) -> None:
         """Stops fetching: updates already fetched are still handled (and logged) within the grace."""
@@ -278,6 +300,7 @@ class TelegramBackend(ChatBackend[_Target]):
 
     def _on_polling_error(self, error: TelegramError) -> None:
         """getUpdates failed; PTB retries it forever with backoff, so one line per failure, not a traceback."""
+        self._polling_failed_at = time.monotonic()
         log.warning("Telegram: polling failed (%s); retrying", self._redact(str(error)))
 
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:

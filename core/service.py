@@ -43,6 +43,7 @@ from core.storage import (
     recent_history,
     unanswered_messages,
 )
+from core.telemetry import Telemetry, refusal_for
 from core.texts import (
     BUSY,
     EMPTY,
@@ -81,6 +82,7 @@ class ChatService:
 
     `retrainer` (the trainer's orchestrator) answers `/retrain`; `serving` (which version serves) answers
     `/models` and `/rollback`. Without them those commands say they are not available in this setup.
+    `telemetry` counts the messages received and the refusals (a private one when none is given).
     """
 
     def __init__(
@@ -91,9 +93,11 @@ class ChatService:
         engine: Engine,
         retrainer: Retrainer | None = None,
         serving: ModelServing | None = None,
+        telemetry: Telemetry | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
+        self._telemetry = telemetry or Telemetry()
         self._db = db
         self._engine = engine
         self._replies = ReplyLog(db)
@@ -107,6 +111,7 @@ class ChatService:
         """Logs `message` once and returns the reply, or None when the bot should stay quiet. `busy` (the adapter's
         sends are backlogged): a chat message gets the short busy note instead of a model answer; commands still
         run, since their replies cost the platform no more than the note and what they do must not be lost."""
+        self._telemetry.message_received(message.platform)
         try:
             logged = await self._replies.log_incoming(message)
         except Exception:  # the database is down or refused the row: say so rather than drop the message
@@ -265,6 +270,7 @@ class ChatService:
         # or an admin checking /status must not be told to wait.
         if not self._settings.is_admin(message.platform, message.author_id) and not self._limiter.allow(user_key):
             wait = max(1, round(self._limiter.retry_after(user_key)))
+            self._telemetry.refused("rate_limit")
             return await self._replies.system_reply(logged, rate_limited(self._settings.rate_limit_per_minute, wait))
         if message.text is None:
             return await self._replies.system_reply(logged, NOT_TEXT)
@@ -274,9 +280,11 @@ class ChatService:
         if not text:
             return await self._replies.system_reply(logged, EMPTY)
         if len(text) > self._settings.max_input_chars:
+            self._telemetry.refused("too_long")
             return await self._replies.system_reply(logged, too_long(len(text), self._settings.max_input_chars))
         if logged.busy:
             log.info("Sends are backlogged: %s message %s gets the busy note", message.platform, message.message_id)
+            self._telemetry.refused("busy")
             return await self._replies.system_reply(logged, BUSY)
         return await self._chat(logged)
 
@@ -286,10 +294,15 @@ class ChatService:
         user_key = f"{message.platform}:{message.author_id}"
         async with self._user_turns.hold(user_key):
             turns = await self._history(logged)
+            log.debug(
+                "%s message %s: asking the engine, with %d turns", message.platform, message.message_id, len(turns)
+            )
             try:
                 generation = await self._engine.generate_response(turns)
             except EngineError as exc:
                 log.warning("Engine could not answer %s: %s", user_key, type(exc).__name__)
+                if (refusal := refusal_for(exc)) is not None:
+                    self._telemetry.refused(refusal)
                 return await self._replies.system_reply(logged, exc.user_message)
             return await self._replies.log_reply(
                 logged, generation.text, model_version_id=generation.model.version_id, system=False

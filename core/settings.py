@@ -99,6 +99,10 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    # --- operating: health, metrics and logs ---------------------------------------------------------------------
+    http_listen: str = "127.0.0.1:8080"
+    log_format: Literal["text", "json"] = "text"
+
     @field_validator("admin_ids", mode="before")
     @classmethod
     def _parse_admin_ids(cls, value: object) -> frozenset[str]:
@@ -127,6 +131,14 @@ class Settings(BaseSettings):
     def _parse_blocklist(cls, value: object) -> tuple[str, ...]:
         return tuple(item.lower() for item in _split_list(value))
 
+    @field_validator("http_listen")
+    @classmethod
+    def _check_http_listen(cls, value: str) -> str:
+        """`host:port` (`[::1]:8080` for IPv6) or empty; checked at start, not when the server first binds."""
+        if value.strip():
+            parse_listen(value)
+        return value.strip()
+
     @model_validator(mode="after")
     def _check_webhook(self) -> Settings:
         if self.telegram_webhook_url and not self.telegram_webhook_secret:
@@ -145,6 +157,11 @@ class Settings(BaseSettings):
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
+    @property
+    def http_address(self) -> tuple[str, int] | None:
+        """HTTP_LISTEN as (host, port), or None when the server is off."""
+        return parse_listen(self.http_listen) if self.http_listen else None
+
     def is_admin(self, platform: str, user_id: str) -> bool:
         """Admin rights come from numeric platform ids only (console users are local, hence trusted)."""
         if platform == "console":
@@ -161,6 +178,15 @@ class Settings(BaseSettings):
         console's chat is the operator's own (the same reason it is trusted as an admin), so it always is.
         """
         return self.train_on_private_chats or platform == "console"
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """`host:port` as a pair; the brackets of an IPv6 host are dropped. Port 0 means any free port."""
+    host, sep, port = value.strip().rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{value!r} is not host:port (e.g. 127.0.0.1:8080, 0.0.0.0:8080; empty turns it off)")
+    return host, int(port)
 
 
 def _split_list(value: object) -> list[str]:

@@ -49,6 +49,7 @@ from core.outcomes import (
 )
 from core.retraining import ServingFollower
 from core.settings import Settings
+from core.telemetry import Telemetry
 from core.texts import run_outcome, run_progress, run_request
 from trainer import runs
 from trainer.process import progress_lines, spawn_trainer
@@ -98,7 +99,8 @@ class _Run:
 
 class TrainingOrchestrator:
     """Implements `core.retraining.Retrainer`. `serving` follows a promoted version into the engine and `notifier`
-    tells requesters; both are None in the shell (`magpie retrain`: a running bot's watcher follows)."""
+    tells requesters; both are None in the shell (`magpie retrain`: a running bot's watcher follows). `telemetry`
+    counts the runs it follows to their end, by outcome and duration."""
 
     def __init__(
         self,
@@ -111,11 +113,13 @@ class TrainingOrchestrator:
         poll_interval_s: float = 5.0,
         schedule_check_s: float = 300.0,
         trainer_module: str = "trainer.retrain",
+        telemetry: Telemetry | None = None,
     ) -> None:
         """`trainer_module` is the program each run starts (`python -m <it> --run-id N`): tests put one there that
         wraps `trainer.retrain.main` to act at a given moment of the run."""
         self._settings = settings
         self._trainer_module = trainer_module
+        self._telemetry = telemetry or Telemetry()
         self._db = db
         self._serving = serving
         self._notifier = notifier
@@ -268,6 +272,8 @@ class TrainingOrchestrator:
                 run.watchdog.cancel()
             if self._current is run:
                 self._current = None
+        duration = (self._clock() - run.started_at).total_seconds()
+        self._telemetry.training_run_finished(outcome.status.value, duration_s=duration)
         if outcome.status is RunStatus.REJECTED and outcome.data_withdrawn:
             outcome = replace(outcome, again=await self._train_again(run))
         text = run_outcome(outcome)

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 from core.db import Database
 from core.errors import MagpieError
+from core.logging_setup import correlated
 from core.metrics import perplexity
 from core.models import RunStatus, VersionStatus
 from core.outcomes import DATA_WITHDRAWN
@@ -442,9 +443,10 @@ def main(argv: Sequence[str] | None = None, *, before_record: BeforeRecord | Non
         return 2
     from trainer.training_logs import configure_process_logging
 
-    configure_process_logging(settings.log_level)
+    configure_process_logging(settings.log_level, settings.log_format)
     try:
-        status = asyncio.run(retrain(settings, options.run_id, emit=_print_event, before_record=before_record))
+        with correlated(f"training-run-{options.run_id}"):  # every line of the run, in the bot's log, says which
+            status = asyncio.run(retrain(settings, options.run_id, emit=_print_event, before_record=before_record))
     except RunNotClaimableError as exc:
         print(f"magpie trainer: {exc}", file=sys.stderr)
         return 2

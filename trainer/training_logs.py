@@ -14,6 +14,8 @@ from typing import Any
 import transformers
 from transformers import PreTrainedModel, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from core.logging_setup import CorrelationFilter, log_formatter
+
 log = logging.getLogger("trainer.train")
 
 ProgressFn = Callable[[float], None]
@@ -99,8 +101,11 @@ class LogToLogger(TrainerCallback):
             log.info("step %d/%d: %s", state.global_step, state.max_steps, json.dumps(logs))
 
 
-def configure_process_logging(level: str) -> None:
-    """Logging for a training process (its stderr ends up in the bot's log): plain lines, and none of the
-    progress bars transformers draws for every save and load ("Writing model shards", "Loading weights")."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def configure_process_logging(level: str, log_format: str = "text") -> None:
+    """Logging for a training process (its stderr ends up in the bot's log): lines in the bot's LOG_FORMAT, and none
+    of the progress bars transformers draws for every save and load ("Writing model shards", "Loading weights")."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(log_formatter(log_format))
+    handler.addFilter(CorrelationFilter())
+    logging.basicConfig(level=level, handlers=[handler])
     transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]

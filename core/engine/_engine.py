@@ -26,6 +26,7 @@ from core.engine._prompts import build_prompt_ids
 from core.engine._sampling import RowDecoder
 from core.engine._types import EngineConfig, EngineStats, Generation, GenerationParams, ModelRef
 from core.errors import EngineBusyError, EngineClosedError, EngineError, EngineTimeoutError, ModelLoadError
+from core.logging_setup import current_correlation_id
 
 if TYPE_CHECKING:
     from core.settings import Settings
@@ -43,6 +44,7 @@ class _Request:
     future: asyncio.Future[Generation]
     queued_at: float = field(default_factory=time.monotonic)
     withdrawn: bool = False  # set on the event loop when the caller gave up; read by the worker
+    correlation_id: str | None = field(default_factory=current_correlation_id)  # the worker logs it with the row
 
 
 @dataclass(slots=True)
@@ -113,13 +115,9 @@ class Engine:
         return len(self._pending) + self._running
 
     def stats(self) -> EngineStats:
-        """A snapshot for metrics; the counters only grow, so a scraper derives rates from them."""
-        return EngineStats(
-            queue_depth=len(self._pending),
-            batch_rows=self._running,
-            tokens_generated=self._tokens_generated,
-            generate_seconds=self._generate_seconds,
-        )
+        """A consistent snapshot for metrics; the counters only grow, so a scraper derives rates from them."""
+        with self._cond:
+            return EngineStats(len(self._pending), self._running, self._tokens_generated, self._generate_seconds)
 
     @property
     def context_window(self) -> int:
@@ -327,6 +325,13 @@ class Engine:
         self._release(len(finished))  # before delivering, so a caller holding its reply never sees itself counted
         for row in finished:
             _deliver(row.request.loop, row.request.future, Generation(row.decoder.text(), cohort.loaded.ref))
+            log.debug(
+                "reply of %d tokens by %s, %d rows decoding",
+                len(row.decoder.tokens),
+                cohort.loaded.ref.name,
+                len(cohort.rows),
+                extra={"correlation_ids": [row.request.correlation_id]},
+            )
 
     def _fail(self, requests: list[_Request]) -> None:
         self._release(len(requests))
@@ -339,8 +344,9 @@ class Engine:
                 self._running -= rows
 
     def _account(self, tokens: int, seconds: float) -> None:
-        self._tokens_generated += tokens
-        self._generate_seconds += seconds
+        with self._cond:
+            self._tokens_generated += tokens
+            self._generate_seconds += seconds
 
 
 @dataclass(eq=False, slots=True)
