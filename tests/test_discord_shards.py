@@ -6,9 +6,14 @@ its guilds' events and answers them).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -23,6 +28,9 @@ from tests.fake_discord import FakeDiscord, Json
 from tests.test_discord import Observed, Scripted, mention
 
 pytestmark = pytest.mark.timeout(60)
+
+ROOT = Path(__file__).resolve().parent.parent
+STARTUP_S = 30.0
 
 
 @pytest.fixture(autouse=True)
@@ -149,6 +157,54 @@ async def test_two_processes_each_answer_only_their_shards_guilds() -> None:
         assert {m.message_id for m, _ in second.handled} == {in_b["id"], command["id"]}
         assert [post["content"] for post in posts_a] == ["first: hello"]
         assert sorted(post["content"] for post in posts_b) == ["second: hello", "second: slash in b"]
+
+
+async def test_two_real_processes_split_the_shards() -> None:
+    """The same as above with two OS processes configured only through the environment, as an operator runs them."""
+    async with two_guild_discord() as (fake, guild_a, guild_b), AsyncExitStack() as stack:
+        for name, shard_ids in (("first", "0"), ("second", "1")):
+            process = await stack.enter_async_context(shard_process(fake, name, shard_ids))
+            assert process.stdout is not None
+            assert await asyncio.wait_for(process.stdout.readline(), STARTUP_S) == b"ready\n"
+        user = fake.add_user("erin")
+
+        await ask(fake, user, guild_a)
+        await ask(fake, user, guild_b)
+        dm = await fake.send_message(user, "private hello")
+
+        posts_a = await fake.wait_for_posts(channel(fake, guild_a), 1)
+        posts_b = await fake.wait_for_posts(channel(fake, guild_b), 1)
+        posts_dm = await fake.wait_for_posts(fake.dm_channel(user), 1)
+        assert [post["content"] for post in (*posts_a, *posts_b, *posts_dm)] == [
+            "first: hello",
+            "second: hello",
+            "first: private hello",
+        ], "each process answered its shard's guild; DMs come on shard 0"
+        assert dm["id"] in [m["id"] for m in shard_events(fake, (0, 2), "MESSAGE_CREATE")]
+
+
+@asynccontextmanager
+async def shard_process(fake: FakeDiscord, name: str, shard_ids: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`tests/shard_process.py` running shards `shard_ids` of 2; stopped with SIGTERM, and it must exit cleanly."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("DISCORD_", "TELEGRAM_"))}
+    env.update(
+        PYTHONPATH=str(ROOT), SHARD_PROCESS_NAME=name, DISCORD_BOT_TOKEN=fake.token,
+        DISCORD_API_BASE_URL=fake.api_base_url, DISCORD_GATEWAY_URL=fake.gateway_url,
+        DISCORD_GUILD_IDS=",".join(str(guild) for guild in fake.guilds), DISCORD_SHARD_COUNT="2",
+        DISCORD_SHARD_IDS=shard_ids,
+    )  # fmt: skip
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.shard_process", cwd=ROOT, env=env,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(process.communicate(), timeout=30)
+        assert process.returncode == 0 and b"Traceback" not in err, err.decode()
+        assert fake.token.encode() not in err, "the token never reaches the log"
 
 
 # --- refusals and configuration ------------------------------------------------------------------------------------
