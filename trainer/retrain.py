@@ -140,8 +140,6 @@ async def retrain(
             status = await _train_and_gate(
                 settings, db, run_id, emit, output_dir=output_dir, before_record=before_record
             )
-            if status is RunStatus.PROMOTED:
-                await prune_after_promotion(settings, db)  # MODELS_KEEP; logs, never fails the run
         except Exception as exc:
             reason = _failure_reason(exc)
             if not isinstance(exc, MagpieError):
@@ -151,6 +149,8 @@ async def retrain(
             for leftover in (*partial_dirs(settings.models_dir, run_id), output_dir):
                 shutil.rmtree(leftover, ignore_errors=True)
             status = RunStatus.FAILED
+        if status is RunStatus.PROMOTED:
+            await prune_after_promotion(settings, db)  # MODELS_KEEP: logs a failure, never fails the promoted run
         emit({"event": "finished", "status": status.value})
         return status
     finally:
