@@ -23,7 +23,7 @@ from core.models import RunStatus
 from core.outcomes import RunOutcome, SwitchRefused
 from core.serving import ModelServing
 from core.settings import Settings
-from core.texts import run_outcome, run_request, switch, version_list
+from core.texts import disk_size_text, run_outcome, run_request, switch, version_list
 from trainer.orchestrator import TrainingOrchestrator
 
 if TYPE_CHECKING:
@@ -65,6 +65,13 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "check", help="compare MODELS_DIR with the registry: stray directories, versions whose files are missing"
     )
     check.add_argument("--remove", action="store_true", help="delete the stray directories")
+    prune = models_commands.add_parser(
+        "prune",
+        help="delete the files of versions beyond MODELS_KEEP (the active one and the rollback target stay); "
+        "their rows stay, marked pruned",
+    )
+    prune.add_argument("--keep", type=_count, help="keep this many newest versions instead of MODELS_KEEP")
+    prune.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
 
     dataset = subparsers.add_parser("dataset", help="inspect the training data")
     dataset_commands = dataset.add_subparsers(dest="dataset_command", required=True)
@@ -120,6 +127,8 @@ async def _models(args: argparse.Namespace, settings: Settings, db: Database) ->
     serving = ModelServing(settings=settings, db=db)  # no engine here: a running bot's watcher follows
     if args.models_command == "check":
         return await _models_check(settings, db, remove=args.remove)
+    if args.models_command == "prune":
+        return await _models_prune(settings, db, keep=args.keep, dry_run=args.dry_run)
     if args.models_command == "list":
         print(version_list(await serving.list_versions()))
         return 0
@@ -149,6 +158,32 @@ async def _models_check(settings: Settings, db: Database, *, remove: bool) -> in
     if check.ok:
         print(f"The registry and {settings.models_dir} agree.")
     return 0 if not check.broken and (remove or not check.strays) else 1
+
+
+async def _models_prune(settings: Settings, db: Database, *, keep: int | None, dry_run: bool) -> int:
+    """`magpie models prune [--keep N] [--dry-run]`: what MODELS_KEEP does after each promotion, now."""
+    from trainer.version_retention import prune_versions
+
+    keep = settings.models_keep if keep is None else keep
+    if keep == 0:
+        print("MODELS_KEEP is 0: every version's files are kept. `--keep N` prunes down to N versions.")
+        return 0
+    report = await prune_versions(db, settings, keep=keep, dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    for version in report.pruned:
+        print(f"{verb} {version.name} ({disk_size_text(version.freed_bytes)}, {version.path})")
+    for name in report.outside:
+        print(f"left {name}: its directory is outside {settings.models_dir}")
+    kept = ", ".join(report.kept) or "none"
+    total = disk_size_text(report.freed_bytes)
+    print(f"{'Would free' if dry_run else 'Freed'} {total}; versions with files: {kept}.")
+    return 0
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of versions")
+    return int(text)
 
 
 async def _dataset(args: argparse.Namespace, settings: Settings, db: Database) -> int:

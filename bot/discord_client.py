@@ -4,6 +4,11 @@ Kept apart from `bot/discord_bot.py` (which translates events and sends replies)
 of its own: which intents to ask for, where the endpoints are, registering slash commands, and turning every way
 a start can fail into a clear error instead of a hang.
 
+Sharding (DISCORD_SHARD_COUNT, DISCORD_SHARD_IDS): `MagpieShardedClient` is discord.py's `AutoShardedClient` with
+the same events, running this process's shards in one client; only the process that runs shard 0 (which also gets
+the DMs) registers the slash commands, and IDENTIFYs are paced to Discord's limit (`bot.discord_shards`).
+Without those settings it is the plain single-connection client, exactly as before.
+
 Endpoints: discord.py has no per-client option for the REST base URL or the gateway URL, only the process-global
 class attributes `discord.http.Route.BASE` and `discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY`. `use_endpoints`
 is the one place that sets them (from DISCORD_API_BASE_URL / DISCORD_GATEWAY_URL); `connect` calls it, which
@@ -20,6 +25,7 @@ import discord
 import yarl
 
 from bot.discord_commands import SAFE_MENTIONS, CommandRunner, build_command_tree
+from bot.discord_shards import SHARDING_ERRORS, IdentifyPacer
 from core.errors import ConfigError, MagpieError
 from core.settings import Settings
 
@@ -67,17 +73,28 @@ class MagpieClient(discord.Client):
     """The discord.py client: its dependencies come in through `__init__`, the command sync runs in `setup_hook`,
     and every event Magpie listens to goes on to `events`."""
 
-    def __init__(self, *, settings: Settings, events: Events, guild_ready_timeout: float) -> None:
+    def __init__(self, *, settings: Settings, events: Events, guild_ready_timeout: float, **options: Any) -> None:
+        """`options` go on to discord.py's client (the sharded client's `shard_count` and `shard_ids`)."""
         intents = build_intents(settings)
-        super().__init__(intents=intents, allowed_mentions=SAFE_MENTIONS, guild_ready_timeout=guild_ready_timeout)
+        super().__init__(
+            intents=intents, allowed_mentions=SAFE_MENTIONS, guild_ready_timeout=guild_ready_timeout, **options
+        )
         self.settings = settings
         self.events = events
         runner: CommandRunner = events.run_command
         self.tree = build_command_tree(self, runner)
         self.ready = asyncio.Event()
 
+    @property
+    def registers_commands(self) -> bool:
+        """Whether this process registers the slash commands (one process per bot does)."""
+        return True
+
     async def setup_hook(self) -> None:
         """Registers the slash commands: per guild in DISCORD_GUILD_IDS (instant), else globally (up to an hour)."""
+        if not self.registers_commands:
+            log.info("Slash commands are registered by the process that runs shard 0")
+            return
         guilds: list[discord.Object | None] = [discord.Object(id=gid) for gid in self.settings.discord_guild_ids]
         for guild in guilds or [None]:
             where = f"in guild {guild.id}" if guild else "globally"
@@ -122,6 +139,52 @@ class MagpieClient(discord.Client):
         log.exception("Discord event %s failed", event_method)
 
 
+class MagpieShardedClient(MagpieClient, discord.AutoShardedClient):
+    """`MagpieClient` over several gateway shards (one websocket each) in this process; discord.py routes every
+    guild's events by `(guild_id >> 22) % shard_count`, so each process sees only its shards' guilds."""
+
+    def __init__(self, *, settings: Settings, events: Events, guild_ready_timeout: float) -> None:
+        count = settings.discord_shard_count
+        super().__init__(
+            settings=settings,
+            events=events,
+            guild_ready_timeout=guild_ready_timeout,
+            shard_count=count if isinstance(count, int) else None,  # None: as many as GET /gateway/bot says
+            shard_ids=list(settings.discord_shard_ids) or None,
+        )
+        self.pacer = IdentifyPacer()
+
+    @property
+    def registers_commands(self) -> bool:
+        return self.shard_ids is None or 0 in self.shard_ids
+
+    async def setup_hook(self) -> None:
+        """Learns how many shards may IDENTIFY at once (GET /gateway/bot), then registers the slash commands."""
+        try:
+            limits = await self.fetch_session_start_limits()
+        except (discord.HTTPException, discord.GatewayNotFound) as exc:
+            reason = failure_reason(exc)
+            log.warning("Could not read Discord's session start limits (%s); identifying one shard at a time", reason)
+        else:
+            self.pacer.max_concurrency = max(1, limits.max_concurrency)
+            if limits.remaining < len(self.shard_ids or range(self.shard_count or 1)):
+                log.warning("Discord allows only %d more session starts today", limits.remaining)
+        await super().setup_hook()
+
+    async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:
+        """Waits only as long as Discord's IDENTIFY limit requires (discord.py's default waits 5 s per shard)."""
+        await self.pacer.wait(shard_id or 0)
+
+    async def on_shard_ready(self, shard_id: int) -> None:
+        log.info("Discord shard %d of %s is ready", shard_id, self.shard_count)
+
+
+def build_client(settings: Settings, events: Events, *, guild_ready_timeout: float) -> MagpieClient:
+    """The sharded client when DISCORD_SHARD_COUNT is set, else the plain one."""
+    kind = MagpieShardedClient if settings.discord_sharded else MagpieClient
+    return kind(settings=settings, events=events, guild_ready_timeout=guild_ready_timeout)
+
+
 async def connect(
     settings: Settings, events: Events, *, ready_timeout: float, guild_ready_timeout: float
 ) -> tuple[MagpieClient, asyncio.Task[None]]:
@@ -134,7 +197,7 @@ async def connect(
     if token is None or not token.get_secret_value().strip():
         raise ConfigError("DISCORD_BOT_TOKEN is empty: copy the bot token from the Discord developer portal.")
     use_endpoints(settings)
-    client = MagpieClient(settings=settings, events=events, guild_ready_timeout=guild_ready_timeout)
+    client = build_client(settings, events, guild_ready_timeout=guild_ready_timeout)
     task = asyncio.create_task(client.start(token.get_secret_value()), name="discord-client")
     ready = asyncio.create_task(client.ready.wait())
     done, _ = await asyncio.wait({task, ready}, timeout=ready_timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -165,6 +228,8 @@ def _start_error(task: asyncio.Task[None], timeout: float) -> MagpieError:
     exc = task.exception()
     if isinstance(exc, discord.LoginFailure):
         return ConfigError("Discord rejected DISCORD_BOT_TOKEN: copy a fresh token from the developer portal.")
+    if isinstance(exc, discord.ConnectionClosed) and exc.code in SHARDING_ERRORS:
+        return ConfigError(SHARDING_ERRORS[exc.code])
     if isinstance(exc, discord.PrivilegedIntentsRequired):
         return ConfigError(
             "Discord refused the message-content intent: enable 'Message Content Intent' for the bot in the "

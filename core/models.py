@@ -162,6 +162,8 @@ class ModelVersion(Base):
     note: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     activated_at: Mapped[datetime | None] = mapped_column()
+    pruned_at: Mapped[datetime | None] = mapped_column()
+    """When MODELS_KEEP deleted its directory (None: its files are kept). The row stays, for the history."""
 
     parent: Mapped[ModelVersion | None] = relationship(remote_side=[id])
 

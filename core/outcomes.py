@@ -129,6 +129,8 @@ class SwitchRefusal(StrEnum):
     NO_EARLIER_VERSION = "no_earlier_version"
     ALREADY_ACTIVE = "already_active"
     FILES_MISSING = "files_missing"
+    PRUNED = "pruned"
+    """Its files were deleted by MODELS_KEEP (the row stays, for the history)."""
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,19 @@ class VersionSummary:
     eval_loss: float | None
     created_at: datetime
     note: str | None = None
+    disk_bytes: int | None = None
+    """What its directory takes on disk (None: no directory, e.g. its files were pruned)."""
+    pruned: bool = False
+    """MODELS_KEEP deleted its files."""
+
+
+@dataclass(frozen=True)
+class DiskUse:
+    """What model versions take on disk: everything under MODELS_DIR, and the retention rule."""
+
+    models_dir_bytes: int
+    keep: int
+    """MODELS_KEEP (0: every version's files are kept)."""
 
 
 @dataclass(frozen=True)
@@ -169,3 +184,4 @@ class VersionList:
     versions: tuple[VersionSummary, ...]
     older: int
     base_model: str
+    disk: DiskUse | None = None

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from core.engine import Engine, ModelRef
 from core.errors import EngineError, HubUnreachableError, ModelLoadError
 from core.models import ModelVersion, VersionStatus
 from core.outcomes import (
+    DiskUse,
     SwapOutcome,
     SwapState,
     Switch,
@@ -44,10 +45,12 @@ from core.outcomes import (
 from core.settings import Settings
 from core.versions import (
     activate_version,
+    directory_bytes,
     fallback_versions,
     get_active_version,
     get_version,
     list_versions,
+    rollback_target,
     version_files_problem,
 )
 
@@ -260,11 +263,15 @@ class ModelServing:
             return Switched(target.name, marked, excluded, await self.follow_active())
 
     async def list_versions(self) -> VersionList:
-        """The newest LIST_LIMIT versions, newest first, and how many older ones there are."""
+        """The newest LIST_LIMIT versions, newest first, with what each (and all of MODELS_DIR) takes on disk, and
+        how many older ones there are. Sizes are summed in a thread: walking directories is file I/O."""
         async with self._db.sessions() as session:
             versions = await list_versions(session)
-        shown = tuple(_summary(version) for version in versions[:LIST_LIMIT])
-        return VersionList(shown, max(0, len(versions) - LIST_LIMIT), self._settings.base_model)
+        shown = versions[:LIST_LIMIT]
+        sizes, total = await asyncio.to_thread(_disk_sizes, shown, self._settings.models_dir)
+        summaries = tuple(_summary(version, size) for version, size in zip(shown, sizes, strict=True))
+        disk = DiskUse(total, self._settings.models_keep)
+        return VersionList(summaries, max(0, len(versions) - LIST_LIMIT), self._settings.base_model, disk)
 
 
 async def _switch_target(session: AsyncSession, name: str | None, current: ModelVersion | None) -> ModelVersion | None:
@@ -274,10 +281,7 @@ async def _switch_target(session: AsyncSession, name: str | None, current: Model
         if version is None and name.isdigit():
             version = await get_version(session, name=f"v{name}")
         return version
-    if current is None:
-        return None
-    earlier = await fallback_versions(session, besides=current.id)
-    return earlier[0] if earlier else None
+    return await rollback_target(session, active=current)
 
 
 def _switch_refusal(
@@ -291,12 +295,21 @@ def _switch_refusal(
         return SwitchRefused(SwitchRefusal.NO_EARLIER_VERSION, current.name)
     if current is not None and target.id == current.id:
         return SwitchRefused(SwitchRefusal.ALREADY_ACTIVE, target.name)
+    if target.pruned_at is not None:
+        return SwitchRefused(SwitchRefusal.PRUNED, target.name, target.path)
     if not (Path(target.path) / "config.json").is_file():
         return SwitchRefused(SwitchRefusal.FILES_MISSING, target.name, target.path)
     return None
 
 
-def _summary(version: ModelVersion) -> VersionSummary:
+def _disk_sizes(versions: Sequence[ModelVersion], models_dir: Path) -> tuple[list[int | None], int]:
+    """Each version's directory size (None when pruned or missing) and the size of all of MODELS_DIR."""
+    sizes = [None if version.pruned_at is not None else directory_bytes(version.path) for version in versions]
+    return sizes, directory_bytes(models_dir) or 0
+
+
+def _summary(version: ModelVersion, disk_bytes: int | None) -> VersionSummary:
     loss = (version.metrics or {}).get("eval_loss")
     eval_loss = float(loss) if isinstance(loss, int | float) and math.isfinite(loss) else None
-    return VersionSummary(version.name, version.status, eval_loss, version.created_at, version.note)
+    pruned = version.pruned_at is not None
+    return VersionSummary(version.name, version.status, eval_loss, version.created_at, version.note, disk_bytes, pruned)

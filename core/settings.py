@@ -38,11 +38,21 @@ class Settings(BaseSettings):
     discord_message_content: bool = True
     admin_ids: Annotated[frozenset[str], NoDecode] = frozenset()
 
+    # --- Discord sharding ------------------------------------------------------------------------------------
+    discord_shard_count: int | Literal["auto"] = 0
+    """0: one unsharded connection; N: N shards; auto: as many as Discord recommends (GET /gateway/bot)."""
+    discord_shard_ids: Annotated[tuple[int, ...], NoDecode] = ()
+    """The shards this process runs (default: all of them); disjoint ranges let several processes share a bot."""
+
     # --- storage and models ----------------------------------------------------------------------------------
     database_url: str = "sqlite+aiosqlite:///./data/magpie.db"
     base_model: str = "gpt2"
     models_dir: Path = Path("./models")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    # --- model version retention -----------------------------------------------------------------------------
+    models_keep: int = Field(5, ge=0)
+    """How many of the newest versions keep their files (plus the active one and the rollback target); 0 = all."""
 
     # --- generation ------------------------------------------------------------------------------------------
     max_new_tokens: int = Field(64, ge=1, le=1024)
@@ -126,6 +136,33 @@ class Settings(BaseSettings):
             raise ValueError("expected comma-separated numeric guild ids")
         return tuple(int(item) for item in items)
 
+    @field_validator("discord_shard_count", mode="before")
+    @classmethod
+    def _parse_shard_count(cls, value: object) -> int | str:
+        text = str(value).strip().lower() if value is not None else ""
+        if text in ("", "0"):
+            return 0
+        if text == "auto" or (text.isdigit() and int(text) > 0):
+            return text if text == "auto" else int(text)
+        raise ValueError("expected a number of shards (0 = no sharding) or auto")
+
+    @field_validator("discord_shard_ids", mode="before")
+    @classmethod
+    def _parse_shard_ids(cls, value: object) -> tuple[int, ...]:
+        """`0,1,2` or ranges like `0-3,8`."""
+        ids: list[int] = []
+        for item in _split_list(value):
+            first, dash, last = item.partition("-")
+            if not first.strip().isdigit() or (dash and not last.strip().isdigit()):
+                raise ValueError(f"{item!r} is not a shard id or a range of them (e.g. 0-3,8)")
+            end = int(last if dash else first)
+            if end < int(first):
+                raise ValueError(f"{item!r} is an empty range")
+            ids.extend(range(int(first), end + 1))
+        if len(set(ids)) != len(ids):
+            raise ValueError("a shard id is listed twice")
+        return tuple(sorted(ids))
+
     @field_validator("train_blocklist", mode="before")
     @classmethod
     def _parse_blocklist(cls, value: object) -> tuple[str, ...]:
@@ -138,6 +175,18 @@ class Settings(BaseSettings):
         if value.strip():
             parse_listen(value)
         return value.strip()
+
+    @model_validator(mode="after")
+    def _check_shards(self) -> Settings:
+        """Shard ids name shards of a known count; Discord closes the connection (4010) otherwise."""
+        count, ids = self.discord_shard_count, self.discord_shard_ids
+        if not ids:
+            return self
+        if not isinstance(count, int) or count == 0:
+            raise ValueError("DISCORD_SHARD_IDS needs DISCORD_SHARD_COUNT set to the total number of shards")
+        if ids[-1] >= count:
+            raise ValueError(f"DISCORD_SHARD_IDS must be below DISCORD_SHARD_COUNT ({count}): shards are 0-{count - 1}")
+        return self
 
     @model_validator(mode="after")
     def _check_webhook(self) -> Settings:
@@ -170,6 +219,11 @@ class Settings(BaseSettings):
         if not ident.lstrip("-").isdigit():
             return False
         return f"{platform}:{int(ident)}" in self.admin_ids
+
+    @property
+    def discord_sharded(self) -> bool:
+        """Whether Discord connects as shards (DISCORD_SHARD_COUNT set) rather than one plain connection."""
+        return self.discord_shard_count != 0
 
     def learns_from_private_chats(self, platform: str) -> bool:
         """Whether one-to-one chats on `platform` are training data.

@@ -20,6 +20,7 @@ from core.outcomes import (
     AlreadyRunning,
     CoolingDown,
     CouldNotStart,
+    DiskUse,
     RunOutcome,
     RunRequest,
     RunStarted,
@@ -253,6 +254,8 @@ def _switch_refused(refused: SwitchRefused) -> str:
             return f"{name} is already the active model."
         case SwitchRefusal.FILES_MISSING:
             return f"{name}'s files are missing from {refused.path}, so I can't switch to it."
+        case SwitchRefusal.PRUNED:
+            return f"{name}'s files were deleted to save disk space (MODELS_KEEP), so I can't switch to it."
 
 
 def _swap_note(swap: SwapOutcome) -> str:
@@ -276,7 +279,31 @@ def version_list(listing: VersionList) -> str:
     lines += [_version_line(version) for version in listing.versions]
     if listing.older:
         lines.append(f"  … and {listing.older} older")
+    if listing.disk is not None:
+        lines.append(_disk_line(listing.disk))
     return "\n".join(lines)
+
+
+def _disk_line(disk: DiskUse) -> str:
+    text = f"Model files take {disk_size_text(disk.models_dir_bytes)} on disk"
+    if disk.keep == 0:
+        return text + " (MODELS_KEEP=0: every version's files are kept)."
+    return (
+        text + f" (MODELS_KEEP={disk.keep}: after each promotion only the {disk.keep} newest versions, the active "
+        "one and the rollback target keep their files)."
+    )
+
+
+def disk_size_text(size: int) -> str:
+    """Bytes as people read them: 980 B, 12.3 MB, 1.5 GB (powers of 1,000, like file managers)."""
+    if size < 1000:
+        return f"{size} B"
+    value = size / 1000
+    for unit in ("KB", "MB"):
+        if value < 1000:
+            return f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} GB"
 
 
 def _version_line(version: VersionSummary) -> str:
@@ -285,6 +312,10 @@ def _version_line(version: VersionSummary) -> str:
     if version.eval_loss is not None:
         line += f", eval loss {version.eval_loss:.3f} (perplexity {perplexity_text(version.eval_loss)})"
     line += f", {version.created_at:%Y-%m-%d %H:%M}"
+    if version.pruned:
+        line += ", files deleted (MODELS_KEEP)"
+    elif version.disk_bytes is not None:
+        line += f", {disk_size_text(version.disk_bytes)}"
     if version.status is VersionStatus.REJECTED and version.note:
         line += f" ({version.note})"
     return line

@@ -219,14 +219,43 @@ def version_files_problem(path: str | Path) -> str | None:
 
 
 async def fallback_versions(session: AsyncSession, *, besides: int | None) -> Sequence[ModelVersion]:
-    """Versions that served well before (retired, not rolled back or rejected), most recently active first: what
-    to serve when the active version cannot be loaded."""
+    """Versions that served well before (retired, not rolled back or rejected) and still have their files (not
+    pruned), most recently active first: what to serve when the active version cannot be loaded."""
     query = (
         select(ModelVersion)
-        .where(ModelVersion.status == VersionStatus.RETIRED, ModelVersion.activated_at.is_not(None))
+        .where(
+            ModelVersion.status == VersionStatus.RETIRED,
+            ModelVersion.activated_at.is_not(None),
+            ModelVersion.pruned_at.is_(None),
+        )
         .order_by(ModelVersion.activated_at.desc(), ModelVersion.id.desc())
     )
     if besides is not None:
         query = query.where(ModelVersion.id != besides)
     result = await session.scalars(query)
     return result.all()
+
+
+async def rollback_target(session: AsyncSession, *, active: ModelVersion | None) -> ModelVersion | None:
+    """Where `/rollback` without a name goes from `active`: the version that served last before it. One
+    definition for the switch and for MODELS_KEEP, which must never delete its files."""
+    if active is None:
+        return None
+    earlier = await fallback_versions(session, besides=active.id)
+    return earlier[0] if earlier else None
+
+
+def directory_bytes(path: str | Path) -> int | None:
+    """How much disk a version's directory takes (None: not a directory). Walks the files: call it off the event
+    loop (`asyncio.to_thread`)."""
+    directory = Path(path)
+    if not directory.is_dir():
+        return None
+    total = 0
+    for file in directory.rglob("*"):
+        try:
+            if file.is_file() and not file.is_symlink():
+                total += file.stat().st_size
+        except OSError:
+            continue
+    return total

@@ -30,7 +30,15 @@ Channel, 400 → 50035 Invalid Form Body); a 5xx is the Cloudflare front's HTML 
 Gateway (`/gateway`, and `/resume` as READY's `resume_gateway_url`): `compress=zlib-stream` with one compressor
 per connection, every payload flushed with Z_SYNC_FLUSH; HELLO → IDENTIFY → READY + GUILD_CREATE; heartbeats are
 ACKed; RESUME replays the events the client missed (by `s`) and then sends RESUMED; an unknown session gets
-INVALID_SESSION. Like Discord, it delivers events only for the intents asked for, blanks the content of guild
+INVALID_SESSION.
+
+Shards, as Discord does them: IDENTIFY's `shard` is `[shard_id, shard_count]` (absent: `[0, 1]`), checked strictly
+(two integers, 0 <= id < count; else close 4010 Invalid shard); with `sharding_required`, a count below the
+recommended one closes with 4011 Sharding required. Each shard is a session of its own (own sequence, own RESUME).
+A guild's events go to the session(s) whose shard is `(guild_id >> 22) % shard_count`; DMs go to shard 0; READY
+lists and GUILD_CREATEs only the shard's guilds and echoes `shard`. GET /gateway/bot answers the recommended
+`shards` and `session_start_limit` (`max_concurrency`). `add_guild(shard=, of=)` makes a guild that lands on a
+given shard. Like Discord, it delivers events only for the intents asked for, blanks the content of guild
 messages that do not mention the bot unless MESSAGE_CONTENT was asked for, and closes with 4014 when that
 privileged intent was asked for but is not enabled (`message_content_enabled=False`).
 
@@ -89,17 +97,18 @@ class RestCall(RecordedCall):
 
 @dataclass
 class Session:
-    """A gateway session: what IDENTIFY asked for and every event sent in it, for RESUME to replay."""
+    """A gateway session: what IDENTIFY asked for (intents, shard) and every event sent in it, for RESUME."""
 
     session_id: str
     intents: int
+    shard: tuple[int, int] = (0, 1)
     events: list[Json] = field(default_factory=list)
 
     def next_seq(self) -> int:
         return len(self.events) + 1
 
 
-@dataclass
+@dataclass(eq=False)
 class Connection:
     request: web.Request
     ws: web.WebSocketResponse
@@ -142,9 +151,16 @@ class FakeDiscord(FakeServer[RestCall]):
         guild_count: int = 1,
         message_content_enabled: bool = True,
         heartbeat_interval_ms: int = 41_250,
+        shards: int = 1,
+        max_concurrency: int = 1,
+        sharding_required: bool = False,
     ) -> None:
+        """`shards` is what GET /gateway/bot recommends (and, with `sharding_required`, the fewest it accepts)."""
         super().__init__()
         self.token = token
+        self.recommended_shards = shards
+        self.max_concurrency = max_concurrency
+        self.sharding_required = sharding_required
         self.message_content_enabled = message_content_enabled
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self._ids = itertools.count(1)
@@ -153,9 +169,8 @@ class FakeDiscord(FakeServer[RestCall]):
         self.bot_user = self.add_user("Magpie", bot=True)
         self.owner = self.add_user("owner")
         self.guilds: dict[int, Json] = {}
-        for number in range(guild_count):
-            guild_id = self.new_id()
-            self.guilds[guild_id] = {"id": guild_id, "channel_id": self.new_id(), "name": f"guild-{number}"}
+        for _ in range(guild_count):
+            self.add_guild()
         self.posts: list[Json] = []  # every message the bot created (channel sends and interaction follow-ups)
         self.commands: dict[int | None, list[Json]] = {}  # synced commands per guild (None = global)
         self.interactions: dict[int, Interaction] = {}
@@ -163,11 +178,13 @@ class FakeDiscord(FakeServer[RestCall]):
         self.identifies = 0
         self.resumes = 0
         self.heartbeats = 0
-        self.session: Session | None = None
+        self.identified_shards: list[tuple[int, int]] = []  # the `shard` of every accepted IDENTIFY, in order
+        self.sessions: dict[tuple[int, int], Session] = {}  # by (shard id, shard count)
         self._dm_channels: dict[int, int] = {}  # user id -> DM channel id
         self._closed_dms: set[int] = set()  # users who do not accept DMs from the bot
         self._threads: dict[int, int] = {}  # thread id -> guild id
-        self._conn: Connection | None = None
+        self._conns: dict[tuple[int, int], Connection] = {}  # the live connection of each shard's session
+        self._open: set[Connection] = set()
 
     # --- lifecycle -----------------------------------------------------------------------------------------
     def _add_routes(self, app: web.Application) -> None:
@@ -176,8 +193,14 @@ class FakeDiscord(FakeServer[RestCall]):
         app.router.add_route("*", API_PREFIX + "/{tail:.*}", self._rest)
 
     async def _on_close(self) -> None:
-        if self._conn is not None and self._conn.request.transport is not None:
-            self._conn.request.transport.abort()
+        for conn in list(self._open):
+            if conn.request.transport is not None:
+                conn.request.transport.abort()
+
+    @property
+    def session(self) -> Session | None:
+        """Shard 0's session (the only one of an unsharded bot)."""
+        return next((session for (shard, _), session in self.sessions.items() if shard == 0), None)
 
     api_base_url = property(lambda self: self.url(API_PREFIX))
     gateway_url = property(lambda self: self.url("/gateway", scheme="ws"))
@@ -193,6 +216,14 @@ class FakeDiscord(FakeServer[RestCall]):
         user.update({"avatar": None, "bot": bot, "public_flags": 0, "flags": 0})
         self.users[user["id"]] = user
         return user
+
+    def add_guild(self, *, shard: int = 0, of: int = 1) -> int:
+        """A guild (with one text channel) whose id puts it on shard `shard` of `of`: `(id >> 22) % of == shard`."""
+        millis = int(time.time() * 1000) - DISCORD_EPOCH_MS
+        millis += (shard - millis) % of
+        guild_id = (millis << 22) | (next(self._ids) & 0x3FFFFF)
+        self.guilds[guild_id] = {"id": guild_id, "channel_id": self.new_id(), "name": f"guild-{len(self.guilds)}"}
+        return guild_id
 
     def dm_channel(self, user: Json) -> int:
         return self._dm_channels.setdefault(int(user["id"]), self.new_id())
@@ -300,8 +331,9 @@ class FakeDiscord(FakeServer[RestCall]):
         )
 
     def _gateway_bot(self) -> web.Response:
-        limit = {"total": 1000, "remaining": 999, "reset_after": 0, "max_concurrency": 1}
-        return _json({"url": self.gateway_url, "shards": 1, "session_start_limit": limit})
+        limit = {"total": 1000, "remaining": 1000 - self.identifies, "reset_after": 86_400_000}
+        limit["max_concurrency"] = self.max_concurrency
+        return _json({"url": self.gateway_url, "shards": self.recommended_shards, "session_start_limit": limit})
 
     def _sync_commands(self, call: RestCall, app: str, guild: str | None) -> web.Response:
         if int(app) != self.app_id:
@@ -365,7 +397,7 @@ class FakeDiscord(FakeServer[RestCall]):
         return everyone, [user for user_id, user in self.users.items() if user_id in ids]
 
     def _session_messages(self) -> Iterable[Json]:
-        events = self.session.events if self.session else []
+        events = itertools.chain.from_iterable(session.events for session in self.sessions.values())
         yield from (event["d"] for event in events if event["t"] == "MESSAGE_CREATE")
 
     def _find_message(self, message_id: int) -> Json | None:
@@ -449,19 +481,26 @@ class FakeDiscord(FakeServer[RestCall]):
             return ws
         compress = request.query.get("compress")
         conn = Connection(request, ws, zlib.compressobj() if compress == "zlib-stream" else None)
-        if self._conn is not None:
-            await self._conn.ws.close(code=4009, message=b"Session timed out")
-        self._conn = conn
+        self._open.add(conn)
         await conn.send({"op": 10, "d": {"heartbeat_interval": self.heartbeat_interval_ms}, "s": None, "t": None})
         try:
             async for message in ws:
                 if message.type is WSMsgType.TEXT:
                     await self._on_client_payload(conn, json.loads(message.data))
         finally:
-            if self._conn is conn:
-                self._conn = None
+            self._open.discard(conn)
+            for shard, live in list(self._conns.items()):
+                if live is conn:
+                    del self._conns[shard]
             await self._notify()
         return ws
+
+    async def _bind(self, shard: tuple[int, int], conn: Connection) -> None:
+        """`conn` now carries `shard`'s session; a connection that carried it before is closed (4009)."""
+        old = self._conns.get(shard)
+        self._conns[shard] = conn
+        if old is not None and old is not conn:
+            await old.ws.close(code=4009, message=b"Session timed out")
 
     async def _on_client_payload(self, conn: Connection, payload: Json) -> None:
         op, data = payload.get("op"), payload.get("d") or {}
@@ -478,36 +517,50 @@ class FakeDiscord(FakeServer[RestCall]):
         if data.get("token") != self.token:
             await conn.ws.close(code=4004, message=b"Authentication failed.")
             return
+        shard = _valid_shard(data.get("shard", [0, 1]))
+        if shard is None:
+            await conn.ws.close(code=4010, message=b"Invalid shard.")
+            return
+        if self.sharding_required and shard[1] < self.recommended_shards:
+            await conn.ws.close(code=4011, message=b"Sharding required.")
+            return
         intents = int(data.get("intents", 0))
         if intents & MESSAGE_CONTENT and not self.message_content_enabled:
             await conn.ws.close(code=4014, message=b"Disallowed intent(s).")
             return
         self.identifies += 1
-        self.session = Session(uuid.uuid4().hex, intents)
+        self.identified_shards.append(shard)
+        session = self.sessions[shard] = Session(uuid.uuid4().hex, intents, shard)
+        await self._bind(shard, conn)
+        guilds = [guild_id for guild_id in self.guilds if _shard_of(guild_id, shard[1]) == shard[0]]
         ready = {
             "v": 10,
             "user": self.bot_user,
-            "guilds": [{"id": str(guild_id), "unavailable": True} for guild_id in self.guilds],
-            "session_id": self.session.session_id,
+            "guilds": [{"id": str(guild_id), "unavailable": True} for guild_id in guilds],
+            "session_id": session.session_id,
             "resume_gateway_url": self.resume_gateway_url,
             "application": {"id": str(self.app_id), "flags": 0},
         }
-        await self.dispatch("READY", ready)
-        for guild_id in self.guilds:
-            await self.dispatch("GUILD_CREATE", self._guild_payload(guild_id))
+        if "shard" in data:
+            ready["shard"] = list(shard)
+        await self.dispatch("READY", ready, shard=shard)
+        for guild_id in guilds:
+            await self.dispatch("GUILD_CREATE", self._guild_payload(guild_id), shard=shard)
 
     async def _resume(self, conn: Connection, data: Json) -> None:
-        session = self.session
         if data.get("token") != self.token:
             await conn.ws.close(code=4004, message=b"Authentication failed.")
             return
-        if session is None or data.get("session_id") != session.session_id:
+        found = [(shard, s) for shard, s in self.sessions.items() if s.session_id == data.get("session_id")]
+        if not found:
             await conn.send({"op": 9, "d": False, "s": None, "t": None})
             return
+        shard, session = found[0]
         self.resumes += 1
+        await self._bind(shard, conn)
         for event in session.events[int(data.get("seq") or 0) :]:
             await conn.send(event)
-        await self.dispatch("RESUMED", {})
+        await self.dispatch("RESUMED", {}, shard=shard)
 
     def _guild_payload(self, guild_id: int) -> Json:
         guild = self.guilds[guild_id]
@@ -540,40 +593,55 @@ class FakeDiscord(FakeServer[RestCall]):
             "preferred_locale": "en-US",
         }
 
-    def _wanted(self, event: str, data: Json) -> bool:
+    def _wanted(self, session: Session, event: str, data: Json) -> bool:
         """Discord sends an event only when the session asked for its intent."""
-        assert self.session is not None
-        intents = self.session.intents
+        intents = session.intents
         if event in ("MESSAGE_CREATE", "MESSAGE_UPDATE", "MESSAGE_DELETE"):
             return bool(intents & (GUILD_MESSAGES if data.get("guild_id") else DIRECT_MESSAGES))
         if event == "GUILD_CREATE":
             return bool(intents & GUILDS)
         return True
 
-    async def dispatch(self, event: str, data: Json, *, deliver: bool = True) -> int | None:
-        """Sends a DISPATCH with the next sequence number and keeps it for RESUME to replay.
+    async def dispatch(
+        self, event: str, data: Json, *, deliver: bool = True, shard: tuple[int, int] | None = None
+    ) -> int | None:
+        """Sends a DISPATCH with the next sequence number to the shard the event belongs to (its guild's; a DM's:
+        shard 0), or to `shard`, and keeps it there for RESUME to replay.
 
         `deliver=False` records the event without sending it, as if the connection dropped on the way: a client
         that then RESUMEs must receive it. Returns the sequence number, or None when the intents filter it out.
         """
-        if self.session is None:
-            raise RuntimeError("no gateway session yet: start the client first")
-        if not self._wanted(event, data):
+        targets = [shard] if shard is not None else self._shards_for(data)
+        if not targets:
+            raise RuntimeError("no gateway session for this event's shard yet: start the client first")
+        sequences = [await self._send_event(target, event, data, deliver=deliver) for target in targets]
+        await self._notify()
+        return sequences[0]
+
+    def _shards_for(self, data: Json) -> list[tuple[int, int]]:
+        """The sessions an event goes to: those of the shard its guild hashes to, or shard 0 for a DM."""
+        guild = data.get("guild_id")
+        return [
+            (shard, count) for shard, count in self.sessions if shard == (_shard_of(int(guild), count) if guild else 0)
+        ]
+
+    async def _send_event(self, shard: tuple[int, int], event: str, data: Json, *, deliver: bool) -> int | None:
+        session = self.sessions[shard]
+        if not self._wanted(session, event, data):
             return None
         if event in ("MESSAGE_CREATE", "MESSAGE_UPDATE"):
-            data = self._apply_content_intent(data)
-        seq = self.session.next_seq()
+            data = self._apply_content_intent(session, data)
+        seq = session.next_seq()
         payload = {"op": 0, "t": event, "s": seq, "d": data}
-        self.session.events.append(payload)
-        if deliver and self._conn is not None:
-            await self._conn.send(payload)
-        await self._notify()
+        session.events.append(payload)
+        conn = self._conns.get(shard)
+        if deliver and conn is not None:
+            await conn.send(payload)
         return seq
 
-    def _apply_content_intent(self, data: Json) -> Json:
+    def _apply_content_intent(self, session: Session, data: Json) -> Json:
         """Without MESSAGE_CONTENT, guild messages that do not mention the bot arrive with their content blanked."""
-        assert self.session is not None
-        if self.session.intents & MESSAGE_CONTENT or not data.get("guild_id"):
+        if session.intents & MESSAGE_CONTENT or not data.get("guild_id"):
             return data
         if any(user["id"] == self.bot_user["id"] for user in data["mentions"]):
             return data
@@ -581,21 +649,21 @@ class FakeDiscord(FakeServer[RestCall]):
             return data
         return {**data, "content": "", "embeds": [], "attachments": [], "components": []}
 
-    async def drop_connection(self, code: int | None = 4000) -> None:
-        """Ends the current gateway connection: a close frame with `code`, or (None) a dead TCP connection."""
-        conn = self._conn
+    async def drop_connection(self, code: int | None = 4000, *, shard: tuple[int, int] = (0, 1)) -> None:
+        """Ends a shard's gateway connection: a close frame with `code`, or (None) a dead TCP connection."""
+        conn = self._conns.pop(shard, None)
         if conn is None:
             raise RuntimeError("no gateway connection to drop")
-        self._conn = None
         if code is None:
             assert conn.request.transport is not None
             conn.request.transport.abort()
         else:
             await conn.ws.close(code=code, message=b"dropped by the test")
 
-    def forget_session(self) -> None:
-        """Makes the next RESUME fail with INVALID_SESSION, so the client must IDENTIFY again."""
-        self.session = Session("forgotten", 0, list(self.session.events) if self.session else [])
+    def forget_session(self, shard: tuple[int, int] = (0, 1)) -> None:
+        """Makes the shard's next RESUME fail with INVALID_SESSION, so the client must IDENTIFY again."""
+        old = self.sessions.get(shard)
+        self.sessions[shard] = Session("forgotten", 0, shard, list(old.events) if old else [])
 
     # --- events the tests send -----------------------------------------------------------------------------
     def _message(
@@ -698,15 +766,17 @@ class FakeDiscord(FakeServer[RestCall]):
         options: dict[str, str] | None = None,
         *,
         guild: bool = False,
+        guild_id: int | None = None,
         interaction_id: int | None = None,
     ) -> Json:
-        """An INTERACTION_CREATE for the synced slash command `name`, in the first guild's channel or a DM."""
-        guild_id = self.guild_id if guild else None
+        """An INTERACTION_CREATE for the synced slash command `name`, in a guild's channel (`guild_id`, or with
+        `guild` the first guild) or a DM."""
+        guild_id = guild_id or (self.guild_id if guild else None)
         registered = self.commands.get(guild_id) or self.commands.get(None) or []
         command = next((c for c in registered if c["name"] == name), None)
         if command is None:
-            raise LookupError(f"/{name} was never synced to {'the guild' if guild else 'global commands'}")
-        channel_id = self.channel_id if guild else self.dm_channel(user)
+            raise LookupError(f"/{name} was never synced to {'the guild' if guild_id else 'global commands'}")
+        channel_id = int(self.guilds[guild_id]["channel_id"]) if guild_id else self.dm_channel(user)
         data: Json = {"id": command["id"], "name": name, "type": 1}
         if options:
             data["options"] = [{"name": key, "type": 3, "value": value} for key, value in options.items()]
@@ -742,6 +812,21 @@ class FakeDiscord(FakeServer[RestCall]):
 
 
 # --- helpers -----------------------------------------------------------------------------------------------------
+def _shard_of(guild_id: int, shard_count: int) -> int:
+    """Discord's routing rule: which shard of `shard_count` receives a guild's events."""
+    return (guild_id >> 22) % shard_count
+
+
+def _valid_shard(shard: Any) -> tuple[int, int] | None:
+    """IDENTIFY's `shard` as Discord accepts it, `[shard_id, shard_count]` with 0 <= id < count; else None."""
+    if not isinstance(shard, list) or len(shard) != 2:
+        return None
+    if not all(isinstance(part, int) and not isinstance(part, bool) for part in shard):
+        return None
+    shard_id, count = shard
+    return (shard_id, count) if 0 <= shard_id < count else None
+
+
 def _timestamp() -> str:
     return datetime.now(UTC).isoformat()
 

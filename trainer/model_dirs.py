@@ -112,6 +112,8 @@ def _compare(models_dir: Path, versions: Collection[ModelVersion], running: Coll
             if path.is_dir() and not hidden_other and path.resolve() not in in_use:
                 check.strays.append(path)
     for version in versions:
+        if version.pruned_at is not None:
+            continue  # MODELS_KEEP deleted its files on purpose (trainer.version_retention)
         problem = version_files_problem(version.path)
         if problem is not None:
             check.broken.append((version.name, version.path, problem))

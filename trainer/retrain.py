@@ -18,7 +18,8 @@ Stages, top to bottom:
    transaction the manifest is checked against the log as it is now: if any message it trained on was deleted
    (`/forget`) or withdrawn (`/optout`) while it trained, the version is not registered at all, its directory is
    deleted, and the run ends `rejected` ("training data changed during the run"); the orchestrator then starts
-   one new run, which reads the data again.
+   one new run, which reads the data again;
+6. after a promotion, delete the files of versions MODELS_KEEP no longer keeps (`trainer.version_retention`).
 
 A run that fails after its directory was renamed into place (scoring, recording) deletes that directory: only a
 registered version keeps files under MODELS_DIR.
@@ -68,6 +69,7 @@ from trainer.dataset import build_dataset
 from trainer.model_dirs import partial_dirs, version_name
 from trainer.runs import RunNotClaimableError
 from trainer.samples import DatasetReport, Sample
+from trainer.version_retention import prune_after_promotion
 
 if TYPE_CHECKING:
     from trainer.train import TrainArguments
@@ -148,6 +150,8 @@ async def retrain(
             for leftover in (*partial_dirs(settings.models_dir, run_id), output_dir):
                 shutil.rmtree(leftover, ignore_errors=True)
             status = RunStatus.FAILED
+        if status is RunStatus.PROMOTED:
+            await prune_after_promotion(settings, db)  # MODELS_KEEP: logs a failure, never fails the promoted run
         emit({"event": "finished", "status": status.value})
         return status
     finally:
