@@ -12,6 +12,7 @@ import contextlib
 import logging
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +25,7 @@ from bot.console import ConsoleBackend
 from core.db import Database, upgrade
 from core.engine import Engine
 from core.errors import ConfigError, MagpieError
+from core.limits import UserLimits, open_user_limits
 from core.retention import RetentionJob, prune_old_messages
 from core.service import ChatService, RecoveryPlan
 from core.serving import ModelServing, quiet_model_progress_bars
@@ -124,13 +126,17 @@ async def _serve(settings: Settings) -> None:
     serving = ModelServing(settings=settings, db=db, engine=engine)
     orchestrator = TrainingOrchestrator(settings=settings, db=db, serving=serving, notifier=notifier)
     retention = RetentionJob(db, days=settings.log_retention_days)
+    limits: UserLimits | None = None
     try:
         await db.check_schema()
+        limits = await open_user_limits(settings, clock=time.monotonic)
         retention.start()
         await _start_engine(settings, db, serving)
         await serving.start()
         await orchestrator.start()
-        service = ChatService(settings=settings, db=db, engine=engine, retrainer=orchestrator, serving=serving)
+        service = ChatService(
+            settings=settings, db=db, engine=engine, retrainer=orchestrator, serving=serving, limits=limits
+        )
         backends = _backends(settings, service)
         notifier.attach(backends)
         # Fixed before any backend takes a message: recovery answers only what the previous run left behind.
@@ -151,6 +157,8 @@ async def _serve(settings: Settings) -> None:
         await orchestrator.stop()
         await serving.stop()
         await engine.close()
+        if limits is not None:
+            await limits.close()
         await db.close()
 
 
