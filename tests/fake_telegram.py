@@ -156,7 +156,7 @@ class FakeTelegram(FakeServer[Call]):
         self.delivered_to: list[str] = []
         """The upstream each webhook delivery went to, in the same order."""
         self._hosts: dict[str, _LoadBalancer] = {}
-        """Public host:port -> what answers there (`public_host`)."""
+        """Public host name -> what answers there (`public_host`)."""
         self._fan_out_next = False
         self._chats: dict[int, ChatRef] = {}
         self._people: dict[int, Person] = {}
@@ -580,9 +580,8 @@ class _LoadBalancer:
 
 
 def _host_key(url: str) -> str:
-    parts = urlsplit(url)
-    default = 443 if parts.scheme == "https" else 80
-    return f"{parts.hostname}:{parts.port or default}"
+    """What a name resolves by: the host alone (the load balancer answers on every port)."""
+    return (urlsplit(url).hostname or "").lower()
 
 
 def _path(url: str) -> str:
