@@ -131,7 +131,7 @@ async def two_replicas(env: list[dict[str, str]], cwd: Path) -> AsyncIterator[li
             await replica.wait_for_line("is up (webhook on port", STARTUP_S)
         yield replicas
     finally:
-        logs = [await replica.stop() for replica in replicas]
+        logs = await asyncio.gather(*(replica.stop() for replica in replicas))
         for replica, log in zip(replicas, logs, strict=True):
             assert replica.process.returncode == 0, log[-4000:]
             assert "Traceback" not in log, log[-4000:]
