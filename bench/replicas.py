@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -230,6 +231,8 @@ def parse_args() -> argparse.Namespace:
 
 async def main() -> None:
     args = parse_args()
+    # A replica stopped by SIGTERM may drop a "typing…" call it no longer needs: not worth a traceback here.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
     load = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="magpie-bench-replicas-") as tmp:
         model = build_tiny_model(Path(tmp) / "tiny")

@@ -8,6 +8,7 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -29,14 +30,14 @@ def redis_reachable(url: str = REDIS_URL) -> bool:
         return False
 
 
-def redis_settings(**overrides: object) -> Settings:
+def redis_settings(**overrides: Any) -> Settings:
     """Settings for a replica sharing the test Redis under a prefix of its own (runs never see each other's keys)."""
     if not redis_reachable():
         reason = f"Redis not reachable at {REDIS_URL}"
         if os.environ.get("MAGPIE_REQUIRE_REDIS") == "1":
             pytest.fail(reason + " (MAGPIE_REQUIRE_REDIS=1)")
         pytest.skip(reason)
-    values: dict[str, object] = {"redis_url": REDIS_URL, "redis_key_prefix": f"magpie-test-{uuid.uuid4().hex[:12]}"}
+    values: dict[str, Any] = {"redis_url": REDIS_URL, "redis_key_prefix": f"magpie-test-{uuid.uuid4().hex[:12]}"}
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
