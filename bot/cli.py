@@ -12,6 +12,7 @@ import contextlib
 import logging
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +26,7 @@ from core.db import Database, upgrade
 from core.engine import Engine
 from core.errors import ConfigError, MagpieError
 from core.health import HealthCheck
+from core.limits import UserLimits, open_user_limits
 from core.logging_setup import CorrelationFilter, JsonFormatter
 from core.retention import RetentionJob, prune_old_messages
 from core.service import ChatService, RecoveryPlan
@@ -152,8 +154,10 @@ async def _serve(settings: Settings) -> None:
     )
     retention = RetentionJob(db, days=settings.log_retention_days)
     http = _http_server(settings, health, telemetry)
+    limits: UserLimits | None = None
     try:
         await db.check_schema()
+        limits = await open_user_limits(settings, clock=time.monotonic)
         if http is not None:  # before the model loads (minutes, for a starter build): /healthz says "engine"
             await http.start()
         retention.start()
@@ -161,7 +165,13 @@ async def _serve(settings: Settings) -> None:
         await serving.start()
         await orchestrator.start()
         service = ChatService(
-            settings=settings, db=db, engine=engine, retrainer=orchestrator, serving=serving, telemetry=telemetry
+            settings=settings,
+            db=db,
+            engine=engine,
+            retrainer=orchestrator,
+            serving=serving,
+            telemetry=telemetry,
+            limits=limits,
         )
         backends = _backends(settings, service, telemetry)
         notifier.attach(backends)
@@ -186,6 +196,8 @@ async def _serve(settings: Settings) -> None:
         await orchestrator.stop()
         await serving.stop()
         await engine.close()
+        if limits is not None:
+            await limits.close()
         await db.close()
 
 

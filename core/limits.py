@@ -1,12 +1,62 @@
-"""Per-user flow limits: a rate limiter with an injectable clock (tests drive time; nothing sleeps) and a
-per-key lock that queues a user's messages behind their own pending one."""
+"""Per-user flow limits: how many messages a user may send a minute, and one answer at a time per user.
+
+`UserLimits` is the seam the chat service asks. `LocalUserLimits` keeps both rules in this process's memory (a
+sliding-window `RateLimiter` with an injectable clock, so tests drive time and nothing sleeps, and a `KeyedLock`
+that queues a user's messages behind their own pending one): right for one process, and what runs without
+REDIS_URL. Several replicas share the rules through Redis instead (`core.redis_limits`); `open_user_limits` picks.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Protocol
+
+from core.settings import Settings
+
+
+class UserLimits(Protocol):
+    """The per-user rules the chat service enforces, wherever their state lives."""
+
+    async def admit(self, key: str) -> float | None:
+        """Counts a message from `key`; None when it is within the rate limit, else the seconds until it is."""
+
+    def turn(self, key: str) -> AbstractAsyncContextManager[None]:
+        """Held while `key` is being answered: later messages from the same user wait their turn."""
+
+    async def close(self) -> None:
+        """Releases connections (nothing for the in-process limits)."""
+
+
+class LocalUserLimits:
+    """Both rules in this process's memory: exact for one process, blind to other replicas."""
+
+    def __init__(self, *, limit: int, clock: Callable[[], float]) -> None:
+        self._limiter = RateLimiter(limit=limit, clock=clock)
+        self._turns = KeyedLock()
+
+    async def admit(self, key: str) -> float | None:
+        if self._limiter.allow(key):
+            return None
+        return self._limiter.retry_after(key)
+
+    def turn(self, key: str) -> AbstractAsyncContextManager[None]:
+        return self._turns.hold(key)
+
+    async def close(self) -> None:
+        return None
+
+
+async def open_user_limits(settings: Settings, *, clock: Callable[[], float]) -> UserLimits:
+    """Redis-backed limits when REDIS_URL is set (checked reachable now, so a wrong URL stops the start with a
+    clear line), else the in-process ones. Redis is imported only when configured."""
+    if settings.redis_url is None:
+        return LocalUserLimits(limit=settings.rate_limit_per_minute, clock=clock)
+    from core.redis_limits import RedisUserLimits
+
+    return await RedisUserLimits.connect(settings)
 
 
 class RateLimiter:

@@ -27,7 +27,7 @@ from core.db import Database
 from core.dialogue import Turn, speaker_key
 from core.engine import Engine
 from core.errors import EngineError
-from core.limits import KeyedLock, RateLimiter
+from core.limits import LocalUserLimits, UserLimits
 from core.messages import ChatKind, IncomingMessage, Reply
 from core.models import Delivery, Message, Role
 from core.reply_log import Logged, ReplyLog, should_answer
@@ -82,7 +82,9 @@ class ChatService:
 
     `retrainer` (the trainer's orchestrator) answers `/retrain`; `serving` (which version serves) answers
     `/models` and `/rollback`. Without them those commands say they are not available in this setup.
-    `telemetry` counts the messages received and the refusals (a private one when none is given).
+    `telemetry` counts the messages received and the refusals (a private one when none is given). `limits`
+    (the per-user rate limit and one answer at a time per user) are this process's own unless given: replicas
+    share theirs through Redis (`core.limits.open_user_limits`).
     """
 
     def __init__(
@@ -94,6 +96,7 @@ class ChatService:
         retrainer: Retrainer | None = None,
         serving: ModelServing | None = None,
         telemetry: Telemetry | None = None,
+        limits: UserLimits | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
@@ -104,8 +107,7 @@ class ChatService:
         self._commands = ChatCommands(
             settings=settings, db=db, engine=engine, replies=self._replies, retrainer=retrainer, serving=serving
         )
-        self._limiter = RateLimiter(limit=settings.rate_limit_per_minute, clock=clock)
-        self._user_turns = KeyedLock()
+        self._limits = limits or LocalUserLimits(limit=settings.rate_limit_per_minute, clock=clock)
 
     async def handle(self, message: IncomingMessage, *, busy: bool = False) -> Reply | None:
         """Logs `message` once and returns the reply, or None when the bot should stay quiet. `busy` (the adapter's
@@ -268,10 +270,12 @@ class ChatService:
         user_key = f"{message.platform}:{message.author_id}"
         # Admins (and the console's local operator) are exempt: they run the bot, and a scripted console session
         # or an admin checking /status must not be told to wait.
-        if not self._settings.is_admin(message.platform, message.author_id) and not self._limiter.allow(user_key):
-            wait = max(1, round(self._limiter.retry_after(user_key)))
-            self._telemetry.refused("rate_limit")
-            return await self._replies.system_reply(logged, rate_limited(self._settings.rate_limit_per_minute, wait))
+        if not self._settings.is_admin(message.platform, message.author_id):
+            wait_s = await self._limits.admit(user_key)
+            if wait_s is not None:
+                self._telemetry.refused("rate_limit")
+                limit = self._settings.rate_limit_per_minute
+                return await self._replies.system_reply(logged, rate_limited(limit, max(1, round(wait_s))))
         if message.text is None:
             return await self._replies.system_reply(logged, NOT_TEXT)
         if logged.command is not None:
@@ -292,7 +296,7 @@ class ChatService:
         """Generates an answer; one generation per user at a time, later messages wait their turn."""
         message = logged.message
         user_key = f"{message.platform}:{message.author_id}"
-        async with self._user_turns.hold(user_key):
+        async with self._limits.turn(user_key):
             turns = await self._history(logged)
             log.debug(
                 "%s message %s: asking the engine, with %d turns", message.platform, message.message_id, len(turns)

@@ -7,8 +7,9 @@ module puts the registry's active version into the engine and is the only code t
   most recent first, then BASE_MODEL, then the offline starter; a broken active version never keeps the bot from
   starting;
 - `switch_version` / `rollback` activate a version atomically in the database, then hot-swap;
-- the watcher (`start`/`stop`) polls the active version and hot-swaps when another process changed it (`magpie
-  models activate`, a training run that promoted a version), so shell commands never need the bot to stop;
+- the watcher (`start`/`stop`) polls the active version every MODEL_WATCH_INTERVAL_S and hot-swaps when another
+  process changed it (`magpie models activate`, a training run that promoted a version, another replica's
+  `/rollback`), so shell commands never need the bot to stop and every replica follows within that interval;
 - `follow_active` is what the training orchestrator calls after a promotion (`core.retraining.ServingFollower`).
 
 A `ModelServing` without an engine (the shell commands) switches the registry only; a running bot's watcher
@@ -92,13 +93,14 @@ class ModelServing:
         db: Database,
         engine: Engine | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        poll_interval_s: float = 5.0,
+        poll_interval_s: float | None = None,
     ) -> None:
+        """`poll_interval_s`: how often the watcher asks the database (default MODEL_WATCH_INTERVAL_S)."""
         self._settings = settings
         self._db = db
         self._engine = engine
         self._clock = clock
-        self._poll_interval_s = poll_interval_s
+        self._poll_interval_s = settings.model_watch_interval_s if poll_interval_s is None else poll_interval_s
         self._swap_lock = asyncio.Lock()  # one read-the-database-then-swap at a time
         self._switch_lock = asyncio.Lock()  # one rollback/activate at a time
         self._unloadable: set[int] = set()  # versions whose load failed: not retried by the watcher

@@ -107,6 +107,11 @@ class Settings(BaseSettings):
     retrain_cooldown_minutes: float = Field(30.0, ge=0.0)
     retrain_timeout_minutes: float = Field(180.0, ge=0.0)
 
+    # --- replicas: several serving processes on one database (docs/scaling.md) --------------------------------
+    redis_url: str | None = None
+    redis_key_prefix: str = Field("magpie", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    model_watch_interval_s: float = Field(5.0, gt=0.0, le=3600.0)
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     # --- operating: health, metrics and logs ---------------------------------------------------------------------
@@ -187,6 +192,16 @@ class Settings(BaseSettings):
         if ids[-1] >= count:
             raise ValueError(f"DISCORD_SHARD_IDS must be below DISCORD_SHARD_COUNT ({count}): shards are 0-{count - 1}")
         return self
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _check_redis_url(cls, value: object) -> object:
+        """Empty means "no Redis" (one process); anything else must be a URL redis-py understands."""
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        if not isinstance(value, str) or not value.strip().startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("expected redis://host:6379/0 (or rediss://, unix://), or empty for one process")
+        return value.strip()
 
     @model_validator(mode="after")
     def _check_webhook(self) -> Settings:

@@ -7,15 +7,20 @@ strictness is reviewed as a whole; what it shares with the fake Discord is in `t
 It speaks the real wire format on 127.0.0.1 (`/bot<TOKEN>/<method>`, JSON, form-encoded and multipart bodies,
 `{"ok": ..., "result"|"description": ...}` answers), keeps chats and messages like the real server does (per-chat
 message ids, entities computed from the text, replies that must point at an existing message), long-polls
-`getUpdates` on a condition instead of sleeping, and delivers updates to a registered webhook with the secret
-header as Telegram does. Lifecycle, call records, waits and fault injection come from `fake_base.FakeServer`
-(an endpoint is the method name); the faults in Telegram's shapes: 429 with `retry_after`, a 5xx page from
-Telegram's front (HTML, the API never saw the request) or a 5xx the API explained (`explained=True`: JSON), an
-answer that comes too late (`answer_late`: the request was carried out, the client timed out waiting), requests
-held until the test releases them (carried out or lost), and refused connections. Like Telegram, a bot cannot write
-first to a person: a private chat exists only once the person opened it (`private_chat`, i.e. pressed Start), and
-a send to someone the fake has seen but who never did is refused with 403 "Forbidden: bot can't initiate
-conversation with a user".
+`getUpdates` on a condition instead of sleeping, and delivers updates to a registered webhook with the secret header
+as Telegram does. Webhooks are as strict as Telegram's: `setWebhook` wants an HTTPS URL on port 443, 80, 88 or 8443
+whose host resolves, and a secret of 1-256 characters from A-Z, a-z, 0-9, _ and -. The public internet is
+`public_host(url, upstreams)`: what the test says sits behind a public address (a load balancer that hands each
+request to the next of its upstreams in turn, which are the webhook servers on 127.0.0.1), and
+`deliver_next_to_every_upstream` posts the next update to all of them at once (Telegram re-sending an update whose
+answer was slow, and the load balancer choosing another replica). Lifecycle, call records, waits and fault injection
+come from `fake_base.FakeServer` (an endpoint is the method name); the faults in Telegram's shapes: 429 with
+`retry_after`, a 5xx page from Telegram's front (HTML, the API never saw the request) or a 5xx the API explained
+(`explained=True`: JSON), an answer that comes too late (`answer_late`: the request was carried out, the client
+timed out waiting), requests held until the test releases them (carried out or lost), and refused connections. Like
+Telegram, a bot cannot write first to a person: a private chat exists only once the person opened it
+(`private_chat`, i.e. pressed Start), and a send to someone the fake has seen but who never did is refused with 403
+"Forbidden: bot can't initiate conversation with a user".
 
     async with FakeTelegram() as telegram:
         settings = Settings(telegram_bot_token=telegram.token, telegram_base_url=telegram.base_url)
@@ -35,6 +40,7 @@ import time
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -66,6 +72,9 @@ _JSON_FIELDS = frozenset(
 _COMMAND = re.compile(r"^/[A-Za-z0-9_]{1,32}(?:@[A-Za-z0-9_]{3,32})?")
 _MENTION = re.compile(r"(?<![\w@])@[A-Za-z0-9_]{3,32}")
 _WEBHOOK_SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
+_WEBHOOK_SECRET = re.compile(r"[A-Za-z0-9_-]{1,256}")
+WEBHOOK_PORTS = frozenset({443, 80, 88, 8443})
+"""The only ports Telegram posts webhooks to."""
 
 
 def utf16_length(text: str) -> int:
@@ -143,6 +152,12 @@ class FakeTelegram(FakeServer[Call]):
         self.webhook_url = ""
         self.webhook_secret: str | None = None
         self.webhook_deliveries: list[int] = []
+        """The status each webhook delivery was answered with, in order."""
+        self.delivered_to: list[str] = []
+        """The upstream each webhook delivery went to, in the same order."""
+        self._hosts: dict[str, _LoadBalancer] = {}
+        """Public host name -> what answers there (`public_host`)."""
+        self._fan_out_next = False
         self._chats: dict[int, ChatRef] = {}
         self._people: dict[int, Person] = {}
         """Everyone seen writing anywhere: the ids a bot may try (and fail) to write to privately."""
@@ -284,17 +299,33 @@ class FakeTelegram(FakeServer[Call]):
         """Queues an update for `getUpdates`, or posts it to the webhook when one is set (as Telegram does)."""
         update = {"update_id": next(self._update_ids), kind: payload}
         if self.webhook_url:
-            self._in_background(self._deliver(update))
+            everywhere, self._fan_out_next = self._fan_out_next, False
+            self._in_background(self._deliver_everywhere(update) if everywhere else self._deliver(update))
         else:
             self._updates.append(update)
             self._in_background(self._notify())
         return update
 
-    async def post_to_webhook(self, update: dict[str, Any], secret: str | None) -> int:
-        """Posts `update` to the registered webhook with `secret` in the header (None: no header)."""
+    # --- the public internet, as far as webhooks go -------------------------------------------------------------
+
+    def public_host(self, url: str, upstreams: list[str]) -> None:
+        """Makes the host of `url` (e.g. "https://bot.example.org") resolve to a load balancer that forwards each
+        request, path unchanged, to the next of `upstreams` ("http://127.0.0.1:<port>") in turn."""
+        self._hosts[_host_key(url)] = _LoadBalancer(list(upstreams))
+
+    def deliver_next_to_every_upstream(self) -> None:
+        """The next update is posted to every upstream of the webhook's host at once, instead of to one."""
+        self._fan_out_next = True
+
+    async def post_to_webhook(self, update: dict[str, Any], secret: str | None, *, upstream: int | None = None) -> int:
+        """Posts `update` to the registered webhook with `secret` in the header (None: no header), through the
+        load balancer (or straight to its upstream number `upstream`)."""
         assert self._client is not None and self.webhook_url, "no webhook registered"
+        balancer = self._hosts[_host_key(self.webhook_url)]
+        target = balancer.next() if upstream is None else balancer.upstreams[upstream]
         headers = {_WEBHOOK_SECRET_HEADER: secret} if secret is not None else {}
-        async with self._client.post(self.webhook_url, json=update, headers=headers) as response:
+        self.delivered_to.append(target)
+        async with self._client.post(target + _path(self.webhook_url), json=update, headers=headers) as response:
             await response.read()
             return response.status
 
@@ -422,9 +453,27 @@ class FakeTelegram(FakeServer[Call]):
         return True
 
     async def _api_setwebhook(self, params: dict[str, Any], files: Any) -> Any:
-        self.webhook_url = str(params.get("url", ""))
-        self.webhook_secret = params.get("secret_token")
+        url = str(params.get("url", ""))
+        secret = params.get("secret_token")
+        if url and (problem := self._webhook_problem(url, secret, params.get("max_connections"))) is not None:
+            return _error_response(400, f"Bad Request: {problem}")
+        self.webhook_url, self.webhook_secret = url, secret
         return True
+
+    def _webhook_problem(self, url: str, secret: Any, max_connections: Any) -> str | None:
+        """What Telegram would refuse in a `setWebhook`, in its words."""
+        parts = urlsplit(url)
+        if parts.scheme != "https":
+            return "bad webhook: An HTTPS URL must be provided for webhook"
+        if (parts.port or 443) not in WEBHOOK_PORTS:
+            return "bad webhook: Webhook can be set up only on ports 80, 88, 443 or 8443"
+        if _host_key(url) not in self._hosts:
+            return "bad webhook: Failed to resolve host: Name or service not known"
+        if secret is not None and not _WEBHOOK_SECRET.fullmatch(str(secret)):
+            return "secret token contains unallowed characters"
+        if max_connections is not None and not 1 <= int(max_connections) <= 100:
+            return "bad webhook: max_connections must be between 1 and 100"
+        return None
 
     async def _api_getwebhookinfo(self, params: dict[str, Any], files: Any) -> Any:
         return {"url": self.webhook_url, "has_custom_certificate": False, "pending_update_count": len(self._updates)}
@@ -509,10 +558,35 @@ class FakeTelegram(FakeServer[Call]):
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _deliver(self, update: dict[str, Any]) -> None:
-        status = await self.post_to_webhook(update, self.webhook_secret)
+    async def _deliver(self, update: dict[str, Any], upstream: int | None = None) -> None:
+        status = await self.post_to_webhook(update, self.webhook_secret, upstream=upstream)
         self.webhook_deliveries.append(status)
         await self._notify()
+
+    async def _deliver_everywhere(self, update: dict[str, Any]) -> None:
+        upstreams = self._hosts[_host_key(self.webhook_url)].upstreams
+        await asyncio.gather(*(self._deliver(update, index) for index in range(len(upstreams))))
+
+
+@dataclass
+class _LoadBalancer:
+    """What answers at a public host: a round-robin over webhook servers."""
+
+    upstreams: list[str]
+    _turn: itertools.count[int] = field(default_factory=itertools.count)
+
+    def next(self) -> str:
+        return self.upstreams[next(self._turn) % len(self.upstreams)]
+
+
+def _host_key(url: str) -> str:
+    """What a name resolves by: the host alone (the load balancer answers on every port)."""
+    return (urlsplit(url).hostname or "").lower()
+
+
+def _path(url: str) -> str:
+    parts = urlsplit(url)
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
 def _public(message: dict[str, Any]) -> dict[str, Any]:

@@ -684,9 +684,10 @@ def _free_port() -> int:
 
 async def test_webhook_mode_serves_updates_and_rejects_requests_without_the_secret(telegram: FakeTelegram) -> None:
     port = _free_port()
+    telegram.public_host("https://bot.example.org", [f"http://127.0.0.1:{port}"])  # the reverse proxy
     settings = settings_for(
         telegram,
-        telegram_webhook_url=f"http://127.0.0.1:{port}/telegram/hook",
+        telegram_webhook_url="https://bot.example.org/telegram/hook",
         telegram_webhook_listen="127.0.0.1",
         telegram_webhook_port=port,
         telegram_webhook_secret="s3cret-Token_1",
@@ -695,7 +696,7 @@ async def test_webhook_mode_serves_updates_and_rejects_requests_without_the_secr
     chat = telegram.private_chat(mia)
     handler = RecordingHandler()
     async with running(settings, handler):
-        assert telegram.webhook_url == f"http://127.0.0.1:{port}/telegram/hook"
+        assert telegram.webhook_url == "https://bot.example.org/telegram/hook"
         assert telegram.webhook_secret == "s3cret-Token_1"
         forged = {"update_id": 999, "message": {**_message_dict(chat, mia, "forged"), "message_id": 99}}
         assert await telegram.post_to_webhook(forged, secret=None) == 403
@@ -717,9 +718,10 @@ async def test_a_webhook_port_in_use_fails_the_start_cleanly(telegram: FakeTeleg
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = int(taken.getsockname()[1])
+        telegram.public_host("https://bot.example.org", [f"http://127.0.0.1:{port}"])
         settings = settings_for(
             telegram,
-            telegram_webhook_url=f"http://127.0.0.1:{port}/hook",
+            telegram_webhook_url="https://bot.example.org/hook",
             telegram_webhook_listen="127.0.0.1",
             telegram_webhook_port=port,
             telegram_webhook_secret="secret",
