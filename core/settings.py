@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from core.errors import ConfigError
 
 PLATFORMS = ("telegram", "discord", "console")
+DASHBOARD_TOKEN_MIN_LENGTH = 16
 
 
 class Settings(BaseSettings):
@@ -97,6 +98,9 @@ class Settings(BaseSettings):
     retrain_cooldown_minutes: float = Field(30.0, ge=0.0)
     retrain_timeout_minutes: float = Field(180.0, ge=0.0)
 
+    # --- operator dashboard ----------------------------------------------------------------------------------
+    dashboard_token: SecretStr | None = None
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("admin_ids", mode="before")
@@ -126,6 +130,20 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_blocklist(cls, value: object) -> tuple[str, ...]:
         return tuple(item.lower() for item in _split_list(value))
+
+    @field_validator("dashboard_token", mode="before")
+    @classmethod
+    def _check_dashboard_token(cls, value: object) -> object:
+        """Empty turns the dashboard off; a short token could be guessed, and it guards retrain and rollback."""
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            return None
+        if not isinstance(raw, str) or len(raw.strip()) < DASHBOARD_TOKEN_MIN_LENGTH:
+            raise ValueError(
+                f"must be at least {DASHBOARD_TOKEN_MIN_LENGTH} characters (e.g. the output of "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(24))'`), or empty to turn the dashboard off"
+            )
+        return raw.strip()
 
     @model_validator(mode="after")
     def _check_webhook(self) -> Settings:
