@@ -107,7 +107,8 @@ def loss_curve_svg(curve: RunCurve | None) -> bytes:
 
 
 def messages_svg(days: Sequence[date], per_chat: Mapping[str, Mapping[date, int]]) -> bytes:
-    """One line per busy chat (the MAX_CHATS busiest over the window), the rest summed as "other chats"."""
+    """A bar per day, stacked by chat: the MAX_CHATS busiest chats over the window each have a colour, the rest
+    are summed as "other chats"."""
     figure, axes = _new_axes()
     if not per_chat:
         _empty(axes)
@@ -117,8 +118,12 @@ def messages_svg(days: Sequence[date], per_chat: Mapping[str, Mapping[date, int]
     if len(busiest) > MAX_CHATS:
         rest = busiest[MAX_CHATS:]
         series[texts.DASHBOARD_OTHER_CHATS] = {day: sum(per_chat[c].get(day, 0) for c in rest) for day in days}
+    xs = [_when(day) for day in days]
+    below = [0] * len(days)
     for chat, counts in series.items():
-        axes.plot([_when(day) for day in days], [counts.get(day, 0) for day in days], marker=".", label=chat)
+        heights = [counts.get(day, 0) for day in days]
+        axes.bar(xs, heights, bottom=below, width=0.8, label=chat)
+        below = [low + height for low, height in zip(below, heights, strict=True)]
     _date_axis(axes, texts.DASHBOARD_AXIS_DAY)
     axes.set_ylim(bottom=0)
     axes.set_ylabel(texts.DASHBOARD_AXIS_MESSAGES)
