@@ -125,7 +125,7 @@ def messages_svg(days: Sequence[date], per_chat: Mapping[str, Mapping[date, int]
         axes.bar(xs, heights, bottom=below, width=0.8, label=chat)
         below = [low + height for low, height in zip(below, heights, strict=True)]
     _date_axis(axes, texts.DASHBOARD_AXIS_DAY)
-    axes.set_ylim(bottom=0)
+    axes.set_ylim(0, max(below) * 1.1 + 0.5)  # headroom above the busiest day
     axes.set_ylabel(texts.DASHBOARD_AXIS_MESSAGES)
     axes.legend(fontsize=7, loc="upper left")
     return _svg(figure)
