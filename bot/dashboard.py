@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -26,7 +27,7 @@ from aiohttp import web
 from bot import dashboard_plots
 from bot.dashboard_auth import COOKIE, SESSION_TTL, Session, Sessions, csrf_matches
 from core import texts
-from core.dashboard_data import load_overview
+from core.dashboard_data import Overview, load_overview
 from core.db import Database
 from core.errors import ConfigError
 from core.retraining import Retrainer
@@ -36,6 +37,8 @@ from core.settings import Settings
 log = logging.getLogger(__name__)
 
 DEFAULT_DAYS = 30
+OVERVIEW_TTL_S = 10.0
+"""A page and its three plots are four requests: they share one read of the database (an action clears it)."""
 MAX_DAYS = 366
 TRIGGERED_BY = "dashboard"
 """Who asked, in the run's row and the serving log: the dashboard has one user, the operator."""
@@ -112,6 +115,7 @@ class Dashboard:
         self._retrainer = retrainer
         self._clock = clock
         self._sessions = Sessions(settings.dashboard_token, clock=clock)
+        self._overviews: dict[int, tuple[float, Overview]] = {}
         self._templates = jinja2.Environment(
             loader=jinja2.PackageLoader("bot", "templates"),
             autoescape=True,
@@ -142,6 +146,13 @@ class Dashboard:
             raise web.HTTPForbidden(text=texts.DASHBOARD_STALE_FORM)
         return form, session
 
+    async def _overview(self, days: int) -> Overview:
+        read_at, overview = self._overviews.get(days, (-OVERVIEW_TTL_S, None))
+        if overview is None or time.monotonic() - read_at >= OVERVIEW_TTL_S:
+            overview = await load_overview(self._db, now=self._clock(), days=days)
+            self._overviews[days] = (time.monotonic(), overview)
+        return overview
+
     # --- pages ------------------------------------------------------------------------------------------------
 
     def _render(self, template: str, **context: Any) -> str:
@@ -157,7 +168,7 @@ class Dashboard:
             raise self._login_page(request, None, status=401)
         session = self._session(request)
         days = _days(request)
-        overview = await load_overview(self._db, now=self._clock(), days=days)
+        overview = await self._overview(days)
         notice, csrf = (session.notice, session.csrf) if session is not None else (None, "")
         if session is not None:
             session.notice = None
@@ -180,7 +191,7 @@ class Dashboard:
         draw = dashboard_plots.PLOTS.get(request.match_info["name"])
         if draw is None:
             raise web.HTTPNotFound()
-        overview = await load_overview(self._db, now=self._clock(), days=_days(request))
+        overview = await self._overview(_days(request))
         svg = await asyncio.to_thread(dashboard_plots.drawn, draw, overview)
         return web.Response(body=svg, content_type="image/svg+xml")
 
@@ -238,6 +249,7 @@ class Dashboard:
 
     def _answer(self, request: web.Request, session: Session | None, text: str) -> web.Response:
         """A browser goes back to the page, which shows `text` once; a script (bearer token) gets `text` itself."""
+        self._overviews.clear()  # the page after an action shows its effect
         if session is None:
             return web.Response(text=text)
         session.notice = text

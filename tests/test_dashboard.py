@@ -10,7 +10,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from pydantic import SecretStr
 
+from bot.dashboard_auth import SESSION_TTL, Sessions
 from core.dashboard_data import load_overview
 from core.db import Database
 from core.errors import ConfigError
@@ -202,3 +204,28 @@ async def test_the_overview_counts_messages_per_utc_day_per_chat(db: Database, t
     assert [v.name for v in overview.versions] == ["v3", "v2", "v1"]
     assert overview.last_curve is not None and [list(p) for p in overview.last_curve.points] == CURVE
     assert overview.exclusions is not None and dict(overview.exclusions.counts) == EXCLUDED
+
+
+async def test_a_run_in_progress_is_shown_and_the_page_follows_it(
+    base_url: str, http: aiohttp.ClientSession, db: Database
+) -> None:
+    async with db.sessions.begin() as session:
+        run = TrainingRun(status=RunStatus.RUNNING, triggered_by="dashboard", started_at=NOW, progress=0.42)
+        session.add(run)
+        await session.flush()
+        run_id = run.id
+    async with http.get(f"{base_url}/", headers=BEARER) as response:
+        page = await response.text()
+    assert f"Training run #{run_id} is running: 42% done (started 2026-11-30 12:00 UTC by dashboard)." in page
+    assert '<meta http-equiv="refresh"' in page
+    assert "<form" not in page, "a script's page (bearer token) has no session, hence no forms"
+
+
+def test_a_login_session_expires() -> None:
+    now = [NOW]
+    sessions = Sessions(SecretStr(TOKEN), clock=lambda: now[0])
+    session_id, session = sessions.open()
+    assert sessions.get(session_id) is session and session_id != session.csrf
+    now[0] = NOW + SESSION_TTL
+    assert sessions.get(session_id) is None
+    assert not sessions.bearer_matches(f"Basic {TOKEN}") and sessions.bearer_matches(f"Bearer {TOKEN}")
