@@ -26,6 +26,7 @@ from tests.dashboard_support import (
     MESSAGES_PER_DAY,
     NOW,
     TOKEN,
+    VERSIONS,
     dashboard_app,
     dashboard_settings,
     seed_history,
@@ -43,7 +44,7 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
 
 @pytest.fixture
 async def base_url(db: Database, settings: Settings, tiny_model_dir: Path) -> AsyncIterator[str]:
-    """The dashboard on an ephemeral port, over a history (v2 active), with the real orchestrator as retrainer."""
+    """The dashboard on an ephemeral port, over a history (v5 active), with the real orchestrator as retrainer."""
     await seed_history(db, tiny_model_dir)
     serving = ModelServing(settings=settings, db=db)
     retrainer = TrainingOrchestrator(settings=settings, db=db, clock=lambda: NOW)
@@ -93,7 +94,7 @@ async def test_without_the_token_nothing_is_shown_or_done(
     async with http.get(f"{base_url}/") as response:
         assert response.status == 401
         page = await response.text()
-    assert 'name="token"' in page and "v2" not in page, "a login form, and nothing of the bot"
+    assert 'name="token"' in page and "v5" not in page, "a login form, and nothing of the bot"
     assert response.headers["Content-Security-Policy"].startswith("default-src 'none'")
     async with http.get(f"{base_url}/plots/eval-loss.svg") as response:
         assert response.status == 401
@@ -105,7 +106,7 @@ async def test_without_the_token_nothing_is_shown_or_done(
         assert response.status == 403
         assert "That is not the dashboard token." in await response.text()
         assert "magpie_dashboard" not in response.cookies
-    assert await _active(db) == "v2"
+    assert await _active(db) == "v5"
 
 
 async def test_the_page_shows_versions_plots_and_what_the_data_left_out(
@@ -119,12 +120,14 @@ async def test_the_page_shows_versions_plots_and_what_the_data_left_out(
     async with http.get(f"{base_url}/") as response:
         assert response.status == 200
         page = await response.text()
-    assert re.search(r'id="active-version">v2<', page)
-    assert "3.000" in page and "20.1" in page, "v2's eval loss and perplexity"
-    assert "3.250" in page and "25.8" in page and "3.400" in page
+    assert re.search(r'id="active-version">v5<', page)
+    assert "3.050" in page and "21.1" in page, "v5's eval loss and perplexity"
+    for name, loss, _ in VERSIONS:
+        assert re.search(rf'id="version-{name}">\s*<td>{name}</td>.*?<td class="num">{loss:.3f}</td>', page, re.S)
     for reason, count in EXCLUDED.items():
         assert re.search(rf'id="excluded-{reason}"><td>[^<]+</td><td class="num">{count}<', page)
-    assert 'id="rollback-v1"' in page and 'id="rollback-v3"' not in page, "back only to a version that served"
+    buttons = set(re.findall(r'id="rollback-(v\d)"', page))
+    assert buttons == {"v1", "v2", "v4"}, "back only to versions that served well (not rolled back, not rejected)"
     for plot in ("eval-loss", "loss-curve", "messages"):
         async with http.get(f"{base_url}/plots/{plot}.svg") as response:
             assert response.status == 200 and response.content_type == "image/svg+xml"
@@ -143,13 +146,13 @@ async def test_a_form_without_the_sessions_csrf_token_is_refused(
             assert response.status == 403
     async with http.post(f"{base_url}/retrain", data={}) as response:
         assert response.status == 403
-    assert await _active(db) == "v2"
+    assert await _active(db) == "v5"
 
     async with http.post(f"{base_url}/logout", data={"csrf": csrf}) as response:
         assert response.status == 401, "logged out: back to the login form"
     async with http.post(f"{base_url}/rollback", data={"csrf": csrf}) as response:
         assert response.status == 401, "the session is gone, and its CSRF token with it"
-    assert await _active(db) == "v2"
+    assert await _active(db) == "v5"
 
 
 async def test_rollback_switches_the_active_version_and_says_so(
@@ -159,16 +162,16 @@ async def test_rollback_switches_the_active_version_and_says_so(
     async with http.post(f"{base_url}/rollback", data={"csrf": csrf}) as response:
         assert response.status == 200 and response.url.path == "/", "post/redirect/get"
         page = await response.text()
-    assert "Switched to v1. v2 is marked rolled back; its replies will not be used for training." in page
-    assert await _active(db) == "v1"
+    assert "Switched to v4. v5 is marked rolled back; its replies will not be used for training." in page
+    assert await _active(db) == "v4"
     async with http.get(f"{base_url}/") as response:
-        assert "Switched to v1" not in await response.text(), "the notice is shown once"
+        assert "Switched to v4" not in await response.text(), "the notice is shown once"
 
     # A script with the bearer token needs no CSRF token (browsers never send that header by themselves).
-    async with http.post(f"{base_url}/rollback", data={"version": "v2"}, headers=BEARER) as response:
+    async with http.post(f"{base_url}/rollback", data={"version": "v1"}, headers=BEARER) as response:
         assert response.status == 200
-        assert (await response.text()).startswith("Switched to v2.")
-    assert await _active(db) == "v2"
+        assert (await response.text()).startswith("Switched to v1. v4 is marked rolled back")
+    assert await _active(db) == "v1"
 
 
 async def test_retrain_goes_through_the_orchestrator(base_url: str, http: aiohttp.ClientSession, db: Database) -> None:
@@ -200,8 +203,8 @@ async def test_the_overview_counts_messages_per_utc_day_per_chat(db: Database, t
     }
     assert overview.messages_per_day == expected, "the 90-day-old message is outside the window"
     assert len(overview.days) == 30 and overview.days[-1] == NOW.date()
-    assert overview.active is not None and overview.active.name == "v2"
-    assert [v.name for v in overview.versions] == ["v3", "v2", "v1"]
+    assert overview.active is not None and overview.active.name == "v5"
+    assert [v.name for v in overview.versions] == [name for name, _, _ in reversed(VERSIONS)]
     assert overview.last_curve is not None and [list(p) for p in overview.last_curve.points] == CURVE
     assert overview.exclusions is not None and dict(overview.exclusions.counts) == EXCLUDED
 

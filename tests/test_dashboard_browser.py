@@ -97,22 +97,22 @@ async def test_log_in_see_the_plots_and_roll_back(
     await seed_history(db, tiny_model_dir)
     serving = ModelServing(settings=settings, db=db, engine=engine)
     await serving.follow_active()
-    assert engine.model_ref is not None and engine.model_ref.name == "v2"
+    assert engine.model_ref is not None and engine.model_ref.name == "v5"
 
     retrainer = TrainingOrchestrator(settings=settings, db=db)
     async with serve(dashboard_app(settings, db, serving, retrainer)) as url:
-        assert await _in_thread(_log_in, browser, f"{url}/") == "v2"
+        assert await _in_thread(_log_in, browser, f"{url}/") == "v5"
         sizes = await _in_thread(_plot_sizes, browser)
         assert set(sizes) == {"plot-eval-loss", "plot-loss-curve", "plot-messages"}
         assert all(width > 0 for width in sizes.values()), f"a plot did not render: {sizes}"
         ARTIFACTS.mkdir(exist_ok=True)
         await _in_thread(browser.save_screenshot, str(ARTIFACTS / f"dashboard-{db.backend}.png"))
 
-        notice = await _in_thread(_roll_back_to, browser, "v1")
+        notice = await _in_thread(_roll_back_to, browser, "v4")
 
-    assert notice.startswith("Switched to v1. v2 is marked rolled back")
-    assert browser.find_element(By.ID, "active-version").text == "v1"
+    assert notice.startswith("Switched to v4. v5 is marked rolled back")
+    assert browser.find_element(By.ID, "active-version").text == "v4"
     async with db.sessions() as session:
         active = await get_active_version(session)
-    assert active is not None and active.name == "v1"
-    assert engine.model_ref is not None and engine.model_ref.name == "v1", "the engine serves the version rolled to"
+    assert active is not None and active.name == "v4"
+    assert engine.model_ref is not None and engine.model_ref.name == "v4", "the engine serves the version rolled to"
