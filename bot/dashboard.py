@@ -218,7 +218,9 @@ class Dashboard:
             max_age=int(SESSION_TTL.total_seconds()),
             httponly=True,
             samesite="Strict",
-            secure=request.secure,
+            # Behind an HTTPS proxy the request arrives as plain HTTP: the proxy's header says the browser used HTTPS.
+            # (Trusting it can only make the cookie stricter.)
+            secure=request.secure or request.headers.get("X-Forwarded-Proto") == "https",
         )
         raise response
 

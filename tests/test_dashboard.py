@@ -117,6 +117,15 @@ async def test_the_page_shows_versions_plots_and_what_the_data_left_out(
         cookie = response.cookies["magpie_dashboard"]
     assert cookie["httponly"] and cookie["samesite"] == "Strict" and cookie["path"] == "/"
     assert TOKEN not in cookie.value, "the cookie holds a session id, never the token"
+    assert not cookie["secure"], "plain HTTP on 127.0.0.1: a Secure cookie would never come back"
+    behind_proxy = {"X-Forwarded-Proto": "https"}
+    async with (
+        aiohttp.ClientSession() as other_browser,
+        other_browser.post(
+            f"{base_url}/login", data={"token": TOKEN}, headers=behind_proxy, allow_redirects=False
+        ) as r,
+    ):
+        assert r.cookies["magpie_dashboard"]["secure"], "HTTPS at the proxy: the cookie never travels in clear"
     async with http.get(f"{base_url}/") as response:
         assert response.status == 200
         page = await response.text()
