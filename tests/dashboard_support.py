@@ -113,16 +113,22 @@ async def _log_messages(session: AsyncSession) -> None:
     )
 
 
+PREFIX = "/dashboard"
+
+
 @asynccontextmanager
-async def serve(app: web.Application) -> AsyncIterator[str]:
-    """The app on an ephemeral port of 127.0.0.1; yields its base URL."""
+async def serve(dashboard: web.Application) -> AsyncIterator[str]:
+    """The dashboard mounted at PREFIX of a server on an ephemeral port of 127.0.0.1, as the bot's HTTP server mounts
+    it; yields the dashboard's base URL."""
+    app = web.Application()
+    app.add_subapp(f"{PREFIX}/", dashboard)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}{PREFIX}"
     finally:
         await runner.cleanup()
 

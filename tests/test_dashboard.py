@@ -25,6 +25,7 @@ from tests.dashboard_support import (
     EXCLUDED,
     MESSAGES_PER_DAY,
     NOW,
+    PREFIX,
     TOKEN,
     VERSIONS,
     dashboard_app,
@@ -62,7 +63,7 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 async def _login(http: aiohttp.ClientSession, base_url: str) -> str:
     """Logs in through the form; returns the CSRF token the page's forms carry."""
     async with http.post(f"{base_url}/login", data={"token": TOKEN}) as response:
-        assert response.status == 200 and response.url.path == "/"
+        assert response.status == 200 and response.url.path == f"{PREFIX}/"
         page = await response.text()
     match = re.search(r'name="csrf" value="([^"]+)"', page)
     assert match is not None
@@ -115,7 +116,7 @@ async def test_the_page_shows_versions_plots_and_what_the_data_left_out(
     async with http.post(f"{base_url}/login", data={"token": TOKEN}, allow_redirects=False) as response:
         assert response.status == 303
         cookie = response.cookies["magpie_dashboard"]
-    assert cookie["httponly"] and cookie["samesite"] == "Strict" and cookie["path"] == "/"
+    assert cookie["httponly"] and cookie["samesite"] == "Strict" and cookie["path"] == f"{PREFIX}/"
     assert TOKEN not in cookie.value, "the cookie holds a session id, never the token"
     assert not cookie["secure"], "plain HTTP on 127.0.0.1: a Secure cookie would never come back"
     behind_proxy = {"X-Forwarded-Proto": "https"}
@@ -169,7 +170,7 @@ async def test_rollback_switches_the_active_version_and_says_so(
 ) -> None:
     csrf = await _login(http, base_url)
     async with http.post(f"{base_url}/rollback", data={"csrf": csrf}) as response:
-        assert response.status == 200 and response.url.path == "/", "post/redirect/get"
+        assert response.status == 200 and response.url.path == f"{PREFIX}/", "post/redirect/get"
         page = await response.text()
     assert "Switched to v4. v5 is marked rolled back; its replies will not be used for training." in page
     assert await _active(db) == "v4"
