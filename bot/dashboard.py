@@ -210,7 +210,7 @@ class Dashboard:
             raise self._login_page(request, texts.DASHBOARD_WRONG_TOKEN, status=403)
         session_id, _ = self._sessions.open()
         page = _urls(request, days=DEFAULT_DAYS)["page"]
-        response = web.HTTPSeeOther(page)
+        response = _see_other(page)
         response.set_cookie(
             COOKIE,
             session_id,
@@ -222,15 +222,15 @@ class Dashboard:
             # (Trusting it can only make the cookie stricter.)
             secure=request.secure or request.headers.get("X-Forwarded-Proto") == "https",
         )
-        raise response
+        return response
 
     async def logout(self, request: web.Request) -> web.Response:
         await self._checked_post(request)
         self._sessions.close(request.cookies.get(COOKIE))
         page = _urls(request, days=DEFAULT_DAYS)["page"]
-        response = web.HTTPSeeOther(page)
+        response = _see_other(page)
         response.del_cookie(COOKIE, path=page)
-        raise response
+        return response
 
     # --- actions ----------------------------------------------------------------------------------------------
 
@@ -255,7 +255,12 @@ class Dashboard:
         if session is None:
             return web.Response(text=text)
         session.notice = text
-        raise web.HTTPSeeOther(_urls(request, days=DEFAULT_DAYS)["page"])
+        return _see_other(_urls(request, days=DEFAULT_DAYS)["page"])
+
+
+def _see_other(location: str) -> web.Response:
+    """Post/redirect/get: after a form, the browser loads the page again (a reload then repeats nothing)."""
+    return web.Response(status=303, headers={"Location": location})
 
 
 def _days(request: web.Request) -> int:
