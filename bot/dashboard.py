@@ -53,6 +53,9 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="magpie-dashboard"'}
+"""What a 401 asks for (RFC 9110): the token, as a bearer token or through the login form in the response's body."""
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Clock = Callable[[], datetime]
 
@@ -160,8 +163,9 @@ class Dashboard:
 
     def _login_page(self, request: web.Request, notice: str | None, *, status: int) -> web.HTTPException:
         html = self._render("login.html", notice=notice, urls=_urls(request, days=DEFAULT_DAYS))
-        error = web.HTTPUnauthorized if status == 401 else web.HTTPForbidden
-        return error(text=html, content_type="text/html")
+        if status == 401:
+            return web.HTTPUnauthorized(text=html, content_type="text/html", headers=CHALLENGE)
+        return web.HTTPForbidden(text=html, content_type="text/html")
 
     async def page(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
@@ -187,7 +191,7 @@ class Dashboard:
 
     async def plot(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
-            raise web.HTTPUnauthorized(text=texts.DASHBOARD_LOGIN_NEEDED)
+            raise web.HTTPUnauthorized(text=texts.DASHBOARD_LOGIN_NEEDED, headers=CHALLENGE)
         draw = dashboard_plots.PLOTS.get(request.match_info["name"])
         if draw is None:
             raise web.HTTPNotFound()

@@ -97,6 +97,7 @@ async def test_without_the_token_nothing_is_shown_or_done(
         page = await response.text()
     assert 'name="token"' in page and "v5" not in page, "a login form, and nothing of the bot"
     assert response.headers["Content-Security-Policy"].startswith("default-src 'none'")
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
     async with http.get(f"{base_url}/plots/eval-loss.svg") as response:
         assert response.status == 401
     async with http.post(f"{base_url}/rollback", data={"csrf": "x"}) as response:
