@@ -29,6 +29,7 @@ from core.health import HealthCheck
 from core.limits import UserLimits, open_user_limits
 from core.logging_setup import CorrelationFilter, JsonFormatter
 from core.retention import RetentionJob, prune_old_messages
+from core.retraining import Retrainer
 from core.service import ChatService, RecoveryPlan
 from core.serving import ModelServing, quiet_model_progress_bars
 from core.settings import Settings, load_settings
@@ -74,7 +75,12 @@ def configure_logging(settings: Settings) -> None:
     )
     secrets = [
         secret.get_secret_value()
-        for secret in (settings.telegram_bot_token, settings.discord_bot_token, settings.telegram_webhook_secret)
+        for secret in (
+            settings.telegram_bot_token,
+            settings.discord_bot_token,
+            settings.telegram_webhook_secret,
+            settings.dashboard_token,
+        )
         if secret is not None
     ]
     for handler in logging.getLogger().handlers:
@@ -140,6 +146,17 @@ def _http_server(
     return HttpServer(app, host=address[0], port=address[1])
 
 
+def _dashboard(
+    settings: Settings, db: Database, serving: ModelServing, retrainer: Retrainer
+) -> dict[str, web.Application]:
+    """The operator's dashboard at /dashboard/ when DASHBOARD_TOKEN is set and the HTTP server is on."""
+    if settings.dashboard_token is None or settings.http_address is None:
+        return {}
+    from bot.dashboard import build_dashboard_app  # jinja2 and matplotlib load only for a dashboard
+
+    return {"/dashboard": build_dashboard_app(settings=settings, db=db, serving=serving, retrainer=retrainer)}
+
+
 async def _serve(settings: Settings) -> None:
     """Runs the bot until SIGINT/SIGTERM, or until the console reaches the end of its input."""
     from trainer.orchestrator import TrainingOrchestrator
@@ -153,7 +170,7 @@ async def _serve(settings: Settings) -> None:
         settings=settings, db=db, serving=serving, notifier=notifier, telemetry=telemetry
     )
     retention = RetentionJob(db, days=settings.log_retention_days)
-    http = _http_server(settings, health, telemetry)
+    http = _http_server(settings, health, telemetry, extra=_dashboard(settings, db, serving, orchestrator))
     limits: UserLimits | None = None
     try:
         await db.check_schema()

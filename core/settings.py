@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from core.errors import ConfigError
 
 PLATFORMS = ("telegram", "discord", "console")
+DASHBOARD_TOKEN_MIN_LENGTH = 16
 
 
 class Settings(BaseSettings):
@@ -112,6 +113,9 @@ class Settings(BaseSettings):
     redis_key_prefix: str = Field("magpie", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
     model_watch_interval_s: float = Field(5.0, gt=0.0, le=3600.0)
 
+    # --- operator dashboard ----------------------------------------------------------------------------------
+    dashboard_token: SecretStr | None = None
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     # --- operating: health, metrics and logs ---------------------------------------------------------------------
@@ -202,6 +206,20 @@ class Settings(BaseSettings):
         if not isinstance(value, str) or not value.strip().startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("expected redis://host:6379/0 (or rediss://, unix://), or empty for one process")
         return value.strip()
+
+    @field_validator("dashboard_token", mode="before")
+    @classmethod
+    def _check_dashboard_token(cls, value: object) -> object:
+        """Empty turns the dashboard off; a short token could be guessed, and it guards retrain and rollback."""
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            return None
+        if not isinstance(raw, str) or len(raw.strip()) < DASHBOARD_TOKEN_MIN_LENGTH:
+            raise ValueError(
+                f"must be at least {DASHBOARD_TOKEN_MIN_LENGTH} characters (e.g. the output of "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(24))'`), or empty to turn the dashboard off"
+            )
+        return raw.strip()
 
     @model_validator(mode="after")
     def _check_webhook(self) -> Settings:

@@ -319,3 +319,79 @@ def _version_line(version: VersionSummary) -> str:
     if version.status is VersionStatus.REJECTED and version.note:
         line += f" ({version.note})"
     return line
+
+
+# --- the operator's dashboard (bot/dashboard.py) --------------------------------------------------------------
+
+DASHBOARD_TITLE = "Magpie dashboard"
+DASHBOARD_LOGIN_PROMPT = "Enter the dashboard token (DASHBOARD_TOKEN in the bot's settings)."
+DASHBOARD_TOKEN_LABEL = "Token"
+DASHBOARD_LOGIN_BUTTON = "Open the dashboard"
+DASHBOARD_LOGOUT_BUTTON = "Log out"
+DASHBOARD_WRONG_TOKEN = "That is not the dashboard token."
+DASHBOARD_LOGIN_NEEDED = "Log in with the dashboard token first."
+DASHBOARD_STALE_FORM = (
+    "This form is out of date or did not come from the dashboard, so nothing was done. Reload the page and try again."
+)
+DASHBOARD_ACTIVE = "Active model"
+DASHBOARD_VERSIONS = "Model versions"
+DASHBOARD_EVAL_LOSS_PLOT = "Held-out loss per version"
+DASHBOARD_LOSS_CURVE_PLOT = "Training loss of the last run"
+DASHBOARD_MESSAGES_PLOT = "Messages per day per chat"
+DASHBOARD_EXCLUSIONS = "Training data left out, by reason"
+DASHBOARD_ACTIONS = "Actions"
+DASHBOARD_RETRAIN_BUTTON = "Retrain now"
+DASHBOARD_ROLLBACK_BUTTON = "Roll back to the previous version"
+DASHBOARD_ROLLBACK_TO_BUTTON = "Roll back to this one"
+DASHBOARD_COLUMNS = ("version", "status", "eval loss", "perplexity", "created (UTC)", "note")
+DASHBOARD_NO_VERSIONS = "No trained model versions yet."
+DASHBOARD_NO_CURVE = "No training run has recorded a loss curve yet."
+DASHBOARD_NO_DATA = "no data yet"
+DASHBOARD_AXIS_CREATED = "created (UTC)"
+DASHBOARD_AXIS_EVAL_LOSS = "held-out loss"
+DASHBOARD_AXIS_STEP = "step"
+DASHBOARD_AXIS_TRAIN_LOSS = "training loss"
+DASHBOARD_AXIS_DAY = "day (UTC)"
+DASHBOARD_AXIS_MESSAGES = "messages"
+DASHBOARD_OTHER_CHATS = "other chats"
+DASHBOARD_EXCLUSION_REASONS = {
+    "command": "commands and /reset",
+    "opted_out": "from people who sent /optout",
+    "private_chat": "private chats (TRAIN_ON_PRIVATE_CHATS is off)",
+    "reply_to_opted_out": "bot replies to people who opted out",
+    "undelivered_bot_reply": "bot replies that were not delivered",
+    "rolled_back_bot_reply": "replies of rolled-back versions",
+    "empty": "empty after cleaning",
+    "repeated_line": "a person repeating their last line",
+    "bot_reply_context_only": "bot replies (context only)",
+    "blocklisted_context_only": "TRAIN_BLOCKLIST matches (context only)",
+    "repetitive_context_only": "repetitive lines (context only)",
+}
+"""What each reason counted by `trainer.dataset` means; a reason not listed here is shown by its name."""
+
+
+def dashboard_active(name: str | None, base_model: str) -> str:
+    return name if name is not None else f"none: serving BASE_MODEL ({base_model})"
+
+
+def dashboard_running(run_id: int, progress: float, started: str, by: str) -> str:
+    return f"Training run #{run_id} is running: {math.floor(progress * 100)}% done (started {started} by {by})."
+
+
+def dashboard_curve_caption(run_id: int, version: str | None, status: RunStatus) -> str:
+    return f"Run #{run_id} ({version or 'no version'}, {status.value})."
+
+
+def dashboard_exclusions_caption(run_id: int, train: int | None, held_out: int | None) -> str:
+    return (
+        f"Counted when run #{run_id} built its data: {train if train is not None else '?'} training and "
+        f"{held_out if held_out is not None else '?'} held-out samples remained."
+    )
+
+
+def dashboard_no_exclusions() -> str:
+    return "No training run has recorded its data yet; `magpie dataset export` counts them now."
+
+
+def dashboard_no_messages(days: int) -> str:
+    return f"No messages in the last {days} days."

@@ -169,6 +169,9 @@ async def test_retrain_teaches_the_community_answer(paused_loop: Loop, monkeypat
     assert run is not None and run.status is RunStatus.PROMOTED and run.triggered_by == f"telegram:{ADMIN}"
     assert run.model_version_id == active.id and run.progress == 1.0 and run.finished_at is not None
     assert run.metrics["eval_loss"] < run.metrics["active_eval_loss"]
+    # What the dashboard plots of the last run: its training loss from the first step on, every logging step.
+    curve = run.metrics["loss_curve"]
+    assert curve[0][0] == 1 and len(curve) >= 2 and curve[-1][1] < curve[0][1]
     assert (loop.settings.models_dir / "v1" / "model.safetensors").is_file()
     assert not list(loop.settings.models_dir.glob(".*partial"))
     trained = json.loads((loop.settings.models_dir / "v1" / "metrics.json").read_text())

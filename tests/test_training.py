@@ -91,6 +91,9 @@ def test_a_few_steps_write_a_loadable_version(
     assert metrics["eval_loss"] < before, "a few steps on the same kind of text must lower the held-out loss"
     assert (metrics["train_samples"], metrics["eval_samples"], metrics["parent_version"]) == (12, 6, "tiny")
     assert metrics["steps"] >= 2 and metrics["timings"]["total_s"] > 0
+    # The training loss at every logged step (TINY logs each one): what the dashboard plots of the last run.
+    assert [step for step, _ in metrics["loss_curve"]] == list(range(1, metrics["steps"] + 1))
+    assert all(math.isfinite(loss) for _, loss in metrics["loss_curve"])
     assert metrics["bf16"] is False and metrics["arguments"]["precision"] == "fp32"
     assert seen and seen[-1] == 1.0 and seen == sorted(seen)
 

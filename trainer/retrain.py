@@ -330,6 +330,7 @@ def _metrics(
         "eval_loss": gate.new_loss,
         "perplexity": perplexity(gate.new_loss),
         "train_loss": train_metrics.get("train_loss"),
+        "loss_curve": train_metrics.get("loss_curve", []),
         "steps": train_metrics.get("steps"),
         "train_samples": len(report.train),
         "eval_samples": len(report.eval),

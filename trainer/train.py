@@ -342,6 +342,7 @@ def training_arguments(
         warmup_steps=min(args.warmup_steps, total_steps // 10),
         weight_decay=args.weight_decay,
         logging_steps=args.logging_steps,
+        logging_first_step=True,  # the loss curve starts where training did
         eval_strategy=strategy,
         save_strategy=strategy,
         save_only_model=True,
@@ -453,6 +454,7 @@ def _metrics(
         "eval_loss": eval_loss,
         "perplexity": perplexity(eval_loss),
         "eval_loss_per_epoch": evals,
+        "loss_curve": loss_curve(state),
         "train_samples": len(data.train),
         "eval_samples": len(data.eval),
         "train_tokens": sum(len(e.input_ids) for e in data.train),
@@ -468,6 +470,11 @@ def _metrics(
         "arguments": asdict(args),
         "created_at": datetime.now(UTC).isoformat(),
     }
+
+
+def loss_curve(state: TrainerState) -> list[list[float]]:
+    """[step, training loss] every TRAIN_LOGGING_STEPS steps (and the first): what the dashboard plots of a run."""
+    return [[entry["step"], entry["loss"]] for entry in state.log_history if "loss" in entry and "step" in entry]
 
 
 def _save(

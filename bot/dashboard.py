@@ -1,0 +1,282 @@
+"""The operator's dashboard: one server-rendered page on the bot's HTTP server, behind DASHBOARD_TOKEN.
+
+It shows the active model, every version with its held-out loss and perplexity, three plots (held-out loss per
+version over time, the last run's training loss curve, messages per day per chat), what the last run's data left
+out and why; and it has retrain and rollback buttons. Those go through the same paths as `/retrain` and
+`/rollback` in chat (`core.retraining.Retrainer`, `core.serving.ModelServing.rollback`), and their answers are the
+same words (`core.texts`). Data comes from `core.dashboard_data` (bot/ runs no SQL), plots from
+`bot.dashboard_plots`, who may do what from `bot.dashboard_auth`.
+
+`build_dashboard_app` returns an aiohttp sub-application; the composition root mounts it at a prefix of the HTTP
+server (`app.add_subapp("/dashboard/", ...)`) only when DASHBOARD_TOKEN is set. Links are built from the
+sub-application's routes, so any prefix works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import jinja2
+from aiohttp import web
+
+from bot import dashboard_plots
+from bot.dashboard_auth import COOKIE, SESSION_TTL, Session, Sessions, csrf_matches
+from core import texts
+from core.dashboard_data import Overview, load_overview
+from core.db import Database
+from core.errors import ConfigError
+from core.retraining import Retrainer
+from core.serving import ModelServing
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DAYS = 30
+OVERVIEW_TTL_S = 10.0
+"""A page and its three plots are four requests: they share one read of the database (an action clears it)."""
+MAX_DAYS = 366
+TRIGGERED_BY = "dashboard"
+"""Who asked, in the run's row and the serving log: the dashboard has one user, the operator."""
+SECURITY_HEADERS = {
+    # No scripts at all; images, styles and forms only from here; never inside another site's frame (a hidden
+    # frame could trick the operator into pressing a button).
+    "Content-Security-Policy": (
+        "default-src 'none'; img-src 'self'; style-src 'self'; form-action 'self'; frame-ancestors 'none'; "
+        "base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="magpie-dashboard"'}
+"""What a 401 asks for (RFC 9110): the token, as a bearer token or through the login form in the response's body."""
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Clock = Callable[[], datetime]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def build_dashboard_app(
+    *,
+    settings: Settings,
+    db: Database,
+    serving: ModelServing,
+    retrainer: Retrainer | None,
+    clock: Clock = _utcnow,
+) -> web.Application:
+    """The dashboard as an aiohttp sub-application. Raises `ConfigError` without DASHBOARD_TOKEN: a dashboard
+    that anyone could open must never be mounted."""
+    if settings.dashboard_token is None:
+        raise ConfigError("DASHBOARD_TOKEN is not set: the dashboard stays off (see .env.example).")
+    dashboard = Dashboard(settings=settings, db=db, serving=serving, retrainer=retrainer, clock=clock)
+    app = web.Application(middlewares=[_security_headers])
+    app.router.add_get("/", dashboard.page, name="page")
+    app.router.add_post("/login", dashboard.login, name="login")
+    app.router.add_post("/logout", dashboard.logout, name="logout")
+    app.router.add_post("/retrain", dashboard.retrain, name="retrain")
+    app.router.add_post("/rollback", dashboard.rollback, name="rollback")
+    app.router.add_get("/plots/{name}.svg", dashboard.plot, name="plot")
+    app.router.add_get("/dashboard.css", dashboard.stylesheet, name="css")
+    return app
+
+
+@web.middleware
+async def _security_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        exc.headers.update(SECURITY_HEADERS)
+        raise
+    response.headers.update(SECURITY_HEADERS)
+    return response
+
+
+class Dashboard:
+    """The page's handlers; dependencies come in through `__init__` (the composition root builds them)."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        db: Database,
+        serving: ModelServing,
+        retrainer: Retrainer | None,
+        clock: Clock,
+    ) -> None:
+        assert settings.dashboard_token is not None
+        self._settings = settings
+        self._db = db
+        self._serving = serving
+        self._retrainer = retrainer
+        self._clock = clock
+        self._sessions = Sessions(settings.dashboard_token, clock=clock)
+        self._overviews: dict[int, tuple[float, Overview]] = {}
+        self._templates = jinja2.Environment(
+            loader=jinja2.PackageLoader("bot", "templates"),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+
+    # --- who is asking ----------------------------------------------------------------------------------------
+
+    def _session(self, request: web.Request) -> Session | None:
+        return self._sessions.get(request.cookies.get(COOKIE))
+
+    def _authorized(self, request: web.Request) -> bool:
+        return self._sessions.bearer_matches(request.headers.get("Authorization")) or self._session(request) is not None
+
+    async def _checked_post(self, request: web.Request) -> tuple[dict[str, Any], Session | None]:
+        """The form of a POST that changes something, once it is known to come from the operator: a bearer token,
+        or a session whose CSRF token the form carries. Raises 401 (no credentials) or 403 (a forged form)."""
+        form = dict(await request.post())
+        if self._sessions.bearer_matches(request.headers.get("Authorization")):
+            return form, None
+        session = self._session(request)
+        if session is None:
+            raise self._login_page(request, texts.DASHBOARD_LOGIN_NEEDED, status=401)
+        if not csrf_matches(session, form.get("csrf")):
+            log.warning("dashboard: refused a %s without a valid CSRF token from %s", request.path, request.remote)
+            raise web.HTTPForbidden(text=texts.DASHBOARD_STALE_FORM)
+        return form, session
+
+    async def _overview(self, days: int) -> Overview:
+        read_at, overview = self._overviews.get(days, (-OVERVIEW_TTL_S, None))
+        if overview is None or time.monotonic() - read_at >= OVERVIEW_TTL_S:
+            overview = await load_overview(self._db, now=self._clock(), days=days)
+            self._overviews[days] = (time.monotonic(), overview)
+        return overview
+
+    # --- pages ------------------------------------------------------------------------------------------------
+
+    def _render(self, template: str, **context: Any) -> str:
+        return self._templates.get_template(template).render(t=texts, **context)
+
+    def _login_page(self, request: web.Request, notice: str | None, *, status: int) -> web.HTTPException:
+        html = self._render("login.html", notice=notice, urls=_urls(request, days=DEFAULT_DAYS))
+        if status == 401:
+            return web.HTTPUnauthorized(text=html, content_type="text/html", headers=CHALLENGE)
+        return web.HTTPForbidden(text=html, content_type="text/html")
+
+    async def page(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            raise self._login_page(request, None, status=401)
+        session = self._session(request)
+        days = _days(request)
+        overview = await self._overview(days)
+        notice, csrf = (session.notice, session.csrf) if session is not None else (None, "")
+        if session is not None:
+            session.notice = None
+        html = self._render(
+            "dashboard.html",
+            o=overview,
+            days=days,
+            csrf=csrf,
+            notice=notice,
+            can_retrain=self._retrainer is not None,
+            base_model=self._settings.base_model,
+            reasons=texts.DASHBOARD_EXCLUSION_REASONS,
+            urls=_urls(request, days=days),
+        )
+        return web.Response(text=html, content_type="text/html")
+
+    async def plot(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            raise web.HTTPUnauthorized(text=texts.DASHBOARD_LOGIN_NEEDED, headers=CHALLENGE)
+        draw = dashboard_plots.PLOTS.get(request.match_info["name"])
+        if draw is None:
+            raise web.HTTPNotFound()
+        overview = await self._overview(_days(request))
+        svg = await asyncio.to_thread(dashboard_plots.drawn, draw, overview)
+        return web.Response(body=svg, content_type="image/svg+xml")
+
+    async def stylesheet(self, request: web.Request) -> web.Response:
+        """Served here, not inline: the page's Content-Security-Policy allows no inline style."""
+        source = self._templates.loader.get_source(self._templates, "dashboard.css")[0]  # type: ignore[union-attr]
+        return web.Response(text=source, content_type="text/css")
+
+    # --- logging in and out -----------------------------------------------------------------------------------
+
+    async def login(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        offered = form.get("token")
+        if not isinstance(offered, str) or not self._sessions.token_matches(offered):
+            log.warning("dashboard: a wrong token was offered from %s", request.remote)
+            raise self._login_page(request, texts.DASHBOARD_WRONG_TOKEN, status=403)
+        session_id, _ = self._sessions.open()
+        page = _urls(request, days=DEFAULT_DAYS)["page"]
+        response = _see_other(page)
+        response.set_cookie(
+            COOKIE,
+            session_id,
+            path=page,
+            max_age=int(SESSION_TTL.total_seconds()),
+            httponly=True,
+            samesite="Strict",
+            # Behind an HTTPS proxy the request arrives as plain HTTP: the proxy's header says the browser used HTTPS.
+            # (Trusting it can only make the cookie stricter.)
+            secure=request.secure or request.headers.get("X-Forwarded-Proto") == "https",
+        )
+        return response
+
+    async def logout(self, request: web.Request) -> web.Response:
+        await self._checked_post(request)
+        self._sessions.close(request.cookies.get(COOKIE))
+        page = _urls(request, days=DEFAULT_DAYS)["page"]
+        response = _see_other(page)
+        response.del_cookie(COOKIE, path=page)
+        return response
+
+    # --- actions ----------------------------------------------------------------------------------------------
+
+    async def retrain(self, request: web.Request) -> web.Response:
+        _, session = await self._checked_post(request)
+        if self._retrainer is None:
+            return self._answer(request, session, texts.RETRAIN_UNAVAILABLE)
+        result = await self._retrainer.request(triggered_by=TRIGGERED_BY, notify_platform=None, notify_chat_id=None)
+        return self._answer(request, session, texts.run_request(result))
+
+    async def rollback(self, request: web.Request) -> web.Response:
+        """To the named version (a row's button), or with none to the one that served before (the main button)."""
+        form, session = await self._checked_post(request)
+        name = form.get("version")
+        version = name.strip()[:64] if isinstance(name, str) and name.strip() else None
+        result = await self._serving.rollback(version=version, triggered_by=TRIGGERED_BY)
+        return self._answer(request, session, texts.switch(result))
+
+    def _answer(self, request: web.Request, session: Session | None, text: str) -> web.Response:
+        """A browser goes back to the page, which shows `text` once; a script (bearer token) gets `text` itself."""
+        self._overviews.clear()  # the page after an action shows its effect
+        if session is None:
+            return web.Response(text=text)
+        session.notice = text
+        return _see_other(_urls(request, days=DEFAULT_DAYS)["page"])
+
+
+def _see_other(location: str) -> web.Response:
+    """Post/redirect/get: after a form, the browser loads the page again (a reload then repeats nothing)."""
+    return web.Response(status=303, headers={"Location": location})
+
+
+def _days(request: web.Request) -> int:
+    """`?days=N` widens the messages plot; anything that is not a number in 1..MAX_DAYS means the default."""
+    raw = request.query.get("days", "")
+    return int(raw) if raw.isdigit() and 1 <= int(raw) <= MAX_DAYS else DEFAULT_DAYS
+
+
+def _urls(request: web.Request, *, days: int) -> dict[str, str]:
+    """Every link and form target of the page, with the sub-application's prefix."""
+    router = request.app.router
+    urls = {name: str(router[name].url_for()) for name in ("page", "login", "logout", "retrain", "rollback", "css")}
+    for plot in dashboard_plots.PLOTS:
+        urls[f"plot:{plot}"] = str(router["plot"].url_for(name=plot).with_query(days=days))
+    return urls

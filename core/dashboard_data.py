@@ -1,0 +1,199 @@
+"""What the operator's dashboard shows, read from the database in one go: typed values, no HTML and no plotting.
+
+The web page (`bot.dashboard`) lives in `bot/`, which runs no SQL; these queries live here. Nothing is computed
+twice: versions and the active one come from the registry (`core.versions`), perplexity from `core.metrics`, and a
+run's loss curve and its training-data exclusion counts are what the trainer recorded in the run's row
+(`trainer.retrain`: `metrics["loss_curve"]`, and `metrics["excluded"]` from `trainer.dataset`'s report).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from core.db import Database
+from core.metrics import perplexity
+from core.models import Chat, Message, ModelVersion, RunStatus, TrainingRun, VersionStatus
+from core.versions import get_active_version, list_versions
+
+RECENT_RUNS = 20
+"""How many of the newest runs are searched for the last loss curve and exclusion counts (failed runs have none)."""
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    """One model version as the dashboard lists and plots it."""
+
+    name: str
+    status: VersionStatus
+    eval_loss: float | None
+    created_at: datetime
+    activated_at: datetime | None
+    note: str | None
+
+    @property
+    def perplexity(self) -> float | None:
+        return perplexity(self.eval_loss)
+
+
+@dataclass(frozen=True)
+class RunCurve:
+    """A finished run's training loss per logged step, and the held-out loss it was judged on."""
+
+    run_id: int
+    status: RunStatus
+    version: str | None
+    finished_at: datetime | None
+    points: tuple[tuple[int, float], ...]
+    eval_loss: float | None
+
+
+@dataclass(frozen=True)
+class Exclusions:
+    """Why logged messages did not become training targets, as counted by the dataset builder for one run."""
+
+    run_id: int
+    finished_at: datetime | None
+    counts: Mapping[str, int]
+    train_samples: int | None
+    eval_samples: int | None
+
+
+@dataclass(frozen=True)
+class RunningRun:
+    run_id: int
+    progress: float
+    started_at: datetime
+    triggered_by: str
+
+
+@dataclass(frozen=True)
+class Overview:
+    """Everything the page shows; `messages_per_day` maps a chat's label to its message count per UTC day."""
+
+    active: VersionRow | None
+    versions: tuple[VersionRow, ...]
+    """Newest first."""
+    last_curve: RunCurve | None
+    exclusions: Exclusions | None
+    running: RunningRun | None
+    days: tuple[date, ...]
+    messages_per_day: Mapping[str, Mapping[date, int]] = field(default_factory=dict)
+
+
+async def load_overview(db: Database, *, now: datetime, days: int) -> Overview:
+    """One read-only transaction, so the numbers on the page agree with each other."""
+    first_day = (now - timedelta(days=days - 1)).date()
+    async with db.sessions() as session:
+        versions = tuple(_version_row(version) for version in await list_versions(session))
+        active = await get_active_version(session)
+        runs = await _recent_runs(session)
+        per_day = await messages_per_day(session, since=first_day)
+    return Overview(
+        active=_version_row(active) if active is not None else None,
+        versions=versions,
+        last_curve=_last_curve(runs),
+        exclusions=_last_exclusions(runs),
+        running=_running(runs),
+        days=tuple(first_day + timedelta(days=offset) for offset in range(days)),
+        messages_per_day=per_day,
+    )
+
+
+def _version_row(version: ModelVersion) -> VersionRow:
+    return VersionRow(
+        name=version.name,
+        status=version.status,
+        eval_loss=_finite((version.metrics or {}).get("eval_loss")),
+        created_at=version.created_at,
+        activated_at=version.activated_at,
+        note=version.note,
+    )
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+async def _recent_runs(session: AsyncSession) -> Sequence[TrainingRun]:
+    query = select(TrainingRun).order_by(TrainingRun.id.desc()).limit(RECENT_RUNS)
+    return (await session.scalars(query)).all()
+
+
+def _last_curve(runs: Sequence[TrainingRun]) -> RunCurve | None:
+    """The newest run that recorded a loss curve (older runs, and runs that failed before scoring, have none)."""
+    for run in runs:
+        metrics = run.metrics or {}
+        points = tuple(
+            (int(step), float(loss))
+            for step, loss in metrics.get("loss_curve") or ()
+            if _finite(step) is not None and _finite(loss) is not None
+        )
+        if points:
+            version = metrics.get("version")
+            return RunCurve(
+                run.id,
+                run.status,
+                version if isinstance(version, str) else None,
+                run.finished_at,
+                points,
+                _finite(metrics.get("eval_loss")),
+            )
+    return None
+
+
+def _last_exclusions(runs: Sequence[TrainingRun]) -> Exclusions | None:
+    for run in runs:
+        metrics = run.metrics or {}
+        counts = metrics.get("excluded")
+        if isinstance(counts, dict):
+            return Exclusions(
+                run.id,
+                run.finished_at,
+                {str(reason): int(count) for reason, count in sorted(counts.items())},
+                _count(metrics.get("train_samples")),
+                _count(metrics.get("eval_samples")),
+            )
+    return None
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) else None
+
+
+def _running(runs: Sequence[TrainingRun]) -> RunningRun | None:
+    for run in runs:
+        if run.status is RunStatus.RUNNING:
+            return RunningRun(run.id, run.progress, run.started_at, run.triggered_by)
+    return None
+
+
+def _utc_day(session: AsyncSession) -> ColumnElement[Any]:
+    """The UTC calendar day of a message: PostgreSQL converts from its timestamptz; SQLite stores UTC text."""
+    if session.get_bind().dialect.name == "postgresql":
+        return func.date(func.timezone("UTC", Message.created_at))
+    return func.date(Message.created_at)
+
+
+async def messages_per_day(session: AsyncSession, *, since: date) -> dict[str, dict[date, int]]:
+    """Logged messages (people's and the bot's) per chat and UTC day, from `since` on; chats are labelled
+    `platform:chat id`."""
+    day = _utc_day(session).label("day")
+    label = (Chat.platform + ":" + Chat.platform_chat_id).label("chat")
+    query = (
+        select(label, day, func.count(Message.id))
+        .join(Chat, Message.chat_id == Chat.id)
+        .where(Message.created_at >= datetime(since.year, since.month, since.day, tzinfo=UTC))
+        .group_by(label, day)
+    )
+    counts: dict[str, dict[date, int]] = defaultdict(dict)
+    for chat, when, count in await session.execute(query):
+        counts[chat][when if isinstance(when, date) else date.fromisoformat(str(when))] = int(count)
+    return dict(counts)
