@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     retrain_cooldown_minutes: float = Field(30.0, ge=0.0)
     retrain_timeout_minutes: float = Field(180.0, ge=0.0)
 
+    # --- offline starter model ---------------------------------------------------------------------------------
+    starter_budget_minutes: float = Field(5.0, ge=0.0)
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("admin_ids", mode="before")

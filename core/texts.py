@@ -288,3 +288,29 @@ def _version_line(version: VersionSummary) -> str:
     if version.status is VersionStatus.REJECTED and version.note:
         line += f" ({version.note})"
     return line
+
+
+# --- the offline starter model (`magpie bootstrap`) --------------------------------------------------------------
+
+
+def starter_built(
+    name: str,
+    path: str,
+    *,
+    eval_loss: float | None,
+    steps: int,
+    recipe_steps: int | None,
+    budget_minutes: float | None,
+    activated: bool,
+) -> str:
+    """What `magpie bootstrap` saved, how good it is, and whether a longer budget would train more."""
+    quality = f"held-out perplexity {perplexity_text(eval_loss)}" if eval_loss is not None else "no held-out score"
+    text = f"Saved {name} to {path} ({quality}, the best checkpoint of {steps} training steps)."
+    if recipe_steps is not None and budget_minutes is not None and steps < recipe_steps:
+        text += (
+            f" The {budget_minutes:g}-minute budget fitted {steps} of the recipe's {recipe_steps} steps on this "
+            "machine; a longer `magpie bootstrap --minutes N` trains more of them (0 = all)."
+        )
+    if activated:
+        return text + " It is now the active model."
+    return text + f" Another version is active; `magpie models activate {name}` switches to it."
