@@ -51,10 +51,16 @@ def test_a_slow_machine_trains_what_fits_and_evaluates_less_often() -> None:
     assert schedule.expected_s <= 270
 
 
+def test_where_no_evaluation_fits_the_run_has_none() -> None:
+    schedule = plan_schedule(Speed(step_s=1.0, eval_s=40.0), available_s=150, steps_per_epoch=30, epochs=10)
+
+    assert (schedule.max_steps, schedule.eval_steps, schedule.evaluations) == (150, None, 0)
+
+
 def test_a_machine_too_slow_for_the_budget_still_trains_a_minimum_and_says_it_will_overrun() -> None:
     schedule = plan_schedule(Speed(step_s=60.0, eval_s=30.0), available_s=100, steps_per_epoch=30, epochs=10)
 
-    assert (schedule.max_steps, schedule.evaluations) == (MIN_STEPS, 1)
+    assert (schedule.max_steps, schedule.evaluations) == (MIN_STEPS, 0)
     assert schedule.expected_s > schedule.available_s
 
 
@@ -73,15 +79,16 @@ def test_every_schedule_fits_or_is_the_minimum(
     )
 
     assert 1 <= schedule.max_steps <= schedule.recipe_steps
-    assert 1 <= schedule.eval_steps <= schedule.max_steps or schedule.eval_steps == steps_per_epoch
+    assert schedule.eval_steps is None or 1 <= schedule.eval_steps <= max(schedule.max_steps, steps_per_epoch)
     assert schedule.evaluations <= max(1, -(-schedule.recipe_steps // steps_per_epoch))
     assert schedule.expected_s <= available_s + 1e-6 or schedule.max_steps == min(MIN_STEPS, schedule.recipe_steps)
 
 
 def test_a_budgeted_run_trains_the_planned_schedule_and_keeps_its_best_checkpoint(tmp_path: Path) -> None:
-    """A real short run, on a schedule cut from 280 steps to 123 by the budget (one simulated second per clock
-    reading: 1/3 s per step, 1 s per evaluation). A high learning rate overfits the tiny corpus, so held-out loss
-    turns up after a while; the model saved is the one from the best evaluation, not the last."""
+    """A real short run, on a schedule cut from 280 steps to 120 by the budget (one simulated second per clock
+    reading: 1/3 s per step, 2 s per evaluation and its checkpoint, 7 s gone before planning; 48 s left for training
+    once the reserve is kept: 4 evaluations and 120 steps). A high learning rate overfits the tiny corpus, so the
+    held-out loss turns up after a while; the model saved is the one from the best evaluation, not the last."""
     settings = Settings(_env_file=None, train_precision="fp32")  # type: ignore[call-arg]
     dialogues = sorted(load_dialogues(), key=lambda d: stable_fraction(f"slice:{d.key}"))[:80]
     train_samples, eval_samples = split_by_conversation(samples_from_dialogues(dialogues, history_turns=10), 0.1)
@@ -98,11 +105,11 @@ def test_a_budgeted_run_trains_the_planned_schedule_and_keeps_its_best_checkpoin
 
     metrics = result.metrics
     schedule = metrics["schedule"]
-    assert (schedule["step_s"], schedule["eval_s"], schedule["budget_s"]) == (pytest.approx(1 / 3), 1.0, 60)
-    assert (schedule["recipe_steps"], schedule["max_steps"], schedule["eval_steps"]) == (280, 123, 13)
-    assert (metrics["arguments"]["max_steps"], metrics["arguments"]["eval_steps"]) == (123, 13)
+    assert (schedule["step_s"], schedule["eval_s"], schedule["budget_s"]) == (pytest.approx(1 / 3), 2.0, 60)
+    assert (schedule["recipe_steps"], schedule["max_steps"], schedule["eval_steps"]) == (280, 120, 30)
+    assert (metrics["arguments"]["max_steps"], metrics["arguments"]["eval_steps"]) == (120, 30)
     evaluated = dict(metrics["eval_loss_by_step"])
-    assert all(step % 13 == 0 or step == 123 for step in evaluated)
+    assert sorted(evaluated) == [30, 60, 90, 120]
     best = min(evaluated, key=evaluated.__getitem__)
     assert metrics["best_step"] == best
     assert max(evaluated) > best and evaluated[max(evaluated)] > evaluated[best], "the last evaluation was no worse"

@@ -27,6 +27,7 @@ from transformers import PreTrainedModel
 
 from trainer.packing import Encoded, Features, PadCollator
 from trainer.train import TrainArguments, mean_loss
+from trainer.training_logs import false_alarms_hidden
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,12 @@ Clock = Callable[[], float]
 """Seconds from an arbitrary origin (`time.monotonic`; tests pass their own)."""
 
 EVAL_SHARE = 0.2
-"""At most this share of the time left goes to evaluations when the recipe does not fit (at least one is kept)."""
+"""At most this share of the time left goes to evaluations during the run when the recipe does not fit; when not
+even one fits in it, the run has none (the kept model, the last, is still scored once at the end)."""
+
+EVAL_PROBE_SAMPLES = 32
+"""Held-out samples timed to estimate an evaluation (spread over the set, scaled up by tokens): a full evaluation
+can cost as much as several steps on a slow machine."""
 
 MIN_STEPS = 10
 """Even on a machine too slow for the budget, train this many steps (or the whole recipe, if shorter): fewer leave
@@ -54,17 +60,18 @@ class Speed:
 
 @dataclass(frozen=True)
 class Schedule:
-    """How long to train and how often to evaluate; `expected_s` is the planned training time."""
+    """How long to train and how often to evaluate (None: not during the run); `expected_s` is the planned
+    training time."""
 
     max_steps: int
-    eval_steps: int
+    eval_steps: int | None
     recipe_steps: int
     expected_s: float
     available_s: float
 
     @property
     def evaluations(self) -> int:
-        return math.ceil(self.max_steps / self.eval_steps)
+        return math.ceil(self.max_steps / self.eval_steps) if self.eval_steps else 0
 
     @property
     def fits_recipe(self) -> bool:
@@ -74,9 +81,9 @@ class Schedule:
 def plan_schedule(speed: Speed, *, available_s: float, steps_per_epoch: int, epochs: float) -> Schedule:
     """The longest schedule that fits `available_s`, never longer than the recipe (`epochs`, evaluated per epoch).
 
-    When the recipe does not fit, evaluations get up to `EVAL_SHARE` of the time (one per epoch at most, one at
-    least, the last at the final step) and the steps the rest; a budget too small even for `MIN_STEPS` still trains
-    those, and `expected_s` then exceeds `available_s`.
+    When the recipe does not fit, evaluations get up to `EVAL_SHARE` of the time (one per epoch at most, the last
+    at the final step; none when not even one fits) and the steps the rest; a budget too small even for
+    `MIN_STEPS` still trains those, and `expected_s` then exceeds `available_s`.
     """
     recipe_steps = max(1, math.ceil(epochs * steps_per_epoch))
     recipe_evals = math.ceil(recipe_steps / steps_per_epoch)
@@ -87,11 +94,12 @@ def plan_schedule(speed: Speed, *, available_s: float, steps_per_epoch: int, epo
 
     if cost(recipe_steps, recipe_evals) <= available_s:
         return Schedule(recipe_steps, steps_per_epoch, recipe_steps, cost(recipe_steps, recipe_evals), available_s)
-    evals = min(recipe_evals, max(1, math.floor(EVAL_SHARE * available_s / eval_s)))
+    evals = min(recipe_evals, max(0, math.floor(EVAL_SHARE * available_s / eval_s)))
     steps = math.floor((available_s - evals * eval_s) / step_s)
     steps = min(recipe_steps, max(steps, MIN_STEPS))
-    evals = min(evals, steps)
-    eval_steps = math.ceil(steps / evals)
+    if evals == 0:
+        return Schedule(steps, None, recipe_steps, cost(steps, 0), available_s)
+    eval_steps = math.ceil(steps / min(evals, steps))
     return Schedule(steps, eval_steps, recipe_steps, cost(steps, math.ceil(steps / eval_steps)), available_s)
 
 
@@ -120,18 +128,21 @@ class TimeBudget:
         args: TrainArguments,
     ) -> tuple[TrainArguments, dict[str, Any]]:
         """Measures this machine, plans, and returns the arguments to train with and the plan's record."""
-        speed = measure_speed(model, train_features, eval_encoded, pad_token_id, args, clock=self.clock)
+        with false_alarms_hidden(model):  # the Trainer's run hides the same false alarm (GPT-2's loss_type)
+            speed = measure_speed(model, train_features, eval_encoded, pad_token_id, args, clock=self.clock)
         available = self.remaining() - RESERVE_SHARE * self.seconds - speed.eval_s  # the kept model is scored again
         steps_per_epoch = math.ceil(len(train_features) / args.batch_size)
         schedule = plan_schedule(speed, available_s=available, steps_per_epoch=steps_per_epoch, epochs=args.epochs)
         record = {"budget_s": self.seconds, **asdict(speed), **asdict(schedule), "evaluations": schedule.evaluations}
         log.info(
-            "starter schedule for a %.0f s budget: %d of the recipe's %d steps, an evaluation every %d "
+            "starter schedule for a %.0f s budget: %d of the recipe's %d steps, %d evaluations "
             "(%.2f s per step, %.1f s per evaluation measured here)",
-            self.seconds, schedule.max_steps, schedule.recipe_steps, schedule.eval_steps, speed.step_s, speed.eval_s,
+            self.seconds, schedule.max_steps, schedule.recipe_steps, schedule.evaluations, speed.step_s, speed.eval_s,
         )  # fmt: skip
         if schedule.expected_s > max(available, 0.0):
             log.warning("this machine is too slow for the budget: the build will take longer than planned")
+        if schedule.eval_steps is None:  # no evaluation fits: train, and let the final scoring judge the last model
+            return replace(args, max_steps=schedule.max_steps, select_on_eval=False), record
         return replace(args, max_steps=schedule.max_steps, eval_steps=schedule.eval_steps), record
 
 
@@ -145,8 +156,9 @@ def measure_speed(
     clock: Clock = time.monotonic,
     steps: int = 3,
 ) -> Speed:
-    """Times `steps` optimizer steps (after one untimed warm-up step), one evaluation and one checkpoint save, on a
-    copy of `model` with the run's batch size, device, precision and threads; the model itself is left untouched."""
+    """Times `steps` optimizer steps (after one untimed warm-up step), part of an evaluation and one checkpoint
+    save, on a copy of `model` with the run's batch size, device, precision and threads; the model itself is left
+    untouched."""
     probe: PreTrainedModel = copy.deepcopy(model)
     torch.nn.Module.to(probe, args.resolved_device())  # (transformers wraps `to` in a way mypy misreads)
     batches = _batches(train_features, args.batch_size, pad_token_id)
@@ -157,11 +169,15 @@ def measure_speed(
         train_step(batches[index % len(batches)])
     _synchronize(args)
     step_s = (clock() - started) / steps
+    subset = list(eval_encoded[:: max(1, math.ceil(len(eval_encoded) / EVAL_PROBE_SAMPLES))])
+    scale = sum(len(e.input_ids) for e in eval_encoded) / max(1, sum(len(e.input_ids) for e in subset))
     started = clock()
-    mean_loss(probe, eval_encoded, pad_token_id=pad_token_id, batch_size=args.eval_batch_size)
+    mean_loss(probe, subset, pad_token_id=pad_token_id, batch_size=args.eval_batch_size)
+    eval_s = (clock() - started) * scale
+    started = clock()
     with tempfile.TemporaryDirectory(prefix="magpie-probe-") as directory:
         save_weights(probe, str(Path(directory) / "model.safetensors"))  # what each checkpoint writes
-    return Speed(step_s=step_s, eval_s=clock() - started)
+    return Speed(step_s=step_s, eval_s=eval_s + clock() - started)
 
 
 def _batches(features: Sequence[Features], batch_size: int, pad_token_id: int) -> list[dict[str, torch.Tensor]]:
