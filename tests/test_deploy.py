@@ -286,4 +286,6 @@ def healthcheck_status(port: int) -> int | None:
     server yet (no HTTP_LISTEN setting)."""
     if "http_listen" not in Settings.model_fields:
         return None
-    return subprocess.run(healthcheck_command(port), capture_output=True, timeout=30, check=False).returncode
+    program, *args = healthcheck_command(port)
+    assert program == "python", "the image's python; here this interpreter stands in for it"
+    return subprocess.run([sys.executable, *args], capture_output=True, timeout=30, check=False).returncode
