@@ -240,6 +240,7 @@ def test_the_entry_point_migrates_a_fresh_postgresql_and_serves(
         "MODELS_DIR": str(tmp_path / "models"),
         "HTTP_LISTEN": f"127.0.0.1:{port}",
         "MAX_NEW_TOKENS": "4",
+        "SEED": "0",
         "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": str(ROOT),
     }
