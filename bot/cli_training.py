@@ -210,6 +210,7 @@ async def _bootstrap(args: argparse.Namespace, settings: Settings, db: Database)
         str(starter.path),
         eval_loss=metrics.get("eval_loss"),
         steps=int(metrics.get("steps", 0)),
+        evaluations=len(metrics.get("eval_loss_by_step", [])),
         recipe_steps=schedule["recipe_steps"] if schedule else None,
         budget_minutes=schedule["budget_s"] / 60 if schedule else None,
         activated=starter.activated,

@@ -299,13 +299,15 @@ def starter_built(
     *,
     eval_loss: float | None,
     steps: int,
+    evaluations: int,
     recipe_steps: int | None,
     budget_minutes: float | None,
     activated: bool,
 ) -> str:
     """What `magpie bootstrap` saved, how good it is, and whether a longer budget would train more."""
     quality = f"held-out perplexity {perplexity_text(eval_loss)}" if eval_loss is not None else "no held-out score"
-    text = f"Saved {name} to {path} ({quality}, the best checkpoint of {steps} training steps)."
+    kept = f"the best of {evaluations} checkpoints over" if evaluations > 1 else "after"
+    text = f"Saved {name} to {path} ({quality}; {kept} {steps} training steps)."
     if recipe_steps is not None and budget_minutes is not None and steps < recipe_steps:
         text += (
             f" The {budget_minutes:g}-minute budget fitted {steps} of the recipe's {recipe_steps} steps on this "

@@ -135,14 +135,21 @@ def test_magpie_bootstrap_refuses_a_budget_that_is_not_minutes(bad: str, capsys:
 
 def test_the_report_says_what_the_budget_left_out() -> None:
     cut = starter_built(
-        "starter-1", "/m/starter-1", eval_loss=5.0, steps=90, recipe_steps=300, budget_minutes=5, activated=True
-    )
-    assert "perplexity 148.4" in cut and "90 of the recipe's 300 steps" in cut and "--minutes" in cut
-    assert "active model" in cut
+        "starter-1", "/m/starter-1", eval_loss=5.0, steps=90, evaluations=3, recipe_steps=300, budget_minutes=5,
+        activated=True,
+    )  # fmt: skip
+    assert "perplexity 148.4; the best of 3 checkpoints over 90 training steps" in cut
+    assert "90 of the recipe's 300 steps" in cut and "--minutes" in cut and "active model" in cut
     whole = starter_built(
-        "starter-2", "/m/starter-2", eval_loss=4.7, steps=300, recipe_steps=300, budget_minutes=5, activated=False
-    )
+        "starter-2", "/m/starter-2", eval_loss=4.7, steps=300, evaluations=10, recipe_steps=300, budget_minutes=5,
+        activated=False,
+    )  # fmt: skip
     assert "--minutes" not in whole and "models activate starter-2" in whole
+    unscored = starter_built(
+        "starter-3", "/m/starter-3", eval_loss=7.3, steps=10, evaluations=0, recipe_steps=300, budget_minutes=5,
+        activated=True,
+    )  # fmt: skip
+    assert "perplexity 1480.3; after 10 training steps" in unscored
 
 
 def test_the_budget_setting_defaults_to_five_minutes() -> None:
