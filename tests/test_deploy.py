@@ -154,12 +154,17 @@ def test_compose_starts_magpie_after_a_healthy_postgres_on_the_image_volumes() -
 # --- the entry point, run for real ----------------------------------------------------------------------------------
 
 
-def entrypoint(args: list[str], env: dict[str, str], magpie: Path, **options: Any) -> subprocess.CompletedProcess[str]:
+def container_env(env: dict[str, str], magpie: Path) -> dict[str, str]:
+    """This environment without platform tokens, plus `env`, with `magpie` first on PATH (as in the image)."""
     full_env = {key: value for key, value in os.environ.items() if not key.endswith("_TOKEN")}
-    full_env.update(env, PATH=f"{magpie.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    return {**full_env, **env, "PATH": f"{magpie.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def entrypoint(args: list[str], env: dict[str, str], magpie: Path, **options: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["sh", str(ENTRYPOINT), *args], capture_output=True, text=True, env=full_env, check=False, **options
-    )
+        ["sh", str(ENTRYPOINT), *args], capture_output=True, text=True, env=container_env(env, magpie), check=False,
+        **options,
+    )  # fmt: skip
 
 
 def recording_magpie(tmp_path: Path, *, fail_upgrade: bool = False) -> tuple[Path, Path]:
@@ -244,22 +249,14 @@ def test_the_entry_point_migrates_a_fresh_postgresql_and_serves(
         "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": str(ROOT),
     }
-    full_env = {key: value for key, value in os.environ.items() if not key.endswith("_TOKEN")}
-    magpie = real_magpie(tmp_path)
-    full_env.update(env, PATH=f"{magpie.parent}{os.pathsep}{os.environ.get('PATH', '')}")
     log = tmp_path / "stderr.log"
     with (
         log.open("w") as stderr,
         subprocess.Popen(
-            ["sh", str(ENTRYPOINT), "run"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-            cwd=tmp_path,
-            env=full_env,
+            ["sh", str(ENTRYPOINT), "run"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
+            cwd=tmp_path, env=container_env(env, real_magpie(tmp_path)),
         ) as process,
-    ):
+    ):  # fmt: skip
         assert process.stdin is not None and process.stdout is not None
         try:
             process.stdin.write("hello\n")
