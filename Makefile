@@ -2,18 +2,37 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of torch. With a GPU, install your CUDA build first (see README) and run `make install TORCH_SPEC=`.
+# torch is installed before Magpie, from PyTorch's CPU wheel index when it answers within TORCH_INDEX_TIMEOUT
+# seconds. Otherwise it comes from pip's usual index, and that is a CPU build only where the index has one: on
+# Linux x86-64 plain PyPI's torch is the CUDA build (several GB); the install says which build it got.
+# With a GPU, install your CUDA build first (see README) and run `make install TORCH_SPEC=` (skips this step).
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_INDEX_TIMEOUT ?= 5
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint typecheck bench db-upgrade bootstrap clean
+.PHONY: install install-torch run test lint typecheck bench db-upgrade bootstrap clean
 
 $(BIN)/magpie: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip >/dev/null
-	@if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/python -m pip install -q "$(TORCH_SPEC)"; fi
+	@$(MAKE) --no-print-directory install-torch VENV=$(VENV)
 	@$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $(BIN)/magpie
+
+# Into an existing venv ($(VENV), e.g. CI's scratch one). The probe is one HTTP request with a short timeout, so an
+# unreachable CPU index costs seconds, not pip's retries for every package.
+install-torch:
+	@if [ -z "$(TORCH_SPEC)" ]; then exit 0; fi; \
+	if $(BIN)/python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2]))" \
+	     "$(TORCH_INDEX)/torch/" "$(TORCH_INDEX_TIMEOUT)" 2>/dev/null \
+	   && $(BIN)/python -m pip install -q --index-url "$(TORCH_INDEX)" "$(TORCH_SPEC)"; then :; \
+	else \
+	  echo "No $(TORCH_SPEC) from the CPU wheel index $(TORCH_INDEX) (unreachable?): using pip's usual index." >&2; \
+	  $(BIN)/python -m pip install -q "$(TORCH_SPEC)" || exit 1; \
+	fi; \
+	$(BIN)/python -W ignore -c "import torch; print('Installed torch', torch.__version__, \
+	  '(CUDA build: a GPU install, several GB)' if torch.version.cuda else '(CPU build)')"
 
 install: $(BIN)/magpie
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import math
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -23,7 +24,7 @@ from core.models import RunStatus
 from core.outcomes import RunOutcome, SwitchRefused
 from core.serving import ModelServing
 from core.settings import Settings
-from core.texts import disk_size_text, run_outcome, run_request, switch, version_list
+from core.texts import disk_size_text, run_outcome, run_request, starter_built, switch, version_list
 from trainer.orchestrator import TrainingOrchestrator
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 
 STARTER_EXPLANATION = (
     "Building the offline starter model: a small GPT-2 trained here, from scratch, on the English and Korean "
-    "dialogues of chatterbot-corpus (not OpenAI's pretrained GPT-2). It takes a few minutes."
+    "dialogues of chatterbot-corpus (not OpenAI's pretrained GPT-2). It takes {duration}."
 )
 
 Handler = Callable[[argparse.Namespace, Settings, Database], Awaitable[int]]
@@ -78,7 +79,22 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     export = dataset_commands.add_parser("export", help="write the training set as JSONL, with exclusion counts")
     export.add_argument("path", type=Path, help="the JSONL file to write")
 
-    subparsers.add_parser("bootstrap", help="build the offline starter model (small GPT-2 trained locally)")
+    bootstrap = subparsers.add_parser("bootstrap", help="build the offline starter model (small GPT-2 trained locally)")
+    bootstrap.add_argument(
+        "--minutes",
+        type=_minutes,
+        help="time budget for the build (default STARTER_BUDGET_MINUTES; 0 = the full recipe however long it takes)",
+    )
+
+
+def _minutes(text: str) -> float:
+    try:
+        minutes = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of minutes") from None
+    if not math.isfinite(minutes) or minutes < 0:
+        raise argparse.ArgumentTypeError("give a number of minutes, 0 or more (0 = no time limit)")
+    return minutes
 
 
 async def run_command(args: argparse.Namespace, settings: Settings) -> int | None:
@@ -205,29 +221,36 @@ async def _dataset(args: argparse.Namespace, settings: Settings, db: Database) -
     return 0
 
 
-async def build_starter(settings: Settings, db: Database) -> StarterVersion:
-    """Builds the offline starter with a progress bar on stderr (stdout stays free for replies)."""
+async def build_starter(settings: Settings, db: Database, *, minutes: float | None = None) -> StarterVersion:
+    """Builds the offline starter within `minutes` (default STARTER_BUDGET_MINUTES) with a progress bar on stderr
+    (stdout stays free for replies)."""
     from trainer.bootstrap import bootstrap
 
-    print(STARTER_EXPLANATION, file=sys.stderr)
+    minutes = settings.starter_budget_minutes if minutes is None else minutes
+    duration = f"up to about {minutes:g} minutes" if minutes > 0 else "as long as the full recipe needs"
+    print(STARTER_EXPLANATION.format(duration=duration), file=sys.stderr)
     with tqdm(total=100, unit="%", desc="Starter model", file=sys.stderr) as bar:
 
         def show(fraction: float) -> None:  # called from the training thread; tqdm locks internally
             bar.update(max(0, round(fraction * 100) - bar.n))
 
-        return await bootstrap(settings, db, progress=show)
+        return await bootstrap(settings, db, progress=show, minutes=minutes)
 
 
 async def _bootstrap(args: argparse.Namespace, settings: Settings, db: Database) -> int:
-    starter = await build_starter(settings, db)
-    perplexity = starter.metrics.get("perplexity")
-    quality = f"held-out perplexity {perplexity:.1f}" if isinstance(perplexity, float) else "no held-out score"
-    state = (
-        "It is now the active model."
-        if starter.activated
-        else "Another version is active; `magpie models activate " + starter.name + "` switches to it."
+    starter = await build_starter(settings, db, minutes=args.minutes)
+    metrics, schedule = starter.metrics, starter.metrics.get("schedule")
+    report = starter_built(
+        starter.name,
+        str(starter.path),
+        eval_loss=metrics.get("eval_loss"),
+        steps=int(metrics.get("steps", 0)),
+        evaluations=len(metrics.get("eval_loss_by_step", [])),
+        recipe_steps=schedule["recipe_steps"] if schedule else None,
+        budget_minutes=schedule["budget_s"] / 60 if schedule else None,
+        activated=starter.activated,
     )
-    print(f"Saved {starter.name} to {starter.path} ({quality}). {state}")
+    print(report)
     return 0
 
 

@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     # --- operator dashboard ----------------------------------------------------------------------------------
     dashboard_token: SecretStr | None = None
 
+    # --- offline starter model ---------------------------------------------------------------------------------
+    starter_budget_minutes: float = Field(5.0, ge=0.0)
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     # --- operating: health, metrics and logs ---------------------------------------------------------------------

@@ -395,3 +395,31 @@ def dashboard_no_exclusions() -> str:
 
 def dashboard_no_messages(days: int) -> str:
     return f"No messages in the last {days} days."
+
+
+# --- the offline starter model (`magpie bootstrap`) --------------------------------------------------------------
+
+
+def starter_built(
+    name: str,
+    path: str,
+    *,
+    eval_loss: float | None,
+    steps: int,
+    evaluations: int,
+    recipe_steps: int | None,
+    budget_minutes: float | None,
+    activated: bool,
+) -> str:
+    """What `magpie bootstrap` saved, how good it is, and whether a longer budget would train more."""
+    quality = f"held-out perplexity {perplexity_text(eval_loss)}" if eval_loss is not None else "no held-out score"
+    kept = f"the best of {evaluations} checkpoints over" if evaluations > 1 else "after"
+    text = f"Saved {name} to {path} ({quality}; {kept} {steps} training steps)."
+    if recipe_steps is not None and budget_minutes is not None and steps < recipe_steps:
+        text += (
+            f" The {budget_minutes:g}-minute budget fitted {steps} of the recipe's {recipe_steps} steps on this "
+            "machine; a longer `magpie bootstrap --minutes N` trains more of them (0 = all)."
+        )
+    if activated:
+        return text + " It is now the active model."
+    return text + f" Another version is active; `magpie models activate {name}` switches to it."

@@ -56,6 +56,8 @@ async def test_bootstrap_registers_an_active_starter(db: Database, tmp_path: Pat
     assert starter.activated and starter.path == (tmp_path / "models" / "starter-t").resolve()
     assert math.isfinite(starter.metrics["perplexity"]) and starter.metrics["eval_samples"] > 0
     assert fractions[-1] == 1.0
+    assert starter.metrics["schedule"]["budget_s"] == 300  # STARTER_BUDGET_MINUTES=5, which this tiny run fits
+    assert starter.metrics["schedule"]["max_steps"] == starter.metrics["schedule"]["recipe_steps"]
     assert starter.metrics["arguments"]["precision"] == "fp32" and starter.metrics["bf16"] is False
     async with db.sessions() as session:
         active = await get_active_version(session)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -27,6 +28,7 @@ from trainer.corpus import DEFAULT_LANGUAGES, load_dialogues
 from trainer.dataset import samples_from_dialogues, split_by_conversation
 from trainer.filters import stable_fraction
 from trainer.samples import Sample
+from trainer.starter_budget import Clock, TimeBudget
 from trainer.starter_model import ModelShape, build_model, save_model, train_tokenizer
 from trainer.train import TrainArguments, TrainResult, train
 from trainer.training_logs import ProgressFn
@@ -86,12 +88,17 @@ async def bootstrap(
     max_dialogues: int | None = None,
     arguments: TrainArguments | None = None,
     name: str | None = None,
+    minutes: float | None = None,
+    clock: Clock = time.monotonic,
 ) -> StarterVersion:
     """Builds the starter under `MODELS_DIR/starter-<time>` and registers it (active when none is).
 
     `max_dialogues` trains on a hash-chosen slice of the corpus (quick runs, tests). Training runs in a worker
-    thread with `arguments`, by default `starter_arguments(settings)`.
+    thread with `arguments`, by default `starter_arguments(settings)`, cut to fit `minutes` (by default
+    STARTER_BUDGET_MINUTES; 0 = the whole recipe however long it takes), counted from this call on `clock`.
     """
+    minutes = settings.starter_budget_minutes if minutes is None else minutes
+    budget = TimeBudget(minutes * 60, clock=clock) if minutes > 0 else None
     dialogues = load_dialogues(languages)
     if max_dialogues is not None:
         # salted: the split hashes the same keys, and an unsalted slice would be all held-out dialogues
@@ -109,8 +116,9 @@ async def bootstrap(
         len(dialogues),
     )
     result = await asyncio.to_thread(
-        train_starter, train_samples, eval_samples, output_dir, shape=shape, arguments=args, progress=progress
-    )
+        train_starter, train_samples, eval_samples, output_dir, shape=shape, arguments=args, progress=progress,
+        budget=budget,
+    )  # fmt: skip
     async with db.sessions.begin() as session:
         active = await get_active_version(session)
         version = await register_version(
@@ -129,8 +137,10 @@ def train_starter(
     shape: ModelShape,
     arguments: TrainArguments,
     progress: ProgressFn | None = None,
+    budget: TimeBudget | None = None,
 ) -> TrainResult:
-    """Trains the tokenizer on the training turns, initialises a GPT-2 of `shape` and trains it (no database)."""
+    """Trains the tokenizer on the training turns, initialises a GPT-2 of `shape` and trains it (no database),
+    within `budget` when there is one."""
     turns = [turn for sample in train_samples for turn in sample.text(GPT2_EOS).split(GPT2_EOS) if turn]
     tokenizer = train_tokenizer(turns, vocab_size=shape.vocab_size)
     model = build_model(tokenizer, shape, seed=arguments.seed)
@@ -145,4 +155,5 @@ def train_starter(
             output_dir=output_dir,
             progress=progress,
             metadata={"model_source": "from scratch (offline starter)", "shape": asdict(shape)},
+            fit_schedule=budget,
         )

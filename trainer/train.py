@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import transformers
@@ -99,6 +99,10 @@ class TrainArguments:
     early_stopping_patience: int = field(
         default=2, metadata={"help": "Stop after this many evaluations (one per epoch) without improvement."}
     )
+    eval_steps: int | None = field(
+        default=None,
+        metadata={"help": "Evaluate (and keep the best checkpoint) every this many steps instead of once per epoch."},
+    )
     eval_batch_size: int = field(default=8, metadata={"help": "Samples per evaluation batch."})
     max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1 = by epochs)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training samples."})
@@ -114,6 +118,8 @@ class TrainArguments:
             raise ValueError(f"max_length must be at least 16 tokens, got {self.max_length}")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.early_stopping_patience < 1:
             raise ValueError("warmup_steps and weight_decay must be >= 0, early_stopping_patience >= 1")
+        if self.eval_steps is not None and self.eval_steps < 1:
+            raise ValueError(f"eval_steps must be at least 1 when set, got {self.eval_steps}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"max_steps must be positive or -1, got {self.max_steps}")
         for name in ("max_train_samples", "max_eval_samples"):
@@ -155,6 +161,23 @@ class TrainArguments:
         if self.resolved_device() == "cuda":
             return bool(torch.cuda.is_bf16_supported())
         return cpu_has_native_bf16()
+
+
+class FitSchedule(Protocol):
+    """Chooses a run's schedule once the data is packed, e.g. to fit a time budget (`trainer.starter_budget`).
+
+    Called with the model about to be trained, the packed training rows, the encoded held-out samples, the pad id
+    and the arguments; returns the arguments to train with and what to record about the choice in `metrics.json`.
+    """
+
+    def __call__(
+        self,
+        model: PreTrainedModel,
+        train_features: list[Features],
+        eval_encoded: list[Encoded],
+        pad_token_id: int,
+        args: TrainArguments,
+    ) -> tuple[TrainArguments, dict[str, Any]]: ...
 
 
 @dataclass(frozen=True)
@@ -207,10 +230,12 @@ def train(
     parent_version: str | None = None,
     progress: ProgressFn | None = None,
     metadata: Mapping[str, Any] | None = None,
+    fit_schedule: FitSchedule | None = None,
 ) -> TrainResult:
     """Fine-tunes `model_source` on the samples and writes a new version directory at `output_dir`.
 
-    `metadata` adds fields to `metrics.json` (e.g. who triggered the run). A run that fails removes its
+    `metadata` adds fields to `metrics.json` (e.g. who triggered the run); `fit_schedule` may change the arguments
+    once the data is packed (the starter's time budget) and adds its record as `schedule`. A run that fails removes its
     half-written directory; one that is killed leaves only the hidden `.partial` one, which the next run of the
     same name clears.
     """
@@ -219,8 +244,9 @@ def train(
     extra = {"model_source": model_source, "parent_version": parent_version, **(metadata or {})}
     try:
         metrics = _train_into(
-            partial, args, train_samples, eval_samples, model_source=model_source, extra=extra, progress=progress
-        )
+            partial, args, train_samples, eval_samples, model_source=model_source, extra=extra, progress=progress,
+            fit_schedule=fit_schedule,
+        )  # fmt: skip
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -240,6 +266,7 @@ def _train_into(
     model_source: str,
     extra: dict[str, Any],
     progress: ProgressFn | None,
+    fit_schedule: FitSchedule | None = None,
 ) -> dict[str, Any]:
     """The run itself, stage by stage; returns the metrics it wrote."""
     started = time.perf_counter()
@@ -257,6 +284,10 @@ def _train_into(
     # Pack into full blocks (or keep one row per sample for dynamic padding).
     features = pack(data.train, block_size=data.max_length, seed=args.seed) if args.packing else unpacked(data.train)
     timings = {"data_s": time.perf_counter() - started}
+
+    # Fit the schedule to a time budget, when there is one (the offline starter): steps timed on a copy of the model.
+    if fit_schedule is not None:
+        args, extra["schedule"] = fit_schedule(model, features, data.eval, _pad_id(tokenizer), args)
 
     # Train with the HF Trainer, keeping the checkpoint with the best eval loss.
     phase = time.perf_counter()
@@ -328,10 +359,11 @@ def _tokenize(
 def training_arguments(
     args: TrainArguments, output_dir: Path, *, train_rows: int, with_eval: bool
 ) -> TrainingArguments:
-    """The HF TrainingArguments for a run: no hub, no reporting, eval and best-checkpoint once per epoch."""
+    """The HF TrainingArguments for a run: no hub, no reporting, eval and best-checkpoint once per epoch (or every
+    `eval_steps`, and at the last step)."""
     steps_per_epoch = math.ceil(train_rows / args.batch_size)
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.epochs * steps_per_epoch)
-    strategy = "epoch" if with_eval else "no"
+    strategy = ("steps" if args.eval_steps else "epoch") if with_eval else "no"
     return TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=args.epochs,
@@ -345,6 +377,8 @@ def training_arguments(
         logging_first_step=True,  # the loss curve starts where training did
         eval_strategy=strategy,
         save_strategy=strategy,
+        eval_steps=args.eval_steps,
+        save_steps=args.eval_steps or 500,
         save_only_model=True,
         save_total_limit=1,
         load_best_model_at_end=with_eval,
@@ -455,6 +489,8 @@ def _metrics(
         "perplexity": perplexity(eval_loss),
         "eval_loss_per_epoch": evals,
         "loss_curve": loss_curve(state),
+        "eval_loss_by_step": [[e["step"], e["eval_loss"]] for e in state.log_history if "eval_loss" in e],
+        "best_step": state.best_global_step,
         "train_samples": len(data.train),
         "eval_samples": len(data.eval),
         "train_tokens": sum(len(e.input_ids) for e in data.train),

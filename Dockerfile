@@ -1,0 +1,45 @@
+# syntax=docker/dockerfile:1
+# Magpie's image. CPU PyTorch by default; a CUDA build with `--build-arg TORCH_VARIANT=cu128` (any variant PyTorch's
+# wheel index has, matching the host's driver) and `docker run --gpus all`. What was and was not verified: README.
+ARG PYTHON_VERSION=3.11
+FROM python:${PYTHON_VERSION}-slim
+
+# torch first, from PyTorch's own wheel index for the variant, so pip never pulls the multi-GB CUDA build by accident.
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_VARIANT=cpu
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+RUN python -m pip install --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" "torch==${TORCH_VERSION}"
+
+# Magpie itself, installed as a package (the migrations travel inside it); the source tree is not kept.
+COPY pyproject.toml README.md /src/
+COPY core /src/core
+COPY bot /src/bot
+COPY trainer /src/trainer
+COPY alembic /src/alembic
+RUN python -m pip install /src && rm -rf /src
+
+# A non-root user owns the two volumes: /data (SQLite database, exports, the Hugging Face cache), /models (versions).
+RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/magpie magpie \
+    && mkdir -p /data /models \
+    && chown magpie:magpie /data /models
+COPY --chmod=0755 deploy/docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
+ENV DATABASE_URL=sqlite+aiosqlite:////data/magpie.db \
+    MODELS_DIR=/models \
+    HF_HOME=/data/huggingface \
+    HTTP_LISTEN=0.0.0.0:8080
+VOLUME ["/data", "/models"]
+WORKDIR /data
+USER 10001:10001
+EXPOSE 8080
+
+# Healthy = /healthz answers 200 (database, engine, platforms). The first start may build the offline starter
+# (STARTER_BUDGET_MINUTES, default 5) or download BASE_MODEL, hence the long start period.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10m --retries=3 \
+    CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"]
+
+# `magpie db upgrade`, then `magpie run` (the default command); any other magpie command runs as given.
+ENTRYPOINT ["docker-entrypoint.sh"]
+CMD ["run"]
