@@ -305,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_db_prune(settings, args.days))
         elif args.command == "run":
             asyncio.run(_serve(settings))
+        elif args.command == "worker":
+            return cli_training.run_worker(settings)
         elif (code := asyncio.run(cli_training.run_command(args, settings))) is not None:
             return code
         return 0

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -48,6 +49,11 @@ def process_start_token(pid: int) -> str | None:
         return fields[_STAT_START_FIELD - 3]
     except IndexError:
         return None
+
+
+def this_host() -> str:
+    """This machine's name, as a worker records it on the run it takes (pids mean something only here)."""
+    return socket.gethostname()
 
 
 def has_proc() -> bool:
@@ -95,19 +101,40 @@ def kill_trainer(pid: int | None, start_token: str | None) -> bool:
 
 
 async def spawn_trainer(module: str, run_id: int, settings: Settings) -> asyncio.subprocess.Process:
-    """Starts `python -m <module> --run-id N`: the settings go through its environment, its log to our stderr,
-    its progress lines (JSON) to a pipe."""
+    """Starts `python -m <module> --run-id N` (under `accelerate launch` with TRAIN_LAUNCHER=accelerate): the
+    settings go through its environment, its log to our stderr, its progress lines (JSON) to a pipe.
+
+    Under accelerate the trainer is a grandchild, so the launcher gets a process group of its own: stopping the
+    run signals the whole group (`signal_trainer`)."""
     return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        module,
-        "--run-id",
-        str(run_id),
+        *trainer_command(module, run_id, settings),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         env=child_environment(settings, os.environ),
         limit=2**20,
+        start_new_session=settings.train_launcher == "accelerate",
     )
+
+
+def trainer_command(module: str, run_id: int, settings: Settings) -> list[str]:
+    """The trainer's command line; raises FileNotFoundError when ACCELERATE_CONFIG names no file."""
+    program = ["-m", module, "--run-id", str(run_id)]
+    if settings.train_launcher != "accelerate":
+        return [sys.executable, *program]
+    config = settings.accelerate_config
+    if config is not None and not config.is_file():
+        raise FileNotFoundError(f"ACCELERATE_CONFIG {config} is not a file")
+    options = ["--config_file", str(config)] if config is not None else []
+    return [sys.executable, "-m", "accelerate.commands.launch", *options, *program]
+
+
+def signal_trainer(process: asyncio.subprocess.Process, signum: int) -> None:
+    """Sends `signum` to the trainer: to its process group when it leads one (accelerate), else to it alone."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if os.getpgid(process.pid) == process.pid:
+            os.killpg(process.pid, signum)
+        else:
+            os.kill(process.pid, signum)
 
 
 async def progress_lines(process: asyncio.subprocess.Process) -> AsyncIterator[float]:
