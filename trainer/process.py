@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
+LAUNCHER_ONLY = frozenset({"retrain_backend", "celery_broker_url", "celery_queue"})
+"""Settings of whoever starts runs, not of the trainer (which then sees the defaults)."""
 _STAT_START_FIELD = 22
 _GONE_STATES = frozenset({"Z", "X", "x"})
 """A zombie (exited, not yet reaped) or dead process keeps its /proc entry but no longer trains."""
@@ -160,13 +162,13 @@ async def progress_lines(process: asyncio.subprocess.Process) -> AsyncIterator[f
 def child_environment(settings: Settings, inherited: Mapping[str, str]) -> dict[str, str]:
     """The training process's environment: this process's settings as variables, so the child sees exactly what
     the parent was configured with (tests build Settings in code); secrets are left out (the trainer needs no
-    platform token), the thread settings bound every math library, not only torch, and library progress bars
+    platform token), and so is how runs are queued (LAUNCHER_ONLY: a trainer carries out one run), the thread settings bound every math library, not only torch, and library progress bars
     stay out of the child's log."""
     fields = type(settings).model_fields
     env = {key: value for key, value in inherited.items() if key.lower() not in fields}
     for name in fields:
         value = getattr(settings, name)
-        if value is not None and not isinstance(value, SecretStr):
+        if value is not None and not isinstance(value, SecretStr) and name not in LAUNCHER_ONLY:
             env[name.upper()] = _env_value(value)
     threads = str(settings.train_threads)
     env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false")
