@@ -181,24 +181,38 @@ def test_the_accelerate_launcher(tmp_path: Path) -> None:
 # --- a real worker on a real broker -------------------------------------------------------------------------------
 
 
+ACCELERATE_CPU = """compute_environment: LOCAL_MACHINE
+distributed_type: 'NO'
+mixed_precision: 'no'
+num_machines: 1
+num_processes: 1
+use_cpu: true
+"""
+
+
 @dataclass
 class Stack:
     broker_url: str
     database_url: str
     queue: str
+    launcher: str
 
 
-@pytest.fixture(params=[("redis", "postgresql"), ("rabbitmq", "sqlite")], ids=["redis-postgresql", "rabbitmq-sqlite"])
+@pytest.fixture(
+    params=[("redis", "postgresql", "local"), ("rabbitmq", "sqlite", "accelerate")],
+    ids=["redis-postgresql", "rabbitmq-sqlite-accelerate"],
+)
 def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
-    """A broker (skipped with the reason when it does not answer) with a queue of this test's own, deleted after."""
-    broker, database = request.param
+    """A broker (skipped with the reason when it does not answer) with a queue of this test's own, deleted after;
+    a database; how the worker starts its trainer (TRAIN_LAUNCHER)."""
+    broker, database, launcher = request.param
     url, port = BROKERS[broker]
     try:
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
     except OSError:
         pytest.skip(f"{broker} is not answering on 127.0.0.1:{port} (.ci/run starts it when it can)")
     queue = f"magpie-test-{uuid.uuid4().hex[:10]}"
-    yield Stack(url, str(request.getfixturevalue(f"{database}_url")), queue)
+    yield Stack(url, str(request.getfixturevalue(f"{database}_url")), queue, launcher)
     app = celery_app(Settings(_env_file=None, celery_broker_url=SecretStr(url)))  # type: ignore[call-arg]
     with app.connection_for_write() as connection:
         connection.default_channel.queue_delete(queue)
@@ -224,11 +238,14 @@ class Bot:
 @pytest.fixture
 async def bot(stack: Stack, model_dir: Path, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Bot]:
     """A bot wired like `magpie run` with RETRAIN_BACKEND=celery (the orchestrator polls its runs' rows often)."""
-    extra = getattr(request, "param", {})
+    extra = {"train_epochs": 3, "train_launcher": stack.launcher, **getattr(request, "param", {})}
+    if stack.launcher == "accelerate":
+        extra["accelerate_config"] = tmp_path / "accelerate.yaml"
+        extra["accelerate_config"].write_text(ACCELERATE_CPU)
     broker = SecretStr(stack.broker_url)
     settings = loop_settings(
         tmp_path, stack.database_url, model_dir, retrain_backend="celery", celery_broker_url=broker,
-        celery_queue=stack.queue, train_epochs=10, **extra,
+        celery_queue=stack.queue, **extra,
     )  # fmt: skip
     db = Database.connect(settings.database_url)
     engine = await start_engine(model_dir, "tiny")
@@ -281,6 +298,22 @@ def worker(settings: Settings, tmp_path: Path, module: str = "bot") -> Iterator[
                 process.wait(timeout=30)
 
 
+async def _exited(pid: int, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+    """Waits until process `pid` (not necessarily our child) has exited: its pidfd becomes readable."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    readable = asyncio.Event()
+    loop.add_reader(fd, readable.set)
+    try:
+        await asyncio.wait_for(readable.wait(), timeout)
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
 async def _versions(db: Database) -> int:
     async with db.sessions() as session:
         return int(await session.scalar(select(func.count()).select_from(ModelVersion)) or 0)
@@ -321,8 +354,11 @@ async def test_a_worker_killed_mid_run_leaves_the_run_interrupted(
 
     async def kill_the_worker(run_id: int) -> str:
         assert (bot.settings.models_dir / f"v{run_id}").is_dir(), "paused after the rename, before recording"
+        trainer = (await _row(bot.db, run_id)).pid
+        assert trainer is not None
         os.killpg(workers[0].pid, signal.SIGKILL)
         killed.append(workers[0].wait(timeout=30))
+        await _exited(trainer)  # under accelerate the trainer is in a session of its own: tied to the worker
         return "go"  # nobody is listening any more
 
     async with pause_server(kill_the_worker) as path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -102,12 +103,15 @@ def kill_trainer(pid: int | None, start_token: str | None) -> bool:
 # --- starting the trainer -------------------------------------------------------------------------------------
 
 
-async def spawn_trainer(module: str, run_id: int, settings: Settings) -> asyncio.subprocess.Process:
+async def spawn_trainer(
+    module: str, run_id: int, settings: Settings, *, tied: bool = False
+) -> asyncio.subprocess.Process:
     """Starts `python -m <module> --run-id N` (under `accelerate launch` with TRAIN_LAUNCHER=accelerate): the
     settings go through its environment, its log to our stderr, its progress lines (JSON) to a pipe.
 
     Under accelerate the trainer is a grandchild, so the launcher gets a process group of its own: stopping the
-    run signals the whole group (`signal_trainer`)."""
+    run signals the whole group (`signal_trainer`). A `tied` child (a worker's) dies with this process: a worker
+    that dies mid-run takes its trainer along (under accelerate the trainer is tied to the launcher in turn)."""
     return await asyncio.create_subprocess_exec(
         *trainer_command(module, run_id, settings),
         stdin=asyncio.subprocess.DEVNULL,
@@ -115,7 +119,19 @@ async def spawn_trainer(module: str, run_id: int, settings: Settings) -> asyncio
         env=child_environment(settings, os.environ),
         limit=2**20,
         start_new_session=settings.train_launcher == "accelerate",
+        preexec_fn=die_with_parent if tied else None,
     )
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Linux: this process is SIGKILLed when the one that started it exits (prctl PR_SET_PDEATHSIG); elsewhere
+    nothing happens. Runs in the child between fork and exec, or first thing in a trainer."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def trainer_command(module: str, run_id: int, settings: Settings) -> list[str]:
@@ -162,8 +178,8 @@ async def progress_lines(process: asyncio.subprocess.Process) -> AsyncIterator[f
 def child_environment(settings: Settings, inherited: Mapping[str, str]) -> dict[str, str]:
     """The training process's environment: this process's settings as variables, so the child sees exactly what
     the parent was configured with (tests build Settings in code); secrets are left out (the trainer needs no
-    platform token), and so is how runs are queued (LAUNCHER_ONLY: a trainer carries out one run), the thread settings bound every math library, not only torch, and library progress bars
-    stay out of the child's log."""
+    platform token), and so is how runs are queued (LAUNCHER_ONLY: a trainer carries out one run); the thread
+    settings bound every math library, not only torch, and library progress bars stay out of the child's log."""
     fields = type(settings).model_fields
     env = {key: value for key, value in inherited.items() if key.lower() not in fields}
     for name in fields:

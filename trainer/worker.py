@@ -75,7 +75,7 @@ async def carry_out(settings: Settings, run_id: int, *, trainer_module: str = "t
             return taken.why_not
         assert taken.started_at is not None
         try:
-            process = await spawn_trainer(trainer_module, run_id, settings)
+            process = await spawn_trainer(trainer_module, run_id, settings, tied=True)
         except OSError as exc:
             log.exception("could not start the training process for run #%d", run_id)
             reason = f"the training process could not start on the worker ({type(exc).__name__})"
