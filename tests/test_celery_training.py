@@ -40,7 +40,7 @@ from tests.loop_support import started_engine as start_engine
 from tests.paused_retrain import SOCKET_VARIABLE, pause_server
 from trainer import runs
 from trainer.celery_queue import celery_app
-from trainer.orchestrator import TrainingOrchestrator
+from trainer.orchestrator import RunningRun, TrainingOrchestrator
 from trainer.process import child_environment, this_host, trainer_command, trainer_process_alive
 from trainer.runs import HEARTBEAT_STALE, INTERRUPTED, StartPolicy
 
@@ -116,6 +116,38 @@ async def test_a_run_whose_worker_stopped_beating_is_interrupted(db: Database, s
     row = await _row(db, run_id)
     assert row.status is RunStatus.FAILED and row.error == INTERRUPTED
     assert not await runs.beat(db, run_id, now=NOW + timedelta(minutes=9)), "its worker learns it ended"
+
+
+async def test_a_bot_leaves_a_queued_run_going_and_the_next_start_reports_it(db: Database, settings: Settings) -> None:
+    """The worker does not depend on the bot: stopping the bot stops following the run, not the run; the next
+    start follows it again and tells the admin who asked."""
+    queued = settings.model_copy(
+        update={"retrain_backend": "celery", "celery_broker_url": SecretStr("redis://127.0.0.1:1/0")}
+    )
+    run_id = await _queued_run(db, worker_host="gpu-box", notify_platform="telegram", notify_chat_id=ADMIN)
+    first = TrainingOrchestrator(settings=queued, db=db, clock=lambda: NOW, poll_interval_s=0.05)
+    await first.start()
+    assert first.running == RunningRun(run_id, None, 0.0)
+    await first.stop()
+    assert (await _row(db, run_id)).status is RunStatus.RUNNING
+
+    notifier = RecordingNotifier()
+    second = TrainingOrchestrator(settings=queued, db=db, notifier=notifier, clock=lambda: NOW, poll_interval_s=0.05)
+    await second.start()
+    try:
+        await runs.end_if_running(db, run_id, RunStatus.REJECTED, "its eval loss is worse", now=NOW)
+        told = await notifier.wait_for(f"Training run #{run_id} finished", timeout=30)
+    finally:
+        await second.stop()
+    assert "its eval loss is worse" in told and notifier.sent[-1][:2] == ("telegram", ADMIN)
+
+
+async def test_force_clears_a_queued_run_no_worker_took(db: Database, settings: Settings) -> None:
+    run_id = await _queued_run(db)
+    settled = await runs.settle_running(db, settings, now=NOW, policy=StartPolicy(clear_starting=True))
+    assert settled.running is None and (await _row(db, run_id)).error == (
+        "cleared before any worker took it (magpie retrain --force)"
+    )
 
 
 async def test_a_worker_takes_a_run_once(db: Database) -> None:

@@ -381,6 +381,8 @@ def _settle_queued(
         reason = INTERRUPTED
     elif limit is not None and now - row.started_at > limit:
         reason = timeout_reason(settings) if row.worker_host else NO_WORKER.format(settings.retrain_timeout_minutes)
+    elif row.worker_host is None and policy.clear_starting:
+        reason = "cleared before any worker took it (magpie retrain --force)"
     elif policy.stop_running_by is not None:
         reason = f"stopped by {policy.stop_running_by} (magpie retrain --stop-running)"
     else:
