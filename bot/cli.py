@@ -15,6 +15,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from bot import cli_training
 from bot.backend import Backend, BackendNotifier
@@ -65,9 +66,16 @@ def configure_logging(settings: Settings) -> None:
     )
     secrets = [
         secret.get_secret_value()
-        for secret in (settings.telegram_bot_token, settings.discord_bot_token, settings.telegram_webhook_secret)
+        for secret in (
+            settings.telegram_bot_token,
+            settings.discord_bot_token,
+            settings.telegram_webhook_secret,
+            settings.celery_broker_url,
+        )
         if secret is not None
     ]
+    if settings.celery_broker_url is not None:  # the broker's password alone, as a library may print it
+        secrets.append(urlsplit(settings.celery_broker_url.get_secret_value()).password or "")
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactSecrets(secrets))
     # telegram.Bot / telegram.ext.ExtBot log the API URL, token included, at DEBUG: never let them.

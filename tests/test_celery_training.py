@@ -29,7 +29,7 @@ from core.db import Database
 from core.engine import Engine
 from core.errors import ConfigError
 from core.models import ModelVersion, RunStatus, TrainingRun
-from core.outcomes import AlreadyRunning
+from core.outcomes import AlreadyRunning, CouldNotStart
 from core.service import ChatService
 from core.serving import ModelServing
 from core.settings import Settings, load_settings
@@ -140,6 +140,21 @@ async def test_a_bot_leaves_a_queued_run_going_and_the_next_start_reports_it(db:
     finally:
         await second.stop()
     assert "its eval loss is worse" in told and notifier.sent[-1][:2] == ("telegram", ADMIN)
+
+
+async def test_a_broker_that_does_not_answer_fails_the_run_at_once(db: Database, settings: Settings) -> None:
+    queued = settings.model_copy(
+        update={"retrain_backend": "celery", "celery_broker_url": SecretStr("redis://:hunter22@127.0.0.1:1/0")}
+    )
+    orchestrator = TrainingOrchestrator(settings=queued, db=db, clock=lambda: NOW)
+    try:
+        refused = await orchestrator.request(triggered_by="telegram:42", notify_platform=None, notify_chat_id=None)
+    finally:
+        await orchestrator.stop()
+    assert refused == CouldNotStart() and orchestrator.running is None
+    row = await _row(db, 1)
+    assert row.status is RunStatus.FAILED and row.error is not None and "CELERY_BROKER_URL" in row.error
+    assert "hunter22" not in row.error
 
 
 async def test_force_clears_a_queued_run_no_worker_took(db: Database, settings: Settings) -> None:

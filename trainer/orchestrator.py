@@ -262,9 +262,13 @@ class TrainingOrchestrator:
                 return QueuedRun(self._db, self._settings, run_id, clock=self._clock, poll_s=self._poll_interval_s)
             process = await spawn_trainer(self._trainer_module, run_id, self._settings)
         except (OSError, QueueUnreachableError) as exc:
-            what = "training queue could not be reached" if self._queued else "training process could not start"
-            log.exception("run #%d: the %s", run_id, what)
-            await runs.fail(self._db, run_id, f"the {what} ({type(exc).__name__})", now=self._clock())
+            log.exception("could not start training run #%d", run_id)
+            reason = (
+                "the training queue did not take it (is the CELERY_BROKER_URL broker running?)"
+                if isinstance(exc, QueueUnreachableError)
+                else f"the training process could not start ({type(exc).__name__})"
+            )
+            await runs.fail(self._db, run_id, reason, now=self._clock())
             return None
         await runs.record_process(self._db, run_id, process.pid)
         return ChildTrainer(process)
