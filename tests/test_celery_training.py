@@ -283,9 +283,9 @@ class Bot:
 
 
 @pytest.fixture
-async def bot(stack: Stack, model_dir: Path, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Bot]:
+async def bot(stack: Stack, model_dir: Path, tmp_path: Path) -> AsyncIterator[Bot]:
     """A bot wired like `magpie run` with RETRAIN_BACKEND=celery (the orchestrator polls its runs' rows often)."""
-    extra = {"train_epochs": 3, "train_launcher": stack.launcher, **getattr(request, "param", {})}
+    extra: dict[str, Any] = {"train_epochs": 1, "train_launcher": stack.launcher}  # one epoch already promotes
     if stack.launcher == "accelerate":
         extra["accelerate_config"] = tmp_path / "accelerate.yaml"
         extra["accelerate_config"].write_text(ACCELERATE_CPU)
@@ -389,7 +389,6 @@ async def test_a_queued_run_is_trained_by_the_worker_and_reported(bot: Bot, tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bot", [{"train_epochs": 1}], indirect=True)
 async def test_a_worker_killed_mid_run_leaves_the_run_interrupted(
     bot: Bot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

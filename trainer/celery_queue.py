@@ -77,7 +77,8 @@ class RunQueue:
                 args=[run_id],
                 queue=self._queue,
                 retry=True,
-                retry_policy={"max_retries": 3, "interval_start": 0.5, "interval_step": 1.0, "interval_max": 2.0},
+                # a broker blip is ridden out; a broker that is down is reported within about a second
+                retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0},
             )
         except Exception as exc:  # kombu raises its own OperationalError, or socket errors, depending on the broker
             reason = f"the training queue did not take run #{run_id} ({type(exc).__name__})"
