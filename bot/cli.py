@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from bot import cli_training
 from bot.backend import Backend, BackendNotifier
@@ -80,9 +81,12 @@ def configure_logging(settings: Settings) -> None:
             settings.discord_bot_token,
             settings.telegram_webhook_secret,
             settings.dashboard_token,
+            settings.celery_broker_url,
         )
         if secret is not None
     ]
+    if settings.celery_broker_url is not None:  # the broker's password alone, as a library may print it
+        secrets.append(urlsplit(settings.celery_broker_url.get_secret_value()).password or "")
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactSecrets(secrets))
         handler.addFilter(CorrelationFilter())
@@ -377,6 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_db_prune(settings, args.days))
         elif args.command == "run":
             asyncio.run(_serve(settings))
+        elif args.command == "worker":
+            return cli_training.run_worker(settings)
         elif (code := asyncio.run(cli_training.run_command(args, settings))) is not None:
             return code
         return 0

@@ -1,15 +1,18 @@
-"""The learning loop's shell commands: `magpie retrain`, `magpie models …`, `magpie dataset export`, `magpie bootstrap`.
+"""The learning loop's shell commands: `magpie retrain`, `magpie models …`, `magpie dataset export`, `magpie bootstrap`,
+`magpie worker`.
 
 They go through the same code as the chat commands: `magpie retrain` runs the same training child as `/retrain`
 (`TrainingOrchestrator.run_in_foreground`), and `magpie models activate/rollback` switch versions in the database
 the same atomic way as `/rollback` (`core.serving.ModelServing`, here without an engine). A running bot notices
 the new active version within seconds and hot-swaps (its serving side's watcher), so these commands never need
 the bot to stop. What they print about runs and versions is worded by `core.texts`, like the chat's answers.
+`magpie worker` is the training machine's side of RETRAIN_BACKEND=celery (`trainer.worker`).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import getpass
 import math
 import sys
@@ -20,6 +23,7 @@ from typing import TYPE_CHECKING, Never
 from tqdm import tqdm
 
 from core.db import Database
+from core.errors import ConfigError
 from core.models import RunStatus
 from core.outcomes import RunOutcome, SwitchRefused
 from core.serving import ModelServing
@@ -86,6 +90,10 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         help="time budget for the build (default STARTER_BUDGET_MINUTES; 0 = the full recipe however long it takes)",
     )
 
+    subparsers.add_parser(
+        "worker", help="carry out training runs from CELERY_BROKER_URL's queue (RETRAIN_BACKEND=celery), one at a time"
+    )
+
 
 def _minutes(text: str) -> float:
     try:
@@ -95,6 +103,22 @@ def _minutes(text: str) -> float:
     if not math.isfinite(minutes) or minutes < 0:
         raise argparse.ArgumentTypeError("give a number of minutes, 0 or more (0 = no time limit)")
     return minutes
+
+
+def run_worker(settings: Settings) -> int:
+    """`magpie worker`: checks the database, then runs the Celery worker until SIGTERM or Ctrl-C."""
+    if settings.celery_broker_url is None:
+        raise ConfigError("`magpie worker` needs CELERY_BROKER_URL (the broker the bot sends training runs to).")
+
+    async def check_schema() -> None:
+        async with Database.opened(settings.database_url):  # a worker on an outdated schema says so at once
+            pass
+
+    asyncio.run(check_schema())
+    from trainer.worker import run_worker as worker
+
+    worker(settings)
+    return 0
 
 
 async def run_command(args: argparse.Namespace, settings: Settings) -> int | None:

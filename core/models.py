@@ -169,7 +169,18 @@ class ModelVersion(Base):
 
 
 class TrainingRun(Base):
+    """One training run. At most one row is `running` (a partial unique index): one run at a time, cluster-wide."""
+
     __tablename__ = "training_runs"
+    __table_args__ = (
+        Index(
+            "uq_training_runs_one_running",
+            "status",
+            unique=True,
+            sqlite_where=sql("status = 'running'"),
+            postgresql_where=sql("status = 'running'"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     status: Mapped[RunStatus] = mapped_column(_enum(RunStatus, "training_run_status"))
@@ -186,6 +197,10 @@ class TrainingRun(Base):
     error: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column()
+    worker_host: Mapped[str | None] = mapped_column(String(255))
+    """The machine whose `magpie worker` took the run (RETRAIN_BACKEND=celery); None for a local child process."""
+    heartbeat_at: Mapped[datetime | None] = mapped_column()
+    """Set when the run is queued and renewed by its worker while it trains (None: a local run, which has none)."""
 
 
 class ModelVersionMessage(Base):

@@ -17,6 +17,7 @@ from core.errors import ConfigError
 
 PLATFORMS = ("telegram", "discord", "console")
 DASHBOARD_TOKEN_MIN_LENGTH = 16
+BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp")
 
 
 class Settings(BaseSettings):
@@ -118,6 +119,14 @@ class Settings(BaseSettings):
 
     # --- offline starter model ---------------------------------------------------------------------------------
     starter_budget_minutes: float = Field(5.0, ge=0.0)
+
+    # --- training on another machine (Celery) -------------------------------------------------------------------
+    retrain_backend: Literal["local", "celery"] = "local"
+    celery_broker_url: SecretStr | None = None
+    """May hold the broker's password, so it is a secret: never logged, never handed to the training process."""
+    celery_queue: str = Field("magpie-training", min_length=1, max_length=200)
+    train_launcher: Literal["local", "accelerate"] = "local"
+    accelerate_config: Path | None = None
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -231,6 +240,25 @@ class Settings(BaseSettings):
                 "TELEGRAM_WEBHOOK_SECRET must be set when TELEGRAM_WEBHOOK_URL is: "
                 "without it anyone could post fake updates"
             )
+        return self
+
+    @field_validator("celery_broker_url", "accelerate_config", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """`CELERY_BROKER_URL=` as `.env.example` writes it means "not set", not an empty URL."""
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _check_retrain_backend(self) -> Settings:
+        if self.retrain_backend == "celery" and self.celery_broker_url is None:
+            raise ValueError(
+                "CELERY_BROKER_URL must be set when RETRAIN_BACKEND=celery "
+                "(e.g. redis://127.0.0.1:6379/0 or amqp://guest:guest@127.0.0.1:5672//)"
+            )
+        if self.celery_broker_url is not None:
+            scheme = self.celery_broker_url.get_secret_value().partition("://")[0]
+            if scheme not in BROKER_SCHEMES:
+                raise ValueError(f"CELERY_BROKER_URL must start with one of {', '.join(BROKER_SCHEMES)}://")
         return self
 
     @cached_property

@@ -63,8 +63,9 @@ async def pause_server(decide: Decide) -> AsyncIterator[str]:
         except Exception as exc:  # the run must not wait forever; the test fails at the end of the block
             errors.append(exc)
             answer = "fail"
-        writer.write(f"{answer}\n".encode())
-        await writer.drain()
+        with contextlib.suppress(ConnectionError):  # the test may have killed the run meanwhile
+            writer.write(f"{answer}\n".encode())
+            await writer.drain()
         writer.close()
 
     directory = Path(tempfile.mkdtemp(prefix="magpie-", dir="/tmp"))

@@ -179,15 +179,18 @@ async def _runs(db: Database) -> dict[int, TrainingRun]:
 async def test_retrain_force_clears_a_stale_run(
     db: Database, settings: Settings, live_process: subprocess.Popen[bytes], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # A bot died right after recording a run, before its child started: within the start-up grace the row counts
-    # as running. A reused pid (a live process, but not the one that started at the recorded time) never does.
-    starting = await _running_row(db)
+    # A reused pid (a live process, but not the one that started at the recorded time) never counts as running.
     token = process_start_token(live_process.pid)
     reused = await _running_row(db, pid=live_process.pid, process_start=f"{token}7", progress=0.3)
+    assert await magpie(settings, "retrain") == 1  # it is settled (just now: the cooldown refuses a new run)
+    assert (await _runs(db))[reused].status is RunStatus.FAILED, "a reused pid is not the run's process"
+    capsys.readouterr()
 
+    # A bot died right after recording a run, before its child started: within the start-up grace the row counts
+    # as running (the database holds one running row at a time, so this case comes second).
+    starting = await _running_row(db)
     assert await magpie(settings, "retrain") == 1
     assert f"A training run (#{starting}) is already running" in capsys.readouterr().err
-    assert (await _runs(db))[reused].status is RunStatus.FAILED, "a reused pid is not the run's process"
 
     assert await magpie(settings, "retrain", "--force") == 1  # the new run fails: nothing was logged yet
     out = capsys.readouterr().out

@@ -232,28 +232,35 @@ def settings(tmp_path: Path, database_url: str, tiny_model_dir: Path) -> Setting
 async def test_interrupted_runs_are_marked_failed_at_start(
     db: Database, settings: Settings, fake_trainer: subprocess.Popen[bytes]
 ) -> None:
-    dead = await _add_run(db, pid=_dead_pid(), progress=0.4)
-    never_spawned = await _add_run(db, pid=None, started_at=NOW - timedelta(hours=1))
-    just_created = await _add_run(db, pid=None, started_at=NOW - timedelta(seconds=10))
+    """One `running` row at a time (the database allows no more): each kind is settled at start, or left."""
     token = process_start_token(fake_trainer.pid)
-    other_shell = await _add_run(db, pid=fake_trainer.pid, process_start=token)
-    reused_pid = await _add_run(db, pid=fake_trainer.pid, process_start=f"{token}0")
     finished = await _add_run(db, status=RunStatus.PROMOTED, finished_at=NOW - timedelta(days=1))
-    partial = settings.models_dir / f".v{dead}.partial"
-    partial.mkdir(parents=True)
-    orchestrator = TrainingOrchestrator(settings=settings, db=db, clock=Clock())
+    cases: list[tuple[dict[str, Any], bool]] = [
+        ({"pid": _dead_pid(), "progress": 0.4}, True),  # dead
+        ({"pid": None, "started_at": NOW - timedelta(hours=1)}, True),  # never spawned
+        ({"pid": fake_trainer.pid, "process_start": f"{token}0"}, True),  # reused pid
+        ({"pid": None, "started_at": NOW - timedelta(seconds=10)}, False),  # just created
+        ({"pid": fake_trainer.pid, "process_start": token}, False),  # another shell's live run
+    ]
+    for fields, interrupted in cases:
+        run_id = await _add_run(db, **fields)
+        partial = settings.models_dir / f".v{run_id}.partial"
+        partial.mkdir(parents=True)
+        orchestrator = TrainingOrchestrator(settings=settings, db=db, clock=Clock())
 
-    await orchestrator.start()
-    await orchestrator.stop()
+        await orchestrator.start()
+        await orchestrator.stop()
 
-    for run_id in (dead, never_spawned, reused_pid):
         run = await _run(db, run_id)
-        assert run.status is RunStatus.FAILED and run.finished_at == NOW
-        assert run.error is not None and run.error.startswith("interrupted")
-    for run_id in (just_created, other_shell):
-        assert (await _run(db, run_id)).status is RunStatus.RUNNING
+        if interrupted:
+            assert run.status is RunStatus.FAILED and run.finished_at == NOW, fields
+            assert run.error is not None and run.error.startswith("interrupted")
+            assert not partial.exists()
+        else:
+            assert run.status is RunStatus.RUNNING, fields
+            async with db.sessions.begin() as session:  # make room for the next case
+                (await session.get(TrainingRun, run_id)).status = RunStatus.FAILED  # type: ignore[union-attr]
     assert (await _run(db, finished)).status is RunStatus.PROMOTED
-    assert not partial.exists()
 
 
 async def test_a_run_in_another_process_is_reported_as_running(

@@ -4,7 +4,10 @@
 never trains itself: each run is a child process (`python -m trainer.retrain --run-id N`, see `trainer/retrain.py`,
 started by `trainer.process.spawn_trainer`), so the event loop keeps serving chats while torch works in another
 process with TRAIN_THREADS threads. The two processes talk only through the run's row (`trainer.runs` owns it:
-progress, outcome, reason) and the child's JSON progress lines on stdout.
+progress, outcome, reason) and the child's JSON progress lines on stdout. With RETRAIN_BACKEND=celery the run is
+sent to the queue instead (`trainer.celery_queue`) and a `magpie worker` carries it out, maybe on another machine;
+the orchestrator then follows it through the row alone (`trainer.run_handles.QueuedRun`), and a bot that stops
+leaves such a run going: the next start follows it again and reports it to whoever asked.
 
 What happens to a run:
     request() ── refuse if one is running or cooling down ── create the row (who asked: the audit trail)
@@ -25,7 +28,6 @@ typed (`core.outcomes`); `core.texts` words them, and the orchestrator sends tho
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -52,7 +54,9 @@ from core.settings import Settings
 from core.telemetry import Telemetry
 from core.texts import run_outcome, run_progress, run_request
 from trainer import runs
-from trainer.process import progress_lines, spawn_trainer
+from trainer.celery_queue import QueueUnreachableError, RunQueue
+from trainer.process import spawn_trainer
+from trainer.run_handles import ChildTrainer, QueuedRun, RunHandle
 from trainer.runs import StartPolicy
 from trainer.schedule import cooldown_left, scheduled_run_due
 
@@ -76,14 +80,15 @@ class RunningRun:
     """A snapshot of the run this process is following."""
 
     run_id: int
-    pid: int
+    pid: int | None
+    """The trainer process on this machine (None: a run queued for a worker)."""
     progress: float
 
 
 @dataclass(eq=False)
 class _Run:
     run_id: int
-    process: asyncio.subprocess.Process
+    handle: RunHandle
     notify: tuple[str, str] | None
     on_progress: ProgressCallback | None
     started_at: datetime
@@ -130,27 +135,41 @@ class TrainingOrchestrator:
         self._start_lock = asyncio.Lock()  # one check-then-start at a time
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._queue: RunQueue | None = None
 
     @property
     def running(self) -> RunningRun | None:
         run = self._current
-        return RunningRun(run.run_id, run.process.pid, run.progress) if run is not None else None
+        return RunningRun(run.run_id, run.handle.pid, run.progress) if run is not None else None
+
+    @property
+    def _queued(self) -> bool:
+        return self._settings.retrain_backend == "celery"
 
     async def start(self) -> None:
-        """Fails interrupted runs, then starts the schedule (unless it is off)."""
+        """Fails interrupted runs, follows a queued run that goes on, then starts the schedule (unless it is off)."""
         await self.recover_interrupted_runs()
+        if self._queued:
+            await self._follow_queued_run()
         if self._settings.retrain_interval_hours > 0:
             self._tasks.append(asyncio.create_task(self._keep_schedule(), name="magpie-retrain-schedule"))
 
     async def stop(self) -> None:
-        """Stops the schedule and terminates a running child, whose run is failed "stopped with the bot"."""
+        """Stops the schedule and terminates a running child, whose run is failed "stopped with the bot". A run
+        queued for a worker goes on: this process only stops following it."""
         self._stopping = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        if self._current is not None:
-            await self._terminate(self._current, "stopped with the bot")
+        run = self._current
+        if run is not None and isinstance(run.handle, QueuedRun):
+            await self._stop_following(run)
+        elif run is not None:
+            await self._terminate(run, "stopped with the bot")
+        if self._queue is not None:
+            self._queue.close()
+            self._queue = None
 
     async def wait_for_run(self, *, notify: tuple[str, str]) -> RunOutcome | None:
         """The running run's outcome (after its rerun, if it has one), if that run reports to `notify` (platform,
@@ -224,23 +243,69 @@ class TrainingOrchestrator:
             refusal = await self._refusal(now, policy, ignore_cooldown=ignore_cooldown)
             if refusal is not None:
                 return refusal
-            run_id = await runs.create(self._db, triggered_by=triggered_by, notify=notify, now=now)
+            created = await runs.create(
+                self._db, triggered_by=triggered_by, notify=notify, now=now, queued=self._queued
+            )
+            if isinstance(created, AlreadyRunning):
+                return created
+            run_id = created
             log.info("training run #%d requested by %s", run_id, triggered_by)
-            try:
-                process = await spawn_trainer(self._trainer_module, run_id, self._settings)
-            except OSError as exc:
-                log.exception("could not start the training process for run #%d", run_id)
-                reason = f"the training process could not start ({type(exc).__name__})"
-                await runs.fail(self._db, run_id, reason, now=self._clock())
+            handle = await self._launch(run_id)
+            if handle is None:
                 return CouldNotStart()
-            await runs.record_process(self._db, run_id, process.pid)
             progress = on_progress or self._progress_notifier(run_id, notify)
-            run = _Run(run_id, process, notify, progress, started_at=now, rerun_of=rerun_of)
-            run.task = asyncio.create_task(self._monitor(run), name=f"magpie-training-run-{run_id}")
-            if runs.timeout(self._settings) is not None:
-                run.watchdog = asyncio.create_task(self._watchdog(run), name=f"magpie-training-watchdog-{run_id}")
-            self._current = run
+            run = _Run(run_id, handle, notify, progress, started_at=now, rerun_of=rerun_of)
+            self._follow_run(run)
             return run
+
+    async def _launch(self, run_id: int) -> RunHandle | None:
+        """Starts the trainer child, or sends the run to the queue; None (the run failed) when that is impossible."""
+        try:
+            if self._queued:
+                await self._run_queue().send(run_id)
+                return QueuedRun(self._db, self._settings, run_id, clock=self._clock, poll_s=self._poll_interval_s)
+            process = await spawn_trainer(self._trainer_module, run_id, self._settings)
+        except (OSError, QueueUnreachableError) as exc:
+            log.exception("could not start training run #%d", run_id)
+            reason = (
+                "the training queue did not take it (is the CELERY_BROKER_URL broker running?)"
+                if isinstance(exc, QueueUnreachableError)
+                else f"the training process could not start ({type(exc).__name__})"
+            )
+            await runs.fail(self._db, run_id, reason, now=self._clock())
+            return None
+        await runs.record_process(self._db, run_id, process.pid)
+        return ChildTrainer(process)
+
+    def _run_queue(self) -> RunQueue:
+        if self._queue is None:
+            self._queue = RunQueue(self._settings)
+        return self._queue
+
+    def _follow_run(self, run: _Run) -> None:
+        run.task = asyncio.create_task(self._monitor(run), name=f"magpie-training-run-{run.run_id}")
+        if runs.timeout(self._settings) is not None:
+            run.watchdog = asyncio.create_task(self._watchdog(run), name=f"magpie-training-watchdog-{run.run_id}")
+        self._current = run
+
+    async def _follow_queued_run(self) -> None:
+        """At start: a run a worker is carrying out (a previous bot process queued it) is followed again, and its
+        outcome goes to the chat that asked for it, as if this process had started it."""
+        found = await runs.queued_run(self._db)
+        if found is None or self._current is not None:
+            return
+        run_id, notify, started_at = found
+        log.info("following training run #%d, queued before this start", run_id)
+        handle = QueuedRun(self._db, self._settings, run_id, clock=self._clock, poll_s=self._poll_interval_s)
+        self._follow_run(_Run(run_id, handle, notify, self._progress_notifier(run_id, notify), started_at))
+
+    async def _stop_following(self, run: _Run) -> None:
+        for task in (run.task, run.watchdog):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in (run.task, run.watchdog) if t is not None), return_exceptions=True)
+        if self._current is run:
+            self._current = None
 
     async def _refusal(self, now: datetime, policy: StartPolicy, *, ignore_cooldown: bool) -> RunRefused | None:
         """Why a run cannot start now (one is running, or the cooldown), or None. Ends runs whose process died,
@@ -262,8 +327,7 @@ class TrainingOrchestrator:
         """Follows the child to its end, concludes the run, has a promoted version served, tells the requester."""
         try:
             await self._follow(run)
-            returncode = await run.process.wait()
-            outcome = await self._conclude(run, returncode)
+            outcome = await self._conclude(run, await run.handle.exit_reason())
         except Exception:
             log.exception("lost track of training run #%d", run.run_id)
             outcome = RunOutcome(run.run_id, RunStatus.FAILED, reason="the bot lost track of it (see the bot's log)")
@@ -283,7 +347,7 @@ class TrainingOrchestrator:
         return outcome
 
     async def _follow(self, run: _Run) -> None:
-        async for fraction in progress_lines(run.process):
+        async for fraction in run.handle.progress():
             run.progress = fraction
             if run.on_progress is not None:
                 await run.on_progress(fraction)
@@ -319,10 +383,10 @@ class TrainingOrchestrator:
         run.timed_out = True
         await self._terminate(run, runs.timeout_reason(self._settings))
 
-    async def _conclude(self, run: _Run, returncode: int) -> RunOutcome:
+    async def _conclude(self, run: _Run, exit_reason: str) -> RunOutcome:
         """The outcome the child recorded (a run it left `running` was killed or crashed: failed here); a failed
         run's directories are removed, a promoted version is served."""
-        reason = run.stop_reason or runs.exit_reason(returncode)
+        reason = run.stop_reason or exit_reason
         outcome = await runs.conclude(self._db, run.run_id, reason_if_running=reason, now=self._clock())
         if outcome.status is RunStatus.FAILED:
             await runs.clean_up(self._db, self._settings.models_dir, [runs.Ended(run.run_id, run.started_at)])
@@ -334,14 +398,12 @@ class TrainingOrchestrator:
     async def _terminate(self, run: _Run, reason: str) -> None:
         """SIGTERM, then SIGKILL if the child does not go within STOP_TIMEOUT_S; the monitor records `reason`."""
         run.stop_reason = reason
-        with contextlib.suppress(ProcessLookupError):
-            run.process.terminate()
+        await run.handle.terminate(reason)
         assert run.task is not None
         try:
             await asyncio.wait_for(asyncio.shield(run.task), STOP_TIMEOUT_S)
         except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                run.process.kill()
+            run.handle.kill()
             await run.task
 
     def _progress_notifier(self, run_id: int, notify: tuple[str, str] | None) -> ProgressCallback | None:

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
+LAUNCHER_ONLY = frozenset({"retrain_backend", "celery_broker_url", "celery_queue"})
+"""Settings of whoever starts runs, not of the trainer (which then sees the defaults)."""
 _STAT_START_FIELD = 22
 _GONE_STATES = frozenset({"Z", "X", "x"})
 """A zombie (exited, not yet reaped) or dead process keeps its /proc entry but no longer trains."""
@@ -48,6 +52,11 @@ def process_start_token(pid: int) -> str | None:
         return fields[_STAT_START_FIELD - 3]
     except IndexError:
         return None
+
+
+def this_host() -> str:
+    """This machine's name, as a worker records it on the run it takes (pids mean something only here)."""
+    return socket.gethostname()
 
 
 def has_proc() -> bool:
@@ -94,20 +103,56 @@ def kill_trainer(pid: int | None, start_token: str | None) -> bool:
 # --- starting the trainer -------------------------------------------------------------------------------------
 
 
-async def spawn_trainer(module: str, run_id: int, settings: Settings) -> asyncio.subprocess.Process:
-    """Starts `python -m <module> --run-id N`: the settings go through its environment, its log to our stderr,
-    its progress lines (JSON) to a pipe."""
+async def spawn_trainer(
+    module: str, run_id: int, settings: Settings, *, tied: bool = False
+) -> asyncio.subprocess.Process:
+    """Starts `python -m <module> --run-id N` (under `accelerate launch` with TRAIN_LAUNCHER=accelerate): the
+    settings go through its environment, its log to our stderr, its progress lines (JSON) to a pipe.
+
+    Under accelerate the trainer is a grandchild, so the launcher gets a process group of its own: stopping the
+    run signals the whole group (`signal_trainer`). A `tied` child (a worker's) dies with this process: a worker
+    that dies mid-run takes its trainer along (under accelerate the trainer is tied to the launcher in turn)."""
     return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        module,
-        "--run-id",
-        str(run_id),
+        *trainer_command(module, run_id, settings),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         env=child_environment(settings, os.environ),
         limit=2**20,
+        start_new_session=settings.train_launcher == "accelerate",
+        preexec_fn=die_with_parent if tied else None,
     )
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Linux: this process is SIGKILLed when the one that started it exits (prctl PR_SET_PDEATHSIG); elsewhere
+    nothing happens. Runs in the child between fork and exec, or first thing in a trainer."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def trainer_command(module: str, run_id: int, settings: Settings) -> list[str]:
+    """The trainer's command line; raises FileNotFoundError when ACCELERATE_CONFIG names no file."""
+    program = ["-m", module, "--run-id", str(run_id)]
+    if settings.train_launcher != "accelerate":
+        return [sys.executable, *program]
+    config = settings.accelerate_config
+    if config is not None and not config.is_file():
+        raise FileNotFoundError(f"ACCELERATE_CONFIG {config} is not a file")
+    options = ["--config_file", str(config)] if config is not None else []
+    return [sys.executable, "-m", "accelerate.commands.launch", *options, *program]
+
+
+def signal_trainer(process: asyncio.subprocess.Process, signum: int) -> None:
+    """Sends `signum` to the trainer: to its process group when it leads one (accelerate), else to it alone."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if os.getpgid(process.pid) == process.pid:
+            os.killpg(process.pid, signum)
+        else:
+            os.kill(process.pid, signum)
 
 
 async def progress_lines(process: asyncio.subprocess.Process) -> AsyncIterator[float]:
@@ -133,13 +178,13 @@ async def progress_lines(process: asyncio.subprocess.Process) -> AsyncIterator[f
 def child_environment(settings: Settings, inherited: Mapping[str, str]) -> dict[str, str]:
     """The training process's environment: this process's settings as variables, so the child sees exactly what
     the parent was configured with (tests build Settings in code); secrets are left out (the trainer needs no
-    platform token), the thread settings bound every math library, not only torch, and library progress bars
-    stay out of the child's log."""
+    platform token), and so is how runs are queued (LAUNCHER_ONLY: a trainer carries out one run); the thread
+    settings bound every math library, not only torch, and library progress bars stay out of the child's log."""
     fields = type(settings).model_fields
     env = {key: value for key, value in inherited.items() if key.lower() not in fields}
     for name in fields:
         value = getattr(settings, name)
-        if value is not None and not isinstance(value, SecretStr):
+        if value is not None and not isinstance(value, SecretStr) and name not in LAUNCHER_ONLY:
             env[name.upper()] = _env_value(value)
     threads = str(settings.train_threads)
     env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false")

@@ -67,6 +67,7 @@ from core.versions import (
 from trainer import runs
 from trainer.dataset import build_dataset
 from trainer.model_dirs import partial_dirs, version_name
+from trainer.process import die_with_parent
 from trainer.runs import RunNotClaimableError
 from trainer.samples import DatasetReport, Sample
 from trainer.version_retention import prune_after_promotion
@@ -449,6 +450,11 @@ def main(argv: Sequence[str] | None = None, *, before_record: BeforeRecord | Non
     from trainer.training_logs import configure_process_logging
 
     configure_process_logging(settings.log_level, settings.log_format)
+    if (refusal := _several_processes(settings)) is not None:
+        is_main, reason = refusal
+        if is_main:  # one process speaks for the run; the others only leave
+            asyncio.run(_fail(settings, options.run_id, reason))
+        return 1
     try:
         with correlated(f"training-run-{options.run_id}"):  # every line of the run, in the bot's log, says which
             status = asyncio.run(retrain(settings, options.run_id, emit=_print_event, before_record=before_record))
@@ -456,6 +462,33 @@ def main(argv: Sequence[str] | None = None, *, before_record: BeforeRecord | Non
         print(f"magpie trainer: {exc}", file=sys.stderr)
         return 2
     return 0 if status in (RunStatus.PROMOTED, RunStatus.REJECTED) else 1
+
+
+def _several_processes(settings: Settings) -> tuple[bool, str] | None:
+    """Under `accelerate launch`: ties this process to the launcher, and refuses several processes (every one of
+    them would run this whole program: claim, train, record) until a run is split by rank. Returns (this is the
+    main process, the reason) when refused."""
+    if settings.train_launcher != "accelerate":
+        return None
+    die_with_parent()  # the launcher is our parent: a run stopped (or a worker dead) stops us with it
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.num_processes <= 1:
+        return None
+    reason = (
+        f"TRAIN_LAUNCHER=accelerate with {state.num_processes} processes is not supported yet: "
+        "set num_processes: 1 in ACCELERATE_CONFIG"
+    )
+    return state.is_main_process, reason
+
+
+async def _fail(settings: Settings, run_id: int, reason: str) -> None:
+    db = Database.connect(settings.database_url)
+    try:
+        await runs.fail(db, run_id, reason, now=datetime.now(UTC))
+    finally:
+        await db.close()
 
 
 if __name__ == "__main__":

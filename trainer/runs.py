@@ -13,6 +13,14 @@ the trainer is `python -m trainer.retrain`, which could as well be a worker on a
     is gone, or that ran past RETRAIN_TIMEOUT_MINUTES, is failed (and its process killed), and the directories
     the ended runs left are removed (clean_up).
 
+With RETRAIN_BACKEND=celery the launcher queues the run instead (`heartbeat_at` set: a queued run) and a
+`magpie worker`, possibly on another machine, takes it (`take`: its host), renews `heartbeat_at` while its trainer
+runs (`beat`) and concludes it like a launcher. A queued run waits for a worker until RETRAIN_TIMEOUT_MINUTES; a
+taken run whose heartbeat is older than HEARTBEAT_STALE, or whose process on this machine is gone, was interrupted.
+
+At most one row is `running` (a partial unique index): `create` refuses a second one, so only one run happens at a
+time across every bot, shell and worker sharing the database.
+
 A run's process is identified by its pid and start token (`trainer.process`), never by the pid alone. The reasons
 written here (interrupted, timed out, stopped, killed) are the row's record of what happened; people read them
 in the run's outcome.
@@ -31,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.db import Database
@@ -40,13 +49,18 @@ from core.outcomes import AlreadyRunning, RunOutcome
 from core.settings import Settings
 from core.versions import get_version
 from trainer.model_dirs import leftovers_of_run, remove_dirs
-from trainer.process import kill_trainer, process_start_token, trainer_process_alive
+from trainer.process import kill_trainer, process_start_token, this_host, trainer_process_alive
 
 log = logging.getLogger(__name__)
 
 SPAWN_GRACE = timedelta(minutes=2)
 """A `running` row without a pid younger than this belongs to a process that is still starting its child."""
 INTERRUPTED = "interrupted: the training process stopped without recording an outcome (restart or crash)"
+HEARTBEAT_INTERVAL_S = 10.0
+"""How often a worker renews the heartbeat of the run it carries out."""
+HEARTBEAT_STALE = timedelta(minutes=2)
+"""A taken run whose heartbeat is older than this lost its worker (twelve missed beats: a slow database or a few
+seconds of clock skew between machines are not mistaken for a death)."""
 
 
 class RunNotClaimableError(MagpieError):
@@ -56,20 +70,32 @@ class RunNotClaimableError(MagpieError):
 # --- the launcher starts a run, the trainer claims it ---------------------------------------------------------
 
 
-async def create(db: Database, *, triggered_by: str, notify: tuple[str, str] | None, now: datetime) -> int:
-    """A new `running` row: who asked (the audit trail) and which chat hears the outcome."""
-    async with db.sessions.begin() as session:
-        run = TrainingRun(
-            status=RunStatus.RUNNING,
-            triggered_by=triggered_by[:128],
-            notify_platform=notify[0] if notify else None,
-            notify_chat_id=notify[1] if notify else None,
-            progress=0.0,
-            started_at=now,
-        )
-        session.add(run)
-        await session.flush()
-        return run.id
+async def create(
+    db: Database, *, triggered_by: str, notify: tuple[str, str] | None, now: datetime, queued: bool = False
+) -> int | AlreadyRunning:
+    """A new `running` row: who asked (the audit trail) and which chat hears the outcome; `queued` for a run a
+    worker will take. Another `running` row (a run another process started meanwhile) is returned instead."""
+    try:
+        async with db.sessions.begin() as session:
+            run = TrainingRun(
+                status=RunStatus.RUNNING,
+                triggered_by=triggered_by[:128],
+                notify_platform=notify[0] if notify else None,
+                notify_chat_id=notify[1] if notify else None,
+                progress=0.0,
+                started_at=now,
+                heartbeat_at=now if queued else None,
+            )
+            session.add(run)
+            await session.flush()
+            return run.id
+    except IntegrityError:  # the partial unique index: one running row, whoever wrote it
+        async with db.sessions() as session:
+            other = await session.scalar(select(TrainingRun).where(TrainingRun.status == RunStatus.RUNNING))
+        if other is None:  # it ended in between: a refusal all the same, the next request goes through
+            raise
+        log.info("training run #%d is already running (started by another process)", other.id)
+        return AlreadyRunning(other.id, other.progress)
 
 
 async def record_process(db: Database, run_id: int, pid: int) -> None:
@@ -90,6 +116,69 @@ async def claim(db: Database, run_id: int) -> None:
             raise RunNotClaimableError(f"training run #{run_id} {state}")
         run.pid = os.getpid()
         run.process_start = process_start_token(run.pid)
+
+
+@dataclass(frozen=True)
+class Taken:
+    """What a worker found when it went to take a queued run: `taken` (it is this worker's now), or why not."""
+
+    taken: bool
+    why_not: str = ""
+    started_at: datetime | None = None
+    ended: Ended | None = None
+    """The run's earlier worker died (a redelivered task): the run was failed here; its leftovers to remove."""
+
+
+async def take(db: Database, run_id: int, *, host: str, now: datetime) -> Taken:
+    """A worker takes a queued run: it must be `running` and not taken by a worker that is still alive (brokers
+    deliver a task again when a worker dies or holds it too long). One whose worker died is failed here."""
+    async with db.sessions.begin() as session:
+        row = await session.get(TrainingRun, run_id, with_for_update=True)
+        if row is None or row.status is not RunStatus.RUNNING:
+            state = "does not exist" if row is None else f"is already {row.status.value}"
+            return Taken(False, f"training run #{run_id} {state}")
+        if row.worker_host is None:
+            row.worker_host, row.heartbeat_at = host[:255], now
+            return Taken(True, started_at=row.started_at)
+        if not _worker_gone(row, now):
+            return Taken(False, f"training run #{run_id} is being carried out by the worker on {row.worker_host}")
+        end(row, RunStatus.FAILED, INTERRUPTED, now=now)
+        ended = Ended(row.id, row.started_at, row.pid, row.process_start, kill=row.worker_host == this_host())
+    return Taken(False, f"training run #{run_id} lost its worker: {INTERRUPTED}", ended=ended)
+
+
+async def queued_run(db: Database) -> tuple[int, tuple[str, str] | None, datetime] | None:
+    """The queued run that is `running` now, if any: its id, the chat to tell, when it was asked for."""
+    query = select(TrainingRun).where(TrainingRun.status == RunStatus.RUNNING, TrainingRun.heartbeat_at.is_not(None))
+    async with db.sessions() as session:
+        row = await session.scalar(query)
+    if row is None:
+        return None
+    notify = (row.notify_platform, row.notify_chat_id) if row.notify_platform and row.notify_chat_id else None
+    return row.id, notify, row.started_at
+
+
+async def beat(db: Database, run_id: int, *, now: datetime) -> bool:
+    """The worker's heartbeat for its run; returns whether the run is still `running` (else: stop training)."""
+    async with db.sessions.begin() as session:
+        row = await session.get(TrainingRun, run_id, populate_existing=True)
+        if row is None or row.status is not RunStatus.RUNNING:
+            return False
+        row.heartbeat_at = now
+        return True
+
+
+async def follow_queued(db: Database, settings: Settings, run_id: int, *, now: datetime) -> float | None:
+    """The progress of a queued run that goes on; None once it ended (failed here when its worker is gone)."""
+    ended: list[Ended] = []
+    async with db.sessions.begin() as session:
+        row = await session.get(TrainingRun, run_id, with_for_update=True, populate_existing=True)
+        if row is None or row.status is not RunStatus.RUNNING:
+            return None
+        going = _settle(row, settings, now, ended, StartPolicy())
+        progress = row.progress if going is not None else None
+    await clean_up(db, settings.models_dir, ended)
+    return progress
 
 
 async def set_progress(db: Database, run_id: int, fraction: float) -> None:
@@ -260,6 +349,8 @@ def _settle(
 ) -> AlreadyRunning | None:
     """Ends the row (appending to `ended`) when its process is gone, it timed out or the policy stops it; returns
     it as a run that goes on otherwise."""
+    if row.heartbeat_at is not None:
+        return _settle_queued(row, settings, now, ended, policy)
     limit = timeout(settings)
     if row.pid is None:
         if now - row.started_at < SPAWN_GRACE and not policy.clear_starting:
@@ -277,6 +368,42 @@ def _settle(
     end(row, RunStatus.FAILED, reason, now=now)
     ended.append(Ended(row.id, row.started_at, row.pid, row.process_start, kill=reason != INTERRUPTED))
     return None
+
+
+def _settle_queued(
+    row: TrainingRun, settings: Settings, now: datetime, ended: list[Ended], policy: StartPolicy
+) -> AlreadyRunning | None:
+    """`_settle` for a run sent to the queue: one no worker took yet waits (until RETRAIN_TIMEOUT_MINUTES); a
+    taken one is gone when its heartbeat is stale or, on this machine, its trainer process is gone."""
+    limit = timeout(settings)
+    local = row.worker_host == this_host()
+    if row.worker_host is not None and _worker_gone(row, now):
+        reason = INTERRUPTED
+    elif limit is not None and now - row.started_at > limit:
+        reason = timeout_reason(settings) if row.worker_host else NO_WORKER.format(settings.retrain_timeout_minutes)
+    elif row.worker_host is None and policy.clear_starting:
+        reason = "cleared before any worker took it (magpie retrain --force)"
+    elif policy.stop_running_by is not None:
+        reason = f"stopped by {policy.stop_running_by} (magpie retrain --stop-running)"
+    else:
+        live_pid = row.pid if policy.clear_starting and local else None
+        return AlreadyRunning(row.id, row.progress, live_pid)
+    log.warning("training run #%d (worker %s) is marked failed: %s", row.id, row.worker_host, reason)
+    end(row, RunStatus.FAILED, reason, now=now)
+    ended.append(Ended(row.id, row.started_at, row.pid, row.process_start, kill=local))
+    return None
+
+
+NO_WORKER = "no training worker took it within RETRAIN_TIMEOUT_MINUTES ({:g} min): is `magpie worker` running?"
+
+
+def _worker_gone(row: TrainingRun, now: datetime) -> bool:
+    """A taken run's worker is gone: its heartbeat stopped, or (on this machine) its trainer process died."""
+    assert row.heartbeat_at is not None
+    if now - row.heartbeat_at > HEARTBEAT_STALE:
+        return True
+    local = row.worker_host == this_host()
+    return local and row.pid is not None and not trainer_process_alive(row.pid, row.process_start)
 
 
 async def clean_up(db: Database, models_dir: Path, ended: Sequence[Ended]) -> None:
