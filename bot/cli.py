@@ -109,7 +109,13 @@ def _backends(settings: Settings, service: ChatService) -> list[Backend]:
         exports = Path("data") / "exports"
         grace = settings.shutdown_grace_seconds
         backends.append(
-            ConsoleBackend(handler=service, bot_name=settings.bot_name, exports_dir=exports, stop_grace_s=grace)
+            ConsoleBackend(
+                handler=service,
+                bot_name=settings.bot_name,
+                exports_dir=exports,
+                stop_grace_s=grace,
+                language=settings.console_language,
+            )
         )
     return backends
 

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import discord
 import yarl
 
-from bot.discord_commands import SAFE_MENTIONS, CommandRunner, build_command_tree
+from bot.discord_commands import SAFE_MENTIONS, CatalogueTranslator, CommandRunner, build_command_tree
 from core.errors import ConfigError, MagpieError
 from core.settings import Settings
 
@@ -77,7 +77,9 @@ class MagpieClient(discord.Client):
         self.ready = asyncio.Event()
 
     async def setup_hook(self) -> None:
-        """Registers the slash commands: per guild in DISCORD_GUILD_IDS (instant), else globally (up to an hour)."""
+        """Registers the slash commands: per guild in DISCORD_GUILD_IDS (instant), else globally (up to an hour),
+        with their descriptions' localizations from the message catalogue."""
+        await self.tree.set_translator(CatalogueTranslator())
         guilds: list[discord.Object | None] = [discord.Object(id=gid) for gid in self.settings.discord_guild_ids]
         for guild in guilds or [None]:
             where = f"in guild {guild.id}" if guild else "globally"

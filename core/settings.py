@@ -97,6 +97,11 @@ class Settings(BaseSettings):
     retrain_cooldown_minutes: float = Field(30.0, ge=0.0)
     retrain_timeout_minutes: float = Field(180.0, ge=0.0)
 
+    # --- language (the console's; Telegram and Discord users get the language their own app reports) ----------
+    lc_all: str | None = None
+    lc_messages: str | None = None
+    lang: str | None = None
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("admin_ids", mode="before")
@@ -144,6 +149,12 @@ class Settings(BaseSettings):
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def console_language(self) -> str | None:
+        """The console's language tag: the first of LC_ALL, LC_MESSAGES and LANG that is set (POSIX's order for
+        messages); `core.i18n` speaks it when it has a catalogue for it (`ko_KR.UTF-8`), else English."""
+        return next((tag for tag in (self.lc_all, self.lc_messages, self.lang) if tag), None)
 
     def is_admin(self, platform: str, user_id: str) -> bool:
         """Admin rights come from numeric platform ids only (console users are local, hence trusted)."""

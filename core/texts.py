@@ -72,6 +72,25 @@ CHAT_TEXT_DESCRIPTION = N_("What you want to say")
 ROLLBACK_VERSION_DESCRIPTION = N_("The version to switch to (default: the previous one)")
 
 
+# --- the console's own lines ---------------------------------------------------------------------------------
+
+
+def console_greeting(bot_name: str) -> str:
+    return _("Chatting with {bot_name}. Type /help for commands, Ctrl-D to quit.").format(bot_name=bot_name)
+
+
+def export_saved(filename: str, path: str) -> str:
+    return _("(saved {filename} to {path})").format(filename=filename, path=path)
+
+
+def answering_earlier(bot_name: str) -> str:
+    """The console's label for an answer to a line typed before a restart."""
+    return _("[{bot_name}, answering an earlier message] ").format(bot_name=bot_name)
+
+
+# --- refusals -------------------------------------------------------------------------------------------------
+
+
 def rate_limited(per_minute: int, wait_s: int) -> str:
     return _("Whoa, that's a lot of messages! I answer up to {per_minute} a minute — try again in {wait_s} s.").format(
         per_minute=per_minute, wait_s=wait_s
