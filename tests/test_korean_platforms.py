@@ -68,7 +68,7 @@ async def test_fake_self_check_command_menus_take_two_letter_language_codes_only
     """A self-check of the fake's strictness, not a test of Magpie: Telegram takes ISO 639-1 codes (`ko`), not
     locales (`ko-KR`), and answers getMyCommands per scope and language."""
     async with Bot(telegram.token, base_url=telegram.base_url) as bot:
-        with pytest.raises(BadRequest, match="(?i)invalid language code specified"):
+        with pytest.raises(BadRequest, match=r"(?i)invalid language code specified"):
             await bot.set_my_commands([BotCommand("help", "도움말")], language_code="ko-KR")
         assert await bot.set_my_commands([BotCommand("help", "도움말")], language_code="ko")
         assert [c.description for c in await bot.get_my_commands(language_code="ko")] == ["도움말"]
