@@ -48,5 +48,6 @@ clean:
 # .po; then translate the entries left empty (tests/test_i18n.py fails until there are none).
 .PHONY: messages
 messages: install
-	$(BIN)/pybabel extract --no-location --omit-header -k _ -k N_ -k ngettext:1,2 -o build/magpie.pot core bot trainer
-	$(BIN)/pybabel update --ignore-obsolete -w 120 -i build/magpie.pot -d core/locale -D magpie
+	@mkdir -p build
+	$(BIN)/pybabel -q extract --no-location --omit-header -k _ -k N_ -k ngettext:1,2 -o build/magpie.pot core bot trainer
+	$(BIN)/pybabel -q update --ignore-obsolete -w 120 -i build/magpie.pot -d core/locale -D magpie
