@@ -62,3 +62,11 @@ bootstrap: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# The message catalogue (core/i18n.py): re-extract the marked English texts and merge them into every language's
+# .po; then translate the entries left empty (tests/test_i18n.py fails until there are none).
+.PHONY: messages
+messages: install
+	@mkdir -p build
+	$(BIN)/pybabel -q extract --no-location --omit-header -k _ -k N_ -k ngettext:1,2 -o build/magpie.pot core bot trainer
+	$(BIN)/pybabel -q update --ignore-obsolete -w 120 -i build/magpie.pot -d core/locale -D magpie

@@ -131,7 +131,12 @@ def _backends(settings: Settings, service: ChatService, telemetry: Telemetry) ->
         exports = Path("data") / "exports"
         grace = settings.shutdown_grace_seconds
         console = ConsoleBackend(
-            handler=service, bot_name=settings.bot_name, exports_dir=exports, stop_grace_s=grace, telemetry=telemetry
+            handler=service,
+            bot_name=settings.bot_name,
+            exports_dir=exports,
+            stop_grace_s=grace,
+            telemetry=telemetry,
+            language=settings.console_language,
         )
         backends.append(console)
     return backends

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from core.db import Database
 from core.errors import ConfigError
+from core.i18n import speaking
 from core.models import RunStatus
 from core.outcomes import RunOutcome, SwitchRefused
 from core.serving import ModelServing
@@ -126,8 +127,9 @@ async def run_command(args: argparse.Namespace, settings: Settings) -> int | Non
     handler = _HANDLERS.get(args.command)
     if handler is None:
         return None
-    async with Database.opened(settings.database_url) as db:
-        return await handler(args, settings, db)
+    with speaking(settings.console_language):  # what it prints is worded like the chat's answers, for this terminal
+        async with Database.opened(settings.database_url) as db:
+            return await handler(args, settings, db)
 
 
 def _operator() -> str:

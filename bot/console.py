@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import TextIO
 
 from bot.backend import ChatBackend, Part, Route
+from core.i18n import speaking
 from core.messages import ChatHandler, ChatKind, IncomingMessage
 from core.telemetry import Telemetry
+from core.texts import answering_earlier, console_greeting, export_saved
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +47,12 @@ class ConsoleBackend(ChatBackend[str]):
         stdout: TextIO | None = None,
         stop_grace_s: float = 0.0,
         telemetry: Telemetry | None = None,
+        language: str | None = None,
     ) -> None:
         super().__init__(handler=handler, stop_grace_s=stop_grace_s, telemetry=telemetry)
         self._bot_name = bot_name
+        self._language = language
+        """The terminal's language tag (`Settings.console_language`): the core answers in it, and so does this."""
         self._exports_dir = exports_dir
         self._stdin = stdin or sys.stdin
         self._stdout = stdout or sys.stdout
@@ -58,7 +63,8 @@ class ConsoleBackend(ChatBackend[str]):
 
     async def start(self) -> None:
         if self._interactive:
-            self._write(f"Chatting with {self._bot_name}. Type /help for commands, Ctrl-D to quit.\n")
+            with speaking(self._language):
+                self._write(console_greeting(self._bot_name) + "\n")
         self._task = asyncio.create_task(self._read_loop(), name="console-reader")
 
     @property
@@ -100,6 +106,7 @@ class ConsoleBackend(ChatBackend[str]):
             text=text,
             message_id=str(time.time_ns()),
             addressed=True,
+            language=self._language,
         )
         await self.converse(message, Route(f"{self._bot_name.lower()}> " if self._interactive else ""))
 
@@ -110,12 +117,14 @@ class ConsoleBackend(ChatBackend[str]):
             self._exports_dir.mkdir(parents=True, exist_ok=True)
             path = self._exports_dir / part.attachment.filename
             path.write_bytes(part.attachment.content)
-            self._write(f"{target}(saved {part.attachment.filename} to {path})\n")
+            with speaking(self._language):
+                self._write(f"{target}{export_saved(part.attachment.filename, str(path))}\n")
 
     def _recovery_target(self, chat_id: str) -> str:
         """An answer to a message typed before a restart: shown like a notification, so it is not taken for the
         answer to the line just typed."""
-        return f"[{self._bot_name}, answering an earlier message] "
+        with speaking(self._language):
+            return answering_earlier(self._bot_name)
 
     def _notification_target(self, chat_id: str) -> str:
         return f"[{self._bot_name}] "

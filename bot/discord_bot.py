@@ -187,9 +187,13 @@ def to_incoming(message: discord.Message, me: discord.abc.User) -> IncomingMessa
         if message.attachments or message.stickers:
             text = None
     kind = ChatKind.PRIVATE if private else ChatKind.GROUP
+    # A message does not carry its author's locale (only interactions do): the server's preferred one is the best
+    # guess, and a DM has none (English).
+    language = message.guild.preferred_locale.value if message.guild is not None else None
     return _incoming(
-        message.channel.id, kind, message.author, text, ident=message.id, addressed=addressed, at=message.created_at
-    )
+        message.channel.id, kind, message.author, text, ident=message.id, addressed=addressed, at=message.created_at,
+        language=language,
+    )  # fmt: skip
 
 
 def command_to_incoming(interaction: discord.Interaction, text: str) -> IncomingMessage:
@@ -203,16 +207,18 @@ def command_to_incoming(interaction: discord.Interaction, text: str) -> Incoming
         ident=interaction.id,
         addressed=True,
         at=interaction.created_at,
+        language=interaction.locale.value,  # the user's own client language, which every interaction carries
     )
 
 
 def _incoming(
     chat: int | None, kind: ChatKind, author: discord.abc.User, text: str | None, *, ident: int, addressed: bool,
-    at: datetime,
+    at: datetime, language: str | None,
 ) -> IncomingMessage:  # fmt: skip
     return IncomingMessage(
         platform=PLATFORM, chat_id=str(chat), chat_kind=kind, author_id=str(author.id),
         author_name=author.display_name, text=text, message_id=str(ident), addressed=addressed, sent_at=at,
+        language=language,
     )  # fmt: skip
 
 

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import discord
 import yarl
 
-from bot.discord_commands import SAFE_MENTIONS, CommandRunner, build_command_tree
+from bot.discord_commands import SAFE_MENTIONS, CatalogueTranslator, CommandRunner, build_command_tree
 from bot.discord_shards import SHARDING_ERRORS, IdentifyPacer
 from core.errors import ConfigError, MagpieError
 from core.settings import Settings
@@ -91,10 +91,12 @@ class MagpieClient(discord.Client):
         return True
 
     async def setup_hook(self) -> None:
-        """Registers the slash commands: per guild in DISCORD_GUILD_IDS (instant), else globally (up to an hour)."""
+        """Registers the slash commands: per guild in DISCORD_GUILD_IDS (instant), else globally (up to an hour),
+        with their descriptions' localizations from the message catalogue."""
         if not self.registers_commands:
             log.info("Slash commands are registered by the process that runs shard 0")
             return
+        await self.tree.set_translator(CatalogueTranslator())
         guilds: list[discord.Object | None] = [discord.Object(id=gid) for gid in self.settings.discord_guild_ids]
         for guild in guilds or [None]:
             where = f"in guild {guild.id}" if guild else "globally"

@@ -5,6 +5,10 @@ The commands carry no logic: each turns its arguments back into the text a user 
 and hands it to one runner (`MagpieClient.run_command`), so slash commands and typed commands reach the core the
 same way. `/chat` exists because without the message-content intent a slash command is the one way to talk to the
 bot in a server without mentioning it; its text reaches the core as an ordinary message.
+
+Descriptions come from the message catalogue: `CatalogueTranslator` gives Discord each one's localizations (Korean
+for the `ko` locale) when the tree syncs. Names stay the same in every language: /help lists them, and Telegram's
+commands (which must be Latin) and typed commands use the same ones.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from discord import app_commands
 
 from bot.backend import Part
 from core.errors import MagpieError
+from core.i18n import SOURCE_LANGUAGE, supported_language, translate
 from core.messages import COMMANDS, Attachment
+from core.texts import CHAT_COMMAND_DESCRIPTION, CHAT_TEXT_DESCRIPTION, ROLLBACK_VERSION_DESCRIPTION
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +94,29 @@ class Followups:
         return int(message.id)
 
 
+class CatalogueTranslator(app_commands.Translator):
+    """Localizes the tree's descriptions from the message catalogue for each Discord locale Magpie has one for."""
+
+    _LOCALIZED = frozenset(
+        {
+            app_commands.TranslationContextLocation.command_description,
+            app_commands.TranslationContextLocation.parameter_description,
+        }
+    )
+
+    async def translate(
+        self, string: app_commands.locale_str, locale: discord.Locale, context: app_commands.TranslationContextTypes
+    ) -> str | None:
+        """None (no localization) for names, for English and for locales without a catalogue."""
+        language = supported_language(locale.value)
+        if context.location not in self._LOCALIZED or language == SOURCE_LANGUAGE:
+            return None
+        return translate(string.message, language)
+
+
 def build_command_tree(client: discord.Client, run: CommandRunner) -> app_commands.CommandTree[Any]:
-    """The tree discord.py dispatches INTERACTION_CREATE to; the client syncs it to Discord in `setup_hook`."""
+    """The tree discord.py dispatches INTERACTION_CREATE to; the client syncs it to Discord in `setup_hook`, after
+    setting `CatalogueTranslator` as its translator."""
     tree: app_commands.CommandTree[Any] = app_commands.CommandTree(client)
     tree.on_error = _report_error  # type: ignore[method-assign]
     tree.add_command(_chat_command(run))
@@ -99,18 +126,18 @@ def build_command_tree(client: discord.Client, run: CommandRunner) -> app_comman
 
 
 def _chat_command(run: CommandRunner) -> app_commands.Command[Any, ..., None]:
-    @app_commands.describe(text="What you want to say")
+    @app_commands.describe(text=CHAT_TEXT_DESCRIPTION)
     async def chat(interaction: discord.Interaction, text: app_commands.Range[str, 1, 2000]) -> None:
         """Chat with the bot without mentioning it."""
         await run(interaction, text)
 
-    return app_commands.Command(name="chat", description="Say something to the bot", callback=chat)
+    return app_commands.Command(name="chat", description=CHAT_COMMAND_DESCRIPTION, callback=chat)
 
 
 def _command(name: str, description: str, run: CommandRunner) -> app_commands.Command[Any, ..., None]:
     if name == "rollback":
 
-        @app_commands.describe(version="The version to switch to (default: the previous one)")
+        @app_commands.describe(version=ROLLBACK_VERSION_DESCRIPTION)
         async def with_version(interaction: discord.Interaction, version: str | None = None) -> None:
             """Runs `/rollback [version]`."""
             version = (version or "").strip()
@@ -133,8 +160,9 @@ async def _report_error(interaction: discord.Interaction, error: app_commands.Ap
     """The tree's error handler: log it, and tell the user something went wrong (never what)."""
     name = interaction.command.name if interaction.command else "?"
     log.error("Discord slash command /%s failed", name, exc_info=error)
+    apology = translate(MagpieError.user_message, interaction.locale.value)
     with suppress(discord.HTTPException):
         if interaction.response.is_done():
-            await interaction.followup.send(MagpieError.user_message, allowed_mentions=NO_MENTIONS)
+            await interaction.followup.send(apology, allowed_mentions=NO_MENTIONS)
         else:
-            await interaction.response.send_message(MagpieError.user_message, allowed_mentions=NO_MENTIONS)
+            await interaction.response.send_message(apology, allowed_mentions=NO_MENTIONS)

@@ -199,10 +199,12 @@ class TelegramBackend(ChatBackend[_Target]):
         addressed = private or mentioned or to_me
         if text is None and not addressed:
             return None
+        language = None  # a chat speaking as itself has no language; a person's app reports theirs
         if message.sender_chat is not None:  # anonymous group admin or a linked channel speaking as the chat
             author_id, author_name = message.sender_chat.id, message.sender_chat.effective_name or ""
         elif message.from_user is not None:
             author_id, author_name = message.from_user.id, message.from_user.full_name
+            language = message.from_user.language_code
         else:
             return None
         return IncomingMessage(
@@ -215,6 +217,7 @@ class TelegramBackend(ChatBackend[_Target]):
             message_id=str(message.message_id),
             addressed=addressed,
             sent_at=message.date,
+            language=language,
         )
 
     def _read_text(self, message: Message) -> tuple[str, bool]:

@@ -24,6 +24,7 @@ from telegram.error import BadRequest, InvalidToken, NetworkError, RetryAfter, T
 from telegram.ext import AIORateLimiter, Application, ApplicationBuilder, ContextTypes, ExtBot
 
 from core.errors import ConfigError, MagpieError
+from core.i18n import LANGUAGES, SOURCE_LANGUAGE, translate
 from core.messages import ADMIN_COMMANDS, COMMANDS
 from core.settings import Settings
 
@@ -80,18 +81,22 @@ async def connect(app: App, settings: Settings, redact: Callable[[str], str]) ->
 
 
 async def register_commands(app: App, settings: Settings, redact: Callable[[str], str]) -> None:
-    """Fills Telegram's "/" menu: user commands for everyone, and all commands in each admin's private chat."""
-    everyone = [BotCommand(name, text) for name, text in COMMANDS.items() if name not in ADMIN_COMMANDS]
-    admins = [BotCommand(name, text) for name, text in COMMANDS.items()]
+    """Fills Telegram's "/" menu: user commands for everyone, and all commands in each admin's private chat. Each
+    menu is set in English for everyone and again per other language Magpie speaks (`language_code`), which
+    Telegram shows to users whose app is set to that language."""
     admin_ids = sorted(int(item.partition(":")[2]) for item in settings.admin_ids if item.startswith("telegram:"))
     scopes: list[BotCommandScopeChat | None] = [None, *(BotCommandScopeChat(ident) for ident in admin_ids)]
-    for scope in scopes:
-        try:
-            commands = admins if scope else everyone
-            await retrying(partial(app.bot.set_my_commands, commands, scope=scope), redact, repeatable=True)
-        except TelegramError as exc:  # the menu is a convenience: never a reason not to start
-            where = f"admin chat {scope.chat_id}" if scope else "everyone"
-            log.warning("Telegram: command menu for %s not set: %s", where, redact(str(exc)))
+    for language in LANGUAGES:
+        code = None if language == SOURCE_LANGUAGE else language
+        for scope in scopes:
+            names = [name for name in COMMANDS if scope or name not in ADMIN_COMMANDS]
+            commands = [BotCommand(name, translate(COMMANDS[name], language)) for name in names]
+            call = partial(app.bot.set_my_commands, commands, scope=scope, language_code=code)
+            try:
+                await retrying(call, redact, repeatable=True)
+            except TelegramError as exc:  # the menu is a convenience: never a reason not to start
+                where = f"admin chat {scope.chat_id}" if scope else "everyone"
+                log.warning("Telegram: %s command menu for %s not set: %s", language, where, redact(str(exc)))
 
 
 async def start_fetching(app: App, settings: Settings, on_polling_error: Callable[[TelegramError], None]) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from core.commands import ParsedCommand
 from core.db import Database
 from core.engine import Engine
+from core.i18n import _
 from core.messages import ADMIN_COMMANDS, Attachment, ChatKind, Private, Reply
 from core.models import User
 from core.reply_log import Logged, ReplyLog
@@ -76,7 +77,7 @@ class ChatCommands:
                 message.platform,
                 message.author_id,
             )
-            return await self._replies.system_reply(logged, ADMINS_ONLY)
+            return await self._replies.system_reply(logged, _(ADMINS_ONLY))
         handler = self._handlers().get(command.name)
         if handler is None:
             return await self._replies.system_reply(logged, unknown_command(command.name))
@@ -100,20 +101,20 @@ class ChatCommands:
     def _is_admin(self, logged: Logged) -> bool:
         return self._settings.is_admin(logged.message.platform, logged.message.author_id)
 
-    async def _cmd_start(self, logged: Logged, _: ParsedCommand) -> Reply:
+    async def _cmd_start(self, logged: Logged, _command: ParsedCommand) -> Reply:
         learned = self._settings.learns_from_private_chats(logged.message.platform)
         text = start_text(self._settings.bot_name, is_admin=self._is_admin(logged), private_chats_learned=learned)
         return await self._replies.system_reply(logged, text)
 
-    async def _cmd_help(self, logged: Logged, _: ParsedCommand) -> Reply:
+    async def _cmd_help(self, logged: Logged, _command: ParsedCommand) -> Reply:
         learned = self._settings.learns_from_private_chats(logged.message.platform)
         text = help_text(self._settings.bot_name, is_admin=self._is_admin(logged), private_chats_learned=learned)
         return await self._replies.system_reply(logged, text)
 
-    async def _cmd_reset(self, logged: Logged, _: ParsedCommand) -> Reply:
-        return await self._replies.system_reply(logged, RESET_DONE)
+    async def _cmd_reset(self, logged: Logged, _command: ParsedCommand) -> Reply:
+        return await self._replies.system_reply(logged, _(RESET_DONE))
 
-    async def _cmd_forget(self, logged: Logged, _: ParsedCommand) -> Reply:
+    async def _cmd_forget(self, logged: Logged, _command: ParsedCommand) -> Reply:
         async with self._db.sessions.begin() as session:
             count = await forget_user(session, user_id=logged.user_row_id)
             trained_on = await versions_trained_on_user(session, user_id=logged.user_row_id)
@@ -123,7 +124,7 @@ class ChatCommands:
         text = forgotten(count, trained_on=names, training_now=training)
         return await self._replies.log_reply(logged, text, model_version_id=None, system=True, answers_logged=False)
 
-    async def _cmd_export(self, logged: Logged, _: ParsedCommand) -> Reply:
+    async def _cmd_export(self, logged: Logged, _command: ParsedCommand) -> Reply:
         async with self._db.sessions() as session:
             rows = await export_user(session, user_id=logged.user_row_id)
         content = json.dumps({"messages": rows}, ensure_ascii=False, indent=2).encode()
@@ -132,9 +133,9 @@ class ChatCommands:
         if logged.message.chat_kind is ChatKind.PRIVATE:
             return await self._replies.system_reply(logged, text, attachment)
         # Everything the user ever sent, private chats included: never for the eyes of a group.
-        private = Private(text, attachment, unreachable=EXPORT_UNREACHABLE)
+        private = Private(text, attachment, unreachable=_(EXPORT_UNREACHABLE))
         return await self._replies.log_reply(
-            logged, EXPORT_SENT_PRIVATELY, model_version_id=None, system=True, private=private
+            logged, _(EXPORT_SENT_PRIVATELY), model_version_id=None, system=True, private=private
         )
 
     async def _set_opt_out(self, logged: Logged, opted_out: bool) -> None:
@@ -143,17 +144,17 @@ class ChatCommands:
             if user is not None:
                 user.opted_out = opted_out
 
-    async def _cmd_optout(self, logged: Logged, _: ParsedCommand) -> Reply:
+    async def _cmd_optout(self, logged: Logged, _command: ParsedCommand) -> Reply:
         await self._set_opt_out(logged, True)
-        return await self._replies.system_reply(logged, OPTED_OUT)
+        return await self._replies.system_reply(logged, _(OPTED_OUT))
 
-    async def _cmd_optin(self, logged: Logged, _: ParsedCommand) -> Reply:
+    async def _cmd_optin(self, logged: Logged, _command: ParsedCommand) -> Reply:
         await self._set_opt_out(logged, False)
-        return await self._replies.system_reply(logged, OPTED_IN)
+        return await self._replies.system_reply(logged, _(OPTED_IN))
 
-    async def _cmd_retrain(self, logged: Logged, _: ParsedCommand) -> Reply:
+    async def _cmd_retrain(self, logged: Logged, _command: ParsedCommand) -> Reply:
         if self._retrainer is None:
-            return await self._replies.system_reply(logged, RETRAIN_UNAVAILABLE)
+            return await self._replies.system_reply(logged, _(RETRAIN_UNAVAILABLE))
         message = logged.message
         result = await self._retrainer.request(
             triggered_by=f"{message.platform}:{message.author_id}",
@@ -162,7 +163,7 @@ class ChatCommands:
         )
         return await self._replies.system_reply(logged, run_request(result))
 
-    async def _cmd_status(self, logged: Logged, _: ParsedCommand) -> Reply:
+    async def _cmd_status(self, logged: Logged, _command: ParsedCommand) -> Reply:
         async with self._db.sessions() as session:
             stats = await collect_stats(session)
         ref = self._engine.model_ref
@@ -172,14 +173,14 @@ class ChatCommands:
         text = status_text(stats, model_name=model_name, queue_depth=self._engine.queue_depth, active_problem=problem)
         return await self._replies.system_reply(logged, text)
 
-    async def _cmd_models(self, logged: Logged, _: ParsedCommand) -> Reply:
+    async def _cmd_models(self, logged: Logged, _command: ParsedCommand) -> Reply:
         if self._serving is None:
-            return await self._replies.system_reply(logged, MODELS_UNAVAILABLE)
+            return await self._replies.system_reply(logged, _(MODELS_UNAVAILABLE))
         return await self._replies.system_reply(logged, version_list(await self._serving.list_versions()))
 
     async def _cmd_rollback(self, logged: Logged, command: ParsedCommand) -> Reply:
         if self._serving is None:
-            return await self._replies.system_reply(logged, ROLLBACK_UNAVAILABLE)
+            return await self._replies.system_reply(logged, _(ROLLBACK_UNAVAILABLE))
         message = logged.message
         result = await self._serving.rollback(
             version=command.args or None, triggered_by=f"{message.platform}:{message.author_id}"

@@ -12,16 +12,19 @@
         └── EngineClosedError    the engine is shutting down
 
 Messages of these errors never contain secrets; user-facing replies use `user_message`, never `str(exc)` of
-an unexpected exception.
+an unexpected exception. `user_message` is an English msgid of the message catalogue (`core.i18n`): whoever
+shows it says `_(exc.user_message)`.
 """
 
 from __future__ import annotations
+
+from core.i18n import N_
 
 
 class MagpieError(Exception):
     """Base of Magpie's expected failures."""
 
-    user_message = "Sorry, something went wrong on my side."
+    user_message = N_("Sorry, something went wrong on my side.")
 
 
 class ConfigError(MagpieError):
@@ -51,16 +54,16 @@ class EngineError(MagpieError):
 class EngineBusyError(EngineError):
     """The engine's queue is full."""
 
-    user_message = "I'm answering a lot of people right now — please try again in a moment."
+    user_message = N_("I'm answering a lot of people right now — please try again in a moment.")
 
 
 class EngineTimeoutError(EngineError):
     """A generation request took longer than its timeout."""
 
-    user_message = "Sorry, that took me too long to think about. Please try again."
+    user_message = N_("Sorry, that took me too long to think about. Please try again.")
 
 
 class EngineClosedError(EngineError):
     """The engine is shutting down or was never started."""
 
-    user_message = "I'm restarting right now — please try again in a minute."
+    user_message = N_("I'm restarting right now — please try again in a minute.")

@@ -11,6 +11,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Protocol
 
+from core.i18n import N_
+
 
 class ChatKind(StrEnum):
     """Whether everyone in the chat is talking to the bot (private) or to each other (group)."""
@@ -26,7 +28,9 @@ class IncomingMessage:
     Ids are strings so that every platform fits (Telegram and Discord ids are numeric, the console's is not).
     `text` is None for non-text content (stickers, photos…), which gets a short note instead of silence.
     `addressed` is the adapter's verdict on "was this meant for the bot" (mention, reply to the bot, slash
-    command); private chats are always addressed.
+    command); private chats are always addressed. `language` is the person's language tag as the platform gives
+    it (`ko`, `en-US`, `ko_KR.UTF-8`; None when it says nothing): the core answers in it when it has a catalogue for
+    it (`core.i18n`), else in English.
     """
 
     platform: str
@@ -38,6 +42,7 @@ class IncomingMessage:
     message_id: str
     addressed: bool = False
     sent_at: datetime | None = None
+    language: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +67,7 @@ class Private:
 
     text: str
     attachment: Attachment | None = None
-    unreachable: str = "I can't reach you privately. Send me that command in a private chat instead."
+    unreachable: str = N_("I can't reach you privately. Send me that command in a private chat instead.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,19 +134,20 @@ class Notifier(Protocol):
 
 
 COMMANDS: dict[str, str] = {
-    "start": "Say hello and see what I can do",
-    "help": "List the commands",
-    "reset": "Start a fresh conversation context in this chat",
-    "forget": "Delete every message you ever sent me, in every chat",
-    "export": "Get your own logged messages as a JSON file",
-    "optout": "Keep chatting, but keep your messages out of training",
-    "optin": "Let your messages be used for training again",
-    "retrain": "(admin) Retrain the model on the logged conversations",
-    "status": "(admin) Show the model, data and training status",
-    "models": "(admin) List the model versions",
-    "rollback": "(admin) Switch back to the previous (or a given) model version",
+    "start": N_("Say hello and see what I can do"),
+    "help": N_("List the commands"),
+    "reset": N_("Start a fresh conversation context in this chat"),
+    "forget": N_("Delete every message you ever sent me, in every chat"),
+    "export": N_("Get your own logged messages as a JSON file"),
+    "optout": N_("Keep chatting, but keep your messages out of training"),
+    "optin": N_("Let your messages be used for training again"),
+    "retrain": N_("(admin) Retrain the model on the logged conversations"),
+    "status": N_("(admin) Show the model, data and training status"),
+    "models": N_("(admin) List the model versions"),
+    "rollback": N_("(admin) Switch back to the previous (or a given) model version"),
 }
-"""Every command with its one-line help: the source for `/help`, Telegram's menu and Discord's slash tree."""
+"""Every command with its one-line help: the source for `/help`, Telegram's menu and Discord's slash tree. The help
+texts are English msgids of the message catalogue (`core.i18n`); whoever shows one translates it."""
 
 ADMIN_COMMANDS = frozenset({"retrain", "status", "models", "rollback"})
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+from core.i18n import N_
+
 _OVERFLOW_LOSS = 700.0
 """exp() of a loss this large overflows a float; such a run diverged and has no perplexity worth recording."""
 
@@ -30,4 +32,4 @@ def perplexity_text(loss: float) -> str:
     """The perplexity of `loss` for people: one decimal, or "huge" from `HUGE_LOSS` on (and for a loss that is not
     a number)."""
     value = perplexity(loss) if loss < HUGE_LOSS else None
-    return "huge" if value is None else f"{value:.1f}"
+    return N_("huge") if value is None else f"{value:.1f}"  # `core.texts` translates the word

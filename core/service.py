@@ -27,6 +27,7 @@ from core.db import Database
 from core.dialogue import Turn, speaker_key
 from core.engine import Engine
 from core.errors import EngineError
+from core.i18n import _, speaking
 from core.limits import LocalUserLimits, UserLimits
 from core.messages import ChatKind, IncomingMessage, Reply
 from core.models import Delivery, Message, Role
@@ -112,14 +113,19 @@ class ChatService:
     async def handle(self, message: IncomingMessage, *, busy: bool = False) -> Reply | None:
         """Logs `message` once and returns the reply, or None when the bot should stay quiet. `busy` (the adapter's
         sends are backlogged): a chat message gets the short busy note instead of a model answer; commands still
-        run, since their replies cost the platform no more than the note and what they do must not be lost."""
+        run, since their replies cost the platform no more than the note and what they do must not be lost.
+        Everything said while handling it is in the author's language (`message.language`, see `core.i18n`)."""
         self._telemetry.message_received(message.platform)
+        with speaking(message.language):
+            return await self._handle(message, busy=busy)
+
+    async def _handle(self, message: IncomingMessage, *, busy: bool) -> Reply | None:
         try:
             logged = await self._replies.log_incoming(message)
         except Exception:  # the database is down or refused the row: say so rather than drop the message
             log.exception("Could not log %s message %s", message.platform, message.message_id)
             command = parse_command(message.text)
-            return Reply(NOT_LOGGED, reply_to=message.message_id) if should_answer(message, command) else None
+            return Reply(_(NOT_LOGGED), reply_to=message.message_id) if should_answer(message, command) else None
         if logged is None or not should_answer(message, logged.command):
             return None
         return await self._answer_or_apologise(replace(logged, busy=busy))
@@ -132,10 +138,10 @@ class ChatService:
         except Exception:
             log.exception("Failed to answer %s message %s", message.platform, message.message_id)
         try:
-            return await self._replies.system_reply(logged, GENERIC_FAILURE)
+            return await self._replies.system_reply(logged, _(GENERIC_FAILURE))
         except Exception:  # the database went away mid-answer: the apology still goes out, unlogged
             log.exception("Could not log the failure reply to %s message %s", message.platform, message.message_id)
-            return Reply(GENERIC_FAILURE, reply_to=message.message_id)
+            return Reply(_(GENERIC_FAILURE), reply_to=message.message_id)
 
     async def mark_delivered(self, reply: Reply, platform_message_ids: list[str]) -> None:
         first = platform_message_ids[0] if platform_message_ids else None
@@ -159,7 +165,7 @@ class ChatService:
         """The author could not be reached privately: the personal part stays undelivered (and is never shown in
         the chat); the chat gets a note on how to ask privately, logged beside the reply it replaces."""
         await self.mark_undelivered(reply, f"not delivered privately: {reason}")
-        note = reply.private.unreachable if reply.private is not None else GENERIC_FAILURE
+        note = reply.private.unreachable if reply.private is not None else _(GENERIC_FAILURE)
         try:
             log_id = await self._replies.log_beside(reply, note)
         except Exception:  # the note still goes out, unlogged, like the apology when the database is gone
@@ -227,7 +233,7 @@ class ChatService:
         logged = Logged(incoming, message.id, chat.id, author.id, command, recovered=True)
         async with slots:
             if _asks_for_export(message):  # personal data goes out only on a live request
-                reply = await self._replies.system_reply(logged, EXPORT_AFTER_RESTART)
+                reply = await self._replies.system_reply(logged, _(EXPORT_AFTER_RESTART))
             else:
                 reply = await self._answer_or_apologise(logged)
         return Recovered(chat.platform, chat.platform_chat_id, reply)
@@ -277,19 +283,19 @@ class ChatService:
                 limit = self._settings.rate_limit_per_minute
                 return await self._replies.system_reply(logged, rate_limited(limit, max(1, round(wait_s))))
         if message.text is None:
-            return await self._replies.system_reply(logged, NOT_TEXT)
+            return await self._replies.system_reply(logged, _(NOT_TEXT))
         if logged.command is not None:
             return await self._commands.run(logged, logged.command)
         text = message.text.strip()
         if not text:
-            return await self._replies.system_reply(logged, EMPTY)
+            return await self._replies.system_reply(logged, _(EMPTY))
         if len(text) > self._settings.max_input_chars:
             self._telemetry.refused("too_long")
             return await self._replies.system_reply(logged, too_long(len(text), self._settings.max_input_chars))
         if logged.busy:
             log.info("Sends are backlogged: %s message %s gets the busy note", message.platform, message.message_id)
             self._telemetry.refused("busy")
-            return await self._replies.system_reply(logged, BUSY)
+            return await self._replies.system_reply(logged, _(BUSY))
         return await self._chat(logged)
 
     async def _chat(self, logged: Logged) -> Reply:
@@ -307,7 +313,7 @@ class ChatService:
                 log.warning("Engine could not answer %s: %s", user_key, type(exc).__name__)
                 if (refusal := refusal_for(exc)) is not None:
                     self._telemetry.refused(refusal)
-                return await self._replies.system_reply(logged, exc.user_message)
+                return await self._replies.system_reply(logged, _(exc.user_message))
             return await self._replies.log_reply(
                 logged, generation.text, model_version_id=generation.model.version_id, system=False
             )

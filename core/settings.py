@@ -128,6 +128,11 @@ class Settings(BaseSettings):
     train_launcher: Literal["local", "accelerate"] = "local"
     accelerate_config: Path | None = None
 
+    # --- language (the console's; Telegram and Discord users get the language their own app reports) ----------
+    lc_all: str | None = None
+    lc_messages: str | None = None
+    lang: str | None = None
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     # --- operating: health, metrics and logs ---------------------------------------------------------------------
@@ -274,6 +279,12 @@ class Settings(BaseSettings):
     def http_address(self) -> tuple[str, int] | None:
         """HTTP_LISTEN as (host, port), or None when the server is off."""
         return parse_listen(self.http_listen) if self.http_listen else None
+
+    @property
+    def console_language(self) -> str | None:
+        """The console's language tag: the first of LC_ALL, LC_MESSAGES and LANG that is set (POSIX's order for
+        messages); `core.i18n` speaks it when it has a catalogue for it (`ko_KR.UTF-8`), else English."""
+        return next((tag for tag in (self.lc_all, self.lc_messages, self.lang) if tag), None)
 
     def is_admin(self, platform: str, user_id: str) -> bool:
         """Admin rights come from numeric platform ids only (console users are local, hence trusted)."""

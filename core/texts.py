@@ -1,18 +1,26 @@
 """The words people read in chat, in one place: replies, command texts, and what the learning side reports.
 
 The chat service and the training orchestrator hand typed results (`core.outcomes`) to the functions here, which
-return the text; nothing else in Magpie writes chat wording, so translating the bot touches this module only.
-(The command list's one-line descriptions live beside the command set in `core.messages.COMMANDS`.) Texts never
-contain exception text or secrets: a reason shown here is one Magpie wrote itself (a run's recorded reason, a
-version's files problem).
+return the text; nothing else in Magpie writes chat wording. Every text is English written as a gettext msgid and
+comes out in the language being spoken (`core.i18n`: the person's, set by the core for each message), from the one
+catalogue `core/locale/<language>/LC_MESSAGES/magpie.po`. Functions translate as they word; a constant is only
+marked (`N_`), and the code that sends it says `_(CONSTANT)` when it knows whom it speaks to.
+
+Adding a text: write it here as `_("English {name}").format(name=...)` (or `N_` for a constant), then add its
+Korean to `core/locale/ko/LC_MESSAGES/magpie.po`; `tests/test_i18n.py` fails until every msgid has a translation.
+(The command list's one-line descriptions live beside the command set in `core.messages.COMMANDS`, marked the same
+way.) Texts never contain exception text or secrets: a reason shown here is one Magpie wrote itself (a run's
+recorded reason, a version's files problem).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from datetime import datetime
 
 from core.errors import EngineBusyError
+from core.i18n import N_, _, ngettext
 from core.messages import ADMIN_COMMANDS, COMMANDS
 from core.metrics import perplexity_text
 from core.models import RunStatus, VersionStatus
@@ -35,42 +43,69 @@ from core.outcomes import (
 )
 from core.storage import Stats
 
-# --- the chat service's fixed replies -------------------------------------------------------------------------
+# --- the chat service's fixed replies (English msgids: send them as `_(NAME)`) --------------------------------
 
-NOT_TEXT = "I can only read text messages for now."
-EMPTY = "Send me some text and I'll answer."
-GENERIC_FAILURE = "Sorry, something went wrong on my side. Please try again."
+NOT_TEXT = N_("I can only read text messages for now.")
+EMPTY = N_("Send me some text and I'll answer.")
+GENERIC_FAILURE = N_("Sorry, something went wrong on my side. Please try again.")
 BUSY = EngineBusyError.user_message
 """Replies already queue for the platform (its calls a second are spent): the same words as a full engine queue,
 since to the person it is the same situation."""
-NOT_LOGGED = "Sorry, I can't take messages right now (my database is not answering). Please try again in a minute."
-EXPORT_SENT_PRIVATELY = "I sent your export to you privately: only you can see it."
-EXPORT_UNREACHABLE = (
+NOT_LOGGED = N_("Sorry, I can't take messages right now (my database is not answering). Please try again in a minute.")
+EXPORT_SENT_PRIVATELY = N_("I sent your export to you privately: only you can see it.")
+EXPORT_UNREACHABLE = N_(
     "I can't send you your export privately (you haven't started a private chat with me, or you don't accept "
     "private messages), and I won't post it here. Start a private chat with me and send /export there."
 )
-EXPORT_AFTER_RESTART = "I was restarted before I could send your export. Please send /export again."
-ADMINS_ONLY = "Sorry, only the bot's admins can use that command."
-RESET_DONE = "Okay — fresh start. I've set our earlier conversation aside."
-OPTED_OUT = "Got it: I'll keep chatting, but your messages won't be used for training. /optin undoes it."
-OPTED_IN = "Thanks! Your messages can help me learn again."
-RETRAIN_UNAVAILABLE = "Retraining is not available in this setup."
-MODELS_UNAVAILABLE = "Model versions are not available in this setup."
-ROLLBACK_UNAVAILABLE = "Rollback is not available in this setup."
+EXPORT_AFTER_RESTART = N_("I was restarted before I could send your export. Please send /export again.")
+ADMINS_ONLY = N_("Sorry, only the bot's admins can use that command.")
+RESET_DONE = N_("Okay — fresh start. I've set our earlier conversation aside.")
+OPTED_OUT = N_("Got it: I'll keep chatting, but your messages won't be used for training. /optin undoes it.")
+OPTED_IN = N_("Thanks! Your messages can help me learn again.")
+RETRAIN_UNAVAILABLE = N_("Retraining is not available in this setup.")
+MODELS_UNAVAILABLE = N_("Model versions are not available in this setup.")
+ROLLBACK_UNAVAILABLE = N_("Rollback is not available in this setup.")
+
+# --- Discord's slash-command texts beyond `COMMANDS` -----------------------------------------------------------
+
+CHAT_COMMAND_DESCRIPTION = N_("Say something to the bot")
+CHAT_TEXT_DESCRIPTION = N_("What you want to say")
+ROLLBACK_VERSION_DESCRIPTION = N_("The version to switch to (default: the previous one)")
+
+
+# --- the console's own lines ---------------------------------------------------------------------------------
+
+
+def console_greeting(bot_name: str) -> str:
+    return _("Chatting with {bot_name}. Type /help for commands, Ctrl-D to quit.").format(bot_name=bot_name)
+
+
+def export_saved(filename: str, path: str) -> str:
+    return _("(saved {filename} to {path})").format(filename=filename, path=path)
+
+
+def answering_earlier(bot_name: str) -> str:
+    """The console's label for an answer to a line typed before a restart."""
+    return _("[{bot_name}, answering an earlier message] ").format(bot_name=bot_name)
+
+
+# --- refusals -------------------------------------------------------------------------------------------------
 
 
 def rate_limited(per_minute: int, wait_s: int) -> str:
-    return f"Whoa, that's a lot of messages! I answer up to {per_minute} a minute — try again in {wait_s} s."
-
-
-def too_long(length: int, limit: int) -> str:
-    return (
-        f"That message is too long for me ({length} characters; I read up to {limit}). Could you say it in fewer words?"
+    return _("Whoa, that's a lot of messages! I answer up to {per_minute} a minute — try again in {wait_s} s.").format(
+        per_minute=per_minute, wait_s=wait_s
     )
 
 
+def too_long(length: int, limit: int) -> str:
+    return _(
+        "That message is too long for me ({length} characters; I read up to {limit}). Could you say it in fewer words?"
+    ).format(length=length, limit=limit)
+
+
 def unknown_command(name: str) -> str:
-    return f"I don't know /{name}. Try /help."
+    return _("I don't know /{name}. Try /help.").format(name=name)
 
 
 # --- help, start and status -----------------------------------------------------------------------------------
@@ -79,30 +114,33 @@ def unknown_command(name: str) -> str:
 def help_text(bot_name: str, *, is_admin: bool, private_chats_learned: bool) -> str:
     """The command list, preceded by which chats the bot learns from: people should know before they talk."""
     lines = [
-        f"I'm {bot_name}, a chatbot that learns to talk like this community. Just talk to me!",
+        _("I'm {bot_name}, a chatbot that learns to talk like this community. Just talk to me!").format(
+            bot_name=bot_name
+        ),
         learning_note(private_chats_learned=private_chats_learned),
         "",
     ]
     for name, description in COMMANDS.items():
         if name in ADMIN_COMMANDS and not is_admin:
             continue
-        lines.append(f"/{name} — {description}")
+        lines.append(f"/{name} — {_(description)}")
     return "\n".join(lines)
 
 
 def learning_note(*, private_chats_learned: bool) -> str:
     """Which chats become training data (`Settings.learns_from_private_chats`)."""
     if private_chats_learned:
-        return "I learn from what people write in group chats and in private chats with me."
-    return "I learn from what people write in group chats; what you tell me in a private chat is never trained on."
+        return _("I learn from what people write in group chats and in private chats with me.")
+    return _("I learn from what people write in group chats; what you tell me in a private chat is never trained on.")
 
 
 def start_text(bot_name: str, *, is_admin: bool, private_chats_learned: bool) -> str:
-    return (
-        f"Hi! {help_text(bot_name, is_admin=is_admin, private_chats_learned=private_chats_learned)}\n\n"
+    commands = help_text(bot_name, is_admin=is_admin, private_chats_learned=private_chats_learned)
+    return _(
+        "Hi! {help}\n\n"
         "I keep a log of our conversations so I can follow them. /optout keeps your messages out of training, "
         "/forget deletes them."
-    )
+    ).format(help=commands)
 
 
 def status_text(stats: Stats, *, model_name: str, queue_depth: int, active_problem: str | None) -> str:
@@ -110,21 +148,27 @@ def status_text(stats: Stats, *, model_name: str, queue_depth: int, active_probl
     when they can), asked for only when another model serves."""
     version = stats.active_version
     metrics = version.metrics if version is not None and version.name == model_name else {}
-    lines = [f"Model: {model_name}{_not_serving(stats, model_name, active_problem)}"]
+    lines = [_("Model: {name}").format(name=model_name) + _not_serving(stats, model_name, active_problem)]
     if "eval_loss" in metrics:
-        lines.append(f"  eval loss {metrics['eval_loss']:.3f}, perplexity {perplexity_text(metrics['eval_loss'])}")
+        loss = metrics["eval_loss"]
+        lines.append(_("  eval loss {loss:.3f}, perplexity {perplexity}").format(loss=loss, perplexity=_ppl(loss)))
     lines += [
-        f"Messages logged: {stats.messages} ({stats.user_messages} from people, {stats.bot_messages} from me)",
-        f"People: {stats.users}, chats: {stats.chats}",
-        f"New messages since the last training run: {stats.since_last_training}",
-        f"Requests waiting for the model: {queue_depth}",
+        _("Messages logged: {total} ({people} from people, {bot} from me)").format(
+            total=stats.messages, people=stats.user_messages, bot=stats.bot_messages
+        ),
+        _("People: {users}, chats: {chats}").format(users=stats.users, chats=stats.chats),
+        _("New messages since the last training run: {count}").format(count=stats.since_last_training),
+        _("Requests waiting for the model: {count}").format(count=queue_depth),
     ]
     run = stats.last_run
     if run is None:
-        lines.append("Last training run: none yet")
+        lines.append(_("Last training run: none yet"))
     else:
-        when = run.started_at.strftime("%Y-%m-%d %H:%M UTC")
-        lines.append(f"Last training run: #{run.id} {run.status.value} (started {when} by {run.triggered_by})")
+        lines.append(
+            _("Last training run: #{run_id} {status} (started {when} by {who})").format(
+                run_id=run.id, status=run_status_word(run.status), when=_when(run.started_at), who=run.triggered_by
+            )
+        )
     return "\n".join(lines)
 
 
@@ -134,28 +178,34 @@ def _not_serving(stats: Stats, model_name: str, problem: str | None) -> str:
     if active is None or active.name == model_name:
         return ""
     if problem is None:
-        return f" ({active.name} is active but not loaded yet, or it failed to load: the log says which)"
-    return f" ({active.name} is active but could not be loaded: {problem})"
+        return _(" ({name} is active but not loaded yet, or it failed to load: the log says which)").format(
+            name=active.name
+        )
+    return _(" ({name} is active but could not be loaded: {problem})").format(name=active.name, problem=problem)
 
 
 # --- the user's own data --------------------------------------------------------------------------------------
 
 
 def export_ready(count: int) -> str:
-    return f"Here are the {count} messages I have from you."
+    return ngettext(
+        "Here is the {count} message I have from you.", "Here are the {count} messages I have from you.", count
+    ).format(count=count)
 
 
 def forgotten(count: int, *, trained_on: Sequence[str], training_now: bool) -> str:
     """`/forget`'s answer: how many messages went, which versions had learned from them, a run in progress."""
-    noun = "message" if count == 1 else "messages"
-    text = f"Done: I deleted {count} {noun} you sent me, in every chat (this /forget included)."
+    text = ngettext(
+        "Done: I deleted {count} message you sent me, in every chat (this /forget included).",
+        "Done: I deleted {count} messages you sent me, in every chat (this /forget included).",
+        count,
+    ).format(count=count)
     if trained_on:
-        text += (
-            f" Your messages were part of the training data of versions {', '.join(trained_on)}; "
-            "they will not be in future versions."
-        )
+        text += _(
+            " Your messages were part of the training data of versions {versions}; they will not be in future versions."
+        ).format(versions=", ".join(trained_on))
     if training_now:
-        text += " A training run is in progress: the version it trains will not be used with your messages in it."
+        text += _(" A training run is in progress: the version it trains will not be used with your messages in it.")
     return text
 
 
@@ -166,37 +216,46 @@ def run_request(result: RunRequest) -> str:
     """The immediate answer to a request for a training run."""
     match result:
         case RunStarted(run_id=run_id, reports_here=here):
-            where = " I'll report progress here." if here else ""
-            return f"Training run #{run_id} started. I keep answering while it trains.{where}"
+            where = _(" I'll report progress here.") if here else ""
+            return _("Training run #{run_id} started. I keep answering while it trains.").format(run_id=run_id) + where
         case AlreadyRunning(run_id=run_id, progress=progress, live_pid=pid):
-            text = f"A training run (#{run_id}) is already running, {math.floor(progress * 100)}% done."
+            text = _("A training run (#{run_id}) is already running, {percent}% done.").format(
+                run_id=run_id, percent=math.floor(progress * 100)
+            )
             if pid is not None:
-                text += f" Its process ({pid}) is alive; `magpie retrain --stop-running` stops it and starts a new one."
+                text += _(
+                    " Its process ({pid}) is alive; `magpie retrain --stop-running` stops it and starts a new one."
+                ).format(pid=pid)
             return text
         case CoolingDown(cooldown_minutes=cooldown, minutes_left=left):
-            return (
-                f"The last training run finished less than {cooldown:g} minutes ago (RETRAIN_COOLDOWN_MINUTES). "
-                f"Try again in {left} min."
-            )
+            return _(
+                "The last training run finished less than {cooldown:g} minutes ago (RETRAIN_COOLDOWN_MINUTES). "
+                "Try again in {left} min."
+            ).format(cooldown=cooldown, left=left)
         case CouldNotStart():
-            return "Sorry, I could not start the training process; the bot's log says why."
+            return _("Sorry, I could not start the training process; the bot's log says why.")
 
 
 def run_progress(run_id: int, fraction: float) -> str:
-    return f"Training run #{run_id}: {math.floor(fraction * 100)}% done."
+    return _("Training run #{run_id}: {percent}% done.").format(run_id=run_id, percent=math.floor(fraction * 100))
 
 
 def run_outcome(outcome: RunOutcome) -> str:
     """How a run ended, in the words the requester reads (with old vs new eval loss when it was scored)."""
-    reason = (outcome.reason or "no reason recorded").rstrip(". ")
+    reason = (outcome.reason or _("no reason recorded")).rstrip(". ")
     run_id = outcome.run_id
     if outcome.status is RunStatus.PROMOTED:
-        text = f"Training run #{run_id} finished: {outcome.version} is now the active model."
+        text = _("Training run #{run_id} finished: {version} is now the active model.").format(
+            run_id=run_id, version=outcome.version
+        )
     elif outcome.status is RunStatus.REJECTED:
-        version = outcome.version or "the new version"
-        text = f"Training run #{run_id} finished, but {version} was not promoted: {reason}. The active model stays."
+        version = outcome.version or _("the new version")
+        text = _(
+            "Training run #{run_id} finished, but {version} was not promoted: {reason}. The active model stays."
+        ).format(run_id=run_id, version=version, reason=reason)
     else:
-        return f"Training run #{run_id} failed: {reason}. The active model stays."
+        failed = _("Training run #{run_id} failed: {reason}. The active model stays.")
+        return failed.format(run_id=run_id, reason=reason)
     notes = _scores(outcome)
     if outcome.again is not None:
         notes += _training_again(outcome.again)
@@ -213,18 +272,28 @@ def _scores(outcome: RunOutcome) -> str:
     if not isinstance(before, float) or not isinstance(after, float):
         return ""
     held_out = metrics.get("eval_samples", "?")
-    return (
-        f" Eval loss {before:.3f} → {after:.3f} (perplexity {perplexity_text(before)} → {perplexity_text(after)}) on "
-        f"{held_out} held-out sample{'' if held_out == 1 else 's'}; trained on {metrics.get('train_samples', '?')}."
+    return ngettext(
+        " Eval loss {before:.3f} → {after:.3f} (perplexity {ppl_before} → {ppl_after}) on {held_out} held-out "
+        "sample; trained on {trained}.",
+        " Eval loss {before:.3f} → {after:.3f} (perplexity {ppl_before} → {ppl_after}) on {held_out} held-out "
+        "samples; trained on {trained}.",
+        held_out if isinstance(held_out, int) else 2,
+    ).format(
+        before=before,
+        after=after,
+        ppl_before=_ppl(before),
+        ppl_after=_ppl(after),
+        held_out=held_out,
+        trained=metrics.get("train_samples", "?"),
     )
 
 
 def _training_again(again: TrainingAgain) -> str:
     if again.run_id is not None:
-        return f" Training again without them: run #{again.run_id} started."
+        return _(" Training again without them: run #{run_id} started.").format(run_id=again.run_id)
     if again.refused is not None:
-        return f" Not training again now: {run_request(again.refused)}"
-    return " The next training run will train without them."
+        return _(" Not training again now: {why}").format(why=run_request(again.refused))
+    return _(" The next training run will train without them.")
 
 
 # --- model versions -------------------------------------------------------------------------------------------
@@ -234,10 +303,13 @@ def switch(result: Switch) -> str:
     """The answer to `/rollback` (and `magpie models activate / rollback`)."""
     if isinstance(result, SwitchRefused):
         return _switch_refused(result)
-    text = f"Switched to {result.version}."
+    text = _("Switched to {version}.").format(version=result.version)
     if result.rolled_back is not None:
-        text += f" {result.rolled_back} is marked rolled back"
-        text += "; its replies will not be used for training." if result.replies_excluded else "."
+        if result.replies_excluded:
+            note = _(" {version} is marked rolled back; its replies will not be used for training.")
+        else:
+            note = _(" {version} is marked rolled back.")
+        text += note.format(version=result.rolled_back)
     return text + _swap_note(result.swap)
 
 
@@ -245,15 +317,17 @@ def _switch_refused(refused: SwitchRefused) -> str:
     name = refused.version
     match refused.why:
         case SwitchRefusal.UNKNOWN_VERSION:
-            return f'I don\'t know a model version called "{name}". /models lists them.'
+            return _('I don\'t know a model version called "{name}". /models lists them.').format(name=name)
         case SwitchRefusal.NOTHING_ACTIVE:
-            return "No trained version is active (serving BASE_MODEL), so there is nothing to roll back."
+            return _("No trained version is active (serving BASE_MODEL), so there is nothing to roll back.")
         case SwitchRefusal.NO_EARLIER_VERSION:
-            return f"There is no earlier version to go back to from {name}. /models lists them."
+            return _("There is no earlier version to go back to from {name}. /models lists them.").format(name=name)
         case SwitchRefusal.ALREADY_ACTIVE:
-            return f"{name} is already the active model."
+            return _("{name} is already the active model.").format(name=name)
         case SwitchRefusal.FILES_MISSING:
-            return f"{name}'s files are missing from {refused.path}, so I can't switch to it."
+            return _("{name}'s files are missing from {path}, so I can't switch to it.").format(
+                name=name, path=refused.path
+            )
         case SwitchRefusal.PRUNED:
             return f"{name}'s files were deleted to save disk space (MODELS_KEEP), so I can't switch to it."
 
@@ -264,21 +338,25 @@ def _swap_note(swap: SwapOutcome) -> str:
         case SwapState.SERVING:
             return ""
         case SwapState.ELSEWHERE:
-            return " A running bot switches to it within a few seconds."
+            return _(" A running bot switches to it within a few seconds.")
         case SwapState.ENGINE_DOWN:
-            return " The model engine is not running; it will load it at the next start."
+            return _(" The model engine is not running; it will load it at the next start.")
         case SwapState.LOAD_FAILED:
-            return f" But it could not be loaded ({swap.problem}); still serving {swap.still_serving or 'nothing'}."
+            return _(" But it could not be loaded ({problem}); still serving {serving}.").format(
+                problem=swap.problem, serving=swap.still_serving or _("nothing")
+            )
 
 
 def version_list(listing: VersionList) -> str:
     """Newest first, with status, eval loss and perplexity; the active one is marked with `*`."""
     if not listing.versions:
-        return f"No trained model versions yet: serving BASE_MODEL ({listing.base_model})."
-    lines = ["Model versions, newest first (* = active):"]
+        return _("No trained model versions yet: serving BASE_MODEL ({base_model}).").format(
+            base_model=listing.base_model
+        )
+    lines = [_("Model versions, newest first (* = active):")]
     lines += [_version_line(version) for version in listing.versions]
     if listing.older:
-        lines.append(f"  … and {listing.older} older")
+        lines.append(_("  … and {count} older").format(count=listing.older))
     if listing.disk is not None:
         lines.append(_disk_line(listing.disk))
     return "\n".join(lines)
@@ -308,9 +386,11 @@ def disk_size_text(size: int) -> str:
 
 def _version_line(version: VersionSummary) -> str:
     marker = "*" if version.status is VersionStatus.ACTIVE else " "
-    line = f"{marker} {version.name}: {version.status.value}"
+    line = f"{marker} {version.name}: {version_status_word(version.status)}"
     if version.eval_loss is not None:
-        line += f", eval loss {version.eval_loss:.3f} (perplexity {perplexity_text(version.eval_loss)})"
+        line += _(", eval loss {loss:.3f} (perplexity {perplexity})").format(
+            loss=version.eval_loss, perplexity=_ppl(version.eval_loss)
+        )
     line += f", {version.created_at:%Y-%m-%d %H:%M}"
     if version.pruned:
         line += ", files deleted (MODELS_KEEP)"
@@ -319,6 +399,41 @@ def _version_line(version: VersionSummary) -> str:
     if version.status is VersionStatus.REJECTED and version.note:
         line += f" ({version.note})"
     return line
+
+
+# --- words for states -----------------------------------------------------------------------------------------
+
+_RUN_STATUS_WORDS = {
+    RunStatus.RUNNING: N_("running"),
+    RunStatus.PROMOTED: N_("promoted"),
+    RunStatus.REJECTED: N_("rejected"),
+    RunStatus.FAILED: N_("failed"),
+}
+# English shows the states' own names (what `magpie models` and the database say), so the msgids are those names.
+_VERSION_STATUS_WORDS = {
+    VersionStatus.CANDIDATE: N_("candidate"),
+    VersionStatus.ACTIVE: N_("active"),
+    VersionStatus.RETIRED: N_("retired"),
+    VersionStatus.REJECTED: N_("rejected"),
+    VersionStatus.ROLLED_BACK: N_("rolled_back"),
+}
+
+
+def run_status_word(status: RunStatus) -> str:
+    return _(_RUN_STATUS_WORDS[status])
+
+
+def version_status_word(status: VersionStatus) -> str:
+    return _(_VERSION_STATUS_WORDS[status])
+
+
+def _ppl(loss: float) -> str:
+    """A perplexity for people: a number, or `core.metrics`' word for one too large to mean anything."""
+    return _(perplexity_text(loss))  # numbers are never msgids, so only the word is translated
+
+
+def _when(moment: datetime) -> str:
+    return _("{moment:%Y-%m-%d %H:%M} UTC").format(moment=moment)
 
 
 # --- the operator's dashboard (bot/dashboard.py) --------------------------------------------------------------

@@ -9,7 +9,8 @@ It speaks what discord.py 2.x actually uses (see `discord/http.py`, `discord/gat
 
 REST (under `/api/v10`, every call recorded in `calls`):
     GET  /users/@me, /oauth2/applications/@me, /gateway, /gateway/bot
-    PUT  /applications/{app}/commands, /applications/{app}/guilds/{guild}/commands   (slash-command sync)
+    PUT  /applications/{app}/commands, /applications/{app}/guilds/{guild}/commands   (slash-command sync; names,
+                                        descriptions and their per-locale localizations checked like Discord's)
     POST /channels/{id}/messages        JSON or multipart; >2,000 characters → 400 with Discord's error shape;
                                         into the DM of a user who closed their DMs → 403, code 50007
     POST /channels/{id}/typing
@@ -154,9 +155,12 @@ class FakeDiscord(FakeServer[RestCall]):
         shards: int = 1,
         max_concurrency: int = 1,
         sharding_required: bool = False,
+        preferred_locale: str = "en-US",
     ) -> None:
         """`shards` is what GET /gateway/bot recommends (and, with `sharding_required`, the fewest it accepts)."""
         super().__init__()
+        self.preferred_locale = preferred_locale
+        """Every guild's community language (`preferred_locale`), also an interaction's `guild_locale`."""
         self.token = token
         self.recommended_shards = shards
         self.max_concurrency = max_concurrency
@@ -339,6 +343,10 @@ class FakeDiscord(FakeServer[RestCall]):
         if int(app) != self.app_id:
             return _error(403, 50001, "Missing Access")
         synced = []
+        problem = next((p for p in map(_invalid_command, call.body or []) if p), None)
+        if problem is not None:
+            errors = {"_errors": [{"code": "INVALID_FORM_BODY", "message": problem}]}
+            return _error(400, 50035, "Invalid Form Body", errors)
         for command in call.body:
             entry = {**command, "id": str(self.new_id()), "application_id": app, "version": str(self.new_id())}
             entry.setdefault("type", 1)
@@ -590,7 +598,7 @@ class FakeDiscord(FakeServer[RestCall]):
             "guild_scheduled_events": [],
             "soundboard_sounds": [],
             "premium_tier": 0,
-            "preferred_locale": "en-US",
+            "preferred_locale": self.preferred_locale,
         }
 
     def _wanted(self, session: Session, event: str, data: Json) -> bool:
@@ -768,6 +776,7 @@ class FakeDiscord(FakeServer[RestCall]):
         guild: bool = False,
         guild_id: int | None = None,
         interaction_id: int | None = None,
+        locale: str = "en-US",
     ) -> Json:
         """An INTERACTION_CREATE for the synced slash command `name`, in a guild's channel (`guild_id`, or with
         `guild` the first guild) or a DM."""
@@ -790,7 +799,7 @@ class FakeDiscord(FakeServer[RestCall]):
             "version": 1,
             "channel_id": str(channel_id),
             "data": data,
-            "locale": "en-US",
+            "locale": locale,
             "app_permissions": str((1 << 41) - 1),
             "entitlements": [],
             "authorizing_integration_owners": {"0": str(guild_id)} if guild_id else {"1": user["id"]},
@@ -799,7 +808,7 @@ class FakeDiscord(FakeServer[RestCall]):
         }
         if guild_id is not None:
             payload["guild_id"] = str(guild_id)
-            payload["guild_locale"] = "en-US"
+            payload["guild_locale"] = self.preferred_locale
             payload["channel"] = {"id": str(channel_id), "type": 0, "guild_id": str(guild_id), "name": "general"}
             payload["member"] = {"user": user, "roles": [], "joined_at": _timestamp(), "deaf": False, "mute": False}
             payload["member"].update(flags=0, permissions="0")
@@ -836,6 +845,35 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return web.Response(
         body=json.dumps(data).encode(), status=status, headers={"Content-Type": "application/json", **(headers or {})}
     )
+
+
+LOCALES = frozenset(
+    {"id", "da", "de", "en-GB", "en-US", "es-ES", "es-419", "fr", "hr", "it", "lt", "hu", "nl", "no", "pl", "pt-BR"}
+    | {"ro", "fi", "sv-SE", "vi", "tr", "cs", "el", "bg", "ru", "uk", "hi", "th", "zh-CN", "ja", "zh-TW", "ko"}
+)
+"""Discord's locales: the only keys `name_localizations` and `description_localizations` may have."""
+_COMMAND_NAME = re.compile(r"[-_\w\u0900-\u097F\u0E00-\u0E7F]{1,32}")
+
+
+def _invalid_command(command: Json) -> str | None:
+    """Why Discord would refuse an application command (or one of its options) in a sync, or None."""
+    name, description = command.get("name", ""), command.get("description", "")
+    if not _COMMAND_NAME.fullmatch(name) or name != name.lower():
+        return f"name {name!r}: APPLICATION_COMMAND_INVALID_NAME"
+    if not 1 <= len(description) <= 100:
+        return f"{name}.description: must be between 1 and 100 in length"
+    for field_name, limit in (("name_localizations", 32), ("description_localizations", 100)):
+        localized = command.get(field_name) or {}
+        if not isinstance(localized, dict):
+            return f"{name}.{field_name}: must be an object or null"
+        for locale, text in localized.items():
+            if locale not in LOCALES:
+                return f"{name}.{field_name}.{locale}: not a valid locale"
+            if not isinstance(text, str) or not 1 <= len(text) <= limit:
+                return f"{name}.{field_name}.{locale}: must be between 1 and {limit} in length"
+            if field_name == "name_localizations" and (not _COMMAND_NAME.fullmatch(text) or text != text.lower()):
+                return f"{name}.{field_name}.{locale}: APPLICATION_COMMAND_INVALID_NAME"
+    return next((p for p in map(_invalid_command, command.get("options") or []) if p), None)
 
 
 def _error(status: int, code: int, message: str, errors: Json | None = None) -> web.Response:

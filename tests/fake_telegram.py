@@ -89,11 +89,15 @@ class Person:
     first_name: str
     username: str | None = None
     is_bot: bool = False
+    language_code: str | None = None
+    """The IETF tag of the user's app language (`ko`, `en`); Telegram leaves it out when it does not know."""
 
     def as_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"id": self.id, "is_bot": self.is_bot, "first_name": self.first_name}
         if self.username:
             data["username"] = self.username
+        if self.language_code:
+            data["language_code"] = self.language_code
         return data
 
 
@@ -148,7 +152,9 @@ class FakeTelegram(FakeServer[Call]):
         self.token = token
         self.bot = Person(int(token.split(":", maxsplit=1)[0]), "Magpie", bot_username, is_bot=True)
         self.commands: dict[str, list[dict[str, str]]] = {}
-        """`setMyCommands` results by scope (`default`, `chat:<id>`, …)."""
+        """`setMyCommands` results without a `language_code` (for every language), by scope (`default`, `chat:<id>`)."""
+        self.localized_commands: dict[str, dict[str, list[dict[str, str]]]] = {}
+        """`setMyCommands` results for one `language_code`: language code -> scope -> commands."""
         self.webhook_url = ""
         self.webhook_secret: str | None = None
         self.webhook_deliveries: list[int] = []
@@ -194,8 +200,8 @@ class FakeTelegram(FakeServer[Call]):
     # --- people, chats and what they say ----------------------------------------------------------------------
 
     @staticmethod
-    def user(user_id: int, first_name: str, username: str | None = None) -> Person:
-        return Person(user_id, first_name, username)
+    def user(user_id: int, first_name: str, username: str | None = None, *, language_code: str | None = None) -> Person:
+        return Person(user_id, first_name, username, language_code=language_code)
 
     def private_chat(self, person: Person) -> ChatRef:
         """`person` opened a private chat with the bot (pressed Start): from now on the bot may write to them."""
@@ -434,17 +440,35 @@ class FakeTelegram(FakeServer[Call]):
                 return _error_response(400, "Bad Request: BOT_COMMAND_INVALID")
             if not 1 <= len(command.get("description", "")) <= 256:
                 return _error_response(400, "Bad Request: BOT_COMMAND_DESCRIPTION_INVALID")
-        scope = params.get("scope") or {"type": "default"}
-        key = scope["type"]
-        if "chat_id" in scope:
-            if int(scope["chat_id"]) not in self._chats:
-                return _error_response(400, "Bad Request: chat not found")
-            key = f"chat:{scope['chat_id']}"
-        self.commands[key] = commands
+        found = self._command_list(params)
+        if isinstance(found, web.Response):
+            return found
+        found[self._command_scope(params)] = commands
         return True
 
     async def _api_getmycommands(self, params: dict[str, Any], files: Any) -> Any:
-        return self.commands.get("default", [])
+        found = self._command_list(params)
+        if isinstance(found, web.Response):
+            return found
+        return found.get(self._command_scope(params), [])
+
+    def _command_list(self, params: dict[str, Any]) -> dict[str, list[dict[str, str]]] | web.Response:
+        """The command lists (by scope) of the request's `language_code`: a two-letter ISO 639-1 code, or empty for
+        users of every language without a list of their own; a scope's chat must exist."""
+        scope = params.get("scope") or {"type": "default"}
+        if "chat_id" in scope and int(scope["chat_id"]) not in self._chats:
+            return _error_response(400, "Bad Request: chat not found")
+        code = params.get("language_code") or ""
+        if not code:
+            return self.commands
+        if not re.fullmatch(r"[a-z]{2}", code):
+            return _error_response(400, "Bad Request: invalid language code specified")
+        return self.localized_commands.setdefault(code, {})
+
+    @staticmethod
+    def _command_scope(params: dict[str, Any]) -> str:
+        scope = params.get("scope") or {"type": "default"}
+        return f"chat:{scope['chat_id']}" if "chat_id" in scope else str(scope["type"])
 
     async def _api_deletewebhook(self, params: dict[str, Any], files: Any) -> Any:
         self.webhook_url, self.webhook_secret = "", None
