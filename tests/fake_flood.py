@@ -4,7 +4,8 @@ Telegram documents three budgets (core.telegram.org/bots/faq, "My bot is hitting
 second for the whole bot, one message a second in one chat ("we may allow short bursts that go over this limit"),
 and 20 messages a minute in one group. Past a budget the Bot API refuses the call, without carrying it out, with
 
-    {"ok": false, "error_code": 429, "description": "Too Many Requests: retry after N", "parameters": {"retry_after": N}}
+    {"ok": false, "error_code": 429, "description": "Too Many Requests: retry after N",
+     "parameters": {"retry_after": N}}
 
 where N is a whole number of seconds. Each budget here is a token bucket (`Budget`: `burst` calls at once, then
 `rate` a second), the shape PTB's AIORateLimiter (aiolimiter's leaky bucket) paces with, so a client that keeps to
@@ -17,8 +18,10 @@ the documented rates never sees a 429 and one that floods does. What is charged 
 
 A refused call is not charged. Calls that a client paced correctly still reach the server bunched by the network
 and the event loop, so a call is refused only when it came more than `JITTER_GRACE_S` too early (Telegram's own
-"30 a second or so" has slack too; without it an exact AIORateLimiter draws 429s on a loaded machine). The limiter is switchable per test (`FakeTelegram.flood = FloodControl(...)`, or
-`FloodLimits.UNLIMITED`), and takes a clock, so a test can move time instead of waiting for it.
+"30 a second or so" has slack too; without it an exact AIORateLimiter draws 429s on a loaded machine).
+
+The limiter is switchable per test (`FakeTelegram.flood = FloodControl(...)`, or `FloodLimits.UNLIMITED`), and
+takes a clock, so a test can move time instead of waiting for it.
 """
 
 from __future__ import annotations
@@ -90,7 +93,7 @@ class FloodControl:
         chat = params.get("chat_id")
         if chat is None or chat == "":
             return None
-        spends = [(("bot", None), self.limits.per_bot)]
+        spends: list[tuple[tuple[str, Any], Budget | None]] = [(("bot", None), self.limits.per_bot)]
         if _posts_a_message(method):
             private = _is_private(chat)
             budget = self.limits.per_private_chat if private else self.limits.per_group
