@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from pydantic import SecretStr
+from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -217,10 +218,35 @@ def settings_for(
     )
 
 
+async def fresh_database(postgres: str | None, workdir: Path, mode: str) -> str:
+    """A migrated, empty database for one mode: an SQLite file, or a new database on the PostgreSQL server of the
+    URL `postgres` (whose database is used only to create it; `magpie_bot_load_<mode>` is replaced at each run and
+    left for inspection). Every mode needs its own: the same people send messages with the same ids, which a shared
+    log would take for redeliveries."""
+    if postgres is None:
+        url = f"sqlite+aiosqlite:///{workdir / f'{mode}.db'}"
+    else:
+        import asyncpg  # type: ignore[import-untyped]
+
+        server = make_url(postgres)
+        name = f"magpie_bot_load_{mode}"
+        connection = await asyncpg.connect(
+            host=server.host, port=server.port, user=server.username, password=server.password,
+            database=server.database,
+        )  # fmt: skip
+        try:
+            await connection.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            await connection.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await connection.close()
+        url = server.set(database=name).render_as_string(hide_password=False)
+    await upgrade(url)
+    return url
+
+
 async def serve(mode: str, load: Load, model_dir: Path, workdir: Path, args: argparse.Namespace) -> Outcome:
     """One mode from scratch: fake, database, engine, service and backend; the load; the outcome."""
-    database_url = f"sqlite+aiosqlite:///{workdir / f'{mode}.db'}"
-    await upgrade(database_url)
+    database_url = await fresh_database(args.postgres, workdir, mode)
     side = TelegramSide()
     await side.start()
     settings = settings_for(side.fake, model_dir, database_url, mode, args)
@@ -296,15 +322,34 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the arrivals (default 0)")
     parser.add_argument("--new-tokens", type=int, default=8, help="MAX_NEW_TOKENS of every answer (default 8)")
     parser.add_argument("--threads", type=int, default=1, help="TORCH_THREADS (default 1)")
+    parser.add_argument(
+        "--postgres", metavar="URL", help="a PostgreSQL server to make each mode's database on (default: SQLite)"
+    )
     parser.add_argument("--modes", default="before,after", help="which modes, in order (default before,after)")
+    parser.add_argument(
+        "--mode",
+        action="append",
+        default=[],
+        metavar="NAME:SETTING=VALUE,...",
+        help="one more mode, after the others: the defaults with these settings (lower-case names), e.g. "
+        "'limit60:send_queue_limit=60'; repeatable",
+    )
     parser.add_argument("--quick", action="store_true", help="20 people, 300 messages over 10 s, drain 60 s")
     args = parser.parse_args()
     if args.quick:
         args.people, args.messages, args.seconds, args.drain = 20, 300, 10.0, 60.0
     if min(args.people, args.messages, args.new_tokens, args.threads) < 1 or args.seconds <= 0 or args.drain < 0:
         parser.error("need --people, --messages, --new-tokens, --threads >= 1, --seconds > 0 and --drain >= 0")
-    if unknown := set(args.modes.split(",")) - set(MODES):
+    for extra in args.mode:
+        name, _, assignments = extra.partition(":")
+        pairs = [item.partition("=") for item in assignments.split(",") if item]
+        if not name or name in MODES or any(not key or not eq for key, eq, _ in pairs):
+            parser.error(f"--mode {extra!r}: want a new NAME:setting=value,...")
+        MODES[name] = {key.strip(): value.strip() for key, _, value in pairs}
+    modes = args.modes.split(",")
+    if unknown := set(modes) - set(MODES):
         parser.error(f"unknown modes {sorted(unknown)}; choose from {sorted(MODES)}")
+    args.modes = ",".join(modes + [extra.partition(":")[0] for extra in args.mode])
     return args
 
 
