@@ -33,6 +33,7 @@ import asyncio
 import logging
 import os
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -45,6 +46,7 @@ from typing import Any, TypeVar, cast
 
 from pydantic import SecretStr
 from sqlalchemy.engine import make_url
+from transformers.utils import logging as hf_logging
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -92,6 +94,8 @@ class Outcome:
     span_s: float = 0.0
     calls: dict[str, int] = field(default_factory=dict)
     refused: int = 0
+    log: list[tuple[str, int]] = field(default_factory=list)
+    """The most frequent warnings and errors logged, with their counts."""
 
     def percentile(self, q: int) -> float:
         if len(self.latencies_s) < 2:
@@ -153,6 +157,23 @@ class Timed:
     async def _settled(self) -> None:
         async with self.changed:
             self.changed.notify_all()
+
+
+class LogTally(logging.Handler):
+    """Counts warnings and errors by logger and first line instead of printing thousands of them: under overload
+    the same few repeat."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.counts: dict[str, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        first = record.getMessage().splitlines()[0] if record.getMessage() else ""
+        key = f"{record.levelname} {record.name}: {re.sub(r'[0-9]+', 'N', first)[:110]}"
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def most_common(self, count: int = 6) -> list[tuple[str, int]]:
+        return sorted(self.counts.items(), key=lambda item: -item[1])[:count]
 
 
 class TelegramSide:
@@ -254,6 +275,8 @@ async def serve(mode: str, load: Load, model_dir: Path, workdir: Path, args: arg
     engine = Engine.from_settings(settings)
     await engine.start(ModelRef(source=str(model_dir), name="tiny"))
     timed = Timed(ChatService(settings=settings, db=db, engine=engine), len(load.messages))
+    tally = LogTally()
+    logging.getLogger().addHandler(tally)
     backend = TelegramBackend(settings=settings, handler=cast(ChatHandler, timed))
     try:
         await backend.start()
@@ -266,9 +289,12 @@ async def serve(mode: str, load: Load, model_dir: Path, workdir: Path, args: arg
         await backend.stop()
         await engine.close()
         await db.close()
+        logging.getLogger().removeHandler(tally)
     calls, refused = await side.run(side.tally())
     await side.close()
-    return outcome(mode, posted_at=side.posted_at, timed=timed, calls=calls, refused=refused, span=last - started)
+    result = outcome(mode, posted_at=side.posted_at, timed=timed, calls=calls, refused=refused, span=last - started)
+    result.log = tally.most_common()
+    return result
 
 
 def outcome(
@@ -310,7 +336,8 @@ def report(outcomes: list[Outcome], load: Load, args: argparse.Namespace) -> Non
     for label, cell in rows:
         print(f"{label:26}" + "".join(f"{cell(o)!s:>12}" for o in outcomes))
     for o in outcomes:
-        print(f"{o.name} calls by method and status: " + ", ".join(f"{k}: {n}" for k, n in sorted(o.calls.items())))
+        print(f"\n{o.name} calls by method and status: " + ", ".join(f"{k}: {n}" for k, n in sorted(o.calls.items())))
+        print("\n".join(f"  logged {n}x {line}" for line, n in o.log) or "  nothing logged at WARNING or above")
 
 
 def parse_args() -> argparse.Namespace:
@@ -363,7 +390,8 @@ async def measure(args: argparse.Namespace, load: Load, model_dir: Path, workdir
 
 def main() -> None:
     args = parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, handlers=[logging.NullHandler()])  # counted per mode (LogTally)
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     load = draw_load(args.people, args.messages, args.seconds, args.seed)
     with tempfile.TemporaryDirectory(prefix="magpie-bot-load-") as tmp:
         workdir = Path(tmp)
