@@ -3,7 +3,7 @@ the real python-telegram-bot client against the fake Bot API (which refuses floo
 after the call-budget changes, side by side in one run.
 
     python bench/bot_load.py                 # 100 people, 2000 messages over ~40 s (issue #12, item 4)
-    python bench/bot_load.py --quick         # 20 people, 300 messages over ~10 s: a smoke run, about a minute
+    python bench/bot_load.py --quick         # 60 people, 300 messages over ~10 s: a smoke run, a few minutes
     python bench/bot_load.py --people 50 --messages 1000 --seconds 20 --drain 60 --seed 1
 
 Each mode serves the same load from scratch (a fresh fake, database and engine):
@@ -361,10 +361,12 @@ def parse_args() -> argparse.Namespace:
         help="one more mode, after the others: the defaults with these settings (lower-case names), e.g. "
         "'limit60:send_queue_limit=60'; repeatable",
     )
-    parser.add_argument("--quick", action="store_true", help="20 people, 300 messages over 10 s, drain 60 s")
+    parser.add_argument(
+        "--quick", action="store_true", help="60 people, 300 messages over 10 s (0.5 a person a second), drain 60 s"
+    )
     args = parser.parse_args()
     if args.quick:
-        args.people, args.messages, args.seconds, args.drain = 20, 300, 10.0, 60.0
+        args.people, args.messages, args.seconds, args.drain = 60, 300, 10.0, 60.0
     if min(args.people, args.messages, args.new_tokens, args.threads) < 1 or args.seconds <= 0 or args.drain < 0:
         parser.error("need --people, --messages, --new-tokens, --threads >= 1, --seconds > 0 and --drain >= 0")
     for extra in args.mode:
