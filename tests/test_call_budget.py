@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,7 +56,7 @@ class Answers:
 
 
 @contextlib.asynccontextmanager
-async def serving(telegram: FakeTelegram, db: Database, model_dir: Path, **overrides: object) -> AsyncIterator[None]:
+async def serving(telegram: FakeTelegram, db: Database, model_dir: Path, **overrides: Any) -> AsyncIterator[None]:
     """`magpie run`'s assembly; a stop cancels the replies still queued for Telegram (no grace)."""
     settings = Settings(
         _env_file=None,  # type: ignore[call-arg]
