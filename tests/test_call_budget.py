@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
 from bot.telegram import TelegramBackend
 from core.db import Database, upgrade
@@ -60,7 +61,7 @@ async def serving(telegram: FakeTelegram, db: Database, model_dir: Path, **overr
     """`magpie run`'s assembly; a stop cancels the replies still queued for Telegram (no grace)."""
     settings = Settings(
         _env_file=None,  # type: ignore[call-arg]
-        telegram_bot_token=telegram.token,
+        telegram_bot_token=SecretStr(telegram.token),
         telegram_base_url=telegram.base_url,
         telegram_base_file_url=telegram.base_file_url,
         base_model=str(model_dir),
