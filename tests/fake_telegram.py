@@ -46,6 +46,7 @@ import aiohttp
 from aiohttp import web
 
 from tests.fake_base import WAIT_S, FakeServer, Fault, RecordedCall, front_page
+from tests.fake_flood import FloodControl
 
 TEXT_LIMIT = 4096
 """Telegram's limit for one message, in UTF-16 code units."""
@@ -176,6 +177,8 @@ class FakeTelegram(FakeServer[Call]):
         self._background: set[asyncio.Task[None]] = set()
         self._seq = itertools.count()
         self._client: aiohttp.ClientSession | None = None
+        self.flood = FloodControl()
+        """Telegram's flood limits (`tests/fake_flood.py`): a test may replace it, e.g. to turn them off."""
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -369,6 +372,8 @@ class FakeTelegram(FakeServer[Call]):
         late_s = float(fault.options.get("late_s", 0.0)) if fault is not None else 0.0
         if fault is not None and late_s <= 0:
             return _fault_response(fault)
+        if (retry_after := self.flood.retry_after(call.method, call.params)) is not None:
+            return _fault_response(Fault(429, retry_after))
         if (new_id := self._upgraded.get(_chat_id(call.params))) is not None:
             body = _error_body(400, "Bad Request: group chat was upgraded to a supergroup chat")
             body["parameters"] = {"migrate_to_chat_id": new_id}

@@ -992,7 +992,8 @@ async def test_20_users_with_5_messages_each_are_all_answered_and_logged_exactly
     assert all(row.delivery is Delivery.SENT for row in bot_rows)
     assert len({(row.chat_id, row.platform_message_id) for row in bot_rows}) == 100
     assert all(len(telegram.sent_messages(person.id)) == 5 for person in people)
-    assert [call.status for call in telegram.calls_to("sendMessage")] == [200] * 100
+    statuses = [call.status for call in telegram.calls_to("sendMessage")]  # five quick answers in one private chat
+    assert statuses.count(200) == 100 and set(statuses) <= {200, 429}, "Telegram's flood refusals are waited out"
 
 
 async def test_admin_commands_are_refused_to_non_admins_and_run_for_admins(
