@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import traceback
 from abc import ABC, abstractmethod
@@ -52,6 +53,8 @@ Target = TypeVar("Target")
 TYPING_LANDING_S = 2.0
 """How long a finished exchange waits for a "typing…" request in flight: one landing after the reply would show
 "typing…" again."""
+TYPING_CHATS_REMEMBERED = 4096
+"""Chats whose last "typing…" time is kept before the expired ones are dropped."""
 
 _received_at: ContextVar[float | None] = ContextVar("magpie_received_at", default=None)
 """When the message being answered in this context reached the backend (None: recovery, a notification)."""
@@ -135,6 +138,8 @@ class ChatBackend(ABC, Generic[Target]):
         self._send_queue_limit = send_queue_limit
         self._calls_waiting = 0
         """Sends and "typing…" calls started and not yet answered: the platform's queue as this backend sees it."""
+        self._typing_shown: dict[Target, float] = {}
+        """When "typing…" last went to each chat (event-loop time): one indicator serves every answer it awaits."""
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._cancelling = False
 
@@ -290,15 +295,29 @@ class ChatBackend(ABC, Generic[Target]):
             if done.is_set():
                 return
         while True:
-            try:
-                with self._platform_call():
-                    await self._show_typing(target)
-            except Exception as exc:
-                log.debug("%s: typing indicator failed: %s", self.title, self._failure_reason(exc))
+            if self._typing_due(target):
+                try:
+                    with self._platform_call():
+                        await self._show_typing(target)
+                except Exception as exc:
+                    log.debug("%s: typing indicator failed: %s", self.title, self._failure_reason(exc))
             with suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), timeout=self.typing_renew_s)
             if done.is_set():
                 return
+
+    def _typing_due(self, target: Target) -> bool:
+        """Whether "typing…" must go to `target` now. It shows for the whole chat, so while one is still showing
+        (`typing_renew_s`) a second answer awaited there sends none: several people waiting in one group cost one
+        call per renewal, not one each (issue #12: typing took 15-40% of Telegram's budget under load)."""
+        now = asyncio.get_running_loop().time()
+        if now < self._typing_shown.get(target, -math.inf) + self.typing_renew_s:
+            log.debug("%s: typing already shows in %s", self.title, target)
+            return False
+        if len(self._typing_shown) > TYPING_CHATS_REMEMBERED:
+            self._typing_shown = {t: at for t, at in self._typing_shown.items() if now < at + self.typing_renew_s}
+        self._typing_shown[target] = now
+        return True
 
     async def answer(self, reply: Reply, route: Route[Target]) -> None:
         """Delivers a reply along `route`: a private part to the author alone first, then the chat's text."""

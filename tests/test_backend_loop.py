@@ -397,3 +397,14 @@ async def _logged(needle: str) -> None:
         await asyncio.wait_for(seen.wait(), WAIT_S)
     finally:
         logging.getLogger("bot.backend").removeHandler(watcher)
+
+
+async def test_one_typing_indicator_serves_every_answer_awaited_in_a_chat(tmp_path: Path) -> None:
+    """ "typing…" shows for the whole chat: while one shows (`typing_renew_s`), a second answer awaited in the same
+    chat sends none; another chat still gets its own."""
+    backend = ConsoleBackend(handler=Recorder(), bot_name="Magpie", exports_dir=tmp_path, stop_grace_s=1.0)
+    assert backend._typing_due("chat a")
+    assert not backend._typing_due("chat a")
+    assert backend._typing_due("chat b")
+    backend._typing_shown["chat a"] -= backend.typing_renew_s  # the indicator has faded: renew it
+    assert backend._typing_due("chat a")
