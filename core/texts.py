@@ -403,6 +403,47 @@ def _version_line(version: VersionSummary) -> str:
     return line
 
 
+# --- `magpie models check` and `magpie models prune` (the terminal's language) ---------------------------------
+
+MODELS_REMOVE_HINT = N_("`magpie models check --remove` deletes the stray directories.")
+MODELS_KEEP_ALL = N_("MODELS_KEEP is 0: every version's files are kept. `--keep N` prunes down to N versions.")
+
+
+def models_stray(path: str) -> str:
+    return _("stray directory (no version row): {path}").format(path=path)
+
+
+def models_broken(name: str, problem: str, where: str) -> str:
+    """A version whose files cannot serve; `problem` is the check's own (English) wording."""
+    return _("version {name}: {problem} ({where})").format(name=name, problem=problem, where=where)
+
+
+def models_removed(count: int) -> str:
+    return ngettext("Removed {count} stray directory.", "Removed {count} stray directories.", count).format(count=count)
+
+
+def models_agree(models_dir: str) -> str:
+    return _("The registry and {models_dir} agree.").format(models_dir=models_dir)
+
+
+def models_pruned(name: str, size: int, path: str, *, dry_run: bool) -> str:
+    line = _("would delete {name} ({size}, {path})") if dry_run else _("deleted {name} ({size}, {path})")
+    return line.format(name=name, size=disk_size_text(size), path=path)
+
+
+def models_left_outside(name: str, models_dir: str) -> str:
+    return _("left {name}: its directory is outside {models_dir}").format(name=name, models_dir=models_dir)
+
+
+def models_freed(size: int, kept: Sequence[str], *, dry_run: bool) -> str:
+    total = (
+        _("Would free {size}; versions with files: {kept}.")
+        if dry_run
+        else _("Freed {size}; versions with files: {kept}.")
+    )
+    return total.format(size=disk_size_text(size), kept=", ".join(kept) or _("none"))
+
+
 # --- words for states -----------------------------------------------------------------------------------------
 
 _RUN_STATUS_WORDS = {
@@ -526,6 +567,18 @@ def dashboard_no_messages(days: int) -> str:
 
 
 # --- the offline starter model (`magpie bootstrap`) --------------------------------------------------------------
+
+
+def starter_explanation(minutes: float) -> str:
+    """What is about to happen, before the progress bar: `minutes` is the budget (0: the full recipe)."""
+    if minutes > 0:
+        duration = _("up to about {minutes:g} minutes").format(minutes=minutes)
+    else:
+        duration = _("as long as the full recipe needs")
+    return _(
+        "Building the offline starter model: a small GPT-2 trained here, from scratch, on the English and Korean "
+        "dialogues of chatterbot-corpus (not OpenAI's pretrained GPT-2). It takes {duration}."
+    ).format(duration=duration)
 
 
 def starter_built(
