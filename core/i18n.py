@@ -11,7 +11,8 @@ console's LANG) on `IncomingMessage.language`; the core speaks it for the whole 
 `speaking(...)`. It is a context variable, as in Django's `translation.override`, so the functions in
 `core.texts` need no language argument, and work started while handling a message (a training run that reports
 back to the chat that asked for it) keeps speaking that person's language. Code that writes for a language it
-names (Telegram's per-language command menu, Discord's command localizations) uses `translate`.
+names (Telegram's per-language command menu, Discord's command localizations) uses `translate`. A web page (the
+operator's dashboard) speaks `accepted_language(...)` of the browser's Accept-Language header.
 """
 
 from __future__ import annotations
