@@ -22,23 +22,19 @@ from typing import TYPE_CHECKING, Never
 
 from tqdm import tqdm
 
+from core import texts
 from core.db import Database
 from core.errors import ConfigError
-from core.i18n import speaking
+from core.i18n import _, speaking
 from core.models import RunStatus
 from core.outcomes import RunOutcome, SwitchRefused
 from core.serving import ModelServing
 from core.settings import Settings
-from core.texts import disk_size_text, run_outcome, run_request, starter_built, switch, version_list
+from core.texts import run_outcome, run_request, starter_built, switch, version_list
 from trainer.orchestrator import TrainingOrchestrator
 
 if TYPE_CHECKING:
     from trainer.bootstrap import StarterVersion
-
-STARTER_EXPLANATION = (
-    "Building the offline starter model: a small GPT-2 trained here, from scratch, on the English and Korean "
-    "dialogues of chatterbot-corpus (not OpenAI's pretrained GPT-2). It takes {duration}."
-)
 
 Handler = Callable[[argparse.Namespace, Settings, Database], Awaitable[int]]
 
@@ -189,16 +185,16 @@ async def _models_check(settings: Settings, db: Database, *, remove: bool) -> in
     async with db.sessions() as session:
         check = await check_models(session, settings.models_dir)
     for path in check.strays:
-        print(f"stray directory (no version row): {path}")
+        print(texts.models_stray(str(path)))
     for name, where, problem in check.broken:
-        print(f"version {name}: {problem} ({where})")
+        print(texts.models_broken(name, problem, str(where)))
     if check.strays and remove:
         remove_dirs(check.strays)
-        print(f"Removed {len(check.strays)} stray director{'y' if len(check.strays) == 1 else 'ies'}.")
+        print(texts.models_removed(len(check.strays)))
     elif check.strays:
-        print("`magpie models check --remove` deletes the stray directories.")
+        print(_(texts.MODELS_REMOVE_HINT))
     if check.ok:
-        print(f"The registry and {settings.models_dir} agree.")
+        print(texts.models_agree(str(settings.models_dir)))
     return 0 if not check.broken and (remove or not check.strays) else 1
 
 
@@ -208,17 +204,14 @@ async def _models_prune(settings: Settings, db: Database, *, keep: int | None, d
 
     keep = settings.models_keep if keep is None else keep
     if keep == 0:
-        print("MODELS_KEEP is 0: every version's files are kept. `--keep N` prunes down to N versions.")
+        print(_(texts.MODELS_KEEP_ALL))
         return 0
     report = await prune_versions(db, settings, keep=keep, dry_run=dry_run)
-    verb = "would delete" if dry_run else "deleted"
     for version in report.pruned:
-        print(f"{verb} {version.name} ({disk_size_text(version.freed_bytes)}, {version.path})")
+        print(texts.models_pruned(version.name, version.freed_bytes, str(version.path), dry_run=dry_run))
     for name in report.outside:
-        print(f"left {name}: its directory is outside {settings.models_dir}")
-    kept = ", ".join(report.kept) or "none"
-    total = disk_size_text(report.freed_bytes)
-    print(f"{'Would free' if dry_run else 'Freed'} {total}; versions with files: {kept}.")
+        print(texts.models_left_outside(name, str(settings.models_dir)))
+    print(texts.models_freed(report.freed_bytes, report.kept, dry_run=dry_run))
     return 0
 
 
@@ -253,8 +246,8 @@ async def build_starter(settings: Settings, db: Database, *, minutes: float | No
     from trainer.bootstrap import bootstrap
 
     minutes = settings.starter_budget_minutes if minutes is None else minutes
-    duration = f"up to about {minutes:g} minutes" if minutes > 0 else "as long as the full recipe needs"
-    print(STARTER_EXPLANATION.format(duration=duration), file=sys.stderr)
+    with speaking(settings.console_language):  # also when `magpie run` builds it
+        print(texts.starter_explanation(minutes), file=sys.stderr)
     with tqdm(total=100, unit="%", desc="Starter model", file=sys.stderr) as bar:
 
         def show(fraction: float) -> None:  # called from the training thread; tqdm locks internally

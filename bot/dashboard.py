@@ -4,7 +4,8 @@ It shows the active model, every version with its held-out loss and perplexity, 
 version over time, the last run's training loss curve, messages per day per chat), what the last run's data left
 out and why; and it has retrain and rollback buttons. Those go through the same paths as `/retrain` and
 `/rollback` in chat (`core.retraining.Retrainer`, `core.serving.ModelServing.rollback`), and their answers are the
-same words (`core.texts`). Data comes from `core.dashboard_data` (bot/ runs no SQL), plots from
+same words (`core.texts`), in the browser's language (its Accept-Language header: Korean or English). Data
+comes from `core.dashboard_data` (bot/ runs no SQL), plots from
 `bot.dashboard_plots`, who may do what from `bot.dashboard_auth`.
 
 `build_dashboard_app` returns an aiohttp sub-application; the composition root mounts it at a prefix of the HTTP
@@ -30,6 +31,7 @@ from core import texts
 from core.dashboard_data import Overview, load_overview
 from core.db import Database
 from core.errors import ConfigError
+from core.i18n import _, accepted_language, current_language, speaking
 from core.retraining import Retrainer
 from core.serving import ModelServing
 from core.settings import Settings
@@ -77,7 +79,7 @@ def build_dashboard_app(
     if settings.dashboard_token is None:
         raise ConfigError("DASHBOARD_TOKEN is not set: the dashboard stays off (see .env.example).")
     dashboard = Dashboard(settings=settings, db=db, serving=serving, retrainer=retrainer, clock=clock)
-    app = web.Application(middlewares=[_security_headers])
+    app = web.Application(middlewares=[_security_headers, _browser_language])
     app.router.add_get("/", dashboard.page, name="page")
     app.router.add_post("/login", dashboard.login, name="login")
     app.router.add_post("/logout", dashboard.logout, name="logout")
@@ -96,6 +98,22 @@ async def _security_headers(request: web.Request, handler: Handler) -> web.Strea
         exc.headers.update(SECURITY_HEADERS)
         raise
     response.headers.update(SECURITY_HEADERS)
+    return response
+
+
+@web.middleware
+async def _browser_language(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Everything a request gets (the page, its plots, a refusal, an action's answer) is in the browser's language;
+    a plot drawn in a worker thread keeps it, as `asyncio.to_thread` carries the context along."""
+    language = accepted_language(request.headers.get("Accept-Language"))
+    headers = {"Content-Language": language, "Vary": "Accept-Language"}
+    with speaking(language):
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            exc.headers.update(headers)
+            raise
+    response.headers.update(headers)
     return response
 
 
@@ -143,10 +161,10 @@ class Dashboard:
             return form, None
         session = self._session(request)
         if session is None:
-            raise self._login_page(request, texts.DASHBOARD_LOGIN_NEEDED, status=401)
+            raise self._login_page(request, _(texts.DASHBOARD_LOGIN_NEEDED), status=401)
         if not csrf_matches(session, form.get("csrf")):
             log.warning("dashboard: refused a %s without a valid CSRF token from %s", request.path, request.remote)
-            raise web.HTTPForbidden(text=texts.DASHBOARD_STALE_FORM)
+            raise web.HTTPForbidden(text=_(texts.DASHBOARD_STALE_FORM))
         return form, session
 
     async def _overview(self, days: int) -> Overview:
@@ -159,7 +177,8 @@ class Dashboard:
     # --- pages ------------------------------------------------------------------------------------------------
 
     def _render(self, template: str, **context: Any) -> str:
-        return self._templates.get_template(template).render(t=texts, **context)
+        """Templates word everything through `t` (`core.texts`), showing its constants as `_(t.NAME)`."""
+        return self._templates.get_template(template).render(t=texts, _=_, lang=current_language(), **context)
 
     def _login_page(self, request: web.Request, notice: str | None, *, status: int) -> web.HTTPException:
         html = self._render("login.html", notice=notice, urls=_urls(request, days=DEFAULT_DAYS))
@@ -184,14 +203,13 @@ class Dashboard:
             notice=notice,
             can_retrain=self._retrainer is not None,
             base_model=self._settings.base_model,
-            reasons=texts.DASHBOARD_EXCLUSION_REASONS,
             urls=_urls(request, days=days),
         )
         return web.Response(text=html, content_type="text/html")
 
     async def plot(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
-            raise web.HTTPUnauthorized(text=texts.DASHBOARD_LOGIN_NEEDED, headers=CHALLENGE)
+            raise web.HTTPUnauthorized(text=_(texts.DASHBOARD_LOGIN_NEEDED), headers=CHALLENGE)
         draw = dashboard_plots.PLOTS.get(request.match_info["name"])
         if draw is None:
             raise web.HTTPNotFound()
@@ -211,8 +229,8 @@ class Dashboard:
         offered = form.get("token")
         if not isinstance(offered, str) or not self._sessions.token_matches(offered):
             log.warning("dashboard: a wrong token was offered from %s", request.remote)
-            raise self._login_page(request, texts.DASHBOARD_WRONG_TOKEN, status=403)
-        session_id, _ = self._sessions.open()
+            raise self._login_page(request, _(texts.DASHBOARD_WRONG_TOKEN), status=403)
+        session_id, _expires = self._sessions.open()
         page = _urls(request, days=DEFAULT_DAYS)["page"]
         response = _see_other(page)
         response.set_cookie(
@@ -239,9 +257,9 @@ class Dashboard:
     # --- actions ----------------------------------------------------------------------------------------------
 
     async def retrain(self, request: web.Request) -> web.Response:
-        _, session = await self._checked_post(request)
+        _form, session = await self._checked_post(request)
         if self._retrainer is None:
-            return self._answer(request, session, texts.RETRAIN_UNAVAILABLE)
+            return self._answer(request, session, _(texts.RETRAIN_UNAVAILABLE))
         result = await self._retrainer.request(triggered_by=TRIGGERED_BY, notify_platform=None, notify_chat_id=None)
         return self._answer(request, session, texts.run_request(result))
 

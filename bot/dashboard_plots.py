@@ -3,6 +3,10 @@
 Figures are built with matplotlib's object API (`Figure`), never `pyplot`: pyplot keeps global state, and these
 functions run in worker threads (`asyncio.to_thread`) so that drawing never blocks the bot's event loop. Every
 plot renders something, with a "no data yet" note when there is nothing to draw, so the page's layout is stable.
+
+Labels are in the language being spoken (the browser's) when matplotlib knows a font with Hangul (`HANGUL_FONTS`,
+e.g. Debian's fonts-nanum or fonts-noto-cjk); without one, Korean labels would be drawn as empty boxes, so the plots
+stay English.
 """
 
 from __future__ import annotations
@@ -11,13 +15,16 @@ import io
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from datetime import date
+from functools import cache
 
 from matplotlib import dates as mdates
+from matplotlib import font_manager, rc_context
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from core import texts
 from core.dashboard_data import Overview, RunCurve, VersionRow
+from core.i18n import SOURCE_LANGUAGE, _, current_language, speaking
 from core.models import VersionStatus
 
 FIGSIZE = (7.0, 3.0)
@@ -59,7 +66,7 @@ def _date_axis(axes: Axes, label: str) -> None:
 
 
 def _empty(axes: Axes) -> None:
-    axes.text(0.5, 0.5, texts.DASHBOARD_NO_DATA, ha="center", va="center", transform=axes.transAxes, color="#868e96")
+    axes.text(0.5, 0.5, _(texts.DASHBOARD_NO_DATA), ha="center", va="center", transform=axes.transAxes, color="#868e96")
     axes.set_xticks([])
     axes.set_yticks([])
 
@@ -74,17 +81,18 @@ def eval_loss_svg(versions: Sequence[VersionRow]) -> bytes:
         return _svg(figure)
     served = [(_when(v.created_at), loss) for v, loss in scored if v.activated_at is not None]
     if len(served) > 1:
-        axes.plot([x for x, _ in served], [y for _, y in served], color="#adb5bd", zorder=1)
+        axes.plot([x for x, _y in served], [y for _x, y in served], color="#adb5bd", zorder=1)
     for status, colour in STATUS_COLOURS.items():
         group = [(_when(v.created_at), loss) for v, loss in scored if v.status is status]
         if group:
             size = 64 if status is VersionStatus.ACTIVE else 28
-            axes.scatter([x for x, _ in group], [y for _, y in group], color=colour, label=status.value, s=size)
+            word = texts.version_status_word(status)
+            axes.scatter([x for x, _y in group], [y for _x, y in group], color=colour, label=word, s=size)
     for version, loss in scored[-12:]:  # names of the newest only: a year of daily runs would be unreadable
         axes.annotate(version.name, (_when(version.created_at), loss), textcoords="offset points", xytext=(4, 4),
                       fontsize=7)  # fmt: skip
-    _date_axis(axes, texts.DASHBOARD_AXIS_CREATED)
-    axes.set_ylabel(texts.DASHBOARD_AXIS_EVAL_LOSS)
+    _date_axis(axes, _(texts.DASHBOARD_AXIS_CREATED))
+    axes.set_ylabel(_(texts.DASHBOARD_AXIS_EVAL_LOSS))
     axes.legend(fontsize=8, loc="best")
     return _svg(figure)
 
@@ -95,13 +103,13 @@ def loss_curve_svg(curve: RunCurve | None) -> bytes:
     if curve is None:
         _empty(axes)
         return _svg(figure)
-    steps = [step for step, _ in curve.points]
-    axes.plot(steps, [loss for _, loss in curve.points], marker="." if len(steps) < 50 else None,
-              label=texts.DASHBOARD_AXIS_TRAIN_LOSS)  # fmt: skip
+    steps = [step for step, _loss in curve.points]
+    axes.plot(steps, [loss for _step, loss in curve.points], marker="." if len(steps) < 50 else None,
+              label=_(texts.DASHBOARD_AXIS_TRAIN_LOSS))  # fmt: skip
     if curve.eval_loss is not None:
-        axes.axhline(curve.eval_loss, linestyle="--", color="#2b8a3e", label=texts.DASHBOARD_AXIS_EVAL_LOSS)
-    axes.set_xlabel(texts.DASHBOARD_AXIS_STEP)
-    axes.set_ylabel(texts.DASHBOARD_AXIS_TRAIN_LOSS)
+        axes.axhline(curve.eval_loss, linestyle="--", color="#2b8a3e", label=_(texts.DASHBOARD_AXIS_EVAL_LOSS))
+    axes.set_xlabel(_(texts.DASHBOARD_AXIS_STEP))
+    axes.set_ylabel(_(texts.DASHBOARD_AXIS_TRAIN_LOSS))
     axes.legend(fontsize=8, loc="best")
     return _svg(figure)
 
@@ -117,16 +125,16 @@ def messages_svg(days: Sequence[date], per_chat: Mapping[str, Mapping[date, int]
     series = {chat: per_chat[chat] for chat in busiest[:MAX_CHATS]}
     if len(busiest) > MAX_CHATS:
         rest = busiest[MAX_CHATS:]
-        series[texts.DASHBOARD_OTHER_CHATS] = {day: sum(per_chat[c].get(day, 0) for c in rest) for day in days}
+        series[_(texts.DASHBOARD_OTHER_CHATS)] = {day: sum(per_chat[c].get(day, 0) for c in rest) for day in days}
     xs = [_when(day) for day in days]
     below = [0] * len(days)
     for chat, counts in series.items():
         heights = [counts.get(day, 0) for day in days]
         axes.bar(xs, heights, bottom=below, width=0.8, label=chat)
         below = [low + height for low, height in zip(below, heights, strict=True)]
-    _date_axis(axes, texts.DASHBOARD_AXIS_DAY)
+    _date_axis(axes, _(texts.DASHBOARD_AXIS_DAY))
     axes.set_ylim(0, max(below) * 1.1 + 0.5)  # headroom above the busiest day
-    axes.set_ylabel(texts.DASHBOARD_AXIS_MESSAGES)
+    axes.set_ylabel(_(texts.DASHBOARD_AXIS_MESSAGES))
     axes.legend(fontsize=7, loc="upper left")
     return _svg(figure)
 
@@ -138,10 +146,29 @@ PLOTS: dict[str, Callable[[Overview], bytes]] = {
 }
 """The page's plots by the name in their URL (`plots/<name>.svg`)."""
 
+HANGUL_FONTS = ("NanumGothic", "Noto Sans CJK KR", "Noto Sans KR", "Source Han Sans KR", "Malgun Gothic",
+                "Apple SD Gothic Neo", "UnDotum")  # fmt: skip
+"""Font families with Hangul that matplotlib may find installed (Linux, Windows, macOS), in order of preference."""
 _DRAWING = threading.Lock()
 
 
+@cache
+def hangul_font() -> str | None:
+    """The first of `HANGUL_FONTS` matplotlib finds on this machine, or None (looked up once per process)."""
+    for family in HANGUL_FONTS:
+        try:
+            font_manager.findfont(font_manager.FontProperties(family=family), fallback_to_default=False)
+        except ValueError:
+            continue
+        return family
+    return None
+
+
 def drawn(draw: Callable[[Overview], bytes], overview: Overview) -> bytes:
-    """Draws one plot at a time: matplotlib's font and text caches are shared by every thread."""
-    with _DRAWING:
+    """Draws one plot at a time (matplotlib's font and text caches, and `rc_context`, are shared by every thread),
+    in the language being spoken when a Hangul font can draw it, else in English."""
+    font = hangul_font()
+    language = current_language() if font is not None else SOURCE_LANGUAGE
+    families = ["DejaVu Sans", font] if font is not None else ["sans-serif"]  # what DejaVu lacks comes from `font`
+    with _DRAWING, speaking(language), rc_context({"font.family": families}):
         return draw(overview)

@@ -11,7 +11,8 @@ console's LANG) on `IncomingMessage.language`; the core speaks it for the whole 
 `speaking(...)`. It is a context variable, as in Django's `translation.override`, so the functions in
 `core.texts` need no language argument, and work started while handling a message (a training run that reports
 back to the chat that asked for it) keeps speaking that person's language. Code that writes for a language it
-names (Telegram's per-language command menu, Discord's command localizations) uses `translate`.
+names (Telegram's per-language command menu, Discord's command localizations) uses `translate`. A web page (the
+operator's dashboard) speaks `accepted_language(...)` of the browser's Accept-Language header.
 """
 
 from __future__ import annotations
@@ -40,9 +41,39 @@ _current: ContextVar[str] = ContextVar("magpie_language", default=SOURCE_LANGUAG
 def supported_language(tag: str | None) -> str:
     """The language Magpie speaks for a platform's language tag: its primary subtag when Magpie has a catalogue
     for it (`ko`, `ko-KR`, `ko_KR.UTF-8` → `ko`), else English (also for None, `C`, `POSIX` and `fr`)."""
-    match = _TAG.match(tag or "")
-    primary = match.group(0).lower() if match else ""
+    primary = _primary(tag or "")
     return primary if primary in LANGUAGES else SOURCE_LANGUAGE
+
+
+def accepted_language(header: str | None) -> str:
+    """The language Magpie speaks to a browser: the most preferred language of its `Accept-Language` header
+    (RFC 9110 §12.5.4: `ko-KR,ko;q=0.9,en;q=0.8`) that Magpie speaks, else English. `*` names no language and
+    `q=0` refuses one, so both are passed over."""
+    ranked: list[tuple[float, int, str]] = []
+    for index, part in enumerate((header or "").split(",")):
+        tag, _sep, parameters = part.partition(";")
+        language, weight = _primary(tag.strip()), _weight(parameters)
+        if language in LANGUAGES and weight > 0:
+            ranked.append((-weight, index, language))  # the highest weight; among equals, the first listed
+    return min(ranked)[2] if ranked else SOURCE_LANGUAGE
+
+
+def _primary(tag: str) -> str:
+    """A language tag's primary subtag in lower case (`ko_KR.UTF-8` → `ko`), or "" when it has none."""
+    match = _TAG.match(tag)
+    return match.group(0).lower() if match else ""
+
+
+def _weight(parameters: str) -> float:
+    """The `q` of a language range's parameters (1 when absent; 0, so refused, when it is not a number)."""
+    for parameter in parameters.split(";"):
+        name, _eq, value = parameter.strip().partition("=")
+        if name.strip().lower() == "q":
+            try:
+                return float(value)
+            except ValueError:
+                return 0.0
+    return 1.0
 
 
 @contextmanager

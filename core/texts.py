@@ -329,7 +329,9 @@ def _switch_refused(refused: SwitchRefused) -> str:
                 name=name, path=refused.path
             )
         case SwitchRefusal.PRUNED:
-            return f"{name}'s files were deleted to save disk space (MODELS_KEEP), so I can't switch to it."
+            return _("{name}'s files were deleted to save disk space (MODELS_KEEP), so I can't switch to it.").format(
+                name=name
+            )
 
 
 def _swap_note(swap: SwapOutcome) -> str:
@@ -363,25 +365,25 @@ def version_list(listing: VersionList) -> str:
 
 
 def _disk_line(disk: DiskUse) -> str:
-    text = f"Model files take {disk_size_text(disk.models_dir_bytes)} on disk"
+    size = disk_size_text(disk.models_dir_bytes)
     if disk.keep == 0:
-        return text + " (MODELS_KEEP=0: every version's files are kept)."
-    return (
-        text + f" (MODELS_KEEP={disk.keep}: after each promotion only the {disk.keep} newest versions, the active "
-        "one and the rollback target keep their files)."
-    )
+        return _("Model files take {size} on disk (MODELS_KEEP=0: every version's files are kept).").format(size=size)
+    return _(
+        "Model files take {size} on disk (MODELS_KEEP={keep}: after each promotion only the {keep} newest versions, "
+        "the active one and the rollback target keep their files)."
+    ).format(size=size, keep=disk.keep)
 
 
 def disk_size_text(size: int) -> str:
     """Bytes as people read them: 980 B, 12.3 MB, 1.5 GB (powers of 1,000, like file managers)."""
     if size < 1000:
-        return f"{size} B"
+        return _("{size} B").format(size=size)
     value = size / 1000
-    for unit in ("KB", "MB"):
+    for unit in (_("{size:.1f} KB"), _("{size:.1f} MB")):
         if value < 1000:
-            return f"{value:.1f} {unit}"
+            return unit.format(size=value)
         value /= 1000
-    return f"{value:.1f} GB"
+    return _("{size:.1f} GB").format(size=value)
 
 
 def _version_line(version: VersionSummary) -> str:
@@ -393,12 +395,53 @@ def _version_line(version: VersionSummary) -> str:
         )
     line += f", {version.created_at:%Y-%m-%d %H:%M}"
     if version.pruned:
-        line += ", files deleted (MODELS_KEEP)"
+        line += _(", files deleted (MODELS_KEEP)")
     elif version.disk_bytes is not None:
         line += f", {disk_size_text(version.disk_bytes)}"
     if version.status is VersionStatus.REJECTED and version.note:
         line += f" ({version.note})"
     return line
+
+
+# --- `magpie models check` and `magpie models prune` (the terminal's language) ---------------------------------
+
+MODELS_REMOVE_HINT = N_("`magpie models check --remove` deletes the stray directories.")
+MODELS_KEEP_ALL = N_("MODELS_KEEP is 0: every version's files are kept. `--keep N` prunes down to N versions.")
+
+
+def models_stray(path: str) -> str:
+    return _("stray directory (no version row): {path}").format(path=path)
+
+
+def models_broken(name: str, problem: str, where: str) -> str:
+    """A version whose files cannot serve; `problem` is the check's own (English) wording."""
+    return _("version {name}: {problem} ({where})").format(name=name, problem=problem, where=where)
+
+
+def models_removed(count: int) -> str:
+    return ngettext("Removed {count} stray directory.", "Removed {count} stray directories.", count).format(count=count)
+
+
+def models_agree(models_dir: str) -> str:
+    return _("The registry and {models_dir} agree.").format(models_dir=models_dir)
+
+
+def models_pruned(name: str, size: int, path: str, *, dry_run: bool) -> str:
+    line = _("would delete {name} ({size}, {path})") if dry_run else _("deleted {name} ({size}, {path})")
+    return line.format(name=name, size=disk_size_text(size), path=path)
+
+
+def models_left_outside(name: str, models_dir: str) -> str:
+    return _("left {name}: its directory is outside {models_dir}").format(name=name, models_dir=models_dir)
+
+
+def models_freed(size: int, kept: Sequence[str], *, dry_run: bool) -> str:
+    total = (
+        _("Would free {size}; versions with files: {kept}.")
+        if dry_run
+        else _("Freed {size}; versions with files: {kept}.")
+    )
+    return total.format(size=disk_size_text(size), kept=", ".join(kept) or _("none"))
 
 
 # --- words for states -----------------------------------------------------------------------------------------
@@ -436,83 +479,106 @@ def _when(moment: datetime) -> str:
     return _("{moment:%Y-%m-%d %H:%M} UTC").format(moment=moment)
 
 
-# --- the operator's dashboard (bot/dashboard.py) --------------------------------------------------------------
+# --- the operator's dashboard (bot/dashboard.py; the page's language is the browser's Accept-Language) ----------
+# The constants are msgids: the templates and plots show them as `_(t.NAME)`.
 
-DASHBOARD_TITLE = "Magpie dashboard"
-DASHBOARD_LOGIN_PROMPT = "Enter the dashboard token (DASHBOARD_TOKEN in the bot's settings)."
-DASHBOARD_TOKEN_LABEL = "Token"
-DASHBOARD_LOGIN_BUTTON = "Open the dashboard"
-DASHBOARD_LOGOUT_BUTTON = "Log out"
-DASHBOARD_WRONG_TOKEN = "That is not the dashboard token."
-DASHBOARD_LOGIN_NEEDED = "Log in with the dashboard token first."
-DASHBOARD_STALE_FORM = (
+DASHBOARD_TITLE = N_("Magpie dashboard")
+DASHBOARD_LOGIN_PROMPT = N_("Enter the dashboard token (DASHBOARD_TOKEN in the bot's settings).")
+DASHBOARD_TOKEN_LABEL = N_("Token")
+DASHBOARD_LOGIN_BUTTON = N_("Open the dashboard")
+DASHBOARD_LOGOUT_BUTTON = N_("Log out")
+DASHBOARD_WRONG_TOKEN = N_("That is not the dashboard token.")
+DASHBOARD_LOGIN_NEEDED = N_("Log in with the dashboard token first.")
+DASHBOARD_STALE_FORM = N_(
     "This form is out of date or did not come from the dashboard, so nothing was done. Reload the page and try again."
 )
-DASHBOARD_ACTIVE = "Active model"
-DASHBOARD_VERSIONS = "Model versions"
-DASHBOARD_EVAL_LOSS_PLOT = "Held-out loss per version"
-DASHBOARD_LOSS_CURVE_PLOT = "Training loss of the last run"
-DASHBOARD_MESSAGES_PLOT = "Messages per day per chat"
-DASHBOARD_EXCLUSIONS = "Training data left out, by reason"
-DASHBOARD_ACTIONS = "Actions"
-DASHBOARD_RETRAIN_BUTTON = "Retrain now"
-DASHBOARD_ROLLBACK_BUTTON = "Roll back to the previous version"
-DASHBOARD_ROLLBACK_TO_BUTTON = "Roll back to this one"
-DASHBOARD_COLUMNS = ("version", "status", "eval loss", "perplexity", "created (UTC)", "note")
-DASHBOARD_NO_VERSIONS = "No trained model versions yet."
-DASHBOARD_NO_CURVE = "No training run has recorded a loss curve yet."
-DASHBOARD_NO_DATA = "no data yet"
-DASHBOARD_AXIS_CREATED = "created (UTC)"
-DASHBOARD_AXIS_EVAL_LOSS = "held-out loss"
-DASHBOARD_AXIS_STEP = "step"
-DASHBOARD_AXIS_TRAIN_LOSS = "training loss"
-DASHBOARD_AXIS_DAY = "day (UTC)"
-DASHBOARD_AXIS_MESSAGES = "messages"
-DASHBOARD_OTHER_CHATS = "other chats"
-DASHBOARD_EXCLUSION_REASONS = {
-    "command": "commands and /reset",
-    "opted_out": "from people who sent /optout",
-    "private_chat": "private chats (TRAIN_ON_PRIVATE_CHATS is off)",
-    "reply_to_opted_out": "bot replies to people who opted out",
-    "undelivered_bot_reply": "bot replies that were not delivered",
-    "rolled_back_bot_reply": "replies of rolled-back versions",
-    "empty": "empty after cleaning",
-    "repeated_line": "a person repeating their last line",
-    "bot_reply_context_only": "bot replies (context only)",
-    "blocklisted_context_only": "TRAIN_BLOCKLIST matches (context only)",
-    "repetitive_context_only": "repetitive lines (context only)",
-}
-"""What each reason counted by `trainer.dataset` means; a reason not listed here is shown by its name."""
+DASHBOARD_ACTIVE = N_("Active model")
+DASHBOARD_VERSIONS = N_("Model versions")
+DASHBOARD_EVAL_LOSS_PLOT = N_("Held-out loss per version")
+DASHBOARD_LOSS_CURVE_PLOT = N_("Training loss of the last run")
+DASHBOARD_MESSAGES_PLOT = N_("Messages per day per chat")
+DASHBOARD_EXCLUSIONS = N_("Training data left out, by reason")
+DASHBOARD_ACTIONS = N_("Actions")
+DASHBOARD_RETRAIN_BUTTON = N_("Retrain now")
+DASHBOARD_ROLLBACK_BUTTON = N_("Roll back to the previous version")
+DASHBOARD_ROLLBACK_TO_BUTTON = N_("Roll back to this one")
+DASHBOARD_COLUMNS = (N_("version"), N_("status"), N_("eval loss"), N_("perplexity"), N_("created (UTC)"), N_("note"))
+DASHBOARD_NO_VERSIONS = N_("No trained model versions yet.")
+DASHBOARD_NO_CURVE = N_("No training run has recorded a loss curve yet.")
+DASHBOARD_NO_DATA = N_("no data yet")
+DASHBOARD_AXIS_CREATED = N_("created (UTC)")
+DASHBOARD_AXIS_EVAL_LOSS = N_("held-out loss")
+DASHBOARD_AXIS_STEP = N_("step")
+DASHBOARD_AXIS_TRAIN_LOSS = N_("training loss")
+DASHBOARD_AXIS_DAY = N_("day (UTC)")
+DASHBOARD_AXIS_MESSAGES = N_("messages")
+DASHBOARD_OTHER_CHATS = N_("other chats")
+_EXCLUSION_REASONS = dict(  # keywords: the reason names are not texts
+    command=N_("commands and /reset"),
+    opted_out=N_("from people who sent /optout"),
+    private_chat=N_("private chats (TRAIN_ON_PRIVATE_CHATS is off)"),
+    reply_to_opted_out=N_("bot replies to people who opted out"),
+    undelivered_bot_reply=N_("bot replies that were not delivered"),
+    rolled_back_bot_reply=N_("replies of rolled-back versions"),
+    empty=N_("empty after cleaning"),
+    repeated_line=N_("a person repeating their last line"),
+    bot_reply_context_only=N_("bot replies (context only)"),
+    blocklisted_context_only=N_("TRAIN_BLOCKLIST matches (context only)"),
+    repetitive_context_only=N_("repetitive lines (context only)"),
+)
+"""What each reason counted by `trainer.dataset` means."""
+
+
+def dashboard_exclusion_reason(reason: str) -> str:
+    """A reason `trainer.dataset` counted, in words; one not listed in `_EXCLUSION_REASONS` is shown by its name."""
+    return _(_EXCLUSION_REASONS[reason]) if reason in _EXCLUSION_REASONS else reason
 
 
 def dashboard_active(name: str | None, base_model: str) -> str:
-    return name if name is not None else f"none: serving BASE_MODEL ({base_model})"
+    return name if name is not None else _("none: serving BASE_MODEL ({base_model})").format(base_model=base_model)
 
 
 def dashboard_running(run_id: int, progress: float, started: str, by: str) -> str:
-    return f"Training run #{run_id} is running: {math.floor(progress * 100)}% done (started {started} by {by})."
+    return _("Training run #{run_id} is running: {percent}% done (started {started} by {by}).").format(
+        run_id=run_id, percent=math.floor(progress * 100), started=started, by=by
+    )
 
 
 def dashboard_curve_caption(run_id: int, version: str | None, status: RunStatus) -> str:
-    return f"Run #{run_id} ({version or 'no version'}, {status.value})."
+    return _("Run #{run_id} ({version}, {status}).").format(
+        run_id=run_id, version=version or _("no version"), status=run_status_word(status)
+    )
 
 
 def dashboard_exclusions_caption(run_id: int, train: int | None, held_out: int | None) -> str:
-    return (
-        f"Counted when run #{run_id} built its data: {train if train is not None else '?'} training and "
-        f"{held_out if held_out is not None else '?'} held-out samples remained."
+    return _(
+        "Counted when run #{run_id} built its data: {train} training and {held_out} held-out samples remained."
+    ).format(
+        run_id=run_id, train=train if train is not None else "?", held_out=held_out if held_out is not None else "?"
     )
 
 
 def dashboard_no_exclusions() -> str:
-    return "No training run has recorded its data yet; `magpie dataset export` counts them now."
+    return _("No training run has recorded its data yet; `magpie dataset export` counts them now.")
 
 
 def dashboard_no_messages(days: int) -> str:
-    return f"No messages in the last {days} days."
+    return _("No messages in the last {days} days.").format(days=days)
 
 
 # --- the offline starter model (`magpie bootstrap`) --------------------------------------------------------------
+
+
+def starter_explanation(minutes: float) -> str:
+    """What is about to happen, before the progress bar: `minutes` is the budget (0: the full recipe)."""
+    if minutes > 0:
+        duration = _("up to about {minutes:g} minutes").format(minutes=minutes)
+    else:
+        duration = _("as long as the full recipe needs")
+    return _(
+        "Building the offline starter model: a small GPT-2 trained here, from scratch, on the English and Korean "
+        "dialogues of chatterbot-corpus (not OpenAI's pretrained GPT-2). It takes {duration}."
+    ).format(duration=duration)
 
 
 def starter_built(
@@ -527,14 +593,21 @@ def starter_built(
     activated: bool,
 ) -> str:
     """What `magpie bootstrap` saved, how good it is, and whether a longer budget would train more."""
-    quality = f"held-out perplexity {perplexity_text(eval_loss)}" if eval_loss is not None else "no held-out score"
-    kept = f"the best of {evaluations} checkpoints over" if evaluations > 1 else "after"
-    text = f"Saved {name} to {path} ({quality}; {kept} {steps} training steps)."
+    if evaluations > 1:
+        kept = _("the best of {evaluations} checkpoints over {steps} training steps")
+    else:
+        kept = _("after {steps} training steps")
+    kept = kept.format(evaluations=evaluations, steps=steps)
+    if eval_loss is not None:
+        saved = _("Saved {name} to {path} (held-out perplexity {perplexity}; {kept}).")
+    else:
+        saved = _("Saved {name} to {path} (no held-out score; {kept}).")
+    text = saved.format(name=name, path=path, perplexity=_ppl(eval_loss) if eval_loss is not None else "", kept=kept)
     if recipe_steps is not None and budget_minutes is not None and steps < recipe_steps:
-        text += (
-            f" The {budget_minutes:g}-minute budget fitted {steps} of the recipe's {recipe_steps} steps on this "
-            "machine; a longer `magpie bootstrap --minutes N` trains more of them (0 = all)."
-        )
+        text += _(
+            " The {budget:g}-minute budget fitted {steps} of the recipe's {recipe_steps} steps on this machine; a "
+            "longer `magpie bootstrap --minutes N` trains more of them (0 = all)."
+        ).format(budget=budget_minutes, steps=steps, recipe_steps=recipe_steps)
     if activated:
-        return text + " It is now the active model."
-    return text + f" Another version is active; `magpie models activate {name}` switches to it."
+        return text + _(" It is now the active model.")
+    return text + _(" Another version is active; `magpie models activate {name}` switches to it.").format(name=name)

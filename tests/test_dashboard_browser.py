@@ -48,6 +48,8 @@ def browser() -> Iterator[Any]:
     options.binary_location = CHROMIUM
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,2200"):
         options.add_argument(argument)
+    # The page speaks the browser's language (Accept-Language), which chromium takes from the locale: pin English.
+    options.add_experimental_option("prefs", {"intl.accept_languages": "en-US,en"})
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
     try:
         yield driver

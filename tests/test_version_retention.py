@@ -170,6 +170,24 @@ async def test_magpie_models_prune(
         build_parser().parse_args(["models", "prune", "--keep", "-1"])
 
 
+async def test_magpie_models_speaks_the_terminals_language(
+    db: Database, settings: Settings, loop_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await _history(db, settings, loop_model_dir)
+    korean = settings.model_copy(update={"lang": "ko_KR.UTF-8"})
+
+    async def magpie(*argv: str) -> int | None:
+        return await run_command(build_parser().parse_args(list(argv)), korean)
+
+    assert await magpie("models", "prune", "--dry-run") == 0
+    dry = capsys.readouterr().out
+    assert "v5 삭제 예정(" in dry and "를 확보할 수 있어요. 파일이 남는 버전: v8, v7, v6, v3, v2." in dry
+    assert await magpie("models", "list") == 0
+    assert "모델 파일이 디스크에서 " in capsys.readouterr().out
+    assert await magpie("models", "check") == 0
+    assert f"버전 기록과 {settings.models_dir}의 내용이 일치해요." in capsys.readouterr().out
+
+
 @pytest.mark.slow
 async def test_a_promotion_deletes_the_versions_beyond_models_keep(
     db: Database, tmp_path: Path, database_url: str, loop_model_dir: Path
