@@ -11,7 +11,7 @@ Each mode serves the same load from scratch (a fresh fake, database and engine):
 - **before**: TYPING_AFTER_MS=0 (every answer costs a "typing…" call first) and SEND_QUEUE_LIMIT huge (an answer
   is always generated, however long the platform's queue): the behaviour the issue measured;
 - **after**: the defaults (TYPING_AFTER_MS=1000: "typing…" only for slow answers, once per chat;
-  SEND_QUEUE_LIMIT=60: past that many calls waiting to go out, new messages get the short busy note).
+  SEND_QUEUE_LIMIT=200: past that many calls waiting to go out, new messages get the short busy note).
 
 The load: `--people` private chats (each person pressed Start), `--messages` text messages arriving as a Poisson
 process over `--seconds`, each from a person drawn at random; arrivals and people are drawn once from

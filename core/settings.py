@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     recovery_window_minutes: float = Field(10.0, ge=0.0)
     shutdown_grace_seconds: float = Field(15.0, ge=0.0)
     typing_after_ms: float = Field(1000.0, ge=0.0)
-    send_queue_limit: int = Field(60, ge=1)
+    send_queue_limit: int = Field(200, ge=1)
 
     # --- retraining (defaults are the seed notebook's) ---------------------------------------------------------
     train_epochs: float = Field(3.0, gt=0.0)
