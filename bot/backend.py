@@ -308,8 +308,9 @@ class ChatBackend(ABC, Generic[Target]):
 
     def _typing_due(self, target: Target) -> bool:
         """Whether "typing…" must go to `target` now. It shows for the whole chat, so while one is still showing
-        (`typing_renew_s`) a second answer awaited there sends none: several people waiting in one group cost one
-        call per renewal, not one each (issue #12: typing took 15-40% of Telegram's budget under load)."""
+        (`typing_renew_s`, and no message of the bot's has ended it) a second answer awaited there sends none:
+        several people waiting in one group cost one call per renewal, not one each (issue #12: typing took 15-40%
+        of Telegram's budget under load)."""
         now = asyncio.get_running_loop().time()
         if now < self._typing_shown.get(target, -math.inf) + self.typing_renew_s:
             log.debug("%s: typing already shows in %s", self.title, target)
@@ -390,6 +391,7 @@ class ChatBackend(ABC, Generic[Target]):
             try:
                 with self._platform_call():
                     sent.append(await self._send_part(target, parts[index], quote=quote if index == 0 else None))
+                self._typing_shown.pop(target, None)  # a message from the bot ends "typing…" there
             except Exception as exc:
                 moved = None if redirected else await self._redirect(target, exc)
                 if moved is None:

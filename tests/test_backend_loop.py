@@ -22,7 +22,7 @@ import discord
 import pytest
 
 from bot import telegram_requests
-from bot.backend import ChatBackend
+from bot.backend import ChatBackend, Part
 from bot.console import ConsoleBackend
 from bot.discord_bot import DiscordBackend
 from bot.telegram import TelegramBackend
@@ -407,4 +407,7 @@ async def test_one_typing_indicator_serves_every_answer_awaited_in_a_chat(tmp_pa
     assert not backend._typing_due("chat a")
     assert backend._typing_due("chat b")
     backend._typing_shown["chat a"] -= backend.typing_renew_s  # the indicator has faded: renew it
+    assert backend._typing_due("chat a")
+    assert not backend._typing_due("chat a")
+    await backend._send_parts("chat a", [Part("an answer")], [], quote=None)  # the bot's message ends it
     assert backend._typing_due("chat a")
