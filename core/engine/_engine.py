@@ -23,7 +23,7 @@ from core.dialogue import Turn
 from core.engine._batching import KVBatch
 from core.engine._loading import LoadedModel, prepare
 from core.engine._prompts import build_prompt_ids
-from core.engine._sampling import RowDecoder
+from core.engine._sampling import RowDecoder, reply_budget
 from core.engine._types import EngineConfig, EngineStats, Generation, GenerationParams, ModelRef
 from core.errors import EngineBusyError, EngineClosedError, EngineError, EngineTimeoutError, ModelLoadError
 from core.logging_setup import current_correlation_id
@@ -368,7 +368,7 @@ class _Cohort:
         loaded = self.loaded
         rows, prompts = [], []
         for request in requests:
-            new_tokens = min(request.params.max_new_tokens, loaded.context_window // 2)
+            new_tokens = reply_budget(request.params, loaded)
             prompt = build_prompt_ids(
                 request.turns,
                 tokenizer=loaded.tokenizer,

@@ -26,6 +26,12 @@ which the platforms reject.
 """
 
 
+def reply_budget(params: GenerationParams, loaded: LoadedModel) -> int:
+    """New tokens a reply may have: `max_new_tokens`, capped at half the context window so the prompt keeps the
+    rest (the prompt is fitted to what this leaves)."""
+    return min(params.max_new_tokens, loaded.context_window // 2)
+
+
 class RowDecoder:
     """One reply being decoded: the tokens so far, and the rules that choose the next one and end the reply."""
 
@@ -34,10 +40,12 @@ class RowDecoder:
     ) -> None:
         self._loaded = loaded
         self._params = params
-        self.max_new = min(params.max_new_tokens, loaded.context_window // 2)
+        self.max_new = reply_budget(params, loaded)
         self._min_new = min(params.min_new_tokens, self.max_new)
         self._eos = cast(int, loaded.tokenizer.eos_token_id)
         self._seen = set(prompt)
+        self._seen_ids: torch.Tensor | None = None
+        """The same ids as a tensor for the repetition penalty: built at the first step, grown only by new tokens."""
         self._generator: torch.Generator | None = None
         if seed is not None and params.temperature > 0:
             self._generator = torch.Generator(device=loaded.model.device).manual_seed(seed)
@@ -65,7 +73,9 @@ class RowDecoder:
         penalty = self._params.repetition_penalty
         if penalty == 1.0 or not self._seen:
             return logits
-        ids = torch.tensor(sorted(self._seen), device=logits.device)
+        if self._seen_ids is None:
+            self._seen_ids = torch.tensor(sorted(self._seen), dtype=torch.long, device=logits.device)
+        ids = self._seen_ids
         picked = logits[ids]
         logits = logits.clone()
         logits[ids] = torch.where(picked < 0, picked * penalty, picked / penalty)
@@ -85,7 +95,10 @@ class RowDecoder:
             self.done = True
             return
         self.tokens.append(token)
-        self._seen.add(token)
+        if token not in self._seen:
+            self._seen.add(token)
+            if self._seen_ids is not None:
+                self._seen_ids = torch.cat([self._seen_ids, self._seen_ids.new_tensor([token])])
         if len(self.tokens) >= self.max_new:
             self.done = True
         elif len(self.tokens) >= self._min_new and token in self._loaded.colon_ids:
