@@ -32,6 +32,16 @@ from core.dashboard_data import Overview, load_overview
 from core.db import Database
 from core.errors import ConfigError
 from core.i18n import _, accepted_language, current_language, speaking
+from core.outcomes import (
+    AlreadyRunning,
+    CoolingDown,
+    CouldNotStart,
+    RunRequest,
+    RunStarted,
+    Switch,
+    SwitchRefusal,
+    SwitchRefused,
+)
 from core.retraining import Retrainer
 from core.serving import ModelServing
 from core.settings import Settings
@@ -259,9 +269,10 @@ class Dashboard:
     async def retrain(self, request: web.Request) -> web.Response:
         _form, session = await self._checked_post(request)
         if self._retrainer is None:
-            return self._answer(request, session, _(texts.RETRAIN_UNAVAILABLE))
+            return self._answer(request, session, _(texts.RETRAIN_UNAVAILABLE), status=501)
         result = await self._retrainer.request(triggered_by=TRIGGERED_BY, notify_platform=None, notify_chat_id=None)
-        return self._answer(request, session, texts.run_request(result))
+        status, headers = run_request_status(result)
+        return self._answer(request, session, texts.run_request(result), status=status, headers=headers)
 
     async def rollback(self, request: web.Request) -> web.Response:
         """To the named version (a row's button), or with none to the one that served before (the main button)."""
@@ -269,15 +280,50 @@ class Dashboard:
         name = form.get("version")
         version = name.strip()[:64] if isinstance(name, str) and name.strip() else None
         result = await self._serving.rollback(version=version, triggered_by=TRIGGERED_BY)
-        return self._answer(request, session, texts.switch(result))
+        return self._answer(request, session, texts.switch(result), status=switch_status(result))
 
-    def _answer(self, request: web.Request, session: Session | None, text: str) -> web.Response:
-        """A browser goes back to the page, which shows `text` once; a script (bearer token) gets `text` itself."""
+    def _answer(
+        self,
+        request: web.Request,
+        session: Session | None,
+        text: str,
+        *,
+        status: int = 200,
+        headers: dict[str, str] | None = None,
+    ) -> web.Response:
+        """A browser goes back to the page, which shows `text` once; a script (bearer token) gets `text` itself,
+        with the status code that tells a refusal from success (`run_request_status`, `switch_status`)."""
         self._overviews.clear()  # the page after an action shows its effect
         if session is None:
-            return web.Response(text=text)
+            return web.Response(text=text, status=status, headers=headers)
         session.notice = text
         return _see_other(_urls(request, days=DEFAULT_DAYS)["page"])
+
+
+def run_request_status(result: RunRequest) -> tuple[int, dict[str, str]]:
+    """The HTTP status (and headers) of an answer to a retrain request, for scripts: 202 started in the
+    background, 409 a run is going, 429 with Retry-After in the cooldown, 503 no training process could start."""
+    match result:
+        case RunStarted():
+            return 202, {}
+        case AlreadyRunning():
+            return 409, {}
+        case CoolingDown(minutes_left=left):
+            return 429, {"Retry-After": str(max(1, left) * 60)}
+        case CouldNotStart():
+            return 503, {}
+
+
+_SWITCH_NOT_FOUND = frozenset({SwitchRefusal.UNKNOWN_VERSION, SwitchRefusal.PRUNED})
+"""Refusals about a version that is not there to switch to (404); the others refuse given the state (409)."""
+
+
+def switch_status(result: Switch) -> int:
+    """The HTTP status of an answer to a rollback: 200 switched, 404 no such version (or its files were pruned),
+    409 refused as things stand (nothing active, nothing earlier, already active, files missing)."""
+    if not isinstance(result, SwitchRefused):
+        return 200
+    return 404 if result.why in _SWITCH_NOT_FOUND else 409
 
 
 def _see_other(location: str) -> web.Response:

@@ -19,7 +19,7 @@ from core.errors import ConfigError
 from core.models import RunStatus, TrainingRun
 from core.serving import ModelServing
 from core.settings import Settings, load_settings
-from core.versions import get_active_version
+from core.versions import get_active_version, get_version
 from tests.dashboard_support import (
     CURVE,
     EXCLUDED,
@@ -198,10 +198,39 @@ async def test_retrain_goes_through_the_orchestrator(base_url: str, http: aiohtt
             )
         )
     async with http.post(f"{base_url}/retrain", headers=BEARER) as response:
-        assert response.status == 200
+        assert response.status == 429, "a script tells a refusal from success by the status"
+        assert response.headers["Retry-After"] == str(25 * 60)
         assert await response.text() == (
             "The last training run finished less than 30 minutes ago (RETRAIN_COOLDOWN_MINUTES). Try again in 25 min."
         )
+
+
+async def test_a_script_reads_each_refusal_from_the_status_code(
+    base_url: str, http: aiohttp.ClientSession, db: Database
+) -> None:
+    """The script API (bearer token) answers refusals with the status a script expects, in the same words as the
+    chat: 404 for a version that is not there (unknown, or its files pruned), 409 for a rollback refused as things
+    stand and for a run already going; the browser's form still goes back to the page."""
+    async with db.sessions.begin() as session:
+        (await get_version(session, name="v1")).pruned_at = NOW  # type: ignore[union-attr]
+    cases = {
+        "v9": (404, 'I don\'t know a model version called "v9". /models lists them.'),
+        "v1": (404, "v1's files were deleted to save disk space (MODELS_KEEP), so I can't switch to it."),
+        "v5": (409, "v5 is already the active model."),
+    }
+    for version, (status, words) in cases.items():
+        async with http.post(f"{base_url}/rollback", data={"version": version}, headers=BEARER) as response:
+            assert (response.status, await response.text()) == (status, words), version
+    async with db.sessions.begin() as session:
+        session.add(TrainingRun(status=RunStatus.RUNNING, triggered_by="test", started_at=NOW, progress=0.5))
+    async with http.post(f"{base_url}/retrain", headers=BEARER) as response:
+        assert response.status == 409 and (await response.text()).startswith("A training run (#")
+    assert await _active(db) == "v5"
+
+    csrf = await _login(http, base_url)
+    async with http.post(f"{base_url}/rollback", data={"csrf": csrf, "version": "v9"}) as response:
+        assert response.status == 200 and response.url.path == f"{PREFIX}/", "a browser sees the page, with the notice"
+        assert "I don&#39;t know a model version called &#34;v9&#34;" in await response.text()
 
 
 async def test_the_overview_counts_messages_per_utc_day_per_chat(db: Database, tiny_model_dir: Path) -> None:

@@ -22,7 +22,7 @@ from sqlalchemy import select
 
 from core.db import Database
 from core.models import RunStatus, TrainingRun
-from core.outcomes import AlreadyRunning, RunOutcome, RunStarted, SwapOutcome, SwapState, TrainingAgain
+from core.outcomes import AlreadyRunning, CoolingDown, RunOutcome, RunStarted, SwapOutcome, SwapState, TrainingAgain
 from core.service import ChatService
 from core.settings import Settings
 from core.texts import run_outcome, run_request
@@ -322,6 +322,22 @@ async def test_cooldown_refuses_a_new_run_and_the_service_relays_it(db: Database
     )
     async with db.sessions() as session:
         assert len((await session.scalars(select(TrainingRun))).all()) == 1
+
+
+async def test_a_run_that_fails_before_training_starts_no_cooldown(db: Database, settings: Settings) -> None:
+    """Too little data: the real trainer child fails in a moment, having trained nothing, so the next request may
+    start a run at once; a run that trained (here: rejected) starts the cooldown as before."""
+    orchestrator = TrainingOrchestrator(settings=settings, db=db)  # the real clock: the child writes real times
+    first = await orchestrator.run_in_foreground(triggered_by="test", on_progress=lambda _fraction: None)
+    assert isinstance(first, RunOutcome) and first.status is RunStatus.FAILED
+    assert (first.reason or "").startswith("not enough conversation")
+
+    second = await orchestrator.run_in_foreground(triggered_by="test", on_progress=lambda _fraction: None)
+    assert isinstance(second, RunOutcome) and second.run_id == first.run_id + 1, "no cooldown after the first"
+
+    await _add_run(db, status=RunStatus.REJECTED, started_at=datetime.now(UTC), finished_at=datetime.now(UTC))
+    refused = await orchestrator.request(triggered_by="test", notify_platform=None, notify_chat_id=None)
+    assert isinstance(refused, CoolingDown) and refused.minutes_left == 30
 
 
 async def test_the_schedule_starts_a_run_when_due(db: Database, settings: Settings) -> None:

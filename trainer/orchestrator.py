@@ -272,7 +272,7 @@ class TrainingOrchestrator:
                 if isinstance(exc, QueueUnreachableError)
                 else f"the training process could not start ({type(exc).__name__})"
             )
-            await runs.fail(self._db, run_id, reason, now=self._clock())
+            await runs.fail(self._db, run_id, reason, now=self._clock(), before_training=True)
             return None
         await runs.record_process(self._db, run_id, process.pid)
         return ChildTrainer(process)

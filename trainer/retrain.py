@@ -146,7 +146,8 @@ async def retrain(
             reason = _failure_reason(exc)
             if not isinstance(exc, MagpieError):
                 log.exception("training run #%d failed", run_id)
-            await runs.fail(db, run_id, reason, now=datetime.now(UTC))
+            before_training = isinstance(exc, NotEnoughDataError)  # no cooldown after a run that never trained
+            await runs.fail(db, run_id, reason, now=datetime.now(UTC), before_training=before_training)
             # Nothing was registered (the recording transaction is the last step): no files may stay behind.
             for leftover in (*partial_dirs(settings.models_dir, run_id), output_dir):
                 shutil.rmtree(leftover, ignore_errors=True)

@@ -225,8 +225,14 @@ async def end_if_running(
             end(row, status, reason, now=now, metrics=metrics)
 
 
-async def fail(db: Database, run_id: int, reason: str, *, now: datetime) -> None:
-    await end_if_running(db, run_id, RunStatus.FAILED, reason, now=now)
+BEFORE_TRAINING = "before_training"
+"""The run metric that marks a run failed before it trained (too little data, no process could start): it spent
+nothing worth a rest, so it does not start the RETRAIN_COOLDOWN_MINUTES cooldown (`settle_running`)."""
+
+
+async def fail(db: Database, run_id: int, reason: str, *, now: datetime, before_training: bool = False) -> None:
+    metrics = {BEFORE_TRAINING: True} if before_training else None
+    await end_if_running(db, run_id, RunStatus.FAILED, reason, now=now, metrics=metrics)
 
 
 async def lock_for_outcome(session: AsyncSession, run_id: int) -> TrainingRun:
@@ -333,9 +339,17 @@ async def settle_running(
         for row in await _running_rows(session):
             if row.id != besides:
                 running = _settle(row, settings, now, ended, policy) or running
-        last_finished = await session.scalar(select(func.max(TrainingRun.finished_at)))
+        last_finished = await last_trained_finish(session)
     await clean_up(db, settings.models_dir, ended)
     return Settled(ended, running, last_finished)
+
+
+async def last_trained_finish(session: AsyncSession) -> datetime | None:
+    """When the last run that got as far as training ended: the cooldown counts from there (runs failed
+    `before_training` are left out)."""
+    untrained = TrainingRun.metrics[BEFORE_TRAINING].as_boolean()
+    query = select(func.max(TrainingRun.finished_at)).where(untrained.is_not(True))
+    return await session.scalar(query)
 
 
 async def _running_rows(session: AsyncSession) -> Sequence[TrainingRun]:
