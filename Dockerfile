@@ -4,6 +4,11 @@
 ARG PYTHON_VERSION=3.11
 FROM python:${PYTHON_VERSION}-slim
 
+# A font with Hangul for the dashboard's Korean plots (Debian's NanumGothic; matplotlib finds it by itself).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends "fonts-nanum=20200506-*" \
+    && rm -rf /var/lib/apt/lists/*
+
 # torch first, from PyTorch's own wheel index for the variant, so pip never pulls the multi-GB CUDA build by accident.
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_VARIANT=cpu

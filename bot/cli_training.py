@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
+import logging
 import math
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Never
+from typing import TYPE_CHECKING, Never, TextIO
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from core import texts
 from core.db import Database
@@ -128,6 +131,33 @@ async def run_command(args: argparse.Namespace, settings: Settings) -> int | Non
             return await handler(args, settings, db)
 
 
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {elapsed} elapsed, {remaining} left"
+"""Percent done and time, never a rate: tqdm's rate flips between "%/s" and "s/%" as the speed crosses one."""
+
+
+@contextlib.contextmanager
+def logs_above_the_bar() -> Iterator[None]:
+    """Log lines meant for the terminal are written above a progress bar instead of into it (tqdm clears the bar,
+    writes the line, draws the bar again). Only handlers that write to the terminal are swapped, for as long as
+    the bar shows; with none (a log file, tests' capture) nothing changes."""
+    if not any(_writes_to_terminal(handler) for handler in logging.getLogger().handlers):
+        yield
+        return
+    with logging_redirect_tqdm():
+        yield
+
+
+def _writes_to_terminal(handler: logging.Handler) -> bool:
+    return isinstance(handler, logging.StreamHandler) and handler.stream in {sys.stdout, sys.stderr}
+
+
+@contextlib.contextmanager
+def progress_bar(description: str) -> Iterator[tqdm[Never]]:
+    """A bar from 0 to 100% on stderr, with the log's lines above it."""
+    with tqdm(total=100, desc=description, file=sys.stderr, bar_format=BAR_FORMAT) as bar, logs_above_the_bar():
+        yield bar
+
+
 def _operator() -> str:
     """Who ran the command, for the audit trail (`cli:<login>`)."""
     try:
@@ -142,13 +172,14 @@ async def _retrain(args: argparse.Namespace, settings: Settings, db: Database) -
 
     async def show(fraction: float) -> None:
         if not bars:
-            bars.append(tqdm(total=100, unit="%", desc="Training", file=sys.stderr))
+            bars.append(tqdm(total=100, desc="Training", file=sys.stderr, bar_format=BAR_FORMAT))
         bars[0].update(max(0, round(fraction * 100) - bars[0].n))
 
     try:
-        outcome = await orchestrator.run_in_foreground(
-            triggered_by=_operator(), on_progress=show, force=args.force, stop_running=args.stop_running
-        )
+        with logs_above_the_bar():
+            outcome = await orchestrator.run_in_foreground(
+                triggered_by=_operator(), on_progress=show, force=args.force, stop_running=args.stop_running
+            )
     finally:
         for bar in bars:
             bar.close()
@@ -240,36 +271,44 @@ async def _dataset(args: argparse.Namespace, settings: Settings, db: Database) -
     return 0
 
 
-async def build_starter(settings: Settings, db: Database, *, minutes: float | None = None) -> StarterVersion:
+async def build_starter(
+    settings: Settings, db: Database, *, minutes: float | None = None, report: TextIO | None = None
+) -> StarterVersion:
     """Builds the offline starter within `minutes` (default STARTER_BUDGET_MINUTES) with a progress bar on stderr
-    (stdout stays free for replies)."""
+    (stdout stays free for replies), and ends with one plain line on `report` (default stderr) saying what was
+    built and how to build a better one."""
     from trainer.bootstrap import bootstrap
 
     minutes = settings.starter_budget_minutes if minutes is None else minutes
     with speaking(settings.console_language):  # also when `magpie run` builds it
         print(texts.starter_explanation(minutes), file=sys.stderr)
-    with tqdm(total=100, unit="%", desc="Starter model", file=sys.stderr) as bar:
+    with progress_bar("Starter model") as bar:
 
         def show(fraction: float) -> None:  # called from the training thread; tqdm locks internally
             bar.update(max(0, round(fraction * 100) - bar.n))
 
-        return await bootstrap(settings, db, progress=show, minutes=minutes)
+        starter = await bootstrap(settings, db, progress=show, minutes=minutes)
+    with speaking(settings.console_language):
+        print(_starter_report(starter), file=report or sys.stderr)
+    return starter
 
 
-async def _bootstrap(args: argparse.Namespace, settings: Settings, db: Database) -> int:
-    starter = await build_starter(settings, db, minutes=args.minutes)
+def _starter_report(starter: StarterVersion) -> str:
     metrics, schedule = starter.metrics, starter.metrics.get("schedule")
-    report = starter_built(
+    return starter_built(
         starter.name,
         str(starter.path),
         eval_loss=metrics.get("eval_loss"),
         steps=int(metrics.get("steps", 0)),
-        evaluations=len(metrics.get("eval_loss_by_step", [])),
         recipe_steps=schedule["recipe_steps"] if schedule else None,
         budget_minutes=schedule["budget_s"] / 60 if schedule else None,
+        best_step=metrics.get("best_step") if metrics.get("eval_loss_by_step") else None,
         activated=starter.activated,
     )
-    print(report)
+
+
+async def _bootstrap(args: argparse.Namespace, settings: Settings, db: Database) -> int:
+    await build_starter(settings, db, minutes=args.minutes, report=sys.stdout)
     return 0
 
 

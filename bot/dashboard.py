@@ -1,8 +1,9 @@
 """The operator's dashboard: one server-rendered page on the bot's HTTP server, behind DASHBOARD_TOKEN.
 
-It shows the active model, every version with its held-out loss and perplexity, three plots (held-out loss per
-version over time, the last run's training loss curve, messages per day per chat), what the last run's data left
-out and why; and it has retrain and rollback buttons. Those go through the same paths as `/retrain` and
+It shows the active model, every version with its held-out loss and perplexity, five plots (what each run's
+promotion gate compared, the last run's training loss curve, the model's replies per hour and their latency over
+the last days, messages per day per chat), what the last run's data left out and why; and it has retrain and
+rollback buttons. Those go through the same paths as `/retrain` and
 `/rollback` in chat (`core.retraining.Retrainer`, `core.serving.ModelServing.rollback`), and their answers are the
 same words (`core.texts`), in the browser's language (its Accept-Language header: Korean or English). Data
 comes from `core.dashboard_data` (bot/ runs no SQL), plots from
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -24,11 +26,12 @@ from typing import Any
 
 import jinja2
 from aiohttp import web
+from markupsafe import Markup, escape
 
 from bot import dashboard_plots
 from bot.dashboard_auth import COOKIE, SESSION_TTL, Session, Sessions, csrf_matches
 from core import texts
-from core.dashboard_data import Overview, load_overview
+from core.dashboard_data import REPLY_DAYS, Overview, load_overview, percentile
 from core.db import Database
 from core.errors import ConfigError
 from core.i18n import _, accepted_language, current_language, speaking
@@ -50,7 +53,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DAYS = 30
 OVERVIEW_TTL_S = 10.0
-"""A page and its three plots are four requests: they share one read of the database (an action clears it)."""
+"""A page and its five plots are six requests: they share one read of the database (an action clears it)."""
 MAX_DAYS = 366
 TRIGGERED_BY = "dashboard"
 """Who asked, in the run's row and the serving log: the dashboard has one user, the operator."""
@@ -154,6 +157,7 @@ class Dashboard:
             trim_blocks=True,
             lstrip_blocks=True,
         )
+        self._templates.filters["commands"] = commands_as_code
 
     # --- who is asking ----------------------------------------------------------------------------------------
 
@@ -205,10 +209,14 @@ class Dashboard:
         notice, csrf = (session.notice, session.csrf) if session is not None else (None, "")
         if session is not None:
             session.notice = None
+        latencies = overview.replies.latencies if overview.replies is not None else []
         html = self._render(
             "dashboard.html",
             o=overview,
             days=days,
+            reply_days=REPLY_DAYS,
+            p50=percentile(latencies, 0.5),
+            p95=percentile(latencies, 0.95),
             csrf=csrf,
             notice=notice,
             can_retrain=self._retrainer is not None,
@@ -324,6 +332,15 @@ def switch_status(result: Switch) -> int:
     if not isinstance(result, SwitchRefused):
         return 200
     return 404 if result.why in _SWITCH_NOT_FOUND else 409
+
+
+_COMMAND = re.compile(r"`([^`]+)`")
+
+
+def commands_as_code(text: str) -> Markup:
+    """The catalogue's texts mark commands and settings with backticks (chat platforms show them as code); on the
+    page they become `<code>`, never literal backticks. `text` is escaped first: it is text, not markup."""
+    return Markup(_COMMAND.sub(r"<code>\1</code>", str(escape(text))))
 
 
 def _see_other(location: str) -> web.Response:

@@ -88,11 +88,20 @@ class HttpServer:
             ) from None
         self._port = _bound_port(self._runner, self._requested_port)
         log.info("HTTP server on http://%s:%d (%s, %s)", self._host, self._port, HEALTH_PATH, METRICS_PATH)
+        for prefix in mounted_prefixes(self._runner.app):
+            log.info("%s on http://%s:%d%s/", prefix.strip("/").capitalize(), self._host, self._port, prefix)
 
     async def stop(self) -> None:
         """Stops listening and closes open connections; harmless when it never started."""
         await self._runner.cleanup()
         self._port = None
+
+
+def mounted_prefixes(app: web.Application) -> list[str]:
+    """The prefixes of the sub-apps mounted on `app` (e.g. "/dashboard"), so the start-up log names their URLs."""
+    return [
+        resource.canonical for resource in app.router.resources() if isinstance(resource, web.PrefixedSubAppResource)
+    ]
 
 
 def _bound_port(runner: web.AppRunner, requested: int) -> int:

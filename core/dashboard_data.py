@@ -17,14 +17,18 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from core.db import Database
 from core.metrics import perplexity
-from core.models import Chat, Message, ModelVersion, RunStatus, TrainingRun, VersionStatus
+from core.models import Chat, Delivery, Message, ModelVersion, Role, RunStatus, TrainingRun, VersionStatus
 from core.versions import get_active_version, list_versions
 
 RECENT_RUNS = 20
-"""How many of the newest runs are searched for the last loss curve and exclusion counts (failed runs have none)."""
+"""How many of the newest runs are searched for the last loss curve and exclusion counts (failed runs have none),
+and shown with what their promotion gate compared."""
+REPLY_DAYS = 7
+"""The window of the replies-per-hour and reply-latency plots: the last days, hour by hour."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,50 @@ class RunningRun:
 
 
 @dataclass(frozen=True)
+class GateScore:
+    """What a run's promotion gate compared (`trainer.retrain`: the run row's `active_eval_loss` and `eval_loss`):
+    the version it started from (the active one, or BASE_MODEL) and the new one, on that run's own held-out
+    samples. Two runs' losses are on different samples, so only the two losses of one run compare."""
+
+    run_id: int
+    status: RunStatus
+    version: str | None
+    finished_at: datetime | None
+    active_loss: float | None
+    new_loss: float
+    eval_samples: int | None
+
+
+@dataclass(frozen=True)
+class ReplyStats:
+    """The model's replies over the last `REPLY_DAYS` days: how many per UTC hour (every hour of the window, zeros
+    included), and how long each took, from the incoming message logged to the reply logged (generation and the
+    queue before it), per UTC day."""
+
+    hours: tuple[datetime, ...]
+    per_hour: tuple[int, ...]
+    latency_by_day: Mapping[date, Sequence[float]]
+    """Seconds per reply, by the UTC day the reply was logged."""
+
+    @property
+    def total(self) -> int:
+        return sum(self.per_hour)
+
+    @property
+    def latencies(self) -> list[float]:
+        return sorted(value for values in self.latency_by_day.values() for value in values)
+
+
+def percentile(values: Sequence[float], fraction: float) -> float | None:
+    """The nearest-rank percentile of sorted `values` (p50: `fraction` 0.5), None for none: a latency users
+    actually waited, never an interpolation between two."""
+    if not values:
+        return None
+    rank = max(1, math.ceil(fraction * len(values)))
+    return values[rank - 1]
+
+
+@dataclass(frozen=True)
 class Overview:
     """Everything the page shows; `messages_per_day` maps a chat's label to its message count per UTC day."""
 
@@ -86,6 +134,9 @@ class Overview:
     running: RunningRun | None
     days: tuple[date, ...]
     messages_per_day: Mapping[str, Mapping[date, int]] = field(default_factory=dict)
+    gate_scores: tuple[GateScore, ...] = ()
+    """Oldest first."""
+    replies: ReplyStats | None = None
 
 
 async def load_overview(db: Database, *, now: datetime, days: int) -> Overview:
@@ -96,6 +147,7 @@ async def load_overview(db: Database, *, now: datetime, days: int) -> Overview:
         active = await get_active_version(session)
         runs = await _recent_runs(session)
         per_day = await messages_per_day(session, since=first_day)
+        replies = await reply_stats(session, now=now)
     return Overview(
         active=_version_row(active) if active is not None else None,
         versions=versions,
@@ -104,6 +156,8 @@ async def load_overview(db: Database, *, now: datetime, days: int) -> Overview:
         running=_running(runs),
         days=tuple(first_day + timedelta(days=offset) for offset in range(days)),
         messages_per_day=per_day,
+        gate_scores=tuple(reversed([score for run in runs if (score := _gate_score(run)) is not None])),
+        replies=replies,
     )
 
 
@@ -147,6 +201,24 @@ def _last_curve(runs: Sequence[TrainingRun]) -> RunCurve | None:
                 _finite(metrics.get("eval_loss")),
             )
     return None
+
+
+def _gate_score(run: TrainingRun) -> GateScore | None:
+    """A scored run's comparison (promoted or rejected; failed runs were never scored)."""
+    metrics = run.metrics or {}
+    new_loss = _finite(metrics.get("eval_loss"))
+    if run.status not in {RunStatus.PROMOTED, RunStatus.REJECTED} or new_loss is None:
+        return None
+    version = metrics.get("version")
+    return GateScore(
+        run.id,
+        run.status,
+        version if isinstance(version, str) else None,
+        run.finished_at,
+        _finite(metrics.get("active_eval_loss")),
+        new_loss,
+        _count(metrics.get("eval_samples")),
+    )
 
 
 def _last_exclusions(runs: Sequence[TrainingRun]) -> Exclusions | None:
@@ -197,3 +269,30 @@ async def messages_per_day(session: AsyncSession, *, since: date) -> dict[str, d
     for chat, when, count in await session.execute(query):
         counts[chat][when if isinstance(when, date) else date.fromisoformat(str(when))] = int(count)
     return dict(counts)
+
+
+async def reply_stats(session: AsyncSession, *, now: datetime, days: int = REPLY_DAYS) -> ReplyStats:
+    """The model's replies (bot messages answering a logged message, not commands' answers, not failed sends)
+    logged in the `days` days up to `now`, with the time since the message each answers was logged."""
+    first_hour = (now - timedelta(days=days)).replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+    incoming = aliased(Message)
+    query = (
+        select(Message.created_at, incoming.created_at)
+        .join(incoming, Message.reply_to_id == incoming.id)
+        .where(
+            Message.role == Role.BOT,
+            Message.is_command.is_(False),
+            Message.delivery.is_distinct_from(Delivery.FAILED),
+            Message.created_at >= first_hour,
+            Message.created_at <= now,
+        )
+    )
+    hours = tuple(first_hour + timedelta(hours=offset) for offset in range(days * 24))
+    counts = dict.fromkeys(hours, 0)
+    latency: dict[date, list[float]] = defaultdict(list)
+    for replied_at, asked_at in await session.execute(query):
+        hour = replied_at.replace(minute=0, second=0, microsecond=0)
+        if hour in counts:
+            counts[hour] += 1
+        latency[replied_at.date()].append(max(0.0, (replied_at - asked_at).total_seconds()))
+    return ReplyStats(hours, tuple(counts[hour] for hour in hours), {day: sorted(v) for day, v in latency.items()})

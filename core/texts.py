@@ -513,6 +513,29 @@ DASHBOARD_AXIS_TRAIN_LOSS = N_("training loss")
 DASHBOARD_AXIS_DAY = N_("day (UTC)")
 DASHBOARD_AXIS_MESSAGES = N_("messages")
 DASHBOARD_OTHER_CHATS = N_("other chats")
+DASHBOARD_GATE_PLOT = N_("What each training run's promotion gate compared")
+DASHBOARD_GATE_NOTE = N_(
+    "Each run scores the version it started from and its new version on the same held-out conversations, its own: "
+    "compare the two points of one run, not points of different runs."
+)
+DASHBOARD_VERSIONS_NOTE = N_(
+    "A version's held-out loss was measured on the held-out conversations of the run that trained it, so the "
+    "losses of different versions do not compare; the plot above shows what each promotion compared."
+)
+DASHBOARD_AXIS_RUN = N_("training run")
+DASHBOARD_AXIS_GATE_LOSS = N_("held-out loss (that run's samples)")
+DASHBOARD_LEGEND_STARTED_FROM = N_("the version it started from")
+DASHBOARD_LEGEND_PROMOTED = N_("new version, promoted")
+DASHBOARD_LEGEND_REJECTED = N_("new version, rejected")
+DASHBOARD_ONE_STEP = N_("one logged step: not a curve yet")
+DASHBOARD_REPLIES_PLOT = N_("Replies per hour")
+DASHBOARD_LATENCY_PLOT = N_("Reply latency per day")
+DASHBOARD_AXIS_HOUR = N_("hour (UTC)")
+DASHBOARD_AXIS_REPLIES = N_("replies")
+DASHBOARD_AXIS_SECONDS = N_("seconds")
+DASHBOARD_LEGEND_P50 = N_("median (p50)")
+DASHBOARD_LEGEND_P95 = N_("p95")
+DASHBOARD_NO_REPLIES = N_("no replies in this window")
 _EXCLUSION_REASONS = dict(  # keywords: the reason names are not texts
     command=N_("commands and /reset"),
     opted_out=N_("from people who sent /optout"),
@@ -525,13 +548,37 @@ _EXCLUSION_REASONS = dict(  # keywords: the reason names are not texts
     bot_reply_context_only=N_("bot replies (context only)"),
     blocklisted_context_only=N_("TRAIN_BLOCKLIST matches (context only)"),
     repetitive_context_only=N_("repetitive lines (context only)"),
+    near_duplicate_target=N_("near-duplicates of a line already kept"),
+    user_share_cap=N_("over one person's share of the data (TRAIN_USER_SHARE_CAP)"),
 )
 """What each reason counted by `trainer.dataset` means."""
 
 
 def dashboard_exclusion_reason(reason: str) -> str:
-    """A reason `trainer.dataset` counted, in words; one not listed in `_EXCLUSION_REASONS` is shown by its name."""
-    return _(_EXCLUSION_REASONS[reason]) if reason in _EXCLUSION_REASONS else reason
+    """A reason `trainer.dataset` counted, in words; one not listed in `_EXCLUSION_REASONS` (a newer trainer's)
+    is shown by its name, in words rather than as a key."""
+    return _(_EXCLUSION_REASONS[reason]) if reason in _EXCLUSION_REASONS else reason.replace("_", " ")
+
+
+_DASHBOARD_VERSION_STATUS_WORDS = {**_VERSION_STATUS_WORDS, VersionStatus.ROLLED_BACK: N_("rolled back")}
+"""The dashboard words a version's state for people (the shell shows the database's names)."""
+
+
+def dashboard_version_status(status: VersionStatus) -> str:
+    return _(_DASHBOARD_VERSION_STATUS_WORDS[status])
+
+
+def dashboard_replies_caption(days: int, total: int, p50: float | None, p95: float | None) -> str:
+    """What the replies and latency plots sum up: the model's replies over the window, and how long they took."""
+    text = ngettext(
+        "{count} reply by the model in the last {days} days", "{count} replies by the model in the last {days} days",
+        total,
+    ).format(count=total, days=days)  # fmt: skip
+    if p50 is None or p95 is None:
+        return text + "."
+    return text + _("; from message to reply, half took {p50} s or less, 95% took {p95} s or less.").format(
+        p50=f"{p50:.1f}", p95=f"{p95:.1f}"
+    )
 
 
 def dashboard_active(name: str | None, base_model: str) -> str:
@@ -587,27 +634,34 @@ def starter_built(
     *,
     eval_loss: float | None,
     steps: int,
-    evaluations: int,
     recipe_steps: int | None,
     budget_minutes: float | None,
+    best_step: int | None,
     activated: bool,
 ) -> str:
-    """What `magpie bootstrap` saved, how good it is, and whether a longer budget would train more."""
-    if evaluations > 1:
-        kept = _("the best of {evaluations} checkpoints over {steps} training steps")
+    """The one plain line that ends a starter build: what was built, how much of the recipe fitted, the held-out
+    perplexity of the checkpoint kept (the best one, the one registered), and how to build a better one."""
+    where = _("now the active model") if activated else _("not active: magpie models activate {name}")
+    built = _("Built {name} in {path} ({where}).").format(name=name, path=path, where=where.format(name=name))
+    cut = recipe_steps is not None and budget_minutes is not None and steps < recipe_steps
+    if cut:
+        fitted = _("It trained {steps} of the recipe's {recipe_steps} steps in a {budget:g}-minute budget").format(
+            steps=steps, recipe_steps=recipe_steps, budget=budget_minutes
+        )
     else:
-        kept = _("after {steps} training steps")
-    kept = kept.format(evaluations=evaluations, steps=steps)
-    if eval_loss is not None:
-        saved = _("Saved {name} to {path} (held-out perplexity {perplexity}; {kept}).")
+        fitted = _("It trained the whole recipe ({steps} steps)").format(steps=steps)
+    if eval_loss is None:
+        score = _("no held-out score")
+    elif best_step is not None:
+        score = _("held-out perplexity {perplexity} (its best checkpoint, step {step})").format(
+            perplexity=_ppl(eval_loss), step=best_step
+        )
     else:
-        saved = _("Saved {name} to {path} (no held-out score; {kept}).")
-    text = saved.format(name=name, path=path, perplexity=_ppl(eval_loss) if eval_loss is not None else "", kept=kept)
-    if recipe_steps is not None and budget_minutes is not None and steps < recipe_steps:
-        text += _(
-            " The {budget:g}-minute budget fitted {steps} of the recipe's {recipe_steps} steps on this machine; a "
-            "longer `magpie bootstrap --minutes N` trains more of them (0 = all)."
-        ).format(budget=budget_minutes, steps=steps, recipe_steps=recipe_steps)
-    if activated:
-        return text + _(" It is now the active model.")
-    return text + _(" Another version is active; `magpie models activate {name}` switches to it.").format(name=name)
+        score = _("held-out perplexity {perplexity}").format(perplexity=_ppl(eval_loss))
+    if cut:
+        assert recipe_steps is not None and budget_minutes is not None
+        minutes = math.ceil(budget_minutes * recipe_steps / max(steps, 1))
+        better = _("For a better one: magpie bootstrap --minutes {minutes}").format(minutes=minutes)
+    else:
+        better = _("It gets better from your own chats: retrain once people have talked to it (/retrain)")
+    return f"{built} {fitted}; {score}. {better}."

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import re
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import huggingface_hub
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as transformers_logging
 
 from core.db import Database
 from core.dialogue import Turn
 from core.engine import Engine
+from core.metrics import perplexity_text
 from core.models import VersionStatus
-from core.serving import ModelServing
+from core.serving import ModelServing, quiet_model_progress_bars
 from core.settings import Settings
 from core.versions import get_active_version, list_versions
 from trainer.bootstrap import StarterVersion, bootstrap, starter_arguments
@@ -119,3 +124,68 @@ def test_the_starter_recipe_takes_device_and_precision_from_the_settings() -> No
     args = starter_arguments(settings)
     assert (args.device, args.precision, args.resolved_bf16()) == ("cpu", "bf16", True)
     assert (args.learning_rate, args.epochs, args.batch_size) == (1e-3, 10, 4)  # its own recipe, not fine-tuning's
+
+
+class TickingClock:
+    """One second per reading: the budget's measurements, and so the schedule, are the same on any machine."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+async def test_the_builds_output_keeps_logs_above_the_bar_and_ends_with_one_plain_line(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What an operator sees in the terminal, captured from a real (tiny) build cut by a one-minute budget: the
+    trainer's INFO lines each start a line of their own above the bar (never inside it), the bar shows percent
+    and time without a rate whose unit flips, and the last line says what was built, how much of the recipe
+    fitted, the held-out perplexity of the checkpoint kept (the best one the log showed) and how to do better."""
+    from bot import cli_training
+    from trainer import bootstrap as bootstrap_module
+
+    settings = Settings(_env_file=None, models_dir=tmp_path / "models", train_precision="fp32")  # type: ignore[call-arg]
+    overfitting = replace(quick(settings), epochs=40, learning_rate=1e-2)
+
+    async def tiny(settings: Settings, db: Database, *, progress: object, minutes: float) -> StarterVersion:
+        return await bootstrap(
+            settings, db, progress=progress, minutes=minutes, shape=TINY_SHAPE, max_dialogues=80,  # type: ignore[arg-type]
+            arguments=overfitting, name="starter-t", clock=TickingClock(),
+        )  # fmt: skip
+
+    monkeypatch.setattr(bootstrap_module, "bootstrap", tiny)
+    terminal = logging.StreamHandler(sys.stderr)  # as `magpie` configures it (bot.cli.configure_logging)
+    terminal.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "level", logging.INFO)
+    root.addHandler(terminal)
+    quiet_model_progress_bars()  # as `magpie` does: transformers' own bars ("Loading weights") stay off
+    try:
+        starter = await cli_training.build_starter(settings, db, minutes=1, report=sys.stdout)
+    finally:
+        root.removeHandler(terminal)
+        transformers_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
+    out, err = capsys.readouterr()
+
+    logged = [line.rsplit("\r", 1)[-1] for line in err.split("\n") if " INFO " in line]
+    assert any("trainer.train: step" in line for line in logged), "the trainer logged while the bar showed"
+    for line in logged:
+        assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO ", line), f"a log line broke into the bar: {line!r}"
+    assert "Starter model: 100%|" in err
+    assert not re.search(r"it/s|s/it|%/s|s/%", err), "no rate, so no unit that flips"
+
+    evaluated = dict(starter.metrics["eval_loss_by_step"])
+    best = min(evaluated, key=evaluated.__getitem__)
+    assert starter.metrics["eval_loss"] == pytest.approx(evaluated[best]), "the kept checkpoint is the best logged"
+    schedule = starter.metrics["schedule"]
+    assert schedule["max_steps"] < schedule["recipe_steps"]
+    assert out.splitlines()[-1] == (
+        f"Built starter-t in {starter.path} (now the active model). It trained {starter.metrics['steps']} of the "
+        f"recipe's {schedule['recipe_steps']} steps in a 1-minute budget; held-out perplexity "
+        f"{perplexity_text(evaluated[best])} (its best checkpoint, step {best}). "
+        f"For a better one: magpie bootstrap --minutes "
+        f"{math.ceil(schedule['recipe_steps'] / starter.metrics['steps'])}."
+    )

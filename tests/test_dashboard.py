@@ -13,7 +13,7 @@ import pytest
 from pydantic import SecretStr
 
 from bot.dashboard_auth import SESSION_TTL, Sessions
-from core.dashboard_data import load_overview
+from core.dashboard_data import load_overview, percentile
 from core.db import Database
 from core.errors import ConfigError
 from core.models import RunStatus, TrainingRun
@@ -23,13 +23,17 @@ from core.versions import get_active_version, get_version
 from tests.dashboard_support import (
     CURVE,
     EXCLUDED,
+    GATES,
     MESSAGES_PER_DAY,
     NOW,
     PREFIX,
+    REPLIES,
+    REPLY_CHAT,
     TOKEN,
     VERSIONS,
     dashboard_app,
     dashboard_settings,
+    reply_chat_per_day,
     seed_history,
     serve,
 )
@@ -139,7 +143,13 @@ async def test_the_page_shows_versions_plots_and_what_the_data_left_out(
         assert re.search(rf'id="excluded-{reason}"><td>[^<]+</td><td class="num">{count}<', page)
     buttons = set(re.findall(r'id="rollback-(v\d)"', page))
     assert buttons == {"v1", "v2", "v4"}, "back only to versions that served well (not rolled back, not rejected)"
-    for plot in ("eval-loss", "loss-curve", "messages"):
+    visible = re.sub(r"<[^>]+>", " ", page.split("<body>", 1)[1])
+    assert not re.findall(r"\b[a-z]+(?:_[a-z]+)+\b", visible), "no raw keys (rolled_back, user_share_cap, …)"
+    assert "`" not in visible and "rolled back" in visible
+    assert "over one person&#39;s share of the data (TRAIN_USER_SHARE_CAP)" in page
+    assert "compare the two points of one run, not points of different runs" in page
+    assert re.search(r'id="replies-summary">\d+ replies by the model in the last 7 days; from message to reply', page)
+    for plot in ("gate", "loss-curve", "messages", "replies", "latency"):
         async with http.get(f"{base_url}/plots/{plot}.svg") as response:
             assert response.status == 200 and response.content_type == "image/svg+xml"
             assert b"<svg" in await response.read()
@@ -241,7 +251,16 @@ async def test_the_overview_counts_messages_per_utc_day_per_chat(db: Database, t
         chat: {(NOW - timedelta(days=ago)).date(): count for ago, count in days.items()}
         for chat, days in MESSAGES_PER_DAY.items()
     }
+    expected[REPLY_CHAT] = reply_chat_per_day()
     assert overview.messages_per_day == expected, "the 90-day-old message is outside the window"
+    gates = [(g.version, g.active_loss, g.new_loss, g.status) for g in overview.gate_scores]
+    promoted = [(name, before, after, RunStatus.PROMOTED) for name, before, after in GATES]
+    assert gates == [*promoted, ("v6", 3.04, 3.31, RunStatus.REJECTED)], "what each gate compared, oldest first"
+    replies = overview.replies
+    assert replies is not None and len(replies.hours) == 7 * 24 and replies.hours[-1] == NOW, "to the hour now is in"
+    assert replies.total == len(REPLIES), "not a command's answer, a failed send, or one older than 7 days"
+    assert replies.latencies == sorted(latency for _hours, latency in REPLIES)
+    assert percentile(replies.latencies, 0.5) == sorted(latency for _h, latency in REPLIES)[len(REPLIES) // 2]
     assert len(overview.days) == 30 and overview.days[-1] == NOW.date()
     assert overview.active is not None and overview.active.name == "v5"
     assert [v.name for v in overview.versions] == [name for name, _, _ in reversed(VERSIONS)]

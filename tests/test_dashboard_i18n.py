@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 import matplotlib
 import pytest
+from matplotlib.figure import Figure
 
 from bot import dashboard_plots
 from core.dashboard_data import Overview, load_overview
@@ -70,7 +71,15 @@ async def test_a_korean_browser_reads_the_page_its_refusals_and_its_answers_in_k
             assert response.status == 200
             page = await response.text()
         assert '<html lang="ko">' in page and "<title>Magpie 대시보드</title>" in page
-        for words in ("<h2>활성 모델</h2>", "<th>평가 손실</th>", ">이전 버전으로 롤백<", "버전별 평가 손실"):
+        for words in (
+            "<h2>활성 모델</h2>",
+            "<th>평가 손실</th>",
+            ">이전 버전으로 롤백<",
+            "승격 심사가 비교한 것",
+            "한 사람의 데이터 몫을 넘는 것(TRAIN_USER_SHARE_CAP)",
+            "시간당 답장 수",
+            "모델이 보낸 답장",
+        ):
             assert words in page
         assert re.search(r'id="version-v5">\s*<td>v5</td><td class="status">활성</td>', page)
         assert re.search(r'id="excluded-command"><td>명령과 /reset</td><td class="num">37<', page)
@@ -98,7 +107,7 @@ async def test_without_a_hangul_font_the_plots_stay_english(base_url: str, monke
     drawn: dict[str, bytes] = {}
     with matplotlib.rc_context({"svg.hashsalt": "magpie"}):  # element ids from the content, not at random
         for name, headers in (("ko", KOREAN_BROWSER), ("en", ENGLISH_BROWSER)):
-            async with _browser(headers | BEARER) as browser, browser.get(f"{base_url}/plots/eval-loss.svg") as r:
+            async with _browser(headers | BEARER) as browser, browser.get(f"{base_url}/plots/gate.svg") as r:
                 assert r.status == 200 and r.headers["Content-Language"] == name
                 drawn[name] = await r.read()
     assert drawn["ko"] == drawn["en"]
@@ -109,16 +118,18 @@ async def test_with_a_hangul_font_plots_are_drawn_in_the_language_spoken(
 ) -> None:
     overview = await load_overview(db, now=NOW, days=1)
 
-    def language_and_fonts(_overview: Overview) -> bytes:
-        return f"{current_language()} {matplotlib.rcParams['font.family']}".encode()
+    seen: list[str] = []
+
+    def language_and_fonts(_overview: Overview) -> Figure:
+        seen.append(f"{current_language()} {matplotlib.rcParams['font.family']}")
+        return Figure()
 
     with speaking("ko"):  # the page's worker thread keeps the request's language
         monkeypatch.setattr(dashboard_plots, "hangul_font", lambda: "NanumGothic")
-        drawn = await asyncio.to_thread(dashboard_plots.drawn, language_and_fonts, overview)
-        assert drawn == b"ko ['DejaVu Sans', 'NanumGothic']"
+        await asyncio.to_thread(dashboard_plots.drawn, language_and_fonts, overview)
         monkeypatch.setattr(dashboard_plots, "hangul_font", lambda: None)
-        drawn = await asyncio.to_thread(dashboard_plots.drawn, language_and_fonts, overview)
-        assert drawn == b"en ['sans-serif']"
+        await asyncio.to_thread(dashboard_plots.drawn, language_and_fonts, overview)
+    assert seen == ["ko ['DejaVu Sans', 'NanumGothic']", "en ['sans-serif']"]
 
 
 def test_the_hangul_font_is_the_first_installed_one(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -133,23 +133,29 @@ def test_magpie_bootstrap_refuses_a_budget_that_is_not_minutes(bad: str, capsys:
     assert "--minutes" in capsys.readouterr().err
 
 
-def test_the_report_says_what_the_budget_left_out() -> None:
+def test_the_report_is_one_line_saying_what_fitted_how_good_and_how_to_do_better() -> None:
     cut = starter_built(
-        "starter-1", "/m/starter-1", eval_loss=5.0, steps=90, evaluations=3, recipe_steps=300, budget_minutes=5,
+        "starter-1", "/m/starter-1", eval_loss=5.0, steps=38, recipe_steps=300, budget_minutes=5, best_step=35,
         activated=True,
     )  # fmt: skip
-    assert "perplexity 148.4; the best of 3 checkpoints over 90 training steps" in cut
-    assert "90 of the recipe's 300 steps" in cut and "--minutes" in cut and "active model" in cut
+    assert cut == (
+        "Built starter-1 in /m/starter-1 (now the active model). It trained 38 of the recipe's 300 steps in a "
+        "5-minute budget; held-out perplexity 148.4 (its best checkpoint, step 35). "
+        "For a better one: magpie bootstrap --minutes 40."
+    )
     whole = starter_built(
-        "starter-2", "/m/starter-2", eval_loss=4.7, steps=300, evaluations=10, recipe_steps=300, budget_minutes=5,
+        "starter-2", "/m/starter-2", eval_loss=4.7, steps=300, recipe_steps=300, budget_minutes=5, best_step=300,
         activated=False,
     )  # fmt: skip
-    assert "--minutes" not in whole and "models activate starter-2" in whole
+    assert "--minutes" not in whole and "not active: magpie models activate starter-2" in whole
+    assert "the whole recipe (300 steps)" in whole and "/retrain" in whole
     unscored = starter_built(
-        "starter-3", "/m/starter-3", eval_loss=7.3, steps=10, evaluations=0, recipe_steps=300, budget_minutes=5,
+        "starter-3", "/m/starter-3", eval_loss=7.3, steps=10, recipe_steps=300, budget_minutes=5, best_step=None,
         activated=True,
     )  # fmt: skip
-    assert "perplexity 1480.3; after 10 training steps" in unscored
+    assert "held-out perplexity 1480.3. For a better one: magpie bootstrap --minutes 150." in unscored
+    for line in (cut, whole, unscored):
+        assert "\n" not in line and "`" not in line, "one plain line"
 
 
 def test_the_budget_setting_defaults_to_five_minutes() -> None:

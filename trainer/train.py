@@ -415,7 +415,7 @@ def build_trainer(
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
     if progress is not None:
         callbacks.append(ReportProgress(progress))
-    trainer = Trainer(
+    trainer = GateScoredTrainer(
         model=model,
         args=training_arguments(args, checkpoints, train_rows=len(train_features), with_eval=with_eval),
         data_collator=PadCollator(_pad_id(tokenizer)),
@@ -428,6 +428,28 @@ def build_trainer(
     return trainer
 
 
+class GateScoredTrainer(Trainer):
+    """A Trainer whose evaluations score the held-out samples as the promotion gate and the final report do
+    (`features_loss`: token-weighted, each sample on its own), not as the mean of per-batch means. So the losses
+    logged while training, the checkpoint kept as the best, and the loss recorded for the kept model are one
+    measure: the best loss the log shows is the one the version is registered with."""
+
+    def evaluate(
+        self,
+        eval_dataset: Any = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        features = self.eval_dataset if eval_dataset is None else eval_dataset
+        assert isinstance(self.model, PreTrainedModel) and isinstance(features, list)  # as `build_trainer` made them
+        pad_token_id = self.data_collator.pad_token_id  # type: ignore[union-attr]
+        loss = features_loss(self.model, features, pad_token_id=pad_token_id, batch_size=self.args.eval_batch_size)
+        metrics = {f"{metric_key_prefix}_loss": loss if loss is not None else math.nan}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
 def mean_loss(
     model: PreTrainedModel, encoded: Sequence[Encoded], *, pad_token_id: int, batch_size: int = 8
 ) -> float | None:
@@ -435,10 +457,17 @@ def mean_loss(
 
     None when there is nothing to score. Samples are batched by length so little compute goes to padding.
     """
-    if not encoded:
+    return features_loss(model, unpacked(encoded), pad_token_id=pad_token_id, batch_size=batch_size)
+
+
+def features_loss(
+    model: PreTrainedModel, features: Sequence[Features], *, pad_token_id: int, batch_size: int = 8
+) -> float | None:
+    """`mean_loss` over feature rows (one per sample)."""
+    if not features:
         return None
     collate = PadCollator(pad_token_id)
-    ordered = sorted(unpacked(encoded), key=lambda f: len(f["input_ids"]))
+    ordered = sorted(features, key=lambda f: len(f["input_ids"]))
     device = next(model.parameters()).device
     total, count = 0.0, 0
     model.train(False)
