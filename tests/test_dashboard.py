@@ -3,6 +3,7 @@ the plots, and the retrain and rollback buttons going through the same paths as 
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -13,12 +14,16 @@ import pytest
 from pydantic import SecretStr
 
 from bot.dashboard_auth import SESSION_TTL, Sessions
+from bot.http_server import HttpServer, build_http_app
 from core.dashboard_data import load_overview, percentile
 from core.db import Database
+from core.engine import Engine
 from core.errors import ConfigError
+from core.health import HealthCheck
 from core.models import RunStatus, TrainingRun
 from core.serving import ModelServing
 from core.settings import Settings, load_settings
+from core.telemetry import Telemetry
 from core.versions import get_active_version, get_version
 from tests.dashboard_support import (
     CURVE,
@@ -291,3 +296,20 @@ def test_a_login_session_expires() -> None:
     now[0] = NOW + SESSION_TTL
     assert sessions.get(session_id) is None
     assert not sessions.bearer_matches(f"Basic {TOKEN}") and sessions.bearer_matches(f"Bearer {TOKEN}")
+
+
+async def test_the_start_up_log_names_the_dashboards_url(
+    db: Database, settings: Settings, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator learns where the dashboard is from the log, as the bot's HTTP server mounts it."""
+    dashboard = dashboard_app(settings, db, ModelServing(settings=settings, db=db))
+    app = build_http_app(health=HealthCheck(db=db, engine=engine), telemetry=Telemetry(), extra={PREFIX: dashboard})
+    server = HttpServer(app, host="127.0.0.1", port=0)
+    with caplog.at_level(logging.INFO, logger="bot.http_server"):
+        await server.start()
+    try:
+        assert f"Dashboard on http://127.0.0.1:{server.port}{PREFIX}/" in caplog.messages
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{server.port}{PREFIX}/") as response:
+            assert response.status == 401, "that URL is the dashboard's login"
+    finally:
+        await server.stop()
