@@ -28,6 +28,7 @@ from matplotlib import dates as mdates
 from matplotlib import font_manager, rc_context
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from core import texts
 from core.dashboard_data import GateScore, Overview, ReplyStats, RunCurve, percentile
@@ -153,6 +154,7 @@ def messages_figure(days: Sequence[date], per_chat: Mapping[str, Mapping[date, i
         below = [low + height for low, height in zip(below, heights, strict=True)]
     _date_axis(axes, _(texts.DASHBOARD_AXIS_DAY), *_day_window(days))
     axes.set_ylim(0, max(below) * 1.1 + 0.5)  # headroom above the busiest day
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: no 0.5 of a message
     axes.set_ylabel(_(texts.DASHBOARD_AXIS_MESSAGES))
     axes.legend(fontsize=7, loc="upper left")
     return figure
@@ -175,6 +177,7 @@ def replies_figure(replies: ReplyStats | None) -> Figure:
     axes.bar(centres, replies.per_hour, width=1 / 24 * 0.9, color="#1c7ed6")
     _date_axis(axes, _(texts.DASHBOARD_AXIS_HOUR), replies.hours[0], replies.hours[-1] + timedelta(hours=1))
     axes.set_ylim(0, max(replies.per_hour) * 1.1 + 0.5)
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel(_(texts.DASHBOARD_AXIS_REPLIES))
     return figure
 
@@ -190,7 +193,7 @@ def latency_figure(replies: ReplyStats | None) -> Figure:
     for fraction, colour, label in ((0.5, "#1c7ed6", texts.DASHBOARD_LEGEND_P50),
                                     (0.95, "#e8590c", texts.DASHBOARD_LEGEND_P95)):  # fmt: skip
         values = [percentile(replies.latency_by_day[day], fraction) or 0.0 for day in days]
-        axes.plot(xs, values, marker="o", color=colour, label=_(label))
+        axes.plot(xs, values, marker="o", color=colour, label=_(label), zorder=3 if fraction == 0.5 else 2)
     first = replies.hours[0].date()
     _date_axis(axes, _(texts.DASHBOARD_AXIS_DAY), *_day_window([first, replies.hours[-1].date()]))
     axes.set_ylim(bottom=0)
