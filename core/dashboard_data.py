@@ -2,8 +2,11 @@
 
 The web page (`bot.dashboard`) lives in `bot/`, which runs no SQL; these queries live here. Nothing is computed
 twice: versions and the active one come from the registry (`core.versions`), perplexity from `core.metrics`, and a
-run's loss curve and its training-data exclusion counts are what the trainer recorded in the run's row
-(`trainer.retrain`: `metrics["loss_curve"]`, and `metrics["excluded"]` from `trainer.dataset`'s report).
+run's loss curve, what its promotion gate compared and its training-data exclusion counts are what the trainer
+recorded in the run's row (`trainer.retrain`: `metrics["loss_curve"]`, `metrics["active_eval_loss"]` beside
+`metrics["eval_loss"]`, and `metrics["excluded"]` from `trainer.dataset`'s report). Reply counts and latencies come
+from the chat log: a reply row points at the message it answers (`reply_to_id`), and both carry when they were
+logged.
 """
 
 from __future__ import annotations

@@ -91,6 +91,7 @@ async def test_a_korean_browser_reads_the_page_its_refusals_and_its_answers_in_k
             assert "v4(으)로 바꿨어요. v5은(는) 롤백됨으로 표시했어요." in await response.text()
         async with browser.post(f"{base_url}/retrain", headers=BEARER) as response:
             assert await response.text() == "이 설정에서는 재학습을 할 수 없어요."
+            assert response.status == 501, 'a script tells "not in this setup" from success'
 
 
 async def test_a_browser_that_prefers_english_reads_no_korean(base_url: str) -> None:
