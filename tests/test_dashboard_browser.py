@@ -205,6 +205,8 @@ def _page_and_plots(driver: Any, url: str, screenshot: Path) -> tuple[dict[str, 
     _log_in(driver, url)
     sizes = _plot_sizes(driver)
     driver.save_screenshot(str(screenshot))
+    shown = str(driver.find_element(By.TAG_NAME, "body").text)
+    assert "`" not in shown and not re.search(r"\b[a-z]+(?:_[a-z]+)+\b", shown), "commands as code, no raw keys"
     sources = {
         image.get_attribute("id"): image.get_attribute("src")
         for image in driver.find_elements(By.CSS_SELECTOR, "#plots img")
