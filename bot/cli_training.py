@@ -140,11 +140,18 @@ def logs_above_the_bar() -> Iterator[None]:
     """Log lines meant for the terminal are written above a progress bar instead of into it (tqdm clears the bar,
     writes the line, draws the bar again). Only handlers that write to the terminal are swapped, for as long as
     the bar shows; with none (a log file, tests' capture) nothing changes."""
-    if not any(_writes_to_terminal(handler) for handler in logging.getLogger().handlers):
+    loggers = _terminal_loggers()
+    if not loggers:
         yield
         return
-    with logging_redirect_tqdm():
+    with logging_redirect_tqdm(loggers):
         yield
+
+
+def _terminal_loggers() -> list[logging.Logger]:
+    """The root logger and any with a terminal handler of its own (transformers' warnings have one)."""
+    named = (logger for logger in logging.Logger.manager.loggerDict.values() if isinstance(logger, logging.Logger))
+    return [logger for logger in (logging.getLogger(), *named) if any(map(_writes_to_terminal, logger.handlers))]
 
 
 def _writes_to_terminal(handler: logging.Handler) -> bool:

@@ -170,10 +170,14 @@ async def test_the_builds_output_keeps_logs_above_the_bar_and_ends_with_one_plai
         transformers_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
     out, err = capsys.readouterr()
 
-    logged = [line.rsplit("\r", 1)[-1] for line in err.split("\n") if " INFO " in line]
+    shown = [line.rsplit("\r", 1)[-1] for line in err.split("\n")]  # what each terminal line ends up showing
+    logged = [line for line in shown if " INFO " in line]
     assert any("trainer.train: step" in line for line in logged), "the trainer logged while the bar showed"
     for line in logged:
         assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO ", line), f"a log line broke into the bar: {line!r}"
+    for line in shown:
+        bar = line.startswith("Starter model:")
+        assert (bar and line.endswith(" left")) or (not bar and "%|" not in line), f"bar and text mixed: {line!r}"
     assert "Starter model: 100%|" in err
     assert not re.search(r"it/s|s/it|%/s|s/%", err), "no rate, so no unit that flips"
 
