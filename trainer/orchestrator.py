@@ -20,7 +20,8 @@ What happens to a run:
 they left (`trainer.runs.settle_running`). A run past RETRAIN_TIMEOUT_MINUTES is stopped and failed: the one this
 process follows by its watchdog, one of another process when a new run is asked for or at start. A run rejected
 because its training data was deleted or withdrawn while it trained (`/forget`, `/optout`) is followed by one new
-run, whatever the cooldown. The periodic schedule is a loop around `trainer.schedule.retrain_due`. Results are
+run, whatever the cooldown; a run that failed before it trained (too little data, no process) starts none
+(`trainer.runs.BEFORE_TRAINING`). The periodic schedule is a loop around `trainer.schedule.retrain_due`. Results are
 typed (`core.outcomes`); `core.texts` words them, and the orchestrator sends those words to the requester's chat
 (`core.messages.Notifier`).
 """
