@@ -116,7 +116,8 @@ async def _db_upgrade(settings: Settings, quiet: bool) -> None:
 
 
 def _backends(settings: Settings, service: ChatService, telemetry: Telemetry) -> list[Backend]:
-    """The platforms that have tokens, sharing one service (engine and database); the console when none has."""
+    """The platforms that have tokens, sharing one service (engine and database); the console when none has,
+    unless CONSOLE=off (then none at all: the process serves HTTP until a signal)."""
     backends: list[Backend] = []
     # Imported only when configured: each platform library costs start-up time the console should not pay.
     if settings.telegram_bot_token is not None:
@@ -127,7 +128,7 @@ def _backends(settings: Settings, service: ChatService, telemetry: Telemetry) ->
         from bot.discord_bot import DiscordBackend
 
         backends.append(DiscordBackend(settings=settings, handler=service, telemetry=telemetry))
-    if not backends:
+    if not backends and settings.console == "auto":
         exports = Path("data") / "exports"
         grace = settings.shutdown_grace_seconds
         console = ConsoleBackend(
@@ -145,7 +146,7 @@ def _backends(settings: Settings, service: ChatService, telemetry: Telemetry) ->
 def _http_server(
     settings: Settings, health: HealthCheck, telemetry: Telemetry, extra: Mapping[str, web.Application] | None = None
 ) -> HttpServer | None:
-    """The server on HTTP_LISTEN (None when it is empty): /healthz, /metrics, and `extra`'s sub-apps by prefix."""
+    """The server on HTTP_LISTEN (None when it is off): /healthz, /metrics, and `extra`'s sub-apps by prefix."""
     address = settings.http_address
     if address is None:
         return None
