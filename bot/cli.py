@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -375,7 +376,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Runs one command; its exit status is returned (for `sys.exit`)."""
+    try:
+        return _command(build_parser().parse_args(argv))
+    finally:
+        # The interpreter's last garbage collection walks every object torch and transformers made (seconds on a
+        # busy machine after Ctrl-C); nothing is left to collect at exit, so it is skipped: the process then ends
+        # as soon as the command has.
+        gc.freeze()
+
+
+def _command(args: argparse.Namespace) -> int:
     try:
         settings = load_settings()
         configure_logging(settings)

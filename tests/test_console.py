@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pty
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from core.db import Database
 from core.models import Message, Role
 
 ROOT = Path(__file__).resolve().parent.parent
+STARTUP_S = 120.0
+STOP_S = 5.0
+"""Ctrl-C must end the console in a second or two (0.6 s measured with a load average of 13 on 2 cores); the bound
+is wider for a busier test machine. It used to hang until another line was typed."""
 
 
 def _env(database_url: str, model_dir: Path, tmp_path: Path) -> dict[str, str]:
@@ -95,3 +103,68 @@ def test_run_refuses_an_unmigrated_database_with_a_hint(tiny_model_dir: Path, tm
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("magpie:")]
     assert len(errors) == 1 and "magpie db upgrade" in errors[0]
+
+
+class Terminal:
+    """A pseudo-terminal for `magpie run`: what a person at a keyboard gives it (the console is then interactive,
+    with its `you> ` prompt saying it waits for input). Its screen is read as the event loop sees output arrive."""
+
+    def __init__(self) -> None:
+        self.master, self.slave = pty.openpty()
+        self.screen = b""
+        self._changed = asyncio.Event()
+        asyncio.get_running_loop().add_reader(self.master, self._read)
+
+    def _read(self) -> None:
+        try:
+            self.screen += os.read(self.master, 4096)
+        except OSError:  # EIO: the program closed the terminal
+            asyncio.get_running_loop().remove_reader(self.master)
+        self._changed.set()
+
+    def type(self, text: str) -> None:
+        os.write(self.master, text.encode())
+
+    async def shows(self, text: str, *, within: float = STARTUP_S) -> None:
+        """Waits until `text` appears on the screen after what was already read, then forgets what came before."""
+        async with asyncio.timeout(within):
+            while text.encode() not in self.screen:
+                self._changed.clear()
+                await self._changed.wait()
+        self.screen = self.screen.partition(text.encode())[2]
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.master)
+        os.close(self.master)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+async def test_a_signal_while_the_console_waits_for_input_exits_promptly_with_status_0(
+    sqlite_url: str, tiny_model_dir: Path, tmp_path: Path, signum: int
+) -> None:
+    """Issue #18, item 2: it printed "Console: stopped" and hung in a thread blocked on stdin until another line
+    was typed."""
+    terminal = Terminal()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "run", stdin=terminal.slave, stdout=terminal.slave,
+        stderr=asyncio.subprocess.PIPE, cwd=tmp_path, env=_env(sqlite_url, tiny_model_dir, tmp_path),
+    )  # fmt: skip
+    os.close(terminal.slave)
+    try:
+        await terminal.shows("you> ")
+        terminal.type("Hello\n")
+        await terminal.shows("you> ")  # answered, and waiting for the next line
+        started = time.monotonic()
+        process.send_signal(signum)
+        await asyncio.wait_for(process.wait(), timeout=STOP_S)
+        took = time.monotonic() - started
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        terminal.close()
+    assert process.stderr is not None
+    stderr = (await process.stderr.read()).decode()
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert took < STOP_S
