@@ -4,6 +4,10 @@ On a TTY it is an interactive chat with a prompt. With piped stdin it reads one 
 reply per message on stdout (logs go to stderr), and finishes at end of input, so
 `printf 'hello\\n/help\\n' | magpie run` works in scripts. The console user is local, hence an admin.
 
+Either way a reply starts with a marker, ``magpie> `` (BOT_NAME, lower-cased; ``[Magpie] `` for a notification),
+and its further lines are indented by the marker's width: a script can tell where each reply starts and match a
+reply of several lines to the line it answers, since no line of a reply can start like a marker.
+
 It runs the same conversation loop as the chat platforms (`bot.backend.ChatBackend`); what it supplies is a
 printed "part" (a whole reply: a terminal has no length limit) and, for an export, a file in `exports_dir`.
 """
@@ -111,17 +115,17 @@ class ConsoleBackend(ChatBackend[str]):
             addressed=True,
             language=self._language,
         )
-        await self.converse(message, Route(f"{self._bot_name.lower()}> " if self._interactive else ""))
+        await self.converse(message, Route(f"{self._bot_name.lower()}> "))
 
     async def _send_part(self, target: str, part: Part, *, quote: str | None) -> None:
         """Prints the reply; an attachment is saved under `exports_dir` and its path printed."""
-        self._write(f"{target}{part.text}\n")
+        self._write(marked(target, part.text))
         if part.attachment is not None:
             self._exports_dir.mkdir(parents=True, exist_ok=True)
             path = self._exports_dir / part.attachment.filename
             path.write_bytes(part.attachment.content)
             with speaking(self._language):
-                self._write(f"{target}{export_saved(part.attachment.filename, str(path))}\n")
+                self._write(marked(target, export_saved(part.attachment.filename, str(path))))
 
     def _recovery_target(self, chat_id: str) -> str:
         """An answer to a message typed before a restart: shown like a notification, so it is not taken for the
@@ -135,6 +139,14 @@ class ConsoleBackend(ChatBackend[str]):
     def _write(self, text: str) -> None:
         self._stdout.write(text)
         self._stdout.flush()
+
+
+def marked(marker: str, text: str) -> str:
+    """`text` as printed: its first line after `marker`, the others indented by the marker's width (blank lines stay
+    empty), so only the first line of a reply starts with a marker."""
+    indent = " " * len(marker)
+    first, *rest = text.split("\n")
+    return "".join([marker + first, *(f"\n{indent}{line}" if line else "\n" for line in rest), "\n"])
 
 
 class LineReader:

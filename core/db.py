@@ -124,7 +124,6 @@ class Database:
                 f"The database {_safe_url(self.engine)} {state}. Run `magpie db upgrade` to migrate it."
             )
 
-
     async def schema_heads(self) -> set[str]:
         """The schema's migration heads; an unreachable database is one line naming the URL (password hidden)."""
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pty
+import re
 import signal
 import subprocess
 import sys
@@ -12,10 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from sqlalchemy import select
 
-from core.db import Database
+from core.db import Database, upgrade
+from core.dialogue import BOT_SPEAKER, Turn, encode_dialogue
 from core.models import Message, Role
+from tests.conftest import TINY_CORPUS
+from trainer.starter_model import ModelShape, build_model, save_model, train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_S = 120.0
@@ -24,7 +29,7 @@ STOP_S = 5.0
 is wider for a busier test machine. It used to hang until another line was typed."""
 
 
-def _env(database_url: str, model_dir: Path, tmp_path: Path) -> dict[str, str]:
+def _env(database_url: str, model_dir: Path, tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.endswith("_TOKEN")}
     env.update(
         DATABASE_URL=database_url,
@@ -35,11 +40,19 @@ def _env(database_url: str, model_dir: Path, tmp_path: Path) -> dict[str, str]:
         HF_HUB_OFFLINE="1",
         PYTHONPATH=str(ROOT),
     )
-    return env
+    return {**env, **extra}
+
+
+@pytest.fixture
+async def fresh_sqlite_url(tmp_path: Path) -> str:
+    """A migrated SQLite database of this test's own: what a run leaves in it cannot reach another test."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'own.db'}"
+    await upgrade(url)
+    return url
 
 
 async def pipe_into_magpie_run(
-    stdin: bytes, database_url: str, model_dir: Path, tmp_path: Path
+    stdin: bytes, database_url: str, model_dir: Path, tmp_path: Path, **extra: str
 ) -> tuple[int | None, str, str]:
     """`printf … | magpie run` in a subprocess: its exit code, stdout and stderr."""
     process = await asyncio.create_subprocess_exec(
@@ -51,7 +64,7 @@ async def pipe_into_magpie_run(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         cwd=tmp_path,
-        env=_env(database_url, model_dir, tmp_path),
+        env=_env(database_url, model_dir, tmp_path, **extra),
     )
     out, err = await asyncio.wait_for(process.communicate(stdin), timeout=180)
     return process.returncode, out.decode(), err.decode()
@@ -72,6 +85,10 @@ async def test_piped_stdin_gets_one_reply_per_line_and_exits_zero(
     assert len(bot_replies) == 3 and all(reply.strip() for reply in bot_replies)
     for reply in bot_replies[:2]:
         assert reply.splitlines()[0] in stdout
+    # Each reply starts with the marker and its further lines (the help has several) are indented: three starts.
+    starts = [line for line in stdout.splitlines() if line and not line.startswith(" ")]
+    assert len(starts) == 3 and all(line.startswith("magpie> ") for line in starts), stdout
+    assert len(stdout.splitlines()) > 3
 
 
 async def test_a_retrain_asked_for_in_a_script_reports_its_outcome_before_exit(
@@ -140,14 +157,14 @@ class Terminal:
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 async def test_a_signal_while_the_console_waits_for_input_exits_promptly_with_status_0(
-    sqlite_url: str, tiny_model_dir: Path, tmp_path: Path, signum: int
+    fresh_sqlite_url: str, tiny_model_dir: Path, tmp_path: Path, signum: int
 ) -> None:
     """Issue #18, item 2: it printed "Console: stopped" and hung in a thread blocked on stdin until another line
     was typed."""
     terminal = Terminal()
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bot", "run", stdin=terminal.slave, stdout=terminal.slave,
-        stderr=asyncio.subprocess.PIPE, cwd=tmp_path, env=_env(sqlite_url, tiny_model_dir, tmp_path),
+        stderr=asyncio.subprocess.PIPE, cwd=tmp_path, env=_env(fresh_sqlite_url, tiny_model_dir, tmp_path),
     )  # fmt: skip
     os.close(terminal.slave)
     try:
@@ -168,3 +185,51 @@ async def test_a_signal_while_the_console_waits_for_input_exits_promptly_with_st
     assert process.returncode == 0, stderr
     assert "Traceback" not in stderr
     assert took < STOP_S
+
+
+# --- no speaker label reaches the console (issue #18, item 3) -------------------------------------------------------
+
+LEAK = "저는 I aBot:: A. aUser 1: I aBot: IBot: Do"
+"""An answer that runs on into other turns as the starter's did: labels glued to words, with no line break."""
+LABEL = re.compile(r"(?:Bot|User(?:\s*\d+)?)\s*[:\uff1a]")
+
+
+@pytest.fixture(scope="module")
+def leaky_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny GPT-2 taught one exchange, "Hello" answered by `LEAK`: a model that writes speaker labels mid-line."""
+    tokenizer = train_tokenizer([*TINY_CORPUS, "User 1: Hello", f"Bot: {LEAK}"] * 20, vocab_size=400)
+    model = build_model(tokenizer, ModelShape(n_layer=2, n_embd=64, n_head=2, n_positions=128, dropout=0.0), seed=0)
+    dialogue = encode_dialogue([Turn("user:1", "Hello"), Turn(BOT_SPEAKER, LEAK)], tokenizer, open_reply=False)
+    ids = torch.tensor([dialogue.ids])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 28-token batch: more threads only fight over a busy machine's cores
+    try:
+        for _ in range(60):  # learned after ~25 steps
+            model(ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        prompt = torch.tensor([encode_dialogue([Turn("user:1", "Hello")], tokenizer).ids])
+        with torch.no_grad():
+            said = model.generate(
+                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False, pad_token_id=0
+            )
+    finally:
+        torch.set_num_threads(threads)
+    written = str(tokenizer.decode(said[0, prompt.shape[1] :].tolist()))
+    assert LABEL.search(written), f"the model did not learn to write labels: {written!r}"
+    return save_model(model, tokenizer, tmp_path_factory.mktemp("leaky-model"))
+
+
+async def test_the_console_shows_no_speaker_label_from_a_model_that_writes_them(
+    leaky_model_dir: Path, fresh_sqlite_url: str, tmp_path: Path
+) -> None:
+    code, stdout, stderr = await pipe_into_magpie_run(
+        b"Hello\n", fresh_sqlite_url, leaky_model_dir, tmp_path, MAX_NEW_TOKENS="40"
+    )
+    assert code == 0, stderr
+    assert stdout.startswith("magpie> ") and stdout.strip() != "magpie>", stdout
+    assert LABEL.search(stdout) is None, stdout
+    async with Database.opened(fresh_sqlite_url) as db, db.sessions() as session:
+        replies = (await session.scalars(select(Message.text).where(Message.role == Role.BOT))).all()
+    assert len(replies) == 1 and LABEL.search(str(replies[0])) is None and LEAK.startswith(replies[0]), replies
