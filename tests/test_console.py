@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pty
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 import torch
 from sqlalchemy import select
@@ -19,6 +23,7 @@ from sqlalchemy import select
 from core.db import Database, upgrade
 from core.dialogue import BOT_SPEAKER, Turn, encode_dialogue
 from core.models import Message, Role
+from core.settings import Settings
 from tests.conftest import TINY_CORPUS
 from trainer.starter_model import ModelShape, build_model, save_model, train_tokenizer
 
@@ -233,3 +238,93 @@ async def test_the_console_shows_no_speaker_label_from_a_model_that_writes_them(
     async with Database.opened(fresh_sqlite_url) as db, db.sessions() as session:
         replies = (await session.scalars(select(Message.text).where(Message.role == Role.BOT))).all()
     assert len(replies) == 1 and LABEL.search(str(replies[0])) is None and LEAK.startswith(replies[0]), replies
+
+
+# --- a new operator's first hour (issue #18, items 1 and 9) ---------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def _get(url: str, *, token: str | None = None) -> tuple[int, str]:
+    """A GET answered with its status and body (errors too); with `token`, as a script opens the dashboard."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as response:
+        return response.status, await response.text()
+
+
+async def _log_shows(stderr: asyncio.StreamReader, text: str) -> None:
+    """Reads the log until a line holds `text` (the process has got that far)."""
+    async with asyncio.timeout(STARTUP_S):
+        while text not in (line := (await stderr.readline()).decode()):
+            assert line, f"the log ended before {text!r}"
+
+
+async def test_magpie_serves_from_an_unedited_copy_of_env_example(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The README's path: `cp .env.example .env`, `magpie db upgrade`, `magpie run`. Only the model (the Hub is
+    out of reach here) and the HTTP port (tests run side by side) come from the environment."""
+    shutil.copy(ROOT / ".env.example", tmp_path / ".env")
+    port = _free_port()
+    env = {key: value for key, value in os.environ.items() if key.lower() not in Settings.model_fields}
+    env.update(
+        PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", BASE_MODEL=str(tiny_model_dir), HTTP_LISTEN=f"127.0.0.1:{port}"
+    )
+    upgrade_run = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "db", "upgrade", cwd=tmp_path, env=env, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(upgrade_run.communicate(), timeout=STARTUP_S)
+    assert upgrade_run.returncode == 0, err.decode()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "run", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert process.stdin is not None and process.stdout is not None
+    try:
+        process.stdin.write(b"Hello\n")
+        await process.stdin.drain()
+        answer = (await asyncio.wait_for(process.stdout.readline(), timeout=STARTUP_S)).decode()
+        status, body = await _get(f"http://127.0.0.1:{port}/healthz")
+        process.stdin.close()
+        _, err = await asyncio.wait_for(process.communicate(), timeout=STARTUP_S)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, err.decode()
+    assert answer.startswith("magpie> ") and answer.strip() != "magpie>", err.decode()
+    assert status == 200, body
+    assert (tmp_path / "data" / "magpie.db").is_file()  # the copy's (commented) default, relative to the directory
+
+
+async def test_console_off_serves_health_and_the_dashboard_with_no_platform_and_no_terminal(
+    fresh_sqlite_url: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """CONSOLE=off: no token, stdin closed (a service under Docker or systemd), and Magpie stays up with its HTTP
+    server until SIGTERM, instead of opening a console that stops at once at the end of its input."""
+    port, token = _free_port(), "a-dashboard-token-of-24-chars"
+    env = _env(
+        fresh_sqlite_url, tiny_model_dir, tmp_path, CONSOLE="off", HTTP_LISTEN=f"127.0.0.1:{port}",
+        DASHBOARD_TOKEN=token,
+    )  # fmt: skip
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "run", stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert process.stderr is not None
+    try:
+        await _log_shows(process.stderr, "serving model")
+        health, body = await _get(f"http://127.0.0.1:{port}/healthz")
+        dashboard, _ = await _get(f"http://127.0.0.1:{port}/dashboard/", token=token)
+        still_running = process.returncode is None
+        process.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(process.communicate(), timeout=STARTUP_S)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert still_running and process.returncode == 0, err.decode()
+    assert health == 200 and set(json.loads(body)["parts"]) == {"database", "engine"}, body
+    assert dashboard == 200
