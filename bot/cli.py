@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import gc
 import logging
@@ -376,17 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs one command; its exit status is returned (for `sys.exit`)."""
-    try:
-        return _command(build_parser().parse_args(argv))
-    finally:
-        # The interpreter's last garbage collection walks every object torch and transformers made (seconds on a
-        # busy machine after Ctrl-C); nothing is left to collect at exit, so it is skipped: the process then ends
-        # as soon as the command has.
-        gc.freeze()
-
-
-def _command(args: argparse.Namespace) -> int:
+    # The interpreter's last garbage collection walks every object torch and transformers made: seconds on a busy
+    # machine after Ctrl-C, with nothing left to clean up by then. Frozen at exit, they are skipped and the
+    # process ends as soon as the command has.
+    atexit.register(gc.freeze)
+    args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
         configure_logging(settings)
