@@ -31,10 +31,13 @@ RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/mag
     && mkdir -p /data /models \
     && chown magpie:magpie /data /models
 COPY --chmod=0755 deploy/docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
+# CONSOLE=off: a container's stdin is closed, so with no platform token yet Magpie serves /healthz and the dashboard
+# instead of opening a console that would stop at once (`docker run -it -e CONSOLE=auto …` chats in the terminal).
 ENV DATABASE_URL=sqlite+aiosqlite:////data/magpie.db \
     MODELS_DIR=/models \
     HF_HOME=/data/huggingface \
-    HTTP_LISTEN=0.0.0.0:8080
+    HTTP_LISTEN=0.0.0.0:8080 \
+    CONSOLE=off
 VOLUME ["/data", "/models"]
 WORKDIR /data
 USER 10001:10001

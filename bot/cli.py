@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -116,7 +118,8 @@ async def _db_upgrade(settings: Settings, quiet: bool) -> None:
 
 
 def _backends(settings: Settings, service: ChatService, telemetry: Telemetry) -> list[Backend]:
-    """The platforms that have tokens, sharing one service (engine and database); the console when none has."""
+    """The platforms that have tokens, sharing one service (engine and database); the console when none has,
+    unless CONSOLE=off (then none at all: the process serves HTTP until a signal)."""
     backends: list[Backend] = []
     # Imported only when configured: each platform library costs start-up time the console should not pay.
     if settings.telegram_bot_token is not None:
@@ -127,7 +130,7 @@ def _backends(settings: Settings, service: ChatService, telemetry: Telemetry) ->
         from bot.discord_bot import DiscordBackend
 
         backends.append(DiscordBackend(settings=settings, handler=service, telemetry=telemetry))
-    if not backends:
+    if not backends and settings.console == "auto":
         exports = Path("data") / "exports"
         grace = settings.shutdown_grace_seconds
         console = ConsoleBackend(
@@ -145,7 +148,7 @@ def _backends(settings: Settings, service: ChatService, telemetry: Telemetry) ->
 def _http_server(
     settings: Settings, health: HealthCheck, telemetry: Telemetry, extra: Mapping[str, web.Application] | None = None
 ) -> HttpServer | None:
-    """The server on HTTP_LISTEN (None when it is empty): /healthz, /metrics, and `extra`'s sub-apps by prefix."""
+    """The server on HTTP_LISTEN (None when it is off): /healthz, /metrics, and `extra`'s sub-apps by prefix."""
     address = settings.http_address
     if address is None:
         return None
@@ -374,6 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # The interpreter's last garbage collection walks every object torch and transformers made: seconds on a busy
+    # machine after Ctrl-C, with nothing left to clean up by then. Frozen at exit, they are skipped and the
+    # process ends as soon as the command has.
+    atexit.register(gc.freeze)
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()

@@ -4,6 +4,10 @@ On a TTY it is an interactive chat with a prompt. With piped stdin it reads one 
 reply per message on stdout (logs go to stderr), and finishes at end of input, so
 `printf 'hello\\n/help\\n' | magpie run` works in scripts. The console user is local, hence an admin.
 
+Either way a reply starts with a marker, ``magpie> `` (BOT_NAME, lower-cased; ``[Magpie] `` for a notification),
+and its further lines are indented by the marker's width: a script can tell where each reply starts and match a
+reply of several lines to the line it answers, since no line of a reply can start like a marker.
+
 It runs the same conversation loop as the chat platforms (`bot.backend.ChatBackend`); what it supplies is a
 printed "part" (a whole reply: a terminal has no length limit) and, for an export, a file in `exports_dir`.
 """
@@ -11,8 +15,10 @@ printed "part" (a whole reply: a terminal has no length limit) and, for an expor
 from __future__ import annotations
 
 import asyncio
+import codecs
 import getpass
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -82,11 +88,12 @@ class ConsoleBackend(ChatBackend[str]):
         self.finished.set()
 
     async def _read_loop(self) -> None:
+        lines = LineReader(self._stdin)
         try:
             while True:
                 if self._interactive:
                     self._write("you> ")
-                line = await asyncio.to_thread(self._stdin.readline)
+                line = await lines.readline()
                 if not line:  # end of input
                     break
                 exchange = asyncio.create_task(self._exchange(line.rstrip("\r\n")))
@@ -108,17 +115,17 @@ class ConsoleBackend(ChatBackend[str]):
             addressed=True,
             language=self._language,
         )
-        await self.converse(message, Route(f"{self._bot_name.lower()}> " if self._interactive else ""))
+        await self.converse(message, Route(f"{self._bot_name.lower()}> "))
 
     async def _send_part(self, target: str, part: Part, *, quote: str | None) -> None:
         """Prints the reply; an attachment is saved under `exports_dir` and its path printed."""
-        self._write(f"{target}{part.text}\n")
+        self._write(marked(target, part.text))
         if part.attachment is not None:
             self._exports_dir.mkdir(parents=True, exist_ok=True)
             path = self._exports_dir / part.attachment.filename
             path.write_bytes(part.attachment.content)
             with speaking(self._language):
-                self._write(f"{target}{export_saved(part.attachment.filename, str(path))}\n")
+                self._write(marked(target, export_saved(part.attachment.filename, str(path))))
 
     def _recovery_target(self, chat_id: str) -> str:
         """An answer to a message typed before a restart: shown like a notification, so it is not taken for the
@@ -132,3 +139,63 @@ class ConsoleBackend(ChatBackend[str]):
     def _write(self, text: str) -> None:
         self._stdout.write(text)
         self._stdout.flush()
+
+
+def marked(marker: str, text: str) -> str:
+    """`text` as printed: its first line after `marker`, the others indented by the marker's width (blank lines stay
+    empty), so only the first line of a reply starts with a marker."""
+    indent = " " * len(marker)
+    first, *rest = text.split("\n")
+    return "".join([marker + first, *(f"\n{indent}{line}" if line else "\n" for line in rest), "\n"])
+
+
+class LineReader:
+    """Lines of a text stream, read without a thread blocked on it.
+
+    A thread stuck in `readline` cannot be cancelled: after Ctrl-C the process waited in it (Python joins such
+    threads at exit) until another line was typed. So a pipe or terminal is read only when the event loop says it
+    has data, and stopping is a plain cancellation. A regular file (`magpie run < script.txt`) and `/dev/null` can
+    not be watched by the loop, but reading them never waits; an in-memory stream (tests) is read directly.
+    """
+
+    CHUNK = 65536
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        try:
+            self._fd: int | None = stream.fileno()
+        except (OSError, ValueError):  # io.StringIO: no descriptor
+            self._fd = None
+        encoding = getattr(stream, "encoding", None) or "utf-8"
+        self._decoder = codecs.getincrementaldecoder(encoding)(errors="replace")
+        self._buffer = ""
+        self._ended = False
+
+    async def readline(self) -> str:
+        """The next line with its newline; the last one may lack it; "" at the end of input."""
+        if self._fd is None:
+            return self._stream.readline()
+        while "\n" not in self._buffer and not self._ended:
+            chunk = await self._read(self._fd)
+            self._ended = not chunk
+            self._buffer += self._decoder.decode(chunk, final=self._ended)
+        line, newline, self._buffer = self._buffer.partition("\n")
+        return line + newline
+
+    async def _read(self, fd: int) -> bytes:
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not ready.done():  # the loop may call again before this coroutine runs and stops watching
+                ready.set_result(None)
+
+        try:
+            loop.add_reader(fd, readable)
+        except (OSError, ValueError, NotImplementedError):  # a regular file or /dev/null: reading never waits
+            return await asyncio.to_thread(os.read, fd, self.CHUNK)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(fd)
+        return os.read(fd, self.CHUNK)

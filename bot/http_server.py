@@ -84,7 +84,7 @@ class HttpServer:
             await self._runner.cleanup()
             raise ConfigError(
                 f"HTTP_LISTEN {self._host}:{self._requested_port} cannot be used ({exc.strerror or exc}): "
-                "choose another address, or set HTTP_LISTEN empty to turn the server off."
+                "choose another address, or set HTTP_LISTEN=off to turn the server off."
             ) from None
         self._port = _bound_port(self._runner, self._requested_port)
         log.info("HTTP server on http://%s:%d (%s, %s)", self._host, self._port, HEALTH_PATH, METRICS_PATH)

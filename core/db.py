@@ -18,14 +18,18 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from alembic import command
 from core.errors import DatabaseError, SchemaOutdatedError
 
 log = logging.getLogger(__name__)
+
+URL_FORMS = "sqlite+aiosqlite:///path/to/magpie.db or postgresql+asyncpg://user:password@host:5432/magpie"
+"""The DATABASE_URL forms that work (async drivers Magpie installs), named by every error about the URL."""
+DRIVERS = ("sqlite+aiosqlite", "postgresql+asyncpg")
 
 
 def _alembic_dir() -> Path:
@@ -52,9 +56,21 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _parsed(url: str) -> URL:
+    """The URL, if it names a driver Magpie ships: another (`postgresql://`, `mysql://`) would fail deep inside
+    SQLAlchemy as a ModuleNotFoundError. The message names the scheme only: the URL may hold a password."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise DatabaseError(f"DATABASE_URL is not a database URL: use {URL_FORMS}.") from None
+    if parsed.drivername not in DRIVERS:
+        raise DatabaseError(f"DATABASE_URL {parsed.drivername}://… cannot be used: use {URL_FORMS}.")
+    return parsed
+
+
 def create_engine(url: str) -> AsyncEngine:
     """Creates an async engine; for SQLite it also creates the file's folder and sets the pragmas."""
-    parsed = make_url(url)
+    parsed = _parsed(url)
     kwargs: dict[str, Any] = {}
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
@@ -100,20 +116,24 @@ class Database:
 
     async def check_schema(self) -> None:
         """Refuses to run on a database that is unreachable or behind the migrations, saying how to fix it."""
-        try:
-            async with self.engine.connect() as conn:
-                current = await conn.run_sync(_current_heads)
-        except (SQLAlchemyError, OSError) as exc:
-            raise DatabaseError(
-                f"Cannot reach the database at {_safe_url(self.engine)}: {type(exc).__name__}. "
-                "Check DATABASE_URL and that the server is running."
-            ) from None
+        current = await self.schema_heads()
         expected = set(_script().get_heads())
         if current != expected:
             state = "has no Magpie tables yet" if not current else "is at an older schema version"
             raise SchemaOutdatedError(
                 f"The database {_safe_url(self.engine)} {state}. Run `magpie db upgrade` to migrate it."
             )
+
+    async def schema_heads(self) -> set[str]:
+        """The schema's migration heads; an unreachable database is one line naming the URL (password hidden)."""
+        try:
+            async with self.engine.connect() as conn:
+                return await conn.run_sync(_current_heads)
+        except (SQLAlchemyError, OSError) as exc:
+            raise DatabaseError(
+                f"Cannot reach the database at {_safe_url(self.engine)}: {type(exc).__name__}. "
+                f"Check DATABASE_URL ({URL_FORMS}) and that the server is running."
+            ) from None
 
 
 def _current_heads(conn: Connection) -> set[str]:
@@ -137,7 +157,13 @@ def _script() -> ScriptDirectory:
 
 
 async def upgrade(url: str, revision: str = "head") -> None:
-    """Applies migrations up to `revision` (Alembic's env.py runs its own async engine)."""
+    """Applies migrations up to `revision` (Alembic's env.py runs its own async engine). The database is reached
+    once first, so a wrong URL or a server that is down is one line, not Alembic's traceback."""
+    db = Database.connect(url)
+    try:
+        await db.schema_heads()
+    finally:
+        await db.close()
     await asyncio.to_thread(command.upgrade, alembic_config(url), revision)
 
 

@@ -10,8 +10,10 @@ Why this shape:
 - *Anonymous labels* keep display names (personal data) out of the model and make the format identical for every
   chat, which is what lets a small model learn it.
 - *EOS after every turn* (as DialoGPT does) gives a fine-tuned model an unambiguous "my turn is over" token to
-  emit, so generation stops on it; for the pretrained ``gpt2``, which rarely emits EOS, `parse_reply` also cuts at
-  the next speaker label it invents.
+  emit, so generation stops on it; for the pretrained ``gpt2``, which rarely emits EOS, and for small models that
+  half-learned the format, `parse_reply` also cuts at the next speaker label they invent: anywhere, not only at
+  the start of a line (the starter wrote ``저는 I aBot:: A.`` and ``aUser 1: I aBot: IBot: Do``), and with any
+  number, spacing or colon (``User 7 :``, ``Bot：``). A reply is one turn: no label of the format reaches a chat.
 - *Responder perspective* lets training use human turns as targets: the human whose line is the target is
   ``Bot`` in that sample, exactly as the bot is ``Bot`` at inference, so the model learns "how this community
   answers" under the same label it is asked to fill. A training sample with its target is a prompt plus the
@@ -47,7 +49,14 @@ BOT_SPEAKER = "bot"
 RESPONDER_LABEL = "Bot"
 OTHER_LABEL = "User"
 
-_NEXT_SPEAKER = re.compile(rf"\n\s*(?:{RESPONDER_LABEL}|{OTHER_LABEL} \d+)\s*:")
+_LABEL = re.compile(rf"(?:{RESPONDER_LABEL}|{OTHER_LABEL}(?:\s*\d+)?)\s*[:\uff1a]")
+"""A speaker label of the format as a model writes it: glued to the word before or not, any user number (or none),
+any spacing, an ASCII or a full-width colon."""
+_OWN_LABELS = re.compile(rf"\A(?:\s*{RESPONDER_LABEL}\s*[:\uff1a]+)+")
+"""The responder's own label repeated at the start of its line (the prompt already ends with it)."""
+_PARTIAL_LABEL = re.compile(rf"(?<![ \t])(?:{RESPONDER_LABEL}|{OTHER_LABEL}(?:\s*\d+)?)\s*\Z")
+"""A label cut off before its colon at the end of the reply (the token budget ran out): on a line of its own or
+glued to the word before (``I aBot``); ``I am a Bot`` keeps its word."""
 _LINE_BREAKS = re.compile(r"\r\n?|[\x85\u2028\u2029]")
 _INVISIBLE = re.compile(
     "[\x00-\x08\x0b-\x1f\x7f-\x84\x86-\x9f"  # C0 and C1 controls (tab and line breaks stay)
@@ -124,13 +133,29 @@ def format_dialogue(turns: Sequence[Turn], *, responder: str = BOT_SPEAKER, eos:
 
 
 def parse_reply(generated: str, *, eos: str) -> str:
-    """Extracts the responder's line from generated text: up to EOS or the next speaker label."""
+    """Extracts the responder's line from generated text: up to EOS or the next speaker label; no label of the
+    format is left in it. The one place a reply is cleaned (the engine ends a reply by the same rule,
+    `turn_ended`).
+
+    Cleaned before it is cut, since cleaning can join a label (``Bo\u200bt:``); what is left after the cut holds
+    no label (the cut is at the first one), and cutting and stripping cannot make one.
+    """
     if eos:
         generated = generated.split(eos, 1)[0]
-    match = _NEXT_SPEAKER.search(generated)
+    reply = _OWN_LABELS.sub("", clean_text(generated, eos=eos))
+    match = _LABEL.search(reply)
     if match:
-        generated = generated[: match.start()]
-    return clean_text(generated, eos=eos)
+        reply = reply[: match.start()]
+    previous = None
+    while reply != previous:  # ``xUserBot``: each cut can leave another partial label at the end
+        previous, reply = reply, _PARTIAL_LABEL.sub("", reply.rstrip())
+    return clean_text(reply, eos=eos)
+
+
+def turn_ended(generated: str, *, eos: str) -> bool:
+    """Whether generated text already starts another speaker's turn (a label after the responder's own), so
+    generation can stop: for models that never write EOS."""
+    return _LABEL.search(_OWN_LABELS.sub("", clean_text(generated, eos=eos))) is not None
 
 
 # --- the format as token ids ----------------------------------------------------------------------------------

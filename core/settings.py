@@ -2,6 +2,11 @@
 
 This class is the single source of truth for configuration: no other module reads `os.environ`. Each field is
 mirrored, with a comment, in `.env.example`; `tests/test_settings.py` checks the two stay in step.
+
+An empty value means "not set", for every setting and from every source (the environment, `.env`, a keyword): an
+unedited copy of `.env.example`, or Docker Compose's `env_file` of it, writes `SEED=` and `TELEGRAM_BOT_TOKEN=`,
+and those must behave as if the lines were absent. A setting that can be switched off says so with a word
+(`HTTP_LISTEN=off`), never with an empty value.
 """
 
 from __future__ import annotations
@@ -18,12 +23,16 @@ from core.errors import ConfigError
 PLATFORMS = ("telegram", "discord", "console")
 DASHBOARD_TOKEN_MIN_LENGTH = 16
 BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp")
+HTTP_OFF = "off"
+"""HTTP_LISTEN's off switch: an empty value means "the default" like every other setting's."""
 
 
 class Settings(BaseSettings):
     """Magpie's configuration; field names are the upper-cased environment variables."""
 
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False)
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False, env_ignore_empty=True
+    )
 
     # --- platforms -------------------------------------------------------------------------------------------
     telegram_bot_token: SecretStr | None = None
@@ -138,6 +147,18 @@ class Settings(BaseSettings):
     # --- operating: health, metrics and logs ---------------------------------------------------------------------
     http_listen: str = "127.0.0.1:8080"
     log_format: Literal["text", "json"] = "text"
+    console: Literal["auto", "off"] = "auto"
+    """auto: chat in the terminal when no platform token is set; off: never (a service with only its HTTP server,
+    e.g. the dashboard, under Docker or systemd where stdin is closed and the console would stop at once)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_unset(cls, values: object) -> object:
+        """Drops blank values wherever they come from (`env_ignore_empty` covers only empty ones, and only the
+        environment and `.env`), so each such setting takes its default."""
+        if not isinstance(values, dict):
+            return values
+        return {key: value for key, value in values.items() if not _blank(value)}
 
     @field_validator("admin_ids", mode="before")
     @classmethod
@@ -197,10 +218,12 @@ class Settings(BaseSettings):
     @field_validator("http_listen")
     @classmethod
     def _check_http_listen(cls, value: str) -> str:
-        """`host:port` (`[::1]:8080` for IPv6) or empty; checked at start, not when the server first binds."""
-        if value.strip():
-            parse_listen(value)
-        return value.strip()
+        """`host:port` (`[::1]:8080` for IPv6) or `off`; checked at start, not when the server first binds."""
+        value = value.strip()
+        if value.lower() == HTTP_OFF:
+            return HTTP_OFF
+        parse_listen(value)
+        return value
 
     @model_validator(mode="after")
     def _check_shards(self) -> Settings:
@@ -247,12 +270,6 @@ class Settings(BaseSettings):
             )
         return self
 
-    @field_validator("celery_broker_url", "accelerate_config", mode="before")
-    @classmethod
-    def _empty_is_unset(cls, value: object) -> object:
-        """`CELERY_BROKER_URL=` as `.env.example` writes it means "not set", not an empty URL."""
-        return None if isinstance(value, str) and not value.strip() else value
-
     @model_validator(mode="after")
     def _check_retrain_backend(self) -> Settings:
         if self.retrain_backend == "celery" and self.celery_broker_url is None:
@@ -278,7 +295,7 @@ class Settings(BaseSettings):
     @property
     def http_address(self) -> tuple[str, int] | None:
         """HTTP_LISTEN as (host, port), or None when the server is off."""
-        return parse_listen(self.http_listen) if self.http_listen else None
+        return None if self.http_listen == HTTP_OFF else parse_listen(self.http_listen)
 
     @property
     def console_language(self) -> str | None:
@@ -314,8 +331,14 @@ def parse_listen(value: str) -> tuple[str, int]:
     host, sep, port = value.strip().rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"{value!r} is not host:port (e.g. 127.0.0.1:8080, 0.0.0.0:8080; empty turns it off)")
+        raise ValueError(f"{value!r} is not host:port (e.g. 127.0.0.1:8080, 0.0.0.0:8080; off turns it off)")
     return host, int(port)
+
+
+def _blank(value: object) -> bool:
+    """An empty or whitespace-only string (a secret's too): a setting given that way is not set."""
+    raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+    return isinstance(raw, str) and not raw.strip()
 
 
 def _split_list(value: object) -> list[str]:

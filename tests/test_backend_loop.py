@@ -232,7 +232,14 @@ class ConsolePlatform:
         os.write(self._write_end, f"{text}\n".encode())
 
     def received(self) -> list[tuple[str | None, str]]:
-        return [(None, text.removesuffix("\n")) for text in self.stdout.writes]  # one write a reply
+        """One write a reply, read back without the marker and indentation the console prints it with."""
+        replies = []
+        for printed in self.stdout.writes:
+            first, *rest = printed.removesuffix("\n").split("\n")
+            width = len("magpie> ")
+            assert first.startswith("magpie> ") and all(not line or line.startswith(" " * width) for line in rest)
+            replies.append((None, "\n".join(line[width:] for line in [first, *rest])))
+        return replies
 
     def fail_sends(self, after: int) -> None:
         self.stdout.works = after

@@ -44,6 +44,29 @@ def test_bad_settings_fail_at_start_with_one_line(tmp_path: Path, env: dict[str,
     assert "hunter2" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql+asyncpg://magpie:hunter2@127.0.0.1:1/magpie", "Cannot reach the database"),
+        ("postgresql://magpie:hunter2@127.0.0.1:5432/magpie", "postgresql://"),
+        ("mysql://magpie:hunter2@127.0.0.1:3306/magpie", "mysql://"),
+        ("hunter2", "not a database URL"),
+    ],
+    ids=["unreachable", "no-async-driver", "mysql", "not-a-url"],
+)
+def test_a_mistyped_database_url_is_one_line_naming_the_forms_that_work(
+    tmp_path: Path, url: str, expected: str
+) -> None:
+    """Issue #18, item 5: `magpie db upgrade` printed 149- and 40-line tracebacks (ModuleNotFoundError for a driver
+    Magpie lacks). Every command connects through the same `core.db` checks."""
+    result = run_cli(["db", "upgrade"], tmp_path, DATABASE_URL=url)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr and "hunter2" not in result.stderr + result.stdout, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("magpie: ") and expected in line
+    assert "sqlite+aiosqlite:///" in line and "postgresql+asyncpg://" in line
+
+
 def test_model_not_found_offline_is_one_line(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'm.db'}"
     assert run_cli(["db", "upgrade", "--quiet"], tmp_path, DATABASE_URL=url).returncode == 0

@@ -15,7 +15,9 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +28,7 @@ from typing import Any
 
 import pytest
 import yaml
+from dotenv import dotenv_values
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
@@ -287,3 +290,55 @@ def healthcheck_status(port: int) -> int | None:
     program, *args = healthcheck_command(port)
     assert program == "python", "the image's python; here this interpreter stands in for it"
     return subprocess.run([sys.executable, *args], capture_output=True, timeout=30, check=False).returncode
+
+
+def image_env(tmp_path: Path, port: int) -> dict[str, str]:
+    """The environment the image's ENV lines give, with its volumes (/data, /models) under `tmp_path` and its port
+    moved to `port` (tests run side by side)."""
+    env: dict[str, str] = {}
+    for line in dockerfile_instructions()["ENV"]:
+        for item in shlex.split(line):
+            name, _, value = item.partition("=")
+            env[name] = value
+    for volume in ("/data", "/models"):
+        env = {name: value.replace(volume, str(tmp_path / volume.strip("/"))) for name, value in env.items()}
+    return {name: value.replace(":8080", f":{port}") for name, value in env.items()}
+
+
+def test_a_copy_of_env_example_under_the_image_overrides_nothing_it_sets_and_magpie_serves(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """`cp .env.example .env` and `docker compose up`: compose's `env_file` turns every line of the copy into an
+    environment variable that overrides the image's ENV, so the copy must not set what the image does (HTTP_LISTEN
+    would bind the dashboard to the container's loopback, MODELS_DIR would leave the /models volume unused). Then
+    the entry point runs with that environment, the copy in its working directory too, and serves: with no
+    platform token and stdin closed, as a container runs, it stays up (CONSOLE=off) until SIGTERM."""
+    port = free_port()
+    image = image_env(tmp_path, port)
+    compose_env = {**image, **{name: value or "" for name, value in dotenv_values(ROOT / ".env.example").items()}}
+    assert {name: compose_env[name] for name in image} == image, "the copy overrides the image's ENV"
+    workdir = tmp_path / "data"  # WORKDIR /data
+    workdir.mkdir()
+    shutil.copy(ROOT / ".env.example", workdir / ".env")
+    env = {**compose_env, "BASE_MODEL": str(tiny_model_dir), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    with subprocess.Popen(
+        ["sh", str(ENTRYPOINT)], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=workdir,
+        env=container_env(env, real_magpie(tmp_path)),
+    ) as process:  # fmt: skip
+        assert process.stderr is not None
+        try:
+            log = ""
+            while "serving model" not in log:  # migrated, model loaded: serving
+                line = process.stderr.readline()
+                assert line, log
+                log += line
+            health = healthcheck_status(port)  # the image's HEALTHCHECK, on the image's HTTP_LISTEN
+            running = process.poll() is None
+            process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert health == 0 and running, log + stderr
+    assert process.returncode == 0, log + stderr
+    assert (workdir / "magpie.db").is_file()  # the image's DATABASE_URL, on the /data volume

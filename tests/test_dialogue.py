@@ -1,6 +1,20 @@
 from __future__ import annotations
 
-from core.dialogue import BOT_SPEAKER, GPT2_EOS, Turn, clean_text, format_dialogue, parse_reply, speaker_key
+import re
+
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from core.dialogue import (
+    BOT_SPEAKER,
+    GPT2_EOS,
+    Turn,
+    clean_text,
+    format_dialogue,
+    parse_reply,
+    speaker_key,
+    turn_ended,
+)
 
 
 def test_prompt_labels_speakers_anonymously_and_opens_the_bot_line() -> None:
@@ -57,3 +71,61 @@ def test_speaker_keys_name_the_bot_and_each_person_apart() -> None:
     alice, bot, bob = speaker_key(7, bot=False), speaker_key(None, bot=True), speaker_key(8, bot=False)
     turns = [Turn(alice, "hi"), Turn(bot, "hello"), Turn(bob, "yo")]
     assert format_dialogue(turns, eos=GPT2_EOS) == f"User 1: hi{GPT2_EOS}Bot: hello{GPT2_EOS}User 2: yo{GPT2_EOS}Bot:"
+
+
+# --- no speaker label ever reaches a chat (issue #18, item 3) -------------------------------------------------------
+
+LABEL_OF_THE_FORMAT = re.compile(r"(?:Bot|User(?:\s*\d+)?)\s*[:\uff1a]")
+"""What counts as a speaker label of the format in a reply, written out here independently of `core.dialogue`."""
+
+MODEL_FRAGMENTS = [
+    "Bot", "User", "User 1", "User 12", " 2", "3", ":", "::", " :", "\uff1a", "\n", " ", "\t", "a", "I", "IBot",
+    "aUser", "저는", "안녕", "A.", "Do", "hello", "Bo", "t", "Us", "er", "\u200b", "\u00ad", "\u202e", GPT2_EOS,
+    "<|endo", "ftext|>", "Bot:", "User 1:", "\nBot:", "\nUser 2:", "😀",
+]  # fmt: skip
+"""Pieces a model's output is made of here: whole, partial and glued labels, colons of both widths, line breaks,
+invisible characters (cleaning removes them and can join a label), Hangul, and end-of-text."""
+
+model_output = st.lists(st.sampled_from(MODEL_FRAGMENTS) | st.text(max_size=3), max_size=24).map("".join)
+label_free_text = st.text(min_size=1, max_size=40).filter(
+    lambda text: not any(word in clean_text(text, eos=GPT2_EOS) for word in ("Bot", "User", "\uff1a"))
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(generated=model_output)
+@example(generated=" 저는 I aBot:: A.")
+@example(generated=" aUser 1: I aBot: IBot: Do")
+@example(generated=" Bo\u200bt: x\nUser 1: y")
+@example(generated=" fine xUserBot")
+def test_no_reply_from_any_model_output_contains_a_speaker_label(generated: str) -> None:
+    reply = parse_reply(generated, eos=GPT2_EOS)
+    assert LABEL_OF_THE_FORMAT.search(reply) is None, reply
+    assert parse_reply(reply, eos=GPT2_EOS) == reply  # the cleaning is final: a second pass changes nothing
+    assert not reply.endswith(("\nBot", "\nUser"))
+    assert turn_ended(generated, eos=GPT2_EOS) == (LABEL_OF_THE_FORMAT.search(_after_own_label(generated)) is not None)
+
+
+def _after_own_label(generated: str) -> str:
+    """The output as the engine sees it while decoding (no EOS token: it ends the reply), cleaned, without the
+    responder's own label repeated at its start."""
+    text = clean_text(generated, eos=GPT2_EOS)
+    return re.sub(r"\A(?:\s*Bot\s*[:\uff1a]+)+", "", text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=label_free_text, rest=model_output)
+def test_a_reply_is_cut_only_where_another_turn_starts(text: str, rest: str) -> None:
+    expected = clean_text(text, eos=GPT2_EOS)
+    assert parse_reply(f" {text}{GPT2_EOS}{rest}", eos=GPT2_EOS) == expected
+    assert parse_reply(f" {text}\nUser 1: {rest}", eos=GPT2_EOS) == expected
+    assert parse_reply(f" {text} User 3 : {rest}", eos=GPT2_EOS) == expected
+
+
+def test_the_labels_the_issue_saw_leak_are_cut() -> None:
+    assert parse_reply(" 저는 I aBot:: A.", eos=GPT2_EOS) == "저는 I a"
+    assert parse_reply(" aUser 1: I aBot: IBot: Do", eos=GPT2_EOS) == "a"
+    assert parse_reply(" Bot: hello there", eos=GPT2_EOS) == "hello there"  # its own label, repeated
+    assert parse_reply(" 안녕\nUser", eos=GPT2_EOS) == "안녕"  # a label the token budget cut off
+    assert parse_reply(" I am a Bot", eos=GPT2_EOS) == "I am a Bot"
+    assert turn_ended(" I aBot:", eos=GPT2_EOS) and not turn_ended(" Bot: I am", eos=GPT2_EOS)

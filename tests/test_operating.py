@@ -381,7 +381,7 @@ async def test_magpie_run_serves_health_and_metrics_and_logs_each_message_under_
 # --- HTTP_LISTEN ---------------------------------------------------------------------------------------------------
 
 
-def test_http_listen_is_host_and_port_or_empty_and_a_bad_one_names_itself(
+def test_http_listen_is_host_and_port_or_off_and_a_bad_one_names_itself(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.chdir(tmp_path)  # no developer's .env
@@ -389,7 +389,8 @@ def test_http_listen_is_host_and_port_or_empty_and_a_bad_one_names_itself(
     assert _settings().http_address == ("127.0.0.1", 8080)
     assert _settings(http_listen="0.0.0.0:9100").http_address == ("0.0.0.0", 9100)
     assert _settings(http_listen="[::1]:8080").http_address == ("::1", 8080)
-    assert _settings(http_listen="").http_address is None
+    assert _settings(http_listen="off").http_address is None and _settings(http_listen=" OFF ").http_address is None
+    assert _settings(http_listen="").http_address == ("127.0.0.1", 8080)  # empty is unset, as for every setting
     for bad in ("8080", "localhost", "127.0.0.1:http", "127.0.0.1:70000"):
         monkeypatch.setenv("HTTP_LISTEN", bad)
         with pytest.raises(ConfigError, match="HTTP_LISTEN") as info:

@@ -14,7 +14,7 @@ from typing import cast
 
 import torch
 
-from core.dialogue import clean_text, parse_reply
+from core.dialogue import parse_reply, turn_ended
 from core.engine._loading import LoadedModel
 from core.engine._types import GenerationParams
 
@@ -106,6 +106,5 @@ class RowDecoder:
 
     def _turn_ended(self) -> bool:
         """Whether the reply now holds a complete next-speaker label (for models that never write EOS)."""
-        eos = self._loaded.tokenizer.eos_token
         text = cast(str, self._loaded.tokenizer.decode(self.tokens))
-        return parse_reply(text, eos=eos) != clean_text(text, eos=eos)
+        return turn_ended(text, eos=self._loaded.tokenizer.eos_token)
