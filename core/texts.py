@@ -8,7 +8,7 @@ marked (`N_`), and the code that sends it says `_(CONSTANT)` when it knows whom 
 
 Adding a text: write it here as `_("English {name}").format(name=...)` (or `N_` for a constant), then add its
 Korean to `core/locale/ko/LC_MESSAGES/magpie.po`; `tests/test_i18n.py` fails until every msgid has a translation.
-(The command list's one-line descriptions live beside the command set in `core.messages.COMMANDS`, marked the same
+(The command list's one-line descriptions live in the command registry, `core.commands.COMMANDS`, marked the same
 way.) Texts never contain exception text or secrets: a reason shown here is one Magpie wrote itself (a run's
 recorded reason, a version's files problem).
 """
@@ -19,9 +19,9 @@ import math
 from collections.abc import Sequence
 from datetime import datetime
 
+from core.commands import visible_commands
 from core.errors import EngineBusyError
 from core.i18n import N_, _, ngettext
-from core.messages import ADMIN_COMMANDS, COMMANDS
 from core.metrics import perplexity_text
 from core.models import RunStatus, VersionStatus
 from core.outcomes import (
@@ -66,11 +66,10 @@ RETRAIN_UNAVAILABLE = N_("Retraining is not available in this setup.")
 MODELS_UNAVAILABLE = N_("Model versions are not available in this setup.")
 ROLLBACK_UNAVAILABLE = N_("Rollback is not available in this setup.")
 
-# --- Discord's slash-command texts beyond `COMMANDS` -----------------------------------------------------------
+# --- Discord's slash-command texts beyond the command registry (`core.commands.COMMANDS`) ----------------------
 
 CHAT_COMMAND_DESCRIPTION = N_("Say something to the bot")
 CHAT_TEXT_DESCRIPTION = N_("What you want to say")
-ROLLBACK_VERSION_DESCRIPTION = N_("The version to switch to (default: the previous one)")
 
 
 # --- the console's own lines ---------------------------------------------------------------------------------
@@ -120,10 +119,7 @@ def help_text(bot_name: str, *, is_admin: bool, private_chats_learned: bool) -> 
         learning_note(private_chats_learned=private_chats_learned),
         "",
     ]
-    for name, description in COMMANDS.items():
-        if name in ADMIN_COMMANDS and not is_admin:
-            continue
-        lines.append(f"/{name} — {_(description)}")
+    lines.extend(f"/{command.name} — {_(command.help)}" for command in visible_commands(admin=is_admin))
     return "\n".join(lines)
 
 

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import event, func, select
 
+from core.commands import COMMANDS
 from core.db import Database
 from core.dialogue import Turn, speaker_key
 from core.engine import Engine
-from core.messages import PRIVATE_COMMANDS, ChatKind, IncomingMessage, Reply
+from core.messages import ChatKind, IncomingMessage, Reply
 from core.models import Delivery, Message, Role, User
 from core.service import ChatService
 from core.settings import Settings
@@ -321,8 +322,10 @@ async def test_export_in_a_group_goes_to_the_author_alone_and_the_group_sees_onl
     async with db.sessions() as session:
         answer = await session.get(Message, reply.log_id)
     assert answer is not None and (answer.text, answer.is_command) == (EXPORT_SENT_PRIVATELY, True)
-    for name in PRIVATE_COMMANDS:  # every command that answers with personal data does the same
-        other = await service.handle(group(f"/{name}"))
+    for command in COMMANDS:  # every command that answers with personal data does the same
+        if not command.private:
+            continue
+        other = await service.handle(group(f"/{command.name}"))
         assert other is not None and other.private is not None and other.attachment is None
 
 

@@ -22,10 +22,11 @@ from sqlalchemy import select
 
 from bot import telegram_requests
 from bot.telegram import TelegramBackend
+from core.commands import COMMANDS
 from core.db import Database
 from core.engine import Engine, ModelRef
 from core.errors import ConfigError, MagpieError
-from core.messages import ADMIN_COMMANDS, COMMANDS, ChatKind, IncomingMessage, Reply
+from core.messages import ChatKind, IncomingMessage, Reply
 from core.models import Chat, Delivery, Role
 from core.models import Message as DbMessage
 from core.outcomes import RunStarted
@@ -252,11 +253,11 @@ async def test_command_menu_has_user_commands_for_everyone_and_all_commands_for_
     async with running(settings, RecordingHandler()):
         pass
     everyone = [command["command"] for command in telegram.commands["default"]]
-    assert everyone == [name for name in COMMANDS if name not in ADMIN_COMMANDS]
-    assert [command["command"] for command in telegram.commands["chat:42"]] == list(COMMANDS)
+    assert everyone == [command.name for command in COMMANDS if not command.admin]
+    assert [command["command"] for command in telegram.commands["chat:42"]] == [c.name for c in COMMANDS]
     assert "chat:777" not in telegram.commands
     assert "command menu for admin chat 777 not set" in caplog.text
-    assert telegram.commands["default"][0]["description"] == COMMANDS["start"]
+    assert telegram.commands["default"][0]["description"] == COMMANDS[0].help
 
 
 # --- translating updates --------------------------------------------------------------------------------------
