@@ -85,7 +85,7 @@ class ChatService:
     `/models` and `/rollback`. Without them those commands say they are not available in this setup.
     `telemetry` counts the messages received and the refusals (a private one when none is given). `limits`
     (the per-user rate limit and one answer at a time per user) are this process's own unless given: replicas
-    share theirs through Redis (`core.limits.open_user_limits`).
+    share theirs through Redis (`core.redis_limits`, picked by `bot.cli.open_user_limits`).
     """
 
     def __init__(

@@ -51,3 +51,42 @@ def test_the_active_version_is_queried_in_one_place() -> None:
         if "== VersionStatus.ACTIVE" in path.read_text()
     }
     assert writers == {"core/versions.py"}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _project_imports(path: Path, known: set[str]) -> set[str]:
+    """The project modules `path` imports anywhere in its body (in functions too), resolving relative imports
+    and `from package import module`."""
+    name, tree = _module_name(path), ast.parse(path.read_text())
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(package[: len(package) - node.level + 1]) if node.level else ""
+            module = ".".join(part for part in (base, node.module or "") if part)
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+    return {module for module in found if module in known and module != name}
+
+
+def test_no_module_of_core_bot_or_trainer_is_part_of_an_import_cycle() -> None:
+    """A cycle (even one closed by an import inside a function, as `core.limits` ↔ `core.redis_limits` was) means
+    two modules are one: the seam between them is drawn in the wrong place."""
+    paths = {
+        _module_name(path): path for package in ("core", "bot", "trainer") for path in (ROOT / package).rglob("*.py")
+    }
+    graph = {name: _project_imports(path, set(paths)) for name, path in paths.items()}
+    for start, imported in graph.items():
+        seen, frontier = set(), list(imported)
+        while frontier:
+            module = frontier.pop()
+            assert module != start, f"{start} imports itself through {sorted(seen)}"
+            if module not in seen:
+                seen.add(module)
+                frontier.extend(graph[module])

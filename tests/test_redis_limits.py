@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
+from bot.cli import open_user_limits
 from core.errors import ConfigError, MagpieError
-from core.limits import LocalUserLimits, open_user_limits
+from core.limits import LocalUserLimits
 from core.redis_limits import RedisUserLimits
 from core.settings import Settings, load_settings
 
