@@ -47,7 +47,7 @@ from core.texts import (
     unknown_command,
     version_list,
 )
-from core.versions import training_in_progress, version_files_problem, versions_trained_on_user
+from core.versions import runs_in_progress, version_files_problem, versions_trained_on_user
 
 log = logging.getLogger("core.service")
 
@@ -111,7 +111,7 @@ class ChatCommands:
         async with self._db.sessions.begin() as session:
             count = await forget_user(session, user_id=logged.user_row_id)
             trained_on = await versions_trained_on_user(session, user_id=logged.user_row_id)
-            training = await training_in_progress(session)
+            training = bool(await runs_in_progress(session))
         log.info("Forgot %d messages of user row %d", count, logged.user_row_id)
         names = [version.name for version in trained_on]
         text = forgotten(count, trained_on=names, training_now=training)

@@ -140,3 +140,14 @@ def test_the_active_version_is_queried_in_one_place() -> None:
         if "== VersionStatus.ACTIVE" in path.read_text()
     }
     assert writers == {"core/versions.py"}
+
+
+def test_is_a_run_going_is_asked_in_one_place() -> None:
+    """`core.versions.runs_in_progress` owns the read of the `running` run rows; everyone else asks it."""
+    readers = {
+        path.relative_to(ROOT).as_posix()
+        for package in LAYERS
+        for path in _paths(package)
+        if "TrainingRun.status == RunStatus.RUNNING" in path.read_text()
+    }
+    assert readers == {"core/versions.py"}

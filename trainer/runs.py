@@ -47,7 +47,7 @@ from core.errors import MagpieError
 from core.models import RunStatus, TrainingRun
 from core.outcomes import AlreadyRunning, RunOutcome
 from core.settings import Settings
-from core.versions import get_version
+from core.versions import get_version, runs_in_progress
 from trainer.model_dirs import leftovers_of_run, remove_dirs
 from trainer.process import kill_trainer, process_start_token, this_host, trainer_process_alive
 
@@ -91,7 +91,7 @@ async def create(
             return run.id
     except IntegrityError:  # the partial unique index: one running row, whoever wrote it
         async with db.sessions() as session:
-            other = await session.scalar(select(TrainingRun).where(TrainingRun.status == RunStatus.RUNNING))
+            other = next(iter(await runs_in_progress(session)), None)
         if other is None:  # it ended in between: a refusal all the same, the next request goes through
             raise
         log.info("training run #%d is already running (started by another process)", other.id)
@@ -149,9 +149,8 @@ async def take(db: Database, run_id: int, *, host: str, now: datetime) -> Taken:
 
 async def queued_run(db: Database) -> tuple[int, tuple[str, str] | None, datetime] | None:
     """The queued run that is `running` now, if any: its id, the chat to tell, when it was asked for."""
-    query = select(TrainingRun).where(TrainingRun.status == RunStatus.RUNNING, TrainingRun.heartbeat_at.is_not(None))
     async with db.sessions() as session:
-        row = await session.scalar(query)
+        row = next((run for run in await runs_in_progress(session) if run.heartbeat_at is not None), None)
     if row is None:
         return None
     notify = (row.notify_platform, row.notify_chat_id) if row.notify_platform and row.notify_chat_id else None
@@ -330,18 +329,12 @@ async def settle_running(
     ended: list[Ended] = []
     running = None
     async with db.sessions.begin() as session:
-        for row in await _running_rows(session):
+        for row in await runs_in_progress(session, lock=True):
             if row.id != besides:
                 running = _settle(row, settings, now, ended, policy) or running
         last_finished = await session.scalar(select(func.max(TrainingRun.finished_at)))
     await clean_up(db, settings.models_dir, ended)
     return Settled(ended, running, last_finished)
-
-
-async def _running_rows(session: AsyncSession) -> Sequence[TrainingRun]:
-    """Locked (on PostgreSQL): a trainer recording its outcome meanwhile is waited for, not overwritten."""
-    query = select(TrainingRun).where(TrainingRun.status == RunStatus.RUNNING).with_for_update()
-    return (await session.scalars(query)).all()
 
 
 def _settle(
