@@ -28,6 +28,7 @@ from core.engine import Engine
 from core.errors import EngineBusyError
 from core.i18n import LANGUAGES, SOURCE_LANGUAGE, _, current_language, speaking, supported_language, translate
 from core.messages import ChatKind, IncomingMessage
+from core.outcomes import RunEndReason, recorded_reason
 from core.service import ChatService
 from core.settings import Settings, load_settings
 
@@ -244,3 +245,17 @@ async def test_the_same_commands_answer_an_english_speaker_in_english(service: C
         assert reply is not None and not HANGUL.search(reply.text), reply
     busy = await service.handle(_said("hello", language="ko"), busy=True)
     assert busy is not None and busy.text == translate(EngineBusyError.user_message, "ko") != texts.BUSY
+
+
+def test_every_run_end_reason_is_worded_and_old_free_text_still_shows() -> None:
+    """A reason added to `RunEndReason` without its words fails here; rows recorded before reasons were typed
+    hold English, shown as it is."""
+    for reason in RunEndReason:
+        with speaking("ko"):
+            korean = texts.run_end_reason(reason)
+        english = texts.run_end_reason(reason)
+        assert english not in (reason.value, korean), reason
+    assert texts.run_end_reason(recorded_reason("stopped by cli:me (magpie retrain --stop-running)")) == (
+        "stopped by cli:me (magpie retrain --stop-running)"
+    )
+    assert recorded_reason(RunEndReason.KILLED.value) is RunEndReason.KILLED and recorded_reason(None) is None

@@ -23,7 +23,7 @@ from sqlalchemy import select
 from core.db import Database
 from core.engine import Engine
 from core.models import Message, ModelVersion, Role, RunStatus, TrainingRun, VersionStatus
-from core.outcomes import RunOutcome
+from core.outcomes import RunEndReason, RunOutcome
 from core.service import ChatService
 from core.serving import ModelServing
 from core.settings import Settings
@@ -213,7 +213,7 @@ async def test_a_worse_version_is_rejected_and_the_old_one_kept(
         assert (await loop.admin("/retrain")).startswith("Training run #1 started")
 
         outcome = await loop.notifier.wait_for("Training run #1 finished")
-        assert "v1 was not promoted" in outcome and "worse than the active version's" in outcome
+        assert "v1 was not promoted: it did worse than the active version" in outcome
         assert "The active model stays" in outcome
 
         async with db.sessions() as session:
@@ -228,6 +228,9 @@ async def test_a_worse_version_is_rejected_and_the_old_one_kept(
         answer, version_id = await loop.ask(QUESTION, user="903")
         assert PHRASE in answer and version_id == good
         assert "v1: rejected" in await loop.admin("/models")
+        assert "(it did worse than the active version on the same held-out conversations)" in await loop.admin(
+            "/models"
+        )
     finally:
         await loop.stop()
         await engine.close()
@@ -257,9 +260,9 @@ async def test_killing_the_trainer_keeps_the_active_version_and_rollback_works(
         )
 
         assert killed and isinstance(outcome, RunOutcome)
-        assert outcome.status is RunStatus.FAILED and "killed (SIGKILL)" in run_outcome(outcome)
+        assert outcome.status is RunStatus.FAILED and "the training process was killed" in run_outcome(outcome)
         run = await _run_row(db, 1)
-        assert run.status is RunStatus.FAILED and "killed" in (run.error or "") and run.finished_at is not None
+        assert run.status is RunStatus.FAILED and run.error == RunEndReason.KILLED and run.finished_at is not None
         assert 0 < run.progress < 1 and run.model_version_id is None
         assert not list(settings.models_dir.glob(".*partial")), "the half-written version was removed"
         assert engine.model_ref is not None and engine.model_ref.version_id == taught
@@ -296,7 +299,7 @@ async def test_stopping_the_bot_stops_the_run(
 
         assert loop.orchestrator.running is None
         run = await _run_row(db, 1)
-        assert run.status is RunStatus.FAILED and run.error == "stopped with the bot"
+        assert run.status is RunStatus.FAILED and run.error == RunEndReason.STOPPED_WITH_BOT
         assert "Training run #1 failed: stopped with the bot" in loop.notifier.texts()[-1]
         with pytest.raises(ProcessLookupError):
             os.kill(running.pid, 0)
@@ -326,7 +329,7 @@ async def test_cancelling_a_foreground_run_stops_the_child(
         await task
 
     run = await _run_row(db, 1)
-    assert run.status is RunStatus.FAILED and run.error == "interrupted from the shell"
+    assert run.status is RunStatus.FAILED and run.error == RunEndReason.INTERRUPTED_FROM_SHELL
     assert orchestrator.running is None
     with pytest.raises(ProcessLookupError):
         os.kill(running.pid, 0)
@@ -387,7 +390,7 @@ async def test_a_run_past_the_timeout_is_stopped_and_failed(
     )
 
     assert isinstance(outcome, RunOutcome) and outcome.status is RunStatus.FAILED
-    assert outcome.reason == "it ran longer than RETRAIN_TIMEOUT_MINUTES (180 min) and was stopped"
+    assert outcome.reason is RunEndReason.TIMED_OUT
     run = await _run_row(db, 1)
     assert run.status is RunStatus.FAILED and run.error == outcome.reason and run.model_version_id is None
     with pytest.raises(ProcessLookupError):

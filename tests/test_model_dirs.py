@@ -19,7 +19,7 @@ from bot.cli_training import run_command
 from core.db import Database
 from core.engine import Engine
 from core.models import ModelVersion, RunStatus, TrainingRun, VersionStatus
-from core.outcomes import RunOutcome
+from core.outcomes import RunEndReason, RunOutcome
 from core.service import ChatService
 from core.serving import ModelServing
 from core.settings import Settings
@@ -123,8 +123,8 @@ async def test_an_error_or_a_kill_after_the_rename_removes_the_version_directory
 
     assert isinstance(outcome, RunOutcome) and seen == [1]
     assert outcome.status is RunStatus.FAILED
-    expected = "killed (SIGKILL)" if answer == "kill" else "training failed (InjectedFailureError)"
-    assert expected in (outcome.reason or "")
+    expected = RunEndReason.KILLED if answer == "kill" else RunEndReason.TRAINING_ERROR
+    assert outcome.reason is expected
     assert not settings.models_dir.exists() or list(settings.models_dir.iterdir()) == []
     assert await _versions(db) == []
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from sqlalchemy import select
 from core.db import Database
 from core.engine import Engine
 from core.models import ModelVersion, ModelVersionMessage, RunStatus, TrainingRun, User
-from core.outcomes import DATA_WITHDRAWN
+from core.outcomes import DATA_WITHDRAWN, RunEndReason
 from core.service import ChatService
 from core.serving import ModelServing
 from core.settings import Settings
@@ -47,10 +46,6 @@ pytestmark = pytest.mark.slow
 X = "1000"
 """The person who withdraws: one of the askers of `log_community`, whose question is in many samples."""
 IN_PROGRESS = "A training run is in progress: the version it trains will not be used with your messages in it."
-WITHDRAWN = re.compile(
-    r"^training data changed during the run: (\d+) messages? (?:was|were) deleted or withdrawn \(/forget or "
-    r"/optout\), so the version it trained was discarded$"
-)
 
 
 @pytest.fixture(scope="session")
@@ -119,8 +114,7 @@ async def test_a_run_is_not_promoted_with_data_withdrawn_while_it_trained(
         versions = [version.name for version in (await session.scalars(select(ModelVersion))).all()]
         serving = await get_active_version(session)
     assert row is not None and row.status is RunStatus.REJECTED and row.model_version_id is None
-    withdrawn = WITHDRAWN.match(row.error or "")
-    assert withdrawn is not None and int(withdrawn.group(1)) == in_manifest[0] == row.metrics[DATA_WITHDRAWN]
+    assert row.error == RunEndReason.TRAINING_DATA_WITHDRAWN and in_manifest[0] == row.metrics[DATA_WITHDRAWN]
     assert versions == ["v0"] and serving is not None and serving.id == active, "nothing registered, v0 serves"
     assert not version_dir.exists() and list(settings.models_dir.iterdir()) == [], "its files are gone"
     if command == "/forget":
