@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from sqlalchemy import func, select
 from core.db import Database
 from core.engine import Engine
 from core.errors import ConfigError
-from core.models import ModelVersion, RunStatus, TrainingRun
+from core.models import ModelVersion, RunStatus
 from core.outcomes import AlreadyRunning, CouldNotStart, RunEndReason
 from core.service import ChatService
 from core.serving import ModelServing
@@ -38,6 +39,7 @@ from tests.conftest import _empty_tables
 from tests.loop_support import ADMIN, RecordingNotifier, build_loop_model, log_community, loop_settings, msg
 from tests.loop_support import started_engine as start_engine
 from tests.paused_retrain import SOCKET_VARIABLE, pause_server
+from tests.run_rows import add_run, run_row
 from trainer import runs
 from trainer.celery_queue import celery_app
 from trainer.orchestrator import RunningRun, TrainingOrchestrator
@@ -55,26 +57,8 @@ BROKERS = {
 # --- the row's rules for queued runs (no broker) ----------------------------------------------------------------
 
 
-async def _queued_run(db: Database, **fields: Any) -> int:
-    values: dict[str, Any] = {
-        "status": RunStatus.RUNNING,
-        "triggered_by": "telegram:42",
-        "started_at": NOW,
-        "heartbeat_at": NOW,
-        **fields,
-    }
-    async with db.sessions.begin() as session:
-        run = TrainingRun(**values)
-        session.add(run)
-        await session.flush()
-        return run.id
-
-
-async def _row(db: Database, run_id: int) -> TrainingRun:
-    async with db.sessions() as session:
-        row = await session.get(TrainingRun, run_id)
-    assert row is not None
-    return row
+_queued_run = partial(add_run, triggered_by="telegram:42", started_at=NOW, heartbeat_at=NOW)
+_row = run_row
 
 
 @pytest.fixture

@@ -8,9 +8,8 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -26,6 +25,7 @@ from core.service import ChatService
 from core.settings import Settings
 from core.versions import activate_version, register_version
 from tests.loop_support import PHRASE, QUESTION, build_loop_model, greedy_engine, log_community, loop_settings, msg
+from tests.run_rows import add_run
 from trainer.process import process_start_token
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,12 +164,7 @@ def live_process() -> Iterator[subprocess.Popen[bytes]]:
         process.stdout.close()
 
 
-async def _running_row(db: Database, **fields: Any) -> int:
-    async with db.sessions.begin() as session:
-        run = TrainingRun(status=RunStatus.RUNNING, triggered_by="telegram:42", started_at=datetime.now(UTC), **fields)
-        session.add(run)
-        await session.flush()
-        return run.id
+_running_row = partial(add_run, triggered_by="telegram:42")
 
 
 async def _runs(db: Database) -> dict[int, TrainingRun]:

@@ -28,12 +28,13 @@ from core.service import ChatService
 from core.settings import load_settings
 from core.telemetry import Telemetry
 from core.texts import CHAT_COMMAND_DESCRIPTION, CHAT_TEXT_DESCRIPTION
+from tests.discord_support import mention
+from tests.discord_support import running as discord_running
 from tests.fake_discord import FakeDiscord
 from tests.fake_telegram import FakeTelegram
-from tests.test_discord import Observed, Scripted, mention
-from tests.test_discord import running as discord_running
-from tests.test_telegram import RecordingHandler, serving, settings_for
-from tests.test_telegram import running as telegram_running
+from tests.recording_handler import RecordingHandler
+from tests.telegram_support import running as telegram_running
+from tests.telegram_support import serving, settings_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -113,7 +114,7 @@ async def korean_guild() -> AsyncIterator[FakeDiscord]:
 
 async def test_discord_commands_sync_with_korean_description_localizations(korean_guild: FakeDiscord) -> None:
     fake = korean_guild
-    async with discord_running(fake, Observed(Scripted())):
+    async with discord_running(fake, RecordingHandler()):
         synced = {command["name"]: command for command in fake.commands[fake.guild_id]}
     for name, description in [*((c.name, c.help) for c in COMMANDS), ("chat", CHAT_COMMAND_DESCRIPTION)]:
         assert synced[name]["description"] == description
@@ -148,7 +149,7 @@ async def test_fake_self_check_discord_refuses_localizations_discord_refuses(kor
 
 async def test_discord_language_is_the_interaction_locale_else_the_servers(korean_guild: FakeDiscord) -> None:
     fake = korean_guild
-    handler = Observed(Scripted())
+    handler = RecordingHandler()
     ann, minji = fake.add_user("ann"), fake.add_user("minji")
     async with discord_running(fake, handler):
         english_command = await fake.send_command(ann, "help", guild=True, locale="en-US")

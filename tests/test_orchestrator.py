@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from core.service import ChatService
 from core.settings import Settings
 from core.texts import run_outcome, run_request
 from tests.loop_support import ADMIN, RecordingNotifier, greedy_engine, loop_settings, msg
+from tests.run_rows import add_run, run_row
 from trainer import process
 from trainer.orchestrator import TrainingOrchestrator
 from trainer.process import child_environment, process_start_token, trainer_process_alive
@@ -226,20 +228,7 @@ def test_a_pid_we_may_not_signal_is_not_our_trainer(monkeypatch: pytest.MonkeyPa
 # --- runs in the database -------------------------------------------------------------------------------------
 
 
-async def _add_run(db: Database, **fields: Any) -> int:
-    values: dict[str, Any] = {"status": RunStatus.RUNNING, "triggered_by": "test", "started_at": NOW, **fields}
-    async with db.sessions.begin() as session:
-        run = TrainingRun(**values)
-        session.add(run)
-        await session.flush()
-        return run.id
-
-
-async def _run(db: Database, run_id: int) -> TrainingRun:
-    async with db.sessions() as session:
-        run = await session.get(TrainingRun, run_id)
-    assert run is not None
-    return run
+_add_run = partial(add_run, started_at=NOW)
 
 
 @pytest.fixture
@@ -269,7 +258,7 @@ async def test_interrupted_runs_are_marked_failed_at_start(
         await orchestrator.start()
         await orchestrator.stop()
 
-        run = await _run(db, run_id)
+        run = await run_row(db, run_id)
         if interrupted:
             assert run.status is RunStatus.FAILED and run.finished_at == NOW, fields
             assert run.error is not None and run.error.startswith("interrupted")
@@ -278,7 +267,7 @@ async def test_interrupted_runs_are_marked_failed_at_start(
             assert run.status is RunStatus.RUNNING, fields
             async with db.sessions.begin() as session:  # make room for the next case
                 (await session.get(TrainingRun, run_id)).status = RunStatus.FAILED  # type: ignore[union-attr]
-    assert (await _run(db, finished)).status is RunStatus.PROMOTED
+    assert (await run_row(db, finished)).status is RunStatus.PROMOTED
 
 
 async def test_a_run_in_another_process_is_reported_as_running(
@@ -307,7 +296,7 @@ async def test_a_run_of_another_process_past_the_timeout_is_killed_and_failed(
     assert await orchestrator.recover_interrupted_runs() == [hung]
 
     assert fake_trainer.wait(timeout=30) == -signal.SIGKILL
-    run = await _run(db, hung)
+    run = await run_row(db, hung)
     assert run.status is RunStatus.FAILED and run.finished_at == NOW
     assert run.error == RunEndReason.TIMED_OUT
 
@@ -322,7 +311,7 @@ async def test_a_run_within_the_timeout_is_left_alone(
     assert await TrainingOrchestrator(settings=unlimited, db=db, clock=Clock()).recover_interrupted_runs() == []
     clock = Clock(NOW - timedelta(days=3) + timedelta(minutes=179))
     assert await TrainingOrchestrator(settings=limited, db=db, clock=clock).recover_interrupted_runs() == []
-    assert (await _run(db, long_ago)).status is RunStatus.RUNNING and fake_trainer.poll() is None
+    assert (await run_row(db, long_ago)).status is RunStatus.RUNNING and fake_trainer.poll() is None
 
 
 async def test_cooldown_refuses_a_new_run_and_the_service_relays_it(db: Database, settings: Settings) -> None:
@@ -364,7 +353,7 @@ async def test_the_schedule_starts_a_run_when_due(db: Database, settings: Settin
 
     assert reply == RunStarted(2, reports_here=False)
     assert run_request(reply).startswith("Training run #2 started")
-    run = await _run(db, 2)
+    run = await run_row(db, 2)
     assert run.triggered_by == "schedule" and run.status is RunStatus.FAILED and run.finished_at is not None
 
 
@@ -398,4 +387,4 @@ async def test_a_korean_admin_hears_why_a_run_failed_in_korean(db: Database, set
     finally:
         await orchestrator.stop()
     assert outcome.startswith("학습 #1이(가) 실패했어요: 아직 학습할 대화가 부족해요."), outcome
-    assert (await _run(db, 1)).error == RunEndReason.NOT_ENOUGH_DATA == "not_enough_data"
+    assert (await run_row(db, 1)).error == RunEndReason.NOT_ENOUGH_DATA == "not_enough_data"

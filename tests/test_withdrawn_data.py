@@ -38,6 +38,7 @@ from tests.loop_support import (
     started_engine,
 )
 from tests.paused_retrain import SOCKET_VARIABLE, pause_server
+from tests.run_rows import new_run
 from trainer.orchestrator import TrainingOrchestrator
 from trainer.retrain import retrain
 
@@ -92,7 +93,7 @@ async def test_a_run_is_not_promoted_with_data_withdrawn_while_it_trained(
     active = await _active_base(db, loop_model_dir)
     x_row = await _user_row(db, X)
     async with db.sessions.begin() as session:
-        run = TrainingRun(status=RunStatus.RUNNING, triggered_by="test")
+        run = new_run()
         session.add(run)
         await session.flush()
         run_id = run.id
