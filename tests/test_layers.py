@@ -151,3 +151,16 @@ def test_is_a_run_going_is_asked_in_one_place() -> None:
         if "TrainingRun.status == RunStatus.RUNNING" in path.read_text()
     }
     assert readers == {"core/versions.py"}
+
+
+def test_tests_share_helpers_instead_of_importing_each_other_or_copying_a_recorder() -> None:
+    """A test module imports shared helper modules (`tests/*_support.py`, `tests/recording_handler.py`,
+    `tests/run_rows.py`), never another test module; the tests' one `ChatHandler` recorder is
+    `tests.recording_handler.RecordingHandler`."""
+    tests = ROOT / "tests"
+    for path in sorted(tests.glob("*.py")):
+        importing_tests = {m for m in _imported_modules(path) if m.startswith("tests.test_")}
+        assert not importing_tests, f"{path.name} imports {sorted(importing_tests)}"
+    others = (path for path in tests.glob("*.py") if path != Path(__file__))
+    recorders = {path.name for path in others if "async def mark_delivered(" in path.read_text()}
+    assert recorders == {"recording_handler.py"}
