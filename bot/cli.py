@@ -29,7 +29,7 @@ from core.db import Database, upgrade
 from core.engine import Engine
 from core.errors import ConfigError, MagpieError
 from core.health import HealthCheck
-from core.limits import UserLimits, open_user_limits
+from core.limits import LocalUserLimits, UserLimits
 from core.logging_setup import CorrelationFilter, JsonFormatter
 from core.retention import RetentionJob, prune_old_messages
 from core.retraining import Retrainer
@@ -46,6 +46,16 @@ if TYPE_CHECKING:
     from trainer.orchestrator import TrainingOrchestrator
 
 log = logging.getLogger("magpie")
+
+
+async def open_user_limits(settings: Settings, *, clock: Callable[[], float]) -> UserLimits:
+    """Redis-backed limits when REDIS_URL is set (checked reachable now, so a wrong URL stops the start with a
+    clear line), else the in-process ones. Redis is imported only when configured."""
+    if settings.redis_url is None:
+        return LocalUserLimits(limit=settings.rate_limit_per_minute, clock=clock)
+    from core.redis_limits import RedisUserLimits
+
+    return await RedisUserLimits.connect(settings)
 
 
 class RedactSecrets(logging.Filter):

@@ -25,7 +25,7 @@ from bot import discord_client
 from bot.backend import ChatBackend, Part, Route
 from bot.discord_commands import NO_MENTIONS, ChannelDestination, Destination, Followups
 from core.commands import parse_command
-from core.messages import PRIVATE_COMMANDS, ChatHandler, ChatKind, IncomingMessage
+from core.messages import ChatHandler, ChatKind, IncomingMessage
 from core.settings import Settings
 from core.telemetry import Telemetry
 
@@ -118,14 +118,15 @@ class DiscordBackend(ChatBackend[Destination]):
         follow-up.
 
         Whether the answer is ephemeral is fixed by the defer, before the core has answered: in a server, the
-        commands whose answer is personal data (`PRIVATE_COMMANDS`) are deferred ephemerally, and that answer
-        goes to the user alone. A personal answer to anything else goes by DM, with a note in the channel.
+        commands whose answer is personal data (`private` in the command registry) are deferred ephemerally, and
+        that answer goes to the user alone. A personal answer to anything else goes by DM, with a note in the channel.
         """
         with self.exchange() as accepted:
             if not accepted:
                 return
             command = parse_command(text)
-            ephemeral = interaction.guild_id is not None and command is not None and command.name in PRIVATE_COMMANDS
+            spec = command.spec if command is not None else None
+            ephemeral = interaction.guild_id is not None and spec is not None and spec.private
             await interaction.response.defer(thinking=True, ephemeral=ephemeral)
             reply = await self.ask_core(command_to_incoming(interaction, text), None)  # "thinking…" shows already
             if reply is None:  # a re-delivered interaction: nothing to say, so do not leave "thinking…" behind

@@ -24,10 +24,11 @@ import discord
 from discord import app_commands
 
 from bot.backend import Part
+from core.commands import Command, visible_commands
 from core.errors import MagpieError
 from core.i18n import SOURCE_LANGUAGE, supported_language, translate
-from core.messages import COMMANDS, Attachment
-from core.texts import CHAT_COMMAND_DESCRIPTION, CHAT_TEXT_DESCRIPTION, ROLLBACK_VERSION_DESCRIPTION
+from core.messages import Attachment
+from core.texts import CHAT_COMMAND_DESCRIPTION, CHAT_TEXT_DESCRIPTION
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +121,8 @@ def build_command_tree(client: discord.Client, run: CommandRunner) -> app_comman
     tree: app_commands.CommandTree[Any] = app_commands.CommandTree(client)
     tree.on_error = _report_error  # type: ignore[method-assign]
     tree.add_command(_chat_command(run))
-    for name, description in COMMANDS.items():
-        tree.add_command(_command(name, description, run))
+    for command in visible_commands(admin=True):  # Discord shows every command; the core refuses non-admins
+        tree.add_command(_command(command, run))
     return tree
 
 
@@ -134,22 +135,26 @@ def _chat_command(run: CommandRunner) -> app_commands.Command[Any, ..., None]:
     return app_commands.Command(name="chat", description=CHAT_COMMAND_DESCRIPTION, callback=chat)
 
 
-def _command(name: str, description: str, run: CommandRunner) -> app_commands.Command[Any, ..., None]:
-    if name == "rollback":
+def _command(command: Command, run: CommandRunner) -> app_commands.Command[Any, ..., None]:
+    """The slash command for a registry entry: an optional text option when the entry takes an argument (shown
+    under the argument's name), none otherwise."""
+    name, argument = command.name, command.argument
+    if argument is not None:
 
-        @app_commands.describe(version=ROLLBACK_VERSION_DESCRIPTION)
-        async def with_version(interaction: discord.Interaction, version: str | None = None) -> None:
-            """Runs `/rollback [version]`."""
-            version = (version or "").strip()
-            await run(interaction, f"/{name} {version}" if version else f"/{name}")
+        @app_commands.rename(value=argument.name)
+        @app_commands.describe(value=argument.description)
+        async def with_argument(interaction: discord.Interaction, value: str | None = None) -> None:
+            """Runs `/name [argument]`."""
+            value = (value or "").strip()
+            await run(interaction, f"/{name} {value}" if value else f"/{name}")
 
-        return app_commands.Command(name=name, description=description, callback=with_version)
+        return app_commands.Command(name=name, description=command.help, callback=with_argument)
 
     async def plain(interaction: discord.Interaction) -> None:
         """Runs a command without arguments."""
         await run(interaction, f"/{name}")
 
-    return app_commands.Command(name=name, description=description, callback=plain)
+    return app_commands.Command(name=name, description=command.help, callback=plain)
 
 
 def as_file(attachment: Attachment) -> discord.File:

@@ -23,9 +23,9 @@ from telegram import BotCommand, BotCommandScopeChat
 from telegram.error import BadRequest, InvalidToken, NetworkError, RetryAfter, TelegramError, TimedOut
 from telegram.ext import AIORateLimiter, Application, ApplicationBuilder, ContextTypes, ExtBot
 
+from core.commands import visible_commands
 from core.errors import ConfigError, MagpieError
 from core.i18n import LANGUAGES, SOURCE_LANGUAGE, translate
-from core.messages import ADMIN_COMMANDS, COMMANDS
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,8 @@ async def register_commands(app: App, settings: Settings, redact: Callable[[str]
     for language in LANGUAGES:
         code = None if language == SOURCE_LANGUAGE else language
         for scope in scopes:
-            names = [name for name in COMMANDS if scope or name not in ADMIN_COMMANDS]
-            commands = [BotCommand(name, translate(COMMANDS[name], language)) for name in names]
+            shown = visible_commands(admin=scope is not None)
+            commands = [BotCommand(command.name, translate(command.help, language)) for command in shown]
             call = partial(app.bot.set_my_commands, commands, scope=scope, language_code=code)
             try:
                 await retrying(call, redact, repeatable=True)

@@ -1,5 +1,9 @@
 """The chat commands (`/start`, `/help`, `/forget`, `/export`, `/retrain`…): what each does and answers.
 
+The registry (`core.commands.COMMANDS`) says which commands exist and who may run them; here each entry `name` has
+its handler, the method `_cmd_<name>` (checked when this module is imported, so an entry without a handler, or a
+handler without an entry, cannot ship).
+
 Admin rights come from numeric platform ids in ADMIN_IDS (`Settings.is_admin`), never from display names. Every
 answer is a logged system reply (`ReplyLog`), worded in `core.texts`.
 """
@@ -9,12 +13,14 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TypeAlias
 
+from core import commands as registry
 from core.commands import ParsedCommand
 from core.db import Database
 from core.engine import Engine
 from core.i18n import _
-from core.messages import ADMIN_COMMANDS, Attachment, ChatKind, Private, Reply
+from core.messages import Attachment, ChatKind, Private, Reply
 from core.models import User
 from core.reply_log import Logged, ReplyLog
 from core.retraining import Retrainer
@@ -41,9 +47,11 @@ from core.texts import (
     unknown_command,
     version_list,
 )
-from core.versions import training_in_progress, version_files_problem, versions_trained_on_user
+from core.versions import runs_in_progress, version_files_problem, versions_trained_on_user
 
 log = logging.getLogger("core.service")
+
+Handler: TypeAlias = "Callable[[ChatCommands, Logged, ParsedCommand], Awaitable[Reply]]"
 
 
 class ChatCommands:
@@ -69,8 +77,10 @@ class ChatCommands:
 
     async def run(self, logged: Logged, command: ParsedCommand) -> Reply:
         message = logged.message
-        is_admin = self._settings.is_admin(message.platform, message.author_id)
-        if command.name in ADMIN_COMMANDS and not is_admin:
+        spec = command.spec
+        if spec is None:
+            return await self._replies.system_reply(logged, unknown_command(command.name))
+        if spec.admin and not self._is_admin(logged):
             log.warning(
                 "Refused admin command /%s from %s:%s (not in ADMIN_IDS)",
                 command.name,
@@ -78,25 +88,8 @@ class ChatCommands:
                 message.author_id,
             )
             return await self._replies.system_reply(logged, _(ADMINS_ONLY))
-        handler = self._handlers().get(command.name)
-        if handler is None:
-            return await self._replies.system_reply(logged, unknown_command(command.name))
-        return await handler(logged, command)
-
-    def _handlers(self) -> dict[str, Callable[[Logged, ParsedCommand], Awaitable[Reply]]]:
-        return {
-            "start": self._cmd_start,
-            "help": self._cmd_help,
-            "reset": self._cmd_reset,
-            "forget": self._cmd_forget,
-            "export": self._cmd_export,
-            "optout": self._cmd_optout,
-            "optin": self._cmd_optin,
-            "retrain": self._cmd_retrain,
-            "status": self._cmd_status,
-            "models": self._cmd_models,
-            "rollback": self._cmd_rollback,
-        }
+        handler: Handler = _HANDLERS[spec.name]
+        return await handler(self, logged, command)
 
     def _is_admin(self, logged: Logged) -> bool:
         return self._settings.is_admin(logged.message.platform, logged.message.author_id)
@@ -118,7 +111,7 @@ class ChatCommands:
         async with self._db.sessions.begin() as session:
             count = await forget_user(session, user_id=logged.user_row_id)
             trained_on = await versions_trained_on_user(session, user_id=logged.user_row_id)
-            training = await training_in_progress(session)
+            training = bool(await runs_in_progress(session))
         log.info("Forgot %d messages of user row %d", count, logged.user_row_id)
         names = [version.name for version in trained_on]
         text = forgotten(count, trained_on=names, training_now=training)
@@ -186,3 +179,19 @@ class ChatCommands:
             version=command.args or None, triggered_by=f"{message.platform}:{message.author_id}"
         )
         return await self._replies.system_reply(logged, switch(result))
+
+
+def _handlers() -> dict[str, Handler]:
+    """Each registry entry's handler; raises at import when the registry and the handlers disagree."""
+    prefix = "_cmd_"
+    methods = {name.removeprefix(prefix) for name in vars(ChatCommands) if name.startswith(prefix)}
+    names = {command.name for command in registry.COMMANDS}
+    if methods != names:
+        raise TypeError(
+            f"Commands without a handler: {sorted(names - methods)}; handlers without a registry "
+            f"entry: {sorted(methods - names)}"
+        )
+    return {name: getattr(ChatCommands, prefix + name) for name in names}
+
+
+_HANDLERS = _handlers()

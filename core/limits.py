@@ -3,7 +3,8 @@
 `UserLimits` is the seam the chat service asks. `LocalUserLimits` keeps both rules in this process's memory (a
 sliding-window `RateLimiter` with an injectable clock, so tests drive time and nothing sleeps, and a `KeyedLock`
 that queues a user's messages behind their own pending one): right for one process, and what runs without
-REDIS_URL. Several replicas share the rules through Redis instead (`core.redis_limits`); `open_user_limits` picks.
+REDIS_URL. Several replicas share the rules through Redis instead (`core.redis_limits`, which builds on this module;
+this module knows nothing of it): the composition root picks one (`bot.cli.open_user_limits`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
-
-from core.settings import Settings
 
 
 class UserLimits(Protocol):
@@ -47,16 +46,6 @@ class LocalUserLimits:
 
     async def close(self) -> None:
         return None
-
-
-async def open_user_limits(settings: Settings, *, clock: Callable[[], float]) -> UserLimits:
-    """Redis-backed limits when REDIS_URL is set (checked reachable now, so a wrong URL stops the start with a
-    clear line), else the in-process ones. Redis is imported only when configured."""
-    if settings.redis_url is None:
-        return LocalUserLimits(limit=settings.rate_limit_per_minute, clock=clock)
-    from core.redis_limits import RedisUserLimits
-
-    return await RedisUserLimits.connect(settings)
 
 
 class RateLimiter:

@@ -131,26 +131,3 @@ class Notifier(Protocol):
     async def notify(self, platform: str, chat_id: str, text: str) -> None:
         """Sends `text` to `chat_id` on `platform`; failures are logged by the implementation, not raised."""
         ...
-
-
-COMMANDS: dict[str, str] = {
-    "start": N_("Say hello and see what I can do"),
-    "help": N_("List the commands"),
-    "reset": N_("Start a fresh conversation context in this chat"),
-    "forget": N_("Delete every message you ever sent me, in every chat"),
-    "export": N_("Get your own logged messages as a JSON file"),
-    "optout": N_("Keep chatting, but keep your messages out of training"),
-    "optin": N_("Let your messages be used for training again"),
-    "retrain": N_("(admin) Retrain the model on the logged conversations"),
-    "status": N_("(admin) Show the model, data and training status"),
-    "models": N_("(admin) List the model versions"),
-    "rollback": N_("(admin) Switch back to the previous (or a given) model version"),
-}
-"""Every command with its one-line help: the source for `/help`, Telegram's menu and Discord's slash tree. The help
-texts are English msgids of the message catalogue (`core.i18n`); whoever shows one translates it."""
-
-ADMIN_COMMANDS = frozenset({"retrain", "status", "models", "rollback"})
-
-PRIVATE_COMMANDS = frozenset({"export"})
-"""Commands whose answer is the author's own data: outside a private chat it reaches the author alone (`Private`).
-Adapters that must choose up front where an answer will appear (a Discord slash command's ephemeral flag) use it."""

@@ -88,6 +88,50 @@ class SwapOutcome:
 # --- how a run ended ------------------------------------------------------------------------------------------
 
 
+class RunEndReason(StrEnum):
+    """Why a run ended without a promotion: recorded on its row (`training_runs.error` holds the value) and worded
+    once, per language, by `core.texts.run_end_reason`. Details that vary (which signal, whose `--stop-running`,
+    the exception) go to the log; the numbers a report shows come from the run's metrics."""
+
+    # scored, not promoted (`rejected`)
+    WORSE_THAN_ACTIVE = "worse_than_active"
+    DIVERGED = "diverged"
+    ACTIVE_CHANGED = "active_changed"
+    TRAINING_DATA_WITHDRAWN = "training_data_withdrawn"
+    """People deleted or withdrew data it trained on while it trained (the count: metric `DATA_WITHDRAWN`)."""
+    # failed in the trainer
+    NOT_ENOUGH_DATA = "not_enough_data"
+    MODEL_LOAD_FAILED = "model_load_failed"
+    TRAINING_ERROR = "training_error"
+    SEVERAL_PROCESSES = "several_processes"
+    # failed by whoever launched or followed it
+    COULD_NOT_START = "could_not_start"
+    QUEUE_UNREACHABLE = "queue_unreachable"
+    KILLED = "killed"
+    EXITED = "exited"
+    INTERRUPTED = "interrupted"
+    TIMED_OUT = "timed_out"
+    NO_WORKER = "no_worker"
+    CLEARED = "cleared"
+    STOPPED = "stopped"
+    STOPPED_WITH_BOT = "stopped_with_bot"
+    INTERRUPTED_FROM_SHELL = "interrupted_from_shell"
+    ENDED_ELSEWHERE = "ended_elsewhere"
+    LOST_TRACK = "lost_track"
+    RECORD_GONE = "record_gone"
+
+
+def recorded_reason(text: str | None) -> RunEndReason | str | None:
+    """The reason a row or a version's note records: a `RunEndReason` value, or the free English that rows
+    written before reasons were typed hold (shown as it is)."""
+    if text is None:
+        return None
+    try:
+        return RunEndReason(text)
+    except ValueError:
+        return text
+
+
 @dataclass(frozen=True)
 class TrainingAgain:
     """After a run was discarded because its data was withdrawn: whether another run trains without that data."""
@@ -106,7 +150,8 @@ class RunOutcome:
     status: RunStatus
     version: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
-    reason: str | None = None
+    reason: RunEndReason | str | None = None
+    """Why it was not promoted; free text only for rows recorded before reasons were typed."""
     swap: SwapOutcome | None = None
     """The engine after a promotion."""
     again: TrainingAgain | None = None

@@ -85,7 +85,7 @@ class ChatService:
     `/models` and `/rollback`. Without them those commands say they are not available in this setup.
     `telemetry` counts the messages received and the refusals (a private one when none is given). `limits`
     (the per-user rate limit and one answer at a time per user) are this process's own unless given: replicas
-    share theirs through Redis (`core.limits.open_user_limits`).
+    share theirs through Redis (`core.redis_limits`, picked by `bot.cli.open_user_limits`).
     """
 
     def __init__(
@@ -200,7 +200,7 @@ class ChatService:
         unwritten = []
         for item in owed:
             # A pending /export note ("sent to you privately") would be a lie without the export: ask again instead.
-            if item.pending is None or _asks_for_export(item.message):
+            if item.pending is None or _asks_for_personal_data(item.message):
                 unwritten.append(item)
                 continue
             reply = Reply(item.pending.text, reply_to=item.message.platform_message_id, log_id=item.pending.id)
@@ -232,7 +232,7 @@ class ChatService:
         command = parse_command(message.text) if message.is_command else None
         logged = Logged(incoming, message.id, chat.id, author.id, command, recovered=True)
         async with slots:
-            if _asks_for_export(message):  # personal data goes out only on a live request
+            if _asks_for_personal_data(message):  # personal data goes out only on a live request
                 reply = await self._replies.system_reply(logged, _(EXPORT_AFTER_RESTART))
             else:
                 reply = await self._answer_or_apologise(logged)
@@ -331,6 +331,8 @@ class ChatService:
         return [Turn(speaker_key(row.author_id, bot=row.role is Role.BOT), row.text) for row in rows]
 
 
-def _asks_for_export(message: Message) -> bool:
+def _asks_for_personal_data(message: Message) -> bool:
+    """A command whose answer is the author's own data (`private` in the command registry: `/export`)."""
     command = parse_command(message.text) if message.is_command else None
-    return command is not None and command.name == "export"
+    spec = command.spec if command is not None else None
+    return spec is not None and spec.private

@@ -8,7 +8,7 @@ marked (`N_`), and the code that sends it says `_(CONSTANT)` when it knows whom 
 
 Adding a text: write it here as `_("English {name}").format(name=...)` (or `N_` for a constant), then add its
 Korean to `core/locale/ko/LC_MESSAGES/magpie.po`; `tests/test_i18n.py` fails until every msgid has a translation.
-(The command list's one-line descriptions live beside the command set in `core.messages.COMMANDS`, marked the same
+(The command list's one-line descriptions live in the command registry, `core.commands.COMMANDS`, marked the same
 way.) Texts never contain exception text or secrets: a reason shown here is one Magpie wrote itself (a run's
 recorded reason, a version's files problem).
 """
@@ -16,19 +16,22 @@ recorded reason, a version's files problem).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
+from typing import Any
 
+from core.commands import visible_commands
 from core.errors import EngineBusyError
 from core.i18n import N_, _, ngettext
-from core.messages import ADMIN_COMMANDS, COMMANDS
 from core.metrics import perplexity_text
 from core.models import RunStatus, VersionStatus
 from core.outcomes import (
+    DATA_WITHDRAWN,
     AlreadyRunning,
     CoolingDown,
     CouldNotStart,
     DiskUse,
+    RunEndReason,
     RunOutcome,
     RunRequest,
     RunStarted,
@@ -40,6 +43,7 @@ from core.outcomes import (
     TrainingAgain,
     VersionList,
     VersionSummary,
+    recorded_reason,
 )
 from core.storage import Stats
 
@@ -66,11 +70,10 @@ RETRAIN_UNAVAILABLE = N_("Retraining is not available in this setup.")
 MODELS_UNAVAILABLE = N_("Model versions are not available in this setup.")
 ROLLBACK_UNAVAILABLE = N_("Rollback is not available in this setup.")
 
-# --- Discord's slash-command texts beyond `COMMANDS` -----------------------------------------------------------
+# --- Discord's slash-command texts beyond the command registry (`core.commands.COMMANDS`) ----------------------
 
 CHAT_COMMAND_DESCRIPTION = N_("Say something to the bot")
 CHAT_TEXT_DESCRIPTION = N_("What you want to say")
-ROLLBACK_VERSION_DESCRIPTION = N_("The version to switch to (default: the previous one)")
 
 
 # --- the console's own lines ---------------------------------------------------------------------------------
@@ -120,10 +123,7 @@ def help_text(bot_name: str, *, is_admin: bool, private_chats_learned: bool) -> 
         learning_note(private_chats_learned=private_chats_learned),
         "",
     ]
-    for name, description in COMMANDS.items():
-        if name in ADMIN_COMMANDS and not is_admin:
-            continue
-        lines.append(f"/{name} — {_(description)}")
+    lines.extend(f"/{command.name} — {_(command.help)}" for command in visible_commands(admin=is_admin))
     return "\n".join(lines)
 
 
@@ -240,9 +240,76 @@ def run_progress(run_id: int, fraction: float) -> str:
     return _("Training run #{run_id}: {percent}% done.").format(run_id=run_id, percent=math.floor(fraction * 100))
 
 
+_RUN_END_REASONS = {
+    RunEndReason.WORSE_THAN_ACTIVE: N_("it did worse than the active version on the same held-out conversations"),
+    RunEndReason.DIVERGED: N_("training diverged (its eval loss is not a number)"),
+    RunEndReason.ACTIVE_CHANGED: N_("the active version changed while it trained"),
+    RunEndReason.TRAINING_DATA_WITHDRAWN: N_(
+        "training data changed during the run: messages it trained on were deleted or withdrawn (/forget or "
+        "/optout), so the version it trained was discarded"
+    ),
+    RunEndReason.NOT_ENOUGH_DATA: N_(
+        "not enough conversation to train on yet. A run needs usable messages in at least two conversations (one "
+        "is held out to judge the new version); a /reset or a long silence starts a new one"
+    ),
+    RunEndReason.MODEL_LOAD_FAILED: N_("the model to train from could not be loaded; the trainer's log says why"),
+    RunEndReason.TRAINING_ERROR: N_("training failed with an unexpected error; the trainer's log has the details"),
+    RunEndReason.SEVERAL_PROCESSES: N_(
+        "TRAIN_LAUNCHER=accelerate with several processes is not supported yet: set num_processes: 1 in "
+        "ACCELERATE_CONFIG"
+    ),
+    RunEndReason.COULD_NOT_START: N_("the training process could not start; the log says why"),
+    RunEndReason.QUEUE_UNREACHABLE: N_("the training queue did not take it (is the CELERY_BROKER_URL broker running?)"),
+    RunEndReason.KILLED: N_("the training process was killed"),
+    RunEndReason.EXITED: N_("the training process exited unexpectedly"),
+    RunEndReason.INTERRUPTED: N_(
+        "interrupted: the training process stopped without recording an outcome (restart or crash)"
+    ),
+    RunEndReason.TIMED_OUT: N_("it ran longer than RETRAIN_TIMEOUT_MINUTES and was stopped"),
+    RunEndReason.NO_WORKER: N_(
+        "no training worker took it within RETRAIN_TIMEOUT_MINUTES: is a magpie worker running?"
+    ),
+    RunEndReason.CLEARED: N_("cleared before any worker took it (magpie retrain --force)"),
+    RunEndReason.STOPPED: N_("stopped with magpie retrain --stop-running"),
+    RunEndReason.STOPPED_WITH_BOT: N_("stopped with the bot"),
+    RunEndReason.INTERRUPTED_FROM_SHELL: N_("interrupted from the shell"),
+    RunEndReason.ENDED_ELSEWHERE: N_("ended by another process"),
+    RunEndReason.LOST_TRACK: N_("the bot lost track of it (see the bot's log)"),
+    RunEndReason.RECORD_GONE: N_("its record disappeared"),
+}
+"""Every `RunEndReason` in words (`tests/test_i18n.py` checks that none is missing)."""
+
+
+def run_end_reason(reason: RunEndReason | str | None, metrics: Mapping[str, Any] | None = None) -> str:
+    """Why a run was not promoted, in the reader's language. Free text (a row recorded before reasons were typed)
+    is shown as it is. `metrics` (the run's) gives the count of withdrawn messages where there is one."""
+    if reason is None:
+        return _("no reason recorded")
+    if not isinstance(reason, RunEndReason):
+        return reason
+    count = (metrics or {}).get(DATA_WITHDRAWN)
+    if reason is RunEndReason.TRAINING_DATA_WITHDRAWN and isinstance(count, int):
+        return ngettext(
+            "training data changed during the run: {count} message was deleted or withdrawn (/forget or /optout), "
+            "so the version it trained was discarded",
+            "training data changed during the run: {count} messages were deleted or withdrawn (/forget or "
+            "/optout), so the version it trained was discarded",
+            count,
+        ).format(count=count)
+    return _(_RUN_END_REASONS[reason])
+
+
+def version_note(status: VersionStatus, note: str | None) -> str:
+    """A version's note as people read it: a rejected version's note is why the gate refused it (a
+    `RunEndReason` value, or free text in versions recorded before reasons were typed)."""
+    if not note:
+        return ""
+    return run_end_reason(recorded_reason(note)) if status is VersionStatus.REJECTED else note
+
+
 def run_outcome(outcome: RunOutcome) -> str:
     """How a run ended, in the words the requester reads (with old vs new eval loss when it was scored)."""
-    reason = (outcome.reason or _("no reason recorded")).rstrip(". ")
+    reason = run_end_reason(outcome.reason, outcome.metrics).rstrip(". ")
     run_id = outcome.run_id
     if outcome.status is RunStatus.PROMOTED:
         text = _("Training run #{run_id} finished: {version} is now the active model.").format(
@@ -399,7 +466,7 @@ def _version_line(version: VersionSummary) -> str:
     elif version.disk_bytes is not None:
         line += f", {disk_size_text(version.disk_bytes)}"
     if version.status is VersionStatus.REJECTED and version.note:
-        line += f" ({version.note})"
+        line += f" ({version_note(version.status, version.note)})"
     return line
 
 

@@ -182,10 +182,13 @@ async def withdrawn_training_data(session: AsyncSession, *, version_id: int) -> 
     return Withdrawn(frozenset(deleted.all()), frozenset(opted_out.all()))
 
 
-async def training_in_progress(session: AsyncSession) -> bool:
-    """Whether a training run is recorded as running (what `/forget` tells the user about)."""
-    running = await session.scalar(select(TrainingRun.id).where(TrainingRun.status == RunStatus.RUNNING).limit(1))
-    return running is not None
+async def runs_in_progress(session: AsyncSession, *, lock: bool = False) -> Sequence[TrainingRun]:
+    """The training runs recorded as `running` (at most one: a partial unique index), the one answer to "is a run
+    going?": for `/forget`'s reply, the run rows' life (`trainer.runs`), and the files and versions a run in
+    progress still needs (`trainer.model_dirs`, `trainer.version_retention`). `lock` takes them FOR UPDATE (on
+    PostgreSQL), so that a trainer recording its outcome meanwhile is waited for, not overwritten."""
+    query = select(TrainingRun).where(TrainingRun.status == RunStatus.RUNNING).order_by(TrainingRun.id)
+    return (await session.scalars(query.with_for_update() if lock else query)).all()
 
 
 WEIGHT_FILES = (

@@ -1,7 +1,7 @@
 """The shared conversation loop (`bot.backend.ChatBackend`), run through every platform: the same scenarios against
 python-telegram-bot and the fake Bot API, discord.py and the fake Discord, and the console over a pipe.
 
-Each `Platform` harness starts the real backend with a `Recorder` handler (the model is irrelevant here) and lets a
+Each `Platform` harness starts the real backend with a `RecordingHandler` (the model is irrelevant here) and lets a
 person say something addressed to the bot; the scenarios assert on what the platform received and on what the
 core was told (delivered ids, parts_sent, interrupted).
 """
@@ -13,8 +13,7 @@ import contextlib
 import io
 import logging
 import os
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,66 +25,16 @@ from bot.backend import ChatBackend, Part
 from bot.console import ConsoleBackend
 from bot.discord_bot import DiscordBackend
 from bot.telegram import TelegramBackend
-from core.messages import IncomingMessage, Reply
 from core.settings import Settings
 from tests.fake_base import WAIT_S
 from tests.fake_discord import FakeDiscord
 from tests.fake_telegram import FakeTelegram
-from tests.handler_base import IgnoresLogEvents
+from tests.recording_handler import RecordingHandler
 
 pytestmark = pytest.mark.timeout(90)
 
-
-class Recorder(IgnoresLogEvents):
-    """A `ChatHandler` answering every message with `answer`; a message whose text is in `gates` waits in the core
-    until its gate opens. Records what the loop reports."""
-
-    def __init__(self, answer: str = "hello") -> None:
-        self.answer = answer
-        self.gates: dict[str, asyncio.Event] = {}
-        self.entered: set[str] = set()
-        self.entered_at: dict[str, float] = {}
-        self.cancelled: set[str] = set()
-        self.delivered: list[tuple[Reply, list[str]]] = []
-        self.undelivered: list[tuple[Reply, str, int]] = []
-        self.interrupted: list[tuple[Reply, int]] = []
-        self._changed = asyncio.Condition()
-
-    async def wait_until(self, condition: Callable[[], bool]) -> None:
-        async with asyncio.timeout(WAIT_S), self._changed:
-            await self._changed.wait_for(condition)
-
-    async def _note(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
-
-    async def handle(self, message: IncomingMessage) -> Reply | None:
-        text = message.text or ""
-        self.entered.add(text)
-        self.entered_at.setdefault(text, time.monotonic())
-        await self._note()
-        if text in self.gates:
-            try:
-                await self.gates[text].wait()
-            except asyncio.CancelledError:
-                self.cancelled.add(text)
-                raise
-        return Reply(self.answer, reply_to=message.message_id, log_id=len(self.entered))
-
-    async def mark_delivered(self, reply: Reply, platform_message_ids: list[str]) -> None:
-        self.delivered.append((reply, platform_message_ids))
-        await self._note()
-
-    async def mark_undelivered(self, reply: Reply, reason: str, *, parts_sent: int = 0) -> None:
-        self.undelivered.append((reply, reason, parts_sent))
-        await self._note()
-
-    async def mark_interrupted(self, reply: Reply, *, parts_sent: int) -> None:
-        self.interrupted.append((reply, parts_sent))
-        await self._note()
-
-    async def private_unreachable(self, reply: Reply, reason: str) -> Reply:
-        raise AssertionError("no private replies here")
+HELLO = "hello"
+"""What the core answers where the answer does not matter."""
 
 
 class Platform(Protocol):
@@ -93,7 +42,7 @@ class Platform(Protocol):
 
     limit: int | None
 
-    async def start(self, handler: Recorder, grace: float, **settings: Any) -> ChatBackend[Any]:
+    async def start(self, handler: RecordingHandler, grace: float, **settings: Any) -> ChatBackend[Any]:
         """`settings`: overrides of the platform's `Settings` (the console takes none)."""
         ...
 
@@ -114,7 +63,7 @@ class TelegramPlatform:
         self.person = fake.user(7001, "Ana")
         self.chat = fake.private_chat(self.person)
 
-    async def start(self, handler: Recorder, grace: float, **overrides: Any) -> ChatBackend[Any]:
+    async def start(self, handler: RecordingHandler, grace: float, **overrides: Any) -> ChatBackend[Any]:
         settings = Settings(
             _env_file=None,  # type: ignore[call-arg]
             telegram_bot_token=self.fake.token,
@@ -157,7 +106,7 @@ class DiscordPlatform:
         self.person = fake.add_user("ana")
         self.channel = fake.dm_channel(self.person)
 
-    async def start(self, handler: Recorder, grace: float, **overrides: Any) -> ChatBackend[Any]:
+    async def start(self, handler: RecordingHandler, grace: float, **overrides: Any) -> ChatBackend[Any]:
         settings = Settings(
             _env_file=None,  # type: ignore[call-arg]
             discord_bot_token=self.fake.token,
@@ -220,7 +169,7 @@ class ConsolePlatform:
         self.stdout = _Screen()
         self.tmp_path = tmp_path
 
-    async def start(self, handler: Recorder, grace: float, **overrides: Any) -> ChatBackend[Any]:
+    async def start(self, handler: RecordingHandler, grace: float, **overrides: Any) -> ChatBackend[Any]:
         backend = ConsoleBackend(
             handler=handler, bot_name="Magpie", exports_dir=self.tmp_path, stdin=self.stdin, stdout=self.stdout,
             stop_grace_s=grace,
@@ -271,7 +220,7 @@ async def platform(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
 
 @contextlib.asynccontextmanager
 async def running(
-    platform: Platform, handler: Recorder, grace: float = 10.0, **settings: Any
+    platform: Platform, handler: RecordingHandler, grace: float = 10.0, **settings: Any
 ) -> AsyncIterator[ChatBackend[Any]]:
     backend = await platform.start(handler, grace, **settings)
     try:
@@ -291,14 +240,15 @@ def parts_for(platform: Platform) -> int:
 
 
 async def test_a_long_reply_is_split_at_the_platforms_limit_and_its_ids_are_recorded(platform: Platform) -> None:
-    handler = Recorder(long_reply(platform.limit))
+    answer = long_reply(platform.limit)
+    handler = RecordingHandler(lambda _message: answer)
     async with running(platform, handler):
         await platform.say("tell me everything")
         await handler.wait_until(lambda: len(handler.delivered) == 1)
     received = platform.received()
     assert len(received) == parts_for(platform)
     assert all(platform.limit is None or len(text) <= platform.limit for _, text in received)
-    assert " ".join(text for _, text in received).split() == handler.answer.split()
+    assert " ".join(text for _, text in received).split() == answer.split()
     [(_, ids)] = handler.delivered
     assert ids == [ident for ident, _ in received if ident is not None]
     assert handler.undelivered == [] and handler.interrupted == []
@@ -308,7 +258,8 @@ async def test_a_send_failing_part_way_records_how_many_parts_arrived(
     platform: Platform, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(telegram_requests, "BACKOFF_FIRST_S", 0.01)
-    handler = Recorder(long_reply(platform.limit))
+    answer = long_reply(platform.limit)
+    handler = RecordingHandler(lambda _message: answer)
     arrive = parts_for(platform) - 1  # all but the last part (the console's one part: none)
     async with running(platform, handler):
         platform.fail_sends(after=arrive)
@@ -316,14 +267,14 @@ async def test_a_send_failing_part_way_records_how_many_parts_arrived(
         await handler.wait_until(lambda: len(handler.undelivered) == 1)
     [(reply, reason, parts_sent)] = handler.undelivered
     assert parts_sent == arrive == len(platform.received())
-    assert reply.text == handler.answer and reason and handler.delivered == []
+    assert reply.text == answer and reason and handler.delivered == []
 
 
 async def test_stop_waits_for_the_reply_in_flight_within_the_grace(
     platform: Platform, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="bot.backend")
-    handler = Recorder()
+    handler = RecordingHandler(lambda _message: HELLO)
     handler.gates["slow one"] = asyncio.Event()
     backend = await platform.start(handler, grace=WAIT_S)
     await platform.say("slow one")
@@ -339,7 +290,7 @@ async def test_stop_waits_for_the_reply_in_flight_within_the_grace(
 
 
 async def test_stop_cancels_what_is_still_in_the_core_after_the_grace(platform: Platform) -> None:
-    handler = Recorder()
+    handler = RecordingHandler(lambda _message: HELLO)
     handler.gates["endless"] = asyncio.Event()  # never opened
     backend = await platform.start(handler, grace=0.2)
     await platform.say("endless")
@@ -351,14 +302,15 @@ async def test_stop_cancels_what_is_still_in_the_core_after_the_grace(platform: 
 
 @pytest.mark.parametrize("platform", ["telegram", "discord"], indirect=True)
 async def test_a_send_cut_off_by_stop_is_left_to_recovery_with_the_parts_that_arrived(platform: Any) -> None:
-    handler = Recorder(long_reply(platform.limit))
+    answer = long_reply(platform.limit)
+    handler = RecordingHandler(lambda _message: answer)
     backend = await platform.start(handler, grace=0.2)
     platform.hold_sends(after=1)
     await platform.say("tell me everything")
     await platform.wait_for_a_held_send()
     await asyncio.wait_for(backend.stop(), WAIT_S)
     [(reply, parts_sent)] = handler.interrupted
-    assert parts_sent == 1 and reply.text == handler.answer
+    assert parts_sent == 1 and reply.text == answer
     assert handler.delivered == handler.undelivered == []
 
 
@@ -366,7 +318,7 @@ async def test_a_send_cut_off_by_stop_is_left_to_recovery_with_the_parts_that_ar
 async def test_a_quick_answer_shows_no_typing(platform: Any) -> None:
     """Each "typing…" is a call against the platform's budget (Telegram: ~30 a second in all): an answer ready
     within TYPING_AFTER_MS (default 1 s) goes out without one."""
-    handler = Recorder()
+    handler = RecordingHandler(lambda _message: HELLO)
     async with running(platform, handler):
         await platform.say("quick one")
         await handler.wait_until(lambda: len(handler.delivered) == 1)
@@ -376,7 +328,7 @@ async def test_a_quick_answer_shows_no_typing(platform: Any) -> None:
 
 @pytest.mark.parametrize("platform", ["telegram", "discord"], indirect=True)
 async def test_a_slow_answer_shows_typing_once_it_took_longer_than_the_delay(platform: Any) -> None:
-    handler = Recorder()
+    handler = RecordingHandler(lambda _message: HELLO)
     handler.gates["slow one"] = asyncio.Event()
     async with running(platform, handler, typing_after_ms=300):
         await platform.say("slow one")
@@ -409,7 +361,9 @@ async def _logged(needle: str) -> None:
 async def test_one_typing_indicator_serves_every_answer_awaited_in_a_chat(tmp_path: Path) -> None:
     """ "typing…" shows for the whole chat: while one shows (`typing_renew_s`), a second answer awaited in the same
     chat sends none; another chat still gets its own."""
-    backend = ConsoleBackend(handler=Recorder(), bot_name="Magpie", exports_dir=tmp_path, stop_grace_s=1.0)
+    backend = ConsoleBackend(
+        handler=RecordingHandler(lambda _message: HELLO), bot_name="Magpie", exports_dir=tmp_path, stop_grace_s=1.0
+    )
     assert backend._typing_due("chat a")
     assert not backend._typing_due("chat a")
     assert backend._typing_due("chat b")

@@ -1,14 +1,21 @@
-"""The fixed texts every platform shows: /help and /start say which chats the bot learns from."""
+"""The chat commands: one registry every list derives from, and the fixed texts every platform shows (/help and
+/start say which chats the bot learns from)."""
 
 from __future__ import annotations
 
+import discord
 import pytest
+from discord import app_commands
 
+from bot.discord_commands import build_command_tree
+from core import chat_commands, commands
+from core.commands import COMMANDS, Command, CommandArgument
 from core.db import Database
 from core.engine import Engine
 from core.messages import ChatKind, IncomingMessage
 from core.service import ChatService
 from core.settings import Settings
+from core.texts import help_text
 
 
 @pytest.mark.parametrize(
@@ -39,3 +46,35 @@ async def test_help_and_start_say_which_chats_are_learned_from(
             assert "and in private chats with me" in reply.text
         else:
             assert "what you tell me in a private chat is never trained on" in reply.text
+
+
+# --- the command registry: every list of commands is derived from it --------------------------------------------
+
+LEARNING = Command("learning", "Turn learning on or off", admin=True, argument=CommandArgument("state", "on or off"))
+
+
+def test_every_registry_entry_has_exactly_one_handler() -> None:
+    assert set(chat_commands._HANDLERS) == {command.name for command in COMMANDS}
+    assert len({command.name for command in COMMANDS}) == len(COMMANDS)
+    assert all(command.name == command.name.lower() for command in COMMANDS)
+
+
+def test_a_new_registry_entry_reaches_help_the_menus_and_the_handler_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adding a command is one registry entry (plus its handler): /help, Discord's slash tree and the admin check
+    follow it, and the service refuses to start while the entry has no handler."""
+    monkeypatch.setattr(commands, "COMMANDS", (*COMMANDS, LEARNING))
+    assert "/learning — Turn learning on or off" in help_text("Magpie", is_admin=True, private_chats_learned=False)
+    assert "/learning" not in help_text("Magpie", is_admin=False, private_chats_learned=False)
+    assert commands.command_named("learning") == LEARNING
+    parsed = commands.parse_command("/learning on")
+    assert parsed is not None and parsed.spec == LEARNING and parsed.args == "on"
+    tree = build_command_tree(discord.Client(intents=discord.Intents.none()), _never_run)
+    slash = tree.get_command("learning")
+    assert isinstance(slash, app_commands.Command)
+    assert [parameter.display_name for parameter in slash.parameters] == ["state"]
+    with pytest.raises(TypeError, match="without a handler: \\['learning'\\]"):
+        chat_commands._handlers()
+
+
+async def _never_run(_interaction: discord.Interaction, _text: str) -> None:
+    raise AssertionError("no slash command runs in this test")

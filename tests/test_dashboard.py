@@ -42,6 +42,7 @@ from tests.dashboard_support import (
     seed_history,
     serve,
 )
+from tests.run_rows import new_run
 from trainer.orchestrator import TrainingOrchestrator
 
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -277,7 +278,7 @@ async def test_a_run_in_progress_is_shown_and_the_page_follows_it(
     base_url: str, http: aiohttp.ClientSession, db: Database
 ) -> None:
     async with db.sessions.begin() as session:
-        run = TrainingRun(status=RunStatus.RUNNING, triggered_by="dashboard", started_at=NOW, progress=0.42)
+        run = new_run(triggered_by="dashboard", started_at=NOW, progress=0.42)
         session.add(run)
         await session.flush()
         run_id = run.id

@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,117 +23,16 @@ from bot.discord_bot import DiscordBackend
 from core.db import Database
 from core.engine import Engine
 from core.errors import ConfigError
-from core.messages import Attachment, ChatHandler, ChatKind, IncomingMessage, Reply
+from core.messages import Attachment, ChatKind, IncomingMessage
 from core.models import Chat, Delivery, Message, Role, User
 from core.service import ChatService
 from core.settings import Settings
 from core.texts import EXPORT_SENT_PRIVATELY, EXPORT_UNREACHABLE
+from tests.discord_support import mention, running, settings_for
 from tests.fake_discord import MESSAGE_CONTENT, WAIT_S, FakeDiscord, Json
-from tests.handler_base import IgnoresLogEvents
+from tests.recording_handler import RecordingHandler
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class Observed:
-    """Wraps a ChatHandler and records every call, so tests can await "handled" instead of sleeping."""
-
-    def __init__(self, inner: ChatHandler) -> None:
-        self.inner = inner
-        self.handled: list[tuple[IncomingMessage, Reply | None]] = []
-        self.delivered: list[tuple[Reply, list[str]]] = []
-        self.undelivered: list[tuple[Reply, str]] = []
-        self.unreachable: list[tuple[Reply, str]] = []
-        self.failed: list[tuple[IncomingMessage, Exception]] = []
-        self.edits: list[tuple[str, str | None]] = []
-        self.deletions: list[str] = []
-        self._changed = asyncio.Condition()
-
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
-
-    async def wait_until(self, predicate: Callable[[], bool]) -> None:
-        async with self._changed:
-            await asyncio.wait_for(self._changed.wait_for(predicate), WAIT_S)
-
-    async def wait_handled(self, message_id: str) -> Reply | None:
-        await self.wait_until(lambda: any(m.message_id == message_id for m, _ in self.handled))
-        return next(reply for m, reply in self.handled if m.message_id == message_id)
-
-    def incoming(self, message_id: str) -> IncomingMessage:
-        return next(m for m, _ in self.handled if m.message_id == message_id)
-
-    async def handle(self, message: IncomingMessage) -> Reply | None:
-        try:
-            reply = await self.inner.handle(message)
-        except Exception as exc:
-            self.failed.append((message, exc))
-            await self._notify()
-            raise
-        self.handled.append((message, reply))
-        await self._notify()
-        return reply
-
-    async def mark_delivered(self, reply: Reply, platform_message_ids: list[str]) -> None:
-        await self.inner.mark_delivered(reply, platform_message_ids)
-        self.delivered.append((reply, platform_message_ids))
-        await self._notify()
-
-    async def mark_undelivered(self, reply: Reply, reason: str, *, parts_sent: int = 0) -> None:
-        await self.inner.mark_undelivered(reply, reason, parts_sent=parts_sent)
-        self.undelivered.append((reply, reason))
-        await self._notify()
-
-    async def private_unreachable(self, reply: Reply, reason: str) -> Reply:
-        note = await self.inner.private_unreachable(reply, reason)
-        self.unreachable.append((reply, reason))
-        await self._notify()
-        return note
-
-    async def mark_interrupted(self, reply: Reply, *, parts_sent: int) -> None:
-        await self.inner.mark_interrupted(reply, parts_sent=parts_sent)
-
-    async def message_edited(self, platform: str, chat_id: str, message_id: str, text: str | None) -> None:
-        await self.inner.message_edited(platform, chat_id, message_id, text)
-        self.edits.append((message_id, text))
-        await self._notify()
-
-    async def message_deleted(self, platform: str, chat_id: str, message_id: str) -> None:
-        await self.inner.message_deleted(platform, chat_id, message_id)
-        self.deletions.append(message_id)
-        await self._notify()
-
-    async def migrate_chat(self, platform: str, old_chat_id: str, new_chat_id: str) -> None:
-        await self.inner.migrate_chat(platform, old_chat_id, new_chat_id)
-
-
-class Scripted(IgnoresLogEvents):
-    """A ChatHandler whose answer the test chooses, for adapter behaviour where the model is irrelevant."""
-
-    def __init__(self, answer: Callable[[IncomingMessage], str] = lambda m: f"echo: {m.text}") -> None:
-        self.answer = answer
-        self.attachment: Attachment | None = None
-        self._log_ids = iter(range(1, 10_000))
-
-    async def handle(self, message: IncomingMessage) -> Reply | None:
-        if message.chat_kind is ChatKind.GROUP and not message.addressed:
-            return None
-        return Reply(
-            self.answer(message), reply_to=message.message_id, attachment=self.attachment, log_id=next(self._log_ids)
-        )
-
-    async def mark_delivered(self, reply: Reply, platform_message_ids: list[str]) -> None:
-        return None
-
-    async def mark_undelivered(self, reply: Reply, reason: str, *, parts_sent: int = 0) -> None:
-        return None
-
-    async def mark_interrupted(self, reply: Reply, *, parts_sent: int) -> None:
-        return None
-
-    async def private_unreachable(self, reply: Reply, reason: str) -> Reply:
-        assert reply.private is not None
-        return Reply(reply.private.unreachable, reply_to=reply.reply_to)
 
 
 @pytest.fixture(autouse=True)
@@ -151,38 +49,8 @@ async def fake() -> AsyncIterator[FakeDiscord]:
         yield server
 
 
-def settings_for(fake: FakeDiscord, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "discord_bot_token": fake.token,
-        "discord_api_base_url": fake.api_base_url,
-        "discord_gateway_url": fake.gateway_url,
-        "discord_guild_ids": str(fake.guild_id),
-    }
-    values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
-
-
-@asynccontextmanager
-async def running(
-    fake: FakeDiscord, handler: ChatHandler, settings: Settings | None = None, **overrides: Any
-) -> AsyncIterator[DiscordBackend]:
-    """A started backend (discord.py waits only 0.05 s for more guilds before READY), stopped afterwards."""
-    settings = settings or settings_for(fake, **overrides)
-    backend = DiscordBackend(settings=settings, handler=handler, ready_timeout=15, guild_ready_timeout=0.05)
-    await backend.start()
-    try:
-        yield backend
-    finally:
-        await backend.stop()
-
-
-def mention(user: Json) -> str:
-    return f"<@{user['id']}>"
-
-
-# --- connecting ----------------------------------------------------------------------------------------------------
 async def test_start_logs_in_syncs_commands_and_returns_once_ready(fake: FakeDiscord) -> None:
-    async with running(fake, Observed(Scripted())):
+    async with running(fake, RecordingHandler()):
         assert [(c.method, c.path) for c in fake.calls[:2]] == [
             ("GET", "/users/@me"),
             ("GET", "/oauth2/applications/@me"),
@@ -202,7 +70,7 @@ async def test_start_logs_in_syncs_commands_and_returns_once_ready(fake: FakeDis
 
 
 async def test_commands_sync_globally_without_guild_ids(fake: FakeDiscord) -> None:
-    async with running(fake, Observed(Scripted()), discord_guild_ids=""):
+    async with running(fake, RecordingHandler(), discord_guild_ids=""):
         assert fake.calls_to(rf"PUT /applications/{fake.app_id}/commands")
         assert not fake.calls_to(r"PUT /applications/\d+/guilds/\d+/commands")
         assert len(fake.commands[None]) == 12
@@ -213,7 +81,9 @@ async def test_a_rejected_token_is_a_clear_config_error_without_the_token(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     backend = DiscordBackend(
-        settings=settings_for(fake, discord_bot_token="wrong-secret-token"), handler=Scripted(), ready_timeout=15
+        settings=settings_for(fake, discord_bot_token="wrong-secret-token"),
+        handler=RecordingHandler(),
+        ready_timeout=15,
     )
     with pytest.raises(ConfigError, match="DISCORD_BOT_TOKEN") as info:
         await backend.start()
@@ -224,7 +94,7 @@ async def test_a_rejected_token_is_a_clear_config_error_without_the_token(
 
 async def test_message_content_intent_not_enabled_in_the_portal_says_how_to_fix_it(fake: FakeDiscord) -> None:
     fake.message_content_enabled = False
-    backend = DiscordBackend(settings=settings_for(fake), handler=Scripted(), ready_timeout=15)
+    backend = DiscordBackend(settings=settings_for(fake), handler=RecordingHandler(), ready_timeout=15)
     with pytest.raises(ConfigError, match="DISCORD_MESSAGE_CONTENT=false"):
         await backend.start()
 
@@ -241,8 +111,8 @@ def live_settings(fake: FakeDiscord, admin: Json, tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def service(live_settings: Settings, db: Database, engine: Engine) -> Observed:
-    return Observed(ChatService(settings=live_settings, db=db, engine=engine))
+def service(live_settings: Settings, db: Database, engine: Engine) -> RecordingHandler:
+    return RecordingHandler(inner=ChatService(settings=live_settings, db=db, engine=engine))
 
 
 async def logged_messages(db: Database) -> list[Message]:
@@ -251,7 +121,7 @@ async def logged_messages(db: Database) -> list[Message]:
 
 
 async def test_dm_round_trip_is_logged(
-    fake: FakeDiscord, service: Observed, live_settings: Settings, db: Database
+    fake: FakeDiscord, service: RecordingHandler, live_settings: Settings, db: Database
 ) -> None:
     alice = fake.add_user("alice")
     at_once = live_settings.model_copy(update={"typing_after_ms": 0})  # "typing…" from the start, however quick
@@ -276,7 +146,7 @@ async def test_dm_round_trip_is_logged(
 
 
 async def test_guild_messages_are_logged_but_answered_only_when_addressed(
-    fake: FakeDiscord, service: Observed, live_settings: Settings, db: Database
+    fake: FakeDiscord, service: RecordingHandler, live_settings: Settings, db: Database
 ) -> None:
     alice, robot = fake.add_user("alice"), fake.add_user("robot", bot=True)
     async with running(fake, service, settings=live_settings):
@@ -302,7 +172,7 @@ async def test_guild_messages_are_logged_but_answered_only_when_addressed(
 
 
 async def test_edits_update_the_log_and_deletions_remove_it(
-    fake: FakeDiscord, service: Observed, live_settings: Settings, db: Database
+    fake: FakeDiscord, service: RecordingHandler, live_settings: Settings, db: Database
 ) -> None:
     alice = fake.add_user("alice")
     async with running(fake, service, settings=live_settings):
@@ -318,7 +188,7 @@ async def test_edits_update_the_log_and_deletions_remove_it(
 
 
 async def test_slash_chat_is_deferred_then_answered_by_followup(
-    fake: FakeDiscord, service: Observed, live_settings: Settings, db: Database
+    fake: FakeDiscord, service: RecordingHandler, live_settings: Settings, db: Database
 ) -> None:
     alice = fake.add_user("alice")
     async with running(fake, service, settings=live_settings):
@@ -334,7 +204,7 @@ async def test_slash_chat_is_deferred_then_answered_by_followup(
 
 
 async def test_a_non_admin_retrain_is_refused(
-    fake: FakeDiscord, service: Observed, live_settings: Settings, db: Database, admin: Json
+    fake: FakeDiscord, service: RecordingHandler, live_settings: Settings, db: Database, admin: Json
 ) -> None:
     alice = fake.add_user("alice")
     async with running(fake, service, settings=live_settings):
@@ -349,7 +219,7 @@ async def test_a_non_admin_retrain_is_refused(
 
 
 async def test_slash_export_in_a_server_is_an_ephemeral_file_nobody_else_sees(
-    fake: FakeDiscord, service: Observed, live_settings: Settings, db: Database
+    fake: FakeDiscord, service: RecordingHandler, live_settings: Settings, db: Database
 ) -> None:
     alice = fake.add_user("alice")
     async with running(fake, service, settings=live_settings):
@@ -376,7 +246,7 @@ async def test_slash_export_in_a_server_is_an_ephemeral_file_nobody_else_sees(
 
 
 async def test_a_typed_export_in_a_server_goes_by_dm_and_the_channel_sees_only_a_note(
-    fake: FakeDiscord, service: Observed, live_settings: Settings, db: Database
+    fake: FakeDiscord, service: RecordingHandler, live_settings: Settings, db: Database
 ) -> None:
     alice = fake.add_user("alice")
     async with running(fake, service, settings=live_settings):
@@ -404,7 +274,7 @@ async def test_a_typed_export_in_a_server_goes_by_dm_and_the_channel_sees_only_a
 
 
 async def test_an_export_for_someone_with_closed_dms_stays_out_of_the_channel(
-    fake: FakeDiscord, service: Observed, live_settings: Settings, db: Database
+    fake: FakeDiscord, service: RecordingHandler, live_settings: Settings, db: Database
 ) -> None:
     bob = fake.add_user("bob")
     fake.close_dms(bob)
@@ -426,7 +296,7 @@ async def test_an_export_for_someone_with_closed_dms_stays_out_of_the_channel(
 
 
 async def test_429s_with_retry_after_are_survived_and_the_replies_recorded_as_sent(
-    fake: FakeDiscord, service: Observed, live_settings: Settings, db: Database
+    fake: FakeDiscord, service: RecordingHandler, live_settings: Settings, db: Database
 ) -> None:
     alice = fake.add_user("alice")
     async with running(fake, service, settings=live_settings):
@@ -449,7 +319,7 @@ async def test_429s_with_retry_after_are_survived_and_the_replies_recorded_as_se
 
 
 async def test_a_reply_discord_refuses_is_recorded_as_failed(
-    fake: FakeDiscord, service: Observed, live_settings: Settings, db: Database
+    fake: FakeDiscord, service: RecordingHandler, live_settings: Settings, db: Database
 ) -> None:
     alice = fake.add_user("alice")
     async with running(fake, service, settings=live_settings):
@@ -463,7 +333,7 @@ async def test_a_reply_discord_refuses_is_recorded_as_failed(
 
 
 async def test_after_a_gateway_drop_the_missed_message_is_answered_and_nothing_twice(
-    fake: FakeDiscord, service: Observed, live_settings: Settings, db: Database
+    fake: FakeDiscord, service: RecordingHandler, live_settings: Settings, db: Database
 ) -> None:
     alice = fake.add_user("alice")
     channel = fake.dm_channel(alice)
@@ -486,7 +356,7 @@ async def test_after_a_gateway_drop_the_missed_message_is_answered_and_nothing_t
 
 # --- adapter behaviour where the model is irrelevant (scripted answers) -------------------------------------------
 async def test_mentions_and_replies_to_the_bot_address_it_and_mentions_become_names(fake: FakeDiscord) -> None:
-    handler = Observed(Scripted())
+    handler = RecordingHandler()
     alice, bob = fake.add_user("alice"), fake.add_user("bob")
     bot = fake.bot_user
     thread = fake.add_thread()  # the unaddressed chatter goes there, so any "typing…" it caused would show
@@ -511,7 +381,7 @@ async def test_mentions_and_replies_to_the_bot_address_it_and_mentions_become_na
 
 
 async def test_a_mention_in_a_thread_is_answered_in_the_thread(fake: FakeDiscord) -> None:
-    handler = Observed(Scripted())
+    handler = RecordingHandler()
     alice = fake.add_user("alice")
     thread = fake.add_thread()
     async with running(fake, handler):
@@ -523,7 +393,7 @@ async def test_a_mention_in_a_thread_is_answered_in_the_thread(fake: FakeDiscord
 
 
 async def test_other_bots_and_the_bot_itself_are_never_answered(fake: FakeDiscord) -> None:
-    handler = Observed(Scripted())
+    handler = RecordingHandler()
     robot, alice = fake.add_user("robot", bot=True), fake.add_user("alice")
     async with running(fake, handler):
         await fake.send_message(robot, f"{mention(fake.bot_user)} hello fellow bot", guild=True)
@@ -536,7 +406,7 @@ async def test_other_bots_and_the_bot_itself_are_never_answered(fake: FakeDiscor
 
 
 async def test_media_without_text_gets_text_none_when_addressed_and_is_ignored_otherwise(fake: FakeDiscord) -> None:
-    handler = Observed(Scripted(lambda m: "I can only read text" if m.text is None else "?"))
+    handler = RecordingHandler(lambda m: "I can only read text" if m.text is None else "?")
     alice = fake.add_user("alice")
     async with running(fake, handler):
         await fake.send_message(alice, "", guild=True, attachments=[("cat.png", b"png")])
@@ -549,7 +419,7 @@ async def test_media_without_text_gets_text_none_when_addressed_and_is_ignored_o
 
 async def test_a_long_answer_is_split_into_messages_of_at_most_2000_characters(fake: FakeDiscord) -> None:
     words = " ".join(f"word{i}" for i in range(1000))[:5000]
-    handler = Observed(Scripted(lambda m: words))
+    handler = RecordingHandler(lambda m: words)
     alice = fake.add_user("alice")
     async with running(fake, handler):
         asked = await fake.send_message(alice, f"{mention(fake.bot_user)} talk a lot", guild=True)
@@ -566,7 +436,7 @@ async def test_a_long_answer_is_split_into_messages_of_at_most_2000_characters(f
 
 async def test_generated_mentions_never_ping_anyone(fake: FakeDiscord) -> None:
     alice, bob = fake.add_user("alice"), fake.add_user("bob")
-    handler = Observed(Scripted(lambda m: f"@everyone @here {mention(bob)} look at this"))
+    handler = RecordingHandler(lambda m: f"@everyone @here {mention(bob)} look at this")
     async with running(fake, handler):
         await fake.send_message(alice, f"{mention(fake.bot_user)} ping people", guild=True)
         [post] = await fake.wait_for_posts(fake.channel_id, 1)
@@ -581,7 +451,7 @@ async def test_generated_mentions_never_ping_anyone(fake: FakeDiscord) -> None:
 
 
 async def test_without_message_content_the_bot_still_answers_mentions_dms_and_commands(fake: FakeDiscord) -> None:
-    handler = Observed(Scripted())
+    handler = RecordingHandler()
     alice = fake.add_user("alice")
     async with running(fake, handler, discord_message_content=False):
         assert fake.session is not None and not fake.session.intents & MESSAGE_CONTENT
@@ -596,7 +466,7 @@ async def test_without_message_content_the_bot_still_answers_mentions_dms_and_co
 
 # --- slash commands ------------------------------------------------------------------------------------------------
 async def test_slash_command_defers_then_answers_by_followup(fake: FakeDiscord) -> None:
-    handler = Observed(Scripted(lambda m: f"ran {m.text}"))
+    handler = RecordingHandler(lambda m: f"ran {m.text}")
     admin = fake.add_user("admin")
     async with running(fake, handler):
         interaction = await fake.send_command(admin, "rollback", {"version": "v2"}, guild=True)
@@ -613,9 +483,8 @@ async def test_slash_command_defers_then_answers_by_followup(fake: FakeDiscord) 
 
 
 async def test_slash_chat_in_a_dm_is_plain_text_and_a_file_is_attached(fake: FakeDiscord) -> None:
-    scripted = Scripted(lambda m: "here you go")
-    scripted.attachment = Attachment("magpie-export.json", b'{"messages": []}')
-    handler = Observed(scripted)
+    handler = RecordingHandler(lambda m: "here you go")
+    handler.attachment = Attachment("magpie-export.json", b'{"messages": []}')
     alice = fake.add_user("alice")
     async with running(fake, handler, discord_guild_ids=""):
         interaction = await fake.send_command(alice, "chat", {"text": "hello"})
@@ -629,7 +498,7 @@ async def test_slash_chat_in_a_dm_is_plain_text_and_a_file_is_attached(fake: Fak
 
 # --- failures ------------------------------------------------------------------------------------------------------
 async def test_a_reply_that_finally_fails_is_marked_undelivered(fake: FakeDiscord) -> None:
-    handler = Observed(Scripted())
+    handler = RecordingHandler()
     alice = fake.add_user("alice")
     async with running(fake, handler):
         channel = fake.dm_channel(alice)
@@ -642,7 +511,7 @@ async def test_a_reply_that_finally_fails_is_marked_undelivered(fake: FakeDiscor
         await handler.wait_until(lambda: len(handler.undelivered) == 2)
     # The reasons carry what Discord answered: Cloudflare's ban page (text, so discord.py knows no code), and the
     # error code Discord's JSON gives a 403 (the fake answers in Discord's shape, never with an invented code).
-    banned, refused = (reason for _, reason in handler.undelivered)
+    banned, refused = (reason for _, reason, _ in handler.undelivered)
     assert banned.startswith("Discord HTTP 429") and "error code: 1015" in banned
     assert refused == "Discord HTTP 403 (code 50013): Missing Permissions"
     assert not handler.delivered and fake.posts == []
@@ -651,7 +520,7 @@ async def test_a_reply_that_finally_fails_is_marked_undelivered(fake: FakeDiscor
 async def test_notify_sends_to_a_channel_and_swallows_failures(
     fake: FakeDiscord, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with running(fake, Observed(Scripted())) as backend:
+    async with running(fake, RecordingHandler()) as backend:
         await backend.notify(str(fake.channel_id), "Training finished: v2 is live")
         await backend.notify("123456789", "to a channel that does not exist")
     assert [post["content"] for post in fake.posts] == ["Training finished: v2 is live"]
@@ -663,7 +532,7 @@ async def test_notify_sends_to_a_channel_and_swallows_failures(
 async def test_a_dropped_gateway_resumes_replays_the_missed_message_and_answers_it_once(
     fake: FakeDiscord, code: int | None
 ) -> None:
-    handler = Observed(Scripted())
+    handler = RecordingHandler()
     alice = fake.add_user("alice")
     channel = fake.dm_channel(alice)
     async with running(fake, handler):
@@ -687,7 +556,7 @@ async def test_a_dropped_gateway_resumes_replays_the_missed_message_and_answers_
 
 async def test_a_drop_with_an_expired_session_reconnects_with_a_fresh_identify(fake: FakeDiscord) -> None:
     """Slow on purpose (about 5 s): discord.py waits that long before a non-initial IDENTIFY."""
-    handler = Observed(Scripted())
+    handler = RecordingHandler()
     alice = fake.add_user("alice")
     async with running(fake, handler):
         fake.forget_session()
@@ -701,16 +570,15 @@ async def test_a_drop_with_an_expired_session_reconnects_with_a_fresh_identify(f
 
 
 # --- errors and shutdown -------------------------------------------------------------------------------------------
-class Exploding(Scripted):
-    async def handle(self, message: IncomingMessage) -> Reply | None:
-        raise RuntimeError("the core broke")
+def explode(_message: IncomingMessage) -> str:
+    raise RuntimeError("the core broke")
 
 
 async def test_unexpected_errors_are_logged_once_without_secrets_and_slash_users_get_a_generic_answer(
     fake: FakeDiscord, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    handler = Observed(Exploding())
+    handler = RecordingHandler(explode)
     alice = fake.add_user("alice")
     async with running(fake, handler):
         await fake.send_message(alice, "hello")
@@ -726,31 +594,17 @@ async def test_unexpected_errors_are_logged_once_without_secrets_and_slash_users
     assert fake.posts_in(fake.dm_channel(alice)) == [], "a failed DM gets no half-made answer"
 
 
-class Gated(Scripted):
-    """Holds every `handle` until the test opens the gate."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.entered = asyncio.Event()
-        self.gate = asyncio.Event()
-
-    async def handle(self, message: IncomingMessage) -> Reply | None:
-        self.entered.set()
-        await self.gate.wait()
-        return await super().handle(message)
-
-
 async def test_stop_lets_an_in_flight_reply_finish_before_disconnecting(fake: FakeDiscord) -> None:
-    gated = Gated()
-    handler = Observed(gated)
+    handler = RecordingHandler()
+    handler.release = asyncio.Event()
     alice = fake.add_user("alice")
     async with running(fake, handler) as backend:
         await fake.send_message(alice, "slow one")
-        await asyncio.wait_for(gated.entered.wait(), WAIT_S)
+        await handler.wait_until(lambda: bool(handler.entered))
         stopping = asyncio.create_task(backend.stop())
         await asyncio.sleep(0)  # one loop iteration: stop() runs up to its wait for the in-flight reply
         assert not stopping.done()
-        gated.gate.set()
+        handler.release.set()
         await asyncio.wait_for(stopping, WAIT_S)
     assert [post["content"] for post in fake.posts] == ["echo: slow one"]
     assert len(handler.delivered) == 1

@@ -24,8 +24,9 @@ from bot.discord_bot import DiscordBackend
 from bot.discord_shards import IDENTIFY_WINDOW_S, IdentifyPacer
 from core.errors import ConfigError
 from core.settings import Settings, load_settings
+from tests.discord_support import mention
 from tests.fake_discord import FakeDiscord, Json
-from tests.test_discord import Observed, Scripted, mention
+from tests.recording_handler import RecordingHandler
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -59,7 +60,7 @@ def sharded_settings(fake: FakeDiscord, **overrides: Any) -> Settings:
 
 
 @asynccontextmanager
-async def started(fake: FakeDiscord, handler: Observed, **overrides: Any) -> AsyncIterator[DiscordBackend]:
+async def started(fake: FakeDiscord, handler: RecordingHandler, **overrides: Any) -> AsyncIterator[DiscordBackend]:
     settings = sharded_settings(fake, **overrides)
     backend = DiscordBackend(settings=settings, handler=handler, ready_timeout=15, guild_ready_timeout=0.05)
     await backend.start()
@@ -84,7 +85,7 @@ async def ask(fake: FakeDiscord, user: Json, guild: int) -> Json:
 # --- one process, two shards ---------------------------------------------------------------------------------------
 async def test_two_shards_in_one_process_answer_both_guilds_and_dms() -> None:
     async with two_guild_discord() as (fake, guild_a, guild_b):
-        handler = Observed(Scripted())
+        handler = RecordingHandler()
         async with started(fake, handler, discord_shard_count="2") as backend:
             assert sorted(fake.identified_shards) == [(0, 2), (1, 2)]
             assert len(fake.connections) == 2, "one websocket per shard"
@@ -109,7 +110,7 @@ async def test_two_shards_in_one_process_answer_both_guilds_and_dms() -> None:
 async def test_shard_count_auto_asks_discord_how_many() -> None:
     async with FakeDiscord(guild_count=0, shards=3, max_concurrency=3) as fake:
         guilds = [fake.add_guild(shard=shard, of=3) for shard in range(3)]
-        handler = Observed(Scripted())
+        handler = RecordingHandler()
         async with started(fake, handler, discord_shard_count="auto", discord_guild_ids=str(guilds[0])):
             assert sorted(fake.identified_shards) == [(0, 3), (1, 3), (2, 3)]
             message = await ask(fake, fake.add_user("bob"), guilds[2])
@@ -119,7 +120,7 @@ async def test_shard_count_auto_asks_discord_how_many() -> None:
 
 async def test_a_dropped_shard_resumes_alone() -> None:
     async with two_guild_discord() as (fake, _, guild_b):
-        handler = Observed(Scripted())
+        handler = RecordingHandler()
         async with started(fake, handler, discord_shard_count="2"):
             await fake.drop_connection(code=4000, shard=(1, 2))
             text = f"{mention(fake.bot_user)} hi"
@@ -135,8 +136,8 @@ async def test_a_dropped_shard_resumes_alone() -> None:
 async def test_two_processes_each_answer_only_their_shards_guilds() -> None:
     async with two_guild_discord() as (fake, guild_a, guild_b), AsyncExitStack() as stack:
         first, second = (
-            Observed(Scripted(lambda m: f"first: {m.text}")),
-            Observed(Scripted(lambda m: f"second: {m.text}")),
+            RecordingHandler(lambda m: f"first: {m.text}"),
+            RecordingHandler(lambda m: f"second: {m.text}"),
         )
         await stack.enter_async_context(started(fake, first, discord_shard_count="2", discord_shard_ids="0"))
         await stack.enter_async_context(started(fake, second, discord_shard_count="2", discord_shard_ids="1"))
@@ -211,7 +212,7 @@ async def shard_process(fake: FakeDiscord, name: str, shard_ids: str) -> AsyncIt
 async def test_a_bot_that_must_shard_gets_a_clear_error() -> None:
     async with two_guild_discord(shards=2, sharding_required=True) as (fake, _, _):
         with pytest.raises(ConfigError, match="DISCORD_SHARD_COUNT=auto"):
-            async with started(fake, Observed(Scripted())):
+            async with started(fake, RecordingHandler()):
                 pass
         assert fake.identifies == 0
 

@@ -22,11 +22,13 @@ from babel.messages.extract import extract_from_dir
 from babel.messages.pofile import read_po
 
 from core import texts
+from core.commands import COMMANDS, command_named
 from core.db import Database
 from core.engine import Engine
 from core.errors import EngineBusyError
 from core.i18n import LANGUAGES, SOURCE_LANGUAGE, _, current_language, speaking, supported_language, translate
-from core.messages import COMMANDS, ChatKind, IncomingMessage
+from core.messages import ChatKind, IncomingMessage
+from core.outcomes import RunEndReason, recorded_reason
 from core.service import ChatService
 from core.settings import Settings, load_settings
 
@@ -162,10 +164,10 @@ async def test_the_language_spoken_lasts_for_the_block_and_follows_work_started_
         reporter = asyncio.create_task(_report_later())  # a task copies the context it was created in
     assert current_language() == "en"
     assert await reporter == "학습 #7: 25% 완료."
-    assert (
-        translate(COMMANDS["help"], "ko") == "명령 목록 보기"
-        and translate(COMMANDS["help"], "de") == "List the commands"
-    )
+    help_command = command_named("help")
+    assert help_command is not None
+    assert translate(help_command.help, "ko") == "명령 목록 보기"
+    assert translate(help_command.help, "de") == "List the commands"
 
 
 async def _report_later() -> str:
@@ -226,7 +228,7 @@ def service(db: Database, engine: Engine, tmp_path: Path) -> ChatService:
 
 async def test_every_command_and_refusal_answers_a_korean_speaker_in_korean(service: ChatService) -> None:
     """Run over `COMMANDS` itself, so a command merged in later without Korean fails here too."""
-    said = [f"/{name}" for name in COMMANDS] + ["/nosuchcommand", "x" * 51, None]
+    said = [f"/{command.name}" for command in COMMANDS] + ["/nosuchcommand", "x" * 51, None]
     for text in said:
         reply = await service.handle(_said(text, language="ko"))
         assert reply is not None and HANGUL.search(reply.text), f"{text!r} was answered in English: {reply!r}"
@@ -243,3 +245,17 @@ async def test_the_same_commands_answer_an_english_speaker_in_english(service: C
         assert reply is not None and not HANGUL.search(reply.text), reply
     busy = await service.handle(_said("hello", language="ko"), busy=True)
     assert busy is not None and busy.text == translate(EngineBusyError.user_message, "ko") != texts.BUSY
+
+
+def test_every_run_end_reason_is_worded_and_old_free_text_still_shows() -> None:
+    """A reason added to `RunEndReason` without its words fails here; rows recorded before reasons were typed
+    hold English, shown as it is."""
+    for reason in RunEndReason:
+        with speaking("ko"):
+            korean = texts.run_end_reason(reason)
+        english = texts.run_end_reason(reason)
+        assert english not in (reason.value, korean), reason
+    assert texts.run_end_reason(recorded_reason("stopped by cli:me (magpie retrain --stop-running)")) == (
+        "stopped by cli:me (magpie retrain --stop-running)"
+    )
+    assert recorded_reason(RunEndReason.KILLED.value) is RunEndReason.KILLED and recorded_reason(None) is None

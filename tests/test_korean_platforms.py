@@ -20,24 +20,27 @@ from telegram.error import BadRequest
 
 from bot.cli import _backends
 from bot.console import ConsoleBackend
+from core.commands import COMMANDS, command_named
 from core.db import Database
 from core.engine import Engine
 from core.i18n import translate
-from core.messages import ADMIN_COMMANDS, COMMANDS
 from core.service import ChatService
 from core.settings import load_settings
 from core.telemetry import Telemetry
-from core.texts import CHAT_COMMAND_DESCRIPTION, CHAT_TEXT_DESCRIPTION, ROLLBACK_VERSION_DESCRIPTION
+from core.texts import CHAT_COMMAND_DESCRIPTION, CHAT_TEXT_DESCRIPTION
+from tests.discord_support import mention
+from tests.discord_support import running as discord_running
 from tests.fake_discord import FakeDiscord
 from tests.fake_telegram import FakeTelegram
-from tests.test_discord import Observed, Scripted, mention
-from tests.test_discord import running as discord_running
-from tests.test_telegram import RecordingHandler, serving, settings_for
-from tests.test_telegram import running as telegram_running
+from tests.recording_handler import RecordingHandler
+from tests.telegram_support import running as telegram_running
+from tests.telegram_support import serving, settings_for
 
 pytestmark = pytest.mark.timeout(120)
 
-KOREAN_HELP = translate(COMMANDS["help"], "ko")
+HELP = command_named("help")
+assert HELP is not None
+KOREAN_HELP = translate(HELP.help, "ko")
 
 
 @pytest.fixture
@@ -56,12 +59,12 @@ async def test_telegram_menus_are_set_in_english_for_everyone_and_in_korean_for_
     telegram.private_chat(admin)
     async with telegram_running(settings_for(telegram, admin_ids="telegram:42"), RecordingHandler()):
         pass
-    users = [name for name in COMMANDS if name not in ADMIN_COMMANDS]
-    for scope, names in (("default", users), ("chat:42", list(COMMANDS))):
+    users = [command for command in COMMANDS if not command.admin]
+    for scope, shown in (("default", users), ("chat:42", list(COMMANDS))):
         english, korean = telegram.commands[scope], telegram.localized_commands["ko"][scope]
-        assert [c["command"] for c in english] == [c["command"] for c in korean] == names
-        assert [c["description"] for c in english] == [COMMANDS[name] for name in names]
-        assert [c["description"] for c in korean] == [translate(COMMANDS[name], "ko") for name in names]
+        assert [c["command"] for c in english] == [c["command"] for c in korean] == [c.name for c in shown]
+        assert [c["description"] for c in english] == [command.help for command in shown]
+        assert [c["description"] for c in korean] == [translate(command.help, "ko") for command in shown]
     assert set(telegram.localized_commands) == {"ko"}
 
 
@@ -87,7 +90,7 @@ async def test_a_korean_telegram_user_is_answered_in_korean_and_an_english_one_i
         [korean] = await telegram.wait_for_messages(minji.id, 1)
         [english] = await telegram.wait_for_messages(alice.id, 1)
     assert f"/help — {KOREAN_HELP}" in korean["text"] and "커뮤니티" in korean["text"]
-    assert f"/help — {COMMANDS['help']}" in english["text"]
+    assert f"/help — {HELP.help}" in english["text"]
 
 
 async def test_telegram_puts_the_authors_app_language_on_the_message(telegram: FakeTelegram) -> None:
@@ -111,16 +114,18 @@ async def korean_guild() -> AsyncIterator[FakeDiscord]:
 
 async def test_discord_commands_sync_with_korean_description_localizations(korean_guild: FakeDiscord) -> None:
     fake = korean_guild
-    async with discord_running(fake, Observed(Scripted())):
+    async with discord_running(fake, RecordingHandler()):
         synced = {command["name"]: command for command in fake.commands[fake.guild_id]}
-    for name, description in [*COMMANDS.items(), ("chat", CHAT_COMMAND_DESCRIPTION)]:
+    for name, description in [*((c.name, c.help) for c in COMMANDS), ("chat", CHAT_COMMAND_DESCRIPTION)]:
         assert synced[name]["description"] == description
         assert synced[name]["description_localizations"] == {"ko": translate(description, "ko")}
         assert synced[name]["name_localizations"] == {}, "names stay the same in every language"
     [text] = synced["chat"]["options"]
     [version] = synced["rollback"]["options"]
     assert text["description_localizations"] == {"ko": translate(CHAT_TEXT_DESCRIPTION, "ko")}
-    assert version["description_localizations"] == {"ko": translate(ROLLBACK_VERSION_DESCRIPTION, "ko")}
+    rollback = command_named("rollback")
+    assert rollback is not None and rollback.argument is not None and version["name"] == rollback.argument.name
+    assert version["description_localizations"] == {"ko": translate(rollback.argument.description, "ko")}
 
 
 async def test_fake_self_check_discord_refuses_localizations_discord_refuses(korean_guild: FakeDiscord) -> None:
@@ -144,7 +149,7 @@ async def test_fake_self_check_discord_refuses_localizations_discord_refuses(kor
 
 async def test_discord_language_is_the_interaction_locale_else_the_servers(korean_guild: FakeDiscord) -> None:
     fake = korean_guild
-    handler = Observed(Scripted())
+    handler = RecordingHandler()
     ann, minji = fake.add_user("ann"), fake.add_user("minji")
     async with discord_running(fake, handler):
         english_command = await fake.send_command(ann, "help", guild=True, locale="en-US")

@@ -23,7 +23,7 @@ from sqlalchemy import select
 from core.db import Database
 from core.engine import Engine
 from core.models import Message, ModelVersion, Role, RunStatus, TrainingRun, VersionStatus
-from core.outcomes import RunOutcome
+from core.outcomes import RunEndReason, RunOutcome
 from core.service import ChatService
 from core.serving import ModelServing
 from core.settings import Settings
@@ -44,6 +44,7 @@ from tests.loop_support import (
     started_engine,
 )
 from tests.paused_retrain import SOCKET_VARIABLE, pause_server
+from tests.run_rows import run_row
 from trainer.dataset import split_by_conversation
 from trainer.orchestrator import TrainingOrchestrator
 from trainer.train import TrainArguments, train
@@ -110,13 +111,6 @@ async def base_loop(db: Database, database_url: str, loop_model_dir: Path, tmp_p
     finally:
         await loop.stop()
         await engine.close()
-
-
-async def _run_row(db: Database, run_id: int) -> TrainingRun:
-    async with db.sessions() as session:
-        run = await session.get(TrainingRun, run_id)
-    assert run is not None
-    return run
 
 
 @pytest.fixture
@@ -213,13 +207,13 @@ async def test_a_worse_version_is_rejected_and_the_old_one_kept(
         assert (await loop.admin("/retrain")).startswith("Training run #1 started")
 
         outcome = await loop.notifier.wait_for("Training run #1 finished")
-        assert "v1 was not promoted" in outcome and "worse than the active version's" in outcome
+        assert "v1 was not promoted: it did worse than the active version" in outcome
         assert "The active model stays" in outcome
 
         async with db.sessions() as session:
             active = await get_active_version(session)
             rejected = (await session.scalars(select(ModelVersion).where(ModelVersion.name == "v1"))).one()
-        run = await _run_row(db, 1)
+        run = await run_row(db, 1)
         assert active is not None and active.id == good
         assert rejected.status is VersionStatus.REJECTED and "worse" in (rejected.note or "")
         assert run.status is RunStatus.REJECTED and run.model_version_id == rejected.id and "worse" in (run.error or "")
@@ -228,6 +222,9 @@ async def test_a_worse_version_is_rejected_and_the_old_one_kept(
         answer, version_id = await loop.ask(QUESTION, user="903")
         assert PHRASE in answer and version_id == good
         assert "v1: rejected" in await loop.admin("/models")
+        assert "(it did worse than the active version on the same held-out conversations)" in await loop.admin(
+            "/models"
+        )
     finally:
         await loop.stop()
         await engine.close()
@@ -257,9 +254,9 @@ async def test_killing_the_trainer_keeps_the_active_version_and_rollback_works(
         )
 
         assert killed and isinstance(outcome, RunOutcome)
-        assert outcome.status is RunStatus.FAILED and "killed (SIGKILL)" in run_outcome(outcome)
-        run = await _run_row(db, 1)
-        assert run.status is RunStatus.FAILED and "killed" in (run.error or "") and run.finished_at is not None
+        assert outcome.status is RunStatus.FAILED and "the training process was killed" in run_outcome(outcome)
+        run = await run_row(db, 1)
+        assert run.status is RunStatus.FAILED and run.error == RunEndReason.KILLED and run.finished_at is not None
         assert 0 < run.progress < 1 and run.model_version_id is None
         assert not list(settings.models_dir.glob(".*partial")), "the half-written version was removed"
         assert engine.model_ref is not None and engine.model_ref.version_id == taught
@@ -295,8 +292,8 @@ async def test_stopping_the_bot_stops_the_run(
         await loop.stop()
 
         assert loop.orchestrator.running is None
-        run = await _run_row(db, 1)
-        assert run.status is RunStatus.FAILED and run.error == "stopped with the bot"
+        run = await run_row(db, 1)
+        assert run.status is RunStatus.FAILED and run.error == RunEndReason.STOPPED_WITH_BOT
         assert "Training run #1 failed: stopped with the bot" in loop.notifier.texts()[-1]
         with pytest.raises(ProcessLookupError):
             os.kill(running.pid, 0)
@@ -325,8 +322,8 @@ async def test_cancelling_a_foreground_run_stops_the_child(
     with pytest.raises(asyncio.CancelledError):
         await task
 
-    run = await _run_row(db, 1)
-    assert run.status is RunStatus.FAILED and run.error == "interrupted from the shell"
+    run = await run_row(db, 1)
+    assert run.status is RunStatus.FAILED and run.error == RunEndReason.INTERRUPTED_FROM_SHELL
     assert orchestrator.running is None
     with pytest.raises(ProcessLookupError):
         os.kill(running.pid, 0)
@@ -337,7 +334,7 @@ async def test_too_little_data_fails_with_a_clear_reason(base_loop: Loop) -> Non
     assert (await base_loop.admin("/retrain")).startswith("Training run #1 started")
     failed = await base_loop.notifier.wait_for("Training run #1 failed")
     assert "not enough conversation to train on yet" in failed and "at least two conversations" in failed
-    run = await _run_row(base_loop.db, 1)
+    run = await run_row(base_loop.db, 1)
     assert run.status is RunStatus.FAILED and run.model_version_id is None
     assert not base_loop.settings.models_dir.exists() or not any(base_loop.settings.models_dir.iterdir())
 
@@ -387,8 +384,8 @@ async def test_a_run_past_the_timeout_is_stopped_and_failed(
     )
 
     assert isinstance(outcome, RunOutcome) and outcome.status is RunStatus.FAILED
-    assert outcome.reason == "it ran longer than RETRAIN_TIMEOUT_MINUTES (180 min) and was stopped"
-    run = await _run_row(db, 1)
+    assert outcome.reason is RunEndReason.TIMED_OUT
+    run = await run_row(db, 1)
     assert run.status is RunStatus.FAILED and run.error == outcome.reason and run.model_version_id is None
     with pytest.raises(ProcessLookupError):
         os.kill(pids[0], 0)

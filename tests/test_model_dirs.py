@@ -18,14 +18,15 @@ from bot.cli import _start_engine, build_parser
 from bot.cli_training import run_command
 from core.db import Database
 from core.engine import Engine
-from core.models import ModelVersion, RunStatus, TrainingRun, VersionStatus
-from core.outcomes import RunOutcome
+from core.models import ModelVersion, RunStatus, VersionStatus
+from core.outcomes import RunEndReason, RunOutcome
 from core.service import ChatService
 from core.serving import ModelServing
 from core.settings import Settings
 from core.versions import activate_version, register_version, set_version_status
 from tests.loop_support import ADMIN, build_loop_model, greedy_engine, log_community, loop_settings, msg
 from tests.paused_retrain import SOCKET_VARIABLE, pause_server
+from tests.run_rows import add_run
 from trainer.orchestrator import TrainingOrchestrator
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
@@ -56,14 +57,6 @@ async def _register(db: Database, name: str, path: Path, *, active: bool = False
         return version.id
 
 
-async def _add_run(db: Database, **fields: object) -> int:
-    async with db.sessions.begin() as session:
-        run = TrainingRun(status=RunStatus.RUNNING, triggered_by="test", **fields)
-        session.add(run)
-        await session.flush()
-        return run.id
-
-
 async def _versions(db: Database) -> list[str]:
     async with db.sessions() as session:
         return [version.name for version in (await session.scalars(select(ModelVersion))).all()]
@@ -76,7 +69,7 @@ async def test_a_run_killed_after_the_rename_leaves_nothing_at_the_next_start(
     db: Database, settings: Settings, loop_model_dir: Path
 ) -> None:
     # The machine died after run #N renamed its complete version into place, before it was registered.
-    run_id = await _add_run(db, pid=None, started_at=NOW - timedelta(hours=1))
+    run_id = await add_run(db, pid=None, started_at=NOW - timedelta(hours=1))
     unregistered = _version_dir(settings, f"v{run_id}", loop_model_dir)
     partial = settings.models_dir / f".v{run_id}.partial"
     partial.mkdir()
@@ -123,8 +116,8 @@ async def test_an_error_or_a_kill_after_the_rename_removes_the_version_directory
 
     assert isinstance(outcome, RunOutcome) and seen == [1]
     assert outcome.status is RunStatus.FAILED
-    expected = "killed (SIGKILL)" if answer == "kill" else "training failed (InjectedFailureError)"
-    assert expected in (outcome.reason or "")
+    expected = RunEndReason.KILLED if answer == "kill" else RunEndReason.TRAINING_ERROR
+    assert outcome.reason is expected
     assert not settings.models_dir.exists() or list(settings.models_dir.iterdir()) == []
     assert await _versions(db) == []
 
@@ -152,7 +145,7 @@ async def test_models_check_lists_and_removes_strays(
     stray = _version_dir(settings, "v9", loop_model_dir)
     stray_partial = settings.models_dir / ".v10.partial"
     stray_partial.mkdir()
-    running = await _add_run(db, pid=None, started_at=datetime.now(UTC))
+    running = await add_run(db, pid=None, started_at=datetime.now(UTC))
     in_progress = settings.models_dir / f".v{running}.partial"
     in_progress.mkdir()
     (settings.models_dir / ".cache").mkdir()

@@ -12,7 +12,9 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +24,22 @@ from sqlalchemy import select
 
 from core.db import Database
 from core.models import RunStatus, TrainingRun
-from core.outcomes import AlreadyRunning, CoolingDown, RunOutcome, RunStarted, SwapOutcome, SwapState, TrainingAgain
+from core.outcomes import (
+    AlreadyRunning,
+    CoolingDown,
+    RunEndReason,
+    RunOutcome,
+    RunStarted,
+    SwapOutcome,
+    SwapState,
+    TrainingAgain,
+    recorded_reason,
+)
 from core.service import ChatService
 from core.settings import Settings
 from core.texts import run_outcome, run_request
 from tests.loop_support import ADMIN, RecordingNotifier, greedy_engine, loop_settings, msg
+from tests.run_rows import add_run, run_row
 from trainer import process
 from trainer.orchestrator import TrainingOrchestrator
 from trainer.process import child_environment, process_start_token, trainer_process_alive
@@ -85,10 +98,11 @@ def test_gate_decisions() -> None:
     assert decide(active_loss=2.0, new_loss=2.0, margin=0.0).promote
     assert decide(active_loss=2.0, new_loss=1.5, margin=0.0).promote
     worse = decide(active_loss=2.0, new_loss=2.05, margin=0.0)
-    assert not worse.promote and "2.050 is worse than the active version's 2.000" in worse.reason
+    assert not worse.promote and worse.reason is RunEndReason.WORSE_THAN_ACTIVE
+    assert str(worse) == "worse_than_active: eval loss 2.000 -> 2.050"
     assert decide(active_loss=2.0, new_loss=2.05, margin=0.1).promote
     diverged = decide(active_loss=2.0, new_loss=math.nan, margin=1.0)
-    assert not diverged.promote and "diverged" in diverged.reason
+    assert not diverged.promote and diverged.reason is RunEndReason.DIVERGED
     assert decide(active_loss=math.inf, new_loss=3.0, margin=0.0).promote
 
 
@@ -108,12 +122,17 @@ def test_outcome_messages() -> None:
         "Training run #3 finished: v3 is now the active model. Eval loss 2.000 → 1.000 (perplexity 7.4 → 2.7) "
         "on 12 held-out samples; trained on 90."
     )
-    rejected = run_outcome(RunOutcome(4, RunStatus.REJECTED, "v4", metrics, reason="worse"))
-    assert rejected.startswith("Training run #4 finished, but v4 was not promoted: worse. The active model stays.")
+    rejected = run_outcome(RunOutcome(4, RunStatus.REJECTED, "v4", metrics, reason=RunEndReason.WORSE_THAN_ACTIVE))
+    assert rejected.startswith(
+        "Training run #4 finished, but v4 was not promoted: it did worse than the active version on the same "
+        "held-out conversations. The active model stays. Eval loss 2.000 → 1.000"
+    )
+    legacy = run_outcome(RunOutcome(4, RunStatus.REJECTED, "v4", metrics, reason=recorded_reason("worse, in 2025")))
+    assert legacy.startswith("Training run #4 finished, but v4 was not promoted: worse, in 2025. The active")
     single = run_outcome(RunOutcome(6, RunStatus.PROMOTED, "v6", {**metrics, "eval_samples": 1}))
     assert "on 1 held-out sample; trained on 90." in single
-    failed = run_outcome(RunOutcome(5, RunStatus.FAILED, reason="the training process was killed (SIGKILL)"))
-    assert failed == "Training run #5 failed: the training process was killed (SIGKILL). The active model stays."
+    failed = run_outcome(RunOutcome(5, RunStatus.FAILED, reason=RunEndReason.KILLED))
+    assert failed == "Training run #5 failed: the training process was killed. The active model stays."
     elsewhere = run_outcome(RunOutcome(7, RunStatus.PROMOTED, "v7", swap=SwapOutcome(SwapState.ELSEWHERE)))
     assert (
         elsewhere
@@ -124,10 +143,12 @@ def test_outcome_messages() -> None:
         " But it could not be loaded (config.json missing); still serving v6."
     )
     withdrawn = {**metrics, "data_withdrawn": 2}
-    again = run_outcome(RunOutcome(9, RunStatus.REJECTED, "v9", withdrawn, "data changed", again=TrainingAgain(10)))
+    reason = RunEndReason.TRAINING_DATA_WITHDRAWN
+    again = run_outcome(RunOutcome(9, RunStatus.REJECTED, "v9", withdrawn, reason, again=TrainingAgain(10)))
     assert again == (
-        "Training run #9 finished, but v9 was not promoted: data changed. The active model stays. "
-        "Training again without them: run #10 started."
+        "Training run #9 finished, but v9 was not promoted: training data changed during the run: 2 messages were "
+        "deleted or withdrawn (/forget or /optout), so the version it trained was discarded. The active model "
+        "stays. Training again without them: run #10 started."
     )
 
 
@@ -208,20 +229,7 @@ def test_a_pid_we_may_not_signal_is_not_our_trainer(monkeypatch: pytest.MonkeyPa
 # --- runs in the database -------------------------------------------------------------------------------------
 
 
-async def _add_run(db: Database, **fields: Any) -> int:
-    values: dict[str, Any] = {"status": RunStatus.RUNNING, "triggered_by": "test", "started_at": NOW, **fields}
-    async with db.sessions.begin() as session:
-        run = TrainingRun(**values)
-        session.add(run)
-        await session.flush()
-        return run.id
-
-
-async def _run(db: Database, run_id: int) -> TrainingRun:
-    async with db.sessions() as session:
-        run = await session.get(TrainingRun, run_id)
-    assert run is not None
-    return run
+_add_run = partial(add_run, started_at=NOW)
 
 
 @pytest.fixture
@@ -251,7 +259,7 @@ async def test_interrupted_runs_are_marked_failed_at_start(
         await orchestrator.start()
         await orchestrator.stop()
 
-        run = await _run(db, run_id)
+        run = await run_row(db, run_id)
         if interrupted:
             assert run.status is RunStatus.FAILED and run.finished_at == NOW, fields
             assert run.error is not None and run.error.startswith("interrupted")
@@ -260,7 +268,7 @@ async def test_interrupted_runs_are_marked_failed_at_start(
             assert run.status is RunStatus.RUNNING, fields
             async with db.sessions.begin() as session:  # make room for the next case
                 (await session.get(TrainingRun, run_id)).status = RunStatus.FAILED  # type: ignore[union-attr]
-    assert (await _run(db, finished)).status is RunStatus.PROMOTED
+    assert (await run_row(db, finished)).status is RunStatus.PROMOTED
 
 
 async def test_a_run_in_another_process_is_reported_as_running(
@@ -289,9 +297,9 @@ async def test_a_run_of_another_process_past_the_timeout_is_killed_and_failed(
     assert await orchestrator.recover_interrupted_runs() == [hung]
 
     assert fake_trainer.wait(timeout=30) == -signal.SIGKILL
-    run = await _run(db, hung)
+    run = await run_row(db, hung)
     assert run.status is RunStatus.FAILED and run.finished_at == NOW
-    assert run.error == "it ran longer than RETRAIN_TIMEOUT_MINUTES (180 min) and was stopped"
+    assert run.error == RunEndReason.TIMED_OUT
 
 
 async def test_a_run_within_the_timeout_is_left_alone(
@@ -304,7 +312,7 @@ async def test_a_run_within_the_timeout_is_left_alone(
     assert await TrainingOrchestrator(settings=unlimited, db=db, clock=Clock()).recover_interrupted_runs() == []
     clock = Clock(NOW - timedelta(days=3) + timedelta(minutes=179))
     assert await TrainingOrchestrator(settings=limited, db=db, clock=clock).recover_interrupted_runs() == []
-    assert (await _run(db, long_ago)).status is RunStatus.RUNNING and fake_trainer.poll() is None
+    assert (await run_row(db, long_ago)).status is RunStatus.RUNNING and fake_trainer.poll() is None
 
 
 async def test_cooldown_refuses_a_new_run_and_the_service_relays_it(db: Database, settings: Settings) -> None:
@@ -362,7 +370,7 @@ async def test_the_schedule_starts_a_run_when_due(db: Database, settings: Settin
 
     assert reply == RunStarted(2, reports_here=False)
     assert run_request(reply).startswith("Training run #2 started")
-    run = await _run(db, 2)
+    run = await run_row(db, 2)
     assert run.triggered_by == "schedule" and run.status is RunStatus.FAILED and run.finished_at is not None
 
 
@@ -381,3 +389,19 @@ async def test_progress_is_notified_every_quarter(db: Database, settings: Settin
         "Training run #7: 51% done.",
         "Training run #7: 80% done.",
     ]
+
+
+async def test_a_korean_admin_hears_why_a_run_failed_in_korean(db: Database, settings: Settings) -> None:
+    """The end reason is recorded as a value and worded for the reader: the admin who asked in Korean reads the
+    Korean reason, not English pasted into a Korean sentence."""
+    notifier = RecordingNotifier()
+    orchestrator = TrainingOrchestrator(settings=settings, db=db, notifier=notifier)
+    service = ChatService(settings=settings, db=db, engine=greedy_engine(), retrainer=orchestrator)
+    try:
+        reply = await service.handle(replace(msg("/retrain", user=ADMIN), language="ko"))
+        assert reply is not None and reply.text.startswith("학습 #1을(를) 시작했어요.")
+        outcome = await notifier.wait_for("학습 #1이(가) 실패했어요", "Training run #1")
+    finally:
+        await orchestrator.stop()
+    assert outcome.startswith("학습 #1이(가) 실패했어요: 아직 학습할 대화가 부족해요."), outcome
+    assert (await run_row(db, 1)).error == RunEndReason.NOT_ENOUGH_DATA == "not_enough_data"

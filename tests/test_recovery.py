@@ -28,9 +28,9 @@ from core.service import ChatService, Recovered
 from core.settings import Settings
 from core.texts import EXPORT_AFTER_RESTART
 from tests.fake_telegram import FakeTelegram
-from tests.handler_base import IgnoresLogEvents
-from tests.test_service import msg as incoming
-from tests.test_service import record_prompts
+from tests.recording_handler import RecordingHandler
+from tests.service_support import msg as incoming
+from tests.service_support import record_prompts
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
@@ -280,27 +280,6 @@ async def test_the_console_shows_a_recovered_answer_as_one_to_an_earlier_message
     assert [row.delivery for row in await rows(db)] == [None, Delivery.SENT]
 
 
-class RecordingDiscordHandler(IgnoresLogEvents):
-    """A ChatHandler for the adapter-only Discord test: answers every message with `text`, records the outcome."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.delivered: list[int | None] = []
-        self.interrupted: list[tuple[int | None, int]] = []
-
-    async def handle(self, message: IncomingMessage) -> Reply | None:
-        return Reply(self.text, reply_to=message.message_id, log_id=int(message.message_id))
-
-    async def mark_delivered(self, reply: Reply, platform_message_ids: list[str]) -> None:
-        self.delivered.append(reply.log_id)
-
-    async def mark_undelivered(self, reply: Reply, reason: str, *, parts_sent: int = 0) -> None:
-        raise AssertionError(f"not expected: {reason}")
-
-    async def mark_interrupted(self, reply: Reply, *, parts_sent: int) -> None:
-        self.interrupted.append((reply.log_id, parts_sent))
-
-
 async def test_discord_sends_only_the_remaining_parts_and_leaves_a_send_cut_off_at_stop_to_recovery(
     tmp_path: Path,
 ) -> None:
@@ -321,7 +300,7 @@ async def test_discord_sends_only_the_remaining_parts_and_leaves_a_send_cut_off_
         shutdown_grace_seconds=0.2,
     )
     long_reply = "\n\n".join(f"Part {n}. " + "word " * 350 for n in (1, 2, 3))  # three Discord messages
-    handler = RecordingDiscordHandler(long_reply)
+    handler = RecordingHandler(lambda _message: long_reply, log_id=lambda message: int(message.message_id))
     backend = DiscordBackend(settings=settings, handler=handler, ready_timeout=15, guild_ready_timeout=0.05)
     wen = fake.add_user("wen")
     channel = fake.dm_channel(wen)
@@ -338,5 +317,6 @@ async def test_discord_sends_only_the_remaining_parts_and_leaves_a_send_cut_off_
     finally:
         await fake.close()
         discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = base, gateway
-    assert handler.delivered == [1]
-    assert handler.interrupted == [(int(asked["id"]), 1)]
+    assert [reply.log_id for reply, _ in handler.delivered] == [1]
+    assert [(reply.log_id, parts) for reply, parts in handler.interrupted] == [(int(asked["id"]), 1)]
+    assert handler.undelivered == []

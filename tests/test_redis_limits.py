@@ -4,42 +4,17 @@ stand for two replicas; the real local Redis keeps their state. Without REDIS_UR
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
-import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 
+from bot.cli import open_user_limits
 from core.errors import ConfigError, MagpieError
-from core.limits import LocalUserLimits, open_user_limits
+from core.limits import LocalUserLimits
 from core.redis_limits import RedisUserLimits
 from core.settings import Settings, load_settings
-
-REDIS_URL = os.environ.get("MAGPIE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-def redis_reachable(url: str = REDIS_URL) -> bool:
-    host_port = url.split("//", 1)[1].split("/", 1)[0].rsplit("@", 1)[-1]
-    host, _, port = host_port.partition(":")
-    try:
-        with socket.create_connection((host, int(port or 6379)), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
-def redis_settings(**overrides: Any) -> Settings:
-    """Settings for a replica sharing the test Redis under a prefix of its own (runs never see each other's keys)."""
-    if not redis_reachable():
-        reason = f"Redis not reachable at {REDIS_URL}"
-        if os.environ.get("MAGPIE_REQUIRE_REDIS") == "1":
-            pytest.fail(reason + " (MAGPIE_REQUIRE_REDIS=1)")
-        pytest.skip(reason)
-    values: dict[str, Any] = {"redis_url": REDIS_URL, "redis_key_prefix": f"magpie-test-{uuid.uuid4().hex[:12]}"}
-    values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+from tests.redis_support import redis_settings
 
 
 class Clock:

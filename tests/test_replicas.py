@@ -31,7 +31,7 @@ from core.texts import rate_limited
 from core.versions import register_version
 from tests.conftest import _empty_tables
 from tests.fake_telegram import FakeTelegram
-from tests.test_redis_limits import redis_settings
+from tests.redis_support import redis_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLIC_URL = "https://bot.example.org"

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
-from datetime import datetime
 from functools import partial
 from pathlib import Path
 
 import pytest
 from sqlalchemy import event, func, select
 
+from core.commands import COMMANDS
 from core.db import Database
 from core.dialogue import Turn, speaker_key
 from core.engine import Engine
-from core.messages import PRIVATE_COMMANDS, ChatKind, IncomingMessage, Reply
+from core.messages import ChatKind, IncomingMessage, Reply
 from core.models import Delivery, Message, Role, User
 from core.service import ChatService
 from core.settings import Settings
@@ -26,46 +25,7 @@ from core.texts import (
     NOT_LOGGED,
     NOT_TEXT,
 )
-
-_ids = itertools.count(1)
-
-
-def msg(
-    text: str | None,
-    *,
-    user: str = "1",
-    chat: str = "100",
-    kind: ChatKind = ChatKind.PRIVATE,
-    addressed: bool = False,
-    message_id: str | None = None,
-    platform: str = "telegram",
-    sent_at: datetime | None = None,
-) -> IncomingMessage:
-    """An incoming message from user `user` in chat `chat` (sent at `sent_at`, else now)."""
-    return IncomingMessage(
-        platform=platform,
-        chat_id=chat,
-        chat_kind=kind,
-        author_id=user,
-        author_name=f"name-{user}",
-        text=text,
-        message_id=message_id or str(next(_ids)),
-        addressed=addressed,
-        sent_at=sent_at,
-    )
-
-
-def record_prompts(engine: Engine) -> list[list[str]]:
-    """Wraps the real engine so a test can see the turns of every prompt it was asked to answer."""
-    seen: list[list[str]] = []
-    original = engine.generate_response
-
-    async def spy(turns, **kwargs):  # type: ignore[no-untyped-def]
-        seen.append([turn.text for turn in turns])
-        return await original(turns, **kwargs)
-
-    engine.generate_response = spy  # type: ignore[method-assign]
-    return seen
+from tests.service_support import msg, record_prompts
 
 
 class FakeClock:
@@ -321,8 +281,10 @@ async def test_export_in_a_group_goes_to_the_author_alone_and_the_group_sees_onl
     async with db.sessions() as session:
         answer = await session.get(Message, reply.log_id)
     assert answer is not None and (answer.text, answer.is_command) == (EXPORT_SENT_PRIVATELY, True)
-    for name in PRIVATE_COMMANDS:  # every command that answers with personal data does the same
-        other = await service.handle(group(f"/{name}"))
+    for command in COMMANDS:  # every command that answers with personal data does the same
+        if not command.private:
+            continue
+        other = await service.handle(group(f"/{command.name}"))
         assert other is not None and other.private is not None and other.attachment is None
 
 

@@ -7,12 +7,10 @@ the real `ChatService` with the tiny real model and assert on what was logged in
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,117 +20,25 @@ from sqlalchemy import select
 
 from bot import telegram_requests
 from bot.telegram import TelegramBackend
+from core.commands import COMMANDS
 from core.db import Database
-from core.engine import Engine, ModelRef
 from core.errors import ConfigError, MagpieError
-from core.messages import ADMIN_COMMANDS, COMMANDS, ChatKind, IncomingMessage, Reply
+from core.messages import ChatKind, IncomingMessage, Reply
 from core.models import Chat, Delivery, Role
 from core.models import Message as DbMessage
-from core.outcomes import RunStarted
 from core.service import ChatService
-from core.settings import Settings
 from core.texts import BUSY, EXPORT_SENT_PRIVATELY, EXPORT_UNREACHABLE, NOT_TEXT, OPTED_OUT
 from tests.fake_telegram import FakeTelegram, utf16_length
+from tests.recording_handler import RecordingHandler
+from tests.telegram_support import running, serving, settings_for
 
 WAIT = 20.0
-
-
-class RecordingHandler:
-    """A `ChatHandler` that answers addressed messages with `answer(message)` and records everything."""
-
-    def __init__(self, answer: Callable[[IncomingMessage], str] | None = None) -> None:
-        self.answer = answer or (lambda message: f"echo: {message.text}")
-        self.received: list[IncomingMessage] = []
-        self.delivered: list[tuple[Reply, list[str]]] = []
-        self.undelivered: list[tuple[Reply, str]] = []
-        self.unreachable: list[tuple[Reply, str]] = []
-        self.parts_sent: dict[int | None, int] = {}
-        self.interrupted: list[tuple[Reply, int]] = []
-        self.migrated: list[tuple[str, str]] = []
-        self.edits: list[tuple[str, str, str | None]] = []
-        self.deletions: list[tuple[str, str]] = []
-        self.release: asyncio.Event | None = None
-        self.entered = asyncio.Event()
-        self.cancelled = asyncio.Event()
-        self.changed = asyncio.Condition()
-
-    async def handle(self, message: IncomingMessage) -> Reply | None:
-        self.received.append(message)
-        await self._changed()
-        if self.release is not None:
-            self.entered.set()
-            try:
-                await self.release.wait()
-            except asyncio.CancelledError:
-                self.cancelled.set()
-                raise
-        if not message.addressed:
-            return None
-        return Reply(text=self.answer(message), reply_to=message.message_id, log_id=len(self.received))
-
-    async def mark_delivered(self, reply: Reply, platform_message_ids: list[str]) -> None:
-        self.delivered.append((reply, platform_message_ids))
-        await self._changed()
-
-    async def mark_undelivered(self, reply: Reply, reason: str, *, parts_sent: int = 0) -> None:
-        self.undelivered.append((reply, reason))
-        self.parts_sent[reply.log_id] = parts_sent
-        await self._changed()
-
-    async def mark_interrupted(self, reply: Reply, *, parts_sent: int) -> None:
-        self.interrupted.append((reply, parts_sent))
-        await self._changed()
-
-    async def private_unreachable(self, reply: Reply, reason: str) -> Reply:
-        self.unreachable.append((reply, reason))
-        assert reply.private is not None
-        return Reply(reply.private.unreachable, reply_to=reply.reply_to, log_id=-len(self.unreachable))
-
-    async def message_edited(self, platform: str, chat_id: str, message_id: str, text: str | None) -> None:
-        self.edits.append((chat_id, message_id, text))
-        await self._changed()
-
-    async def message_deleted(self, platform: str, chat_id: str, message_id: str) -> None:
-        self.deletions.append((chat_id, message_id))
-        await self._changed()
-
-    async def migrate_chat(self, platform: str, old_chat_id: str, new_chat_id: str) -> None:
-        self.migrated.append((old_chat_id, new_chat_id))
-        await self._changed()
-
-    async def wait_until(self, condition: Callable[[], bool]) -> None:
-        async with asyncio.timeout(WAIT), self.changed:
-            await self.changed.wait_for(condition)
-
-    async def _changed(self) -> None:
-        async with self.changed:
-            self.changed.notify_all()
 
 
 @pytest.fixture
 async def telegram() -> AsyncIterator[FakeTelegram]:
     async with FakeTelegram() as fake:
         yield fake
-
-
-def settings_for(fake: FakeTelegram, **overrides: Any) -> Settings:
-    return Settings(
-        _env_file=None,  # type: ignore[call-arg]
-        telegram_bot_token=overrides.pop("token", fake.token),
-        telegram_base_url=fake.base_url,
-        telegram_base_file_url=fake.base_file_url,
-        **overrides,
-    )
-
-
-@contextlib.asynccontextmanager
-async def running(settings: Settings, handler: Any, **kwargs: Any) -> AsyncIterator[TelegramBackend]:
-    backend = TelegramBackend(settings=settings, handler=handler, **kwargs)
-    await backend.start()
-    try:
-        yield backend
-    finally:
-        await backend.stop()
 
 
 @pytest.fixture
@@ -252,11 +158,11 @@ async def test_command_menu_has_user_commands_for_everyone_and_all_commands_for_
     async with running(settings, RecordingHandler()):
         pass
     everyone = [command["command"] for command in telegram.commands["default"]]
-    assert everyone == [name for name in COMMANDS if name not in ADMIN_COMMANDS]
-    assert [command["command"] for command in telegram.commands["chat:42"]] == list(COMMANDS)
+    assert everyone == [command.name for command in COMMANDS if not command.admin]
+    assert [command["command"] for command in telegram.commands["chat:42"]] == [c.name for c in COMMANDS]
     assert "chat:777" not in telegram.commands
     assert "command menu for admin chat 777 not set" in caplog.text
-    assert telegram.commands["default"][0]["description"] == COMMANDS["start"]
+    assert telegram.commands["default"][0]["description"] == COMMANDS[0].help
 
 
 # --- translating updates --------------------------------------------------------------------------------------
@@ -399,7 +305,7 @@ async def test_a_reply_that_cannot_be_delivered_is_reported_undelivered(
         telegram.user_says(telegram.private_chat(hank), hank, "hello?")
         await handler.wait_until(lambda: len(handler.undelivered) == 1)
         await backend.notify("424242", "training finished")  # an unknown chat: logged, not raised
-    [(reply, reason)] = handler.undelivered
+    [(reply, reason, _)] = handler.undelivered
     assert reply.text == "echo: hello?" and "Bad Gateway" in reason and "NetworkError" in reason
     assert len(telegram.calls_to("sendMessage")) == telegram_requests.SEND_ATTEMPTS + 1
     assert handler.delivered == []
@@ -409,13 +315,9 @@ async def test_a_reply_that_cannot_be_delivered_is_reported_undelivered(
 async def test_export_attachment_is_sent_as_a_document_after_the_text(telegram: FakeTelegram) -> None:
     from core.messages import Attachment
 
-    class Exporting(RecordingHandler):
-        async def handle(self, message: IncomingMessage) -> Reply | None:
-            await super().handle(message)
-            return Reply("Here you go.", reply_to=message.message_id, attachment=Attachment("me.json", b'{"a": 1}'))
-
     ivy = telegram.user(8001, "Ivy")
-    handler = Exporting()
+    handler = RecordingHandler(lambda _: "Here you go.")
+    handler.attachment = Attachment("me.json", b'{"a": 1}')
     async with running(settings_for(telegram), handler):
         telegram.user_says(telegram.private_chat(ivy), ivy, "/export")
         text, document = await telegram.wait_for_messages(ivy.id, 2)
@@ -464,14 +366,13 @@ async def test_updates_are_handled_concurrently(telegram: FakeTelegram) -> None:
 async def test_the_error_handler_logs_the_update_id_never_the_token(
     telegram: FakeTelegram, no_token_in_logs: pytest.LogCaptureFixture
 ) -> None:
-    class Broken(RecordingHandler):
-        async def handle(self, message: IncomingMessage) -> Reply | None:
-            raise RuntimeError(f"boom near {telegram.base_url}{telegram.token}/sendMessage")
+    def boom(_message: IncomingMessage) -> str:
+        raise RuntimeError(f"boom near {telegram.base_url}{telegram.token}/sendMessage")
 
     jack = telegram.user(10001, "Jack")
     errors = _ErrorSeen()
     logging.getLogger("bot.telegram").addHandler(errors)
-    async with running(settings_for(telegram), Broken()):
+    async with running(settings_for(telegram), RecordingHandler(boom)):
         update = telegram.user_says(telegram.private_chat(jack), jack, "hi")
         await asyncio.wait_for(errors.seen.wait(), WAIT)
     [record] = [r for r in no_token_in_logs.records if r.levelno == logging.ERROR]
@@ -501,7 +402,7 @@ async def test_stop_lets_in_flight_replies_finish(telegram: FakeTelegram, caplog
     backend = TelegramBackend(settings=settings_for(telegram), handler=handler)
     await backend.start()
     telegram.user_says(telegram.private_chat(kim), kim, "slow one")
-    await asyncio.wait_for(handler.entered.wait(), WAIT)
+    await handler.wait_until(lambda: bool(handler.entered))
     caplog.set_level(logging.INFO, logger="bot.backend")
     waiting = _Seen("letting 1 replies finish")
     logging.getLogger("bot.backend").addHandler(waiting)
@@ -509,7 +410,7 @@ async def test_stop_lets_in_flight_replies_finish(telegram: FakeTelegram, caplog
         stopping = asyncio.create_task(backend.stop())
         await asyncio.wait_for(waiting.seen.wait(), WAIT)
         done, _ = await asyncio.wait({stopping}, timeout=0.5)  # a stop that does not wait is over long before this
-        assert not done and handler.delivered == [] and not handler.cancelled.is_set()
+        assert not done and handler.delivered == [] and not handler.cancelled
         handler.release.set()
         await asyncio.wait_for(stopping, WAIT)
     finally:
@@ -525,9 +426,9 @@ async def test_stop_cancels_replies_still_running_after_the_grace_period(telegra
     backend = TelegramBackend(settings=settings_for(telegram), handler=handler, stop_grace_s=0.1)
     await backend.start()
     telegram.user_says(telegram.private_chat(lea), lea, "endless")
-    await asyncio.wait_for(handler.entered.wait(), WAIT)
+    await handler.wait_until(lambda: bool(handler.entered))
     await asyncio.wait_for(backend.stop(), WAIT)
-    assert handler.cancelled.is_set()
+    assert handler.cancelled
     assert telegram.sent_messages(lea.id) == []
 
 
@@ -565,7 +466,7 @@ async def test_a_read_timeout_after_delivery_is_not_sent_again(
         await handler.wait_until(lambda: len(handler.undelivered) == 1)
     assert [m["text"] for m in telegram.sent_messages(mia.id)] == ["echo: are you there?"]
     assert len(telegram.calls_to("sendMessage")) == 1
-    [(_, reason)] = handler.undelivered
+    [(_, reason, _)] = handler.undelivered
     assert "may have arrived" in reason and "TimedOut" in reason
 
 
@@ -608,7 +509,7 @@ async def test_a_refused_connection_is_retried_until_telegram_is_back(telegram: 
     try:
         async with running(settings_for(telegram), handler):
             telegram.user_says(telegram.private_chat(pia), pia, "knock knock")
-            await asyncio.wait_for(handler.entered.wait(), WAIT)
+            await handler.wait_until(lambda: bool(handler.entered))
             await telegram.refuse_connections()
             handler.release.set()
             await asyncio.wait_for(retrying.seen.wait(), WAIT)
@@ -630,8 +531,8 @@ async def test_a_split_reply_that_fails_part_way_records_how_many_parts_arrived(
         telegram.fail_next("sendMessage", telegram_requests.SEND_ATTEMPTS, status=502, after=1)
         telegram.user_says(telegram.private_chat(quin), quin, "tell me everything")
         await handler.wait_until(lambda: len(handler.undelivered) == 1)
-    [(reply, _)] = handler.undelivered
-    assert handler.parts_sent[reply.log_id] == 1
+    [(_, _, parts_sent)] = handler.undelivered
+    assert parts_sent == 1
     [first] = telegram.sent_messages(quin.id)
     assert first["text"].startswith("Part 1.")
 
@@ -738,51 +639,6 @@ def _message_dict(chat: Any, person: Any, text: str) -> dict[str, Any]:
 
 
 # --- end to end: the real ChatService, the tiny real model, the real database ---------------------------------
-
-
-class RecordingRetrainer:
-    """The `Retrainer` seam (training itself is the trainer's business): records who asked."""
-
-    def __init__(self) -> None:
-        self.requests: list[str] = []
-
-    async def request(
-        self, *, triggered_by: str, notify_platform: str | None, notify_chat_id: str | None
-    ) -> RunStarted:
-        self.requests.append(triggered_by)
-        return RunStarted(len(self.requests), reports_here=notify_chat_id is not None)
-
-
-@dataclass
-class Served:
-    telegram: FakeTelegram
-    db: Database
-    retrainer: RecordingRetrainer
-    settings: Settings
-
-
-@contextlib.asynccontextmanager
-async def serving(telegram: FakeTelegram, db: Database, model_dir: Path, **overrides: Any) -> AsyncIterator[Served]:
-    """Engine + ChatService + TelegramBackend as `magpie run` assembles them; everything is stopped on exit, so
-    assertions after the block see every reply delivered and its delivery recorded."""
-    settings = settings_for(
-        telegram,
-        base_model=str(model_dir),
-        device="cpu",
-        temperature=0.0,
-        max_new_tokens=8,
-        admin_ids="telegram:42",
-        **overrides,
-    )
-    engine = Engine.from_settings(settings)
-    await engine.start(ModelRef(source=str(model_dir), name="tiny"))
-    retrainer = RecordingRetrainer()
-    service = ChatService(settings=settings, db=db, engine=engine, retrainer=retrainer)
-    try:
-        async with running(settings, service):
-            yield Served(telegram, db, retrainer, settings)
-    finally:
-        await engine.close()
 
 
 async def logged(db: Database, chat_id: int | str | None = None) -> list[DbMessage]:

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from bot.cli import build_parser
 from bot.cli_training import run_command
 from core.db import Database
-from core.models import ModelVersion, RunStatus, TrainingRun, VersionStatus
+from core.models import ModelVersion, RunStatus, VersionStatus
 from core.outcomes import SwitchRefusal, SwitchRefused
 from core.service import ChatService
 from core.serving import ModelServing
@@ -24,6 +24,7 @@ from core.settings import Settings
 from core.texts import disk_size_text, version_list
 from core.versions import activate_version, register_version, set_version_status, versions_trained_on_user
 from tests.loop_support import build_loop_model, greedy_engine, log_community, loop_settings
+from tests.run_rows import new_run
 from trainer.model_dirs import check_models
 from trainer.retrain import retrain
 from trainer.version_retention import prune_versions
@@ -85,7 +86,7 @@ async def test_prune_keeps_the_newest_the_active_and_the_rollback_target(
 ) -> None:
     ids = await _history(db, settings, loop_model_dir)
     async with db.sessions.begin() as session:  # a run in progress started from v1: it scores v1 again at the end
-        session.add(TrainingRun(status=RunStatus.RUNNING, triggered_by="test", parent_version_id=ids["v1"]))
+        session.add(new_run(parent_version_id=ids["v1"]))
     size = sum(file.stat().st_size for file in (settings.models_dir / "v4").rglob("*") if file.is_file())
 
     report = await prune_versions(db, settings, now=NOW)
@@ -199,7 +200,7 @@ async def test_a_promotion_deletes_the_versions_beyond_models_keep(
         await _activate(db, version_id)
     await log_community(ChatService(settings=settings, db=db, engine=greedy_engine()), chats=6)
     async with db.sessions.begin() as session:
-        run = TrainingRun(status=RunStatus.RUNNING, triggered_by="test")
+        run = new_run()
         session.add(run)
         await session.flush()
         run_id = run.id

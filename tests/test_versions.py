@@ -17,8 +17,8 @@ from core.versions import (
     list_versions,
     manifest_message_ids,
     register_version,
+    runs_in_progress,
     set_version_status,
-    training_in_progress,
     versions_trained_on_user,
     withdrawn_training_data,
 )
@@ -162,12 +162,14 @@ async def _withdrawn(db: Database, version_id: int) -> Withdrawn:
         return await withdrawn_training_data(session, version_id=version_id)
 
 
-async def test_training_in_progress(db: Database) -> None:
+async def test_runs_in_progress(db: Database) -> None:
     async with db.sessions.begin() as session:
-        assert not await training_in_progress(session)
+        assert not await runs_in_progress(session)
         session.add(TrainingRun(status=RunStatus.PROMOTED, triggered_by="t"))
         await session.flush()
-        assert not await training_in_progress(session)
-        session.add(TrainingRun(status=RunStatus.RUNNING, triggered_by="t"))
+        assert not await runs_in_progress(session)
+        running = TrainingRun(status=RunStatus.RUNNING, triggered_by="t")
+        session.add(running)
         await session.flush()
-        assert await training_in_progress(session)
+        assert await runs_in_progress(session) == [running]
+        assert await runs_in_progress(session, lock=True) == [running]

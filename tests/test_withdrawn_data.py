@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from sqlalchemy import select
 from core.db import Database
 from core.engine import Engine
 from core.models import ModelVersion, ModelVersionMessage, RunStatus, TrainingRun, User
-from core.outcomes import DATA_WITHDRAWN
+from core.outcomes import DATA_WITHDRAWN, RunEndReason
 from core.service import ChatService
 from core.serving import ModelServing
 from core.settings import Settings
@@ -39,6 +38,7 @@ from tests.loop_support import (
     started_engine,
 )
 from tests.paused_retrain import SOCKET_VARIABLE, pause_server
+from tests.run_rows import new_run
 from trainer.orchestrator import TrainingOrchestrator
 from trainer.retrain import retrain
 
@@ -47,10 +47,6 @@ pytestmark = pytest.mark.slow
 X = "1000"
 """The person who withdraws: one of the askers of `log_community`, whose question is in many samples."""
 IN_PROGRESS = "A training run is in progress: the version it trains will not be used with your messages in it."
-WITHDRAWN = re.compile(
-    r"^training data changed during the run: (\d+) messages? (?:was|were) deleted or withdrawn \(/forget or "
-    r"/optout\), so the version it trained was discarded$"
-)
 
 
 @pytest.fixture(scope="session")
@@ -97,7 +93,7 @@ async def test_a_run_is_not_promoted_with_data_withdrawn_while_it_trained(
     active = await _active_base(db, loop_model_dir)
     x_row = await _user_row(db, X)
     async with db.sessions.begin() as session:
-        run = TrainingRun(status=RunStatus.RUNNING, triggered_by="test")
+        run = new_run()
         session.add(run)
         await session.flush()
         run_id = run.id
@@ -119,8 +115,7 @@ async def test_a_run_is_not_promoted_with_data_withdrawn_while_it_trained(
         versions = [version.name for version in (await session.scalars(select(ModelVersion))).all()]
         serving = await get_active_version(session)
     assert row is not None and row.status is RunStatus.REJECTED and row.model_version_id is None
-    withdrawn = WITHDRAWN.match(row.error or "")
-    assert withdrawn is not None and int(withdrawn.group(1)) == in_manifest[0] == row.metrics[DATA_WITHDRAWN]
+    assert row.error == RunEndReason.TRAINING_DATA_WITHDRAWN and in_manifest[0] == row.metrics[DATA_WITHDRAWN]
     assert versions == ["v0"] and serving is not None and serving.id == active, "nothing registered, v0 serves"
     assert not version_dir.exists() and list(settings.models_dir.iterdir()) == [], "its files are gone"
     if command == "/forget":

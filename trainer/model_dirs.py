@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from core.models import ModelVersion, RunStatus, TrainingRun
-from core.versions import list_versions, version_files_problem
+from core.models import ModelVersion
+from core.versions import list_versions, runs_in_progress, version_files_problem
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +96,7 @@ class ModelsCheck:
 async def check_models(session: AsyncSession, models_dir: Path) -> ModelsCheck:
     """Compares the registry with MODELS_DIR (see the module docstring)."""
     versions = await list_versions(session)
-    running = (await session.scalars(select(TrainingRun.id).where(TrainingRun.status == RunStatus.RUNNING))).all()
+    running = [run.id for run in await runs_in_progress(session)]
     return _compare(models_dir, versions, running)
 
 

@@ -42,6 +42,7 @@ from core.outcomes import (
     AlreadyRunning,
     CoolingDown,
     CouldNotStart,
+    RunEndReason,
     RunOutcome,
     RunRefused,
     RunRequest,
@@ -95,7 +96,7 @@ class _Run:
     started_at: datetime
     rerun_of: int | None = None
     progress: float = 0.0
-    stop_reason: str | None = None
+    stop_reason: RunEndReason | None = None
     timed_out: bool = False
     task: asyncio.Task[RunOutcome] | None = None
     watchdog: asyncio.Task[None] | None = None
@@ -167,7 +168,7 @@ class TrainingOrchestrator:
         if run is not None and isinstance(run.handle, QueuedRun):
             await self._stop_following(run)
         elif run is not None:
-            await self._terminate(run, "stopped with the bot")
+            await self._terminate(run, RunEndReason.STOPPED_WITH_BOT)
         if self._queue is not None:
             self._queue.close()
             self._queue = None
@@ -181,7 +182,7 @@ class TrainingOrchestrator:
         log.info("waiting for training run #%d to finish (Ctrl-C stops it)", run.run_id)
         return await self._final_outcome(run, stop_reason=None)
 
-    async def _final_outcome(self, run: _Run, *, stop_reason: str | None) -> RunOutcome:
+    async def _final_outcome(self, run: _Run, *, stop_reason: RunEndReason | None) -> RunOutcome:
         """Follows `run` and the rerun it may start; cancelled, it terminates the run it is following with
         `stop_reason` (None: leaves it running)."""
         earlier: list[RunOutcome] = []
@@ -227,7 +228,7 @@ class TrainingOrchestrator:
         )
         if not isinstance(started, _Run):
             return started
-        return await self._final_outcome(started, stop_reason="interrupted from the shell")
+        return await self._final_outcome(started, stop_reason=RunEndReason.INTERRUPTED_FROM_SHELL)
 
     async def _begin(
         self,
@@ -268,11 +269,8 @@ class TrainingOrchestrator:
             process = await spawn_trainer(self._trainer_module, run_id, self._settings)
         except (OSError, QueueUnreachableError) as exc:
             log.exception("could not start training run #%d", run_id)
-            reason = (
-                "the training queue did not take it (is the CELERY_BROKER_URL broker running?)"
-                if isinstance(exc, QueueUnreachableError)
-                else f"the training process could not start ({type(exc).__name__})"
-            )
+            queue = isinstance(exc, QueueUnreachableError)
+            reason = RunEndReason.QUEUE_UNREACHABLE if queue else RunEndReason.COULD_NOT_START
             await runs.fail(self._db, run_id, reason, now=self._clock(), before_training=True)
             return None
         await runs.record_process(self._db, run_id, process.pid)
@@ -331,7 +329,7 @@ class TrainingOrchestrator:
             outcome = await self._conclude(run, await run.handle.exit_reason())
         except Exception:
             log.exception("lost track of training run #%d", run.run_id)
-            outcome = RunOutcome(run.run_id, RunStatus.FAILED, reason="the bot lost track of it (see the bot's log)")
+            outcome = RunOutcome(run.run_id, RunStatus.FAILED, reason=RunEndReason.LOST_TRACK)
         finally:
             if run.watchdog is not None and not run.timed_out:
                 run.watchdog.cancel()
@@ -382,9 +380,9 @@ class TrainingOrchestrator:
                 break
         log.warning("training run #%d ran past RETRAIN_TIMEOUT_MINUTES; stopping it", run.run_id)
         run.timed_out = True
-        await self._terminate(run, runs.timeout_reason(self._settings))
+        await self._terminate(run, RunEndReason.TIMED_OUT)
 
-    async def _conclude(self, run: _Run, exit_reason: str) -> RunOutcome:
+    async def _conclude(self, run: _Run, exit_reason: RunEndReason) -> RunOutcome:
         """The outcome the child recorded (a run it left `running` was killed or crashed: failed here); a failed
         run's directories are removed, a promoted version is served."""
         reason = run.stop_reason or exit_reason
@@ -396,7 +394,7 @@ class TrainingOrchestrator:
             outcome = replace(outcome, swap=swap)
         return outcome
 
-    async def _terminate(self, run: _Run, reason: str) -> None:
+    async def _terminate(self, run: _Run, reason: RunEndReason) -> None:
         """SIGTERM, then SIGKILL if the child does not go within STOP_TIMEOUT_S; the monitor records `reason`."""
         run.stop_reason = reason
         await run.handle.terminate(reason)

@@ -50,11 +50,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.db import Database
-from core.errors import MagpieError
+from core.errors import MagpieError, ModelLoadError
 from core.logging_setup import correlated
 from core.metrics import perplexity
 from core.models import RunStatus, VersionStatus
-from core.outcomes import DATA_WITHDRAWN
+from core.outcomes import DATA_WITHDRAWN, RunEndReason
 from core.settings import Settings
 from core.versions import (
     Withdrawn,
@@ -111,23 +111,30 @@ class StartPoint:
 
 @dataclass(frozen=True)
 class GateDecision:
-    """The promotion gate's verdict on a candidate, with the numbers it was based on."""
+    """The promotion gate's verdict on a candidate, with the numbers it was based on; `reason` is why not (None
+    when it promotes)."""
 
-    promote: bool
-    reason: str
+    reason: RunEndReason | None
     active_loss: float
     new_loss: float
+
+    @property
+    def promote(self) -> bool:
+        return self.reason is None
+
+    def __str__(self) -> str:
+        """For the log: the verdict with its numbers."""
+        verdict = "promote" if self.reason is None else self.reason.value
+        return f"{verdict}: eval loss {self.active_loss:.3f} -> {self.new_loss:.3f}"
 
 
 def decide(*, active_loss: float, new_loss: float, margin: float) -> GateDecision:
     """Promote only a version that is not worse than the active one on the same held-out split (plus `margin`)."""
     if not math.isfinite(new_loss):
-        return GateDecision(False, f"its eval loss is {new_loss} (training diverged)", active_loss, new_loss)
+        return GateDecision(RunEndReason.DIVERGED, active_loss, new_loss)
     if not math.isfinite(active_loss) or new_loss <= active_loss + margin:
-        return GateDecision(True, f"eval loss {active_loss:.3f} -> {new_loss:.3f}", active_loss, new_loss)
-    allowance = f" + margin {margin:g}" if margin else ""
-    reason = f"its eval loss {new_loss:.3f} is worse than the active version's {active_loss:.3f}{allowance}"
-    return GateDecision(False, reason, active_loss, new_loss)
+        return GateDecision(None, active_loss, new_loss)
+    return GateDecision(RunEndReason.WORSE_THAN_ACTIVE, active_loss, new_loss)
 
 
 async def retrain(
@@ -144,7 +151,9 @@ async def retrain(
             )
         except Exception as exc:
             reason = _failure_reason(exc)
-            if not isinstance(exc, MagpieError):
+            if isinstance(exc, MagpieError):
+                log.warning("training run #%d failed: %s", run_id, exc)
+            else:
                 log.exception("training run #%d failed", run_id)
             before_training = isinstance(exc, NotEnoughDataError)  # no cooldown after a run that never trained
             await runs.fail(db, run_id, reason, now=datetime.now(UTC), before_training=before_training)
@@ -219,7 +228,7 @@ async def _record_or_discard(db: Database, run_id: int, recorded: Recorded) -> R
         log.warning("training run #%d: %s", run_id, withdrawn)
         metrics = {**recorded.run_metrics, DATA_WITHDRAWN: withdrawn.count}
         await runs.end_if_running(
-            db, run_id, RunStatus.REJECTED, str(withdrawn), now=datetime.now(UTC), metrics=metrics
+            db, run_id, RunStatus.REJECTED, RunEndReason.TRAINING_DATA_WITHDRAWN, now=datetime.now(UTC), metrics=metrics
         )
         return RunStatus.REJECTED
 
@@ -402,32 +411,33 @@ async def _record(db: Database, run_id: int, recorded: Recorded) -> RunStatus:
         if forbidden:
             raise DataWithdrawnError(forbidden)
         active = await get_active_version(session)
-        promote, reason = gate.promote, gate.reason
-        if promote and (active.id if active is not None else None) != start.version_id:
-            promote = False
-            reason = f"the active version changed while it trained (now {active.name if active else 'none'})"
-        if promote:
+        reason = gate.reason
+        if reason is None and (active.id if active is not None else None) != start.version_id:
+            reason = RunEndReason.ACTIVE_CHANGED
+            log.info("training run #%d: the active version is now %s", run_id, active.name if active else "none")
+        if reason is None:
             await activate_version(session, version_id=version.id)
         else:
-            await set_version_status(session, version_id=version.id, status=VersionStatus.REJECTED, note=reason)
+            await set_version_status(session, version_id=version.id, status=VersionStatus.REJECTED, note=reason.value)
         runs.record_outcome(
             run,
-            promoted=promote,
+            promoted=reason is None,
             version_id=version.id,
             metrics=recorded.run_metrics,
             reason=reason,
             now=datetime.now(UTC),
         )
-    log.info("training run #%d: %s %s (%s)", run_id, output_dir.name, run.status.value, reason)
+    log.info("training run #%d: %s %s (%s)", run_id, output_dir.name, run.status.value, reason or gate)
     return run.status
 
 
-def _failure_reason(exc: Exception) -> str:
-    """A short reason fit for a chat message: Magpie's own errors say what happened, anything else names only
-    its type (the traceback is in the trainer's log, never in the chat)."""
-    if isinstance(exc, MagpieError):
-        return str(exc)
-    return f"training failed ({type(exc).__name__}); the trainer's log has the details"
+def _failure_reason(exc: Exception) -> RunEndReason:
+    """What the chat is told of a failure; the error's own text (and any traceback) stays in the trainer's log."""
+    if isinstance(exc, NotEnoughDataError):
+        return RunEndReason.NOT_ENOUGH_DATA
+    if isinstance(exc, ModelLoadError):
+        return RunEndReason.MODEL_LOAD_FAILED
+    return RunEndReason.TRAINING_ERROR
 
 
 def _print_event(event: dict[str, Any]) -> None:
@@ -452,9 +462,10 @@ def main(argv: Sequence[str] | None = None, *, before_record: BeforeRecord | Non
 
     configure_process_logging(settings.log_level, settings.log_format)
     if (refusal := _several_processes(settings)) is not None:
-        is_main, reason = refusal
+        is_main, why = refusal
+        log.error("training run #%d: %s", options.run_id, why)
         if is_main:  # one process speaks for the run; the others only leave
-            asyncio.run(_fail(settings, options.run_id, reason))
+            asyncio.run(_fail(settings, options.run_id, RunEndReason.SEVERAL_PROCESSES))
         return 1
     try:
         with correlated(f"training-run-{options.run_id}"):  # every line of the run, in the bot's log, says which
@@ -484,7 +495,7 @@ def _several_processes(settings: Settings) -> tuple[bool, str] | None:
     return state.is_main_process, reason
 
 
-async def _fail(settings: Settings, run_id: int, reason: str) -> None:
+async def _fail(settings: Settings, run_id: int, reason: RunEndReason) -> None:
     db = Database.connect(settings.database_url)
     try:
         await runs.fail(db, run_id, reason, now=datetime.now(UTC))

@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Protocol
 
 from core.db import Database
+from core.outcomes import RunEndReason
 from core.settings import Settings
 from trainer import runs
 from trainer.process import progress_lines, signal_trainer
+
+log = logging.getLogger(__name__)
 
 
 class RunHandle(Protocol):
@@ -37,11 +41,11 @@ class RunHandle(Protocol):
         """Progress fractions until the run's process is done."""
         ...
 
-    async def exit_reason(self) -> str:
+    async def exit_reason(self) -> RunEndReason:
         """Waits for the end; why the run failed if its row is still `running` then."""
         ...
 
-    async def terminate(self, reason: str) -> None:
+    async def terminate(self, reason: RunEndReason) -> None:
         """Asks the run to stop (it is recorded failed with `reason`)."""
         ...
 
@@ -63,10 +67,12 @@ class ChildTrainer:
     def progress(self) -> AsyncIterator[float]:
         return progress_lines(self.process)
 
-    async def exit_reason(self) -> str:
-        return runs.exit_reason(await self.process.wait())
+    async def exit_reason(self) -> RunEndReason:
+        returncode = await self.process.wait()
+        log.info("trainer process %d ended (%s)", self.process.pid, runs.exit_description(returncode))
+        return runs.exit_reason(returncode)
 
-    async def terminate(self, reason: str) -> None:
+    async def terminate(self, reason: RunEndReason) -> None:
         """SIGTERM; the launcher records `reason` once the child has exited."""
         if self.process.returncode is None:
             signal_trainer(self.process, signal.SIGTERM)
@@ -106,10 +112,10 @@ class QueuedRun:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll_s)
 
-    async def exit_reason(self) -> str:
-        return runs.INTERRUPTED
+    async def exit_reason(self) -> RunEndReason:
+        return RunEndReason.INTERRUPTED
 
-    async def terminate(self, reason: str) -> None:
+    async def terminate(self, reason: RunEndReason) -> None:
         """Fails the row now: its worker sees that at its next heartbeat and stops the trainer."""
         await runs.fail(self._db, self._run_id, reason, now=self._clock())
         self._wake.set()

@@ -21,9 +21,10 @@ taken run whose heartbeat is older than HEARTBEAT_STALE, or whose process on thi
 At most one row is `running` (a partial unique index): `create` refuses a second one, so only one run happens at a
 time across every bot, shell and worker sharing the database.
 
-A run's process is identified by its pid and start token (`trainer.process`), never by the pid alone. The reasons
-written here (interrupted, timed out, stopped, killed) are the row's record of what happened; people read them
-in the run's outcome.
+A run's process is identified by its pid and start token (`trainer.process`), never by the pid alone. Why a run
+ended unpromoted is a `core.outcomes.RunEndReason` (interrupted, timed out, stopped, killed…), recorded as its value
+in the row's `error` column and worded per reader by `core.texts`; the details that vary (which signal, who
+stopped it) go to the log.
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from core.db import Database
 from core.errors import MagpieError
 from core.models import RunStatus, TrainingRun
-from core.outcomes import AlreadyRunning, RunOutcome
+from core.outcomes import AlreadyRunning, RunEndReason, RunOutcome, recorded_reason
 from core.settings import Settings
-from core.versions import get_version
+from core.versions import get_version, runs_in_progress
 from trainer.model_dirs import leftovers_of_run, remove_dirs
 from trainer.process import kill_trainer, process_start_token, this_host, trainer_process_alive
 
@@ -55,7 +56,6 @@ log = logging.getLogger(__name__)
 
 SPAWN_GRACE = timedelta(minutes=2)
 """A `running` row without a pid younger than this belongs to a process that is still starting its child."""
-INTERRUPTED = "interrupted: the training process stopped without recording an outcome (restart or crash)"
 HEARTBEAT_INTERVAL_S = 10.0
 """How often a worker renews the heartbeat of the run it carries out."""
 HEARTBEAT_STALE = timedelta(minutes=2)
@@ -91,7 +91,7 @@ async def create(
             return run.id
     except IntegrityError:  # the partial unique index: one running row, whoever wrote it
         async with db.sessions() as session:
-            other = await session.scalar(select(TrainingRun).where(TrainingRun.status == RunStatus.RUNNING))
+            other = next(iter(await runs_in_progress(session)), None)
         if other is None:  # it ended in between: a refusal all the same, the next request goes through
             raise
         log.info("training run #%d is already running (started by another process)", other.id)
@@ -142,16 +142,15 @@ async def take(db: Database, run_id: int, *, host: str, now: datetime) -> Taken:
             return Taken(True, started_at=row.started_at)
         if not _worker_gone(row, now):
             return Taken(False, f"training run #{run_id} is being carried out by the worker on {row.worker_host}")
-        end(row, RunStatus.FAILED, INTERRUPTED, now=now)
+        end(row, RunStatus.FAILED, RunEndReason.INTERRUPTED, now=now)
         ended = Ended(row.id, row.started_at, row.pid, row.process_start, kill=row.worker_host == this_host())
-    return Taken(False, f"training run #{run_id} lost its worker: {INTERRUPTED}", ended=ended)
+    return Taken(False, f"training run #{run_id} lost its worker: it is marked failed (interrupted)", ended=ended)
 
 
 async def queued_run(db: Database) -> tuple[int, tuple[str, str] | None, datetime] | None:
     """The queued run that is `running` now, if any: its id, the chat to tell, when it was asked for."""
-    query = select(TrainingRun).where(TrainingRun.status == RunStatus.RUNNING, TrainingRun.heartbeat_at.is_not(None))
     async with db.sessions() as session:
-        row = await session.scalar(query)
+        row = next((run for run in await runs_in_progress(session) if run.heartbeat_at is not None), None)
     if row is None:
         return None
     notify = (row.notify_platform, row.notify_chat_id) if row.notify_platform and row.notify_chat_id else None
@@ -199,11 +198,16 @@ async def set_parent(session: AsyncSession, run_id: int, version_id: int | None)
 
 
 def end(
-    row: TrainingRun, status: RunStatus, reason: str | None, *, now: datetime, metrics: Mapping[str, Any] | None = None
+    row: TrainingRun,
+    status: RunStatus,
+    reason: RunEndReason | None,
+    *,
+    now: datetime,
+    metrics: Mapping[str, Any] | None = None,
 ) -> None:
-    """The one way a row ends (the caller's transaction commits it)."""
+    """The one way a row ends (the caller's transaction commits it); `reason` is stored as its value."""
     row.status = status
-    row.error = reason
+    row.error = None if reason is None else reason.value
     row.finished_at = now
     if metrics is not None:
         row.metrics = dict(metrics)
@@ -213,7 +217,7 @@ async def end_if_running(
     db: Database,
     run_id: int,
     status: RunStatus,
-    reason: str,
+    reason: RunEndReason,
     *,
     now: datetime,
     metrics: Mapping[str, Any] | None = None,
@@ -230,7 +234,9 @@ BEFORE_TRAINING = "before_training"
 nothing worth a rest, so it does not start the RETRAIN_COOLDOWN_MINUTES cooldown (`settle_running`)."""
 
 
-async def fail(db: Database, run_id: int, reason: str, *, now: datetime, before_training: bool = False) -> None:
+async def fail(
+    db: Database, run_id: int, reason: RunEndReason, *, now: datetime, before_training: bool = False
+) -> None:
     metrics = {BEFORE_TRAINING: True} if before_training else None
     await end_if_running(db, run_id, RunStatus.FAILED, reason, now=now, metrics=metrics)
 
@@ -250,7 +256,7 @@ def record_outcome(
     promoted: bool,
     version_id: int,
     metrics: Mapping[str, Any],
-    reason: str,
+    reason: RunEndReason | None,
     now: datetime,
 ) -> None:
     """A scored run's outcome, inside the transaction that promoted or rejected its version."""
@@ -260,38 +266,39 @@ def record_outcome(
     run.progress = 1.0
 
 
-async def conclude(db: Database, run_id: int, *, reason_if_running: str, now: datetime) -> RunOutcome:
+async def conclude(db: Database, run_id: int, *, reason_if_running: RunEndReason, now: datetime) -> RunOutcome:
     """The outcome the trainer recorded, once its process exited; a row still `running` was killed or crashed and
     is failed here with `reason_if_running`."""
     async with db.sessions.begin() as session:
         row = await session.get(TrainingRun, run_id, with_for_update=True)
         if row is None:
-            return RunOutcome(run_id, RunStatus.FAILED, reason="its record disappeared")
+            return RunOutcome(run_id, RunStatus.FAILED, reason=RunEndReason.RECORD_GONE)
         if row.status is RunStatus.RUNNING:
             end(row, RunStatus.FAILED, reason_if_running, now=now)
         version = await get_version(session, version_id=row.model_version_id) if row.model_version_id else None
-        return RunOutcome(run_id, row.status, version.name if version else None, dict(row.metrics or {}), row.error)
+        metrics, reason = dict(row.metrics or {}), recorded_reason(row.error)
+        return RunOutcome(run_id, row.status, version.name if version else None, metrics, reason)
 
 
-def exit_reason(returncode: int) -> str:
-    """Why a trainer that exited without recording an outcome failed."""
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"the training process was killed ({name})"
-    return f"the training process exited unexpectedly (status {returncode})"
+def exit_reason(returncode: int) -> RunEndReason:
+    """Why a trainer that exited without recording an outcome failed (what ended it: `exit_description`)."""
+    return RunEndReason.KILLED if returncode < 0 else RunEndReason.EXITED
+
+
+def exit_description(returncode: int) -> str:
+    """How a trainer process ended, for the log: the signal's name, or the exit status."""
+    if returncode >= 0:
+        return f"exit status {returncode}"
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
 
 
 def timeout(settings: Settings) -> timedelta | None:
     """RETRAIN_TIMEOUT_MINUTES as a duration (None: no limit)."""
     minutes = settings.retrain_timeout_minutes
     return timedelta(minutes=minutes) if minutes > 0 else None
-
-
-def timeout_reason(settings: Settings) -> str:
-    return f"it ran longer than RETRAIN_TIMEOUT_MINUTES ({settings.retrain_timeout_minutes:g} min) and was stopped"
 
 
 # --- runs of other processes ----------------------------------------------------------------------------------
@@ -336,7 +343,7 @@ async def settle_running(
     ended: list[Ended] = []
     running = None
     async with db.sessions.begin() as session:
-        for row in await _running_rows(session):
+        for row in await runs_in_progress(session, lock=True):
             if row.id != besides:
                 running = _settle(row, settings, now, ended, policy) or running
         last_finished = await last_trained_finish(session)
@@ -352,12 +359,6 @@ async def last_trained_finish(session: AsyncSession) -> datetime | None:
     return await session.scalar(query)
 
 
-async def _running_rows(session: AsyncSession) -> Sequence[TrainingRun]:
-    """Locked (on PostgreSQL): a trainer recording its outcome meanwhile is waited for, not overwritten."""
-    query = select(TrainingRun).where(TrainingRun.status == RunStatus.RUNNING).with_for_update()
-    return (await session.scalars(query)).all()
-
-
 def _settle(
     row: TrainingRun, settings: Settings, now: datetime, ended: list[Ended], policy: StartPolicy
 ) -> AlreadyRunning | None:
@@ -369,19 +370,25 @@ def _settle(
     if row.pid is None:
         if now - row.started_at < SPAWN_GRACE and not policy.clear_starting:
             return AlreadyRunning(row.id, row.progress)
-        reason = INTERRUPTED
+        reason = RunEndReason.INTERRUPTED
     elif not trainer_process_alive(row.pid, row.process_start):
-        reason = INTERRUPTED
+        reason = RunEndReason.INTERRUPTED
     elif limit is not None and now - row.started_at > limit:
-        reason = timeout_reason(settings)
+        reason = RunEndReason.TIMED_OUT
     elif policy.stop_running_by is not None:
-        reason = f"stopped by {policy.stop_running_by} (magpie retrain --stop-running)"
+        reason = RunEndReason.STOPPED
     else:
         return AlreadyRunning(row.id, row.progress, row.pid if policy.clear_starting else None)
-    log.warning("training run #%d (process %s) is marked failed: %s", row.id, row.pid, reason)
+    log.warning("training run #%d (process %s) is marked failed: %s%s", row.id, row.pid, reason, _by(reason, policy))
     end(row, RunStatus.FAILED, reason, now=now)
-    ended.append(Ended(row.id, row.started_at, row.pid, row.process_start, kill=reason != INTERRUPTED))
+    kill = reason is not RunEndReason.INTERRUPTED
+    ended.append(Ended(row.id, row.started_at, row.pid, row.process_start, kill=kill))
     return None
+
+
+def _by(reason: RunEndReason, policy: StartPolicy) -> str:
+    """Who stopped a run, for the log line."""
+    return f" by {policy.stop_running_by}" if reason is RunEndReason.STOPPED else ""
 
 
 def _settle_queued(
@@ -392,23 +399,22 @@ def _settle_queued(
     limit = timeout(settings)
     local = row.worker_host == this_host()
     if row.worker_host is not None and _worker_gone(row, now):
-        reason = INTERRUPTED
+        reason = RunEndReason.INTERRUPTED
     elif limit is not None and now - row.started_at > limit:
-        reason = timeout_reason(settings) if row.worker_host else NO_WORKER.format(settings.retrain_timeout_minutes)
+        reason = RunEndReason.TIMED_OUT if row.worker_host else RunEndReason.NO_WORKER
     elif row.worker_host is None and policy.clear_starting:
-        reason = "cleared before any worker took it (magpie retrain --force)"
+        reason = RunEndReason.CLEARED
     elif policy.stop_running_by is not None:
-        reason = f"stopped by {policy.stop_running_by} (magpie retrain --stop-running)"
+        reason = RunEndReason.STOPPED
     else:
         live_pid = row.pid if policy.clear_starting and local else None
         return AlreadyRunning(row.id, row.progress, live_pid)
-    log.warning("training run #%d (worker %s) is marked failed: %s", row.id, row.worker_host, reason)
+    log.warning(
+        "training run #%d (worker %s) is marked failed: %s%s", row.id, row.worker_host, reason, _by(reason, policy)
+    )
     end(row, RunStatus.FAILED, reason, now=now)
     ended.append(Ended(row.id, row.started_at, row.pid, row.process_start, kill=local))
     return None
-
-
-NO_WORKER = "no training worker took it within RETRAIN_TIMEOUT_MINUTES ({:g} min): is `magpie worker` running?"
 
 
 def _worker_gone(row: TrainingRun, now: datetime) -> bool:

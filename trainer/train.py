@@ -48,8 +48,8 @@ from transformers import (
     TrainingArguments,
 )
 
-from core.engine import cpu_has_native_bf16
 from core.errors import ModelLoadError
+from core.hardware import cpu_has_native_bf16
 from core.metrics import perplexity
 from core.settings import Settings
 from trainer.packing import Encoded, EncodingStats, Features, PadCollator, encode_samples, pack, unpacked

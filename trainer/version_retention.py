@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.db import Database
-from core.models import ModelVersion, RunStatus, TrainingRun, VersionStatus
+from core.models import ModelVersion, VersionStatus
 from core.settings import Settings
-from core.versions import directory_bytes, get_active_version, list_versions, rollback_target
+from core.versions import directory_bytes, get_active_version, list_versions, rollback_target, runs_in_progress
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +118,8 @@ async def _protected(session: AsyncSession) -> set[int]:
     """The active version, the rollback target, and the start points of runs in progress."""
     active = await get_active_version(session)
     target = await rollback_target(session, active=active)
-    running = select(TrainingRun.parent_version_id).where(
-        TrainingRun.status == RunStatus.RUNNING, TrainingRun.parent_version_id.is_not(None)
-    )
-    protected = {int(parent) for parent in (await session.scalars(running)).all() if parent is not None}
+    runs = await runs_in_progress(session)
+    protected = {run.parent_version_id for run in runs if run.parent_version_id is not None}
     protected.update(version.id for version in (active, target) if version is not None)
     return protected
 

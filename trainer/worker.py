@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 
 from core.db import Database
 from core.models import RunStatus
+from core.outcomes import RunEndReason
 from core.settings import Settings
 from trainer import runs
 from trainer.celery_queue import TASK_NAME, celery_app
@@ -78,9 +79,8 @@ async def carry_out(settings: Settings, run_id: int, *, trainer_module: str = "t
             process = await spawn_trainer(trainer_module, run_id, settings, tied=True)
         except OSError as exc:
             log.exception("could not start the training process for run #%d", run_id)
-            reason = f"the training process could not start on the worker ({type(exc).__name__})"
-            await runs.fail(db, run_id, reason, now=_utcnow())
-            return reason
+            await runs.fail(db, run_id, RunEndReason.COULD_NOT_START, now=_utcnow())
+            return f"the training process could not start on the worker ({type(exc).__name__})"
         await runs.record_process(db, run_id, process.pid)
         log.info("training run #%d: trainer process %d started", run_id, process.pid)
         reason = await _follow(db, run_id, ChildTrainer(process))
@@ -91,7 +91,7 @@ async def carry_out(settings: Settings, run_id: int, *, trainer_module: str = "t
         return outcome.status.value
 
 
-async def _follow(db: Database, run_id: int, child: ChildTrainer) -> str:
+async def _follow(db: Database, run_id: int, child: ChildTrainer) -> RunEndReason:
     """Waits for the trainer, renewing the run's heartbeat; stops it when the row was ended elsewhere. Returns
     why the run failed if the trainer left it `running`."""
     drain = asyncio.create_task(_log_progress(run_id, child))  # a full stdout pipe would block the trainer
@@ -117,8 +117,8 @@ async def _beat(db: Database, run_id: int) -> bool:
         return True
 
 
-async def _stop(child: ChildTrainer, exited: asyncio.Future[str]) -> str:
-    await child.terminate("ended elsewhere")
+async def _stop(child: ChildTrainer, exited: asyncio.Future[RunEndReason]) -> RunEndReason:
+    await child.terminate(RunEndReason.ENDED_ELSEWHERE)
     try:
         return await asyncio.wait_for(asyncio.shield(exited), STOP_TIMEOUT_S)
     except TimeoutError:

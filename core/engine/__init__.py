@@ -34,7 +34,6 @@ from __future__ import annotations
 
 from core.engine._engine import Engine
 from core.engine._loading import hub_reachable, load_pretrained
-from core.engine._precision import cpu_has_native_bf16
 from core.engine._prompts import build_prompt_ids
 from core.engine._sampling import EMPTY_REPLY
 from core.engine._types import EngineConfig, EngineStats, Generation, GenerationParams, ModelRef, Precision
@@ -49,7 +48,6 @@ __all__ = [
     "ModelRef",
     "Precision",
     "build_prompt_ids",
-    "cpu_has_native_bf16",
     "hub_reachable",
     "load_pretrained",
 ]

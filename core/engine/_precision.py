@@ -41,6 +41,7 @@ from transformers.pytorch_utils import Conv1D
 
 from core.dialogue import Turn, encode_dialogue
 from core.engine._types import Precision
+from core.hardware import cpu_has_native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,6 @@ _GATE_SAMPLE = (
     ("user:2", "thanks! and how long should the pasta cook?"),
     ("bot", "about nine minutes, then taste it."),
 )
-
-
-def cpu_has_native_bf16() -> bool:
-    """torch only exposes this check privately; a torch without it is treated as "no"."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
 def unsupported(precision: Served, device: str, model: PreTrainedModel | None = None) -> str | None:
