@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -343,6 +344,43 @@ def worker(settings: Settings, tmp_path: Path, module: str = "bot") -> Iterator[
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=30)
+
+
+def test_the_worker_obeys_no_remote_control(sqlite_url: str, tmp_path: Path) -> None:
+    """Whoever reaches the broker can write to Celery's broadcast queue: a real `magpie worker` must neither answer
+    a ping nor obey a shutdown sent there (on the broker's own terms, as an attacker with its password would)."""
+    url, port = BROKERS["redis"]
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except OSError:
+        pytest.skip(f"redis is not answering on 127.0.0.1:{port} (.ci/run starts it when it can)")
+    queue = f"magpie-test-{uuid.uuid4().hex[:10]}"
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        database_url=sqlite_url, models_dir=tmp_path / "models", celery_broker_url=SecretStr(url), celery_queue=queue,
+    )  # fmt: skip
+    from celery import Celery
+
+    attacker = Celery("attacker", broker=url, set_as_current=False)  # a plain client: Celery's defaults
+    log_path = tmp_path / "worker.log"
+    try:
+        with worker(settings, tmp_path) as process:
+            _wait_for_line(log_path, "ready", process)
+            assert attacker.control.ping(timeout=2.0) == [], "the worker answered a broadcast ping"
+            attacker.control.broadcast("shutdown")
+            assert attacker.control.ping(timeout=1.0) == []
+            assert process.poll() is None, "a broadcast shutdown stopped the worker"
+    finally:
+        attacker.close()
+
+
+def _wait_for_line(path: Path, text: str, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    """Waits until the worker's log has a line holding `text` (it is ready), failing if the worker exits first."""
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text(errors="replace"):
+        assert process.poll() is None, "the worker exited"
+        assert time.monotonic() < deadline, f"no {text!r} in the worker's log after {timeout:.0f}s"
+        time.sleep(0.1)
 
 
 async def _exited(pid: int, timeout: float = 30.0) -> None:  # noqa: ASYNC109
