@@ -106,6 +106,7 @@ async def start_fetching(app: App, settings: Settings, on_polling_error: Callabl
     assert updater is not None
     if url:
         assert secret is not None  # Settings refuses a webhook without one
+        cap_webhook_requests()
         await updater.start_webhook(
             listen=settings.telegram_webhook_listen,
             port=settings.telegram_webhook_port,
@@ -120,6 +121,29 @@ async def start_fetching(app: App, settings: Settings, on_polling_error: Callabl
         )
     mode = f"webhook on port {settings.telegram_webhook_port}" if url else "long polling"
     log.info("Telegram: @%s is up (%s)", app.bot.username, mode)
+
+
+WEBHOOK_MAX_BODY_BYTES = 1 << 20
+"""Telegram's updates are small: a 4,096-character message with its entities, the message it replies to and a
+poll or a location stay far below 100 KB. PTB's webhook server (tornado) would read up to 100 MiB, and parse it,
+before it checks the secret header; with this cap a larger request is refused (400) as soon as its headers say so,
+and a chunked one after its first MiB, before any of it is parsed."""
+WEBHOOK_BODY_TIMEOUT_S = 30.0
+"""Telegram sends an update in one go: a client trickling a body (slowloris) loses its connection."""
+
+
+def cap_webhook_requests() -> None:
+    """Caps what PTB's webhook server reads per request, through tornado's public `Configurable.configure`: the
+    keyword arguments become the defaults of every `HTTPServer` built afterwards, and PTB builds its server (the
+    only tornado server in Magpie) inside `start_webhook`."""
+    from tornado.httpserver import HTTPServer
+
+    HTTPServer.configure(
+        None,
+        max_body_size=WEBHOOK_MAX_BODY_BYTES,
+        max_buffer_size=2 * WEBHOOK_MAX_BODY_BYTES,
+        body_timeout=WEBHOOK_BODY_TIMEOUT_S,
+    )
 
 
 async def retrying(
