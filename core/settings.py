@@ -6,6 +6,7 @@ mirrored, with a comment, in `.env.example`; `tests/test_settings.py` checks the
 
 from __future__ import annotations
 
+import math
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
@@ -17,6 +18,7 @@ from core.errors import ConfigError
 
 PLATFORMS = ("telegram", "discord", "console")
 DASHBOARD_TOKEN_MIN_LENGTH = 16
+DASHBOARD_TOKEN_MIN_BITS = 64
 BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp")
 
 
@@ -237,6 +239,12 @@ class Settings(BaseSettings):
                 f"must be at least {DASHBOARD_TOKEN_MIN_LENGTH} characters (e.g. the output of "
                 "`python -c 'import secrets; print(secrets.token_urlsafe(24))'`), or empty to turn the dashboard off"
             )
+        if (bits := token_strength_bits(raw.strip())) < DASHBOARD_TOKEN_MIN_BITS:
+            raise ValueError(
+                f"is too easy to guess (about {bits:.0f} bits; at least {DASHBOARD_TOKEN_MIN_BITS} needed: more "
+                "different characters, of more kinds): use e.g. the output of "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(24))'`"
+            )
         return raw.strip()
 
     @model_validator(mode="after")
@@ -317,6 +325,31 @@ def parse_listen(value: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"{value!r} is not host:port (e.g. 127.0.0.1:8080, 0.0.0.0:8080; empty turns it off)")
     return host, int(port)
+
+
+def token_strength_bits(token: str) -> float:
+    """A pessimistic estimate of a token's entropy in bits: the larger of two lower bounds that each see through
+    repetition. One is the token's number of DIFFERENT characters times the bits of one character of the kinds it
+    uses (lower case 26, upper case 26, digits 10, anything else 32); the other its length times the Shannon entropy
+    of its own character frequencies (what a long hex token, few kinds of many characters, is worth).
+
+    `aaaaaaaaaaaaaaaa` scores 4.7 and `abababababababab` 16; 16 characters of `secrets.token_urlsafe` about 80,
+    32 of them (`token_urlsafe(24)`) about 150, and `secrets.token_hex(16)` about 120. It knows no dictionary:
+    a passphrase of words scores as its letters do."""
+    pool = sum(
+        size
+        for size, present in (
+            (26, any(c.islower() for c in token)),
+            (26, any(c.isupper() for c in token)),
+            (10, any(c.isdigit() for c in token)),
+            (32, any(not c.isalnum() for c in token)),
+        )
+        if present
+    )
+    by_kinds = len(set(token)) * math.log2(pool) if pool > 1 else 0.0
+    counts = [token.count(c) for c in set(token)]
+    by_frequencies = -sum(n * math.log2(n / len(token)) for n in counts)
+    return max(by_kinds, by_frequencies)
 
 
 def _split_list(value: object) -> list[str]:

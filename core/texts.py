@@ -489,6 +489,17 @@ DASHBOARD_LOGIN_BUTTON = N_("Open the dashboard")
 DASHBOARD_LOGOUT_BUTTON = N_("Log out")
 DASHBOARD_WRONG_TOKEN = N_("That is not the dashboard token.")
 DASHBOARD_LOGIN_NEEDED = N_("Log in with the dashboard token first.")
+
+
+def dashboard_throttled(seconds: int) -> str:
+    """Why a token was not even checked: its address offered too many wrong ones."""
+    return ngettext(
+        "Too many wrong tokens came from your address: try again in {seconds} second.",
+        "Too many wrong tokens came from your address: try again in {seconds} seconds.",
+        seconds,
+    ).format(seconds=seconds)
+
+
 DASHBOARD_STALE_FORM = N_(
     "This form is out of date or did not come from the dashboard, so nothing was done. Reload the page and try again."
 )
