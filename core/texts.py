@@ -232,6 +232,11 @@ def run_request(result: RunRequest) -> str:
                 "The last training run finished less than {cooldown:g} minutes ago (RETRAIN_COOLDOWN_MINUTES). "
                 "Try again in {left} min."
             ).format(cooldown=cooldown, left=left)
+        case CouldNotStart(queue_unreachable=True):
+            return _(
+                "Sorry, the training queue is not answering (the broker of CELERY_BROKER_URL is down or unreachable), "
+                "so no run was started. Send /retrain again once it is back."
+            )
         case CouldNotStart():
             return _("Sorry, I could not start the training process; the bot's log says why.")
 

@@ -34,11 +34,21 @@ from core.outcomes import AlreadyRunning, CouldNotStart
 from core.service import ChatService
 from core.serving import ModelServing
 from core.settings import Settings, load_settings
+from core.texts import run_request
 from core.versions import get_active_version
 from tests.conftest import _empty_tables
-from tests.loop_support import ADMIN, RecordingNotifier, build_loop_model, log_community, loop_settings, msg
+from tests.loop_support import (
+    ADMIN,
+    RecordingNotifier,
+    build_loop_model,
+    greedy_engine,
+    log_community,
+    loop_settings,
+    msg,
+)
 from tests.loop_support import started_engine as start_engine
 from tests.paused_retrain import SOCKET_VARIABLE, pause_server
+from tests.throwaway_services import ThrowawayRedis
 from trainer import runs
 from trainer.celery_queue import celery_app
 from trainer.orchestrator import RunningRun, TrainingOrchestrator
@@ -152,10 +162,37 @@ async def test_a_broker_that_does_not_answer_fails_the_run_at_once(db: Database,
         refused = await orchestrator.request(triggered_by="telegram:42", notify_platform=None, notify_chat_id=None)
     finally:
         await orchestrator.stop()
-    assert refused == CouldNotStart() and orchestrator.running is None
+    assert refused == CouldNotStart(queue_unreachable=True) and orchestrator.running is None
     row = await _row(db, 1)
     assert row.status is RunStatus.FAILED and row.error is not None and "CELERY_BROKER_URL" in row.error
     assert "hunter22" not in row.error
+
+
+async def test_a_broker_that_went_away_is_named_to_the_admin_who_asked(
+    db: Database, settings: Settings, throwaway_redis: ThrowawayRedis
+) -> None:
+    """The broker answered one /retrain and then died: the next /retrain is answered at once, in words the admin
+    can act on (which setting, and to send it again), not "the log says why"; the run is failed, not left queued."""
+    queued = settings.model_copy(
+        update={"retrain_backend": "celery", "celery_broker_url": SecretStr(throwaway_redis.url)}
+    )
+    notifier = RecordingNotifier()
+    orchestrator = TrainingOrchestrator(settings=queued, db=db, notifier=notifier, poll_interval_s=0.1)
+    service = ChatService(settings=queued, db=db, engine=greedy_engine(), retrainer=orchestrator)
+    try:
+        first = await service.handle(msg("/retrain", user=ADMIN))
+        assert first is not None and first.text.startswith("Training run #1 started")
+        await runs.fail(db, 1, "cleared by the test", now=datetime.now(UTC))  # no worker: the next run may start
+        await notifier.wait_for("Training run #1 failed")
+        await throwaway_redis.kill()
+        second = await service.handle(msg("/retrain", user=ADMIN))
+    finally:
+        await orchestrator.stop()
+    assert second is not None
+    assert second.text == run_request(CouldNotStart(queue_unreachable=True))
+    assert "training queue is not answering" in second.text and "CELERY_BROKER_URL" in second.text
+    row = await _row(db, 2)
+    assert row.status is RunStatus.FAILED and row.error is not None and "CELERY_BROKER_URL" in row.error
 
 
 async def test_force_clears_a_queued_run_no_worker_took(db: Database, settings: Settings) -> None:

@@ -6,11 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import socket
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +18,7 @@ from core.errors import ConfigError, MagpieError
 from core.limits import LocalUserLimits, open_user_limits
 from core.redis_limits import RedisUserLimits
 from core.settings import Settings, load_settings
+from tests.throwaway_services import ThrowawayRedis
 
 REDIS_URL = os.environ.get("MAGPIE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -169,49 +168,6 @@ def test_a_redis_url_that_is_not_one_is_refused(monkeypatch: pytest.MonkeyPatch,
 
 
 # --- a Redis that goes away, and comes back ---------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class ThrowawayRedis:
-    """A redis-server of this test's own, on a free port of 127.0.0.1, that the test kills and starts again."""
-
-    def __init__(self, directory: Path) -> None:
-        self.port = _free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._directory = directory
-        self._process: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        command = ["--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no"]
-        self._process = await asyncio.create_subprocess_exec(
-            "redis-server", *command, cwd=self._directory, stdout=asyncio.subprocess.DEVNULL
-        )
-        async with asyncio.timeout(20):
-            while not redis_reachable(self.url):
-                assert self._process.returncode is None, "redis-server exited"
-                await asyncio.sleep(0.05)
-
-    async def kill(self) -> None:
-        if self._process is not None and self._process.returncode is None:
-            self._process.kill()
-            await self._process.wait()
-
-
-@pytest.fixture
-async def throwaway_redis(tmp_path: Path) -> AsyncIterator[ThrowawayRedis]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    server = ThrowawayRedis(tmp_path)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.kill()
 
 
 async def test_a_redis_that_goes_away_leaves_the_limits_in_this_process_until_it_is_back(
