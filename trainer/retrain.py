@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 from core.db import Database
 from core.errors import MagpieError
-from core.logging_setup import correlated
+from core.logging_setup import correlated, secret_values
 from core.metrics import perplexity
 from core.models import RunStatus, VersionStatus
 from core.outcomes import DATA_WITHDRAWN
@@ -448,7 +448,7 @@ def main(argv: Sequence[str] | None = None, *, before_record: BeforeRecord | Non
         return 2
     from trainer.training_logs import configure_process_logging
 
-    configure_process_logging(settings.log_level, settings.log_format)
+    configure_process_logging(settings.log_level, settings.log_format, secret_values(settings))
     if (refusal := _several_processes(settings)) is not None:
         is_main, reason = refusal
         if is_main:  # one process speaks for the run; the others only leave
