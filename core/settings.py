@@ -86,6 +86,8 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(15.0, ge=0.0)
     typing_after_ms: float = Field(1000.0, ge=0.0)
     send_queue_limit: int = Field(200, ge=1)
+    database_retry_seconds: float = Field(120.0, ge=0.0)
+    """How long a message waits for a database that went away before its author is asked to send it again."""
 
     # --- retraining (defaults are the seed notebook's) ---------------------------------------------------------
     train_epochs: float = Field(3.0, gt=0.0)

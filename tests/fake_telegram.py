@@ -361,7 +361,10 @@ class FakeTelegram(FakeServer[Call]):
     # --- the server -------------------------------------------------------------------------------------------
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
-        params, files = await _read_params(request)
+        try:
+            params, files = await _read_params(request)
+        except ConnectionResetError:  # the client gave up while sending (a stop cancelling getUpdates): no call
+            return web.Response(status=499)
         call = Call(method=request.match_info["method"], params=params, files=files)
         return await self._answer(call, lambda: self._respond(call, request.match_info["token"]))
 
