@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, InternalError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,8 @@ def is_transient(error: BaseException) -> bool:
     """Whether `error` says the database is away (and may come back), rather than that the statement is wrong:
     lost or refused connections, a server shutting down or starting up, a busy SQLite file, a pool timeout."""
     if isinstance(error, OperationalError | InterfaceError | PoolTimeoutError | ConnectionError | TimeoutError):
+        return True
+    if isinstance(error, InternalError):  # asyncpg, on a connection cut in the middle of an operation
         return True
     if isinstance(error, DBAPIError):
         return error.connection_invalidated

@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncGenerator, Callable, Collection
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from core.chat_commands import ChatCommands
 from core.commands import parse_command
@@ -157,11 +158,11 @@ class ChatService:
 
     async def mark_delivered(self, reply: Reply, platform_message_ids: list[str]) -> None:
         first = platform_message_ids[0] if platform_message_ids else None
-        await self._replies.record_delivery(reply, Delivery.SENT, platform_message_id=first, error=None)
+        await self._record_delivery(reply, Delivery.SENT, platform_message_id=first, error=None)
 
     async def mark_undelivered(self, reply: Reply, reason: str, *, parts_sent: int = 0) -> None:
         log.warning("Reply %s could not be delivered: %s", reply.log_id, reason)
-        await self._replies.record_delivery(
+        await self._record_delivery(
             reply, Delivery.FAILED, platform_message_id=None, error=reason, parts_sent=parts_sent
         )
 
@@ -169,9 +170,12 @@ class ChatService:
         """A send cut off by shutdown: the reply stays PENDING in the outbox, and the next start's recovery sends
         the parts after `parts_sent` (the part that was in flight may then arrive twice)."""
         log.info("Reply %s was interrupted after %d parts: left to recovery", reply.log_id, parts_sent)
-        await self._replies.record_delivery(
+        await self._record_delivery(
             reply, Delivery.PENDING, platform_message_id=None, error="interrupted by shutdown", parts_sent=parts_sent
         )
+
+    async def _record_delivery(self, reply: Reply, delivery: Delivery, **fields: Any) -> None:
+        await self._replies.record_delivery(reply, delivery, **fields, patience_s=self._settings.database_retry_seconds)
 
     async def private_unreachable(self, reply: Reply, reason: str) -> Reply:
         """The author could not be reached privately: the personal part stays undelivered (and is never shown in

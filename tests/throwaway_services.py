@@ -4,8 +4,10 @@ directory: never the machine's shared servers, which other tests (and other peop
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -61,3 +63,65 @@ async def throwaway_redis(tmp_path: Path) -> AsyncIterator[ThrowawayRedis]:
         yield server
     finally:
         await server.kill()
+
+
+class ThrowawayPostgres:
+    """A PostgreSQL cluster of the test's own: `initdb` in a temporary directory, its own free port, run as the
+    postgres user (PostgreSQL refuses root); stopped and started again by the test, removed at the end."""
+
+    def __init__(self, bin_dir: Path) -> None:
+        self.port = free_port()
+        self.url = f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/postgres"
+        self._bin = bin_dir
+        self._directory = Path(tempfile.mkdtemp(prefix="magpie-pg-"))  # not under pytest's 0700 temp folders
+        shutil.chown(self._directory, "postgres", "postgres")
+        self._data = self._directory / "data"
+
+    @staticmethod
+    def binaries() -> Path | None:
+        """The newest /usr/lib/postgresql/*/bin with initdb and pg_ctl, or None."""
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parent.parent.name))
+        return found[-1].parent if found else None
+
+    async def _as_postgres(self, *command: str) -> None:
+        process = await asyncio.create_subprocess_exec(
+            "runuser", "-u", "postgres", "--", *command,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        output, _ = await process.communicate()
+        assert process.returncode == 0, f"{command[0]} failed: {output.decode(errors='replace')[-2000:]}"
+
+    async def create(self) -> None:
+        await self._as_postgres(
+            str(self._bin / "initdb"), "-D", str(self._data), "-U", "postgres", "-A", "trust", "--no-sync"
+        )
+
+    async def start(self) -> None:
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self._directory} -c fsync=off"
+        log = str(self._directory / "server.log")
+        await self._as_postgres(
+            str(self._bin / "pg_ctl"), "-D", str(self._data), "-o", options, "-l", log, "-w", "start"
+        )
+
+    async def stop(self) -> None:
+        """A fast shutdown, as a restart or failover does it: open connections are cut."""
+        await self._as_postgres(str(self._bin / "pg_ctl"), "-D", str(self._data), "-m", "fast", "-w", "stop")
+
+    async def remove(self) -> None:
+        if (self._data / "postmaster.pid").exists():
+            await self._as_postgres(str(self._bin / "pg_ctl"), "-D", str(self._data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(self._directory, ignore_errors=True)
+
+
+@pytest.fixture
+async def throwaway_postgres() -> AsyncIterator[ThrowawayPostgres]:
+    bin_dir = ThrowawayPostgres.binaries()
+    if bin_dir is None or shutil.which("runuser") is None or os.geteuid() != 0:
+        pytest.skip("needs PostgreSQL's server binaries (/usr/lib/postgresql/*/bin), runuser and root")
+    server = ThrowawayPostgres(bin_dir)
+    try:
+        await server.create()
+        await server.start()
+        yield server
+    finally:
+        await server.remove()
