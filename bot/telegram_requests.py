@@ -161,8 +161,12 @@ class SettlingApplication(
         try:
             with when_settled(settle):
                 await super().process_update(update)
-        finally:
-            settle()
+        except asyncio.CancelledError:  # cut off by a stop before it was settled: Telegram delivers it again
+            raise
+        except BaseException:
+            settle()  # a failure is not a reason to stop polling (PTB's error handler has reported it)
+            raise
+        settle()
 
 
 async def connect(app: App, settings: Settings, redact: Callable[[str], str]) -> None:

@@ -713,6 +713,26 @@ async def test_webhook_mode_serves_updates_and_rejects_requests_without_the_secr
             await client.post(f"http://127.0.0.1:{port}/telegram/hook", json={})
 
 
+async def test_an_update_whose_message_is_not_logged_is_never_confirmed(telegram: FakeTelegram) -> None:
+    """A message still waiting to be logged when the bot stops (the database is away): PTB's last getUpdates at the
+    stop would confirm it, and Telegram would forget it. It is not confirmed: the next start gets it again."""
+    settings = settings_for(telegram)
+    mia = telegram.user(13003, "Mia")
+    chat = telegram.private_chat(mia)
+    waiting = RecordingHandler()
+    waiting.release = asyncio.Event()  # never set: the message never gets logged
+    async with running(settings, waiting, stop_grace_s=0.2):
+        sent = telegram.user_says(chat, mia, "logged later")
+        await asyncio.wait_for(waiting.entered.wait(), 30)
+    assert waiting.cancelled.is_set(), "the stop cut it off"
+    assert telegram.pending_update_ids() != [], "not confirmed to Telegram"
+    after_restart = RecordingHandler()
+    async with running(settings, after_restart):
+        [answer] = await telegram.wait_for_messages(mia.id, 1)
+    assert answer["text"] == "echo: logged later"
+    assert [message.message_id for message in after_restart.received] == [str(sent["message_id"])]
+
+
 def test_the_webhook_server_listens_on_localhost_unless_told_otherwise() -> None:
     """Telegram reaches the webhook through a TLS proxy on this machine (docs/security.md), never on plain HTTP."""
     assert Settings(_env_file=None).telegram_webhook_listen == "127.0.0.1"  # type: ignore[call-arg]
