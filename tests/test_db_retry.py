@@ -3,13 +3,23 @@ says (an injected clock and sleep: nothing waits)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
+from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from core.db import Database, upgrade
 from core.db_retry import FIRST_DELAY_S, MAX_DELAY_S, is_transient, patiently
+from core.i18n import _
+from core.models import Message, Role
+from core.service import ChatService
+from core.settings import Settings
+from core.texts import NOT_LOGGED
+from tests.loop_support import greedy_engine, msg
 
 
 class FakeTime:
@@ -95,3 +105,29 @@ async def test_no_budget_means_one_try() -> None:
 )
 def test_what_counts_as_the_database_being_away(error: Exception, transient: bool) -> None:
     assert is_transient(error) is transient
+
+
+@pytest.mark.slow
+async def test_a_sqlite_file_locked_by_a_long_write_makes_a_message_wait_not_fail(tmp_path: Path) -> None:
+    """Another process holds the SQLite file's write lock for longer than SQLite's own busy timeout (10 s): the
+    message waits for it and is answered and logged once, instead of its author being told to send it again."""
+    path = tmp_path / "magpie.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    await upgrade(url)
+    settings = Settings(_env_file=None, database_url=url, models_dir=tmp_path / "models")  # type: ignore[call-arg]
+    db = Database.connect(url)
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN EXCLUSIVE")  # a long write elsewhere (a `magpie dataset export`, a migration, a backup)
+    asyncio.get_running_loop().call_later(12.0, writer.execute, "ROLLBACK")
+    try:
+        service = ChatService(settings=settings, db=db, engine=greedy_engine())
+        reply = await service.handle(msg("/help"))
+    finally:
+        writer.close()
+    try:
+        assert reply is not None and reply.text != _(NOT_LOGGED) and "/forget" in reply.text
+        async with db.sessions() as session:
+            rows = (await session.scalars(select(Message.role))).all()
+        assert sorted(rows) == sorted([Role.USER, Role.BOT]), "logged once, answered once"
+    finally:
+        await db.close()
