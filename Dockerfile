@@ -18,13 +18,19 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1
 RUN python -m pip install --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" "torch==${TORCH_VERSION}"
 
-# Magpie itself, installed as a package (the migrations travel inside it); the source tree is not kept.
+# Its dependencies exactly as locked, every file checked against its hash (requirements.lock, written by `make lock`).
+COPY requirements.lock /src/
+RUN python -m pip install --require-hashes --no-deps -r /src/requirements.lock
+
+# Magpie itself, installed as a package (the migrations travel inside it) with nothing more downloaded: no
+# dependencies, no build environment (the lock pinned setuptools); `pip check` proves the set complete. The source
+# tree is not kept.
 COPY pyproject.toml README.md /src/
 COPY core /src/core
 COPY bot /src/bot
 COPY trainer /src/trainer
 COPY alembic /src/alembic
-RUN python -m pip install /src && rm -rf /src
+RUN python -m pip install --no-deps --no-build-isolation /src && python -m pip check && rm -rf /src
 
 # A non-root user owns the two volumes: /data (SQLite database, exports, the Hugging Face cache), /models (versions).
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/magpie magpie \
@@ -33,11 +39,14 @@ RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/mag
 COPY --chmod=0755 deploy/docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
 # CONSOLE=off: a container's stdin is closed, so with no platform token yet Magpie serves /healthz and the dashboard
 # instead of opening a console that would stop at once (`docker run -it -e CONSOLE=auto …` chats in the terminal).
+# Inside the container's own network the servers listen on every address: what reaches them is what `docker run -p`
+# publishes (publish a webhook's port to 127.0.0.1 only, for the TLS proxy in front of it: docs/security.md).
 ENV DATABASE_URL=sqlite+aiosqlite:////data/magpie.db \
     MODELS_DIR=/models \
     HF_HOME=/data/huggingface \
     HTTP_LISTEN=0.0.0.0:8080 \
-    CONSOLE=off
+    CONSOLE=off \
+    TELEGRAM_WEBHOOK_LISTEN=0.0.0.0
 VOLUME ["/data", "/models"]
 WORKDIR /data
 USER 10001:10001

@@ -10,15 +10,33 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_INDEX_TIMEOUT ?= 5
 PYTEST_ARGS ?=
+# Everything else comes pinned, with hashes, from a lock file (`make lock` writes them from pyproject.toml): pip
+# installs exactly those files or nothing (--require-hashes), then Magpie itself without dependencies or a build
+# environment of its own (the lock pins the build backend), and `pip check` proves the whole set is consistent.
+LOCK ?= requirements-dev.lock
 
-.PHONY: install install-torch run test lint typecheck bench db-upgrade bootstrap clean
+.PHONY: install install-torch install-locked lock run test lint typecheck bench db-upgrade bootstrap clean
 
-$(BIN)/magpie: pyproject.toml
+$(BIN)/magpie: pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip >/dev/null
 	@$(MAKE) --no-print-directory install-torch VENV=$(VENV)
-	@$(BIN)/python -m pip install -q -e '.[dev]'
+	@$(MAKE) --no-print-directory install-locked VENV=$(VENV) LOCK=$(LOCK) EDITABLE=-e
 	@touch $(BIN)/magpie
+
+# The locked dependencies, then Magpie (EDITABLE=-e for a working tree), into an existing venv that has torch.
+install-locked:
+	@$(BIN)/python -m pip install -q --require-hashes --no-deps -r $(LOCK)
+	@$(BIN)/python -m pip install -q --no-deps --no-build-isolation $(EDITABLE) .
+	@$(BIN)/python -m pip check >/dev/null || { $(BIN)/python -m pip check; exit 1; }
+
+# Rewrites both lock files from pyproject.toml (after changing a dependency): the newest versions that satisfy it,
+# for every platform and Python Magpie supports, with every file's hash; torch is left to install-torch.
+LOCK_OPTIONS = --universal --generate-hashes --python-version 3.11 --override requirements-lock-overrides.txt \
+	--custom-compile-command "make lock" --quiet
+lock: install
+	$(BIN)/uv pip compile pyproject.toml requirements-lock.in $(LOCK_OPTIONS) -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml requirements-lock.in --extra dev $(LOCK_OPTIONS) -o requirements-dev.lock
 
 # Into an existing venv ($(VENV), e.g. CI's scratch one). The probe is one HTTP request with a short timeout, so an
 # unreachable CPU index costs seconds, not pip's retries for every package.

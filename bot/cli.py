@@ -18,7 +18,6 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 from bot import cli_training
 from bot.backend import Backend, BackendNotifier
@@ -30,7 +29,7 @@ from core.engine import Engine
 from core.errors import ConfigError, MagpieError
 from core.health import HealthCheck
 from core.limits import LocalUserLimits, UserLimits
-from core.logging_setup import CorrelationFilter, JsonFormatter
+from core.logging_setup import CorrelationFilter, JsonFormatter, RedactSecrets, secret_values
 from core.retention import RetentionJob, prune_old_messages
 from core.retraining import Retrainer
 from core.service import ChatService, RecoveryPlan
@@ -58,49 +57,14 @@ async def open_user_limits(settings: Settings, *, clock: Callable[[], float]) ->
     return await RedisUserLimits.connect(settings)
 
 
-class RedactSecrets(logging.Filter):
-    """Last line of defence: replaces any configured secret that still made it into a log record."""
-
-    def __init__(self, secrets: Sequence[str]) -> None:
-        super().__init__()
-        self._secrets = [secret for secret in secrets if len(secret) >= 6]
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        redacted = message
-        for secret in self._secrets:
-            redacted = redacted.replace(secret, "[redacted]")
-        if redacted != message:
-            record.msg, record.args = redacted, None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            for secret in self._secrets:
-                record.exc_text = record.exc_text.replace(secret, "[redacted]")
-        return True
-
-
 def configure_logging(settings: Settings) -> None:
     """Logging is configured here only; noisy libraries are turned down so tokens in URLs never reach logs.
     LOG_FORMAT=json writes one JSON object per line, with the correlation id of the message it belongs to."""
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    secrets = [
-        secret.get_secret_value()
-        for secret in (
-            settings.telegram_bot_token,
-            settings.discord_bot_token,
-            settings.telegram_webhook_secret,
-            settings.dashboard_token,
-            settings.celery_broker_url,
-        )
-        if secret is not None
-    ]
-    if settings.celery_broker_url is not None:  # the broker's password alone, as a library may print it
-        secrets.append(urlsplit(settings.celery_broker_url.get_secret_value()).password or "")
     for handler in logging.getLogger().handlers:
-        handler.addFilter(RedactSecrets(secrets))
+        handler.addFilter(RedactSecrets(secret_values(settings)))
         handler.addFilter(CorrelationFilter())
         if settings.log_format == "json":
             handler.setFormatter(JsonFormatter())

@@ -29,7 +29,7 @@ from aiohttp import web
 from markupsafe import Markup, escape
 
 from bot import dashboard_plots
-from bot.dashboard_auth import COOKIE, SESSION_TTL, Session, Sessions, csrf_matches
+from bot.dashboard_auth import COOKIE, SESSION_TTL, Session, Sessions, Throttle, csrf_matches
 from core import texts
 from core.dashboard_data import REPLY_DAYS, Overview, load_overview, percentile
 from core.db import Database
@@ -70,6 +70,9 @@ SECURITY_HEADERS = {
 }
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="magpie-dashboard"'}
 """What a 401 asks for (RFC 9110): the token, as a bearer token or through the login form in the response's body."""
+
+LOGIN_MAX_BYTES = 4096
+"""The login form holds one token: a longer body is refused unread (the server's own cap is REQUEST_MAX_BYTES)."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Clock = Callable[[], datetime]
@@ -149,6 +152,7 @@ class Dashboard:
         self._retrainer = retrainer
         self._clock = clock
         self._sessions = Sessions(settings.dashboard_token, clock=clock)
+        self._throttle = Throttle(clock=clock)
         self._overviews: dict[int, tuple[float, Overview]] = {}
         self._templates = jinja2.Environment(
             loader=jinja2.PackageLoader("bot", "templates"),
@@ -165,17 +169,37 @@ class Dashboard:
         return self._sessions.get(request.cookies.get(COOKIE))
 
     def _authorized(self, request: web.Request) -> bool:
-        return self._sessions.bearer_matches(request.headers.get("Authorization")) or self._session(request) is not None
+        return self._bearer_matches(request) or self._session(request) is not None
+
+    def _bearer_matches(self, request: web.Request) -> bool:
+        """Whether the request carries the right bearer token. A wrong one counts against the client's address,
+        and an address that must wait is answered 429 before its token is even compared."""
+        header = request.headers.get("Authorization")
+        if header is None:
+            return False
+        address = _address(request)
+        self._refuse_while_throttled(request, address)
+        if self._sessions.bearer_matches(header):
+            self._throttle.succeeded(address)
+            return True
+        self._throttle.failed(address, "bearer token")
+        return False
+
+    def _refuse_while_throttled(self, request: web.Request, address: str) -> None:
+        if (wait := self._throttle.retry_after(address)) is not None:
+            raise self._login_page(request, texts.dashboard_throttled(wait), status=429, retry_after=wait)
 
     async def _checked_post(self, request: web.Request) -> tuple[dict[str, Any], Session | None]:
         """The form of a POST that changes something, once it is known to come from the operator: a bearer token,
-        or a session whose CSRF token the form carries. Raises 401 (no credentials) or 403 (a forged form)."""
-        form = dict(await request.post())
-        if self._sessions.bearer_matches(request.headers.get("Authorization")):
-            return form, None
+        or a session whose CSRF token the form carries. Raises 401 (no credentials) or 403 (a forged form).
+
+        Who is asking is settled before the body is read: nobody else's form is ever parsed."""
+        if self._bearer_matches(request):
+            return dict(await request.post()), None
         session = self._session(request)
         if session is None:
             raise self._login_page(request, _(texts.DASHBOARD_LOGIN_NEEDED), status=401)
+        form = dict(await request.post())
         if not csrf_matches(session, form.get("csrf")):
             log.warning("dashboard: refused a %s without a valid CSRF token from %s", request.path, request.remote)
             raise web.HTTPForbidden(text=_(texts.DASHBOARD_STALE_FORM))
@@ -194,10 +218,15 @@ class Dashboard:
         """Templates word everything through `t` (`core.texts`), showing its constants as `_(t.NAME)`."""
         return self._templates.get_template(template).render(t=texts, _=_, lang=current_language(), **context)
 
-    def _login_page(self, request: web.Request, notice: str | None, *, status: int) -> web.HTTPException:
+    def _login_page(
+        self, request: web.Request, notice: str | None, *, status: int, retry_after: int = 0
+    ) -> web.HTTPException:
         html = self._render("login.html", notice=notice, urls=_urls(request, days=DEFAULT_DAYS))
         if status == 401:
             return web.HTTPUnauthorized(text=html, content_type="text/html", headers=CHALLENGE)
+        if status == 429:
+            headers = {"Retry-After": str(retry_after)}
+            return web.HTTPTooManyRequests(text=html, content_type="text/html", headers=headers)
         return web.HTTPForbidden(text=html, content_type="text/html")
 
     async def page(self, request: web.Request) -> web.Response:
@@ -243,11 +272,18 @@ class Dashboard:
     # --- logging in and out -----------------------------------------------------------------------------------
 
     async def login(self, request: web.Request) -> web.Response:
+        """The one form read before anyone is known (it carries the token): an address that must wait is refused
+        before it is read, and a form longer than LOGIN_MAX_BYTES is not read at all."""
+        address = _address(request)
+        self._refuse_while_throttled(request, address)
+        if (request.content_length or 0) > LOGIN_MAX_BYTES:
+            raise web.HTTPRequestEntityTooLarge(max_size=LOGIN_MAX_BYTES, actual_size=request.content_length or 0)
         form = await request.post()
         offered = form.get("token")
         if not isinstance(offered, str) or not self._sessions.token_matches(offered):
-            log.warning("dashboard: a wrong token was offered from %s", request.remote)
+            self._throttle.failed(address, "token in the login form")
             raise self._login_page(request, _(texts.DASHBOARD_WRONG_TOKEN), status=403)
+        self._throttle.succeeded(address)
         session_id, _expires = self._sessions.open()
         page = _urls(request, days=DEFAULT_DAYS)["page"]
         response = _see_other(page)
@@ -341,6 +377,11 @@ def commands_as_code(text: str) -> Markup:
     """The catalogue's texts mark commands and settings with backticks (chat platforms show them as code); on the
     page they become `<code>`, never literal backticks. `text` is escaped first: it is text, not markup."""
     return Markup(_COMMAND.sub(r"<code>\1</code>", str(escape(text))))
+
+
+def _address(request: web.Request) -> str:
+    """The client's address, as the throttle counts it (behind a proxy: the proxy's, see `bot.dashboard_auth`)."""
+    return request.remote or "unknown"
 
 
 def _see_other(location: str) -> web.Response:

@@ -44,12 +44,17 @@ class _Endpoints:
         return web.Response(body=body, headers={"Content-Type": content_type})
 
 
+REQUEST_MAX_BYTES = 64 * 1024
+"""The largest request body the server reads (aiohttp's default is 1 MiB): /healthz and /metrics take none, the
+dashboard's forms a few hundred bytes; a longer body is answered 413 as it is read, never parsed."""
+
+
 def build_http_app(
     *, health: HealthCheck, telemetry: Telemetry, extra: Mapping[str, web.Application] | None = None
 ) -> web.Application:
     """The application: /healthz and /metrics, and each of `extra`'s sub-apps mounted at its prefix (e.g.
     `{"/dashboard": dashboard_app}`; a prefix starts with "/" and does not end with one)."""
-    app = web.Application()
+    app = web.Application(client_max_size=REQUEST_MAX_BYTES)
     endpoints = _Endpoints(health, telemetry)
     app.router.add_get(HEALTH_PATH, endpoints.healthz)
     app.router.add_get(METRICS_PATH, endpoints.metrics)

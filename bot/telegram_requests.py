@@ -11,22 +11,27 @@ AIORateLimiter underneath. Whatever is logged here is redacted first: the token 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
-from telegram import BotCommand, BotCommandScopeChat
+from telegram import BotCommand, BotCommandScopeChat, Update
 from telegram.error import BadRequest, InvalidToken, NetworkError, RetryAfter, TelegramError, TimedOut
 from telegram.ext import AIORateLimiter, Application, ApplicationBuilder, ContextTypes, ExtBot
+from telegram.request import HTTPXRequest, RequestData
+from telegram.request._requestparameter import RequestParameter
 
 from core.commands import visible_commands
 from core.errors import ConfigError, MagpieError
 from core.i18n import LANGUAGES, SOURCE_LANGUAGE, translate
 from core.settings import Settings
+from core.settling import when_settled
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +50,16 @@ READ_TIMEOUT_S = 30.0
 
 
 def build_application(settings: Settings, token: str) -> App:
-    """The one place settings become a PTB Application: where it connects and how patient it is."""
+    """The one place settings become a PTB Application: where it connects and how patient it is, and how it
+    confirms the updates it fetched (`UpdateGate`)."""
+    gate = UpdateGate()
+    updates_request = GatedUpdatesRequest(
+        gate, connection_pool_size=1, connect_timeout=10.0, read_timeout=POLL_TIMEOUT_S + 10.0,
+        write_timeout=30.0, pool_timeout=30.0,
+    )  # fmt: skip
     return (
         ApplicationBuilder()
+        .application_class(SettlingApplication, {"gate": gate})
         .token(token)
         .base_url(settings.telegram_base_url)
         .base_file_url(settings.telegram_base_file_url)
@@ -57,10 +69,104 @@ def build_application(settings: Settings, token: str) -> App:
         .read_timeout(READ_TIMEOUT_S)
         .write_timeout(30.0)
         .pool_timeout(30.0)
-        .get_updates_read_timeout(POLL_TIMEOUT_S + 10.0)
+        .get_updates_request(updates_request)
         .job_queue(None)
         .build()
     )
+
+
+# --- confirming only what is logged ----------------------------------------------------------------------------
+
+
+class UpdateGate:
+    """The updates fetched but not yet settled (`core.service.when_settled`: logged, or given up on).
+
+    Telegram forgets the updates below the `offset` of the next getUpdates call, so that call is the confirmation.
+    PTB makes it as soon as the last batch is queued; here it waits until every update of that batch is settled
+    (normally a few milliseconds: the time to log them). While the database is away, messages wait to be logged
+    (`core.db_retry`), so polling pauses and nothing unlogged is confirmed: what people write meanwhile waits at
+    Telegram. At a stop, PTB's last call (timeout 0) confirms only up to the first unsettled update; Telegram
+    delivers it and the ones after it again on the next start (those already logged are recognised, not answered
+    twice)."""
+
+    def __init__(self) -> None:
+        self._unsettled: set[int] = set()
+        self._settled = asyncio.Event()
+        self._settled.set()
+
+    def fetched(self, update_ids: Iterable[int]) -> None:
+        self._unsettled.update(update_ids)
+        if self._unsettled:
+            self._settled.clear()
+
+    def settle(self, update_id: int) -> None:
+        self._unsettled.discard(update_id)
+        if not self._unsettled:
+            self._settled.set()
+
+    async def wait(self) -> None:
+        await self._settled.wait()
+
+    def confirmable(self, offset: int) -> int:
+        """The highest offset that confirms no unsettled update."""
+        return min(offset, *self._unsettled) if self._unsettled else offset
+
+
+class GatedUpdatesRequest(HTTPXRequest):
+    """PTB's request for getUpdates, through the `UpdateGate`: a polling call waits until the updates it would
+    confirm are settled; the stop's last call (timeout 0, it must not wait) confirms no unsettled one."""
+
+    def __init__(self, gate: UpdateGate, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._gate = gate
+
+    async def do_request(
+        self, url: str, method: str, request_data: RequestData | None = None, *args: Any, **kwargs: Any
+    ) -> tuple[int, bytes]:
+        if request_data is not None and url.endswith("/getUpdates"):
+            request_data = await self._through_gate(request_data)
+        status, payload = await super().do_request(url, method, request_data, *args, **kwargs)
+        with contextlib.suppress(ValueError, TypeError, KeyError):  # an error's body: PTB reports it
+            result = json.loads(payload)["result"]
+            self._gate.fetched(int(item["update_id"]) for item in result if isinstance(item, dict))
+        return status, payload
+
+    async def _through_gate(self, request_data: RequestData) -> RequestData:
+        parameters = request_data.parameters
+        if parameters.get("timeout"):
+            await self._gate.wait()
+            return request_data
+        offset = parameters.get("offset")
+        if not isinstance(offset, int) or self._gate.confirmable(offset) == offset:
+            return request_data
+        parameters = {**parameters, "offset": self._gate.confirmable(offset)}
+        return RequestData([RequestParameter.from_input(key, value) for key, value in parameters.items()])
+
+
+class SettlingApplication(
+    Application[ExtBot[int], ContextTypes.DEFAULT_TYPE, dict[Any, Any], dict[Any, Any], dict[Any, Any], None]
+):
+    """PTB's Application, telling the `UpdateGate` when each update is settled: as soon as the core has logged its
+    message (`when_settled`), else when its handlers are done (an edit, a service message, nothing to log)."""
+
+    def __init__(self, *, gate: UpdateGate, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._gate = gate
+
+    async def process_update(self, update: object) -> None:
+        if not isinstance(update, Update):
+            await super().process_update(update)
+            return
+        settle = partial(self._gate.settle, update.update_id)
+        try:
+            with when_settled(settle):
+                await super().process_update(update)
+        except asyncio.CancelledError:  # cut off by a stop before it was settled: Telegram delivers it again
+            raise
+        except BaseException:
+            settle()  # a failure is not a reason to stop polling (PTB's error handler has reported it)
+            raise
+        settle()
 
 
 async def connect(app: App, settings: Settings, redact: Callable[[str], str]) -> None:
@@ -106,6 +212,7 @@ async def start_fetching(app: App, settings: Settings, on_polling_error: Callabl
     assert updater is not None
     if url:
         assert secret is not None  # Settings refuses a webhook without one
+        cap_webhook_requests()
         await updater.start_webhook(
             listen=settings.telegram_webhook_listen,
             port=settings.telegram_webhook_port,
@@ -120,6 +227,29 @@ async def start_fetching(app: App, settings: Settings, on_polling_error: Callabl
         )
     mode = f"webhook on port {settings.telegram_webhook_port}" if url else "long polling"
     log.info("Telegram: @%s is up (%s)", app.bot.username, mode)
+
+
+WEBHOOK_MAX_BODY_BYTES = 1 << 20
+"""Telegram's updates are small: a 4,096-character message with its entities, the message it replies to and a
+poll or a location stay far below 100 KB. PTB's webhook server (tornado) would read up to 100 MiB, and parse it,
+before it checks the secret header; with this cap a larger request is refused (400) as soon as its headers say so,
+and a chunked one after its first MiB, before any of it is parsed."""
+WEBHOOK_BODY_TIMEOUT_S = 30.0
+"""Telegram sends an update in one go: a client trickling a body (slowloris) loses its connection."""
+
+
+def cap_webhook_requests() -> None:
+    """Caps what PTB's webhook server reads per request, through tornado's public `Configurable.configure`: the
+    keyword arguments become the defaults of every `HTTPServer` built afterwards, and PTB builds its server (the
+    only tornado server in Magpie) inside `start_webhook`."""
+    from tornado.httpserver import HTTPServer
+
+    HTTPServer.configure(
+        None,
+        max_body_size=WEBHOOK_MAX_BODY_BYTES,
+        max_buffer_size=2 * WEBHOOK_MAX_BODY_BYTES,
+        body_timeout=WEBHOOK_BODY_TIMEOUT_S,
+    )
 
 
 async def retrying(

@@ -7,9 +7,11 @@ context, so each queued request carries the id it was submitted with, and the wo
 its rows (`correlation_ids`). Configuring handlers is the entry point's job (`bot/cli.py`, the trainer's
 process); this module only supplies the pieces.
 
-Secrets: the formatter writes the message and traceback as the handler's filters left them (the CLI's
-`RedactSecrets` runs first) and no other attribute of the record, so nothing a library attaches to a record
-(a request, a URL with a token in it) reaches the log by way of JSON.
+Secrets: `RedactSecrets`, on every handler of a Magpie process (the bot's, a worker's, a trainer's), replaces each
+of `secret_values` that still made it into a record: the tokens, the broker's URL, and the passwords inside
+DATABASE_URL, REDIS_URL and CELERY_BROKER_URL (as written and URL-decoded: a library may print either). The
+formatter writes the message and traceback as the filters left them and no other attribute of the record, so
+nothing a library attaches to a record (a request, a URL with a token in it) reaches the log by way of JSON.
 """
 
 from __future__ import annotations
@@ -17,10 +19,15 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlsplit
+
+if TYPE_CHECKING:
+    from core.settings import Settings
 
 _correlation_id: ContextVar[str | None] = ContextVar("magpie_correlation_id", default=None)
 
@@ -82,3 +89,60 @@ def log_formatter(log_format: str) -> logging.Formatter:
     if log_format == "json":
         return JsonFormatter()
     return logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+MIN_SECRET_LENGTH = 6
+"""Shorter strings are not redacted: replacing every "abc" in a log would hide more than it protects."""
+
+
+class RedactSecrets(logging.Filter):
+    """Last line of defence: replaces any configured secret that still made it into a log record."""
+
+    def __init__(self, secrets: Sequence[str]) -> None:
+        super().__init__()
+        self._secrets = sorted({secret for secret in secrets if len(secret) >= MIN_SECRET_LENGTH}, key=len)[::-1]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = message
+        for secret in self._secrets:
+            redacted = redacted.replace(secret, "[redacted]")
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            for secret in self._secrets:
+                record.exc_text = record.exc_text.replace(secret, "[redacted]")
+        return True
+
+
+def secret_values(settings: Settings) -> list[str]:
+    """Every secret of `settings` as it could appear in a log line: the secret settings, and the password inside
+    each URL that may carry one (as written, and URL-decoded)."""
+    secrets = [
+        secret.get_secret_value()
+        for secret in (
+            settings.telegram_bot_token,
+            settings.discord_bot_token,
+            settings.telegram_webhook_secret,
+            settings.dashboard_token,
+            settings.celery_broker_url,
+        )
+        if secret is not None
+    ]
+    broker = settings.celery_broker_url.get_secret_value() if settings.celery_broker_url is not None else None
+    for url in (settings.database_url, settings.redis_url, broker):
+        password = _password(url)
+        if password:
+            secrets += [password, unquote(password)]
+    return secrets
+
+
+def _password(url: str | None) -> str | None:
+    if not url:
+        return None
+    try:
+        return urlsplit(url).password
+    except ValueError:  # not a URL urllib can read (a port that is not a number): nothing to find in it
+        return None

@@ -53,7 +53,10 @@ class CoolingDown:
 
 @dataclass(frozen=True)
 class CouldNotStart:
-    """The training process could not be started (the log says why)."""
+    """The training process could not be started (the log says why); `queue_unreachable`: the run was to go to
+    the training queue (RETRAIN_BACKEND=celery) and its broker did not take it, something the admin can check."""
+
+    queue_unreachable: bool = False
 
 
 RunRefused = AlreadyRunning | CoolingDown | CouldNotStart

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from core.commands import ParsedCommand, parse_command
 from core.db import Database
+from core.db_retry import patiently
 from core.messages import Attachment, ChatKind, IncomingMessage, Private, Reply
 from core.models import Delivery, Message, Role
 from core.storage import log_message, set_delivery, upsert_chat, upsert_user
@@ -133,15 +134,23 @@ class ReplyLog:
         platform_message_id: str | None,
         error: str | None,
         parts_sent: int | None = None,
+        patience_s: float = 0.0,
     ) -> None:
-        """Bookkeeping only: a database hiccup here is logged, never raised into the adapter's send path."""
+        """Bookkeeping only: a database that went away is waited for up to `patience_s` (a delivery left unrecorded
+        would make the next start's recovery send the reply again), and whatever still fails is logged, never
+        raised into the adapter's send path."""
         if reply.log_id is None:
             return
-        try:
+        log_id = reply.log_id
+
+        async def write() -> None:
             async with self._db.sessions.begin() as session:
                 await set_delivery(
-                    session, message_id=reply.log_id, delivery=delivery, platform_message_id=platform_message_id,
+                    session, message_id=log_id, delivery=delivery, platform_message_id=platform_message_id,
                     error=error, parts_sent=parts_sent,
                 )  # fmt: skip
+
+        try:
+            await patiently(write, what=f"the delivery of reply {log_id}", budget_s=patience_s)
         except Exception:
             log.exception("Could not record reply %s as %s", reply.log_id, delivery.value)

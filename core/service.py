@@ -20,10 +20,12 @@ import time
 from collections.abc import AsyncGenerator, Callable, Collection
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from core.chat_commands import ChatCommands
 from core.commands import parse_command
 from core.db import Database
+from core.db_retry import patiently
 from core.dialogue import Turn, speaker_key
 from core.engine import Engine
 from core.errors import EngineError
@@ -35,6 +37,7 @@ from core.reply_log import Logged, ReplyLog, should_answer
 from core.retraining import Retrainer
 from core.serving import ModelServing
 from core.settings import Settings
+from core.settling import message_settled
 from core.storage import (
     Unanswered,
     delete_message,
@@ -120,21 +123,31 @@ class ChatService:
             return await self._handle(message, busy=busy)
 
     async def _handle(self, message: IncomingMessage, *, busy: bool) -> Reply | None:
-        try:
-            logged = await self._replies.log_incoming(message)
-        except Exception:  # the database is down or refused the row: say so rather than drop the message
-            log.exception("Could not log %s message %s", message.platform, message.message_id)
+        what = f"{message.platform} message {message.message_id}"
+        try:  # a database that went away is waited for (DATABASE_RETRY_SECONDS): the message must not be lost
+            logged = await patiently(
+                lambda: self._replies.log_incoming(message), what=what, budget_s=self._settings.database_retry_seconds
+            )
+        except Exception:  # the database is still down, or refused the row: say so rather than drop the message
+            log.exception("Could not log %s", what)
             command = parse_command(message.text)
             return Reply(_(NOT_LOGGED), reply_to=message.message_id) if should_answer(message, command) else None
+        finally:
+            message_settled()
         if logged is None or not should_answer(message, logged.command):
             return None
         return await self._answer_or_apologise(replace(logged, busy=busy))
 
     async def _answer_or_apologise(self, logged: Logged) -> Reply:
-        """The answer, or a generic apology when answering failed: the user is never left without a word."""
+        """The answer, or a generic apology when answering failed: the user is never left without a word. A
+        database that goes away while the answer is made is waited for like the message's own logging."""
         message = logged.message
         try:
-            return await self._answer(logged)
+            return await patiently(
+                lambda: self._answer(logged),
+                what=f"the answer to {message.platform} message {message.message_id}",
+                budget_s=self._settings.database_retry_seconds,
+            )
         except Exception:
             log.exception("Failed to answer %s message %s", message.platform, message.message_id)
         try:
@@ -145,11 +158,11 @@ class ChatService:
 
     async def mark_delivered(self, reply: Reply, platform_message_ids: list[str]) -> None:
         first = platform_message_ids[0] if platform_message_ids else None
-        await self._replies.record_delivery(reply, Delivery.SENT, platform_message_id=first, error=None)
+        await self._record_delivery(reply, Delivery.SENT, platform_message_id=first, error=None)
 
     async def mark_undelivered(self, reply: Reply, reason: str, *, parts_sent: int = 0) -> None:
         log.warning("Reply %s could not be delivered: %s", reply.log_id, reason)
-        await self._replies.record_delivery(
+        await self._record_delivery(
             reply, Delivery.FAILED, platform_message_id=None, error=reason, parts_sent=parts_sent
         )
 
@@ -157,9 +170,12 @@ class ChatService:
         """A send cut off by shutdown: the reply stays PENDING in the outbox, and the next start's recovery sends
         the parts after `parts_sent` (the part that was in flight may then arrive twice)."""
         log.info("Reply %s was interrupted after %d parts: left to recovery", reply.log_id, parts_sent)
-        await self._replies.record_delivery(
+        await self._record_delivery(
             reply, Delivery.PENDING, platform_message_id=None, error="interrupted by shutdown", parts_sent=parts_sent
         )
+
+    async def _record_delivery(self, reply: Reply, delivery: Delivery, **fields: Any) -> None:
+        await self._replies.record_delivery(reply, delivery, **fields, patience_s=self._settings.database_retry_seconds)
 
     async def private_unreachable(self, reply: Reply, reason: str) -> Reply:
         """The author could not be reached privately: the personal part stays undelivered (and is never shown in

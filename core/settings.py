@@ -11,6 +11,7 @@ and those must behave as if the lines were absent. A setting that can be switche
 
 from __future__ import annotations
 
+import math
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
@@ -22,6 +23,7 @@ from core.errors import ConfigError
 
 PLATFORMS = ("telegram", "discord", "console")
 DASHBOARD_TOKEN_MIN_LENGTH = 16
+DASHBOARD_TOKEN_MIN_BITS = 64
 BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp")
 HTTP_OFF = "off"
 """HTTP_LISTEN's off switch: an empty value means "the default" like every other setting's."""
@@ -39,7 +41,8 @@ class Settings(BaseSettings):
     telegram_base_url: str = "https://api.telegram.org/bot"
     telegram_base_file_url: str = "https://api.telegram.org/file/bot"
     telegram_webhook_url: str | None = None
-    telegram_webhook_listen: str = "0.0.0.0"
+    telegram_webhook_listen: str = "127.0.0.1"
+    """Where the webhook server listens: behind a TLS-terminating reverse proxy on this machine (docs/security.md)."""
     telegram_webhook_port: int = Field(8443, ge=1, le=65535)
     telegram_webhook_secret: SecretStr | None = None
     discord_bot_token: SecretStr | None = None
@@ -92,6 +95,8 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(15.0, ge=0.0)
     typing_after_ms: float = Field(1000.0, ge=0.0)
     send_queue_limit: int = Field(200, ge=1)
+    database_retry_seconds: float = Field(120.0, ge=0.0)
+    """How long a message waits for a database that went away before its author is asked to send it again."""
 
     # --- retraining (defaults are the seed notebook's) ---------------------------------------------------------
     train_epochs: float = Field(3.0, gt=0.0)
@@ -259,6 +264,12 @@ class Settings(BaseSettings):
                 f"must be at least {DASHBOARD_TOKEN_MIN_LENGTH} characters (e.g. the output of "
                 "`python -c 'import secrets; print(secrets.token_urlsafe(24))'`), or empty to turn the dashboard off"
             )
+        if (bits := token_strength_bits(raw.strip())) < DASHBOARD_TOKEN_MIN_BITS:
+            raise ValueError(
+                f"is too easy to guess (about {bits:.0f} bits; at least {DASHBOARD_TOKEN_MIN_BITS} needed: more "
+                "different characters, of more kinds): use e.g. the output of "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(24))'`"
+            )
         return raw.strip()
 
     @model_validator(mode="after")
@@ -341,6 +352,31 @@ def _blank(value: object) -> bool:
     return isinstance(raw, str) and not raw.strip()
 
 
+def token_strength_bits(token: str) -> float:
+    """A pessimistic estimate of a token's entropy in bits: the larger of two lower bounds that each see through
+    repetition. One is the token's number of DIFFERENT characters times the bits of one character of the kinds it
+    uses (lower case 26, upper case 26, digits 10, anything else 32); the other its length times the Shannon entropy
+    of its own character frequencies (what a long hex token, few kinds of many characters, is worth).
+
+    `aaaaaaaaaaaaaaaa` scores 4.7 and `abababababababab` 16; 16 characters of `secrets.token_urlsafe` about 80,
+    32 of them (`token_urlsafe(24)`) about 150, and `secrets.token_hex(16)` about 120. It knows no dictionary:
+    a passphrase of words scores as its letters do."""
+    pool = sum(
+        size
+        for size, present in (
+            (26, any(c.islower() for c in token)),
+            (26, any(c.isupper() for c in token)),
+            (10, any(c.isdigit() for c in token)),
+            (32, any(not c.isalnum() for c in token)),
+        )
+        if present
+    )
+    by_kinds = len(set(token)) * math.log2(pool) if pool > 1 else 0.0
+    counts = [token.count(c) for c in set(token)]
+    by_frequencies = -sum(n * math.log2(n / len(token)) for n in counts)
+    return max(by_kinds, by_frequencies)
+
+
 def _split_list(value: object) -> list[str]:
     if value is None:
         return []
@@ -351,10 +387,11 @@ def _split_list(value: object) -> list[str]:
     raise ValueError("expected a comma-separated list")
 
 
-def load_settings(**overrides: object) -> Settings:
-    """Builds settings, turning pydantic's report into one clear line per bad variable."""
+def load_settings(settings_class: type[Settings] = Settings, /, **overrides: object) -> Settings:
+    """Builds settings (of `settings_class`: the trainer's leave secrets out), turning pydantic's report into one
+    clear line per bad variable."""
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        return settings_class(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         problems = []
         for error in exc.errors():

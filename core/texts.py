@@ -232,6 +232,11 @@ def run_request(result: RunRequest) -> str:
                 "The last training run finished less than {cooldown:g} minutes ago (RETRAIN_COOLDOWN_MINUTES). "
                 "Try again in {left} min."
             ).format(cooldown=cooldown, left=left)
+        case CouldNotStart(queue_unreachable=True):
+            return _(
+                "Sorry, the training queue is not answering (the broker of CELERY_BROKER_URL is down or unreachable), "
+                "so no run was started. Send /retrain again once it is back."
+            )
         case CouldNotStart():
             return _("Sorry, I could not start the training process; the bot's log says why.")
 
@@ -556,6 +561,17 @@ DASHBOARD_LOGIN_BUTTON = N_("Open the dashboard")
 DASHBOARD_LOGOUT_BUTTON = N_("Log out")
 DASHBOARD_WRONG_TOKEN = N_("That is not the dashboard token.")
 DASHBOARD_LOGIN_NEEDED = N_("Log in with the dashboard token first.")
+
+
+def dashboard_throttled(seconds: int) -> str:
+    """Why a token was not even checked: its address offered too many wrong ones."""
+    return ngettext(
+        "Too many wrong tokens came from your address: try again in {seconds} second.",
+        "Too many wrong tokens came from your address: try again in {seconds} seconds.",
+        seconds,
+    ).format(seconds=seconds)
+
+
 DASHBOARD_STALE_FORM = N_(
     "This form is out of date or did not come from the dashboard, so nothing was done. Reload the page and try again."
 )

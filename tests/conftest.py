@@ -25,6 +25,9 @@ from core.models import Base
 from core.settings import Settings
 from trainer.starter_model import ModelShape, build_model, save_model, train_tokenizer
 
+pytest_plugins = ["tests.throwaway_services"]
+"""Fixtures of services a test starts and breaks itself (`throwaway_redis`, `throwaway_postgres`)."""
+
 # `magpie run` in a test's subprocess serves /healthz and /metrics on a free port: tests running side by side (and a
 # Magpie deployed on this machine) never fight over 127.0.0.1:8080.
 os.environ["HTTP_LISTEN"] = "127.0.0.1:0"

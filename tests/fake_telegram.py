@@ -353,6 +353,10 @@ class FakeTelegram(FakeServer[Call]):
 
     # --- faults in Telegram's own shapes ---------------------------------------------------------------------------
 
+    def pending_update_ids(self) -> list[int]:
+        """The updates not yet confirmed by a getUpdates offset past them: Telegram delivers them again."""
+        return [int(update["update_id"]) for update in self._updates]
+
     def answer_late(self, method: str, seconds: float, times: int = 1) -> None:
         """The next `times` calls of `method` are carried out (a message is stored) but answered only after
         `seconds`: a client with a shorter read timeout gives up on a request that did arrive."""
@@ -361,7 +365,10 @@ class FakeTelegram(FakeServer[Call]):
     # --- the server -------------------------------------------------------------------------------------------
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
-        params, files = await _read_params(request)
+        try:
+            params, files = await _read_params(request)
+        except ConnectionResetError:  # the client gave up while sending (a stop cancelling getUpdates): no call
+            return web.Response(status=499)
         call = Call(method=request.match_info["method"], params=params, files=files)
         return await self._answer(call, lambda: self._respond(call, request.match_info["token"]))
 

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -34,12 +35,22 @@ from core.outcomes import AlreadyRunning, CouldNotStart, RunEndReason
 from core.service import ChatService
 from core.serving import ModelServing
 from core.settings import Settings, load_settings
+from core.texts import run_request
 from core.versions import get_active_version
 from tests.conftest import _empty_tables
-from tests.loop_support import ADMIN, RecordingNotifier, build_loop_model, log_community, loop_settings, msg
+from tests.loop_support import (
+    ADMIN,
+    RecordingNotifier,
+    build_loop_model,
+    greedy_engine,
+    log_community,
+    loop_settings,
+    msg,
+)
 from tests.loop_support import started_engine as start_engine
 from tests.paused_retrain import SOCKET_VARIABLE, pause_server
 from tests.run_rows import add_run, run_row
+from tests.throwaway_services import ThrowawayRedis
 from trainer import runs
 from trainer.celery_queue import celery_app
 from trainer.orchestrator import RunningRun, TrainingOrchestrator
@@ -135,8 +146,35 @@ async def test_a_broker_that_does_not_answer_fails_the_run_at_once(db: Database,
         refused = await orchestrator.request(triggered_by="telegram:42", notify_platform=None, notify_chat_id=None)
     finally:
         await orchestrator.stop()
-    assert refused == CouldNotStart() and orchestrator.running is None
+    assert refused == CouldNotStart(queue_unreachable=True) and orchestrator.running is None
     row = await _row(db, 1)
+    assert row.status is RunStatus.FAILED and row.error == RunEndReason.QUEUE_UNREACHABLE
+
+
+async def test_a_broker_that_went_away_is_named_to_the_admin_who_asked(
+    db: Database, settings: Settings, throwaway_redis: ThrowawayRedis
+) -> None:
+    """The broker answered one /retrain and then died: the next /retrain is answered at once, in words the admin
+    can act on (which setting, and to send it again), not "the log says why"; the run is failed, not left queued."""
+    queued = settings.model_copy(
+        update={"retrain_backend": "celery", "celery_broker_url": SecretStr(throwaway_redis.url)}
+    )
+    notifier = RecordingNotifier()
+    orchestrator = TrainingOrchestrator(settings=queued, db=db, notifier=notifier, poll_interval_s=0.1)
+    service = ChatService(settings=queued, db=db, engine=greedy_engine(), retrainer=orchestrator)
+    try:
+        first = await service.handle(msg("/retrain", user=ADMIN))
+        assert first is not None and first.text.startswith("Training run #1 started")
+        await runs.fail(db, 1, RunEndReason.CLEARED, now=datetime.now(UTC))  # no worker: the next run may start
+        await notifier.wait_for("Training run #1 failed")
+        await throwaway_redis.kill()
+        second = await service.handle(msg("/retrain", user=ADMIN))
+    finally:
+        await orchestrator.stop()
+    assert second is not None
+    assert second.text == run_request(CouldNotStart(queue_unreachable=True))
+    assert "training queue is not answering" in second.text and "CELERY_BROKER_URL" in second.text
+    row = await _row(db, 2)
     assert row.status is RunStatus.FAILED and row.error == RunEndReason.QUEUE_UNREACHABLE
 
 
@@ -324,6 +362,43 @@ def worker(settings: Settings, tmp_path: Path, module: str = "bot") -> Iterator[
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=30)
+
+
+def test_the_worker_obeys_no_remote_control(sqlite_url: str, tmp_path: Path) -> None:
+    """Whoever reaches the broker can write to Celery's broadcast queue: a real `magpie worker` must neither answer
+    a ping nor obey a shutdown sent there (on the broker's own terms, as an attacker with its password would)."""
+    url, port = BROKERS["redis"]
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except OSError:
+        pytest.skip(f"redis is not answering on 127.0.0.1:{port} (.ci/run starts it when it can)")
+    queue = f"magpie-test-{uuid.uuid4().hex[:10]}"
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        database_url=sqlite_url, models_dir=tmp_path / "models", celery_broker_url=SecretStr(url), celery_queue=queue,
+    )  # fmt: skip
+    from celery import Celery
+
+    attacker = Celery("attacker", broker=url, set_as_current=False)  # a plain client: Celery's defaults
+    log_path = tmp_path / "worker.log"
+    try:
+        with worker(settings, tmp_path) as process:
+            _wait_for_line(log_path, "ready", process)
+            assert attacker.control.ping(timeout=2.0) == [], "the worker answered a broadcast ping"
+            attacker.control.broadcast("shutdown")
+            assert attacker.control.ping(timeout=1.0) == []
+            assert process.poll() is None, "a broadcast shutdown stopped the worker"
+    finally:
+        attacker.close()
+
+
+def _wait_for_line(path: Path, text: str, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    """Waits until the worker's log has a line holding `text` (it is ready), failing if the worker exits first."""
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text(errors="replace"):
+        assert process.poll() is None, "the worker exited"
+        assert time.monotonic() < deadline, f"no {text!r} in the worker's log after {timeout:.0f}s"
+        time.sleep(0.1)
 
 
 async def _exited(pid: int, timeout: float = 30.0) -> None:  # noqa: ASYNC109

@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
+
+from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,3 +96,28 @@ def test_secrets_are_redacted_from_log_records_and_tracebacks(caplog: pytest.Log
     assert RedactSecrets([token]).filter(record)
     assert token not in record.getMessage() and "[redacted]" in record.getMessage()
     assert record.exc_text is not None and token not in record.exc_text
+
+
+def test_the_passwords_in_database_redis_and_broker_urls_are_redacted_from_logs() -> None:
+    """DATABASE_URL and REDIS_URL are plain settings (the trainer needs the database's), but their passwords are
+    secrets like the tokens: a driver's error may print the URL, or the password alone, encoded or not."""
+    import logging
+
+    from core.logging_setup import RedactSecrets, secret_values
+
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        database_url="postgresql+asyncpg://magpie:pg%40Secret1@db.internal:5432/magpie",
+        redis_url="redis://:redis-Secret-2@redis.internal:6379/0",
+        celery_broker_url=SecretStr("amqp://magpie:amqp-Secret-3@mq.internal:5671//"),
+    )
+    line = (
+        "could not connect to postgresql+asyncpg://magpie:pg%40Secret1@db.internal:5432/magpie "
+        "(password 'pg@Secret1' refused); redis://:redis-Secret-2@redis.internal:6379/0 down; amqp-Secret-3"
+    )
+    record = logging.LogRecord("x", logging.ERROR, __file__, 1, "%s", (line,), None)
+    assert RedactSecrets(secret_values(settings)).filter(record)
+    message = record.getMessage()
+    for password in ("pg%40Secret1", "pg@Secret1", "redis-Secret-2", "amqp-Secret-3"):
+        assert password not in message
+    assert "db.internal" in message and "redis.internal" in message, "only the passwords go"

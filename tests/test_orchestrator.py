@@ -6,6 +6,7 @@ Switching versions and the watcher are the serving side's (tests/test_serving.py
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -178,6 +179,36 @@ def test_child_environment_hands_the_settings_down_without_secrets(
     rebuilt = Settings(_env_file=None)  # type: ignore[call-arg]
     assert rebuilt.model_dump(exclude={"telegram_bot_token"}) == settings.model_dump(exclude={"telegram_bot_token"})
     assert rebuilt.telegram_bot_token is None
+
+
+SECRETS = {
+    "TELEGRAM_BOT_TOKEN": "123456:from-the-dot-env",
+    "TELEGRAM_WEBHOOK_SECRET": "webhook-secret-from-the-dot-env",
+    "DISCORD_BOT_TOKEN": "discord-token-from-the-dot-env",
+    "DASHBOARD_TOKEN": "Dashboard-token-from-the-dot-env-7Qx",
+    "CELERY_BROKER_URL": "amqp://magpie:broker-password@127.0.0.1:5672//",
+}
+
+
+async def test_a_trainer_never_holds_a_secret_even_with_a_dot_env_in_its_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real trainer program, started the bot's way, in a directory whose `.env` holds every secret (as the
+    bot's own does), with the same secrets in the bot's settings and environment: the trainer has none of them."""
+    (tmp_path / ".env").write_text("".join(f"{key}={value}\n" for key, value in SECRETS.items()))
+    monkeypatch.chdir(tmp_path)
+    for key, value in SECRETS.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings(retrain_backend="celery", telegram_webhook_url="https://bot.example/hook")  # type: ignore[call-arg]
+    assert settings.telegram_bot_token is not None, "the bot itself reads them from .env"
+    trainer = await process.spawn_trainer("tests.trainer_probe", 1, settings)
+    stdout, _ = await trainer.communicate()
+    assert trainer.returncode == 0
+    report = json.loads(stdout.decode().strip().splitlines()[-1])
+    assert report["event"] == "probe"
+    assert report["secrets"] == {}, "no secret setting reached the trainer"
+    leaked = [key for key, value in report["environ"].items() if any(s in value for s in SECRETS.values())]
+    assert leaked == []
 
 
 @pytest.fixture

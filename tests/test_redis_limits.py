@@ -4,10 +4,12 @@ stand for two replicas; the real local Redis keeps their state. Without REDIS_UR
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import AsyncIterator
 
 import pytest
+from redis.asyncio import Redis
 
 from bot.cli import open_user_limits
 from core.errors import ConfigError, MagpieError
@@ -15,6 +17,7 @@ from core.limits import LocalUserLimits
 from core.redis_limits import RedisUserLimits
 from core.settings import Settings, load_settings
 from tests.redis_support import redis_settings
+from tests.throwaway_services import ThrowawayRedis
 
 
 class Clock:
@@ -137,3 +140,45 @@ def test_a_redis_url_that_is_not_one_is_refused(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("REDIS_URL", value)
     with pytest.raises(ConfigError, match="REDIS_URL: expected redis://"):
         load_settings(_env_file=None)
+
+
+# --- a Redis that goes away, and comes back ---------------------------------------------------------------------
+
+
+async def test_a_redis_that_goes_away_leaves_the_limits_in_this_process_until_it_is_back(
+    throwaway_redis: ThrowawayRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Killed mid-conversation: every message is still admitted and answered in turn (the replica's own limits,
+    one warning); the limit itself still holds; when Redis is back the limits are shared again."""
+    settings = Settings(_env_file=None, redis_url=throwaway_redis.url, rate_limit_per_minute=3)  # type: ignore[call-arg]
+    limits = RedisUserLimits(
+        Redis.from_url(throwaway_redis.url, socket_connect_timeout=2.0, socket_timeout=2.0),
+        limit=settings.rate_limit_per_minute, prefix="magpie", turn_expiry_s=30.0, reconnect_s=0.1,
+    )  # fmt: skip
+    try:
+        assert await limits.admit("telegram:1") is None and limits.shared
+        await throwaway_redis.kill()
+        with caplog.at_level(logging.WARNING, logger="core.redis_limits"):
+            assert await limits.admit("telegram:1") is None, "admitted although Redis is gone"
+            assert not limits.shared
+            async with limits.turn("telegram:1"):  # answered in turn, without Redis
+                pass
+            assert await limits.admit("telegram:1") is None
+            assert await limits.admit("telegram:1") is None
+            assert await limits.admit("telegram:1") is not None, "the replica's own limit still holds"
+            assert await limits.admit("telegram:2") is None
+            lost = [r.getMessage() for r in caplog.records if "not answering" in r.getMessage()]
+            assert len(lost) == 1 and "127.0.0.1" in lost[0] and "per-user limits are kept in this process" in lost[0]
+
+            await throwaway_redis.start()
+            reconnecting = limits._reconnecting
+            assert reconnecting is not None
+            await asyncio.wait_for(reconnecting, 20.0)  # it asks every 0.1 s
+            assert limits.shared
+        assert any("answers again" in record.getMessage() for record in caplog.records)
+        assert await limits.admit("telegram:3") is None
+        assert await limits._client.zcard("magpie:rate:telegram:3") == 1, "counted in Redis again"
+        async with limits.turn("telegram:3"):
+            assert await limits._client.exists("magpie:turn:telegram:3") == 1
+    finally:
+        await limits.close()

@@ -383,8 +383,11 @@ async def test_group_context_per_user(settings: Settings, db: Database, engine: 
 
 
 async def test_a_database_outage_gets_a_clear_reply_not_silence(settings: Settings, engine: Engine) -> None:
+    """A database still away after DATABASE_RETRY_SECONDS (a shorter outage is waited out: tests/test_db_retry.py,
+    tests/test_database_outage.py): the author is asked to send the message again."""
     down = Database.connect("postgresql+asyncpg://postgres@127.0.0.1:1/nowhere")  # nothing listens on port 1
-    service = ChatService(settings=settings, db=down, engine=engine)
+    patient = settings.model_copy(update={"database_retry_seconds": 0.5})
+    service = ChatService(settings=patient, db=down, engine=engine)
     try:
         private = await service.handle(msg("hello?", message_id="5"))
         unaddressed = await service.handle(msg("chatter", chat="-3", kind=ChatKind.GROUP))

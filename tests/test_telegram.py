@@ -7,6 +7,7 @@ the real `ChatService` with the tiny real model and assert on what was logged in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -27,6 +28,7 @@ from core.messages import ChatKind, IncomingMessage, Reply
 from core.models import Chat, Delivery, Role
 from core.models import Message as DbMessage
 from core.service import ChatService
+from core.settings import Settings
 from core.texts import BUSY, EXPORT_SENT_PRIVATELY, EXPORT_UNREACHABLE, NOT_TEXT, OPTED_OUT
 from tests.fake_telegram import FakeTelegram, utf16_length
 from tests.recording_handler import RecordingHandler
@@ -612,6 +614,79 @@ async def test_webhook_mode_serves_updates_and_rejects_requests_without_the_secr
     async with aiohttp.ClientSession() as client:  # the webhook server is gone after stop()
         with pytest.raises(aiohttp.ClientConnectionError):
             await client.post(f"http://127.0.0.1:{port}/telegram/hook", json={})
+
+
+async def test_an_update_whose_message_is_not_logged_is_never_confirmed(telegram: FakeTelegram) -> None:
+    """A message still waiting to be logged when the bot stops (the database is away): PTB's last getUpdates at the
+    stop would confirm it, and Telegram would forget it. It is not confirmed: the next start gets it again."""
+    settings = settings_for(telegram)
+    mia = telegram.user(13003, "Mia")
+    chat = telegram.private_chat(mia)
+    waiting = RecordingHandler()
+    waiting.release = asyncio.Event()  # never set: the message never gets logged
+    async with running(settings, waiting, stop_grace_s=0.2):
+        sent = telegram.user_says(chat, mia, "logged later")
+        await waiting.wait_until(lambda: "logged later" in waiting.entered)
+    assert "logged later" in waiting.cancelled, "the stop cut it off"
+    assert telegram.pending_update_ids() != [], "not confirmed to Telegram"
+    after_restart = RecordingHandler()
+    async with running(settings, after_restart):
+        [answer] = await telegram.wait_for_messages(mia.id, 1)
+    assert answer["text"] == "echo: logged later"
+    assert [message.message_id for message in after_restart.received] == [str(sent["message_id"])]
+
+
+def test_the_webhook_server_listens_on_localhost_unless_told_otherwise() -> None:
+    """Telegram reaches the webhook through a TLS proxy on this machine (docs/security.md), never on plain HTTP."""
+    assert Settings(_env_file=None).telegram_webhook_listen == "127.0.0.1"  # type: ignore[call-arg]
+
+
+async def _raw_post(port: int, head: bytes, body_chunks: list[bytes]) -> bytes:
+    """Sends a request's head and then `body_chunks` (stopping when the server answers or hangs up); returns the
+    status line of the answer, read within 20 s."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head)
+        await writer.drain()
+        answer = asyncio.create_task(reader.readline())
+        for chunk in body_chunks:
+            if answer.done():
+                break
+            writer.write(chunk)
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+        return await asyncio.wait_for(answer, 20.0)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def test_a_huge_webhook_request_is_refused_before_its_body_is_read(telegram: FakeTelegram) -> None:
+    """PTB's server would read (and parse) up to 100 MiB before checking the secret: a 90 MiB request without the
+    secret is refused as soon as its headers are read, before one byte of its body is sent; a chunked one (no
+    length announced) after its first MiB, not at its end (with a 403 from the secret check)."""
+    port = _free_port()
+    telegram.public_host("https://bot.example.org", [f"http://127.0.0.1:{port}"])
+    settings = settings_for(
+        telegram,
+        telegram_webhook_url="https://bot.example.org/hook",
+        telegram_webhook_port=port,
+        telegram_webhook_secret="s3cret-Token_1",
+    )
+    mia = telegram.user(13002, "Mia")
+    chat = telegram.private_chat(mia)
+    async with running(settings, RecordingHandler()):
+        announced = b"POST /hook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+        assert await _raw_post(port, announced % (90 << 20), []) == b"HTTP/1.1 400 Bad Request\r\n"
+        chunked = (
+            b"POST /hook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        chunk = b"%x\r\n%s\r\n" % (64 << 10, b" " * (64 << 10))
+        assert await _raw_post(port, chunked, [chunk] * 40 + [b"0\r\n\r\n"]) == b"HTTP/1.1 400 Bad Request\r\n"
+        telegram.user_says(chat, mia, "still served")  # an update of ordinary size still goes through
+        [answer] = await telegram.wait_for_messages(mia.id, 1)
+    assert answer["text"] == "echo: still served"
 
 
 async def test_a_webhook_port_in_use_fails_the_start_cleanly(telegram: FakeTelegram) -> None:

@@ -7,6 +7,10 @@ come from each side's own environment, progress and outcome from the row, so the
 Delivery is at least once: tasks are acknowledged late (after the run), one at a time (prefetch 1, concurrency 1),
 and a task whose worker died is delivered again. The row makes it at most once: a worker takes a run only while it
 is `running` and no live worker has it (`trainer.runs.take`); a run whose worker died is failed `interrupted`.
+
+Remote control is off on both sides (`worker_enable_remote_control`): the worker listens to its training queue
+and nothing else, so whoever reaches the broker cannot shut it down, revoke its task or add a queue to it. Reaching
+the broker still lets one queue runs by id: give it credentials and TLS (docs/security.md).
 """
 
 from __future__ import annotations
@@ -58,6 +62,12 @@ def _configuration(settings: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {"visibility_timeout": visibility_s},
         "worker_hijack_root_logger": False,
+        # Remote control (ping, shutdown, revoke, add_consumer, pool_restart...) listens on a broadcast queue that
+        # anyone who reaches the broker can write to: with it, they could stop the worker or point it at another
+        # queue. Magpie never uses it; the run's row is how a run is followed and stopped.
+        "worker_enable_remote_control": False,
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
     }
 
 

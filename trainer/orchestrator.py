@@ -254,7 +254,7 @@ class TrainingOrchestrator:
             log.info("training run #%d requested by %s", run_id, triggered_by)
             handle = await self._launch(run_id)
             if handle is None:
-                return CouldNotStart()
+                return CouldNotStart(queue_unreachable=self._queued)
             progress = on_progress or self._progress_notifier(run_id, notify)
             run = _Run(run_id, handle, notify, progress, started_at=now, rerun_of=rerun_of)
             self._follow_run(run)

@@ -23,9 +23,10 @@ import sys
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
-from pydantic import SecretStr
+from pydantic import SecretStr, model_validator
+from pydantic_settings import SettingsConfigDict
 
-from core.settings import Settings
+from core.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 LAUNCHER_ONLY = frozenset({"retrain_backend", "celery_broker_url", "celery_queue"})
 """Settings of whoever starts runs, not of the trainer (which then sees the defaults)."""
+SERVING_ONLY_PREFIXES = ("telegram_", "discord_", "dashboard_")
+"""Settings of the chat platforms and the dashboard: a trainer talks to neither."""
 _STAT_START_FIELD = 22
 _GONE_STATES = frozenset({"Z", "X", "x"})
 """A zombie (exited, not yet reaped) or dead process keeps its /proc entry but no longer trains."""
@@ -175,16 +178,51 @@ async def progress_lines(process: asyncio.subprocess.Process) -> AsyncIterator[f
             yield float(event["progress"])
 
 
+def trainer_reads(name: str) -> bool:
+    """Whether the setting `name` reaches a trainer: no secret (a platform token, the broker's URL, the dashboard
+    token), nothing of how runs are queued, nothing of the platforms. DATABASE_URL does, password and all: the
+    trainer reads and writes the database."""
+    field = Settings.model_fields.get(name)
+    if field is None or name in LAUNCHER_ONLY or name.startswith(SERVING_ONLY_PREFIXES):
+        return False
+    annotation = field.annotation
+    return annotation is not SecretStr and SecretStr not in getattr(annotation, "__args__", ())
+
+
+class TrainerSettings(Settings):
+    """A trainer's settings: only its environment, which `child_environment` wrote, and only what `trainer_reads`.
+
+    Never a `.env` file: the trainer runs in the bot's working directory, whose `.env` holds the platform tokens,
+    the broker's URL and the dashboard token; a training run needs none of them, and a process that never holds a
+    secret cannot leak it (into a crash report, a library's debug log, a core dump)."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_what_training_needs(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        return {key: value for key, value in data.items() if trainer_reads(str(key).lower())}
+
+
+def load_trainer_settings() -> TrainerSettings:
+    """The trainer's settings, with the one-line report of `load_settings` when one is bad."""
+    settings = load_settings(TrainerSettings)
+    assert isinstance(settings, TrainerSettings)
+    return settings
+
+
 def child_environment(settings: Settings, inherited: Mapping[str, str]) -> dict[str, str]:
     """The training process's environment: this process's settings as variables, so the child sees exactly what
-    the parent was configured with (tests build Settings in code); secrets are left out (the trainer needs no
-    platform token), and so is how runs are queued (LAUNCHER_ONLY: a trainer carries out one run); the thread
+    the parent was configured with (tests build Settings in code); what `trainer_reads` rejects is left out
+    (secrets, the platforms' settings, how runs are queued: a trainer carries out one run); the thread
     settings bound every math library, not only torch, and library progress bars stay out of the child's log."""
     fields = type(settings).model_fields
     env = {key: value for key, value in inherited.items() if key.lower() not in fields}
     for name in fields:
         value = getattr(settings, name)
-        if value is not None and not isinstance(value, SecretStr) and name not in LAUNCHER_ONLY:
+        if value is not None and trainer_reads(name):
             env[name.upper()] = _env_value(value)
     threads = str(settings.train_threads)
     env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false")

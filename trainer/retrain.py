@@ -2,8 +2,9 @@
 
 The serving process (or `magpie retrain`) creates a `training_runs` row and starts this program; everything else
 happens here, so the bot's event loop never runs torch code and a crash or a kill here cannot take the chat down.
-Settings come from the environment like in every Magpie process (`trainer.process.child_environment` hands
-the parent's settings down). The run's row is read and written through `trainer.runs`, which owns it.
+Settings come from the environment alone (`trainer.process.child_environment` hands the parent's settings down,
+secrets left out), never from a `.env` file (`trainer.process.TrainerSettings`). The run's row is read and
+written through `trainer.runs`, which owns it.
 
 Stages, top to bottom:
 1. claim the run row (it must be `running`) and record this process's pid and start token;
@@ -51,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 from core.db import Database
 from core.errors import MagpieError, ModelLoadError
-from core.logging_setup import correlated
+from core.logging_setup import correlated, secret_values
 from core.metrics import perplexity
 from core.models import RunStatus, VersionStatus
 from core.outcomes import DATA_WITHDRAWN, RunEndReason
@@ -67,7 +68,7 @@ from core.versions import (
 from trainer import runs
 from trainer.dataset import build_dataset
 from trainer.model_dirs import partial_dirs, version_name
-from trainer.process import die_with_parent
+from trainer.process import die_with_parent, load_trainer_settings
 from trainer.runs import RunNotClaimableError
 from trainer.samples import DatasetReport, Sample
 from trainer.version_retention import prune_after_promotion
@@ -448,19 +449,17 @@ def _print_event(event: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None, *, before_record: BeforeRecord | None = None) -> int:
     """`python -m trainer.retrain --run-id N`: settings from the environment, progress as JSON lines on stdout."""
-    from core.settings import load_settings
-
     parser = argparse.ArgumentParser(prog="python -m trainer.retrain", description="Run one Magpie training run.")
     parser.add_argument("--run-id", type=int, required=True, help="the training_runs row to carry out")
     options = parser.parse_args(argv)
     try:
-        settings = load_settings()
+        settings = load_trainer_settings()
     except MagpieError as exc:
         print(f"magpie trainer: {exc}", file=sys.stderr)
         return 2
     from trainer.training_logs import configure_process_logging
 
-    configure_process_logging(settings.log_level, settings.log_format)
+    configure_process_logging(settings.log_level, settings.log_format, secret_values(settings))
     if (refusal := _several_processes(settings)) is not None:
         is_main, why = refusal
         log.error("training run #%d: %s", options.run_id, why)

@@ -8,13 +8,13 @@ import ast
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import transformers
 from transformers import PreTrainedModel, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from core.logging_setup import CorrelationFilter, log_formatter
+from core.logging_setup import CorrelationFilter, RedactSecrets, log_formatter
 
 log = logging.getLogger("trainer.train")
 
@@ -101,11 +101,13 @@ class LogToLogger(TrainerCallback):
             log.info("step %d/%d: %s", state.global_step, state.max_steps, json.dumps(logs))
 
 
-def configure_process_logging(level: str, log_format: str = "text") -> None:
-    """Logging for a training process (its stderr ends up in the bot's log): lines in the bot's LOG_FORMAT, and none
-    of the progress bars transformers draws for every save and load ("Writing model shards", "Loading weights")."""
+def configure_process_logging(level: str, log_format: str = "text", secrets: Sequence[str] = ()) -> None:
+    """Logging for a training process (its stderr ends up in the bot's log): lines in the bot's LOG_FORMAT, with
+    `secrets` (the database's password) redacted, and none of the progress bars transformers draws for every save
+    and load ("Writing model shards", "Loading weights")."""
     handler = logging.StreamHandler()
     handler.setFormatter(log_formatter(log_format))
+    handler.addFilter(RedactSecrets(secrets))
     handler.addFilter(CorrelationFilter())
     logging.basicConfig(level=level, handlers=[handler])
     transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
