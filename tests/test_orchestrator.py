@@ -369,7 +369,7 @@ async def test_a_run_that_fails_before_training_starts_no_cooldown(db: Database,
     orchestrator = TrainingOrchestrator(settings=settings, db=db)  # the real clock: the child writes real times
     first = await orchestrator.run_in_foreground(triggered_by="test", on_progress=lambda _fraction: None)
     assert isinstance(first, RunOutcome) and first.status is RunStatus.FAILED
-    assert (first.reason or "").startswith("not enough conversation")
+    assert first.reason is RunEndReason.NOT_ENOUGH_DATA
 
     second = await orchestrator.run_in_foreground(triggered_by="test", on_progress=lambda _fraction: None)
     assert isinstance(second, RunOutcome) and second.run_id == first.run_id + 1, "no cooldown after the first"
