@@ -37,7 +37,16 @@ from core.engine._loading import hub_reachable, load_pretrained
 from core.engine._precision import cpu_has_native_bf16
 from core.engine._prompts import build_prompt_ids
 from core.engine._sampling import EMPTY_REPLY
-from core.engine._types import EngineConfig, EngineStats, Generation, GenerationParams, ModelRef, Precision
+from core.engine._types import (
+    EngineConfig,
+    EngineStats,
+    Generation,
+    GenerationParams,
+    ModelRef,
+    Precision,
+    VoiceRef,
+)
+from core.errors import UnknownVoiceError, VoiceLoadError
 
 __all__ = [
     "EMPTY_REPLY",
@@ -48,6 +57,9 @@ __all__ = [
     "GenerationParams",
     "ModelRef",
     "Precision",
+    "UnknownVoiceError",
+    "VoiceLoadError",
+    "VoiceRef",
     "build_prompt_ids",
     "cpu_has_native_bf16",
     "hub_reachable",
