@@ -30,8 +30,8 @@ different tokenizers, on the same split. The token-length bound is applied when 
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
