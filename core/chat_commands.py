@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 from core.commands import ParsedCommand
 from core.db import Database
@@ -16,6 +17,7 @@ from core.engine import Engine
 from core.i18n import _
 from core.messages import ADMIN_COMMANDS, Attachment, ChatKind, Private, Reply
 from core.models import User
+from core.outcomes import Withdrawal
 from core.reply_log import Logged, ReplyLog
 from core.retraining import Retrainer
 from core.serving import ModelServing
@@ -40,6 +42,7 @@ from core.texts import (
     switch,
     unknown_command,
     version_list,
+    withdrawn_text,
 )
 from core.versions import training_in_progress, version_files_problem, versions_trained_on_user
 
@@ -98,6 +101,11 @@ class ChatCommands:
             "rollback": self._cmd_rollback,
         }
 
+    def _voice(self, logged: Logged) -> str | None:
+        """The voice a command in this chat is about: its community's with VOICE_SCOPE=community (None in a private
+        chat: every community for /retrain, the shared voice otherwise), else the shared voice."""
+        return logged.community if self._settings.community_voices else None
+
     def _is_admin(self, logged: Logged) -> bool:
         return self._settings.is_admin(logged.message.platform, logged.message.author_id)
 
@@ -120,9 +128,28 @@ class ChatCommands:
             trained_on = await versions_trained_on_user(session, user_id=logged.user_row_id)
             training = await training_in_progress(session)
         log.info("Forgot %d messages of user row %d", count, logged.user_row_id)
+        withdrawal = await self._withdraw(logged)
         names = [version.name for version in trained_on]
-        text = forgotten(count, trained_on=names, training_now=training)
+        text = forgotten(count, trained_on=names, training_now=training, withdrawal=withdrawal)
         return await self._replies.log_reply(logged, text, model_version_id=None, system=True, answers_logged=False)
+
+    async def _withdraw(self, logged: Logged) -> Withdrawal | None:
+        """The models' side of /forget and /optout (in both scopes): the versions that learned from this person
+        stop serving and are deleted, and each voice that lost its active version is retrained without them.
+        None where this process has no serving side (its replies then say only what happened to the data)."""
+        if self._serving is None:
+            return None
+        withdrawal = await self._serving.withdraw(user_id=logged.user_row_id)
+        voices = [replaced.community for replaced in withdrawal.replaced]
+        if self._settings.community_voices:
+            voices = [community for community in voices if community is not None]  # the base is never trained
+        if not voices or self._retrainer is None:
+            return withdrawal
+        message = logged.message
+        await self._retrainer.retrain_voices(
+            voices, triggered_by=f"withdrawal by {message.platform}:{message.author_id}"
+        )
+        return replace(withdrawal, retrain_queued=True)
 
     async def _cmd_export(self, logged: Logged, _command: ParsedCommand) -> Reply:
         async with self._db.sessions() as session:
@@ -146,7 +173,9 @@ class ChatCommands:
 
     async def _cmd_optout(self, logged: Logged, _command: ParsedCommand) -> Reply:
         await self._set_opt_out(logged, True)
-        return await self._replies.system_reply(logged, _(OPTED_OUT))
+        withdrawal = await self._withdraw(logged)
+        said = withdrawn_text(withdrawal) if withdrawal is not None else ""
+        return await self._replies.system_reply(logged, _(OPTED_OUT) + said)
 
     async def _cmd_optin(self, logged: Logged, _command: ParsedCommand) -> Reply:
         await self._set_opt_out(logged, False)
@@ -160,6 +189,7 @@ class ChatCommands:
             triggered_by=f"{message.platform}:{message.author_id}",
             notify_platform=message.platform,
             notify_chat_id=message.chat_id,
+            community=self._voice(logged),
         )
         return await self._replies.system_reply(logged, run_request(result))
 
@@ -183,6 +213,8 @@ class ChatCommands:
             return await self._replies.system_reply(logged, _(ROLLBACK_UNAVAILABLE))
         message = logged.message
         result = await self._serving.rollback(
-            version=command.args or None, triggered_by=f"{message.platform}:{message.author_id}"
+            version=command.args or None,
+            triggered_by=f"{message.platform}:{message.author_id}",
+            community=self._voice(logged),
         )
         return await self._replies.system_reply(logged, switch(result))

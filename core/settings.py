@@ -113,7 +113,7 @@ class Settings(BaseSettings):
     voice_scope: Literal["shared", "community"] = "shared"
     train_method: Literal["full", "lora"] = "full"
     lora_rank: int = Field(8, ge=1, le=256)
-    lora_alpha: float = Field(16.0, gt=0.0)
+    lora_alpha: int = Field(16, ge=1)
     lora_learning_rate: float = Field(1e-3, gt=0.0)
     lora_targets: Annotated[tuple[str, ...], NoDecode] = ("c_attn", "c_proj")
 

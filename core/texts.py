@@ -40,6 +40,8 @@ from core.outcomes import (
     TrainingAgain,
     VersionList,
     VersionSummary,
+    VoicesQueued,
+    Withdrawal,
 )
 from core.storage import Stats
 
@@ -193,8 +195,11 @@ def export_ready(count: int) -> str:
     ).format(count=count)
 
 
-def forgotten(count: int, *, trained_on: Sequence[str], training_now: bool) -> str:
-    """`/forget`'s answer: how many messages went, which versions had learned from them, a run in progress."""
+def forgotten(
+    count: int, *, trained_on: Sequence[str], training_now: bool, withdrawal: Withdrawal | None = None
+) -> str:
+    """`/forget`'s answer: how many messages went, which versions had learned from them and what became of those
+    (`withdrawal`), a run in progress."""
     text = ngettext(
         "Done: I deleted {count} message you sent me, in every chat (this /forget included).",
         "Done: I deleted {count} messages you sent me, in every chat (this /forget included).",
@@ -204,9 +209,40 @@ def forgotten(count: int, *, trained_on: Sequence[str], training_now: bool) -> s
         text += _(
             " Your messages were part of the training data of versions {versions}; they will not be in future versions."
         ).format(versions=", ".join(trained_on))
+    if withdrawal is not None:
+        text += withdrawn_text(withdrawal)
     if training_now:
         text += _(" A training run is in progress: the version it trains will not be used with your messages in it.")
     return text
+
+
+def withdrawn_text(withdrawal: Withdrawal) -> str:
+    """What a /forget or /optout did to the models that had learned from the person (in both scopes)."""
+    if not withdrawal.marked:
+        return ""
+    text = _(
+        " Versions {versions} will never answer anyone again, and their files are deleted; /rollback cannot bring "
+        "them back."
+    ).format(versions=", ".join(withdrawal.marked))
+    for replaced in withdrawal.replaced:
+        if replaced.now_serving is None:
+            text += _(" {voice} now answers with the untrained base model, from this message on.").format(
+                voice=voice_label(replaced.community)
+            )
+        else:
+            text += _(" {voice} now answers with {version}, which never saw your messages.").format(
+                voice=voice_label(replaced.community), version=replaced.now_serving
+            )
+    if withdrawal.retrain_queued:
+        text += _(" A new version is being trained without your messages.")
+    return text
+
+
+def voice_label(community: str | None) -> str:
+    """A voice as people read it: a community's id, or the shared voice."""
+    if community is None:
+        return _("The shared voice")
+    return _("The voice of {community}").format(community=community)
 
 
 # --- training runs --------------------------------------------------------------------------------------------
@@ -234,6 +270,18 @@ def run_request(result: RunRequest) -> str:
             ).format(cooldown=cooldown, left=left)
         case CouldNotStart():
             return _("Sorry, I could not start the training process; the bot's log says why.")
+        case VoicesQueued(communities=()):
+            return _("No community has enough new messages to train its voice (RETRAIN_MIN_NEW_MESSAGES).")
+        case VoicesQueued(communities=names, reports_here=here):
+            where = _(" I'll report progress here, and sum up at the end.") if here else ""
+            return (
+                ngettext(
+                    "Training the voice of {count} community: {names}.",
+                    "Training the voices of {count} communities, one after another: {names}.",
+                    len(names),
+                ).format(count=len(names), names=", ".join(names))
+                + where
+            )
 
 
 def run_progress(run_id: int, fraction: float) -> str:
@@ -262,6 +310,22 @@ def run_outcome(outcome: RunOutcome) -> str:
     if outcome.swap is not None:
         notes += _swap_note(outcome.swap)
     return text + notes
+
+
+def voices_progress(community: str, position: int, total: int, fraction: float) -> str:
+    """A retrain of every community, on its way: which community trains now and how far its run is."""
+    return _("{voice} ({position} of {total}): {percent}% done.").format(
+        voice=voice_label(community), position=position, total=total, percent=math.floor(fraction * 100)
+    )
+
+
+def voices_summary(outcomes: Sequence[tuple[str, RunOutcome | RunRequest]]) -> str:
+    """The one closing summary of a retrain of every community: each community's outcome."""
+    lines = [_("Retraining the communities' voices is done:")]
+    for community, outcome in outcomes:
+        said = run_outcome(outcome) if isinstance(outcome, RunOutcome) else run_request(outcome)
+        lines.append(f"- {voice_label(community)}: {said}")
+    return "\n".join(lines)
 
 
 def _scores(outcome: RunOutcome) -> str:
@@ -328,6 +392,11 @@ def _switch_refused(refused: SwitchRefused) -> str:
             return _("{name}'s files are missing from {path}, so I can't switch to it.").format(
                 name=name, path=refused.path
             )
+        case SwitchRefusal.HOLDS_WITHDRAWN:
+            return _(
+                "{name} learned from messages whose authors withdrew them (/forget or /optout), so it can never "
+                "serve again."
+            ).format(name=name)
         case SwitchRefusal.PRUNED:
             return _("{name}'s files were deleted to save disk space (MODELS_KEEP), so I can't switch to it.").format(
                 name=name

@@ -24,6 +24,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from core.models import Message as LoggedMessage
 from core.models import ModelVersion, ModelVersionMessage, RunStatus, TrainingRun, User, VersionStatus
 
+SHARED_VOICE = "shared"
+"""The name of the shared voice where a voice needs a name (the engine's voices, summaries). Communities are named
+`<platform>:<id>` or `console`, so it cannot collide with one."""
+
 RETIRING_STATUSES = frozenset({VersionStatus.RETIRED, VersionStatus.ROLLED_BACK})
 """What an active version may become when another takes its place (rolled back = it served badly)."""
 

@@ -115,7 +115,7 @@ class TrainArguments:
         metadata={"help": "full: every weight (a whole model per version); lora: a LoRA adapter on the frozen model."},
     )
     lora_rank: int = field(default=8, metadata={"help": "The adapter's rank (LORA_RANK)."})
-    lora_alpha: float = field(default=16.0, metadata={"help": "The adapter's scaling numerator (LORA_ALPHA)."})
+    lora_alpha: int = field(default=16, metadata={"help": "The adapter's scaling numerator (LORA_ALPHA)."})
     lora_targets: tuple[str, ...] = field(
         default=("c_attn", "c_proj"), metadata={"help": "The modules the adapter changes (LORA_TARGETS)."}
     )
@@ -230,7 +230,7 @@ def load_for_training(source: str) -> tuple[PreTrainedModel, PreTrainedTokenizer
             from peft import PeftModel
 
             with peft_notes_hidden():
-                model = PeftModel.from_pretrained(model, source)
+                model = PeftModel.from_pretrained(model, source)  # type: ignore[assignment]
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f'Model "{source}" could not be loaded for training ({type(exc).__name__}); '
