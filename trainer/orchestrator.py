@@ -193,6 +193,18 @@ class TrainingOrchestrator:
             self._queue.close()
             self._queue = None
 
+    async def idle(self) -> None:
+        """Returns once no run is followed and no queued voice waits for one (`magpie retrain` of every
+        community, and tests, await the queue this way)."""
+        while True:
+            if self._draining is not None and not self._draining.done():
+                await asyncio.gather(asyncio.shield(self._draining), return_exceptions=True)
+                continue
+            current = self._current
+            if current is None or current.task is None:
+                return
+            await asyncio.gather(asyncio.shield(current.task), return_exceptions=True)
+
     async def wait_for_run(self, *, notify: tuple[str, str]) -> RunOutcome | None:
         """The running run's outcome (after its rerun, if it has one), if that run reports to `notify` (platform,
         chat id); else None at once."""
