@@ -86,7 +86,7 @@ async def test_everyone_who_taught_a_phrase_forgets_it_and_the_model_no_longer_s
     assert "v1 will never answer anyone again" in replies[0] and "untrained base model" in replies[0]
     assert "A new version is being trained without your messages" in replies[0]
     assert PHRASE_A not in await ask(bot, QUESTION, user="901", chat=GROUP)
-    assert not Path(first.path).exists(), "its files are deleted once nothing serves it"
+    assert not (bot.settings.models_dir / first.name).exists(), "its files are deleted once nothing serves it"
 
     await runs_done(bot.orchestrator)  # the one further run, queued by the erasure
     async with bot.db.sessions() as session:
