@@ -13,11 +13,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import discord
 import pytest
 
 from bot.backend import BackendNotifier
+from bot.discord_bot import DiscordBackend
 from bot.telegram import TelegramBackend
 from core.db import Database
+from tests.fake_discord import FakeDiscord, Json
 from tests.fake_telegram import ChatRef, FakeTelegram, Person
 from tests.voice_support import (
     PHRASE_A,
@@ -109,4 +112,88 @@ def _telegram_settings(telegram: FakeTelegram) -> dict[str, Any]:
         "telegram_bot_token": telegram.token,
         "telegram_base_url": telegram.base_url,
         "telegram_base_file_url": telegram.base_file_url,
+    }
+
+
+# --- Discord ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def _discord_endpoints() -> Any:
+    """`use_endpoints` changes process-global class attributes of discord.py; put them back afterwards."""
+    base, gateway = discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
+    yield
+    discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = base, gateway
+
+
+@pytest.fixture
+async def discord_fake(_discord_endpoints: Any) -> AsyncIterator[FakeDiscord]:
+    async with FakeDiscord(guild_count=2) as server:
+        yield server
+
+
+async def _teach_guild(fake: FakeDiscord, channel: int, answer: str) -> int:
+    """One long conversation in a guild's channel teaching `answer` (new people every time); the messages sent."""
+    people: dict[str, Json] = {}
+    lines = lesson(QUESTION, answer, askers=range(3), answerers=range(10, 20))
+    for user, text in lines:
+        author = people.setdefault(user, fake.add_user(f"{answer[:5]}-{user}"))
+        await fake.send_message(author, text, channel_id=channel)
+    return len(lines)
+
+
+async def _retrain_in_guild(fake: FakeDiscord, channel: int, admin: Json) -> str:
+    before = len(fake.posts_in(channel))
+    await fake.send_message(admin, "/retrain", channel_id=channel)
+    await fake.wait_until(lambda: any("finished" in p.get("content", "") for p in fake.posts_in(channel)[before:]), 240)
+    return next(str(p["content"]) for p in fake.posts_in(channel)[before:] if "finished" in p.get("content", ""))
+
+
+async def _ask_discord(fake: FakeDiscord, person: Json, text: str, *, channel: int | None) -> str:
+    where = channel if channel is not None else fake.dm_channel(person)
+    before = len(fake.posts_in(where))
+    await fake.send_message(person, text, channel_id=channel)
+    [*_, answer] = await fake.wait_for_posts(where, before + 1)
+    return str(answer["content"])
+
+
+async def test_two_discord_guilds_each_hear_their_own_voice(
+    discord_fake: FakeDiscord, db: Database, database_url: str, platform_voice_model_dir: Path, tmp_path: Path
+) -> None:
+    fake = discord_fake
+    admin, visitor = fake.add_user("admin"), fake.add_user("visitor")
+    first, second = (int(guild["channel_id"]) for guild in fake.guilds.values())
+    settings = voice_settings(
+        tmp_path, database_url, platform_voice_model_dir, **_discord_settings(fake), admin_ids=f"discord:{admin['id']}"
+    )
+    notifier = BackendNotifier()
+    bot = await start_voice_bot(settings, db, notifier=notifier)
+    backend = DiscordBackend(settings=settings, handler=bot.service, ready_timeout=15, guild_ready_timeout=0.05)
+    try:
+        await backend.start()
+        notifier.attach([backend])
+        sent = await _teach_guild(fake, first, PHRASE_A) + await _teach_guild(fake, second, PHRASE_B)
+        await wait_logged(db, sent)
+
+        assert "v1 is now the active model" in await _retrain_in_guild(fake, first, admin)
+        assert "v2 is now the active model" in await _retrain_in_guild(fake, second, admin)
+
+        question = f"<@{fake.bot_user['id']}> {QUESTION}"
+        heard_first = await _ask_discord(fake, visitor, question, channel=first)
+        heard_second = await _ask_discord(fake, visitor, question, channel=second)
+        heard_private = await _ask_discord(fake, visitor, QUESTION, channel=None)
+    finally:
+        await backend.stop()
+        await bot.stop()
+    assert PHRASE_A in heard_first and PHRASE_B not in heard_first
+    assert PHRASE_B in heard_second and PHRASE_A not in heard_second
+    assert PHRASE_A not in heard_private and PHRASE_B not in heard_private
+
+
+def _discord_settings(fake: FakeDiscord) -> dict[str, Any]:
+    return {
+        "discord_bot_token": fake.token,
+        "discord_api_base_url": fake.api_base_url,
+        "discord_gateway_url": fake.gateway_url,
+        "discord_guild_ids": ",".join(str(guild) for guild in fake.guilds),
     }
