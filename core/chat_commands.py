@@ -194,19 +194,26 @@ class ChatCommands:
         return await self._replies.system_reply(logged, run_request(result))
 
     async def _cmd_status(self, logged: Logged, _command: ParsedCommand) -> Reply:
+        community = self._voice(logged)
         async with self._db.sessions() as session:
-            stats = await collect_stats(session)
+            stats = await collect_stats(session, community=community)
         ref = self._engine.model_ref
         model_name = ref.name if ref is not None else "none loaded"
+        if self._serving is not None:
+            model_name = self._serving.serving_name(community)
         active = stats.active_version
         problem = version_files_problem(active.path) if active is not None and active.name != model_name else None
-        text = status_text(stats, model_name=model_name, queue_depth=self._engine.queue_depth, active_problem=problem)
+        text = status_text(
+            stats, model_name=model_name, queue_depth=self._engine.queue_depth, active_problem=problem,
+            community=community,
+        )  # fmt: skip
         return await self._replies.system_reply(logged, text)
 
     async def _cmd_models(self, logged: Logged, _command: ParsedCommand) -> Reply:
         if self._serving is None:
             return await self._replies.system_reply(logged, _(MODELS_UNAVAILABLE))
-        return await self._replies.system_reply(logged, version_list(await self._serving.list_versions()))
+        listing = await self._serving.list_versions(community=self._voice(logged))
+        return await self._replies.system_reply(logged, version_list(listing))
 
     async def _cmd_rollback(self, logged: Logged, command: ParsedCommand) -> Reply:
         if self._serving is None:

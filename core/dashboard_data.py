@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from core.db import Database
 from core.metrics import perplexity
 from core.models import Chat, Message, ModelVersion, RunStatus, TrainingRun, VersionStatus
+from core.storage import communities
 from core.versions import get_active_version, list_versions
 
 RECENT_RUNS = 20
@@ -75,6 +76,20 @@ class RunningRun:
 
 
 @dataclass(frozen=True)
+class CommunityRow:
+    """A community's voice (VOICE_SCOPE=community): what serves it, its last run, and whether any of its versions
+    learned from withdrawn messages (such a version never serves again)."""
+
+    community: str
+    active: str | None
+    """The active version's name; None: the base model answers."""
+    last_run_id: int | None
+    last_run_status: RunStatus | None
+    last_run_at: datetime | None
+    holds_withdrawn: bool
+
+
+@dataclass(frozen=True)
 class Overview:
     """Everything the page shows; `messages_per_day` maps a chat's label to its message count per UTC day."""
 
@@ -86,6 +101,8 @@ class Overview:
     running: RunningRun | None
     days: tuple[date, ...]
     messages_per_day: Mapping[str, Mapping[date, int]] = field(default_factory=dict)
+    communities: tuple[CommunityRow, ...] = ()
+    """Every community with a logged chat, in order of first appearance."""
 
 
 async def load_overview(db: Database, *, now: datetime, days: int) -> Overview:
@@ -96,6 +113,7 @@ async def load_overview(db: Database, *, now: datetime, days: int) -> Overview:
         active = await get_active_version(session)
         runs = await _recent_runs(session)
         per_day = await messages_per_day(session, since=first_day)
+        voices = await community_rows(session)
     return Overview(
         active=_version_row(active) if active is not None else None,
         versions=versions,
@@ -104,7 +122,34 @@ async def load_overview(db: Database, *, now: datetime, days: int) -> Overview:
         running=_running(runs),
         days=tuple(first_day + timedelta(days=offset) for offset in range(days)),
         messages_per_day=per_day,
+        communities=voices,
     )
+
+
+async def community_rows(session: AsyncSession) -> tuple[CommunityRow, ...]:
+    """Each community's voice: its active version, its last run, whether a version of it holds withdrawn data."""
+    rows = []
+    for community in await communities(session):
+        active = await get_active_version(session, community=community)
+        run = await session.scalar(
+            select(TrainingRun).where(TrainingRun.community == community).order_by(TrainingRun.id.desc()).limit(1)
+        )
+        withdrawn = await session.scalar(
+            select(func.count())
+            .select_from(ModelVersion)
+            .where(ModelVersion.community == community, ModelVersion.holds_withdrawn_at.is_not(None))
+        )
+        rows.append(
+            CommunityRow(
+                community,
+                active.name if active is not None else None,
+                run.id if run else None,
+                run.status if run else None,
+                run.started_at if run else None,
+                bool(withdrawn),
+            )
+        )
+    return tuple(rows)
 
 
 def _version_row(version: ModelVersion) -> VersionRow:

@@ -177,6 +177,10 @@ class VersionSummary:
     """What its directory takes on disk (None: no directory, e.g. its files were pruned)."""
     pruned: bool = False
     """MODELS_KEEP deleted its files."""
+    community: str | None = None
+    """The voice it is (None: the shared voice)."""
+    holds_withdrawn: bool = False
+    """Someone it learned from sent /forget or /optout: it never serves again (and its files are deleted)."""
 
 
 @dataclass(frozen=True)

@@ -310,6 +310,15 @@ class ModelServing:
             return community if community is not None and community in self._voices else None
         return SHARED_VOICE if SHARED_VOICE in self._voices else None
 
+    def serving_name(self, community: str | None) -> str:
+        """The name of the model that answers a chat of `community` now: its voice's version, else the engine's
+        model (what `/status` in that chat reports)."""
+        voice = self.voice_for(community)
+        if voice is not None:
+            return self._voices[voice].name
+        ref = self._engine.model_ref if self._engine is not None else None
+        return ref.name if ref is not None else "none loaded"
+
     def version_of_voice(self, source: str) -> int | None:
         """The version id of the adapter loaded from `source` (what a reply spoken with it is logged with)."""
         return self._voice_sources.get(source)
@@ -425,11 +434,12 @@ class ModelServing:
                 if row is not None and row.status is not VersionStatus.ACTIVE:
                     row.pruned_at = now
 
-    async def list_versions(self) -> VersionList:
-        """The newest LIST_LIMIT versions, newest first, with what each (and all of MODELS_DIR) takes on disk, and
-        how many older ones there are. Sizes are summed in a thread: walking directories is file I/O."""
+    async def list_versions(self, *, community: str | None = None) -> VersionList:
+        """The newest LIST_LIMIT versions (with `community`, of that community's voice), newest first, with what
+        each (and all of MODELS_DIR) takes on disk, and how many older ones there are. Sizes are summed in a
+        thread: walking directories is file I/O."""
         async with self._db.sessions() as session:
-            versions = await list_versions(session)
+            versions = await list_versions(session, community=community)
         shown = versions[:LIST_LIMIT]
         sizes, total = await asyncio.to_thread(_disk_sizes, shown, self._settings.models_dir)
         summaries = tuple(_summary(version, size) for version, size in zip(shown, sizes, strict=True))
@@ -487,4 +497,7 @@ def _summary(version: ModelVersion, disk_bytes: int | None) -> VersionSummary:
     loss = (version.metrics or {}).get("eval_loss")
     eval_loss = float(loss) if isinstance(loss, int | float) and math.isfinite(loss) else None
     pruned = version.pruned_at is not None
-    return VersionSummary(version.name, version.status, eval_loss, version.created_at, version.note, disk_bytes, pruned)
+    return VersionSummary(
+        version.name, version.status, eval_loss, version.created_at, version.note, disk_bytes, pruned,
+        community=version.community, holds_withdrawn=version.holds_withdrawn_at is not None,
+    )  # fmt: skip

@@ -145,12 +145,16 @@ def start_text(bot_name: str, *, is_admin: bool, private_chats_learned: bool) ->
     ).format(help=commands)
 
 
-def status_text(stats: Stats, *, model_name: str, queue_depth: int, active_problem: str | None) -> str:
+def status_text(
+    stats: Stats, *, model_name: str, queue_depth: int, active_problem: str | None, community: str | None = None
+) -> str:
     """What an admin sees for `/status`. `active_problem` is why the active version's files cannot serve (None
-    when they can), asked for only when another model serves."""
+    when they can), asked for only when another model serves. With `community` (a group with VOICE_SCOPE=community)
+    the numbers, the model and the last run are that community's voice's."""
     version = stats.active_version
     metrics = version.metrics if version is not None and version.name == model_name else {}
-    lines = [_("Model: {name}").format(name=model_name) + _not_serving(stats, model_name, active_problem)]
+    lines = [voice_label(community)] if community is not None else []
+    lines += [_("Model: {name}").format(name=model_name) + _not_serving(stats, model_name, active_problem)]
     if "eval_loss" in metrics:
         loss = metrics["eval_loss"]
         lines.append(_("  eval loss {loss:.3f}, perplexity {perplexity}").format(loss=loss, perplexity=_ppl(loss)))
@@ -425,7 +429,12 @@ def version_list(listing: VersionList) -> str:
             base_model=listing.base_model
         )
     lines = [_("Model versions, newest first (* = active):")]
-    lines += [_version_line(version) for version in listing.versions]
+    voices = list(dict.fromkeys(version.community for version in listing.versions))
+    if voices == [None]:
+        lines += [_version_line(version) for version in listing.versions]
+    for voice in [] if voices == [None] else voices:  # grouped by voice once any community has one
+        lines.append(voice_label(voice) + ":")
+        lines += [_version_line(version) for version in listing.versions if version.community == voice]
     if listing.older:
         lines.append(_("  … and {count} older").format(count=listing.older))
     if listing.disk is not None:
@@ -469,6 +478,8 @@ def _version_line(version: VersionSummary) -> str:
         line += f", {disk_size_text(version.disk_bytes)}"
     if version.status is VersionStatus.REJECTED and version.note:
         line += f" ({version.note})"
+    if version.holds_withdrawn:
+        line += _(" (learned from withdrawn messages: never serves again)")
     return line
 
 
@@ -563,6 +574,12 @@ DASHBOARD_STALE_FORM = N_(
 )
 DASHBOARD_ACTIVE = N_("Active model")
 DASHBOARD_VERSIONS = N_("Model versions")
+DASHBOARD_COMMUNITIES = N_("Communities")
+DASHBOARD_COMMUNITY_COLUMNS = (
+    N_("community"), N_("active version"), N_("last run"), N_("learned from withdrawn messages"),
+)  # fmt: skip
+DASHBOARD_BASE_MODEL = N_("the base model")
+DASHBOARD_WITHDRAWN_YES = N_("yes: that version never serves again")
 DASHBOARD_EVAL_LOSS_PLOT = N_("Held-out loss per version")
 DASHBOARD_LOSS_CURVE_PLOT = N_("Training loss of the last run")
 DASHBOARD_MESSAGES_PLOT = N_("Messages per day per chat")

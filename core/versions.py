@@ -68,9 +68,12 @@ async def register_version(
     return version
 
 
-async def list_versions(session: AsyncSession) -> Sequence[ModelVersion]:
-    """All versions, newest first."""
-    result = await session.scalars(select(ModelVersion).order_by(ModelVersion.id.desc()))
+async def list_versions(session: AsyncSession, *, community: str | None = None) -> Sequence[ModelVersion]:
+    """All versions (with `community`, that community's voice's), newest first."""
+    query = select(ModelVersion).order_by(ModelVersion.id.desc())
+    if community is not None:
+        query = query.where(ModelVersion.community == community)
+    result = await session.scalars(query)
     return result.all()
 
 
