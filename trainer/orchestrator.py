@@ -244,9 +244,7 @@ class TrainingOrchestrator:
         """Starts a run in the background (see `core.retraining.Retrainer`)."""
         notify = (notify_platform, notify_chat_id) if notify_platform and notify_chat_id else None
         if community is None and self._settings.community_voices:
-            async with self._db.sessions() as session:
-                due = await communities_with_new_data(session, min_new_messages=self._settings.retrain_min_new_messages)
-            return await self.retrain_voices([name for name, _ in due], triggered_by=triggered_by, notify=notify)
+            return await self.retrain_voices(await self.communities_due(), triggered_by=triggered_by, notify=notify)
         started = await self._begin(triggered_by, notify=notify, on_progress=None, community=community)
         if isinstance(started, _Run):
             return RunStarted(started.run_id, reports_here=notify is not None)
@@ -319,7 +317,13 @@ class TrainingOrchestrator:
         return report
 
     async def run_in_foreground(
-        self, *, triggered_by: str, on_progress: ProgressCallback, force: bool = False, stop_running: bool = False
+        self,
+        *,
+        triggered_by: str,
+        on_progress: ProgressCallback,
+        force: bool = False,
+        stop_running: bool = False,
+        community: str | None = None,
     ) -> RunOutcome | RunRefused:
         """`magpie retrain`: the same checks and child as `request`, awaited.
 
@@ -331,11 +335,19 @@ class TrainingOrchestrator:
         clear = force or stop_running
         policy = StartPolicy(clear_starting=clear, stop_running_by=triggered_by if stop_running else None)
         started = await self._begin(
-            triggered_by, notify=None, on_progress=on_progress, policy=policy, ignore_cooldown=clear
-        )
+            triggered_by, notify=None, on_progress=on_progress, policy=policy, ignore_cooldown=clear,
+            community=community,
+        )  # fmt: skip
         if not isinstance(started, _Run):
             return started
         return await self._final_outcome(started, stop_reason="interrupted from the shell")
+
+    async def communities_due(self) -> list[str]:
+        """VOICE_SCOPE=community: the communities with enough new data to train (what a retrain of every community
+        trains, in this order)."""
+        async with self._db.sessions() as session:
+            due = await communities_with_new_data(session, min_new_messages=self._settings.retrain_min_new_messages)
+        return [community for community, _ in due]
 
     async def _begin(
         self,
