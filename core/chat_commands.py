@@ -10,6 +10,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from datetime import UTC, datetime
 
 from core.commands import ParsedCommand
 from core.db import Database
@@ -44,7 +45,12 @@ from core.texts import (
     version_list,
     withdrawn_text,
 )
-from core.versions import training_in_progress, version_files_problem, versions_trained_on_user
+from core.versions import (
+    mark_holding_withdrawn,
+    training_in_progress,
+    version_files_problem,
+    versions_trained_on_user,
+)
 
 log = logging.getLogger("core.service")
 
@@ -138,6 +144,8 @@ class ChatCommands:
         stop serving and are deleted, and each voice that lost its active version is retrained without them.
         None where this process has no serving side (its replies then say only what happened to the data)."""
         if self._serving is None:
+            async with self._db.sessions.begin() as session:  # still never trained on, nor rolled back to
+                await mark_holding_withdrawn(session, user_id=logged.user_row_id, now=datetime.now(UTC))
             return None
         withdrawal = await self._serving.withdraw(user_id=logged.user_row_id)
         voices = [replaced.community for replaced in withdrawal.replaced]

@@ -3,25 +3,30 @@ that is one long conversation, one active version per voice, what erasure marks,
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 import torch
 from sqlalchemy import update
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from core.db import Database
+from core.engine import Engine
 from core.models import Chat, ModelVersion, VersionStatus
-from core.outcomes import SwitchRefusal, SwitchRefused
+from core.outcomes import SwitchRefusal, SwitchRefused, VersionList, VersionSummary
 from core.serving import ModelServing
 from core.settings import Settings
 from core.storage import communities, communities_with_new_data, migrate_chat, upsert_chat
+from core.texts import version_list
 from core.versions import (
     activate_version,
     get_active_version,
     mark_holding_withdrawn,
     register_version,
 )
+from tests.conftest import engine_config, generation_params
 from tests.test_dataset import ChatLog, make_settings
 from trainer.dataset import build_dataset
 from trainer.train import TrainArguments, with_fresh_adapter
@@ -139,3 +144,42 @@ def test_a_default_adapter_for_gpt2_small_is_under_five_megabytes() -> None:
     trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
     assert args.learning_rate == settings.lora_learning_rate and args.lora_rank == 8
     assert trainable * 4 < 5_000_000, f"{trainable} float32 weights"
+
+
+def test_the_version_list_groups_versions_by_voice_and_marks_withdrawn_ones() -> None:
+    at = datetime(2026, 12, 1, tzinfo=UTC)
+    listing = VersionList(
+        (
+            VersionSummary("v3", VersionStatus.ACTIVE, 1.5, at, community="telegram:-1"),
+            VersionSummary("v2", VersionStatus.ACTIVE, 2.0, at, community="discord:9"),
+            VersionSummary("v1", VersionStatus.RETIRED, 2.5, at, community="telegram:-1", holds_withdrawn=True),
+        ),
+        0,
+        "gpt2",
+    )
+    text = version_list(listing)
+    first, second = text.index("The voice of telegram:-1:"), text.index("The voice of discord:9:")
+    assert first < text.index("* v3") < text.index("  v1") < second < text.index("* v2")
+    assert "v1: retired" in text and "learned from withdrawn messages: never serves again" in text
+
+
+async def test_shared_scope_over_several_communities_warns_once_at_start(
+    db: Database, tmp_path: Path, tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with db.sessions.begin() as session:
+        for chat in ("-1", "-2"):
+            await upsert_chat(session, platform="telegram", platform_chat_id=chat, kind="group", community=f"t:{chat}")
+    engine = Engine(engine_config(params=generation_params(max_new_tokens=4), torch_threads=1))
+    settings = Settings(_env_file=None, models_dir=tmp_path, base_model=str(tiny_model_dir))  # type: ignore[call-arg]
+    serving = ModelServing(settings=settings, db=db, engine=engine)
+
+    async def no_starter() -> int:
+        raise AssertionError("the base model is local")
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="core.serving"):
+            await serving.start_engine(offline_starter=no_starter)
+    finally:
+        await engine.close()
+    warned = [r for r in caplog.records if "VOICE_SCOPE=shared over a log of 2 communities" in r.getMessage()]
+    assert len(warned) == 1
