@@ -37,17 +37,23 @@ async def upsert_user(session: AsyncSession, *, platform: str, platform_user_id:
     return user
 
 
-async def upsert_chat(session: AsyncSession, *, platform: str, platform_chat_id: str, kind: str) -> Chat:
-    """The chat row for a platform chat id, created on first sight."""
+async def upsert_chat(
+    session: AsyncSession, *, platform: str, platform_chat_id: str, kind: str, community: str | None = None
+) -> Chat:
+    """The chat row for a platform chat id, created on first sight with its community. A recorded community is
+    kept (a group that moved to a new id keeps its voice); a chat logged before communities were recorded gets
+    its community now."""
     chat = await _find_chat(session, platform, platform_chat_id)
     if chat is None:
         try:
             async with session.begin_nested():
-                chat = Chat(platform=platform, platform_chat_id=platform_chat_id, kind=kind)
+                chat = Chat(platform=platform, platform_chat_id=platform_chat_id, kind=kind, community=community)
                 session.add(chat)
         except IntegrityError:
             chat = await _find_chat(session, platform, platform_chat_id)
             assert chat is not None  # the row that won the race
+    if chat.community is None and community is not None:
+        chat.community = community
     return chat
 
 
@@ -72,6 +78,7 @@ async def migrate_chat(session: AsyncSession, *, platform: str, old_chat_id: str
         old.platform_chat_id = new_chat_id
     else:
         await session.execute(update(Message).where(Message.chat_id == old.id).values(chat_id=new.id))
+        new.community = old.community or new.community  # the group keeps its voice under its new id
         await session.delete(old)
     return True
 
