@@ -30,7 +30,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,8 @@ QUICK_SHAPE = ModelShape(n_layer=2, n_embd=128, n_head=2, n_positions=256, vocab
 
 @dataclass(frozen=True)
 class Variant:
-    """One way of training a voice: `full` (at `learning_rate`, None: TRAIN_LEARNING_RATE), or `lora` at `rank`."""
+    """One way of training a voice: `full`, or `lora` at `rank`; at `learning_rate` (None: TRAIN_LEARNING_RATE for
+    full, LORA_LEARNING_RATE for lora)."""
 
     method: str
     rank: int = 0
@@ -59,9 +60,8 @@ class Variant:
 
     @property
     def name(self) -> str:
-        if self.method == "lora":
-            return f"lora r={self.rank}"
-        return "full" if self.learning_rate is None else f"full lr={self.learning_rate:g}"
+        name = f"lora r={self.rank}" if self.method == "lora" else "full"
+        return name if self.learning_rate is None else f"{name} lr={self.learning_rate:g}"
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of the method comparison (`bench/training.py --method ...`)."""
     parser.add_argument("--ranks", default="4,8,16,32", help="LoRA ranks to try (default 4,8,16,32)")
     parser.add_argument("--full-lrs", default="", help="full fine-tune learning rates (default TRAIN_LEARNING_RATE)")
+    parser.add_argument("--lora-lrs", default="", help="adapter learning rates (default LORA_LEARNING_RATE)")
     parser.add_argument("--epochs", type=float, default=None, help="epochs per voice run (default TRAIN_EPOCHS)")
     parser.add_argument("--base-minutes", type=float, default=5.0, help="the starter base's time budget (5)")
+    parser.add_argument("--base-steps", type=int, default=None, help="train the base this many steps instead")
     parser.add_argument("--communities", default=",".join(COMMUNITIES), help="corpus categories as communities")
     parser.add_argument("--quick", action="store_true", help="smaller starter shape, 2 communities, ranks 8,16")
 
@@ -91,7 +93,9 @@ def run(options: argparse.Namespace) -> int:
     ranks = [8, 16] if options.quick else [int(r) for r in options.ranks.split(",")]
     methods = options.method.split(",")
     full = [Variant("full", learning_rate=float(lr)) for lr in options.full_lrs.split(",") if lr] or [Variant("full")]
-    variants = full * ("full" in methods) + [Variant("lora", r) for r in ranks] * ("lora" in methods)
+    lora_lrs = [float(lr) for lr in options.lora_lrs.split(",") if lr] or [None]
+    lora = [Variant("lora", rank, lr) for rank in ranks for lr in lora_lrs]
+    variants = full * ("full" in methods) + lora * ("lora" in methods)
     dialogues = load_dialogues()
     print(f"{torch.get_num_threads()} torch threads for the base; {options.threads} for each voice run")
     with tempfile.TemporaryDirectory(prefix="magpie-voice-methods-") as name:
@@ -116,9 +120,12 @@ def build_base(dialogues: list[Dialogue], directory: Path, options: argparse.Nam
     train_samples, eval_samples = split_by_conversation(samples, settings.train_eval_fraction)
     shape = QUICK_SHAPE if options.quick else ModelShape()
     minutes = 1.0 if options.quick else options.base_minutes
+    arguments = starter_arguments(settings)
+    if options.base_steps:  # a base that does not depend on how busy the machine is
+        arguments = replace(arguments, max_steps=options.base_steps, select_on_eval=False)
+    budget = None if options.base_steps else TimeBudget(minutes * 60)
     result = train_starter(
-        train_samples, eval_samples, directory, shape=shape, arguments=starter_arguments(settings),
-        budget=TimeBudget(minutes * 60),
+        train_samples, eval_samples, directory, shape=shape, arguments=arguments, budget=budget
     )  # fmt: skip
     print(
         f"base: starter shape {shape.n_layer}x{shape.n_embd}, {len(dialogues)} shared dialogues, "
@@ -155,7 +162,7 @@ def train_community(
             community, variant, metrics["eval_loss"], trained / metrics["timings"]["train_s"], trained / cpu[0], stored
         )
         print(
-            f"  {variant.name:13} loss {result.eval_loss:.3f} {result.tokens_per_s:7.0f} tok/s "
+            f"  {variant.name:18} loss {result.eval_loss:.3f} {result.tokens_per_s:7.0f} tok/s "
             f"{result.tokens_per_cpu_s:7.0f} tok/CPU-s {stored:6.1f} MiB  lr {args.learning_rate:g}, "
             f"{metrics['steps']} steps",
             flush=True,
@@ -204,7 +211,7 @@ def report(results: list[Result], variants: list[Variant]) -> None:
     speed = {c: statistics.mean(r.tokens_per_s for r in fulls if r.community == c) for c in best}
     cpu_speed = {c: statistics.mean(r.tokens_per_cpu_s for r in fulls if r.community == c) for c in best}
     print("\nagainst the best full fine-tune's loss and the full runs' mean speed, mean over communities (worst):")
-    print(f"{'variant':13} {'loss vs full':>16} {'tok/s vs full':>14} {'tok/CPU-s vs full':>18} {'stored MiB':>11}")
+    print(f"{'variant':18} {'loss vs full':>16} {'tok/s vs full':>14} {'tok/CPU-s vs full':>18} {'stored MiB':>11}")
     for variant in variants:
         mine = [r for r in results if r.variant == variant]
         if not best or not mine:
@@ -213,7 +220,7 @@ def report(results: list[Result], variants: list[Variant]) -> None:
         wall = [r.tokens_per_s / speed[r.community] for r in mine]
         cpu = [r.tokens_per_cpu_s / cpu_speed[r.community] for r in mine]
         print(
-            f"{variant.name:13} {statistics.mean(loss):>+8.1%} ({max(loss):+.1%}) {statistics.mean(wall):>13.2f}x "
+            f"{variant.name:18} {statistics.mean(loss):>+8.1%} ({max(loss):+.1%}) {statistics.mean(wall):>13.2f}x "
             f"{statistics.mean(cpu):>17.2f}x {statistics.mean(r.stored_mb for r in mine):>11.1f}"
         )
     print("targets: loss within +5% of full, tokens/s >= 1.5x full")
