@@ -135,7 +135,12 @@ class Engine:
         """A consistent snapshot for metrics; the counters only grow, so a scraper derives rates from them."""
         with self._cond:
             return EngineStats(
-                len(self._pending), self._running, self._tokens_generated, self._generate_seconds, len(self._voices)
+                len(self._pending),
+                self._running,
+                self._tokens_generated,
+                self._generate_seconds,
+                len(self._voices),
+                sum(adapter.nbytes for adapter in self._voices.values()),
             )
 
     @property

@@ -130,3 +130,4 @@ class EngineStats:
     tokens_generated: int
     generate_seconds: float
     voices_loaded: int = 0
+    voice_bytes: int = 0  # what the loaded voices' adapter matrices take

@@ -11,7 +11,7 @@ side (`in x R`, R the sum of their ranks) and their B stacked (`R x out`). One p
 columns that belong to other rows' adapters (a 0/1 mask per row) and multiplies by `B_all`: two small matmuls per
 layer whatever the number of voices in the batch, where a loop over voices would cost a few kernel launches per
 voice per layer. A row without a voice (the base model) has an all-zero mask and gets `y + 0`, exactly the base.
-The joined matrices are rebuilt only when the set of voices in the pass changes (kept for the last few sets,
+The joined matrices are rebuilt only when the set of voices in the pass changes (kept for the last two sets,
 because a prefill of newcomers and the step of the running rows alternate).
 
 `Adapter` is immutable: replacing a voice builds a new one, and rows that started on the old one keep a reference
@@ -41,7 +41,7 @@ from core.errors import VoiceLoadError
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 _PREFIX = "base_model.model."
-_PACKED_KEPT = 4  # joined matrices kept per layer: a prefill's set and the running rows' set, with room to spare
+_PACKED_KEPT = 2  # joined matrices kept per layer: the set of a prefill of newcomers and that of the running rows
 _serials = itertools.count(1)
 _serials_lock = threading.Lock()
 
