@@ -425,7 +425,17 @@ class ModelServing:
         return Withdrawal(tuple(v.name for v in marked), tuple(replaced))
 
     async def _delete_files(self, versions: Sequence[ModelVersion], now: datetime) -> None:
-        """Deletes the directories of versions that hold withdrawn data; their rows stay, marked pruned."""
+        """Deletes the directories of versions that hold withdrawn data; their rows stay, marked pruned. Only
+        directories inside MODELS_DIR: a version registered from elsewhere (a directory of the operator's, or
+        BASE_MODEL's) is never Magpie's to delete; it is logged instead (it can never serve again anyway)."""
+        models_dir = self._settings.models_dir.resolve()
+        inside = [version for version in versions if _inside(version.path, models_dir)]
+        for version in versions:
+            if version not in inside:
+                log.warning(
+                    "%s holds withdrawn data; its files outside MODELS_DIR are left: %s", version.name, version.path
+                )
+        versions = inside
         for version in versions:
             await asyncio.to_thread(shutil.rmtree, version.path, True)
         async with self._db.sessions.begin() as session:
@@ -485,6 +495,12 @@ async def _replace(session: AsyncSession, withdrawn: ModelVersion, now: datetime
         withdrawn.status = VersionStatus.RETIRED
         await session.flush()
     return VoiceReplaced(withdrawn.community, withdrawn.name, clean.name if clean is not None else None)
+
+
+def _inside(path: str, models_dir: Path) -> bool:
+    """Whether a version directory lies inside MODELS_DIR (and is not MODELS_DIR itself)."""
+    resolved = Path(path).resolve()
+    return resolved != models_dir and resolved.is_relative_to(models_dir)
 
 
 def _disk_sizes(versions: Sequence[ModelVersion], models_dir: Path) -> tuple[list[int | None], int]:

@@ -183,3 +183,17 @@ async def test_shared_scope_over_several_communities_warns_once_at_start(
         await engine.close()
     warned = [r for r in caplog.records if "VOICE_SCOPE=shared over a log of 2 communities" in r.getMessage()]
     assert len(warned) == 1
+
+
+async def test_erasure_deletes_only_files_inside_models_dir(db: Database, tmp_path: Path) -> None:
+    models_dir, elsewhere = tmp_path / "models", tmp_path / "operator-model"
+    for directory in (models_dir / "v1", elsewhere):
+        directory.mkdir(parents=True)
+        (directory / "config.json").write_text("{}")
+    async with db.sessions.begin() as session:
+        for name, path in (("v1", models_dir / "v1"), ("mine", elsewhere)):
+            await register_version(session, name=name, path=str(path), manifest=[(1, 7)])
+    settings = Settings(_env_file=None, models_dir=models_dir)  # type: ignore[call-arg]
+    withdrawal = await ModelServing(settings=settings, db=db).withdraw(user_id=7)
+    assert withdrawal.marked == ("v1", "mine") and withdrawal.replaced == ()
+    assert not (models_dir / "v1").exists() and (elsewhere / "config.json").is_file()
