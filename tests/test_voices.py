@@ -105,3 +105,30 @@ async def test_everyone_who_taught_a_phrase_forgets_it_and_the_model_no_longer_s
         still = await get_active_version(session, community=community)
     assert still is not None and still.id == second.id
     assert isinstance(still, ModelVersion)
+
+
+async def test_an_admins_private_retrain_trains_every_community_one_after_another(
+    db: Database, database_url: str, voice_model_dir: Path, tmp_path: Path
+) -> None:
+    settings = voice_settings(tmp_path, database_url, voice_model_dir, train_epochs=5, retrain_min_new_messages=4)
+    bot = await start_voice_bot(settings, db)
+    try:
+        for chat, answer in (("-801", PHRASE_A), ("-802", PHRASE_2)):
+            for user, text in lesson(QUESTION, answer, askers=range(1000, 1002), answerers=range(2000, 2004)):
+                await bot.service.handle(said(text, user=user, chat=chat, addressed=False))
+        await bot.service.handle(said("only one line", user="5", chat="-803", addressed=False))  # not enough new
+
+        started = await ask(bot, "/retrain", user=ADMIN)
+        assert "Training the voices of 2 communities, one after another: telegram:-801, telegram:-802" in started
+        await runs_done(bot.orchestrator)
+    finally:
+        await bot.stop()
+    [summary] = [text for text in bot.notifier.texts() if text.startswith("Retraining the communities' voices")]
+    assert "- The voice of telegram:-801: Training run #1 finished" in summary
+    assert "- The voice of telegram:-802: Training run #2 finished" in summary
+    assert all(chat == ADMIN for _, chat, _ in bot.notifier.sent)
+    async with db.sessions() as session:
+        for community in ("telegram:-801", "telegram:-802"):
+            active = await get_active_version(session, community=community)
+            assert active is not None and active.community == community
+        assert await get_active_version(session, community="telegram:-803") is None
