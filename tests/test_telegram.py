@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from core.errors import ConfigError, MagpieError
 from core.messages import ADMIN_COMMANDS, COMMANDS, ChatKind, IncomingMessage, Reply
 from core.models import Chat, Delivery, Role
 from core.models import Message as DbMessage
-from core.outcomes import RunStarted
+from core.outcomes import RunStarted, VoicesQueued
 from core.service import ChatService
 from core.settings import Settings
 from core.texts import BUSY, EXPORT_SENT_PRIVATELY, EXPORT_UNREACHABLE, NOT_TEXT, OPTED_OUT
@@ -747,10 +747,21 @@ class RecordingRetrainer:
         self.requests: list[str] = []
 
     async def request(
-        self, *, triggered_by: str, notify_platform: str | None, notify_chat_id: str | None
+        self,
+        *,
+        triggered_by: str,
+        notify_platform: str | None,
+        notify_chat_id: str | None,
+        community: str | None = None,
     ) -> RunStarted:
         self.requests.append(triggered_by)
         return RunStarted(len(self.requests), reports_here=notify_chat_id is not None)
+
+    async def retrain_voices(
+        self, communities: Sequence[str | None], *, triggered_by: str, notify: tuple[str, str] | None = None
+    ) -> VoicesQueued:
+        self.requests.append(triggered_by)
+        return VoicesQueued(tuple(community or "shared" for community in communities))
 
 
 @dataclass
