@@ -14,6 +14,9 @@ to the seed's way; then the held-out loss of the seed run and of a packed run ov
 useful tokens), both scored the same way (`trainer.train.mean_loss`: per sample, EOS included).
 
     python bench/training.py [--steps 20] [--threads 2] [--ways seed,dynamic,packed,packed+bf16]
+
+With `--method full,lora` (or one of them) it compares instead how a community's voice trains: a full fine-tune
+against LoRA adapters of a few ranks, on the starter model (see bench/training_methods.py).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 import transformers
 from transformers import DataCollatorForLanguageModeling, GPT2Config, GPT2LMHeadModel, PrinterCallback, Trainer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.dialogue import GPT2_EOS
@@ -139,13 +143,19 @@ def run_magpie(
 
 
 def main() -> int:
+    import training_methods  # in bench/, which the path above holds
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per way")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--ways", default="seed,dynamic,packed,packed+bf16", help="comma-separated ways to run")
     parser.add_argument("--eval-samples", type=int, default=200, help="held-out samples scored for the loss")
+    parser.add_argument("--method", default=None, help="full,lora: compare how a community's voice trains instead")
+    training_methods.add_arguments(parser)
     options = parser.parse_args()
     transformers.logging.set_verbosity_error()
+    if options.method:
+        return training_methods.run(options)
     torch.set_num_threads(options.threads)
 
     corpus_lines = [line for d in load_dialogues() for line in d.lines]

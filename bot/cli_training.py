@@ -30,10 +30,10 @@ from core.db import Database
 from core.errors import ConfigError
 from core.i18n import _, speaking
 from core.models import RunStatus
-from core.outcomes import RunOutcome, SwitchRefused
+from core.outcomes import RunOutcome, SwitchRefused, VoicesQueued
 from core.serving import ModelServing
 from core.settings import Settings
-from core.texts import run_outcome, run_request, starter_built, switch, version_list
+from core.texts import run_outcome, run_request, starter_built, switch, version_list, voice_label
 from trainer.orchestrator import TrainingOrchestrator
 
 if TYPE_CHECKING:
@@ -174,18 +174,35 @@ def _operator() -> str:
 
 
 async def _retrain(args: argparse.Namespace, settings: Settings, db: Database) -> int:
+    """One run of the shared voice; with VOICE_SCOPE=community, one run of each community with enough new data,
+    one after another, each outcome printed as it ends and a closing summary."""
     orchestrator = TrainingOrchestrator(settings=settings, db=db)
+    if not settings.community_voices:
+        return await _retrain_voice(args, orchestrator, None)
+    due = await orchestrator.communities_due()
+    print(run_request(VoicesQueued(tuple(due))), file=sys.stderr)
+    status = 0
+    for community in due:
+        status = max(status, await _retrain_voice(args, orchestrator, community))
+    return status
+
+
+async def _retrain_voice(args: argparse.Namespace, orchestrator: TrainingOrchestrator, community: str | None) -> int:
     bars: list[tqdm[Never]] = []  # opened at the first progress line, so a refusal prints no empty bar
 
     async def show(fraction: float) -> None:
         if not bars:
-            bars.append(tqdm(total=100, desc="Training", file=sys.stderr, bar_format=BAR_FORMAT))
+            bars.append(tqdm(total=100, desc=community or "Training", file=sys.stderr, bar_format=BAR_FORMAT))
         bars[0].update(max(0, round(fraction * 100) - bars[0].n))
 
     try:
         with logs_above_the_bar():
             outcome = await orchestrator.run_in_foreground(
-                triggered_by=_operator(), on_progress=show, force=args.force, stop_running=args.stop_running
+                triggered_by=_operator(),
+                on_progress=show,
+                force=args.force,
+                stop_running=args.stop_running,
+                community=community,
             )
     finally:
         for bar in bars:
@@ -195,7 +212,7 @@ async def _retrain(args: argparse.Namespace, settings: Settings, db: Database) -
         return 1
     for earlier in outcome.earlier:
         print(run_outcome(earlier))
-    print(run_outcome(outcome))
+    print(f"{voice_label(community)}: {run_outcome(outcome)}" if community else run_outcome(outcome))
     return 1 if outcome.status is RunStatus.FAILED else 0
 
 

@@ -114,6 +114,7 @@ class ConsoleBackend(ChatBackend[str]):
             message_id=str(time.time_ns()),
             addressed=True,
             language=self._language,
+            community=PLATFORM,  # the operator's console is a community of its own
         )
         await self.converse(message, Route(f"{self._bot_name.lower()}> "))
 

@@ -44,6 +44,7 @@ from core.outcomes import (
     Switch,
     SwitchRefusal,
     SwitchRefused,
+    VoicesQueued,
 )
 from core.retraining import Retrainer
 from core.serving import ModelServing
@@ -346,7 +347,8 @@ class Dashboard:
 
 def run_request_status(result: RunRequest) -> tuple[int, dict[str, str]]:
     """The HTTP status (and headers) of an answer to a retrain request, for scripts: 202 started in the
-    background, 409 a run is going, 429 with Retry-After in the cooldown, 503 no training process could start."""
+    background (a run per community with VOICE_SCOPE=community), 409 a run is going (or no community has
+    enough new data), 429 with Retry-After in the cooldown, 503 no training process could start."""
     match result:
         case RunStarted():
             return 202, {}
@@ -356,6 +358,10 @@ def run_request_status(result: RunRequest) -> tuple[int, dict[str, str]]:
             return 429, {"Retry-After": str(max(1, left) * 60)}
         case CouldNotStart():
             return 503, {}
+        case VoicesQueued(communities=()):
+            return 409, {}  # no community has enough new data
+        case VoicesQueued():
+            return 202, {}
 
 
 _SWITCH_NOT_FOUND = frozenset({SwitchRefusal.UNKNOWN_VERSION, SwitchRefusal.PRUNED})

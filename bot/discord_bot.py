@@ -191,9 +191,10 @@ def to_incoming(message: discord.Message, me: discord.abc.User) -> IncomingMessa
     # A message does not carry its author's locale (only interactions do): the server's preferred one is the best
     # guess, and a DM has none (English).
     language = message.guild.preferred_locale.value if message.guild is not None else None
+    guild = message.guild.id if message.guild is not None else getattr(message.channel, "guild_id", None)
     return _incoming(
         message.channel.id, kind, message.author, text, ident=message.id, addressed=addressed, at=message.created_at,
-        language=language,
+        language=language, guild=None if private else guild,
     )  # fmt: skip
 
 
@@ -209,17 +210,19 @@ def command_to_incoming(interaction: discord.Interaction, text: str) -> Incoming
         addressed=True,
         at=interaction.created_at,
         language=interaction.locale.value,  # the user's own client language, which every interaction carries
+        guild=interaction.guild_id,
     )
 
 
 def _incoming(
     chat: int | None, kind: ChatKind, author: discord.abc.User, text: str | None, *, ident: int, addressed: bool,
-    at: datetime, language: str | None,
+    at: datetime, language: str | None, guild: int | None,
 ) -> IncomingMessage:  # fmt: skip
+    """`guild`: the server, whose voice every channel and thread of it shares (None in a DM: no community)."""
     return IncomingMessage(
         platform=PLATFORM, chat_id=str(chat), chat_kind=kind, author_id=str(author.id),
         author_name=author.display_name, text=text, message_id=str(ident), addressed=addressed, sent_at=at,
-        language=language,
+        language=language, community=f"{PLATFORM}:{guild}" if guild is not None else None,
     )  # fmt: skip
 
 

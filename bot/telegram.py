@@ -218,6 +218,8 @@ class TelegramBackend(ChatBackend[_Target]):
             addressed=addressed,
             sent_at=message.date,
             language=language,
+            # A group's voice: every topic of a forum is its group's; a private chat belongs to no community.
+            community=None if private else f"{self.platform}:{message.chat_id}",
         )
 
     def _read_text(self, message: Message) -> tuple[str, bool]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from datetime import UTC, datetime
 from typing import TypeAlias
 
 from core import commands as registry
@@ -22,6 +24,7 @@ from core.engine import Engine
 from core.i18n import _
 from core.messages import Attachment, ChatKind, Private, Reply
 from core.models import User
+from core.outcomes import Withdrawal
 from core.reply_log import Logged, ReplyLog
 from core.retraining import Retrainer
 from core.serving import ModelServing
@@ -46,8 +49,14 @@ from core.texts import (
     switch,
     unknown_command,
     version_list,
+    withdrawn_text,
 )
-from core.versions import runs_in_progress, version_files_problem, versions_trained_on_user
+from core.versions import (
+    mark_holding_withdrawn,
+    runs_in_progress,
+    version_files_problem,
+    versions_trained_on_user,
+)
 
 log = logging.getLogger("core.service")
 
@@ -91,6 +100,11 @@ class ChatCommands:
         handler: Handler = _HANDLERS[spec.name]
         return await handler(self, logged, command)
 
+    def _voice(self, logged: Logged) -> str | None:
+        """The voice a command in this chat is about: its community's with VOICE_SCOPE=community (None in a private
+        chat: every community for /retrain, the shared voice otherwise), else the shared voice."""
+        return logged.community if self._settings.community_voices else None
+
     def _is_admin(self, logged: Logged) -> bool:
         return self._settings.is_admin(logged.message.platform, logged.message.author_id)
 
@@ -113,9 +127,30 @@ class ChatCommands:
             trained_on = await versions_trained_on_user(session, user_id=logged.user_row_id)
             training = bool(await runs_in_progress(session))
         log.info("Forgot %d messages of user row %d", count, logged.user_row_id)
+        withdrawal = await self._withdraw(logged)
         names = [version.name for version in trained_on]
-        text = forgotten(count, trained_on=names, training_now=training)
+        text = forgotten(count, trained_on=names, training_now=training, withdrawal=withdrawal)
         return await self._replies.log_reply(logged, text, model_version_id=None, system=True, answers_logged=False)
+
+    async def _withdraw(self, logged: Logged) -> Withdrawal | None:
+        """The models' side of /forget and /optout (in both scopes): the versions that learned from this person
+        stop serving and are deleted, and each voice that lost its active version is retrained without them.
+        None where this process has no serving side (its replies then say only what happened to the data)."""
+        if self._serving is None:
+            async with self._db.sessions.begin() as session:  # still never trained on, nor rolled back to
+                await mark_holding_withdrawn(session, user_id=logged.user_row_id, now=datetime.now(UTC))
+            return None
+        withdrawal = await self._serving.withdraw(user_id=logged.user_row_id)
+        voices = [replaced.community for replaced in withdrawal.replaced]
+        if self._settings.community_voices:
+            voices = [community for community in voices if community is not None]  # the base is never trained
+        if not voices or self._retrainer is None:
+            return withdrawal
+        message = logged.message
+        await self._retrainer.retrain_voices(
+            voices, triggered_by=f"withdrawal by {message.platform}:{message.author_id}"
+        )
+        return replace(withdrawal, retrain_queued=True)
 
     async def _cmd_export(self, logged: Logged, _command: ParsedCommand) -> Reply:
         async with self._db.sessions() as session:
@@ -139,7 +174,9 @@ class ChatCommands:
 
     async def _cmd_optout(self, logged: Logged, _command: ParsedCommand) -> Reply:
         await self._set_opt_out(logged, True)
-        return await self._replies.system_reply(logged, _(OPTED_OUT))
+        withdrawal = await self._withdraw(logged)
+        said = withdrawn_text(withdrawal) if withdrawal is not None else ""
+        return await self._replies.system_reply(logged, _(OPTED_OUT) + said)
 
     async def _cmd_optin(self, logged: Logged, _command: ParsedCommand) -> Reply:
         await self._set_opt_out(logged, False)
@@ -153,30 +190,40 @@ class ChatCommands:
             triggered_by=f"{message.platform}:{message.author_id}",
             notify_platform=message.platform,
             notify_chat_id=message.chat_id,
+            community=self._voice(logged),
         )
         return await self._replies.system_reply(logged, run_request(result))
 
     async def _cmd_status(self, logged: Logged, _command: ParsedCommand) -> Reply:
+        community = self._voice(logged)
         async with self._db.sessions() as session:
-            stats = await collect_stats(session)
+            stats = await collect_stats(session, community=community)
         ref = self._engine.model_ref
         model_name = ref.name if ref is not None else "none loaded"
+        if self._serving is not None:
+            model_name = self._serving.serving_name(community)
         active = stats.active_version
         problem = version_files_problem(active.path) if active is not None and active.name != model_name else None
-        text = status_text(stats, model_name=model_name, queue_depth=self._engine.queue_depth, active_problem=problem)
+        text = status_text(
+            stats, model_name=model_name, queue_depth=self._engine.queue_depth, active_problem=problem,
+            community=community,
+        )  # fmt: skip
         return await self._replies.system_reply(logged, text)
 
     async def _cmd_models(self, logged: Logged, _command: ParsedCommand) -> Reply:
         if self._serving is None:
             return await self._replies.system_reply(logged, _(MODELS_UNAVAILABLE))
-        return await self._replies.system_reply(logged, version_list(await self._serving.list_versions()))
+        listing = await self._serving.list_versions(community=self._voice(logged))
+        return await self._replies.system_reply(logged, version_list(listing))
 
     async def _cmd_rollback(self, logged: Logged, command: ParsedCommand) -> Reply:
         if self._serving is None:
             return await self._replies.system_reply(logged, _(ROLLBACK_UNAVAILABLE))
         message = logged.message
         result = await self._serving.rollback(
-            version=command.args or None, triggered_by=f"{message.platform}:{message.author_id}"
+            version=command.args or None,
+            triggered_by=f"{message.platform}:{message.author_id}",
+            community=self._voice(logged),
         )
         return await self._replies.system_reply(logged, switch(result))
 

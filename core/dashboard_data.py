@@ -25,6 +25,7 @@ from sqlalchemy.orm import aliased
 from core.db import Database
 from core.metrics import perplexity
 from core.models import Chat, Delivery, Message, ModelVersion, Role, RunStatus, TrainingRun, VersionStatus
+from core.storage import communities
 from core.versions import get_active_version, list_versions
 
 RECENT_RUNS = 20
@@ -126,6 +127,20 @@ def percentile(values: Sequence[float], fraction: float) -> float | None:
 
 
 @dataclass(frozen=True)
+class CommunityRow:
+    """A community's voice (VOICE_SCOPE=community): what serves it, its last run, and whether any of its versions
+    learned from withdrawn messages (such a version never serves again)."""
+
+    community: str
+    active: str | None
+    """The active version's name; None: the base model answers."""
+    last_run_id: int | None
+    last_run_status: RunStatus | None
+    last_run_at: datetime | None
+    holds_withdrawn: bool
+
+
+@dataclass(frozen=True)
 class Overview:
     """Everything the page shows; `messages_per_day` maps a chat's label to its message count per UTC day."""
 
@@ -140,6 +155,8 @@ class Overview:
     gate_scores: tuple[GateScore, ...] = ()
     """Oldest first."""
     replies: ReplyStats | None = None
+    communities: tuple[CommunityRow, ...] = ()
+    """Every community with a logged chat, in order of first appearance."""
 
 
 async def load_overview(db: Database, *, now: datetime, days: int) -> Overview:
@@ -151,6 +168,7 @@ async def load_overview(db: Database, *, now: datetime, days: int) -> Overview:
         runs = await _recent_runs(session)
         per_day = await messages_per_day(session, since=first_day)
         replies = await reply_stats(session, now=now)
+        voices = await community_rows(session)
     return Overview(
         active=_version_row(active) if active is not None else None,
         versions=versions,
@@ -161,7 +179,34 @@ async def load_overview(db: Database, *, now: datetime, days: int) -> Overview:
         messages_per_day=per_day,
         gate_scores=tuple(reversed([score for run in runs if (score := _gate_score(run)) is not None])),
         replies=replies,
+        communities=voices,
     )
+
+
+async def community_rows(session: AsyncSession) -> tuple[CommunityRow, ...]:
+    """Each community's voice: its active version, its last run, whether a version of it holds withdrawn data."""
+    rows = []
+    for community in await communities(session):
+        active = await get_active_version(session, community=community)
+        run = await session.scalar(
+            select(TrainingRun).where(TrainingRun.community == community).order_by(TrainingRun.id.desc()).limit(1)
+        )
+        withdrawn = await session.scalar(
+            select(func.count())
+            .select_from(ModelVersion)
+            .where(ModelVersion.community == community, ModelVersion.holds_withdrawn_at.is_not(None))
+        )
+        rows.append(
+            CommunityRow(
+                community,
+                active.name if active is not None else None,
+                run.id if run else None,
+                run.status if run else None,
+                run.started_at if run else None,
+                bool(withdrawn),
+            )
+        )
+    return tuple(rows)
 
 
 def _version_row(version: ModelVersion) -> VersionRow:

@@ -5,11 +5,13 @@
     ├── DatabaseError            the database cannot be reached
     │   └── SchemaOutdatedError  migrations are missing; `magpie db upgrade` fixes it
     ├── ModelLoadError           a model or tokenizer could not be loaded
-    │   └── HubUnreachableError  a hub id was asked for, the Hub is unreachable and nothing is cached
+    │   ├── HubUnreachableError  a hub id was asked for, the Hub is unreachable and nothing is cached
+    │   └── VoiceLoadError       a voice's LoRA adapter could not be read or does not fit the served model
     └── EngineError              generation could not be served
         ├── EngineBusyError      the queue is full: try again shortly
         ├── EngineTimeoutError   the request waited or ran longer than its timeout
-        └── EngineClosedError    the engine is shutting down
+        ├── EngineClosedError    the engine is shutting down
+        └── UnknownVoiceError    a request named a voice the engine has not loaded (or has unloaded)
 
 Messages of these errors never contain secrets; user-facing replies use `user_message`, never `str(exc)` of
 an unexpected exception. `user_message` is an English msgid of the message catalogue (`core.i18n`): whoever
@@ -47,6 +49,10 @@ class HubUnreachableError(ModelLoadError):
     """A hub id could not be loaded because the Hub is unreachable and the model is not cached."""
 
 
+class VoiceLoadError(ModelLoadError):
+    """A voice's LoRA adapter could not be read, is of a kind serving does not apply, or does not fit the model."""
+
+
 class EngineError(MagpieError):
     """Generation could not be served."""
 
@@ -67,3 +73,7 @@ class EngineClosedError(EngineError):
     """The engine is shutting down or was never started."""
 
     user_message = N_("I'm restarting right now — please try again in a minute.")
+
+
+class UnknownVoiceError(EngineError):
+    """A request named a voice that is not loaded: whoever routes requests to voices loads them first."""

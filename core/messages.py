@@ -43,6 +43,10 @@ class IncomingMessage:
     addressed: bool = False
     sent_at: datetime | None = None
     language: str | None = None
+    community: str | None = None
+    """Whose voice answers and learns from this chat (VOICE_SCOPE=community), decided once by the adapter that
+    translates the event: `telegram:<group id>` (forum topics are their group's), `discord:<guild id>` (every
+    channel and thread of the server), `console`; None in a private chat, which belongs to no community."""
 
 
 @dataclass(frozen=True, slots=True)

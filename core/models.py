@@ -107,6 +107,9 @@ class Chat(Base):
     platform_chat_id: Mapped[str] = mapped_column(String(64))
     kind: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    community: Mapped[str | None] = mapped_column(String(80), index=True)
+    """The community the chat belongs to (None: a private chat), recorded when the chat is first seen and kept
+    when the platform moves the chat to a new id (a Telegram group that became a supergroup keeps its voice)."""
 
 
 class Message(Base):
@@ -139,19 +142,21 @@ class Message(Base):
     """How many parts of a split reply reached the platform (a send that failed part-way says how far it got)."""
 
 
+_SHARED_ACTIVE = sql("status = 'active' AND community IS NULL")
+_COMMUNITY_ACTIVE = sql("status = 'active' AND community IS NOT NULL")
+
+
 class ModelVersion(Base):
-    """A trained model on disk. At most one row is `active` (a partial unique index enforces it)."""
+    """A trained model on disk: a full model (the shared voice) or a LoRA adapter (a community's voice). At most
+    one row per voice is `active` (two partial unique indexes enforce it: the shared voice, and per community)."""
 
     __tablename__ = "model_versions"
     __table_args__ = (
-        Index(
-            "uq_model_versions_one_active",
-            "status",
-            unique=True,
-            sqlite_where=sql("status = 'active'"),
-            postgresql_where=sql("status = 'active'"),
-        ),
-    )
+        Index("uq_model_versions_one_active", "status", unique=True, sqlite_where=_SHARED_ACTIVE,
+              postgresql_where=_SHARED_ACTIVE),
+        Index("uq_model_versions_one_active_per_community", "community", unique=True,
+              sqlite_where=_COMMUNITY_ACTIVE, postgresql_where=_COMMUNITY_ACTIVE),
+    )  # fmt: skip
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
@@ -164,6 +169,11 @@ class ModelVersion(Base):
     activated_at: Mapped[datetime | None] = mapped_column()
     pruned_at: Mapped[datetime | None] = mapped_column()
     """When MODELS_KEEP deleted its directory (None: its files are kept). The row stays, for the history."""
+    community: Mapped[str | None] = mapped_column(String(80))
+    """The voice it is: a community's adapter, or None for the shared voice."""
+    holds_withdrawn_at: Mapped[datetime | None] = mapped_column()
+    """When someone in its manifest sent /forget or /optout: it never serves, is never trained on, and is never
+    rolled back to again; its files go once nothing serves it."""
 
     parent: Mapped[ModelVersion | None] = relationship(remote_side=[id])
 
@@ -201,6 +211,8 @@ class TrainingRun(Base):
     """The machine whose `magpie worker` took the run (RETRAIN_BACKEND=celery); None for a local child process."""
     heartbeat_at: Mapped[datetime | None] = mapped_column()
     """Set when the run is queued and renewed by its worker while it trains (None: a local run, which has none)."""
+    community: Mapped[str | None] = mapped_column(String(80))
+    """The voice it trains: a community's (VOICE_SCOPE=community), or None for the shared voice."""
 
 
 class ModelVersionMessage(Base):

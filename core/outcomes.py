@@ -59,8 +59,17 @@ class CouldNotStart:
     queue_unreachable: bool = False
 
 
+@dataclass(frozen=True)
+class VoicesQueued:
+    """VOICE_SCOPE=community, a retrain of every community: the communities with enough new data, trained one
+    after another (empty: none has); progress and one closing summary go to the chat that asked."""
+
+    communities: tuple[str, ...]
+    reports_here: bool = False
+
+
 RunRefused = AlreadyRunning | CoolingDown | CouldNotStart
-RunRequest = RunStarted | RunRefused
+RunRequest = RunStarted | RunRefused | VoicesQueued
 
 
 # --- the engine after a switch --------------------------------------------------------------------------------
@@ -179,6 +188,8 @@ class SwitchRefusal(StrEnum):
     FILES_MISSING = "files_missing"
     PRUNED = "pruned"
     """Its files were deleted by MODELS_KEEP (the row stays, for the history)."""
+    HOLDS_WITHDRAWN = "holds_withdrawn"
+    """Someone whose messages it learned sent /forget or /optout: it never serves again."""
 
 
 @dataclass(frozen=True)
@@ -214,6 +225,10 @@ class VersionSummary:
     """What its directory takes on disk (None: no directory, e.g. its files were pruned)."""
     pruned: bool = False
     """MODELS_KEEP deleted its files."""
+    community: str | None = None
+    """The voice it is (None: the shared voice)."""
+    holds_withdrawn: bool = False
+    """Someone it learned from sent /forget or /optout: it never serves again (and its files are deleted)."""
 
 
 @dataclass(frozen=True)
@@ -233,3 +248,26 @@ class VersionList:
     older: int
     base_model: str
     disk: DiskUse | None = None
+
+
+@dataclass(frozen=True)
+class VoiceReplaced:
+    """A voice whose active version held withdrawn data, and what serves it now."""
+
+    community: str | None
+    """None: the shared voice."""
+    withdrawn: str
+    """The version taken out of service."""
+    now_serving: str | None
+    """Its newest version that holds no withdrawn data; None: the bare base model."""
+
+
+@dataclass(frozen=True)
+class Withdrawal:
+    """What a /forget or /optout did to the models: the versions marked as holding withdrawn data (their files
+    are deleted), the voices that stopped serving one, and the retrains asked for those voices."""
+
+    marked: tuple[str, ...] = ()
+    replaced: tuple[VoiceReplaced, ...] = ()
+    retrain_queued: bool = False
+    """Whether the replaced voices' retrains are queued (no retrainer in this process: the admin retrains)."""

@@ -33,6 +33,8 @@ class Logged:
     """Answered after a restart: its history ends at the message itself, not at what was said since."""
     busy: bool = False
     """The adapter's replies already queue for the platform: a model answer would arrive late (`handle`)."""
+    community: str | None = None
+    """The chat's community as recorded (a migrated group keeps its own): whose voice answers."""
 
 
 def should_answer(message: IncomingMessage, command: ParsedCommand | None) -> bool:
@@ -58,7 +60,11 @@ class ReplyLog:
                 display_name=message.author_name,
             )
             chat = await upsert_chat(
-                session, platform=message.platform, platform_chat_id=message.chat_id, kind=message.chat_kind.value
+                session,
+                platform=message.platform,
+                platform_chat_id=message.chat_id,
+                kind=message.chat_kind.value,
+                community=message.community,
             )
             row = Message(
                 chat_id=chat.id,
@@ -75,7 +81,7 @@ class ReplyLog:
             if not await log_message(session, row):
                 log.info("Ignoring re-delivered %s message %s", message.platform, message.message_id)
                 return None
-            return Logged(message, row.id, chat.id, user.id, command)
+            return Logged(message, row.id, chat.id, user.id, command, community=chat.community)
 
     async def system_reply(self, logged: Logged, text: str, attachment: Attachment | None = None) -> Reply:
         """A reply that is not model output (help, refusals); logged, but never used as conversation."""

@@ -27,8 +27,8 @@ from core.commands import parse_command
 from core.db import Database
 from core.db_retry import patiently
 from core.dialogue import Turn, speaker_key
-from core.engine import Engine
-from core.errors import EngineError
+from core.engine import Engine, Generation
+from core.errors import EngineError, UnknownVoiceError
 from core.i18n import _, speaking
 from core.limits import LocalUserLimits, UserLimits
 from core.messages import ChatKind, IncomingMessage, Reply
@@ -107,6 +107,7 @@ class ChatService:
         self._telemetry = telemetry or Telemetry()
         self._db = db
         self._engine = engine
+        self._serving = serving
         self._replies = ReplyLog(db)
         self._commands = ChatCommands(
             settings=settings, db=db, engine=engine, replies=self._replies, retrainer=retrainer, serving=serving
@@ -246,7 +247,7 @@ class ChatService:
             sent_at=message.created_at,
         )
         command = parse_command(message.text) if message.is_command else None
-        logged = Logged(incoming, message.id, chat.id, author.id, command, recovered=True)
+        logged = Logged(incoming, message.id, chat.id, author.id, command, recovered=True, community=chat.community)
         async with slots:
             if _asks_for_personal_data(message):  # personal data goes out only on a live request
                 reply = await self._replies.system_reply(logged, _(EXPORT_AFTER_RESTART))
@@ -324,15 +325,26 @@ class ChatService:
                 "%s message %s: asking the engine, with %d turns", message.platform, message.message_id, len(turns)
             )
             try:
-                generation = await self._engine.generate_response(turns)
+                generation = await self._generate(turns, logged.community)
             except EngineError as exc:
                 log.warning("Engine could not answer %s: %s", user_key, type(exc).__name__)
                 if (refusal := refusal_for(exc)) is not None:
                     self._telemetry.refused(refusal)
                 return await self._replies.system_reply(logged, _(exc.user_message))
-            return await self._replies.log_reply(
-                logged, generation.text, model_version_id=generation.model.version_id, system=False
-            )
+            version_id = generation.model.version_id
+            if generation.voice is not None and self._serving is not None:
+                version_id = self._serving.version_of_voice(generation.voice.source)
+            return await self._replies.log_reply(logged, generation.text, model_version_id=version_id, system=False)
+
+    async def _generate(self, turns: list[Turn], community: str | None) -> Generation:
+        """The answer in the chat's voice (`ModelServing.voice_for`); a voice unloaded in between (a newer
+        version, an erasure) leaves the answer to the engine's model alone rather than to an error."""
+        voice = self._serving.voice_for(community) if self._serving is not None else None
+        try:
+            return await self._engine.generate_response(turns, voice=voice)
+        except UnknownVoiceError:
+            log.info("voice %s was unloaded meanwhile: answering with the base model", voice)
+            return await self._engine.generate_response(turns)
 
     async def _history(self, logged: Logged) -> list[Turn]:
         per_user = logged.message.chat_kind is ChatKind.GROUP and self._settings.group_context == "user"

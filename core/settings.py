@@ -123,6 +123,14 @@ class Settings(BaseSettings):
     retrain_cooldown_minutes: float = Field(30.0, ge=0.0)
     retrain_timeout_minutes: float = Field(180.0, ge=0.0)
 
+    # --- voices: one per community (docs/learning-loop.md, "Voices") ------------------------------------------
+    voice_scope: Literal["shared", "community"] = "shared"
+    train_method: Literal["full", "lora"] = "full"
+    lora_rank: int = Field(8, ge=1, le=256)
+    lora_alpha: int = Field(16, ge=1)
+    lora_learning_rate: float = Field(1e-3, gt=0.0)
+    lora_targets: Annotated[tuple[str, ...], NoDecode] = ("c_attn", "c_proj")
+
     # --- replicas: several serving processes on one database (docs/scaling.md) --------------------------------
     redis_url: str | None = None
     redis_key_prefix: str = Field("magpie", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
@@ -214,6 +222,14 @@ class Settings(BaseSettings):
         if len(set(ids)) != len(ids):
             raise ValueError("a shard id is listed twice")
         return tuple(sorted(ids))
+
+    @field_validator("lora_targets", mode="before")
+    @classmethod
+    def _lora_targets(cls, value: object) -> tuple[str, ...]:
+        targets = tuple(_split_list(value))
+        if not targets:
+            raise ValueError("name at least one module to adapt (GPT-2: c_attn, c_proj, c_fc)")
+        return targets
 
     @field_validator("train_blocklist", mode="before")
     @classmethod
@@ -327,6 +343,11 @@ class Settings(BaseSettings):
     def discord_sharded(self) -> bool:
         """Whether Discord connects as shards (DISCORD_SHARD_COUNT set) rather than one plain connection."""
         return self.discord_shard_count != 0
+
+    @property
+    def community_voices(self) -> bool:
+        """VOICE_SCOPE=community: each community has its own voice (a LoRA adapter), private chats the base."""
+        return self.voice_scope == "community"
 
     def learns_from_private_chats(self, platform: str) -> bool:
         """Whether one-to-one chats on `platform` are training data.

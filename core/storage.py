@@ -37,17 +37,23 @@ async def upsert_user(session: AsyncSession, *, platform: str, platform_user_id:
     return user
 
 
-async def upsert_chat(session: AsyncSession, *, platform: str, platform_chat_id: str, kind: str) -> Chat:
-    """The chat row for a platform chat id, created on first sight."""
+async def upsert_chat(
+    session: AsyncSession, *, platform: str, platform_chat_id: str, kind: str, community: str | None = None
+) -> Chat:
+    """The chat row for a platform chat id, created on first sight with its community. A recorded community is
+    kept (a group that moved to a new id keeps its voice); a chat logged before communities were recorded gets
+    its community now."""
     chat = await _find_chat(session, platform, platform_chat_id)
     if chat is None:
         try:
             async with session.begin_nested():
-                chat = Chat(platform=platform, platform_chat_id=platform_chat_id, kind=kind)
+                chat = Chat(platform=platform, platform_chat_id=platform_chat_id, kind=kind, community=community)
                 session.add(chat)
         except IntegrityError:
             chat = await _find_chat(session, platform, platform_chat_id)
             assert chat is not None  # the row that won the race
+    if chat.community is None and community is not None:
+        chat.community = community
     return chat
 
 
@@ -72,6 +78,7 @@ async def migrate_chat(session: AsyncSession, *, platform: str, old_chat_id: str
         old.platform_chat_id = new_chat_id
     else:
         await session.execute(update(Message).where(Message.chat_id == old.id).values(chat_id=new.id))
+        new.community = old.community or new.community  # the group keeps its voice under its new id
         await session.delete(old)
     return True
 
@@ -302,20 +309,30 @@ class Stats:
     active_version: ModelVersion | None
 
 
-async def collect_stats(session: AsyncSession) -> Stats:
+async def collect_stats(session: AsyncSession, *, community: str | None = None) -> Stats:
+    """The whole log's numbers, or with `community` that community's: its chats, its voice's runs and version."""
+
     async def count(query: Any) -> int:
         return int((await session.execute(query)).scalar_one())
 
-    last_run = (
-        await session.execute(select(TrainingRun).order_by(TrainingRun.id.desc()).limit(1))
-    ).scalar_one_or_none()
-    active = await get_active_version(session)
+    runs = select(TrainingRun).order_by(TrainingRun.id.desc()).limit(1)
+    if community is not None:
+        runs = runs.where(TrainingRun.community == community)
+    last_run = (await session.execute(runs)).scalar_one_or_none()
+    active = await get_active_version(session, community=community)
     since: datetime | None = last_run.started_at if last_run is not None else None
     messages = select(func.count()).select_from(Message)
+    chats = select(func.count()).select_from(Chat)
+    users = select(func.count()).select_from(User)
+    if community is not None:
+        in_community = Message.chat_id.in_(select(Chat.id).where(Chat.community == community))
+        messages = messages.where(in_community)
+        chats = chats.where(Chat.community == community)
+        users = select(func.count(func.distinct(Message.author_id))).where(in_community)
     conversational = messages.where(Message.role == Role.USER, Message.is_command.is_(False))
     return Stats(
-        users=await count(select(func.count()).select_from(User)),
-        chats=await count(select(func.count()).select_from(Chat)),
+        users=await count(users),
+        chats=await count(chats),
         messages=await count(messages),
         user_messages=await count(messages.where(Message.role == Role.USER)),
         bot_messages=await count(messages.where(Message.role == Role.BOT)),
@@ -325,3 +342,21 @@ async def collect_stats(session: AsyncSession) -> Stats:
         last_run=last_run,
         active_version=active,
     )
+
+
+async def communities(session: AsyncSession) -> list[str]:
+    """Every community with a logged chat, in order of first appearance."""
+    query = select(Chat.community).where(Chat.community.is_not(None)).group_by(Chat.community)
+    result = await session.scalars(query.order_by(func.min(Chat.id)))
+    return [community for community in result.all() if community is not None]
+
+
+async def communities_with_new_data(session: AsyncSession, *, min_new_messages: int) -> list[tuple[str, int]]:
+    """The communities with at least `min_new_messages` (and at least one) conversational messages since their
+    voice's last training run, with that count: what a retrain of every community trains, one after another."""
+    due = []
+    for community in await communities(session):
+        new = (await collect_stats(session, community=community)).since_last_training
+        if new >= max(1, min_new_messages):
+            due.append((community, new))
+    return due

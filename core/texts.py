@@ -43,6 +43,8 @@ from core.outcomes import (
     TrainingAgain,
     VersionList,
     VersionSummary,
+    VoicesQueued,
+    Withdrawal,
     recorded_reason,
 )
 from core.storage import Stats
@@ -143,12 +145,16 @@ def start_text(bot_name: str, *, is_admin: bool, private_chats_learned: bool) ->
     ).format(help=commands)
 
 
-def status_text(stats: Stats, *, model_name: str, queue_depth: int, active_problem: str | None) -> str:
+def status_text(
+    stats: Stats, *, model_name: str, queue_depth: int, active_problem: str | None, community: str | None = None
+) -> str:
     """What an admin sees for `/status`. `active_problem` is why the active version's files cannot serve (None
-    when they can), asked for only when another model serves."""
+    when they can), asked for only when another model serves. With `community` (a group with VOICE_SCOPE=community)
+    the numbers, the model and the last run are that community's voice's."""
     version = stats.active_version
     metrics = version.metrics if version is not None and version.name == model_name else {}
-    lines = [_("Model: {name}").format(name=model_name) + _not_serving(stats, model_name, active_problem)]
+    lines = [voice_label(community)] if community is not None else []
+    lines += [_("Model: {name}").format(name=model_name) + _not_serving(stats, model_name, active_problem)]
     if "eval_loss" in metrics:
         loss = metrics["eval_loss"]
         lines.append(_("  eval loss {loss:.3f}, perplexity {perplexity}").format(loss=loss, perplexity=_ppl(loss)))
@@ -193,8 +199,11 @@ def export_ready(count: int) -> str:
     ).format(count=count)
 
 
-def forgotten(count: int, *, trained_on: Sequence[str], training_now: bool) -> str:
-    """`/forget`'s answer: how many messages went, which versions had learned from them, a run in progress."""
+def forgotten(
+    count: int, *, trained_on: Sequence[str], training_now: bool, withdrawal: Withdrawal | None = None
+) -> str:
+    """`/forget`'s answer: how many messages went, which versions had learned from them and what became of those
+    (`withdrawal`), a run in progress."""
     text = ngettext(
         "Done: I deleted {count} message you sent me, in every chat (this /forget included).",
         "Done: I deleted {count} messages you sent me, in every chat (this /forget included).",
@@ -204,9 +213,40 @@ def forgotten(count: int, *, trained_on: Sequence[str], training_now: bool) -> s
         text += _(
             " Your messages were part of the training data of versions {versions}; they will not be in future versions."
         ).format(versions=", ".join(trained_on))
+    if withdrawal is not None:
+        text += withdrawn_text(withdrawal)
     if training_now:
         text += _(" A training run is in progress: the version it trains will not be used with your messages in it.")
     return text
+
+
+def withdrawn_text(withdrawal: Withdrawal) -> str:
+    """What a /forget or /optout did to the models that had learned from the person (in both scopes)."""
+    if not withdrawal.marked:
+        return ""
+    text = _(
+        " Versions {versions} will never answer anyone again, and their files are deleted; /rollback cannot bring "
+        "them back."
+    ).format(versions=", ".join(withdrawal.marked))
+    for replaced in withdrawal.replaced:
+        if replaced.now_serving is None:
+            text += _(" {voice} now answers with the untrained base model, from this message on.").format(
+                voice=voice_label(replaced.community)
+            )
+        else:
+            text += _(" {voice} now answers with {version}, which never saw your messages.").format(
+                voice=voice_label(replaced.community), version=replaced.now_serving
+            )
+    if withdrawal.retrain_queued:
+        text += _(" A new version is being trained without your messages.")
+    return text
+
+
+def voice_label(community: str | None) -> str:
+    """A voice as people read it: a community's id, or the shared voice."""
+    if community is None:
+        return _("The shared voice")
+    return _("The voice of {community}").format(community=community)
 
 
 # --- training runs --------------------------------------------------------------------------------------------
@@ -239,6 +279,18 @@ def run_request(result: RunRequest) -> str:
             )
         case CouldNotStart():
             return _("Sorry, I could not start the training process; the bot's log says why.")
+        case VoicesQueued(communities=()):
+            return _("No community has enough new messages to train its voice (RETRAIN_MIN_NEW_MESSAGES).")
+        case VoicesQueued(communities=names, reports_here=here):
+            where = _(" I'll report progress here, and sum up at the end.") if here else ""
+            return (
+                ngettext(
+                    "Training the voice of {count} community: {names}.",
+                    "Training the voices of {count} communities, one after another: {names}.",
+                    len(names),
+                ).format(count=len(names), names=", ".join(names))
+                + where
+            )
 
 
 def run_progress(run_id: int, fraction: float) -> str:
@@ -254,8 +306,8 @@ _RUN_END_REASONS = {
         "/optout), so the version it trained was discarded"
     ),
     RunEndReason.NOT_ENOUGH_DATA: N_(
-        "not enough conversation to train on yet. A run needs usable messages in at least two conversations (one "
-        "is held out to judge the new version); a /reset or a long silence starts a new one"
+        "not enough conversation to train on yet. A run needs at least two usable messages: the most recent ones "
+        "(with several conversations, whole conversations) are held out to judge the new version"
     ),
     RunEndReason.MODEL_LOAD_FAILED: N_("the model to train from could not be loaded; the trainer's log says why"),
     RunEndReason.TRAINING_ERROR: N_("training failed with an unexpected error; the trainer's log has the details"),
@@ -336,6 +388,22 @@ def run_outcome(outcome: RunOutcome) -> str:
     return text + notes
 
 
+def voices_progress(community: str, position: int, total: int, fraction: float) -> str:
+    """A retrain of every community, on its way: which community trains now and how far its run is."""
+    return _("{voice} ({position} of {total}): {percent}% done.").format(
+        voice=voice_label(community), position=position, total=total, percent=math.floor(fraction * 100)
+    )
+
+
+def voices_summary(outcomes: Sequence[tuple[str, RunOutcome | RunRequest]]) -> str:
+    """The one closing summary of a retrain of every community: each community's outcome."""
+    lines = [_("Retraining the communities' voices is done:")]
+    for community, outcome in outcomes:
+        said = run_outcome(outcome) if isinstance(outcome, RunOutcome) else run_request(outcome)
+        lines.append(f"- {voice_label(community)}: {said}")
+    return "\n".join(lines)
+
+
 def _scores(outcome: RunOutcome) -> str:
     metrics = outcome.metrics
     if outcome.data_withdrawn:
@@ -400,6 +468,11 @@ def _switch_refused(refused: SwitchRefused) -> str:
             return _("{name}'s files are missing from {path}, so I can't switch to it.").format(
                 name=name, path=refused.path
             )
+        case SwitchRefusal.HOLDS_WITHDRAWN:
+            return _(
+                "{name} learned from messages whose authors withdrew them (/forget or /optout), so it can never "
+                "serve again."
+            ).format(name=name)
         case SwitchRefusal.PRUNED:
             return _("{name}'s files were deleted to save disk space (MODELS_KEEP), so I can't switch to it.").format(
                 name=name
@@ -428,7 +501,12 @@ def version_list(listing: VersionList) -> str:
             base_model=listing.base_model
         )
     lines = [_("Model versions, newest first (* = active):")]
-    lines += [_version_line(version) for version in listing.versions]
+    voices = list(dict.fromkeys(version.community for version in listing.versions))
+    if voices == [None]:
+        lines += [_version_line(version) for version in listing.versions]
+    for voice in [] if voices == [None] else voices:  # grouped by voice once any community has one
+        lines.append(voice_label(voice) + ":")
+        lines += [_version_line(version) for version in listing.versions if version.community == voice]
     if listing.older:
         lines.append(_("  … and {count} older").format(count=listing.older))
     if listing.disk is not None:
@@ -472,6 +550,8 @@ def _version_line(version: VersionSummary) -> str:
         line += f", {disk_size_text(version.disk_bytes)}"
     if version.status is VersionStatus.REJECTED and version.note:
         line += f" ({version_note(version.status, version.note)})"
+    if version.holds_withdrawn:
+        line += _(" (learned from withdrawn messages: never serves again)")
     return line
 
 
@@ -577,6 +657,12 @@ DASHBOARD_STALE_FORM = N_(
 )
 DASHBOARD_ACTIVE = N_("Active model")
 DASHBOARD_VERSIONS = N_("Model versions")
+DASHBOARD_COMMUNITIES = N_("Communities")
+DASHBOARD_COMMUNITY_COLUMNS = (
+    N_("community"), N_("active version"), N_("last run"), N_("learned from withdrawn messages"),
+)  # fmt: skip
+DASHBOARD_BASE_MODEL = N_("the base model")
+DASHBOARD_WITHDRAWN_YES = N_("yes: that version never serves again")
 DASHBOARD_LOSS_CURVE_PLOT = N_("Training loss of the last run")
 DASHBOARD_MESSAGES_PLOT = N_("Messages per day per chat")
 DASHBOARD_EXCLUSIONS = N_("Training data left out, by reason")

@@ -18,11 +18,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import insert, select, text, update
+from sqlalchemy import ColumnElement, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.models import Message as LoggedMessage
 from core.models import ModelVersion, ModelVersionMessage, RunStatus, TrainingRun, User, VersionStatus
+
+SHARED_VOICE = "shared"
+"""The name of the shared voice where a voice needs a name (the engine's voices, summaries). Communities are named
+`<platform>:<id>` or `console`, so it cannot collide with one."""
 
 RETIRING_STATUSES = frozenset({VersionStatus.RETIRED, VersionStatus.ROLLED_BACK})
 """What an active version may become when another takes its place (rolled back = it served badly)."""
@@ -37,8 +41,10 @@ async def register_version(
     metrics: dict[str, Any] | None = None,
     note: str | None = None,
     manifest: Iterable[tuple[int, int | None]] = (),
+    community: str | None = None,
 ) -> ModelVersion:
-    """Adds a trained model as a `candidate`, with its manifest of (message id, user id) pairs.
+    """Adds a trained model as a `candidate` of the voice `community` (None: the shared voice), with its manifest
+    of (message id, user id) pairs.
 
     New versions never start active: activation goes through `activate_version` so it is always atomic.
     """
@@ -49,6 +55,7 @@ async def register_version(
         parent_id=parent_id,
         metrics=dict(metrics or {}),
         note=note,
+        community=community,
     )
     session.add(version)
     await session.flush()
@@ -61,9 +68,12 @@ async def register_version(
     return version
 
 
-async def list_versions(session: AsyncSession) -> Sequence[ModelVersion]:
-    """All versions, newest first."""
-    result = await session.scalars(select(ModelVersion).order_by(ModelVersion.id.desc()))
+async def list_versions(session: AsyncSession, *, community: str | None = None) -> Sequence[ModelVersion]:
+    """All versions (with `community`, that community's voice's), newest first."""
+    query = select(ModelVersion).order_by(ModelVersion.id.desc())
+    if community is not None:
+        query = query.where(ModelVersion.community == community)
+    result = await session.scalars(query)
     return result.all()
 
 
@@ -79,12 +89,24 @@ async def get_version(
     return result
 
 
-async def get_active_version(session: AsyncSession) -> ModelVersion | None:
-    """The version that should be serving, if any: the one query for it (serving, `/status`, the trainer)."""
+def _of_voice(community: str | None) -> ColumnElement[bool]:
+    """The rows of one voice: a community's, or (None) the shared voice's."""
+    return ModelVersion.community.is_(None) if community is None else ModelVersion.community == community
+
+
+async def get_active_version(session: AsyncSession, *, community: str | None = None) -> ModelVersion | None:
+    """The version of a voice that should be serving, if any (None: the shared voice): the one query for it
+    (serving, `/status`, the trainer)."""
     result: ModelVersion | None = await session.scalar(
-        select(ModelVersion).where(ModelVersion.status == VersionStatus.ACTIVE)
+        select(ModelVersion).where(ModelVersion.status == VersionStatus.ACTIVE, _of_voice(community))
     )
     return result
+
+
+async def active_versions(session: AsyncSession) -> Sequence[ModelVersion]:
+    """The active version of every voice (the shared one and each community's)."""
+    result = await session.scalars(select(ModelVersion).where(ModelVersion.status == VersionStatus.ACTIVE))
+    return result.all()
 
 
 async def activate_version(
@@ -94,7 +116,7 @@ async def activate_version(
     previous_becomes: VersionStatus = VersionStatus.RETIRED,
     now: datetime | None = None,
 ) -> ModelVersion:
-    """Makes `version_id` the active version, retiring (or marking rolled back) the one it replaces.
+    """Makes `version_id` the active version of its voice, retiring (or marking rolled back) the one it replaces.
 
     The old row is demoted before the new one is promoted, inside the caller's transaction, so the one-active
     index is never violated mid-way and nobody ever observes zero or two active versions.
@@ -108,7 +130,7 @@ async def activate_version(
         return version
     await session.execute(
         update(ModelVersion)
-        .where(ModelVersion.status == VersionStatus.ACTIVE, ModelVersion.id != version_id)
+        .where(ModelVersion.status == VersionStatus.ACTIVE, ModelVersion.id != version_id, _of_voice(version.community))
         .values(status=previous_becomes)
         .execution_options(synchronize_session="fetch")
     )
@@ -140,6 +162,45 @@ async def versions_trained_on_user(session: AsyncSession, *, user_id: int) -> Se
     contained = select(ModelVersionMessage.model_version_id).where(ModelVersionMessage.user_id == user_id)
     result = await session.scalars(select(ModelVersion).where(ModelVersion.id.in_(contained)).order_by(ModelVersion.id))
     return result.all()
+
+
+async def mark_holding_withdrawn(session: AsyncSession, *, user_id: int, now: datetime) -> list[ModelVersion]:
+    """Marks every version trained on this user's messages as holding withdrawn data (/forget, /optout), and every
+    full fine-tune trained on top of one (it inherited its weights); returns the ones newly marked. Such a
+    version is never served, trained on or rolled back to again. (An adapter starts fresh from the base: it
+    inherits nothing.)"""
+    holding = {v.id: v for v in await versions_trained_on_user(session, user_id=user_id)}
+    while True:
+        children = await session.scalars(
+            select(ModelVersion).where(ModelVersion.parent_id.in_(holding), ModelVersion.id.not_in(holding))
+        )
+        inherited = [child for child in children.all() if child.metrics.get("method", "full") == "full"]
+        if not inherited:
+            break
+        holding.update((child.id, child) for child in inherited)
+    marked = [version for version in holding.values() if version.holds_withdrawn_at is None]
+    for version in marked:
+        version.holds_withdrawn_at = now
+    await session.flush()
+    return sorted(marked, key=lambda version: version.id)
+
+
+async def newest_clean_version(session: AsyncSession, *, community: str | None) -> ModelVersion | None:
+    """What serves a voice whose active version holds withdrawn data: its most recently active version that holds
+    none and still has its files (None: the bare base model)."""
+    result: ModelVersion | None = await session.scalar(
+        select(ModelVersion)
+        .where(
+            _of_voice(community),
+            ModelVersion.activated_at.is_not(None),
+            ModelVersion.holds_withdrawn_at.is_(None),
+            ModelVersion.pruned_at.is_(None),
+            ModelVersion.status.in_(RETIRING_STATUSES),
+        )
+        .order_by(ModelVersion.activated_at.desc(), ModelVersion.id.desc())
+        .limit(1)
+    )
+    return result
 
 
 async def manifest_message_ids(session: AsyncSession, *, version_id: int) -> set[int]:
@@ -192,6 +253,7 @@ async def runs_in_progress(session: AsyncSession, *, lock: bool = False) -> Sequ
 
 
 WEIGHT_FILES = (
+    "adapter_model.safetensors",  # a community's voice: a LoRA adapter (with adapter_config.json, no config.json)
     "model.safetensors",
     "pytorch_model.bin",
     "model.safetensors.index.json",
@@ -210,26 +272,32 @@ def version_files_problem(path: str | Path) -> str | None:
         return "files missing"
     if not directory.is_dir():
         return "not a directory"
+    config = "adapter_config.json" if (directory / "adapter_config.json").is_file() else "config.json"
     try:
-        json.loads((directory / "config.json").read_text())
+        json.loads((directory / config).read_text())
     except FileNotFoundError:
         return "config.json missing"
     except (OSError, ValueError):
-        return "config.json unreadable"
+        return f"{config} unreadable"
     if not any((directory / name).is_file() for name in WEIGHT_FILES):
         return "weights missing"
     return None
 
 
-async def fallback_versions(session: AsyncSession, *, besides: int | None) -> Sequence[ModelVersion]:
-    """Versions that served well before (retired, not rolled back or rejected) and still have their files (not
-    pruned), most recently active first: what to serve when the active version cannot be loaded."""
+async def fallback_versions(
+    session: AsyncSession, *, besides: int | None, community: str | None = None
+) -> Sequence[ModelVersion]:
+    """A voice's versions that served well before (retired, not rolled back or rejected), still have their files
+    (not pruned) and hold no withdrawn data, most recently active first: what to serve when the active version
+    cannot be loaded."""
     query = (
         select(ModelVersion)
         .where(
             ModelVersion.status == VersionStatus.RETIRED,
             ModelVersion.activated_at.is_not(None),
             ModelVersion.pruned_at.is_(None),
+            ModelVersion.holds_withdrawn_at.is_(None),
+            _of_voice(community),
         )
         .order_by(ModelVersion.activated_at.desc(), ModelVersion.id.desc())
     )
@@ -244,7 +312,7 @@ async def rollback_target(session: AsyncSession, *, active: ModelVersion | None)
     definition for the switch and for MODELS_KEEP, which must never delete its files."""
     if active is None:
         return None
-    earlier = await fallback_versions(session, besides=active.id)
+    earlier = await fallback_versions(session, besides=active.id, community=active.community)
     return earlier[0] if earlier else None
 
 

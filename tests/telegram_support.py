@@ -4,7 +4,7 @@ Telegram (`tests/fake_telegram.py`), a started backend, and the whole service as
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +12,7 @@ from typing import Any
 from bot.telegram import TelegramBackend
 from core.db import Database
 from core.engine import Engine, ModelRef
-from core.outcomes import RunStarted
+from core.outcomes import RunStarted, VoicesQueued
 from core.service import ChatService
 from core.settings import Settings
 from tests.fake_telegram import FakeTelegram
@@ -45,10 +45,21 @@ class RecordingRetrainer:
         self.requests: list[str] = []
 
     async def request(
-        self, *, triggered_by: str, notify_platform: str | None, notify_chat_id: str | None
+        self,
+        *,
+        triggered_by: str,
+        notify_platform: str | None,
+        notify_chat_id: str | None,
+        community: str | None = None,
     ) -> RunStarted:
         self.requests.append(triggered_by)
         return RunStarted(len(self.requests), reports_here=notify_chat_id is not None)
+
+    async def retrain_voices(
+        self, communities: Sequence[str | None], *, triggered_by: str, notify: tuple[str, str] | None = None
+    ) -> VoicesQueued:
+        self.requests.append(triggered_by)
+        return VoicesQueued(tuple(community or "shared" for community in communities))
 
 
 @dataclass

@@ -333,7 +333,7 @@ async def test_too_little_data_fails_with_a_clear_reason(base_loop: Loop) -> Non
     await base_loop.ask("hello", user="906")
     assert (await base_loop.admin("/retrain")).startswith("Training run #1 started")
     failed = await base_loop.notifier.wait_for("Training run #1 failed")
-    assert "not enough conversation to train on yet" in failed and "at least two conversations" in failed
+    assert "not enough conversation to train on yet" in failed and "at least two usable messages" in failed
     run = await run_row(base_loop.db, 1)
     assert run.status is RunStatus.FAILED and run.model_version_id is None
     assert not base_loop.settings.models_dir.exists() or not any(base_loop.settings.models_dir.iterdir())

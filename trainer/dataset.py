@@ -16,7 +16,11 @@ label it fills at inference). Pipeline, in order:
    ones stay is a deterministic hash, not "the first N");
 4. every line that is not a target in the end (step 2 or 3) is marked not learnable wherever it appears as
    context, so it carries no loss anywhere (`trainer.packing` masks it);
-5. a deterministic split by conversation into train and eval.
+5. a deterministic split by conversation into train and eval; a log that is one long conversation (a community
+   whose group never pauses) holds out its most recent part instead (`split_by_conversation`).
+
+A community's voice (VOICE_SCOPE=community) reads only that community's chats (`community=`), so its held-out
+split, its caps and its filters are its own.
 
 The dataset is tokenizer-free on purpose: the promotion gate scores the active and the new model, which may use
 different tokenizers, on the same split. The token-length bound is applied when samples are encoded
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -78,9 +83,10 @@ class _Row:
     """A bot reply to a message by a user who opted out: it leaves the data with their turns."""
 
 
-async def build_dataset(settings: Settings, db: Database) -> DatasetReport:
-    """Reads every logged message and returns the filtered, capped, split samples with the exclusion counts."""
-    rows, rolled_back = await _read_rows(db)
+async def build_dataset(settings: Settings, db: Database, *, community: str | None = None) -> DatasetReport:
+    """Reads the logged messages (every chat's, or with `community` only that community's) and returns the
+    filtered, capped, split samples with the exclusion counts."""
+    rows, rolled_back = await _read_rows(db, community)
     if not settings.train_exclude_rolled_back:
         rolled_back = set()
     report = DatasetReport(train=[], eval=[], messages_read=len(rows))
@@ -95,7 +101,7 @@ async def build_dataset(settings: Settings, db: Database) -> DatasetReport:
     return report
 
 
-async def _read_rows(db: Database) -> tuple[list[_Row], set[int]]:
+async def _read_rows(db: Database, community: str | None) -> tuple[list[_Row], set[int]]:
     """Every message in chat order with its author's opt-out flag, and the ids of rolled-back versions.
 
     A bot reply also carries the opt-out flag of the person it answered (`reply_to_id` -> that message's author).
@@ -124,6 +130,8 @@ async def _read_rows(db: Database) -> tuple[list[_Row], set[int]]:
         .outerjoin(asker, asked.author_id == asker.id)
         .order_by(Message.chat_id, Message.id)
     )
+    if community is not None:
+        query = query.where(Chat.community == community)
     rolled_back_query = select(ModelVersion.id).where(ModelVersion.status == VersionStatus.ROLLED_BACK)
     async with db.sessions() as session:
         rolled_back = set((await session.scalars(rolled_back_query)).all())
@@ -237,8 +245,11 @@ def split_by_conversation(samples: Sequence[Sample], eval_fraction: float) -> tu
 
     Training never comes out empty (if the hash put every conversation in eval, the highest-hash one comes back),
     and with two or more conversations neither does eval (if the hash put none there, the lowest-hash one goes).
+    With one conversation, its most recent part is held out (`split_by_time`).
     """
     keys = sorted({s.conversation for s in samples}, key=stable_fraction)
+    if len(keys) == 1:
+        return split_by_time(samples, eval_fraction)
     held = {key for key in keys if stable_fraction(key) < eval_fraction}
     if len(keys) >= 2 and not held:
         held = {keys[0]}
@@ -247,6 +258,16 @@ def split_by_conversation(samples: Sequence[Sample], eval_fraction: float) -> tu
     train = [s for s in samples if s.conversation not in held]
     held_out = [s for s in samples if s.conversation in held]
     return train, held_out
+
+
+def split_by_time(samples: Sequence[Sample], eval_fraction: float) -> tuple[list[Sample], list[Sample]]:
+    """Holds out the most recent `eval_fraction` of one conversation's samples (at least one, when there are two):
+    a group that talks without pause is one conversation and must still train. Training samples are all older
+    than held-out ones, so none of them saw a held-out line, even as context."""
+    if len(samples) < 2:
+        return list(samples), []
+    held = min(len(samples) - 1, max(1, math.ceil(len(samples) * eval_fraction)))
+    return list(samples[:-held]), list(samples[-held:])
 
 
 def samples_from_dialogues(dialogues: Iterable[Dialogue], *, history_turns: int) -> list[Sample]:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
@@ -50,11 +50,14 @@ from core.outcomes import (
     SwapOutcome,
     SwapState,
     TrainingAgain,
+    VoicesQueued,
 )
 from core.retraining import ServingFollower
 from core.settings import Settings
+from core.storage import communities_with_new_data
 from core.telemetry import Telemetry
-from core.texts import run_outcome, run_progress, run_request
+from core.texts import run_outcome, run_progress, run_request, voices_progress, voices_summary
+from core.versions import SHARED_VOICE
 from trainer import runs
 from trainer.celery_queue import QueueUnreachableError, RunQueue
 from trainer.process import spawn_trainer
@@ -102,6 +105,19 @@ class _Run:
     watchdog: asyncio.Task[None] | None = None
     rerun: _Run | None = None
     """The run started because this one's data was withdrawn (set before this one's task finishes)."""
+    community: str | None = None
+    """The voice it trains (None: the shared voice)."""
+
+
+@dataclass(frozen=True)
+class _QueuedVoice:
+    """A voice waiting for its run in a retrain of several voices (`retrain_voices`)."""
+
+    community: str | None
+    triggered_by: str
+    notify: tuple[str, str] | None
+    position: int
+    total: int
 
 
 class TrainingOrchestrator:
@@ -138,6 +154,9 @@ class TrainingOrchestrator:
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._queue: RunQueue | None = None
+        self._voices: list[_QueuedVoice] = []  # voices waiting for their run, in order
+        self._voice_outcomes: dict[tuple[str, str], list[tuple[str, RunOutcome | RunRequest]]] = {}
+        self._draining: asyncio.Task[None] | None = None
 
     @property
     def running(self) -> RunningRun | None:
@@ -160,6 +179,9 @@ class TrainingOrchestrator:
         """Stops the schedule and terminates a running child, whose run is failed "stopped with the bot". A run
         queued for a worker goes on: this process only stops following it."""
         self._stopping = True
+        if self._draining is not None:
+            self._draining.cancel()
+            await asyncio.gather(self._draining, return_exceptions=True)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -172,6 +194,18 @@ class TrainingOrchestrator:
         if self._queue is not None:
             self._queue.close()
             self._queue = None
+
+    async def idle(self) -> None:
+        """Returns once no run is followed and no queued voice waits for one (`magpie retrain` of every
+        community, and tests, await the queue this way)."""
+        while True:
+            if self._draining is not None and not self._draining.done():
+                await asyncio.gather(asyncio.shield(self._draining), return_exceptions=True)
+                continue
+            current = self._current
+            if current is None or current.task is None:
+                return
+            await asyncio.gather(asyncio.shield(current.task), return_exceptions=True)
 
     async def wait_for_run(self, *, notify: tuple[str, str]) -> RunOutcome | None:
         """The running run's outcome (after its rerun, if it has one), if that run reports to `notify` (platform,
@@ -202,17 +236,96 @@ class TrainingOrchestrator:
     # --- starting runs ----------------------------------------------------------------------------------------
 
     async def request(
-        self, *, triggered_by: str, notify_platform: str | None, notify_chat_id: str | None
+        self,
+        *,
+        triggered_by: str,
+        notify_platform: str | None,
+        notify_chat_id: str | None,
+        community: str | None = None,
     ) -> RunRequest:
         """Starts a run in the background (see `core.retraining.Retrainer`)."""
         notify = (notify_platform, notify_chat_id) if notify_platform and notify_chat_id else None
-        started = await self._begin(triggered_by, notify=notify, on_progress=None)
+        if community is None and self._settings.community_voices:
+            return await self.retrain_voices(await self.communities_due(), triggered_by=triggered_by, notify=notify)
+        started = await self._begin(triggered_by, notify=notify, on_progress=None, community=community)
         if isinstance(started, _Run):
             return RunStarted(started.run_id, reports_here=notify is not None)
         return started
 
+    async def retrain_voices(
+        self, communities: Sequence[str | None], *, triggered_by: str, notify: tuple[str, str] | None = None
+    ) -> VoicesQueued:
+        """Queues a run of each voice, carried out one after another (see `core.retraining.Retrainer`); the
+        requester hears each one's progress and, at the end, one summary of every outcome."""
+        waiting = {queued.community for queued in self._voices}
+        fresh = [community for community in dict.fromkeys(communities) if community not in waiting]
+        for position, community in enumerate(fresh, start=1):
+            self._voices.append(_QueuedVoice(community, triggered_by, notify, position, len(fresh)))
+        if fresh and notify is not None:
+            self._voice_outcomes.setdefault(notify, [])
+        if fresh and (self._draining is None or self._draining.done()):
+            self._draining = asyncio.create_task(self._drain_voices(), name="magpie-voice-runs")
+        names = tuple(community or SHARED_VOICE for community in fresh)
+        return VoicesQueued(names, reports_here=notify is not None and bool(fresh))
+
+    async def _drain_voices(self) -> None:
+        """Runs the queued voices one after another, each after the run in progress (whoever started it)."""
+        while self._voices and not self._stopping:
+            queued = self._voices[0]
+            outcome = await self._run_voice(queued)
+            self._voices.pop(0)
+            log.info("voice %s: %s", queued.community or SHARED_VOICE, outcome)
+            if queued.notify is None:
+                continue
+            outcomes = self._voice_outcomes.setdefault(queued.notify, [])
+            outcomes.append((queued.community or SHARED_VOICE, outcome))
+            if not any(later.notify == queued.notify for later in self._voices):
+                await self._notify(queued.notify, voices_summary(self._voice_outcomes.pop(queued.notify)))
+
+    async def _run_voice(self, queued: _QueuedVoice) -> RunOutcome | RunRequest:
+        """One queued voice's run, awaited; a run in progress (or starting elsewhere) is waited out first."""
+        while not self._stopping:
+            current = self._current
+            if current is not None and current.task is not None:
+                await asyncio.gather(asyncio.shield(current.task), return_exceptions=True)
+                continue
+            on_progress = self._voice_progress(queued)
+            started = await self._begin(
+                queued.triggered_by, notify=None, on_progress=on_progress, ignore_cooldown=True,
+                community=queued.community,
+            )  # fmt: skip
+            if isinstance(started, _Run):
+                return await self._final_outcome(started, stop_reason=None)
+            if not isinstance(started, AlreadyRunning):
+                return started
+            await asyncio.sleep(self._poll_interval_s)  # another process's run: wait for it to end
+        return CouldNotStart()
+
+    def _voice_progress(self, queued: _QueuedVoice) -> ProgressCallback | None:
+        notify = queued.notify
+        if notify is None or queued.community is None:
+            return None
+        next_mark = PROGRESS_STEP
+
+        async def report(fraction: float) -> None:
+            nonlocal next_mark
+            if fraction < next_mark or fraction >= 1.0:
+                return
+            while next_mark <= fraction:
+                next_mark += PROGRESS_STEP
+            assert queued.community is not None
+            await self._notify(notify, voices_progress(queued.community, queued.position, queued.total, fraction))
+
+        return report
+
     async def run_in_foreground(
-        self, *, triggered_by: str, on_progress: ProgressCallback, force: bool = False, stop_running: bool = False
+        self,
+        *,
+        triggered_by: str,
+        on_progress: ProgressCallback,
+        force: bool = False,
+        stop_running: bool = False,
+        community: str | None = None,
     ) -> RunOutcome | RunRefused:
         """`magpie retrain`: the same checks and child as `request`, awaited.
 
@@ -224,11 +337,19 @@ class TrainingOrchestrator:
         clear = force or stop_running
         policy = StartPolicy(clear_starting=clear, stop_running_by=triggered_by if stop_running else None)
         started = await self._begin(
-            triggered_by, notify=None, on_progress=on_progress, policy=policy, ignore_cooldown=clear
-        )
+            triggered_by, notify=None, on_progress=on_progress, policy=policy, ignore_cooldown=clear,
+            community=community,
+        )  # fmt: skip
         if not isinstance(started, _Run):
             return started
         return await self._final_outcome(started, stop_reason=RunEndReason.INTERRUPTED_FROM_SHELL)
+
+    async def communities_due(self) -> list[str]:
+        """VOICE_SCOPE=community: the communities with enough new data to train (what a retrain of every community
+        trains, in this order)."""
+        async with self._db.sessions() as session:
+            due = await communities_with_new_data(session, min_new_messages=self._settings.retrain_min_new_messages)
+        return [community for community, _ in due]
 
     async def _begin(
         self,
@@ -239,6 +360,7 @@ class TrainingOrchestrator:
         policy: StartPolicy = _LEAVE_RUNS_ALONE,
         ignore_cooldown: bool = False,
         rerun_of: int | None = None,
+        community: str | None = None,
     ) -> _Run | RunRefused:
         async with self._start_lock:
             now = self._clock()
@@ -246,7 +368,7 @@ class TrainingOrchestrator:
             if refusal is not None:
                 return refusal
             created = await runs.create(
-                self._db, triggered_by=triggered_by, notify=notify, now=now, queued=self._queued
+                self._db, triggered_by=triggered_by, notify=notify, now=now, queued=self._queued, community=community
             )
             if isinstance(created, AlreadyRunning):
                 return created
@@ -256,7 +378,7 @@ class TrainingOrchestrator:
             if handle is None:
                 return CouldNotStart(queue_unreachable=self._queued)
             progress = on_progress or self._progress_notifier(run_id, notify)
-            run = _Run(run_id, handle, notify, progress, started_at=now, rerun_of=rerun_of)
+            run = _Run(run_id, handle, notify, progress, started_at=now, rerun_of=rerun_of, community=community)
             self._follow_run(run)
             return run
 
@@ -363,6 +485,7 @@ class TrainingOrchestrator:
             on_progress=on_progress,
             ignore_cooldown=True,
             rerun_of=run.run_id,
+            community=run.community,
         )
         if not isinstance(started, _Run):
             return TrainingAgain(refused=started)
@@ -452,6 +575,7 @@ class TrainingOrchestrator:
         new_messages = await scheduled_run_due(self._db, self._settings, now=self._clock())
         if new_messages is None:
             return None
+        # VOICE_SCOPE=community: every community with enough new data, one after another.
         result = await self.request(triggered_by="schedule", notify_platform=None, notify_chat_id=None)
         log.info("scheduled retraining (%d new messages): %s", new_messages, run_request(result))
         return result

@@ -48,7 +48,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from core.db import Database
 from core.errors import MagpieError, ModelLoadError
@@ -89,6 +89,16 @@ class NotEnoughDataError(MagpieError):
     """The logged conversations do not yet make a training set with a held-out split."""
 
 
+class SharedVoiceNotTrainedError(MagpieError):
+    """VOICE_SCOPE=community: the shared voice (private chats) is the base model, never trained on anyone's log."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "with VOICE_SCOPE=community the shared voice is the base model and is not trained: each community "
+            "trains its own voice"
+        )
+
+
 class DataWithdrawnError(MagpieError):
     """Messages the new version trained on were deleted or withdrawn while it trained: it must not serve."""
 
@@ -103,11 +113,16 @@ class DataWithdrawnError(MagpieError):
 
 @dataclass(frozen=True)
 class StartPoint:
-    """The model a run starts from and is compared with: the active version, or BASE_MODEL (version id None)."""
+    """The model a run is compared with (its voice's active version, or BASE_MODEL: version id None) and the one
+    it trains from: the same for a full fine-tune of the shared voice, BASE_MODEL for an adapter (a community's
+    voice, or TRAIN_METHOD=lora), which always starts fresh."""
 
     source: str
     name: str
     version_id: int | None
+    trains_from: str
+    method: Literal["full", "lora"] = "full"
+    community: str | None = None
 
 
 @dataclass(frozen=True)
@@ -182,25 +197,25 @@ async def _train_and_gate(
     # torch and transformers load only now, so a run without enough data fails in a moment.
     from trainer.train import TrainArguments, train
 
-    # Dataset: everything the filters let through, split by conversation.
-    emit({"event": "stage", "stage": "dataset"})
-    report = await build_dataset(settings, db)
-    _check_enough(report)
-
-    # Start point: the active version (or BASE_MODEL), recorded on the row as the run's parent.
+    # Voice and start point: its active version (or BASE_MODEL), recorded on the row as the run's parent.
     start = await _start_point(settings, db, run_id)
+
+    # Dataset: everything the filters let through (a community's voice: only its own chats), split.
+    emit({"event": "stage", "stage": "dataset"})
+    report = await build_dataset(settings, db, community=start.community)
+    _check_enough(report)
 
     # Train in a worker thread: the event loop stays free to record progress in the database.
     emit({"event": "stage", "stage": "training"})
     # No early stopping on the held-out conversations: the gate below scores the new version on them, and a
     # version picked for doing well on them would be judged on its own selection data.
-    args = TrainArguments.from_settings(settings, select_on_eval=False)
+    args = TrainArguments.from_settings(settings, select_on_eval=False, method=start.method)
     result = await asyncio.to_thread(
         train,
         args,
         report.train,
         report.eval,
-        model_source=start.source,
+        model_source=start.trains_from,
         output_dir=output_dir,
         parent_version=start.name,
         progress=_progress_reporter(db, run_id, emit, asyncio.get_running_loop()),
@@ -245,6 +260,9 @@ def _recorded(  # noqa: PLR0917 (the stages' results, in the order they came)
     from trainer.train import read_manifest
 
     version_metrics, run_metrics = _metrics(train_metrics, report, gate, version=output_dir.name)
+    # How it was made: a full fine-tune inherits its parent's weights (and whatever they learned), an adapter not.
+    version_metrics.update(method=start.method, trained_from=start.trains_from)
+    run_metrics.update(community=start.community)
     return Recorded(
         output_dir,
         start,
@@ -274,8 +292,8 @@ def _check_enough(report: DatasetReport) -> None:
     raise NotEnoughDataError(
         f"not enough conversation to train on yet: {len(report.train)} training and {len(report.eval)} held-out "
         f"samples from {conversations} conversation(s), out of {report.messages_read} logged messages. A run needs "
-        "usable messages in at least two conversations (one is held out to judge the new version); a /reset or "
-        "a long silence starts a new one."
+        "at least two usable messages: the most recent ones (with several conversations, whole conversations) "
+        "are held out to judge the new version."
     )
 
 
@@ -320,12 +338,23 @@ def _progress_reporter(
 
 
 async def _start_point(settings: Settings, db: Database, run_id: int) -> StartPoint:
+    """The run's voice (its row says), the version it is compared with, and what it trains from. A version that
+    holds withdrawn data is never a start point: a voice whose active version holds some (it is being replaced)
+    starts from BASE_MODEL."""
+    base = settings.base_model
     async with db.sessions.begin() as session:
-        active = await get_active_version(session)
+        community = await runs.community_of(session, run_id)
+        if community is None and settings.community_voices:
+            raise SharedVoiceNotTrainedError()
+        active = await get_active_version(session, community=community)
+        if active is not None and active.holds_withdrawn_at is not None:
+            active = None
         await runs.set_parent(session, run_id, active.id if active is not None else None)
+    method = "lora" if community is not None else settings.train_method
     if active is None:
-        return StartPoint(settings.base_model, settings.base_model, None)
-    return StartPoint(active.path, active.name, active.id)
+        return StartPoint(base, base, None, base, method, community)
+    trains_from = base if method == "lora" else active.path
+    return StartPoint(active.path, active.name, active.id, trains_from, method, community)
 
 
 def _metrics(
@@ -406,12 +435,15 @@ async def _record(db: Database, run_id: int, recorded: Recorded) -> RunStatus:
             metrics=recorded.version_metrics,
             note=f"trained by run #{run_id}",
             manifest=recorded.manifest.items(),
+            community=start.community,
         )
         run = await runs.lock_for_outcome(session, run_id)
         forbidden = recorded.forbidden(await withdrawn_training_data(session, version_id=version.id))
         if forbidden:
             raise DataWithdrawnError(forbidden)
-        active = await get_active_version(session)
+        active = await get_active_version(session, community=start.community)
+        if active is not None and active.holds_withdrawn_at is not None:
+            active = None  # being replaced by the clean version or the base, which the run was compared with
         reason = gate.reason
         if reason is None and (active.id if active is not None else None) != start.version_id:
             reason = RunEndReason.ACTIVE_CHANGED

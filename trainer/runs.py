@@ -71,10 +71,17 @@ class RunNotClaimableError(MagpieError):
 
 
 async def create(
-    db: Database, *, triggered_by: str, notify: tuple[str, str] | None, now: datetime, queued: bool = False
+    db: Database,
+    *,
+    triggered_by: str,
+    notify: tuple[str, str] | None,
+    now: datetime,
+    queued: bool = False,
+    community: str | None = None,
 ) -> int | AlreadyRunning:
-    """A new `running` row: who asked (the audit trail) and which chat hears the outcome; `queued` for a run a
-    worker will take. Another `running` row (a run another process started meanwhile) is returned instead."""
+    """A new `running` row: who asked (the audit trail), which chat hears the outcome and which voice it trains
+    (`community`; None: the shared voice); `queued` for a run a worker will take. Another `running` row (a run
+    another process started meanwhile) is returned instead."""
     try:
         async with db.sessions.begin() as session:
             run = TrainingRun(
@@ -85,6 +92,7 @@ async def create(
                 progress=0.0,
                 started_at=now,
                 heartbeat_at=now if queued else None,
+                community=community,
             )
             session.add(run)
             await session.flush()
@@ -185,6 +193,13 @@ async def set_progress(db: Database, run_id: int, fraction: float) -> None:
         run = await session.get(TrainingRun, run_id)
         if run is not None and run.status == RunStatus.RUNNING:
             run.progress = fraction
+
+
+async def community_of(session: AsyncSession, run_id: int) -> str | None:
+    """The voice a run trains (None: the shared voice)."""
+    run = await session.get(TrainingRun, run_id)
+    assert run is not None
+    return run.community
 
 
 async def set_parent(session: AsyncSession, run_id: int, version_id: int | None) -> None:

@@ -21,13 +21,15 @@ name and renamed into place at the end, so a killed run never leaves a half-writ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -108,6 +110,15 @@ class TrainArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training samples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many eval samples."})
     seed: int = field(default=42, metadata={"help": "Seed for initialisation, shuffling and dropout (SEED if set)."})
+    method: Literal["full", "lora"] = field(
+        default="full",
+        metadata={"help": "full: every weight (a whole model per version); lora: a LoRA adapter on the frozen model."},
+    )
+    lora_rank: int = field(default=8, metadata={"help": "The adapter's rank (LORA_RANK)."})
+    lora_alpha: int = field(default=16, metadata={"help": "The adapter's scaling numerator (LORA_ALPHA)."})
+    lora_targets: tuple[str, ...] = field(
+        default=("c_attn", "c_proj"), metadata={"help": "The modules the adapter changes (LORA_TARGETS)."}
+    )
 
     def __post_init__(self) -> None:
         positive = ("epochs", "batch_size", "learning_rate", "logging_steps", "threads", "eval_batch_size")
@@ -127,6 +138,8 @@ class TrainArguments:
                 raise ValueError(f"{name} must be at least 1 when set, got {value}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.method not in ("full", "lora") or self.lora_rank < 1 or not self.lora_targets:
+            raise ValueError(f"method must be full or lora with a rank >= 1 and targets, got {self.method!r}")
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> TrainArguments:
@@ -143,9 +156,15 @@ class TrainArguments:
             "loss_on_response_only": settings.train_loss_on_response_only,
             "precision": settings.train_precision,
             "device": settings.device,
+            "method": settings.train_method,
+            "lora_rank": settings.lora_rank,
+            "lora_alpha": settings.lora_alpha,
+            "lora_targets": tuple(settings.lora_targets),
         }
         if settings.seed is not None:
             values["seed"] = settings.seed
+        if overrides.get("method", settings.train_method) == "lora":
+            values["learning_rate"] = settings.lora_learning_rate
         return cls(**{**values, **overrides})
 
     def resolved_device(self) -> str:
@@ -188,11 +207,30 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+"""What makes a version directory a LoRA adapter (peft's file) rather than a whole model."""
+
+
+def adapter_base(source: str | Path) -> str | None:
+    """The model a LoRA adapter directory was trained on (None: `source` is a whole model, or a hub id)."""
+    config = Path(source) / ADAPTER_CONFIG
+    if not config.is_file():
+        return None
+    return str(json.loads(config.read_text())["base_model_name_or_path"])
+
+
 def load_for_training(source: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Model and tokenizer from a local directory (or a hub id, when online), with pad = EOS."""
+    """Model and tokenizer from a local directory (or a hub id, when online), with pad = EOS. A LoRA adapter
+    directory loads its base model with the adapter on top (for scoring; a new adapter always starts fresh)."""
+    base = adapter_base(source)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(base or source)
+        model = AutoModelForCausalLM.from_pretrained(base or source)
+        if base is not None:
+            from peft import PeftModel
+
+            with peft_notes_hidden():
+                model = PeftModel.from_pretrained(model, source)  # type: ignore[assignment]
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f'Model "{source}" could not be loaded for training ({type(exc).__name__}); '
@@ -275,8 +313,10 @@ def _train_into(
     transformers.set_seed(args.seed)
     torch.set_num_threads(args.threads)
 
-    # Model and tokenizer.
+    # Model and tokenizer; with `lora`, a fresh adapter on the frozen model (never one trained before).
     model, tokenizer = load_for_training(model_source)
+    if args.method == "lora":
+        model = with_fresh_adapter(model, args)
 
     # Tokenize: prompt and response separately (the response mask falls on a token boundary); bound the length.
     data = _tokenize(args, model, tokenizer, train_samples, eval_samples)
@@ -311,6 +351,33 @@ def _train_into(
     metrics["timings"] = {**timings, "total_s": time.perf_counter() - started}
     _save(model, tokenizer, directory, metrics=metrics, train=data.train)
     return metrics
+
+
+@contextlib.contextmanager
+def peft_notes_hidden() -> Iterator[None]:
+    """peft asks transformers for a name transformers deprecated (`is_gradient_checkpointing`): a FutureWarning
+    that is neither ours nor the operator's to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
+
+
+def with_fresh_adapter(model: PreTrainedModel, args: TrainArguments) -> PreTrainedModel:
+    """`model` frozen under a new LoRA adapter (`args.lora_*`). GPT-2's layers are `Conv1D`, whose weight is stored
+    transposed: `fan_in_fan_out` tells peft so."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        target_modules=list(args.lora_targets),
+        lora_dropout=0.0,
+        fan_in_fan_out=model.config.model_type == "gpt2",
+        task_type="CAUSAL_LM",
+    )
+    with peft_notes_hidden():
+        adapted: PreTrainedModel = get_peft_model(model, config)  # type: ignore[assignment]
+    return adapted
 
 
 def _start_version_dir(output_dir: Path) -> Path:
@@ -550,9 +617,11 @@ def _save(
     metrics: dict[str, Any],
     train: Sequence[Encoded],
 ) -> None:
-    """Weights as safetensors (save_pretrained's default), config, tokenizer, metrics and the manifest."""
+    """Weights as safetensors (save_pretrained's default), config, tokenizer, metrics and the manifest. An adapter
+    saves only its own weights and config: its tokenizer is its base model's."""
     model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    if not (directory / ADAPTER_CONFIG).is_file():
+        tokenizer.save_pretrained(directory)
     manifest = dict(pair for e in train for pair in e.sample.sources())
     (directory / "manifest.json").write_text(json.dumps({"messages": sorted(manifest.items())}))
     (directory / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))

@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from core.db import Database
 from core.models import ModelVersion, VersionStatus
 from core.settings import Settings
-from core.versions import directory_bytes, get_active_version, list_versions, rollback_target, runs_in_progress
+from core.versions import active_versions, directory_bytes, list_versions, rollback_target, runs_in_progress
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +115,13 @@ async def prune_after_promotion(settings: Settings, db: Database) -> None:
 
 
 async def _protected(session: AsyncSession) -> set[int]:
-    """The active version, the rollback target, and the start points of runs in progress."""
-    active = await get_active_version(session)
-    target = await rollback_target(session, active=active)
+    """Every voice's active version and rollback target, and the start points of runs in progress."""
+    protected: set[int] = set()
+    for active in await active_versions(session):
+        target = await rollback_target(session, active=active)
+        protected.update(version.id for version in (active, target) if version is not None)
     runs = await runs_in_progress(session)
-    protected = {run.parent_version_id for run in runs if run.parent_version_id is not None}
-    protected.update(version.id for version in (active, target) if version is not None)
+    protected.update(run.parent_version_id for run in runs if run.parent_version_id is not None)
     return protected
 
 

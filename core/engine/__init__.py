@@ -16,6 +16,16 @@ Why this shape:
 - *Swaps* load the new model in a separate thread while serving continues; at the next step new requests start on
   the new model while rows already decoding finish on the old one, side by side, so a reply is never written by
   two models and each `Generation` names the model that wrote it.
+- *Voices* (`_voices`): a community's voice is a peft LoRA adapter on the served model, loaded by name
+  (`load_voice`) and named per request (`generate_response(voice=...)`). Rows of different voices decode in the
+  same batch: each adapted projection adds `x @ A @ B` for its row's adapter, computed for all rows at once with
+  the active adapters' matrices joined side by side and a 0/1 mask per row (two small matmuls per layer whatever
+  the number of voices; a merge per request would serialise the communities, and peft's mixed-adapter forward
+  loops over row groups in every layer and needs its own module tree, which int8 serving replaces). The delta is
+  fp32 on top of whatever the base layer is (fp32, bf16, int8), rows without a voice get exactly the base model,
+  and a row keeps the adapter it started with when its voice is replaced or unloaded, like a swap.
+  Measured on GPT-2 small's shape (bench/voices.py, docs/benchmarks.md): 16 chats from 4 communities against
+  16 on one voice, and the memory each rank-8 adapter adds.
 
 Lifecycle of a request: `generate_response` queues it (or raises `EngineBusyError` when the queue is full) → when
 the engine is idle the worker waits up to `batch_wait_ms` for company; while rows decode, arrivals are taken at
@@ -27,7 +37,8 @@ not started, and if it is decoding its row leaves at the next step, freeing the 
 Modules: `_types` (the public value types, `EngineConfig` and `EngineStats` among them), `_loading`
 (from_pretrained and its errors), `_precision` (SERVE_PRECISION: int8/bf16 conversion and the loss gate of `auto`),
 `_prompts` (prompt fitting), `_batching` (the KV cache rows join and leave), `_sampling` (one row's next token and
-its end), `_engine` (the queue, the worker thread and the asyncio side).
+its end), `_voices` (LoRA adapters read from peft's files and applied per row), `_engine` (the queue, the worker
+thread and the asyncio side).
 """
 
 from __future__ import annotations
@@ -36,7 +47,16 @@ from core.engine._engine import Engine
 from core.engine._loading import hub_reachable, load_pretrained
 from core.engine._prompts import build_prompt_ids
 from core.engine._sampling import EMPTY_REPLY
-from core.engine._types import EngineConfig, EngineStats, Generation, GenerationParams, ModelRef, Precision
+from core.engine._types import (
+    EngineConfig,
+    EngineStats,
+    Generation,
+    GenerationParams,
+    ModelRef,
+    Precision,
+    VoiceRef,
+)
+from core.errors import UnknownVoiceError, VoiceLoadError
 
 __all__ = [
     "EMPTY_REPLY",
@@ -47,6 +67,9 @@ __all__ = [
     "GenerationParams",
     "ModelRef",
     "Precision",
+    "UnknownVoiceError",
+    "VoiceLoadError",
+    "VoiceRef",
     "build_prompt_ids",
     "hub_reachable",
     "load_pretrained",

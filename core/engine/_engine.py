@@ -3,7 +3,12 @@ asyncio side.
 
 Threading: the event loop only appends to and removes from the queue under `_cond` (held for microseconds, never
 during generation) and awaits futures; the worker thread does all torch work and hands results back with
-`loop.call_soon_threadsafe`. Model loads for swaps run in a third, short-lived thread.
+`loop.call_soon_threadsafe`. Model loads for swaps and adapter reads for voices run in a third, short-lived thread.
+
+Voices: `load_voice` reads a LoRA adapter off the worker thread and registers it under its name (under `_cond`);
+a request names its voice, checked when it is queued and resolved to the adapter when it is admitted, between two
+steps. A row keeps the adapter it was admitted with, so replacing or unloading a voice never changes a reply
+already being written (like a swap): the old adapter is dropped with its last row.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import torch
@@ -24,8 +30,17 @@ from core.engine._batching import KVBatch
 from core.engine._loading import LoadedModel, prepare
 from core.engine._prompts import build_prompt_ids
 from core.engine._sampling import RowDecoder, reply_budget
-from core.engine._types import EngineConfig, EngineStats, Generation, GenerationParams, ModelRef
-from core.errors import EngineBusyError, EngineClosedError, EngineError, EngineTimeoutError, ModelLoadError
+from core.engine._types import EngineConfig, EngineStats, Generation, GenerationParams, ModelRef, VoiceRef
+from core.engine._voices import Adapter, VoiceRouting, attach, read_adapter
+from core.errors import (
+    EngineBusyError,
+    EngineClosedError,
+    EngineError,
+    EngineTimeoutError,
+    ModelLoadError,
+    UnknownVoiceError,
+    VoiceLoadError,
+)
 from core.logging_setup import current_correlation_id
 
 if TYPE_CHECKING:
@@ -45,6 +60,7 @@ class _Request:
     queued_at: float = field(default_factory=time.monotonic)
     withdrawn: bool = False  # set on the event loop when the caller gave up; read by the worker
     correlation_id: str | None = field(default_factory=current_correlation_id)  # the worker logs it with the row
+    voice: str | None = None  # the voice's name; resolved to its adapter when the row is admitted
 
 
 @dataclass(slots=True)
@@ -88,6 +104,7 @@ class Engine:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._swap_lock = asyncio.Lock()
+        self._voices: dict[str, Adapter] = {}  # the adapter each voice's new requests start on; under `_cond`
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Engine:
@@ -117,7 +134,20 @@ class Engine:
     def stats(self) -> EngineStats:
         """A consistent snapshot for metrics; the counters only grow, so a scraper derives rates from them."""
         with self._cond:
-            return EngineStats(len(self._pending), self._running, self._tokens_generated, self._generate_seconds)
+            return EngineStats(
+                len(self._pending),
+                self._running,
+                self._tokens_generated,
+                self._generate_seconds,
+                len(self._voices),
+                sum(adapter.nbytes for adapter in self._voices.values()),
+            )
+
+    @property
+    def voices(self) -> dict[str, VoiceRef]:
+        """The voices loaded now, by name, with the adapter directory each was loaded from."""
+        with self._cond:
+            return {name: adapter.ref for name, adapter in self._voices.items()}
 
     @property
     def context_window(self) -> int:
@@ -151,13 +181,15 @@ class Engine:
         *,
         params: GenerationParams | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 (includes queueing; the error must be EngineTimeoutError)
+        voice: str | None = None,
     ) -> Generation:
-        """The bot's next line after `turns`.
+        """The bot's next line after `turns`, in `voice` (a name given to `load_voice`; None: the model alone).
 
-        Raises `EngineBusyError` at once when the queue is full, `EngineTimeoutError` after `timeout` seconds
+        Raises `EngineBusyError` at once when the queue is full, `UnknownVoiceError` when `voice` is not loaded
+        (at once, or when it is unloaded before the request starts), `EngineTimeoutError` after `timeout` seconds
         (default `timeout_s`) of waiting plus generating, and `EngineClosedError` when the engine is not running.
         """
-        request = self._submit(turns, params or self._config.params)
+        request = self._submit(turns, params or self._config.params, voice)
         limit = self._config.timeout_s if timeout is None else timeout
         try:
             async with asyncio.timeout(limit):
@@ -190,6 +222,42 @@ class Engine:
             await switched
         log.info("swapped to model %s from %s in %s", ref.name, ref.source, loaded.precision)
 
+    async def load_voice(self, voice: str, adapter_dir: str | Path) -> None:
+        """Loads the peft LoRA adapter in `adapter_dir` (trained on the served base model) as `voice`.
+
+        The adapter is read and checked in another thread while serving continues; requests admitted from the next
+        step on speak with it. Loading a name that is loaded replaces it: rows already decoding with the old
+        adapter finish on it (a reply never mixes two adapters) and it is dropped with its last row. Raises
+        `VoiceLoadError` (the previous adapter, if any, stays) or `EngineClosedError`.
+        """
+        loaded = self._loaded
+        if loaded is None or self._closing:
+            raise EngineClosedError("the engine is not running")
+        adapter = await asyncio.to_thread(read_adapter, VoiceRef(voice, str(adapter_dir)), loaded.model)
+        with self._cond:
+            if self._closing:
+                raise EngineClosedError("the engine closed while the voice was loading")
+            replaced = self._voices.get(voice)
+            self._voices[voice] = adapter
+        log.info(
+            "%s voice %s from %s (%.1f MiB)",
+            "replaced" if replaced else "loaded",
+            voice,
+            adapter_dir,
+            adapter.nbytes / 2**20,
+        )
+
+    async def unload_voice(self, voice: str) -> None:
+        """Stops serving `voice`: later requests for it raise `UnknownVoiceError`, rows decoding with it finish.
+
+        Unloading a voice that is not loaded does nothing, so that "make sure this voice is gone" (erasure) needs no
+        check first.
+        """
+        with self._cond:
+            removed = self._voices.pop(voice, None)
+        if removed is not None:
+            log.info("unloaded voice %s (%s)", voice, removed.ref.source)
+
     async def close(self) -> None:
         """Fails waiting requests with `EngineClosedError`, lets the rows being decoded finish, and joins the worker."""
         with self._cond:
@@ -205,12 +273,14 @@ class Engine:
             await asyncio.to_thread(self._thread.join)
         self._loaded = None
 
-    def _submit(self, turns: Sequence[Turn], params: GenerationParams) -> _Request:
+    def _submit(self, turns: Sequence[Turn], params: GenerationParams, voice: str | None) -> _Request:
         loop = asyncio.get_running_loop()
-        request = _Request(tuple(turns), params, loop, loop.create_future())
+        request = _Request(tuple(turns), params, loop, loop.create_future(), voice=voice)
         with self._cond:
             if self._loaded is None or self._closing:
                 raise EngineClosedError("the engine is not running")
+            if voice is not None and voice not in self._voices:
+                raise UnknownVoiceError(f"voice {voice!r} is not loaded")
             if len(self._pending) >= self._config.queue_size:
                 raise EngineBusyError(f"{len(self._pending)} requests are already waiting")
             self._pending.append(request)
@@ -287,17 +357,37 @@ class Engine:
         cohort = self._cohorts[-1]
         live = [request for request in arrivals if not request.withdrawn]
         self._release(len(arrivals) - len(live))
-        if not live:
+        voiced = self._resolve_voices(live, cohort)
+        if not voiced:
             return
         started = time.perf_counter()
         try:
-            rows = cohort.admit(live, history_turns=self._config.history_turns, seed=self._config.seed)
+            rows = cohort.admit(voiced, history_turns=self._config.history_turns, seed=self._config.seed)
         except Exception:
-            log.exception("prefill failed for %d requests", len(live))
-            self._fail(live)
+            log.exception("prefill failed for %d requests", len(voiced))
+            self._fail([request for request, _ in voiced])
             return
         self._account(len(rows), time.perf_counter() - started)
         self._finish(cohort)
+
+    def _resolve_voices(self, requests: list[_Request], cohort: _Cohort) -> list[tuple[_Request, Adapter | None]]:
+        """Each request with the adapter of its voice as loaded now; a request whose voice was unloaded meanwhile,
+        or whose adapter does not fit the model (a swap to another base), fails here."""
+        with self._cond:
+            voices = dict(self._voices)
+        resolved: list[tuple[_Request, Adapter | None]] = []
+        for request in requests:
+            adapter = voices.get(request.voice) if request.voice is not None else None
+            try:
+                if request.voice is not None and adapter is None:
+                    raise UnknownVoiceError(f"voice {request.voice!r} is not loaded")
+                if adapter is not None:
+                    cohort.attach(adapter)
+            except (UnknownVoiceError, VoiceLoadError) as exc:
+                self._fail([request], exc)
+                continue
+            resolved.append((request, adapter))
+        return resolved
 
     def _step(self) -> None:
         """One decoding step for every model's rows; finished and withdrawn rows leave at once."""
@@ -324,7 +414,8 @@ class Engine:
         finished = cohort.pop_finished()
         self._release(len(finished))  # before delivering, so a caller holding its reply never sees itself counted
         for row in finished:
-            _deliver(row.request.loop, row.request.future, Generation(row.decoder.text(), cohort.loaded.ref))
+            voice = row.adapter.ref if row.adapter is not None else None
+            _deliver(row.request.loop, row.request.future, Generation(row.decoder.text(), cohort.loaded.ref, voice))
             log.debug(
                 "reply of %d tokens by %s, %d rows decoding",
                 len(row.decoder.tokens),
@@ -333,10 +424,10 @@ class Engine:
                 extra={"correlation_ids": [row.request.correlation_id]},
             )
 
-    def _fail(self, requests: list[_Request]) -> None:
+    def _fail(self, requests: list[_Request], error: EngineError | ModelLoadError | None = None) -> None:
         self._release(len(requests))
         for request in requests:
-            _deliver(request.loop, request.future, EngineError("generation failed"))
+            _deliver(request.loop, request.future, error or EngineError("generation failed"))
 
     def _release(self, rows: int) -> None:
         if rows:
@@ -353,6 +444,7 @@ class Engine:
 class _Row:
     request: _Request
     decoder: RowDecoder
+    adapter: Adapter | None = None  # the voice it speaks with, fixed for the whole reply
 
 
 class _Cohort:
@@ -362,12 +454,24 @@ class _Cohort:
         self.loaded = loaded
         self.rows: list[_Row] = []
         self._batch = KVBatch(loaded.model)
+        self._routing = VoiceRouting()
+        self._routed = True  # whether the routing matches `rows` (a prefill routes only the newcomers)
+        self._attached: set[int] = set()  # serials of the adapters wrapped into this model
 
-    def admit(self, requests: list[_Request], *, history_turns: int, seed: int | None) -> list[_Row]:
-        """Prefills `requests` as new rows and chooses each one's first token."""
+    def attach(self, adapter: Adapter) -> None:
+        """Makes `adapter` applicable to this model's rows (wraps its target layers once); may raise
+        `VoiceLoadError`."""
+        if adapter.serial not in self._attached:
+            attach(self.loaded.model, adapter, self._routing)
+            self._attached.add(adapter.serial)
+
+    def admit(
+        self, requests: list[tuple[_Request, Adapter | None]], *, history_turns: int, seed: int | None
+    ) -> list[_Row]:
+        """Prefills `requests` as new rows (each with its voice's adapter) and chooses each one's first token."""
         loaded = self.loaded
         rows, prompts = [], []
-        for request in requests:
+        for request, adapter in requests:
             new_tokens = reply_budget(request.params, loaded)
             prompt = build_prompt_ids(
                 request.turns,
@@ -376,7 +480,9 @@ class _Cohort:
                 history_turns=history_turns,
             )
             prompts.append(prompt)
-            rows.append(_Row(request, RowDecoder(loaded, prompt, request.params, seed=seed)))
+            rows.append(_Row(request, RowDecoder(loaded, prompt, request.params, seed=seed), adapter))
+        self._route([row.adapter for row in rows])
+        self._routed = False
         logits = self._batch.prefill(prompts)
         for row, row_logits in zip(rows, logits, strict=True):
             row.decoder.choose(row_logits)
@@ -384,6 +490,9 @@ class _Cohort:
         return rows
 
     def step(self) -> None:
+        if not self._routed:
+            self._route([row.adapter for row in self.rows])
+            self._routed = True
         logits = self._batch.step([row.decoder.tokens[-1] for row in self.rows])
         for row, row_logits in zip(self.rows, logits, strict=True):
             row.decoder.choose(row_logits)
@@ -398,10 +507,14 @@ class _Cohort:
         return finished
 
     def reset(self) -> None:
-        self.rows, self._batch = [], KVBatch(self.loaded.model)
+        self.rows, self._batch, self._routed = [], KVBatch(self.loaded.model), False
+
+    def _route(self, adapters: list[Adapter | None]) -> None:
+        if self._attached:  # a model no voice was ever attached to has no layer that reads the routing
+            self._routing.route(adapters, self.loaded.model.device)
 
     def _keep(self, rows: list[_Row]) -> None:
         if len(rows) != len(self.rows):
             position = {id(row): index for index, row in enumerate(self.rows)}
             self._batch.keep([position[id(row)] for row in rows])
-            self.rows = rows
+            self.rows, self._routed = rows, False

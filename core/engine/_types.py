@@ -103,18 +103,31 @@ class ModelRef:
 
 
 @dataclass(frozen=True, slots=True)
+class VoiceRef:
+    """A voice: a LoRA adapter on the served model, by the name requests use and the directory it was loaded from."""
+
+    name: str
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
 class Generation:
-    """A reply (never the prompt, never empty) and the model that actually wrote it, which matters across a swap."""
+    """A reply (never the prompt, never empty) and the model that actually wrote it, which matters across a swap;
+    `voice` is the adapter it spoke with (None: the model alone), which matters when a voice is replaced."""
 
     text: str
     model: ModelRef
+    voice: VoiceRef | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class EngineStats:
-    """What the engine is doing, for metrics: requests waiting, rows decoding, and two counters that only grow."""
+    """What the engine is doing, for metrics: requests waiting, rows decoding, two counters that only grow, and
+    the voices loaded."""
 
     queue_depth: int
     batch_rows: int
     tokens_generated: int
     generate_seconds: float
+    voices_loaded: int = 0
+    voice_bytes: int = 0  # what the loaded voices' adapter matrices take
