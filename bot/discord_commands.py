@@ -18,7 +18,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import discord
 from discord import app_commands
@@ -26,14 +26,21 @@ from discord import app_commands
 from bot.backend import Part
 from core.errors import MagpieError
 from core.i18n import SOURCE_LANGUAGE, supported_language, translate
-from core.messages import COMMANDS, Attachment
-from core.texts import CHAT_COMMAND_DESCRIPTION, CHAT_TEXT_DESCRIPTION, ROLLBACK_VERSION_DESCRIPTION
+from core.messages import ADMIN_COMMANDS, CHAT_ADMIN_COMMANDS, COMMANDS, Attachment
+from core.texts import (
+    CHAT_COMMAND_DESCRIPTION,
+    CHAT_TEXT_DESCRIPTION,
+    LEARNING_SETTING_DESCRIPTION,
+    ROLLBACK_VERSION_DESCRIPTION,
+)
 
 log = logging.getLogger(__name__)
 
 CommandRunner = Callable[[discord.Interaction, str], Awaitable[None]]
 """Receives the interaction and the text it stands for (`/reset`, `/rollback v2`, or plain chat text)."""
 
+MANAGERS = discord.Permissions(manage_guild=True)
+"""Who sees the admin commands in a server by default (Discord's `default_member_permissions`)."""
 NO_MENTIONS = discord.AllowedMentions.none()
 SAFE_MENTIONS = discord.AllowedMentions(everyone=False, users=False, roles=False, replied_user=True)
 """Generated text can never ping anyone; only the user the bot replies to is notified, as for a human reply."""
@@ -121,7 +128,12 @@ def build_command_tree(client: discord.Client, run: CommandRunner) -> app_comman
     tree.on_error = _report_error  # type: ignore[method-assign]
     tree.add_command(_chat_command(run))
     for name, description in COMMANDS.items():
-        tree.add_command(_command(name, description, run))
+        command = _command(name, description, run)
+        if name in ADMIN_COMMANDS or name in CHAT_ADMIN_COMMANDS:
+            # Hidden from members who cannot manage the server (a server's admins may change that in its
+            # integration settings); the core still checks ADMIN_IDS or the member's own permissions.
+            command.default_permissions = MANAGERS
+        tree.add_command(command)
     return tree
 
 
@@ -135,6 +147,14 @@ def _chat_command(run: CommandRunner) -> app_commands.Command[Any, ..., None]:
 
 
 def _command(name: str, description: str, run: CommandRunner) -> app_commands.Command[Any, ..., None]:
+    if name == "learning":
+
+        @app_commands.describe(setting=LEARNING_SETTING_DESCRIPTION)
+        async def with_setting(interaction: discord.Interaction, setting: Literal["off", "on"] | None = None) -> None:
+            """Runs `/learning [off|on]`."""
+            await run(interaction, f"/{name} {setting}" if setting else f"/{name}")
+
+        return app_commands.Command(name=name, description=description, callback=with_setting)
     if name == "rollback":
 
         @app_commands.describe(version=ROLLBACK_VERSION_DESCRIPTION)

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from core.commands import ParsedCommand
+from core.consent import community_of, learning_paused, set_learning
 from core.db import Database
 from core.engine import Engine
 from core.i18n import _
@@ -25,7 +26,14 @@ from core.texts import (
     ADMINS_ONLY,
     EXPORT_SENT_PRIVATELY,
     EXPORT_UNREACHABLE,
+    LEARNING_ADMINS_ONLY,
+    LEARNING_GROUPS_ONLY,
+    LEARNING_IS_OFF,
+    LEARNING_IS_ON,
+    LEARNING_OFF_DONE,
+    LEARNING_ON_DONE,
     MODELS_UNAVAILABLE,
+    NOT_AS_CHAT,
     OPTED_IN,
     OPTED_OUT,
     RESET_DONE,
@@ -44,6 +52,9 @@ from core.texts import (
 from core.versions import training_in_progress, version_files_problem, versions_trained_on_user
 
 log = logging.getLogger("core.service")
+
+PERSONAL_COMMANDS = frozenset({"forget", "optout", "optin"})
+"""Commands that act on their author's data: refused from a chat identity (an anonymous admin), which many share."""
 
 
 class ChatCommands:
@@ -78,6 +89,9 @@ class ChatCommands:
                 message.author_id,
             )
             return await self._replies.system_reply(logged, _(ADMINS_ONLY))
+        if command.name in PERSONAL_COMMANDS and message.as_chat:
+            log.info("Refused /%s sent as chat %s:%s", command.name, message.platform, message.author_id)
+            return await self._replies.system_reply(logged, _(NOT_AS_CHAT))
         handler = self._handlers().get(command.name)
         if handler is None:
             return await self._replies.system_reply(logged, unknown_command(command.name))
@@ -96,6 +110,7 @@ class ChatCommands:
             "status": self._cmd_status,
             "models": self._cmd_models,
             "rollback": self._cmd_rollback,
+            "learning": self._cmd_learning,
         }
 
     def _is_admin(self, logged: Logged) -> bool:
@@ -171,6 +186,8 @@ class ChatCommands:
         active = stats.active_version
         problem = version_files_problem(active.path) if active is not None and active.name != model_name else None
         text = status_text(stats, model_name=model_name, queue_depth=self._engine.queue_depth, active_problem=problem)
+        if await self._learning_is_off(logged):
+            text += "\n" + _(LEARNING_IS_OFF)
         return await self._replies.system_reply(logged, text)
 
     async def _cmd_models(self, logged: Logged, _command: ParsedCommand) -> Reply:
@@ -186,3 +203,32 @@ class ChatCommands:
             version=command.args or None, triggered_by=f"{message.platform}:{message.author_id}"
         )
         return await self._replies.system_reply(logged, switch(result))
+
+    async def _learning_is_off(self, logged: Logged) -> bool:
+        community = community_of(logged.message)
+        if community is None:
+            return False
+        async with self._db.sessions() as session:
+            return await learning_paused(session, platform=logged.message.platform, community=community) is not None
+
+    async def _cmd_learning(self, logged: Logged, command: ParsedCommand) -> Reply:
+        """`/learning [off|on]`: a group's own admins (the platform says who: `IncomingMessage.chat_admin`) or
+        ADMIN_IDS decide whether Magpie learns from that group (`core.consent`); without an argument, the state."""
+        message = logged.message
+        community = community_of(message)
+        wanted = command.args.lower()
+        if community is None:
+            return await self._replies.system_reply(logged, _(LEARNING_GROUPS_ONLY))
+        if wanted not in ("on", "off"):
+            state = LEARNING_IS_OFF if await self._learning_is_off(logged) else LEARNING_IS_ON
+            return await self._replies.system_reply(logged, _(state))
+        who = f"{message.platform}:{message.author_id}"
+        if not (message.chat_admin or self._is_admin(logged)):
+            log.warning(
+                "Refused /learning %s in %s group %s from %s (not an admin)", wanted, message.platform, community, who
+            )
+            return await self._replies.system_reply(logged, _(LEARNING_ADMINS_ONLY))
+        async with self._db.sessions.begin() as session:
+            await set_learning(session, platform=message.platform, community=community, on=wanted == "on", by=who)
+        log.info("Learning turned %s in %s group %s by %s", wanted, message.platform, community, who)
+        return await self._replies.system_reply(logged, _(LEARNING_ON_DONE if wanted == "on" else LEARNING_OFF_DONE))

@@ -31,6 +31,13 @@ class IncomingMessage:
     command); private chats are always addressed. `language` is the person's language tag as the platform gives
     it (`ko`, `en-US`, `ko_KR.UTF-8`; None when it says nothing): the core answers in it when it has a catalogue for
     it (`core.i18n`), else in English.
+
+    The last three are the adapter's answers to questions only the platform can settle: `community` is the group
+    the chat belongs to (a Telegram group's chat id for all its topics, a Discord guild id; None for a private
+    chat), which ALLOWED_CHATS and `/learning` are about; `chat_admin` is whether the author may decide for that
+    group (Telegram: administrator or creator, asked with getChatMember when it matters; Discord: Manage Server);
+    `as_chat` is a message sent as the chat itself (Telegram's anonymous admins, a linked channel): its author id
+    is shared by everyone who may speak as that chat, so it names no one person.
     """
 
     platform: str
@@ -42,6 +49,19 @@ class IncomingMessage:
     message_id: str
     addressed: bool = False
     sent_at: datetime | None = None
+    language: str | None = None
+    community: str | None = None
+    chat_admin: bool = False
+    as_chat: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """The bot was added to a group: `community` as on `IncomingMessage`, `language` the best guess at the
+    group's (the person who added the bot, the guild's preferred locale; None: English)."""
+
+    platform: str
+    community: str
     language: str | None = None
 
 
@@ -83,6 +103,9 @@ class Reply:
     attachment: Attachment | None = None
     log_id: int | None = None
     private: Private | None = None
+    leave: bool = False
+    """The chat is outside ALLOWED_CHATS: after sending `text`, the adapter leaves it where the platform lets a
+    bot leave (a Telegram group, a Discord guild)."""
 
 
 class ChatHandler(Protocol):
@@ -124,6 +147,11 @@ class ChatHandler(Protocol):
         """The platform moved a chat to a new id (a Telegram group became a supergroup): keep its history."""
         ...
 
+    async def joined(self, arrival: Arrival) -> Reply | None:
+        """The bot was added to a group: what to say there (what it logs and how to opt out, or, outside
+        ALLOWED_CHATS, why it leaves; then `Reply.leave` is set), or None to say nothing."""
+        ...
+
 
 class Notifier(Protocol):
     """Pushes unsolicited text to a chat (retraining progress, outcomes)."""
@@ -145,11 +173,15 @@ COMMANDS: dict[str, str] = {
     "status": N_("(admin) Show the model, data and training status"),
     "models": N_("(admin) List the model versions"),
     "rollback": N_("(admin) Switch back to the previous (or a given) model version"),
+    "learning": N_("(group admins) Turn learning from this group off or on: /learning off, /learning on"),
 }
 """Every command with its one-line help: the source for `/help`, Telegram's menu and Discord's slash tree. The help
 texts are English msgids of the message catalogue (`core.i18n`); whoever shows one translates it."""
 
 ADMIN_COMMANDS = frozenset({"retrain", "status", "models", "rollback"})
+
+CHAT_ADMIN_COMMANDS = frozenset({"learning"})
+"""Commands for a group's own admins (and ADMIN_IDS); Discord shows them only to members who may manage the server."""
 
 PRIVATE_COMMANDS = frozenset({"export"})
 """Commands whose answer is the author's own data: outside a private chat it reaches the author alone (`Private`).

@@ -107,6 +107,9 @@ class Chat(Base):
     platform_chat_id: Mapped[str] = mapped_column(String(64))
     kind: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    community: Mapped[str | None] = mapped_column(String(64))
+    """The group the chat belongs to (a Telegram group for its topics, a Discord guild for its channels); None for
+    a private chat, and for a Discord channel not heard from since this column was added."""
 
 
 class Message(Base):
@@ -216,3 +219,20 @@ class ModelVersionMessage(Base):
     model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"), primary_key=True)
     message_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     user_id: Mapped[int | None] = mapped_column(Integer)
+
+
+class LearningPause(Base):
+    """A group's `/learning off`: from `paused_at` until `resumed_at` (None: still off) nothing said in its chats
+    is training data, neither a target nor context. Rows are kept when learning is turned on again: what was said
+    while it was off stays out of every later dataset too."""
+
+    __tablename__ = "learning_pauses"
+    __table_args__ = (Index("ix_learning_pauses_community", "platform", "community"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    platform: Mapped[str] = mapped_column(String(16))
+    community: Mapped[str] = mapped_column(String(64))
+    paused_by: Mapped[str] = mapped_column(String(128))
+    paused_at: Mapped[datetime] = mapped_column(default=utcnow)
+    resumed_by: Mapped[str | None] = mapped_column(String(128))
+    resumed_at: Mapped[datetime | None] = mapped_column()

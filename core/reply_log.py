@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 
 from core.commands import ParsedCommand, parse_command
+from core.consent import community_of
 from core.db import Database
 from core.messages import Attachment, ChatKind, IncomingMessage, Private, Reply
 from core.models import Delivery, Message, Role
@@ -57,8 +58,9 @@ class ReplyLog:
                 display_name=message.author_name,
             )
             chat = await upsert_chat(
-                session, platform=message.platform, platform_chat_id=message.chat_id, kind=message.chat_kind.value
-            )
+                session, platform=message.platform, platform_chat_id=message.chat_id, kind=message.chat_kind.value,
+                community=community_of(message),
+            )  # fmt: skip
             row = Message(
                 chat_id=chat.id,
                 author_id=user.id,

@@ -23,13 +23,14 @@ from datetime import UTC, datetime, timedelta
 
 from core.chat_commands import ChatCommands
 from core.commands import parse_command
+from core.consent import ChatGate
 from core.db import Database
 from core.dialogue import Turn, speaker_key
 from core.engine import Engine
 from core.errors import EngineError
 from core.i18n import _, speaking
 from core.limits import LocalUserLimits, UserLimits
-from core.messages import ChatKind, IncomingMessage, Reply
+from core.messages import Arrival, ChatKind, IncomingMessage, Reply
 from core.models import Delivery, Message, Role
 from core.reply_log import Logged, ReplyLog, should_answer
 from core.retraining import Retrainer
@@ -109,6 +110,7 @@ class ChatService:
             settings=settings, db=db, engine=engine, replies=self._replies, retrainer=retrainer, serving=serving
         )
         self._limits = limits or LocalUserLimits(limit=settings.rate_limit_per_minute, clock=clock)
+        self._gate = ChatGate(settings)
 
     async def handle(self, message: IncomingMessage, *, busy: bool = False) -> Reply | None:
         """Logs `message` once and returns the reply, or None when the bot should stay quiet. `busy` (the adapter's
@@ -116,8 +118,14 @@ class ChatService:
         run, since their replies cost the platform no more than the note and what they do must not be lost.
         Everything said while handling it is in the author's language (`message.language`, see `core.i18n`)."""
         self._telemetry.message_received(message.platform)
+        if not self._gate.admits(message):  # outside ALLOWED_CHATS: not even logged
+            return self._gate.turn_away(message.platform, message.community or message.chat_id, message.language)
         with speaking(message.language):
             return await self._handle(message, busy=busy)
+
+    async def joined(self, arrival: Arrival) -> Reply | None:
+        """Added to a group: the greeting that says what Magpie logs and how to say no (or why it leaves)."""
+        return self._gate.greet(arrival)
 
     async def _handle(self, message: IncomingMessage, *, busy: bool) -> Reply | None:
         try:

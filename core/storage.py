@@ -7,6 +7,7 @@ first messages from a new user at once) run in a savepoint and fall back to the 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
-from core.models import Chat, Delivery, Message, ModelVersion, Role, TrainingRun, User
+from core.models import Chat, Delivery, LearningPause, Message, ModelVersion, Role, TrainingRun, User
 from core.versions import get_active_version
 
 
@@ -37,17 +38,21 @@ async def upsert_user(session: AsyncSession, *, platform: str, platform_user_id:
     return user
 
 
-async def upsert_chat(session: AsyncSession, *, platform: str, platform_chat_id: str, kind: str) -> Chat:
-    """The chat row for a platform chat id, created on first sight."""
+async def upsert_chat(
+    session: AsyncSession, *, platform: str, platform_chat_id: str, kind: str, community: str | None = None
+) -> Chat:
+    """The chat row for a platform chat id, created on first sight; it learns its group (`community`) when told."""
     chat = await _find_chat(session, platform, platform_chat_id)
     if chat is None:
         try:
             async with session.begin_nested():
-                chat = Chat(platform=platform, platform_chat_id=platform_chat_id, kind=kind)
+                chat = Chat(platform=platform, platform_chat_id=platform_chat_id, kind=kind, community=community)
                 session.add(chat)
         except IntegrityError:
             chat = await _find_chat(session, platform, platform_chat_id)
             assert chat is not None  # the row that won the race
+    if community is not None and chat.community != community:
+        chat.community = community
     return chat
 
 
@@ -66,6 +71,15 @@ async def migrate_chat(session: AsyncSession, *, platform: str, old_chat_id: str
         update(Message)
         .where(Message.chat_id == old.id, Message.platform_message_id.is_not(None))
         .values(platform_message_id=func.substr(f"{old_chat_id}/" + Message.platform_message_id, 1, 64))
+    )
+    # The group keeps its consent: its chats and its `/learning off` follow it to the new id.
+    await session.execute(
+        update(Chat).where(Chat.platform == platform, Chat.community == old_chat_id).values(community=new_chat_id)
+    )
+    await session.execute(
+        update(LearningPause)
+        .where(LearningPause.platform == platform, LearningPause.community == old_chat_id)
+        .values(community=new_chat_id)
     )
     new = await _find_chat(session, platform, new_chat_id)
     if new is None:
@@ -213,8 +227,12 @@ async def forget_user(session: AsyncSession, *, user_id: int) -> int:
     """Deletes every message the user sent, in every chat (bot replies to them go too), and their display name.
 
     The user row itself stays, anonymous: it carries the opt-out flag and lets the training manifest name the
-    versions that contained their data.
+    versions that contained their data. Their name also leaves other people's Discord messages, where the adapter
+    wrote each mention as `@<display name>` (`bot.discord_bot`): the name they last wrote under is the one known.
     """
+    user = await session.get(User, user_id)
+    if user is not None and user.platform == "discord" and user.display_name:
+        await _scrub_mentions(session, platform=user.platform, name=user.display_name)
     await session.execute(update(User).where(User.id == user_id).values(display_name=""))
     count = (
         await session.execute(select(func.count()).select_from(Message).where(Message.author_id == user_id))
@@ -223,6 +241,22 @@ async def forget_user(session: AsyncSession, *, user_id: int) -> int:
     await session.execute(delete(Message).where(Message.reply_to_id.in_(own_ids)))
     await session.execute(delete(Message).where(Message.author_id == user_id))
     return int(count)
+
+
+FORGOTTEN_MENTION = "@[forgotten]"
+"""What a mention of someone who sent /forget becomes in the log."""
+
+
+async def _scrub_mentions(session: AsyncSession, *, platform: str, name: str) -> None:
+    mention = f"@{name}"
+    whole = re.compile(re.escape(mention) + r"(?!\w)")  # "@Bo" is not inside "@Bob"
+    query = (
+        select(Message)
+        .join(Chat, Chat.id == Message.chat_id)
+        .where(Chat.platform == platform, Message.text.contains(mention, autoescape=True))
+    )
+    for row in await session.scalars(query):
+        row.text = whole.sub(FORGOTTEN_MENTION, row.text)
 
 
 async def find_user_message(

@@ -71,6 +71,7 @@ ROLLBACK_UNAVAILABLE = N_("Rollback is not available in this setup.")
 CHAT_COMMAND_DESCRIPTION = N_("Say something to the bot")
 CHAT_TEXT_DESCRIPTION = N_("What you want to say")
 ROLLBACK_VERSION_DESCRIPTION = N_("The version to switch to (default: the previous one)")
+LEARNING_SETTING_DESCRIPTION = N_("off: stop learning from this server; on: learn again (default: show the setting)")
 
 
 # --- the console's own lines ---------------------------------------------------------------------------------
@@ -525,6 +526,7 @@ _EXCLUSION_REASONS = dict(  # keywords: the reason names are not texts
     bot_reply_context_only=N_("bot replies (context only)"),
     blocklisted_context_only=N_("TRAIN_BLOCKLIST matches (context only)"),
     repetitive_context_only=N_("repetitive lines (context only)"),
+    learning_off=N_("groups that turned learning off (/learning off)"),
 )
 """What each reason counted by `trainer.dataset` means."""
 
@@ -611,3 +613,42 @@ def starter_built(
     if activated:
         return text + _(" It is now the active model.")
     return text + _(" Another version is active; `magpie models activate {name}` switches to it.").format(name=name)
+
+
+# --- consent: the groups Magpie may be in, /learning, and what it says when added to a group --------------------
+
+NOT_ALLOWED_HERE = N_(
+    "{bot_name} works only in the groups its operator allowed, and this is not one of them: I don't log or answer "
+    "anything here, and I'm leaving. Ask the bot's operator to add this group to ALLOWED_CHATS if you want me here."
+)
+NOT_AS_CHAT = N_(
+    "You're writing as the group, not as yourself, so I can't tell whose messages that is about. Send the command "
+    "from your own account (in a private chat with me if you like)."
+)
+LEARNING_GROUPS_ONLY = N_("/learning is for groups. In a private chat, /optout keeps your messages out of training.")
+LEARNING_ADMINS_ONLY = N_("Only this group's admins can turn learning off or on.")
+LEARNING_IS_ON = N_(
+    "Learning is on in this group: what is said here may be used to train me. A group admin can send /learning off."
+)
+LEARNING_IS_OFF = N_(
+    "Learning is off in this group: nothing said here is used to train me. A group admin can send /learning on."
+)
+LEARNING_OFF_DONE = N_(
+    "Learning is now off in this group: while it stays off, nothing said here is used to train me, neither as "
+    "something to learn nor as context. I still read the conversation to answer. /learning on turns it back on."
+)
+LEARNING_ON_DONE = N_(
+    "Learning is on again in this group: what is said from now on may be used to train me. What was said while it "
+    "was off stays out."
+)
+
+
+def welcome_text(bot_name: str) -> str:
+    """What the bot says when added to a group: people should know it logs them, and how to say no, before they
+    talk."""
+    return _(
+        "Hi, I'm {bot_name}. I keep a log of what is said in this group and learn from it to talk like you.\n"
+        "/optout keeps your messages out of training, /forget deletes everything you sent me, /export sends you "
+        "your logged messages.\n"
+        "Group admins: /learning off stops me learning from this group."
+    ).format(bot_name=bot_name)
