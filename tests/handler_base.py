@@ -3,6 +3,8 @@ adapter test does not look at are accepted and ignored."""
 
 from __future__ import annotations
 
+from core.messages import Arrival, Reply
+
 
 class IgnoresLogEvents:
     async def message_edited(self, platform: str, chat_id: str, message_id: str, text: str | None) -> None:
@@ -12,4 +14,7 @@ class IgnoresLogEvents:
         return None
 
     async def migrate_chat(self, platform: str, old_chat_id: str, new_chat_id: str) -> None:
+        return None
+
+    async def joined(self, arrival: Arrival) -> Reply | None:
         return None

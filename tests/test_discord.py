@@ -24,7 +24,7 @@ from bot.discord_bot import DiscordBackend
 from core.db import Database
 from core.engine import Engine
 from core.errors import ConfigError
-from core.messages import Attachment, ChatHandler, ChatKind, IncomingMessage, Reply
+from core.messages import COMMANDS, Arrival, Attachment, ChatHandler, ChatKind, IncomingMessage, Reply
 from core.models import Chat, Delivery, Message, Role, User
 from core.service import ChatService
 from core.settings import Settings
@@ -106,6 +106,9 @@ class Observed:
 
     async def migrate_chat(self, platform: str, old_chat_id: str, new_chat_id: str) -> None:
         await self.inner.migrate_chat(platform, old_chat_id, new_chat_id)
+
+    async def joined(self, arrival: Arrival) -> Reply | None:
+        return await self.inner.joined(arrival)
 
 
 class Scripted(IgnoresLogEvents):
@@ -194,6 +197,7 @@ async def test_start_logs_in_syncs_commands_and_returns_once_ready(fake: FakeDis
             "status",
             "models",
             "rollback",
+            "learning",
         }
         assert fake.connections == ["/gateway?v=10&encoding=json&compress=zlib-stream"]
         assert fake.identifies == 1 and fake.heartbeats >= 1
@@ -205,7 +209,7 @@ async def test_commands_sync_globally_without_guild_ids(fake: FakeDiscord) -> No
     async with running(fake, Observed(Scripted()), discord_guild_ids=""):
         assert fake.calls_to(rf"PUT /applications/{fake.app_id}/commands")
         assert not fake.calls_to(r"PUT /applications/\d+/guilds/\d+/commands")
-        assert len(fake.commands[None]) == 12
+        assert len(fake.commands[None]) == len(COMMANDS) + 1  # and /chat
 
 
 async def test_a_rejected_token_is_a_clear_config_error_without_the_token(
@@ -337,6 +341,8 @@ async def test_a_non_admin_retrain_is_refused(
     fake: FakeDiscord, service: Observed, live_settings: Settings, db: Database, admin: Json
 ) -> None:
     alice = fake.add_user("alice")
+    for manager in (alice, admin):  # members who may manage the server see the admin commands; ADMIN_IDS decides
+        fake.make_manager(manager)
     async with running(fake, service, settings=live_settings):
         await fake.send_command(alice, "retrain", guild=True)
         [refusal] = await fake.wait_for_posts(fake.channel_id, 1)
@@ -598,6 +604,7 @@ async def test_without_message_content_the_bot_still_answers_mentions_dms_and_co
 async def test_slash_command_defers_then_answers_by_followup(fake: FakeDiscord) -> None:
     handler = Observed(Scripted(lambda m: f"ran {m.text}"))
     admin = fake.add_user("admin")
+    fake.make_manager(admin)
     async with running(fake, handler):
         interaction = await fake.send_command(admin, "rollback", {"version": "v2"}, guild=True)
         [post] = await fake.wait_for_posts(fake.channel_id, 1)
