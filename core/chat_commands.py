@@ -231,4 +231,5 @@ class ChatCommands:
         async with self._db.sessions.begin() as session:
             await set_learning(session, platform=message.platform, community=community, on=wanted == "on", by=who)
         log.info("Learning turned %s in %s group %s by %s", wanted, message.platform, community, who)
-        return await self._replies.system_reply(logged, _(LEARNING_ON_DONE if wanted == "on" else LEARNING_OFF_DONE))
+        done = LEARNING_ON_DONE if wanted == "on" else LEARNING_OFF_DONE
+        return await self._replies.system_reply(logged, _(done))
