@@ -229,7 +229,10 @@ class ChatCommands:
             )
             return await self._replies.system_reply(logged, _(LEARNING_ADMINS_ONLY))
         async with self._db.sessions.begin() as session:
-            await set_learning(session, platform=message.platform, community=community, on=wanted == "on", by=who)
+            await set_learning(
+                session, platform=message.platform, community=community, on=wanted == "on", by=who,
+                at_message_id=logged.row_id,
+            )  # fmt: skip
         log.info("Learning turned %s in %s group %s by %s", wanted, message.platform, community, who)
         done = LEARNING_ON_DONE if wanted == "on" else LEARNING_OFF_DONE
         return await self._replies.system_reply(logged, _(done))

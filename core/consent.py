@@ -26,8 +26,9 @@ from core.texts import NOT_ALLOWED_HERE, welcome_text
 
 log = logging.getLogger(__name__)
 
-Period = tuple[datetime, datetime | None]
-"""A pause of learning: from, until (None: still off)."""
+Period = tuple[int, int | None]
+"""A pause of learning, as log ids: after the message that turned it off, before the one that turned it on (None:
+still off)."""
 
 
 def community_of(message: IncomingMessage) -> str | None:
@@ -76,14 +77,17 @@ async def learning_paused(session: AsyncSession, *, platform: str, community: st
     return (await session.execute(query.limit(1))).scalar_one_or_none()
 
 
-async def set_learning(session: AsyncSession, *, platform: str, community: str, on: bool, by: str) -> bool:
-    """Turns learning on or off for a group; False when it already was."""
+async def set_learning(
+    session: AsyncSession, *, platform: str, community: str, on: bool, by: str, at_message_id: int
+) -> bool:
+    """Turns learning on or off for a group from the logged command `at_message_id` on; False when it already was."""
     pause = await learning_paused(session, platform=platform, community=community)
     if on and pause is not None:
-        pause.resumed_at, pause.resumed_by = datetime.now(UTC), by[:128]
+        pause.resumed_at, pause.resumed_at_id, pause.resumed_by = datetime.now(UTC), at_message_id, by[:128]
         return True
     if not on and pause is None:
-        session.add(LearningPause(platform=platform, community=community, paused_by=by[:128]))
+        pause = LearningPause(platform=platform, community=community, paused_after_id=at_message_id, paused_by=by[:128])
+        session.add(pause)
         return True
     return False
 
@@ -91,7 +95,8 @@ async def set_learning(session: AsyncSession, *, platform: str, community: str, 
 async def paused_chats(session: AsyncSession) -> dict[str, list[Period]]:
     """Every chat whose group ever turned learning off, as "<platform>:<platform chat id>" (the trainer's chat
     key), with the periods it was off."""
-    query = select(Chat.platform, Chat.platform_chat_id, LearningPause.paused_at, LearningPause.resumed_at).join(
+    pause = (LearningPause.paused_after_id, LearningPause.resumed_at_id)
+    query = select(Chat.platform, Chat.platform_chat_id, *pause).join(
         LearningPause, (LearningPause.platform == Chat.platform) & (LearningPause.community == Chat.community)
     )
     periods: dict[str, list[Period]] = {}
@@ -100,6 +105,6 @@ async def paused_chats(session: AsyncSession) -> dict[str, list[Period]]:
     return periods
 
 
-def while_paused(periods: list[Period], at: datetime) -> bool:
-    """Whether a message sent `at` falls in a pause: any time while one is open, else inside a closed one."""
-    return any(until is None or since <= at < until for since, until in periods)
+def while_paused(periods: list[Period], message_id: int) -> bool:
+    """Whether a logged message falls in a pause: any message while one is open, else one inside a closed one."""
+    return any(until is None or since < message_id < until for since, until in periods)

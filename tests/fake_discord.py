@@ -271,7 +271,9 @@ class FakeDiscord(FakeServer[RestCall]):
         """Someone adds the bot to a new guild: Discord sends GUILD_CREATE for it on the live session (which
         discord.py turns into `on_guild_join`)."""
         guild_id = self.add_guild(locale=locale, bot_may_write=bot_may_write)
-        await self.dispatch("GUILD_CREATE", self._guild_payload(guild_id))
+        joined = self._guild_payload(guild_id)
+        del joined["unavailable"]  # only a guild coming back from an outage says `unavailable: false`
+        await self.dispatch("GUILD_CREATE", joined)
         return guild_id
 
     def dm_channel(self, user: Json) -> int:

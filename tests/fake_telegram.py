@@ -544,7 +544,9 @@ class FakeTelegram(FakeServer[Call]):
         person = self._people.get(int(params.get("user_id", 0)))
         if person is None:
             return _error_response(400, "Bad Request: PARTICIPANT_ID_INVALID")
-        wrote_there = any(m.get("from", {}).get("id") == person.id for (c, _), m in self._messages.items() if c == chat.id)
+        wrote_there = any(
+            m.get("from", {}).get("id") == person.id for (c, _), m in self._messages.items() if c == chat.id
+        )
         status = self._statuses.get((chat.id, person.id), "member" if wrote_there else "left")
         member: dict[str, Any] = {"status": status, "user": person.as_dict()}
         if status == "creator":

@@ -80,8 +80,9 @@ async def test_a_telegram_group_outside_allowed_chats_hears_why_once_is_left_and
         await telegram.wait_for_messages(alice.id, 1)
     assert why["text"] == WHY and len(telegram.sent_messages(theirs.id)) == 1, "said once"
     assert await logged(db, theirs.id) == [], "neither logged nor answered"
-    assert [(row.role, row.text) for row in await logged(db, ours.id)][0] == (Role.USER, "/help")
-    assert [row.text for row in await logged(db, alice.id)][0] == "/help"
+    [question, _answer] = await logged(db, ours.id)
+    [private_question, _private_answer] = await logged(db, alice.id)
+    assert (question.role, question.text, private_question.text) == (Role.USER, "/help", "/help")
 
 
 async def test_a_discord_guild_outside_allowed_chats_hears_why_once_and_is_left(
@@ -217,7 +218,7 @@ async def test_learning_off_on_discord_needs_manage_server_and_the_admin_command
         with pytest.raises(PermissionError):
             await fake.send_command(alice, "learning", {"setting": "off"}, guild=True)
         await fake.send_command(mod, "learning", {"setting": "off"}, guild=True)
-        [_, done] = await fake.wait_for_posts(fake.channel_id, 2)
+        [_refused_again, done] = await fake.wait_for_posts(fake.channel_id, 2)
         synced = {command["name"]: command for command in fake.commands[fake.guild_id]}
     assert (refused["content"], done["content"]) == (_(LEARNING_ADMINS_ONLY), _(LEARNING_OFF_DONE))
     async with db.sessions() as session:
@@ -282,7 +283,7 @@ async def test_sqlite_overwrites_what_is_deleted_even_where_the_build_would_not(
     assert secret.encode() not in (tmp_path / "magpie.db").read_bytes()
 
 
-# --- helpers -----------------------------------------------------------------------------------------------------------
+# --- helpers ----------------------------------------------------------------------------------------------------------
 
 
 def _secure_delete_off(dbapi_connection: Any, _record: Any) -> None:

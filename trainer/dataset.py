@@ -138,7 +138,7 @@ async def _without_paused_learning(db: Database, rows: list[_Row], excluded: Cou
     `core.consent`) is out of the data, neither a target nor context (all of it while learning is still off)."""
     async with db.sessions() as session:
         paused = await paused_chats(session)
-    kept = [row for row in rows if not while_paused(paused.get(row.chat, []), row.created_at)]
+    kept = [row for row in rows if not while_paused(paused.get(row.chat, []), row.id)]
     if len(kept) < len(rows):
         excluded["learning_off"] += len(rows) - len(kept)
     return kept

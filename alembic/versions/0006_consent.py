@@ -3,8 +3,9 @@
 - `chats.community`: the group a chat belongs to (a Telegram group for all its forum topics, a Discord guild for
   its channels), which ALLOWED_CHATS and `/learning` are about. Telegram's is filled in here from the chat id;
   a Discord channel's with its next message (the guild was never stored).
-- `learning_pauses`: each `/learning off` of a group, until its `/learning on`; the dataset leaves out everything
-  said in the group's chats while a pause covers it (and all of it while one is open).
+- `learning_pauses`: each `/learning off` of a group, until its `/learning on` (bounded by the log ids of those two
+  commands); the dataset leaves out everything said in the group's chats in between (and all of it while one is
+  open).
 
 Revision ID: 0006_consent
 Revises: celery
@@ -40,8 +41,10 @@ def upgrade() -> None:
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("platform", sa.String(length=16), nullable=False),
         sa.Column("community", sa.String(length=64), nullable=False),
+        sa.Column("paused_after_id", sa.Integer(), nullable=False),
         sa.Column("paused_by", sa.String(length=128), nullable=False),
         sa.Column("paused_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("resumed_at_id", sa.Integer(), nullable=True),
         sa.Column("resumed_by", sa.String(length=128), nullable=True),
         sa.Column("resumed_at", sa.DateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("id"),
