@@ -236,6 +236,7 @@ class ChatService:
             message_id=message.platform_message_id or "",
             addressed=True,
             sent_at=message.created_at,
+            community=chat.community,  # a recovered /learning decides for the group it was sent in
         )
         command = parse_command(message.text) if message.is_command else None
         logged = Logged(incoming, message.id, chat.id, author.id, command, recovered=True)

@@ -218,11 +218,14 @@ async def test_learning_off_on_discord_needs_manage_server_and_the_admin_command
         with pytest.raises(PermissionError):
             await fake.send_command(alice, "learning", {"setting": "off"}, guild=True)
         await fake.send_command(mod, "learning", {"setting": "off"}, guild=True)
-        [_refused_again, done] = await fake.wait_for_posts(fake.channel_id, 2)
+        [_refused, done] = await fake.wait_for_posts(fake.channel_id, 2)
+        async with db.sessions() as session:
+            assert await learning_paused(session, platform="discord", community=str(fake.guild_id)) is not None
+        await fake.send_message(mod, "/learning on", guild=True)  # typed: the author's roles say Manage Server
+        [*_earlier, typed_on] = await fake.wait_for_posts(fake.channel_id, 3)
         synced = {command["name"]: command for command in fake.commands[fake.guild_id]}
     assert (refused["content"], done["content"]) == (_(LEARNING_ADMINS_ONLY), _(LEARNING_OFF_DONE))
-    async with db.sessions() as session:
-        assert await learning_paused(session, platform="discord", community=str(fake.guild_id)) is not None
+    assert typed_on["content"] == _(LEARNING_ON_DONE)
     hidden = {name for name, command in synced.items() if command.get("default_member_permissions")}
     assert hidden == set(ADMIN_COMMANDS) | {"learning"} and MANAGERS.value == MANAGE_GUILD
     assert all(int(synced[name]["default_member_permissions"]) == MANAGE_GUILD for name in hidden)
