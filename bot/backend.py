@@ -42,8 +42,9 @@ from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from bot.text import split_message
+from core.consent import community_of
 from core.logging_setup import correlated
-from core.messages import Attachment, ChatHandler, IncomingMessage, Reply
+from core.messages import Arrival, Attachment, ChatHandler, IncomingMessage, Reply
 from core.telemetry import ReplyOutcome, Telemetry
 
 log = logging.getLogger(__name__)
@@ -181,6 +182,10 @@ class ChatBackend(ABC, Generic[Target]):
     async def _disconnect(self) -> None:
         """Closes the connection; harmless when it never opened."""
 
+    async def _leave(self, community: str) -> None:
+        """Leaves a group (`IncomingMessage.community`) the core turned away; platforms where a bot can leave
+        override it."""
+
     def _length(self, text: str) -> int:
         return len(text)
 
@@ -218,6 +223,36 @@ class ChatBackend(ABC, Generic[Target]):
             reply = await self.ask_core(incoming, route.typing, busy=self.backlogged)
             if reply is not None:
                 await self.answer(reply, route)
+            if reply is not None and reply.leave:
+                await self.leave(community_of(incoming) or incoming.chat_id)
+
+    async def arrived(self, arrival: Arrival, target: Target | None) -> None:
+        """The bot was added to a group: the core's greeting goes to `target` (what it logs and how to say no),
+        or, outside ALLOWED_CHATS, why it leaves, and then it leaves. `target` None: nowhere it may write."""
+        reply = await self._handler.joined(arrival)
+        if reply is None:
+            return
+        if target is None:
+            log.info("%s: added to group %s, with nowhere to say what I log", self.title, arrival.community)
+        else:
+            await self._greet(target, reply, arrival.community)
+        if reply.leave:
+            await self.leave(arrival.community)
+
+    async def _greet(self, target: Target, reply: Reply, community: str) -> None:
+        try:
+            await self._send_parts(target, self._parts(reply), [], quote=None)
+        except Exception as exc:  # a group that lets nobody write is still left
+            self._log_failure(f"could not greet group {community}: {self._failure_reason(exc)}", exc)
+
+    async def leave(self, community: str) -> None:
+        """Leaves a group the core turned away; a failure is logged (the core keeps ignoring the group anyway)."""
+        try:
+            await self._leave(community)
+        except Exception as exc:
+            self._log_failure(f"could not leave group {community}: {self._failure_reason(exc)}", exc)
+        else:
+            log.info("%s: left group %s (not in ALLOWED_CHATS)", self.title, community)
 
     @contextmanager
     def exchange(self) -> Iterator[bool]:

@@ -104,6 +104,8 @@ def _backends(settings: Settings, service: ChatService, telemetry: Telemetry) ->
         from bot.discord_bot import DiscordBackend
 
         backends.append(DiscordBackend(settings=settings, handler=service, telemetry=telemetry))
+    if backends and not settings.allowed_chats:
+        log.warning("ALLOWED_CHATS is empty: any group that adds the bot is logged and learned from")
     if not backends and settings.console == "auto":
         exports = Path("data") / "exports"
         grace = settings.shutdown_grace_seconds

@@ -25,7 +25,8 @@ from bot import discord_client
 from bot.backend import ChatBackend, Part, Route
 from bot.discord_commands import NO_MENTIONS, ChannelDestination, Destination, Followups
 from core.commands import parse_command
-from core.messages import ChatHandler, ChatKind, IncomingMessage
+from core.consent import platform_id
+from core.messages import Arrival, ChatHandler, ChatKind, IncomingMessage
 from core.settings import Settings
 from core.telemetry import Telemetry
 
@@ -113,6 +114,20 @@ class DiscordBackend(ChatBackend[Destination]):
         for message_id in message_ids:
             await self._handler.message_deleted(PLATFORM, str(channel_id), str(message_id))
 
+    async def on_guild_join(self, guild: discord.Guild) -> None:
+        """Added to a server: the greeting goes to its system channel when the bot may write there (else it is
+        not said), in the server's preferred language; outside ALLOWED_CHATS the bot says why and leaves."""
+        channel = guild.system_channel
+        writable = channel is not None and channel.permissions_for(guild.me).send_messages
+        target = ChannelDestination(channel, mentions=NO_MENTIONS) if channel is not None and writable else None
+        with self.tracked() as accepted:
+            if accepted:
+                await self.arrived(Arrival(PLATFORM, f"{PLATFORM}:{guild.id}", guild.preferred_locale.value), target)
+
+    async def _leave(self, community: str) -> None:
+        if self._client is not None:
+            await self._client.http.leave_guild(int(platform_id(community)))
+
     async def run_command(self, interaction: discord.Interaction, text: str) -> None:
         """A slash command: defers first (generation can outlast Discord's 3-second window), then answers by
         follow-up.
@@ -192,16 +207,20 @@ def to_incoming(message: discord.Message, me: discord.abc.User) -> IncomingMessa
     # guess, and a DM has none (English).
     language = message.guild.preferred_locale.value if message.guild is not None else None
     guild = message.guild.id if message.guild is not None else getattr(message.channel, "guild_id", None)
-    return _incoming(
+    incoming = _incoming(
         message.channel.id, kind, message.author, text, ident=message.id, addressed=addressed, at=message.created_at,
         language=language, guild=None if private else guild,
     )  # fmt: skip
+    if message.guild is None:
+        return incoming
+    manager = isinstance(message.author, discord.Member) and message.author.guild_permissions.manage_guild
+    return replace(incoming, chat_admin=manager)
 
 
 def command_to_incoming(interaction: discord.Interaction, text: str) -> IncomingMessage:
     """A slash command, as the text a user would have typed, addressed to the bot."""
     kind = ChatKind.PRIVATE if interaction.guild_id is None else ChatKind.GROUP
-    return _incoming(
+    incoming = _incoming(
         interaction.channel_id,
         kind,
         interaction.user,
@@ -212,6 +231,11 @@ def command_to_incoming(interaction: discord.Interaction, text: str) -> Incoming
         language=interaction.locale.value,  # the user's own client language, which every interaction carries
         guild=interaction.guild_id,
     )
+    if interaction.guild_id is None:
+        return incoming
+    # The member's permissions as Discord computed them for this interaction (roles and channel overwrites).
+    manager = interaction.permissions.manage_guild
+    return replace(incoming, chat_admin=manager)
 
 
 def _incoming(

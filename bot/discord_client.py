@@ -45,6 +45,8 @@ class Events(Protocol):
 
     async def run_command(self, interaction: discord.Interaction, text: str) -> None: ...
 
+    async def on_guild_join(self, guild: discord.Guild) -> None: ...
+
 
 def use_endpoints(settings: Settings) -> None:
     """Points every discord.py client in this process at DISCORD_API_BASE_URL and DISCORD_GATEWAY_URL."""
@@ -128,6 +130,10 @@ class MagpieClient(discord.Client):
         """Raw: an edited message may predate the cache."""
         if self.user is not None:
             await self.events.on_edit(payload.message, self.user)
+
+    async def on_guild_join(self, guild: discord.Guild) -> None:
+        """Someone added the bot to a server (a GUILD_CREATE for a guild it was not in)."""
+        await self.events.on_guild_join(guild)
 
     async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
         await self.events.on_delete(payload.channel_id, [payload.message_id])

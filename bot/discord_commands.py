@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 CommandRunner = Callable[[discord.Interaction, str], Awaitable[None]]
 """Receives the interaction and the text it stands for (`/reset`, `/rollback v2`, or plain chat text)."""
 
+MANAGERS = discord.Permissions(manage_guild=True)
+"""Who sees the admin commands in a server by default (Discord's `default_member_permissions`)."""
 NO_MENTIONS = discord.AllowedMentions.none()
 SAFE_MENTIONS = discord.AllowedMentions(everyone=False, users=False, roles=False, replied_user=True)
 """Generated text can never ping anyone; only the user the bot replies to is notified, as for a human reply."""
@@ -121,8 +123,13 @@ def build_command_tree(client: discord.Client, run: CommandRunner) -> app_comman
     tree: app_commands.CommandTree[Any] = app_commands.CommandTree(client)
     tree.on_error = _report_error  # type: ignore[method-assign]
     tree.add_command(_chat_command(run))
-    for command in visible_commands(admin=True):  # Discord shows every command; the core refuses non-admins
-        tree.add_command(_command(command, run))
+    for command in visible_commands(admin=True):  # the core checks ADMIN_IDS or the member's own permissions
+        slash = _command(command, run)
+        if command.for_managers:
+            # Hidden from members who cannot manage the server (a server's admins may change that in its
+            # integration settings).
+            slash.default_permissions = MANAGERS
+        tree.add_command(slash)
     return tree
 
 

@@ -22,19 +22,21 @@ import logging
 import re
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 from telegram import InputFile, Message, ReplyParameters, Update
-from telegram.constants import ChatAction, ChatType, MessageEntityType, MessageLimit
+from telegram.constants import ChatAction, ChatMemberStatus, ChatType, MessageEntityType, MessageLimit
 from telegram.error import BadRequest, ChatMigrated, Forbidden, TelegramError
-from telegram.ext import ContextTypes, MessageHandler, filters
+from telegram.ext import ChatMemberHandler, ContextTypes, MessageHandler, filters
 
 from bot import telegram_requests as requests
 from bot.backend import ChatBackend, Part, Route
 from bot.text import split_message, utf16_length
+from core.commands import parse_command
+from core.consent import platform_id
 from core.errors import ConfigError
-from core.messages import ChatHandler, ChatKind, IncomingMessage, Reply
+from core.messages import Arrival, ChatHandler, ChatKind, IncomingMessage, Reply
 from core.settings import Settings
 from core.telemetry import Telemetry
 
@@ -44,6 +46,8 @@ log = logging.getLogger(__name__)
 
 _COMMAND = re.compile(r"^/(?P<name>[A-Za-z0-9_]{1,32})(?:@(?P<bot>[A-Za-z0-9_]+))?(?![\w@])")
 _WEBHOOK_SECRET = re.compile(r"[A-Za-z0-9_-]{1,256}")
+_GROUP_ADMINS = frozenset({ChatMemberStatus.ADMINISTRATOR, ChatMemberStatus.OWNER})
+_PRESENT = frozenset({ChatMemberStatus.MEMBER, ChatMemberStatus.ADMINISTRATOR, ChatMemberStatus.RESTRICTED})
 POLLING_HEALTH_WINDOW_S = 60.0
 """After a failed getUpdates, how long `/healthz` reports Telegram as not connected (PTB retries with a backoff of
 at most 30 s, so a lasting failure keeps it there; it turns healthy a minute after the last failure)."""
@@ -115,6 +119,7 @@ class TelegramBackend(ChatBackend[_Target]):
         self._app.add_handler(MessageHandler(filters.StatusUpdate.MIGRATE, self._on_migrate))
         self._app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self._on_message))
         self._app.add_handler(MessageHandler(filters.UpdateType.EDITED_MESSAGE, self._on_edit))
+        self._app.add_handler(ChatMemberHandler(self._on_my_membership, ChatMemberHandler.MY_CHAT_MEMBER))
         self._app.add_error_handler(self._on_error)
 
     # --- connecting and disconnecting -----------------------------------------------------------------------
@@ -161,9 +166,38 @@ class TelegramBackend(ChatBackend[_Target]):
         incoming = self._translate(message) if message is not None else None
         if message is None or incoming is None:
             return
+        if _decides_for_group(incoming) and not incoming.as_chat and message.from_user is not None:
+            incoming = replace(incoming, chat_admin=await self._is_group_admin(message.chat_id, message.from_user.id))
         chat = _Target(_Place.of(message), quotes=incoming.chat_kind is ChatKind.GROUP)
         author = _author_place(message)
         await self.converse(incoming, Route(chat, author=_Target(author) if author else None, typing=chat))
+
+    async def _is_group_admin(self, chat_id: int, user_id: int) -> bool:
+        """Asked at the moment it matters (getChatMember): an admin demoted a minute ago is no longer one."""
+        try:
+            member = await requests.retrying(
+                partial(self._app.bot.get_chat_member, chat_id, user_id), self._redact, repeatable=True
+            )
+        except TelegramError as exc:
+            log.warning("Telegram: could not check whether %s is an admin of %s: %s", user_id, chat_id, exc)
+            return False
+        return member.status in _GROUP_ADMINS
+
+    async def _on_my_membership(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """The bot was added to a group (my_chat_member): it says what it logs, or why it leaves."""
+        change = update.my_chat_member
+        if change is None or change.chat.type not in (ChatType.GROUP, ChatType.SUPERGROUP):
+            return
+        if change.old_chat_member.status in _PRESENT or change.new_chat_member.status not in _PRESENT:
+            return  # a promotion, a demotion, or the bot leaving: not an arrival
+        arrival = Arrival(self.platform, f"{self.platform}:{change.chat.id}", language=change.from_user.language_code)
+        with self.tracked() as accepted:
+            if accepted:
+                await self.arrived(arrival, _Target(_Place(change.chat.id)))
+
+    async def _leave(self, community: str) -> None:
+        leave = partial(self._app.bot.leave_chat, int(platform_id(community)))
+        await requests.retrying(leave, self._redact, repeatable=True)
 
     async def _on_edit(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """A person edited a message: the log follows the edit (an edit is never answered a second time)."""
@@ -200,6 +234,8 @@ class TelegramBackend(ChatBackend[_Target]):
         if text is None and not addressed:
             return None
         language = None  # a chat speaking as itself has no language; a person's app reports theirs
+        # Only a group's admins may speak as the group itself (a linked channel's posts are not theirs).
+        anonymous_admin = message.sender_chat is not None and message.sender_chat.id == message.chat_id
         if message.sender_chat is not None:  # anonymous group admin or a linked channel speaking as the chat
             author_id, author_name = message.sender_chat.id, message.sender_chat.effective_name or ""
         elif message.from_user is not None:
@@ -220,6 +256,8 @@ class TelegramBackend(ChatBackend[_Target]):
             language=language,
             # A group's voice: every topic of a forum is its group's; a private chat belongs to no community.
             community=None if private else f"{self.platform}:{message.chat_id}",
+            chat_admin=anonymous_admin,
+            as_chat=message.sender_chat is not None,
         )
 
     def _read_text(self, message: Message) -> tuple[str, bool]:
@@ -315,6 +353,14 @@ class TelegramBackend(ChatBackend[_Target]):
         error = context.error
         trace = "".join(traceback.format_exception(error)) if error is not None else "(no exception)"
         log.error("Telegram: update %s failed:\n%s", update_id, self._redact(trace))
+
+
+def _decides_for_group(incoming: IncomingMessage) -> bool:
+    """A command for a group's own admins (`/learning off|on`) with an argument, in a group: the one kind of
+    message whose author's admin status must be asked for."""
+    command = parse_command(incoming.text) if incoming.chat_kind is ChatKind.GROUP else None
+    spec = command.spec if command is not None else None
+    return spec is not None and spec.chat_admin and command is not None and bool(command.args)
 
 
 def _author_place(message: Message) -> _Place | None:

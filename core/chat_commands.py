@@ -19,6 +19,7 @@ from typing import TypeAlias
 
 from core import commands as registry
 from core.commands import ParsedCommand
+from core.consent import community_of, learning_paused, set_learning
 from core.db import Database
 from core.engine import Engine
 from core.i18n import _
@@ -34,7 +35,14 @@ from core.texts import (
     ADMINS_ONLY,
     EXPORT_SENT_PRIVATELY,
     EXPORT_UNREACHABLE,
+    LEARNING_ADMINS_ONLY,
+    LEARNING_GROUPS_ONLY,
+    LEARNING_IS_OFF,
+    LEARNING_IS_ON,
+    LEARNING_OFF_DONE,
+    LEARNING_ON_DONE,
     MODELS_UNAVAILABLE,
+    NOT_AS_CHAT,
     OPTED_IN,
     OPTED_OUT,
     RESET_DONE,
@@ -97,6 +105,9 @@ class ChatCommands:
                 message.author_id,
             )
             return await self._replies.system_reply(logged, _(ADMINS_ONLY))
+        if spec.personal and message.as_chat:
+            log.info("Refused /%s sent as chat %s:%s", command.name, message.platform, message.author_id)
+            return await self._replies.system_reply(logged, _(NOT_AS_CHAT))
         handler: Handler = _HANDLERS[spec.name]
         return await handler(self, logged, command)
 
@@ -208,6 +219,8 @@ class ChatCommands:
             stats, model_name=model_name, queue_depth=self._engine.queue_depth, active_problem=problem,
             community=community,
         )  # fmt: skip
+        if await self._learning_is_off(logged):
+            text += "\n" + _(LEARNING_IS_OFF)
         return await self._replies.system_reply(logged, text)
 
     async def _cmd_models(self, logged: Logged, _command: ParsedCommand) -> Reply:
@@ -226,6 +239,46 @@ class ChatCommands:
             community=self._voice(logged),
         )
         return await self._replies.system_reply(logged, switch(result))
+
+    @staticmethod
+    def _group(logged: Logged) -> str | None:
+        """The group `/learning` is about: the chat's community as recorded (a group that moved to a new id keeps
+        its own, like its voice); None in a private chat."""
+        own = community_of(logged.message)
+        return None if own is None else logged.community or own
+
+    async def _learning_is_off(self, logged: Logged) -> bool:
+        community = self._group(logged)
+        if community is None:
+            return False
+        async with self._db.sessions() as session:
+            return await learning_paused(session, platform=logged.message.platform, community=community) is not None
+
+    async def _cmd_learning(self, logged: Logged, command: ParsedCommand) -> Reply:
+        """`/learning [off|on]`: a group's own admins (the platform says who: `IncomingMessage.chat_admin`) or
+        ADMIN_IDS decide whether Magpie learns from that group (`core.consent`); without an argument, the state."""
+        message = logged.message
+        community = self._group(logged)
+        wanted = command.args.lower()
+        if community is None:
+            return await self._replies.system_reply(logged, _(LEARNING_GROUPS_ONLY))
+        if wanted not in ("on", "off"):
+            state = LEARNING_IS_OFF if await self._learning_is_off(logged) else LEARNING_IS_ON
+            return await self._replies.system_reply(logged, _(state))
+        who = f"{message.platform}:{message.author_id}"
+        if not (message.chat_admin or self._is_admin(logged)):
+            log.warning(
+                "Refused /learning %s in %s group %s from %s (not an admin)", wanted, message.platform, community, who
+            )
+            return await self._replies.system_reply(logged, _(LEARNING_ADMINS_ONLY))
+        async with self._db.sessions.begin() as session:
+            await set_learning(
+                session, platform=message.platform, community=community, on=wanted == "on", by=who,
+                at_message_id=logged.row_id,
+            )  # fmt: skip
+        log.info("Learning turned %s in %s group %s by %s", wanted, message.platform, community, who)
+        done = LEARNING_ON_DONE if wanted == "on" else LEARNING_OFF_DONE
+        return await self._replies.system_reply(logged, _(done))
 
 
 def _handlers() -> dict[str, Handler]:

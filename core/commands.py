@@ -32,23 +32,33 @@ class Command:
     `admin`: only ids in ADMIN_IDS may run it (and only admins see it in menus). `private`: its answer is the
     author's own data, so outside a private chat it reaches the author alone (`core.messages.Private`), adapters
     that choose up front where an answer appears (a Discord slash command's ephemeral flag) hide it, and crash
-    recovery never sends it unasked."""
+    recovery never sends it unasked. `chat_admin`: a group's own admins may run it too (the platform says who:
+    `IncomingMessage.chat_admin`), besides ADMIN_IDS; Discord, like for `admin`, shows it only to members who may
+    manage the server (`default_permissions`). `personal`: it acts on its author's own data, so it is refused from a
+    chat identity (`IncomingMessage.as_chat`: an anonymous admin), which many people share."""
 
     name: str
     help: str
     admin: bool = False
     private: bool = False
     argument: CommandArgument | None = None
+    chat_admin: bool = False
+    personal: bool = False
+
+    @property
+    def for_managers(self) -> bool:
+        """Shown only to those who may manage a group (Discord's `default_permissions`): admin-only or chat-admin."""
+        return self.admin or self.chat_admin
 
 
 COMMANDS: tuple[Command, ...] = (
     Command("start", N_("Say hello and see what I can do")),
     Command("help", N_("List the commands")),
     Command("reset", N_("Start a fresh conversation context in this chat")),
-    Command("forget", N_("Delete every message you ever sent me, in every chat")),
+    Command("forget", N_("Delete every message you ever sent me, in every chat"), personal=True),
     Command("export", N_("Get your own logged messages as a JSON file"), private=True),
-    Command("optout", N_("Keep chatting, but keep your messages out of training")),
-    Command("optin", N_("Let your messages be used for training again")),
+    Command("optout", N_("Keep chatting, but keep your messages out of training"), personal=True),
+    Command("optin", N_("Let your messages be used for training again"), personal=True),
     Command("retrain", N_("(admin) Retrain the model on the logged conversations"), admin=True),
     Command("status", N_("(admin) Show the model, data and training status"), admin=True),
     Command("models", N_("(admin) List the model versions"), admin=True),
@@ -57,6 +67,14 @@ COMMANDS: tuple[Command, ...] = (
         N_("(admin) Switch back to the previous (or a given) model version"),
         admin=True,
         argument=CommandArgument("version", N_("The version to switch to (default: the previous one)")),
+    ),
+    Command(
+        "learning",
+        N_("(group admins) Turn learning from this group off or on: /learning off, /learning on"),
+        chat_admin=True,
+        argument=CommandArgument(
+            "setting", N_("off: stop learning from this server; on: learn again (default: show the setting)")
+        ),
     ),
 )
 """Every command, in the order menus and `/help` list them."""

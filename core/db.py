@@ -47,8 +47,10 @@ ALEMBIC_DIR = _alembic_dir()
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    """WAL lets the trainer read while the bot writes; foreign keys are off by default in SQLite."""
+    """WAL lets the trainer read while the bot writes; foreign keys are off by default in SQLite; secure_delete
+    overwrites what /forget and deletions remove instead of leaving it in free pages (its default is the build's)."""
     cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA secure_delete=ON")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=10000")

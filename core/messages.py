@@ -31,6 +31,12 @@ class IncomingMessage:
     command); private chats are always addressed. `language` is the person's language tag as the platform gives
     it (`ko`, `en-US`, `ko_KR.UTF-8`; None when it says nothing): the core answers in it when it has a catalogue for
     it (`core.i18n`), else in English.
+
+    The last three are the adapter's answers to questions only the platform can settle: `community` is the group
+    the chat belongs to (below), which ALLOWED_CHATS and `/learning` are about too; `chat_admin` is whether the
+    author may decide for that group (Telegram: administrator or creator, asked with getChatMember when it
+    matters; Discord: Manage Server); `as_chat` is a message sent as the chat itself (Telegram's anonymous admins,
+    a linked channel): its author id is shared by everyone who may speak as that chat, so it names no one person.
     """
 
     platform: str
@@ -47,6 +53,18 @@ class IncomingMessage:
     """Whose voice answers and learns from this chat (VOICE_SCOPE=community), decided once by the adapter that
     translates the event: `telegram:<group id>` (forum topics are their group's), `discord:<guild id>` (every
     channel and thread of the server), `console`; None in a private chat, which belongs to no community."""
+    chat_admin: bool = False
+    as_chat: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """The bot was added to a group: `community` as on `IncomingMessage`, `language` the best guess at the
+    group's (the person who added the bot, the guild's preferred locale; None: English)."""
+
+    platform: str
+    community: str
+    language: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +105,9 @@ class Reply:
     attachment: Attachment | None = None
     log_id: int | None = None
     private: Private | None = None
+    leave: bool = False
+    """The chat is outside ALLOWED_CHATS: after sending `text`, the adapter leaves it where the platform lets a
+    bot leave (a Telegram group, a Discord guild)."""
 
 
 class ChatHandler(Protocol):
@@ -126,6 +147,11 @@ class ChatHandler(Protocol):
 
     async def migrate_chat(self, platform: str, old_chat_id: str, new_chat_id: str) -> None:
         """The platform moved a chat to a new id (a Telegram group became a supergroup): keep its history."""
+        ...
+
+    async def joined(self, arrival: Arrival) -> Reply | None:
+        """The bot was added to a group: what to say there (what it logs and how to opt out, or, outside
+        ALLOWED_CHATS, why it leaves; then `Reply.leave` is set), or None to say nothing."""
         ...
 
 

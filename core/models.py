@@ -228,3 +228,25 @@ class ModelVersionMessage(Base):
     model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"), primary_key=True)
     message_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     user_id: Mapped[int | None] = mapped_column(Integer)
+
+
+class LearningPause(Base):
+    """A group's `/learning off`: nothing said in its chats after the message that turned learning off
+    (`paused_after_id`) and before the one that turned it on again (`resumed_at_id`; None: still off) is training
+    data, neither a target nor context. Rows are kept when learning is turned on again: what was said while it was
+    off stays out of every later dataset too. Bounded by log ids, not times: platforms date messages to the second.
+    Plain integers, not foreign keys: the messages may be deleted since."""
+
+    __tablename__ = "learning_pauses"
+    __table_args__ = (Index("ix_learning_pauses_community", "platform", "community"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    platform: Mapped[str] = mapped_column(String(16))
+    community: Mapped[str] = mapped_column(String(80))
+    """`Chat.community` of the group's chats (`telegram:<group id>`, `discord:<guild id>`)."""
+    paused_after_id: Mapped[int] = mapped_column(Integer)
+    paused_by: Mapped[str] = mapped_column(String(128))
+    paused_at: Mapped[datetime] = mapped_column(default=utcnow)
+    resumed_at_id: Mapped[int | None] = mapped_column(Integer)
+    resumed_by: Mapped[str | None] = mapped_column(String(128))
+    resumed_at: Mapped[datetime | None] = mapped_column()

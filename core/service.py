@@ -24,6 +24,7 @@ from typing import Any
 
 from core.chat_commands import ChatCommands
 from core.commands import parse_command
+from core.consent import ChatGate, community_of
 from core.db import Database
 from core.db_retry import patiently
 from core.dialogue import Turn, speaker_key
@@ -31,7 +32,7 @@ from core.engine import Engine, Generation
 from core.errors import EngineError, UnknownVoiceError
 from core.i18n import _, speaking
 from core.limits import LocalUserLimits, UserLimits
-from core.messages import ChatKind, IncomingMessage, Reply
+from core.messages import Arrival, ChatKind, IncomingMessage, Reply
 from core.models import Delivery, Message, Role
 from core.reply_log import Logged, ReplyLog, should_answer
 from core.retraining import Retrainer
@@ -113,6 +114,7 @@ class ChatService:
             settings=settings, db=db, engine=engine, replies=self._replies, retrainer=retrainer, serving=serving
         )
         self._limits = limits or LocalUserLimits(limit=settings.rate_limit_per_minute, clock=clock)
+        self._gate = ChatGate(settings)
 
     async def handle(self, message: IncomingMessage, *, busy: bool = False) -> Reply | None:
         """Logs `message` once and returns the reply, or None when the bot should stay quiet. `busy` (the adapter's
@@ -120,8 +122,16 @@ class ChatService:
         run, since their replies cost the platform no more than the note and what they do must not be lost.
         Everything said while handling it is in the author's language (`message.language`, see `core.i18n`)."""
         self._telemetry.message_received(message.platform)
+        if not self._gate.admits(message):  # outside ALLOWED_CHATS: not even logged
+            community = community_of(message)
+            assert community is not None  # a private chat is always admitted
+            return self._gate.turn_away(community, message.language)
         with speaking(message.language):
             return await self._handle(message, busy=busy)
+
+    async def joined(self, arrival: Arrival) -> Reply | None:
+        """Added to a group: the greeting that says what Magpie logs and how to say no (or why it leaves)."""
+        return self._gate.greet(arrival)
 
     async def _handle(self, message: IncomingMessage, *, busy: bool) -> Reply | None:
         what = f"{message.platform} message {message.message_id}"
@@ -245,6 +255,7 @@ class ChatService:
             message_id=message.platform_message_id or "",
             addressed=True,
             sent_at=message.created_at,
+            community=chat.community,  # a recovered /learning decides for the group it was sent in
         )
         command = parse_command(message.text) if message.is_command else None
         logged = Logged(incoming, message.id, chat.id, author.id, command, recovered=True, community=chat.community)

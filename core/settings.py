@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     discord_guild_ids: Annotated[tuple[int, ...], NoDecode] = ()
     discord_message_content: bool = True
     admin_ids: Annotated[frozenset[str], NoDecode] = frozenset()
+    allowed_chats: Annotated[frozenset[str], NoDecode] = frozenset()
+    """The groups Magpie may log and answer in (`platform:id`: Telegram chat ids, Discord guild ids); empty: all."""
 
     # --- Discord sharding ------------------------------------------------------------------------------------
     discord_shard_count: int | Literal["auto"] = 0
@@ -173,10 +175,10 @@ class Settings(BaseSettings):
             return values
         return {key: value for key, value in values.items() if not _blank(value)}
 
-    @field_validator("admin_ids", mode="before")
+    @field_validator("admin_ids", "allowed_chats", mode="before")
     @classmethod
-    def _parse_admin_ids(cls, value: object) -> frozenset[str]:
-        """Admins are `platform:numeric-id` pairs; display names are never trusted."""
+    def _parse_platform_ids(cls, value: object) -> frozenset[str]:
+        """Admins and allowed chats are `platform:numeric-id` pairs; display names are never trusted."""
         items = _split_list(value)
         parsed = set()
         for item in items:
@@ -338,6 +340,15 @@ class Settings(BaseSettings):
         if not ident.lstrip("-").isdigit():
             return False
         return f"{platform}:{int(ident)}" in self.admin_ids
+
+    def allows_group(self, community: str) -> bool:
+        """Whether Magpie may log and answer in the group `community` (`IncomingMessage.community`:
+        `telegram:<chat id>`, `discord:<guild id>`, `console`): ALLOWED_CHATS empty allows every group, as before
+        it existed; the local console is always allowed; private chats are never asked about."""
+        platform, _, ident = community.partition(":")
+        if not self.allowed_chats or platform == "console":
+            return True
+        return ident.lstrip("-").isdigit() and f"{platform}:{int(ident)}" in self.allowed_chats
 
     @property
     def discord_sharded(self) -> bool:

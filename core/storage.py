@@ -7,6 +7,7 @@ first messages from a new user at once) run in a savepoint and fall back to the 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
@@ -78,7 +79,7 @@ async def migrate_chat(session: AsyncSession, *, platform: str, old_chat_id: str
         old.platform_chat_id = new_chat_id
     else:
         await session.execute(update(Message).where(Message.chat_id == old.id).values(chat_id=new.id))
-        new.community = old.community or new.community  # the group keeps its voice under its new id
+        new.community = old.community or new.community  # the group keeps its voice (and its /learning) under its new id
         await session.delete(old)
     return True
 
@@ -220,8 +221,12 @@ async def forget_user(session: AsyncSession, *, user_id: int) -> int:
     """Deletes every message the user sent, in every chat (bot replies to them go too), and their display name.
 
     The user row itself stays, anonymous: it carries the opt-out flag and lets the training manifest name the
-    versions that contained their data.
+    versions that contained their data. Their name also leaves other people's Discord messages, where the adapter
+    wrote each mention as `@<display name>` (`bot.discord_bot`): the name they last wrote under is the one known.
     """
+    user = await session.get(User, user_id)
+    if user is not None and user.platform == "discord" and user.display_name:
+        await _scrub_mentions(session, platform=user.platform, name=user.display_name)
     await session.execute(update(User).where(User.id == user_id).values(display_name=""))
     count = (
         await session.execute(select(func.count()).select_from(Message).where(Message.author_id == user_id))
@@ -230,6 +235,22 @@ async def forget_user(session: AsyncSession, *, user_id: int) -> int:
     await session.execute(delete(Message).where(Message.reply_to_id.in_(own_ids)))
     await session.execute(delete(Message).where(Message.author_id == user_id))
     return int(count)
+
+
+FORGOTTEN_MENTION = "@[forgotten]"
+"""What a mention of someone who sent /forget becomes in the log."""
+
+
+async def _scrub_mentions(session: AsyncSession, *, platform: str, name: str) -> None:
+    mention = f"@{name}"
+    whole = re.compile(re.escape(mention) + r"(?!\w)")  # "@Bo" is not inside "@Bob"
+    query = (
+        select(Message)
+        .join(Chat, Chat.id == Message.chat_id)
+        .where(Chat.platform == platform, Message.text.contains(mention, autoescape=True))
+    )
+    for row in await session.scalars(query):
+        row.text = whole.sub(FORGOTTEN_MENTION, row.text)
 
 
 async def find_user_message(

@@ -717,6 +717,7 @@ _EXCLUSION_REASONS = dict(  # keywords: the reason names are not texts
     repetitive_context_only=N_("repetitive lines (context only)"),
     near_duplicate_target=N_("near-duplicates of a line already kept"),
     user_share_cap=N_("over one person's share of the data (TRAIN_USER_SHARE_CAP)"),
+    learning_off=N_("groups that turned learning off (/learning off)"),
 )
 """What each reason counted by `trainer.dataset` means."""
 
@@ -832,3 +833,42 @@ def starter_built(
     else:
         better = _("It gets better from your own chats: retrain once people have talked to it (/retrain)")
     return f"{built} {fitted}; {score}. {better}."
+
+
+# --- consent: the groups Magpie may be in, /learning, and what it says when added to a group --------------------
+
+NOT_ALLOWED_HERE = N_(
+    "{bot_name} works only in the groups its operator allowed, and this is not one of them: I don't log or answer "
+    "anything here, and I'm leaving. Ask the bot's operator to add this group to ALLOWED_CHATS if you want me here."
+)
+NOT_AS_CHAT = N_(
+    "You're writing as the group, not as yourself, so I can't tell whose messages that is about. Send the command "
+    "from your own account (in a private chat with me if you like)."
+)
+LEARNING_GROUPS_ONLY = N_("/learning is for groups. In a private chat, /optout keeps your messages out of training.")
+LEARNING_ADMINS_ONLY = N_("Only this group's admins can turn learning off or on.")
+LEARNING_IS_ON = N_(
+    "Learning is on in this group: what is said here may be used to train me. A group admin can send /learning off."
+)
+LEARNING_IS_OFF = N_(
+    "Learning is off in this group: nothing said here is used to train me. A group admin can send /learning on."
+)
+LEARNING_OFF_DONE = N_(
+    "Learning is now off in this group: while it stays off, nothing said here is used to train me, neither as "
+    "something to learn nor as context. I still read the conversation to answer. /learning on turns it back on."
+)
+LEARNING_ON_DONE = N_(
+    "Learning is on again in this group: what is said from now on may be used to train me. What was said while it "
+    "was off stays out."
+)
+
+
+def welcome_text(bot_name: str) -> str:
+    """What the bot says when added to a group: people should know it logs them, and how to say no, before they
+    talk."""
+    return _(
+        "Hi, I'm {bot_name}. I keep a log of what is said in this group and learn from it to talk like you.\n"
+        "/optout keeps your messages out of training, /forget deletes everything you sent me, /export sends you "
+        "your logged messages.\n"
+        "Group admins: /learning off stops me learning from this group."
+    ).format(bot_name=bot_name)

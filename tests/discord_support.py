@@ -7,8 +7,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from sqlalchemy import select
+
 from bot.discord_bot import DiscordBackend
+from core.db import Database
 from core.messages import ChatHandler
+from core.models import Message
 from core.settings import Settings
 from tests.fake_discord import FakeDiscord, Json
 
@@ -40,6 +44,12 @@ async def running(
 
 def mention(user: Json) -> str:
     return f"<@{user['id']}>"
+
+
+async def logged_messages(db: Database) -> list[Message]:
+    """Every logged message, oldest first."""
+    async with db.sessions() as session:
+        return list((await session.execute(select(Message).order_by(Message.id))).scalars())
 
 
 # --- connecting ----------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ REST (under `/api/v10`, every call recorded in `calls`):
                                         into the DM of a user who closed their DMs → 403, code 50007
     POST /channels/{id}/typing
     POST /users/@me/channels            open (or get) the DM channel with `recipient_id`
+    DELETE /users/@me/guilds/{guild}    the bot leaves a guild: nothing more from it, 403 50001 on posts there
     POST /interactions/{id}/{token}/callback                                          (defer / respond, once)
     POST /webhooks/{app}/{token}, PATCH|DELETE /webhooks/{app}/{token}/messages/@original   (follow-ups)
 
@@ -42,6 +43,12 @@ lists and GUILD_CREATEs only the shard's guilds and echoes `shard`. GET /gateway
 given shard. Like Discord, it delivers events only for the intents asked for, blanks the content of guild
 messages that do not mention the bot unless MESSAGE_CONTENT was asked for, and closes with 4014 when that
 privileged intent was asked for but is not enabled (`message_content_enabled=False`).
+
+Guilds have roles like Discord's: @everyone may not manage the server, the "Managers" role (`make_manager`) may,
+the owner may do anything; a message carries its author's roles and an interaction the member's computed
+`permissions`, and a guild command with `default_member_permissions` cannot be run by a member who lacks them (the
+client does not show it). `bot_added` is the bot joining a new guild (GUILD_CREATE on the live session, with its
+`system_channel_id` and `preferred_locale`; `bot_may_write=False` denies it SEND_MESSAGES there).
 
 Everything runs on the test's event loop.
 """
@@ -78,6 +85,14 @@ DIRECT_MESSAGES = 1 << 12
 MESSAGE_CONTENT = 1 << 15
 
 Json = dict[str, Any]
+
+# Permission bits (https://discord.com/developers/docs/topics/permissions)
+MANAGE_GUILD = 1 << 5
+SEND_MESSAGES = 1 << 11
+ALL_PERMISSIONS = (1 << 41) - 1
+EVERYONE_PERMISSIONS = (1 << 0) | (1 << 6) | (1 << 10) | SEND_MESSAGES | (1 << 14) | (1 << 15) | (1 << 16) | (1 << 31)
+"""What @everyone may do in a new server (invite, react, view, send, embed, attach, read history, use commands):
+not manage it."""
 
 
 @dataclass
@@ -187,6 +202,7 @@ class FakeDiscord(FakeServer[RestCall]):
         self._dm_channels: dict[int, int] = {}  # user id -> DM channel id
         self._closed_dms: set[int] = set()  # users who do not accept DMs from the bot
         self._threads: dict[int, int] = {}  # thread id -> guild id
+        self.left_guilds: list[int] = []  # the guilds the bot left (DELETE /users/@me/guilds/{id}), in order
         self._conns: dict[tuple[int, int], Connection] = {}  # the live connection of each shard's session
         self._open: set[Connection] = set()
 
@@ -221,12 +237,43 @@ class FakeDiscord(FakeServer[RestCall]):
         self.users[user["id"]] = user
         return user
 
-    def add_guild(self, *, shard: int = 0, of: int = 1) -> int:
-        """A guild (with one text channel) whose id puts it on shard `shard` of `of`: `(id >> 22) % of == shard`."""
+    def add_guild(self, *, shard: int = 0, of: int = 1, locale: str | None = None, bot_may_write: bool = True) -> int:
+        """A guild (with one text channel, also its system channel) whose id puts it on shard `shard` of `of`:
+        `(id >> 22) % of == shard`. `locale`: its preferred locale (default: the fake's); `bot_may_write=False`
+        denies the bot SEND_MESSAGES in the channel (a member overwrite)."""
         millis = int(time.time() * 1000) - DISCORD_EPOCH_MS
         millis += (shard - millis) % of
         guild_id = (millis << 22) | (next(self._ids) & 0x3FFFFF)
         self.guilds[guild_id] = {"id": guild_id, "channel_id": self.new_id(), "name": f"guild-{len(self.guilds)}"}
+        self.guilds[guild_id].update(locale=locale or self.preferred_locale, bot_may_write=bot_may_write)
+        self.guilds[guild_id].update(managers_role=self.new_id(), managers=set())
+        return guild_id
+
+    def make_manager(self, user: Json, guild_id: int | None = None) -> None:
+        """`user` gets the guild's "Managers" role, which has Manage Server."""
+        self.guilds[guild_id or self.guild_id]["managers"].add(user["id"])
+
+    def permissions(self, user: Json, guild_id: int) -> int:
+        """A member's permissions in the guild, as Discord computes them from the roles: the owner has all."""
+        guild = self.guilds[guild_id]
+        if user["id"] == self.owner["id"]:
+            return ALL_PERMISSIONS
+        return EVERYONE_PERMISSIONS | (MANAGE_GUILD if user["id"] in guild["managers"] else 0)
+
+    def _member(self, user: Json, guild_id: int, *, with_user: bool = True) -> Json:
+        """A guild member object (without `user` when it rides on a message, as Discord sends it)."""
+        guild = self.guilds[guild_id]
+        roles = [str(guild["managers_role"])] if user["id"] in guild["managers"] else []
+        member: Json = {"roles": roles, "joined_at": _timestamp(), "deaf": False, "mute": False, "flags": 0}
+        return {**member, "user": user} if with_user else member
+
+    async def bot_added(self, *, locale: str | None = None, bot_may_write: bool = True) -> int:
+        """Someone adds the bot to a new guild: Discord sends GUILD_CREATE for it on the live session (which
+        discord.py turns into `on_guild_join`)."""
+        guild_id = self.add_guild(locale=locale, bot_may_write=bot_may_write)
+        joined = self._guild_payload(guild_id)
+        del joined["unavailable"]  # only a guild coming back from an outage says `unavailable: false`
+        await self.dispatch("GUILD_CREATE", joined)
         return guild_id
 
     def dm_channel(self, user: Json) -> int:
@@ -307,6 +354,7 @@ class FakeDiscord(FakeServer[RestCall]):
             ("POST", r"/channels/(\d+)/messages", lambda channel: self._create_message(call, channel)),
             ("POST", r"/channels/(\d+)/typing", self._typing),
             ("POST", r"/users/@me/channels", lambda: self._open_dm(call)),
+            ("DELETE", r"/users/@me/guilds/(\d+)", self._leave_guild),
             ("POST", r"/interactions/(\d+)/([^/]+)/callback", lambda i, t: self._callback(call, i, t)),
             ("POST", r"/webhooks/(\d+)/([^/]+)", lambda app, token: self._followup(call, app, token)),
             ("PATCH", r"/webhooks/(\d+)/([^/]+)/messages/@original", lambda a, t: self._edit_original(call, t)),
@@ -356,6 +404,12 @@ class FakeDiscord(FakeServer[RestCall]):
         self.commands[None if guild is None else int(guild)] = synced
         return _json(synced)
 
+    def _leave_guild(self, guild: str) -> web.Response:
+        if int(guild) not in self.guilds or int(guild) in self.left_guilds:
+            return _error(404, 10004, "Unknown Guild")
+        self.left_guilds.append(int(guild))
+        return web.Response(status=204)
+
     def _typing(self, channel: str) -> web.Response:
         if not self._known_channel(int(channel)):
             return _error(404, 10003, "Unknown Channel")
@@ -374,6 +428,11 @@ class FakeDiscord(FakeServer[RestCall]):
             return _error(404, 10003, "Unknown Channel")
         if any(self._dm_channels.get(user) == channel_id for user in self._closed_dms):
             return _error(403, 50007, "Cannot send messages to this user")
+        guild_id = self._guild_of_channel(channel_id)
+        if guild_id in self.left_guilds:
+            return _error(403, 50001, "Missing Access")
+        if guild_id is not None and not self.guilds[guild_id]["bot_may_write"]:
+            return _error(403, 50013, "Missing Permissions")
         problem = _invalid_message(call.body, call.files)
         if problem is not None:
             return problem
@@ -573,9 +632,14 @@ class FakeDiscord(FakeServer[RestCall]):
     def _guild_payload(self, guild_id: int) -> Json:
         guild = self.guilds[guild_id]
         channel = {"id": str(guild["channel_id"]), "type": 0, "name": "general", "position": 0}
-        channel.update(guild_id=str(guild_id), permission_overwrites=[], nsfw=False, topic=None)
-        everyone = {"id": str(guild_id), "name": "@everyone", "permissions": str((1 << 41) - 1), "position": 0}
+        overwrites = []
+        if not guild["bot_may_write"]:
+            overwrites.append({"id": self.bot_user["id"], "type": 1, "allow": "0", "deny": str(SEND_MESSAGES)})
+        channel.update(guild_id=str(guild_id), permission_overwrites=overwrites, nsfw=False, topic=None)
+        everyone = {"id": str(guild_id), "name": "@everyone", "permissions": str(EVERYONE_PERMISSIONS), "position": 0}
         everyone.update(color=0, hoist=False, managed=False, mentionable=False, flags=0)
+        managers = {"id": str(guild["managers_role"]), "name": "Managers", "permissions": str(MANAGE_GUILD)}
+        managers.update(position=1, color=0, hoist=False, managed=False, mentionable=False, flags=0)
         me = {"user": self.bot_user, "roles": [], "joined_at": _timestamp(), "deaf": False, "mute": False, "flags": 0}
         return {
             "id": str(guild_id),
@@ -588,7 +652,8 @@ class FakeDiscord(FakeServer[RestCall]):
             "channels": [channel],
             "threads": [],
             "members": [me],
-            "roles": [everyone],
+            "roles": [everyone, managers],
+            "system_channel_id": str(guild["channel_id"]),
             "emojis": [],
             "stickers": [],
             "features": [],
@@ -598,7 +663,7 @@ class FakeDiscord(FakeServer[RestCall]):
             "guild_scheduled_events": [],
             "soundboard_sounds": [],
             "premium_tier": 0,
-            "preferred_locale": self.preferred_locale,
+            "preferred_locale": guild["locale"],
         }
 
     def _wanted(self, session: Session, event: str, data: Json) -> bool:
@@ -743,7 +808,7 @@ class FakeDiscord(FakeServer[RestCall]):
             message_id=message_id,
         )
         if guild_id is not None:
-            message["member"] = {"roles": [], "joined_at": _timestamp(), "deaf": False, "mute": False, "flags": 0}
+            message["member"] = self._member(author, guild_id, with_user=False)
         ids = set(re.findall(r"<@!?(\d+)>", content))
         if reply_to is not None and ping_reply:
             ids.add(str(reply_to["author"]["id"]))
@@ -751,7 +816,8 @@ class FakeDiscord(FakeServer[RestCall]):
         message["attachments"] = [_attachment(self.new_id(), name, data) for name, data in attachments]
         if sticker:
             message["sticker_items"] = [{"id": str(self.new_id()), "name": "wave", "format_type": 1}]
-        await self.dispatch("MESSAGE_CREATE", message, deliver=deliver)
+        if guild_id not in self.left_guilds:  # a bot that left a guild hears nothing more from it
+            await self.dispatch("MESSAGE_CREATE", message, deliver=deliver)
         return message
 
     async def edit_message(self, message: Json, content: str) -> Json:
@@ -785,6 +851,9 @@ class FakeDiscord(FakeServer[RestCall]):
         command = next((c for c in registered if c["name"] == name), None)
         if command is None:
             raise LookupError(f"/{name} was never synced to {'the guild' if guild_id else 'global commands'}")
+        needed = int(command.get("default_member_permissions") or 0)
+        if guild_id and needed & ~self.permissions(user, guild_id):
+            raise PermissionError(f"Discord does not show /{name} to a member without permissions {needed}")
         channel_id = int(self.guilds[guild_id]["channel_id"]) if guild_id else self.dm_channel(user)
         data: Json = {"id": command["id"], "name": name, "type": 1}
         if options:
@@ -810,8 +879,7 @@ class FakeDiscord(FakeServer[RestCall]):
             payload["guild_id"] = str(guild_id)
             payload["guild_locale"] = self.preferred_locale
             payload["channel"] = {"id": str(channel_id), "type": 0, "guild_id": str(guild_id), "name": "general"}
-            payload["member"] = {"user": user, "roles": [], "joined_at": _timestamp(), "deaf": False, "mute": False}
-            payload["member"].update(flags=0, permissions="0")
+            payload["member"] = self._member(user, guild_id) | {"permissions": str(self.permissions(user, guild_id))}
         else:
             payload["channel"] = {"id": str(channel_id), "type": 1, "recipients": [user]}
             payload["user"] = user

@@ -20,7 +20,9 @@ come from `fake_base.FakeServer` (an endpoint is the method name); the faults in
 timed out waiting), requests held until the test releases them (carried out or lost), and refused connections. Like
 Telegram, a bot cannot write first to a person: a private chat exists only once the person opened it
 (`private_chat`, i.e. pressed Start), and a send to someone the fake has seen but who never did is refused with 403
-"Forbidden: bot can't initiate conversation with a user".
+"Forbidden: bot can't initiate conversation with a user". Groups have members: `getChatMember` answers each one's
+status (`make_admin` names the administrators and the creator), `bot_added` sends the `my_chat_member` update of
+the bot joining, and after `leaveChat` the bot gets nothing more from the group and may not write there (403).
 
     async with FakeTelegram() as telegram:
         settings = Settings(telegram_bot_token=telegram.token, telegram_base_url=telegram.base_url)
@@ -66,7 +68,7 @@ CHAT_ACTIONS = frozenset(
         "upload_video_note",
     }
 )
-_INT_FIELDS = frozenset({"chat_id", "offset", "limit", "timeout", "message_id", "max_connections"})
+_INT_FIELDS = frozenset({"chat_id", "user_id", "offset", "limit", "timeout", "message_id", "max_connections"})
 _JSON_FIELDS = frozenset(
     {"reply_parameters", "commands", "scope", "entities", "allowed_updates", "reply_markup", "link_preview_options"}
 )
@@ -174,6 +176,11 @@ class FakeTelegram(FakeServer[Call]):
         self._update_ids = itertools.count(1)
         self._upgraded: dict[int, int] = {}
         """Groups that became supergroups: old chat id -> new chat id."""
+        self._statuses: dict[tuple[int, int], str] = {}
+        """(chat id, user id) -> a member's status there (`creator`, `administrator`); anyone else seen writing in
+        a group is a `member`, and a known person who never wrote there has `left` it, as getChatMember says."""
+        self.left_chats: list[int] = []
+        """The groups the bot left (`leaveChat`), in order: from then on it can neither write nor ask there."""
         self._background: set[asyncio.Task[None]] = set()
         self._seq = itertools.count()
         self._client: aiohttp.ClientSession | None = None
@@ -269,6 +276,31 @@ class FakeTelegram(FakeServer[Call]):
     def member_joins(self, chat: ChatRef, person: Person) -> dict[str, Any]:
         """A service message (no text, no attachment)."""
         return self._new_message(chat, person, {"new_chat_members": [person.as_dict()]}, None)
+
+    def make_admin(self, chat: ChatRef, person: Person, status: str = "administrator") -> None:
+        """`person` becomes an `administrator` (or the `creator`) of the group, or (`member`) is demoted."""
+        assert status in ("creator", "administrator", "member")
+        self._people.setdefault(person.id, person)
+        self._statuses[chat.id, person.id] = status
+
+    def bot_added(self, chat: ChatRef, by: Person) -> dict[str, Any]:
+        """`by` adds the bot to a group: Telegram sends the `my_chat_member` update (left -> member) and the
+        service message listing the new member."""
+        self._remember(chat)
+        self._people.setdefault(by.id, by)
+        if chat.id in self.left_chats:
+            self.left_chats.remove(chat.id)
+        self._new_message(chat, by, {"new_chat_members": [self.bot.as_dict()]}, None)
+        return self.push_update("my_chat_member", self._membership(chat, by, "left", "member"))
+
+    def _membership(self, chat: ChatRef, by: Person, old: str, new: str) -> dict[str, Any]:
+        return {
+            "chat": chat.as_dict(),
+            "from": by.as_dict(),
+            "date": int(time.time()),
+            "old_chat_member": {"status": old, "user": self.bot.as_dict()},
+            "new_chat_member": {"status": new, "user": self.bot.as_dict()},
+        }
 
     def upgrade_group(self, chat: ChatRef, new_id: int) -> ChatRef:
         """The group becomes a supergroup with a new id, as Telegram does it: from now on a send to the old id
@@ -511,6 +543,48 @@ class FakeTelegram(FakeServer[Call]):
             return "bad webhook: max_connections must be between 1 and 100"
         return None
 
+    async def _api_getchatmember(self, params: dict[str, Any], files: Any) -> Any:
+        """A member's status in a group, with the fields python-telegram-bot requires for each kind of member."""
+        chat = self._member_of(params)
+        if isinstance(chat, web.Response):
+            return chat
+        person = self._people.get(int(params.get("user_id", 0)))
+        if person is None:
+            return _error_response(400, "Bad Request: PARTICIPANT_ID_INVALID")
+        wrote_there = any(
+            m.get("from", {}).get("id") == person.id for (c, _), m in self._messages.items() if c == chat.id
+        )
+        status = self._statuses.get((chat.id, person.id), "member" if wrote_there else "left")
+        member: dict[str, Any] = {"status": status, "user": person.as_dict()}
+        if status == "creator":
+            member["is_anonymous"] = False
+        elif status == "administrator":
+            member.update(can_be_edited=False, is_anonymous=False, can_manage_chat=True, can_delete_messages=True)
+            member.update(can_manage_video_chats=True, can_restrict_members=True, can_promote_members=False)
+            member.update(can_change_info=True, can_invite_users=True, can_post_stories=False)
+            member.update(can_edit_stories=False, can_delete_stories=False)
+        return member
+
+    async def _api_leavechat(self, params: dict[str, Any], files: Any) -> Any:
+        """The bot leaves a group; Telegram then sends its own `my_chat_member` (member -> left)."""
+        chat = self._member_of(params)
+        if isinstance(chat, web.Response):
+            return chat
+        self.left_chats.append(chat.id)
+        self.push_update("my_chat_member", self._membership(chat, self.bot, "member", "left"))
+        return True
+
+    def _member_of(self, params: dict[str, Any]) -> ChatRef | web.Response:
+        """A group the bot is in, or Telegram's refusal (private chats have no members to ask about or leave)."""
+        chat = self._chats.get(_chat_id(params))
+        if chat is None:
+            return _error_response(400, "Bad Request: chat not found")
+        if chat.type == "private":
+            return _error_response(400, "Bad Request: chat member status can't be changed in private chats")
+        if chat.id in self.left_chats:
+            return _error_response(403, f"Forbidden: bot is not a member of the {chat.type} chat")
+        return chat
+
     async def _api_getwebhookinfo(self, params: dict[str, Any], files: Any) -> Any:
         return {"url": self.webhook_url, "has_custom_certificate": False, "pending_update_count": len(self._updates)}
 
@@ -527,6 +601,8 @@ class FakeTelegram(FakeServer[Call]):
         to first (403); an id that is nobody's chat is not found (400)."""
         chat_id = _chat_id(params)
         chat = self._chats.get(chat_id)
+        if chat is not None and chat.id in self.left_chats:
+            return _error_response(403, f"Forbidden: bot is not a member of the {chat.type} chat")
         if chat is not None:
             return chat
         if chat_id in self._people:
@@ -555,7 +631,8 @@ class FakeTelegram(FakeServer[Call]):
         if reply_to is not None:
             message["reply_to_message"] = _public(reply_to)
         self._messages[chat.id, message["message_id"]] = message
-        self.push_update("message", message)
+        if chat.id not in self.left_chats:  # a bot that left a group hears nothing more from it
+            self.push_update("message", message)
         return message
 
     def _bot_message(

@@ -16,7 +16,7 @@ import itertools
 import time
 from collections.abc import Callable
 
-from core.messages import Attachment, ChatHandler, IncomingMessage, Reply
+from core.messages import Arrival, Attachment, ChatHandler, IncomingMessage, Reply
 
 WAIT_S = 30.0
 
@@ -59,6 +59,7 @@ class RecordingHandler:
         """(chat id, message id, new text)."""
         self.deletions: list[tuple[str, str]] = []
         self.migrated: list[tuple[str, str]] = []
+        self.arrivals: list[Arrival] = []
         self._changed = asyncio.Condition()
 
     # --- awaiting what happened -----------------------------------------------------------------------------------
@@ -161,3 +162,9 @@ class RecordingHandler:
             await self.inner.migrate_chat(platform, old_chat_id, new_chat_id)
         self.migrated.append((old_chat_id, new_chat_id))
         await self._note()
+
+    async def joined(self, arrival: Arrival) -> Reply | None:
+        reply = await self.inner.joined(arrival) if self.inner is not None else None
+        self.arrivals.append(arrival)
+        await self._note()
+        return reply

@@ -9,9 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
+
 from bot.telegram import TelegramBackend
 from core.db import Database
 from core.engine import Engine, ModelRef
+from core.models import Chat, Message
 from core.outcomes import RunStarted, VoicesQueued
 from core.service import ChatService
 from core.settings import Settings
@@ -92,3 +95,12 @@ async def serving(telegram: FakeTelegram, db: Database, model_dir: Path, **overr
             yield Served(telegram, db, retrainer, settings)
     finally:
         await engine.close()
+
+
+async def logged(db: Database, chat_id: int | str | None = None) -> list[Message]:
+    """Every logged message (optionally of one Telegram chat, or "<chat>:<topic>"), oldest first."""
+    query = select(Message).join(Chat, Chat.id == Message.chat_id).order_by(Message.id)
+    if chat_id is not None:
+        query = query.where(Chat.platform == "telegram", Chat.platform_chat_id == str(chat_id))
+    async with db.sessions() as session:
+        return list((await session.scalars(query)).all())

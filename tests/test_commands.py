@@ -50,7 +50,7 @@ async def test_help_and_start_say_which_chats_are_learned_from(
 
 # --- the command registry: every list of commands is derived from it --------------------------------------------
 
-LEARNING = Command("learning", "Turn learning on or off", admin=True, argument=CommandArgument("state", "on or off"))
+DIGEST = Command("digest", "Summarise the day", admin=True, argument=CommandArgument("day", "which day"))
 
 
 def test_every_registry_entry_has_exactly_one_handler() -> None:
@@ -62,17 +62,17 @@ def test_every_registry_entry_has_exactly_one_handler() -> None:
 def test_a_new_registry_entry_reaches_help_the_menus_and_the_handler_check(monkeypatch: pytest.MonkeyPatch) -> None:
     """Adding a command is one registry entry (plus its handler): /help, Discord's slash tree and the admin check
     follow it, and the service refuses to start while the entry has no handler."""
-    monkeypatch.setattr(commands, "COMMANDS", (*COMMANDS, LEARNING))
-    assert "/learning — Turn learning on or off" in help_text("Magpie", is_admin=True, private_chats_learned=False)
-    assert "/learning" not in help_text("Magpie", is_admin=False, private_chats_learned=False)
-    assert commands.command_named("learning") == LEARNING
-    parsed = commands.parse_command("/learning on")
-    assert parsed is not None and parsed.spec == LEARNING and parsed.args == "on"
+    monkeypatch.setattr(commands, "COMMANDS", (*COMMANDS, DIGEST))
+    assert "/digest — Summarise the day" in help_text("Magpie", is_admin=True, private_chats_learned=False)
+    assert "/digest" not in help_text("Magpie", is_admin=False, private_chats_learned=False)
+    assert commands.command_named("digest") == DIGEST
+    parsed = commands.parse_command("/digest monday")
+    assert parsed is not None and parsed.spec == DIGEST and parsed.args == "monday"
     tree = build_command_tree(discord.Client(intents=discord.Intents.none()), _never_run)
-    slash = tree.get_command("learning")
+    slash = tree.get_command("digest")
     assert isinstance(slash, app_commands.Command)
-    assert [parameter.display_name for parameter in slash.parameters] == ["state"]
-    with pytest.raises(TypeError, match="without a handler: \\['learning'\\]"):
+    assert [parameter.display_name for parameter in slash.parameters] == ["day"]
+    with pytest.raises(TypeError, match="without a handler: \\['digest'\\]"):
         chat_commands._handlers()
 
 

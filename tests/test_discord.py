@@ -20,15 +20,16 @@ import yarl
 from sqlalchemy import select
 
 from bot.discord_bot import DiscordBackend
+from core.commands import COMMANDS
 from core.db import Database
 from core.engine import Engine
 from core.errors import ConfigError
 from core.messages import Attachment, ChatKind, IncomingMessage
-from core.models import Chat, Delivery, Message, Role, User
+from core.models import Chat, Delivery, Role, User
 from core.service import ChatService
 from core.settings import Settings
 from core.texts import EXPORT_SENT_PRIVATELY, EXPORT_UNREACHABLE
-from tests.discord_support import mention, running, settings_for
+from tests.discord_support import logged_messages, mention, running, settings_for
 from tests.fake_discord import MESSAGE_CONTENT, WAIT_S, FakeDiscord, Json
 from tests.recording_handler import RecordingHandler
 
@@ -62,6 +63,7 @@ async def test_start_logs_in_syncs_commands_and_returns_once_ready(fake: FakeDis
             "status",
             "models",
             "rollback",
+            "learning",
         }
         assert fake.connections == ["/gateway?v=10&encoding=json&compress=zlib-stream"]
         assert fake.identifies == 1 and fake.heartbeats >= 1
@@ -73,7 +75,7 @@ async def test_commands_sync_globally_without_guild_ids(fake: FakeDiscord) -> No
     async with running(fake, RecordingHandler(), discord_guild_ids=""):
         assert fake.calls_to(rf"PUT /applications/{fake.app_id}/commands")
         assert not fake.calls_to(r"PUT /applications/\d+/guilds/\d+/commands")
-        assert len(fake.commands[None]) == 12
+        assert len(fake.commands[None]) == len(COMMANDS) + 1  # and /chat
 
 
 async def test_a_rejected_token_is_a_clear_config_error_without_the_token(
@@ -113,11 +115,6 @@ def live_settings(fake: FakeDiscord, admin: Json, tmp_path: Path) -> Settings:
 @pytest.fixture
 def service(live_settings: Settings, db: Database, engine: Engine) -> RecordingHandler:
     return RecordingHandler(inner=ChatService(settings=live_settings, db=db, engine=engine))
-
-
-async def logged_messages(db: Database) -> list[Message]:
-    async with db.sessions() as session:
-        return list((await session.execute(select(Message).order_by(Message.id))).scalars())
 
 
 async def test_dm_round_trip_is_logged(
@@ -207,6 +204,8 @@ async def test_a_non_admin_retrain_is_refused(
     fake: FakeDiscord, service: RecordingHandler, live_settings: Settings, db: Database, admin: Json
 ) -> None:
     alice = fake.add_user("alice")
+    for manager in (alice, admin):  # members who may manage the server see the admin commands; ADMIN_IDS decides
+        fake.make_manager(manager)
     async with running(fake, service, settings=live_settings):
         await fake.send_command(alice, "retrain", guild=True)
         [refusal] = await fake.wait_for_posts(fake.channel_id, 1)
@@ -468,6 +467,7 @@ async def test_without_message_content_the_bot_still_answers_mentions_dms_and_co
 async def test_slash_command_defers_then_answers_by_followup(fake: FakeDiscord) -> None:
     handler = RecordingHandler(lambda m: f"ran {m.text}")
     admin = fake.add_user("admin")
+    fake.make_manager(admin)
     async with running(fake, handler):
         interaction = await fake.send_command(admin, "rollback", {"version": "v2"}, guild=True)
         [post] = await fake.wait_for_posts(fake.channel_id, 1)

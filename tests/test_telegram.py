@@ -17,7 +17,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from sqlalchemy import select
 
 from bot import telegram_requests
 from bot.telegram import TelegramBackend
@@ -25,14 +24,13 @@ from core.commands import COMMANDS
 from core.db import Database
 from core.errors import ConfigError, MagpieError
 from core.messages import ChatKind, IncomingMessage, Reply
-from core.models import Chat, Delivery, Role
-from core.models import Message as DbMessage
+from core.models import Delivery, Role
 from core.service import ChatService
 from core.settings import Settings
 from core.texts import BUSY, EXPORT_SENT_PRIVATELY, EXPORT_UNREACHABLE, NOT_TEXT, OPTED_OUT
 from tests.fake_telegram import FakeTelegram, utf16_length
 from tests.recording_handler import RecordingHandler
-from tests.telegram_support import running, serving, settings_for
+from tests.telegram_support import logged, running, serving, settings_for
 
 WAIT = 20.0
 
@@ -714,15 +712,6 @@ def _message_dict(chat: Any, person: Any, text: str) -> dict[str, Any]:
 
 
 # --- end to end: the real ChatService, the tiny real model, the real database ---------------------------------
-
-
-async def logged(db: Database, chat_id: int | str | None = None) -> list[DbMessage]:
-    """Every logged message (optionally of one Telegram chat, or "<chat>:<topic>"), oldest first."""
-    query = select(DbMessage).join(Chat, Chat.id == DbMessage.chat_id).order_by(DbMessage.id)
-    if chat_id is not None:
-        query = query.where(Chat.platform == "telegram", Chat.platform_chat_id == str(chat_id))
-    async with db.sessions() as session:
-        return list((await session.scalars(query)).all())
 
 
 async def test_private_chat_round_trip_is_logged_with_typing_before_the_reply(

@@ -42,6 +42,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import aliased
 
+from core.consent import paused_chats, while_paused
 from core.db import Database
 from core.dialogue import GPT2_EOS, clean_text, speaker_key
 from core.messages import ChatKind
@@ -90,6 +91,7 @@ async def build_dataset(settings: Settings, db: Database, *, community: str | No
     if not settings.train_exclude_rolled_back:
         rolled_back = set()
     report = DatasetReport(train=[], eval=[], messages_read=len(rows))
+    rows = await _without_paused_learning(db, rows, report.excluded)
     candidates: list[Sample] = []
     for chat_rows in _by_chat(rows):
         candidates.extend(_chat_samples(chat_rows, settings, rolled_back, report.excluded))
@@ -137,6 +139,17 @@ async def _read_rows(db: Database, community: str | None) -> tuple[list[_Row], s
         rolled_back = set((await session.scalars(rolled_back_query)).all())
         rows = [_row(columns) for columns in await session.execute(query)]
     return rows, rolled_back
+
+
+async def _without_paused_learning(db: Database, rows: list[_Row], excluded: Counter[str]) -> list[_Row]:
+    """The one consent filter: what was said in a group's chats while it had learning off (`/learning off`,
+    `core.consent`) is out of the data, neither a target nor context (all of it while learning is still off)."""
+    async with db.sessions() as session:
+        paused = await paused_chats(session)
+    kept = [row for row in rows if not while_paused(paused.get(row.chat, []), row.id)]
+    if len(kept) < len(rows):
+        excluded["learning_off"] += len(rows) - len(kept)
+    return kept
 
 
 def _row(columns: Any) -> _Row:

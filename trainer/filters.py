@@ -3,11 +3,14 @@ and the stable hash that makes every selection deterministic."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import unicodedata
 from collections import Counter
 from collections.abc import Sequence
+
+from confusable_homoglyphs import confusables
 
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 _PHONE = re.compile(r"(?<![0-9A-Za-z+])\+?\d[\d ().-]{5,}\d(?![0-9A-Za-z])")
@@ -48,8 +51,31 @@ def is_repetitive(text: str) -> bool:
 
 
 def is_blocklisted(text: str, blocklist: Sequence[str]) -> bool:
-    lowered = text.casefold()
-    return any(item.casefold() in lowered for item in blocklist)
+    """Whether `text` contains a TRAIN_BLOCKLIST entry, compared as they look rather than as they are encoded."""
+    seen = lookalike_key(text)
+    return any(lookalike_key(item) in seen for item in blocklist)
+
+
+def lookalike_key(text: str) -> str:
+    """What `text` looks like: NFKC (fullwidth `ｃｒｙｐｔｏ` is `crypto`), casefolded, invisible format characters
+    (zero-width spaces, soft hyphens) removed, and every letter that Unicode's confusables list as a look-alike of
+    an ASCII letter or digit (Cyrillic `у`, Greek `ο`) replaced by it, so `crуpto` is `crypto` too."""
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    return "".join(_ascii_lookalike(ch) for ch in folded if unicodedata.category(ch) != "Cf")
+
+
+@functools.cache
+def _ascii_lookalike(ch: str) -> str:
+    """The ASCII letter or digit `ch` is a homoglyph of (confusable-homoglyphs' copy of Unicode's confusables.txt),
+    else `ch` itself. Non-Latin text with no ASCII look-alike (Hangul, most CJK) is left as it is."""
+    if ch.isascii():
+        return ch
+    found = confusables.is_confusable(ch, greedy=True, preferred_aliases=["latin", "common"]) or []
+    for entry in found:
+        for glyph in entry["homoglyphs"]:
+            if len(glyph["c"]) == 1 and glyph["c"].isascii() and glyph["c"].isalnum():
+                return str(glyph["c"]).lower()
+    return ch
 
 
 def stable_fraction(key: str) -> float:
