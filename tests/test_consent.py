@@ -10,6 +10,7 @@ channels and guild joins), on SQLite and PostgreSQL where storage is involved.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from itertools import count
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +235,31 @@ async def test_learning_off_on_discord_needs_manage_server_and_the_admin_command
     assert {c.name for c in COMMANDS} - hidden <= set(synced), "everyone still sees the rest"
 
 
+async def test_a_group_that_becomes_a_supergroup_keeps_its_learning_off_with_its_community(
+    db: Database, engine: Engine, tmp_path: Path
+) -> None:
+    """`/learning` is about the chat's recorded community (`chats.community`, the voices' one), which a Telegram
+    group keeps when it moves to a supergroup id: the pause follows it, and `/learning on` there closes it."""
+    settings = discord_settings(FakeDiscord(), models_dir=tmp_path, train_user_share_cap=1.0)
+    service = ChatService(settings=settings, db=db, engine=engine)
+    old, new, ids = "-100", "-1001234", count(1)
+
+    async def say(chat: str, text: str, *, admin: bool = False) -> str | None:
+        reply = await service.handle(_group(chat, text, str(next(ids)), admin=admin))
+        return None if reply is None else reply.text
+
+    await say(old, "said before it was off")
+    assert await say(old, "/learning off", admin=True) == _(LEARNING_OFF_DONE)
+    await service.migrate_chat("telegram", old, new)
+    assert await say(new, "/learning") == _(LEARNING_IS_OFF), "the supergroup is the same group"
+    await say(new, "a secret said in the supergroup")
+    assert await say(new, "/learning on", admin=True) == _(LEARNING_ON_DONE)
+    await say(new, "said after it was on")
+    report = await build_dataset(settings, db)
+    assert "a secret said in the supergroup" not in _texts(report)
+    assert {"said before it was off", "said after it was on"} <= _texts(report)
+
+
 # --- 9. the smaller holes --------------------------------------------------------------------------------------------
 
 
@@ -301,6 +327,14 @@ def _private(user: str, text: str, message_id: str) -> IncomingMessage:
     return IncomingMessage(
         platform="discord", chat_id=user, chat_kind=ChatKind.PRIVATE, author_id=user, author_name="Ann",
         text=text, message_id=message_id,
+    )  # fmt: skip
+
+
+def _group(chat: str, text: str, message_id: str, *, admin: bool) -> IncomingMessage:
+    return IncomingMessage(
+        platform="telegram", chat_id=chat, chat_kind=ChatKind.GROUP, author_id="7" if admin else "8",
+        author_name="Ann" if admin else "Bo", text=text, message_id=message_id, addressed=text.startswith("/"),
+        community=f"telegram:{chat}", chat_admin=admin,
     )  # fmt: skip
 
 
