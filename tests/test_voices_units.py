@@ -27,7 +27,7 @@ from core.versions import (
     register_version,
 )
 from tests.conftest import engine_config, generation_params
-from tests.test_dataset import ChatLog, make_settings
+from tests.dataset_support import ChatLog, make_settings
 from trainer.dataset import build_dataset
 from trainer.train import TrainArguments, with_fresh_adapter
 
