@@ -82,7 +82,7 @@ class FusedStep:
     def _block(
         self, block: _Block, layer: Any, hidden: torch.Tensor, attend: torch.Tensor | None, rows: int
     ) -> torch.Tensor:
-        query, key, value = block.qkv(_norm(block.ln_1, hidden)).split(hidden.shape[-1], dim=2)
+        query, key, value = torch.split(block.qkv(_norm(block.ln_1, hidden)), hidden.shape[-1], dim=2)
         query, key, value = (t.view(rows, 1, self._heads, -1).transpose(1, 2) for t in (query, key, value))
         keys, values = layer.update(key, value)
         attended = functional.scaled_dot_product_attention(query, keys, values, attn_mask=attend, scale=self._scaling)
