@@ -4,7 +4,7 @@ batch sizes and precisions, side by side in one run.
     python bench/decode_step.py [--precisions int8,fp32] [--batches 1,4,16] [--threads 1] [--shape gpt2|tiny]
 
 Each measurement: a KV batch of `batch` rows prefilled with a 30-token prompt, two warm-up steps, then the mean of
-8 steps; the two ways alternate three times and the best of each is kept (the machine is shared, the minimum is
+8 steps; each way is measured three times and the best kept (the machine is shared, the minimum is
 the steadiest figure). The logits of both ways are bitwise equal (tests/test_fused_step.py).
 """
 
