@@ -107,6 +107,9 @@ async def test_a_model_the_fused_step_does_not_know_decodes_through_the_model_ca
     assert fused_step(loaded.model) is None
     assert decoding_model(loaded.model) is loaded.model
     assert compiled_module._unsupported(nn.Linear(2, 2)) == "Linear is not GPT-2"
+    hooked = prepare(ModelRef(str(tiny_model_dir), "tiny"), "cpu", "fp32").model
+    hooked.transformer.h[1].mlp.register_forward_hook(lambda *_: None)
+    assert "hooked" in (compiled_module._unsupported(hooked) or "")
     loaded.model.config.activation_function = "relu"
     assert "activation" in (compiled_module._unsupported(loaded.model) or "")
     batch = KVBatch(loaded.model)  # and the fallback still decodes

@@ -123,6 +123,8 @@ def _unsupported(model: Any) -> str | None:
         return f"{type(model).__name__} is not GPT-2"
     if model.training or model.device.type != "cpu":
         return "the fused step serves CPU models in eval mode"
+    if _instrumented(model):
+        return "the model's forward is replaced or hooked, and the fused step would bypass that"
     if config.activation_function != "gelu_new" or config.scale_attn_by_inverse_layer_idx:
         return "an activation or attention scaling the fused step does not implement"
     if not config.scale_attn_weights or config.add_cross_attention or config._attn_implementation != "sdpa":
@@ -141,6 +143,13 @@ def _unsupported(model: Any) -> str | None:
             if type(module).__name__ not in expected and not isinstance(module, Conv1D | nn.Linear | _QuantizedLinear):
                 return f"a module the fused step does not know: {type(module).__name__}"
     return None
+
+
+def _instrumented(model: nn.Module) -> bool:
+    """Whether something watches or changes the model's calls (an instance-level `forward`, forward hooks)."""
+    return "forward" in vars(model) or any(
+        module._forward_hooks or module._forward_pre_hooks for module in model.modules()
+    )
 
 
 def _linear(module: nn.Module) -> Linear | None:
