@@ -12,9 +12,13 @@ It is used for single-token steps only (prefill stays transformers'), for GPT-2-
 module it recognises (fp32 `Conv1D`/`Linear` or torch's dynamic int8 `Linear`); anything else (another
 architecture, a wrapped or adapted projection, an attention variant) falls back to the model call.
 
-`torch.compile` of this step was tried (gcc is present here): on CPU it cannot trace the int8 modules' packed
-weights without graph breaks, and each new KV length or batch size recompiles or needs dynamic shapes, minutes of
-compiling on a 2-core machine for little over this fused eager step; see docs/benchmarks.md.
+Why not `torch.compile` (gcc is present here; tried on this step, 2026-12-06): with the step fused, a profile of
+GPT-2 small in int8 at batch 1 puts 92% of the step's CPU time in `quantized::linear_dynamic` (the int8 matmuls
+themselves), so compiling the rest could win at most ~8%; dynamo cannot trace the int8 modules' packed weights
+(a graph break at every projection: "Failed to convert args/kwargs to proxy" on the ScriptObject), and the first
+step of the tiny 2-layer test model took 37 s to compile on this shared 2-core machine (each new batch size or
+cache length recompiles unless shapes are dynamic). There is no compile step, so nothing delays start-up: the
+fused step is built (microseconds) with each cohort's KV batch. See docs/benchmarks.md.
 """
 
 from __future__ import annotations
