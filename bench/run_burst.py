@@ -94,7 +94,7 @@ async def measure(args: argparse.Namespace, model_dir: Path, tmp: Path, mode: st
     database = tmp / f"magpie-{mode}.db"
     async with FakeTelegram() as telegram:
         env = run_env(telegram, model_dir, database, args.new_tokens)
-        for name in ("SERVE_PRECISION", "ENGINE_MAX_BATCH_SIZE", "ENGINE_TIMEOUT_S"):
+        for name in ("SERVE_PRECISION", "ENGINE_MAX_BATCH_SIZE"):  # TORCH_THREADS, ENGINE_TIMEOUT_S pass through
             env.pop(name, None)
         env.update(MODES[mode])
         upgrade = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot", "db", "upgrade", env=env, cwd=tmp)
