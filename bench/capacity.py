@@ -12,7 +12,8 @@ run on the same chats:
 Search (bounded): a trial serves `--capacity-requests` chats (Poisson arrivals at the trial's rate, seeded, so each
 rate's arrivals are the same for every way) and passes when p95 <= the limit. From `--capacity-start` chats/s the
 rate doubles while trials pass (at most `--capacity-max` chats/s), or halves while they fail (down to 1/16 of the
-start); then `--capacity-steps` geometric bisections between the last pass and the first fail. The result is the
+start, and not at all once even the quickest reply took longer than the limit: then the capacity is 0 whatever the
+rate); then `--capacity-steps` geometric bisections between the last pass and the first fail. The result is the
 highest passing rate (0 when none passed). `--quick` uses fewer chats and bisections (a rough figure in minutes).
 """
 
@@ -59,9 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def search(name: str, trial: Trial, args: argparse.Namespace) -> Capacity:
     """The bounded doubling-then-bisection search of the highest rate whose p95 passes."""
     limit, trials = args.p95_limit, []
+    fastest = [math.inf]  # the quickest reply seen: if even it is over the limit, no lower rate can pass
 
     def passes(rate: float) -> bool:
-        p95 = trial(rate).percentile(95)
+        run = trial(rate)
+        p95, fastest[0] = run.percentile(95), min(fastest[0], *run.latencies_s)
         trials.append((rate, p95))
         print(f"  {name}: {rate:6.2f} chats/s -> p95 {p95:6.2f} s {'pass' if p95 <= limit else 'FAIL'}", flush=True)
         return p95 <= limit
@@ -70,7 +73,7 @@ def search(name: str, trial: Trial, args: argparse.Namespace) -> Capacity:
     good, bad = (rate, math.inf) if passes(rate) else (0.0, rate)
     while good and bad == math.inf and good * 2 <= args.capacity_max:
         good, bad = (good * 2, bad) if passes(good * 2) else (good, good * 2)
-    while not good and bad > args.capacity_start / 16:
+    while not good and bad > args.capacity_start / 16 and fastest[0] <= limit:
         good, bad = (bad / 2, bad) if passes(bad / 2) else (0.0, bad / 2)
     for _ in range(args.capacity_steps if good and bad != math.inf else 0):
         middle = math.sqrt(good * bad)
