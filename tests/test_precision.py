@@ -20,7 +20,7 @@ import core.engine._loading as loading_module
 import core.engine._precision as precision_module
 from core.dialogue import Turn
 from core.engine import Engine, ModelRef, Precision
-from core.engine._converted import CONVERTED_FILE
+from core.engine._converted import CONVERTED_FILE, CONVERTED_FILES
 from core.engine._loading import prepare
 from core.engine._precision import CACHE_FILE, gate_loss
 from core.settings import Settings
@@ -289,3 +289,22 @@ def test_stored_int8_from_another_machine_is_converted_again(
     assert prepare(ModelRef(str(version), "v1", 1), "cpu", "int8").precision == "int8"
     assert loads == [str(version)], "converted from the float checkpoint again"
     assert (version / CONVERTED_FILE).stat().st_mtime_ns != stored, "and kept for this machine"
+
+
+def test_bf16_is_kept_with_the_version_too(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: True)
+    version = _version_copy(tiny_model_dir, tmp_path / "v1")
+    converted = prepare(ModelRef(str(version), "v1", 1), "cpu", "bf16")
+    assert converted.precision == "bf16" and (version / CONVERTED_FILES["bf16"]).is_file()
+
+    def no_float_checkpoint(*_: object, **__: object) -> None:
+        raise AssertionError("the float checkpoint was loaded")
+
+    monkeypatch.setattr(loading_module, "load_pretrained", no_float_checkpoint)
+    direct = prepare(ModelRef(str(version), "v1", 1), "cpu", "bf16")
+    assert direct.precision == "bf16" and direct.model.dtype == torch.bfloat16
+    ids = torch.tensor([direct.tokenizer("hello there, how are you today?")["input_ids"]])
+    with torch.inference_mode():
+        assert torch.equal(direct.model(ids).logits, converted.model(ids).logits)

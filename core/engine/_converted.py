@@ -1,4 +1,5 @@
-"""int8 weights kept with a model version, so serving loads them directly instead of converting at every start.
+"""int8 (and bf16) weights kept with a model version, so serving loads them directly instead of converting at
+every start.
 
 Why: converting to int8 needs the float checkpoint in memory first (about 500 MB for GPT-2 small, mapped and read
 whole) and then the int8 copy beside it, so a process that converts peaks well above what it serves with. A
@@ -7,6 +8,9 @@ state dict is saved next to the weights (`CONVERTED_FILE`, keyed like the precis
 packed int8 layout belongs to torch's kernels on this CPU). Later loads build the model's skeleton on the meta
 device (no float weights are ever allocated), put int8 modules where the conversion would, and assign the stored
 tensors into it: the float checkpoint is never read.
+
+bf16 is kept the same way (`serving-bf16.pt`): converting it also reads the whole float checkpoint first, so its
+load peaked at 1.5x what it serves with (bench/serving_memory.py).
 
 The file is read with `torch.load(weights_only=True)`: it holds tensors (quantized ones included) and plain
 values only, so a tampered file cannot run code.
@@ -32,37 +36,38 @@ from core.engine._precision import _blocks, machine_key
 log = logging.getLogger(__name__)
 
 CONVERTED_FILE = "serving-int8.pt"
+CONVERTED_FILES = {"int8": CONVERTED_FILE, "bf16": "serving-bf16.pt"}
 _QuantizedLinear = torch.ao.nn.quantized.dynamic.Linear
 
 
-def save_converted(model: PreTrainedModel, directory: Path, device: str) -> None:
+def save_converted(model: PreTrainedModel, directory: Path, device: str, precision: str = "int8") -> None:
     """Stores `model`'s int8 state dict in `directory` for this machine (best effort: a read-only version directory
     only means converting again at the next load). Written to a temporary name first, so a crash leaves no half
     file that a later load would trust."""
-    path = directory / CONVERTED_FILE
+    path = directory / CONVERTED_FILES[precision]
     temporary = path.with_suffix(".tmp")
     try:
         torch.save({"machine": machine_key(device), "state": model.state_dict()}, temporary)
         os.replace(temporary, path)
     except (OSError, RuntimeError):
-        log.warning("could not keep the int8 weights in %s; the next load converts again", directory)
+        log.warning("could not keep the %s weights in %s; the next load converts again", precision, directory)
         with contextlib.suppress(OSError):
             temporary.unlink()
 
 
-def load_converted(directory: Path, device: str) -> PreTrainedModel | None:
-    """The version's stored int8 model, built without its float weights; None when there is none for this machine
-    or it does not fit the version's config (then the caller converts as usual)."""
-    path = directory / CONVERTED_FILE
+def load_converted(directory: Path, device: str, precision: str = "int8") -> PreTrainedModel | None:
+    """The version's stored int8 (or bf16) model, built without its float weights; None when there is none for this
+    machine or it does not fit the version's config (then the caller converts as usual)."""
+    path = directory / CONVERTED_FILES[precision]
     if device != "cpu" or not path.is_file():
         return None
     try:
         with _quiet():
             stored: dict[str, Any] = torch.load(path, weights_only=True)
         if stored.get("machine") != machine_key(device):
-            log.info("the stored int8 weights in %s were made on another machine; converting again", directory)
+            log.info("the stored %s weights in %s were made on another machine; converting again", precision, directory)
             return None
-        model = _int8_skeleton(directory)
+        model = _int8_skeleton(directory) if precision == "int8" else _bf16_skeleton(directory)
         model.load_state_dict(stored["state"], strict=True, assign=True)
     except Exception:  # a stale or foreign file must not stop serving: converting again is always possible
         log.warning("the stored int8 weights in %s could not be used; converting again", directory, exc_info=True)
@@ -84,6 +89,18 @@ def _int8_skeleton(directory: Path) -> PreTrainedModel:
     head = model.get_output_embeddings()  # type: ignore[no-untyped-call]
     if isinstance(head, nn.Linear):
         model.set_output_embeddings(_placeholder(head.in_features, head.out_features, head.bias is not None))  # type: ignore[no-untyped-call]
+    with contextlib.suppress(OSError):
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    model.eval()  # type: ignore[no-untyped-call]
+    return model
+
+
+def _bf16_skeleton(directory: Path) -> PreTrainedModel:
+    """The model's modules in bf16 on the meta device (no memory) for the stored tensors to be assigned into."""
+    config = AutoConfig.from_pretrained(directory)
+    with torch.device("meta"):
+        model: PreTrainedModel = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    nn.Module.to(model, torch.bfloat16)
     with contextlib.suppress(OSError):
         model.generation_config = GenerationConfig.from_pretrained(directory)
     model.eval()  # type: ignore[no-untyped-call]

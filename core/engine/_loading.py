@@ -131,9 +131,9 @@ def _load_in_precision(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Served]:
     """The model in its serving precision. A version that already served in int8 on this machine loads its stored
     int8 weights directly (no float checkpoint in memory, so no conversion peak); one converted now keeps them."""
-    if version_dir is not None and (stored := _stored_int8(version_dir, device, precision)) is not None:
+    if version_dir is not None and (found := _stored(version_dir, device, precision)) is not None:
         stored_tokenizer = AutoTokenizer.from_pretrained(version_dir, local_files_only=True)
-        return stored, _for_serving(stored_tokenizer, ref.source), "int8"
+        return found[0], _for_serving(stored_tokenizer, ref.source), found[1]
     model, tokenizer = load_pretrained(ref.source, device)
     model, served = apply_precision(
         model,
@@ -143,19 +143,23 @@ def _load_in_precision(
         reload=lambda: load_pretrained(ref.source, device)[0],
         cache_dir=version_dir,
     )
-    if served == "int8" and version_dir is not None:
-        save_converted(model, version_dir, device)
+    if served != "fp32" and version_dir is not None:
+        save_converted(model, version_dir, device, served)
     return model, tokenizer, served
 
 
-def _stored_int8(version_dir: Path, device: str, precision: Precision) -> PreTrainedModel | None:
-    """The version's stored int8 model when int8 is what serves it here (asked for, or `auto`'s cached verdict)."""
-    if precision == "auto" and cached_verdict(version_dir, device) == "int8":
-        model = load_converted(version_dir, device)
-        if model is not None:
-            log.info("SERVE_PRECISION=auto: int8, decided earlier for this version on this machine (%s)", version_dir)
-        return model
-    return load_converted(version_dir, device) if precision == "int8" else None
+def _stored(version_dir: Path, device: str, precision: Precision) -> tuple[PreTrainedModel, Served] | None:
+    """The version's stored converted model when int8 or bf16 is what serves it here (asked for, or `auto`'s
+    cached verdict)."""
+    served = cached_verdict(version_dir, device) if precision == "auto" else precision
+    if served not in ("int8", "bf16"):
+        return None
+    model = load_converted(version_dir, device, served)
+    if model is None:
+        return None
+    if precision == "auto":
+        log.info("SERVE_PRECISION=auto: %s, decided earlier for this version on this machine (%s)", served, version_dir)
+    return model, served
 
 
 def prepare(ref: ModelRef, device: str, precision: Precision = "fp32") -> LoadedModel:
