@@ -4,7 +4,7 @@ batch sizes and precisions, side by side in one run.
     python bench/decode_step.py [--precisions int8,fp32] [--batches 1,4,16] [--threads 1] [--shape gpt2|tiny]
 
 Each measurement: a KV batch of `batch` rows prefilled with a 30-token prompt, two warm-up steps, then the mean of
-8 steps; each way is measured three times and the best kept (the machine is shared, the minimum is
+8 steps; the two ways alternate three times and the best of each is kept (the machine is shared, the minimum is
 the steadiest figure). The logits of both ways are bitwise equal (tests/test_fused_step.py).
 """
 
@@ -55,8 +55,10 @@ def main() -> None:
         for precision in args.precisions.split(","):
             model = prepare(ModelRef(name, "gpt2-shape"), "cpu", precision).model  # type: ignore[arg-type]
             for batch in (int(b) for b in args.batches.split(",")):
-                plain = min(step_ms(model, batch, fused=False) for _ in range(3))
-                fused = min(step_ms(model, batch, fused=True) for _ in range(3))
+                plain, fused = float("inf"), float("inf")
+                for _ in range(3):  # alternating, so a change in the machine's load hits both ways alike
+                    plain = min(plain, step_ms(model, batch, fused=False))
+                    fused = min(fused, step_ms(model, batch, fused=True))
                 print(
                     f"{precision:5} batch {batch:3}: model call {plain:7.1f} ms/step, fused {fused:7.1f} ms/step,"
                     f" {plain / fused:5.2f}x",
