@@ -6,6 +6,7 @@ serving precision asked for (SERVE_PRECISION), side by side in one run, under th
 
     python bench/generation.py --arrivals poisson --rate 8 --requests 16     # the "16 chats over ~2 s"
     python bench/generation.py --shape tiny --requests 4 --new-tokens 8     # a smoke run, seconds
+    python bench/generation.py --capacity [--quick]    # each way's highest rate with p95 <= 3 s (bench/capacity.py)
 
 The rows of the table, every one serving the same chats at the same arrival times:
 
@@ -337,6 +338,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--precisions", default="fp32,int8", help="SERVE_PRECISION values to compare, first = reference (fp32,int8)"
     )
+    import capacity  # here, not at the top: bench/capacity.py imports this module
+
+    capacity.add_arguments(parser)
     args = parser.parse_args()
     if args.requests < 1 or args.new_tokens < 1 or args.rate <= 0 or not 0 <= args.length_spread < 1:
         parser.error("need --requests, --new-tokens >= 1, --rate > 0 and 0 <= --length-spread < 1")
@@ -361,6 +365,13 @@ def main() -> None:
         directory = Path(tmp)
         build_in_child(directory, args.shape)
         model, tokenizer = load_pretrained(str(directory), "cpu")
+        if args.capacity:
+            print(f"{cpu_description()}\n{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs")
+            import capacity  # here, not at the top: bench/capacity.py imports this module
+
+            requests = chats(args.capacity_requests, tokenizer)
+            capacity.run(directory, model=model, tokenizer=tokenizer, requests=requests, params=params, args=args)
+            return
         requests = chats(args.requests, tokenizer)
         work = draw_workload(
             requests,

@@ -1,6 +1,9 @@
 """People writing at once through `magpie run`, against the same number writing one after another.
 
     python bench/run_burst.py [--people 8] [--new-tokens 32] [--rounds 2] [--shape gpt2|tiny]
+        [--modes default] [--burst-only]
+    python bench/run_burst.py --people 16 --modes seed,default --burst-only --rounds 1   # issue #22: 16 at once
+    python bench/run_burst.py --people 8 --modes fp32,int8                               # batching itself
 
 The whole product, not the engine alone: the real `magpie run` process (python-telegram-bot, the chat service,
 SQLite, the engine) serves the project's fake Bot API (`tests/fake_telegram.py`, on 127.0.0.1) with a model of
@@ -9,6 +12,11 @@ GPT-2 small's shape (random weights, greedy, so every reply runs to `--new-token
 - **at once**: `--people` other people write in the same instant;
 each from the first message to the last reply. The ratio (one after another / at once) is what batching buys a
 community; issue #12 asks >= 4x for 8 people. The CPU's model and flags are printed, since machines differ.
+
+`--modes` serves the same rounds with several bot configurations, each a fresh `magpie run`, side by side:
+`default` (the settings as shipped: SERVE_PRECISION=auto), `fp32`, `int8`, `auto` (SERVE_PRECISION), and `seed`:
+the seed bot's way, one reply at a time in fp32 (ENGINE_MAX_BATCH_SIZE=1, SERVE_PRECISION=fp32, no time limit),
+the baseline of "16 users at once". The last table puts every mode's "at once" against the first mode's.
 """
 
 from __future__ import annotations
@@ -31,6 +39,17 @@ from tests.fake_telegram import FakeTelegram, Person  # noqa: E402
 
 STARTUP_S = 300.0
 REPLY_S = 600.0
+
+
+MODES: dict[str, dict[str, str]] = {
+    "default": {},
+    "fp32": {"SERVE_PRECISION": "fp32"},
+    "int8": {"SERVE_PRECISION": "int8"},
+    "auto": {"SERVE_PRECISION": "auto"},
+    # The seed bot answered one message at a time and had no time limit: without one, the later replies would be
+    # the engine's timeout note instead of an answer.
+    "seed": {"SERVE_PRECISION": "fp32", "ENGINE_MAX_BATCH_SIZE": "1", "ENGINE_TIMEOUT_S": "3600"},
+}
 
 
 def run_env(telegram: FakeTelegram, model_dir: Path, database: Path, new_tokens: int) -> dict[str, str]:
@@ -71,10 +90,13 @@ async def at_once(telegram: FakeTelegram, people: list[Person]) -> float:
     return time.perf_counter() - start
 
 
-async def measure(args: argparse.Namespace, model_dir: Path, tmp: Path) -> tuple[list[float], list[float]]:
-    database = tmp / "magpie.db"
+async def measure(args: argparse.Namespace, model_dir: Path, tmp: Path, mode: str) -> tuple[list[float], list[float]]:
+    database = tmp / f"magpie-{mode}.db"
     async with FakeTelegram() as telegram:
         env = run_env(telegram, model_dir, database, args.new_tokens)
+        for name in ("SERVE_PRECISION", "ENGINE_MAX_BATCH_SIZE"):  # TORCH_THREADS, ENGINE_TIMEOUT_S pass through
+            env.pop(name, None)
+        env.update(MODES[mode])
         upgrade = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot", "db", "upgrade", env=env, cwd=tmp)
         if await upgrade.wait() != 0:
             raise SystemExit("magpie db upgrade failed")
@@ -87,9 +109,14 @@ async def measure(args: argparse.Namespace, model_dir: Path, tmp: Path) -> tuple
             serial, burst = [], []
             for round_ in range(args.rounds):
                 base = 1000 * (round_ + 1)
-                serial.append(await one_after_another(telegram, people(telegram, base, args.people)))
+                if not args.burst_only:
+                    serial.append(await one_after_another(telegram, people(telegram, base, args.people)))
                 burst.append(await at_once(telegram, people(telegram, base + 500, args.people)))
-                print(f"round {round_ + 1}: one after another {serial[-1]:.2f} s, at once {burst[-1]:.2f} s")
+                print(
+                    f"{mode} round {round_ + 1}: one after another {serial[-1] if serial else float('nan'):.2f} s,"
+                    f" at once {burst[-1]:.2f} s",
+                    flush=True,
+                )
         finally:
             process.terminate()
             await process.wait()
@@ -106,15 +133,33 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--shape", choices=("gpt2", "tiny"), default="gpt2")
+    parser.add_argument("--modes", default="default", help=f"bot configurations, in order, of {', '.join(MODES)}")
+    parser.add_argument("--burst-only", action="store_true", help="time only the people writing at once")
     args = parser.parse_args()
+    modes = args.modes.split(",")
+    if not set(modes) <= set(MODES):
+        parser.error(f"--modes takes {', '.join(MODES)}")
+    results = {}
     with tempfile.TemporaryDirectory(prefix="magpie-burst-") as name:
         tmp = Path(name)
         build_in_child(tmp / "model", args.shape)
-        serial, burst = asyncio.run(measure(args, tmp / "model", tmp))
+        for mode in modes:
+            results[mode] = asyncio.run(measure(args, tmp / "model", tmp, mode))
+    report(args, results)
+
+
+def report(args: argparse.Namespace, results: dict[str, tuple[list[float], list[float]]]) -> None:
     print(f"\n{args.people} people, {args.new_tokens}-token greedy replies, {args.shape} shape, {os.cpu_count()} CPUs")
     print(cpu_description())
-    s, b = statistics.median(serial), statistics.median(burst)
-    print(f"one after another: median {s:.2f} s; at once: median {b:.2f} s; at once is {s / b:.1f}x faster")
+    print(f"load average (1, 5, 15 min): {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    first = statistics.median(next(iter(results.values()))[1])
+    for mode, (serial, burst) in results.items():
+        b = statistics.median(burst)
+        line = f"{mode:8} at once: median {b:.2f} s ({first / b:.1f}x faster than {next(iter(results))})"
+        if serial:
+            s = statistics.median(serial)
+            line += f"; one after another: median {s:.2f} s; at once is {s / b:.1f}x faster"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     engine_batch_wait_ms: float = Field(5.0, ge=0.0, le=1000.0)
     engine_timeout_s: float = Field(60.0, gt=0.0)
     torch_threads: int | None = Field(None, ge=1)
-    serve_precision: Literal["auto", "fp32", "bf16", "int8"] = "fp32"
+    serve_precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"
 
     # --- chat service ----------------------------------------------------------------------------------------
     bot_name: str = "Magpie"

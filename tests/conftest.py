@@ -54,7 +54,9 @@ def generation_params(**overrides: Any) -> GenerationParams:
 
 
 def engine_config(**overrides: Any) -> EngineConfig:
-    """An engine configuration on the CPU with Settings' defaults, overridden where a test cares."""
+    """An engine configuration on the CPU with Settings' defaults, overridden where a test cares; fp32 unless asked,
+    since the engine's tests assert fp32's batch invariance (int8's rounding depends on the batch)."""
+    overrides.setdefault("precision", "fp32")
     return EngineConfig.from_settings(Settings(_env_file=None, device="cpu"), **overrides)  # type: ignore[call-arg]
 
 

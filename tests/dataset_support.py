@@ -1,5 +1,5 @@
-"""Writing a chat log straight into the database for dataset tests (`ChatLog`), and their settings: shared by every
-test file that builds a dataset."""
+"""The dataset tests' shared helpers: settings for one test and a chat log written the way the chat service logs it
+(used by the dataset tests and the voices' unit tests)."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ import shutil
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
@@ -15,11 +16,14 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
+import core.engine._loading as loading_module
 import core.engine._precision as precision_module
 from core.dialogue import Turn
 from core.engine import Engine, ModelRef, Precision
+from core.engine._converted import CONVERTED_FILE, CONVERTED_FILES
 from core.engine._loading import prepare
 from core.engine._precision import CACHE_FILE, gate_loss
+from core.settings import Settings
 from tests.conftest import engine_config, generation_params
 
 PROMPTS = (
@@ -206,3 +210,101 @@ def test_int8_is_refused_off_the_cpu_and_for_unknown_layers(tiny_model_dir: Path
     assert precision_module.unsupported("int8", "cpu", model) is None
     model.transformer.h = nn.Sequential()  # as an architecture whose blocks the converter does not know
     assert precision_module.unsupported("int8", "cpu", model) is not None
+
+
+def test_auto_is_the_default() -> None:
+    assert Settings(_env_file=None).serve_precision == "auto"  # type: ignore[call-arg]
+
+
+def _counting_gate(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the loss gate's measurements (a cached verdict makes none)."""
+    calls: list[int] = []
+    real = precision_module.gate_loss
+
+    def counted(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> float:
+        calls.append(1)
+        return real(model, tokenizer)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(precision_module, "gate_loss", counted)
+    return calls
+
+
+def test_auto_decides_once_says_why_and_redecides_on_another_cpu(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    version = _version_copy(tiny_model_dir, tmp_path / "v1", sharpen=10.0)
+    calls = _counting_gate(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="core.engine"):
+        assert prepare(ModelRef(str(version), "v1", 1), "cpu", "auto").precision == "int8"
+    picked = [r.getMessage() for r in caplog.records if r.getMessage().startswith("SERVE_PRECISION=auto picked")]
+    assert len(picked) == 1 and "int8" in picked[0] and "2% gate" in picked[0], caplog.text
+    assert calls == [1, 1], "fp32's loss, then int8's"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="core.engine"):
+        assert prepare(ModelRef(str(version), "v1", 1), "cpu", "auto").precision == "int8"
+    assert calls == [1, 1], "a restart reuses the verdict"
+    assert "decided earlier for this version on this machine" in caplog.text
+
+    monkeypatch.setattr(precision_module, "cpu_capability", lambda: "DEFAULT:-")  # the same version, another CPU
+    assert prepare(ModelRef(str(version), "v1", 1), "cpu", "auto").precision == "int8"
+    assert calls == [1, 1, 1, 1], "another CPU decides again"
+    assert len(json.loads((version / CACHE_FILE).read_text())["machines"]) == 2
+
+
+def test_int8_is_kept_with_the_version_and_loads_without_the_float_checkpoint(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    version = _version_copy(tiny_model_dir, tmp_path / "v1", sharpen=10.0)
+    converted = prepare(ModelRef(str(version), "v1", 1), "cpu", "auto")
+    assert converted.precision == "int8" and (version / CONVERTED_FILE).is_file()
+
+    def no_float_checkpoint(*_: object, **__: object) -> None:
+        raise AssertionError("the float checkpoint was loaded")
+
+    monkeypatch.setattr(loading_module, "load_pretrained", no_float_checkpoint)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_float_checkpoint)
+    for requested in ("auto", "int8"):
+        direct = prepare(ModelRef(str(version), "v1", 1), "cpu", cast("Precision", requested))
+        assert (
+            direct.precision == "int8"
+            and _quantized(direct.model.transformer.h[0])
+            and _quantized(direct.model.lm_head)
+        )
+        assert not any(t.is_meta for t in [*direct.model.parameters(), *direct.model.buffers()])
+        ids = torch.tensor([direct.tokenizer("hello there, how are you today?")["input_ids"]])
+        with torch.inference_mode():
+            assert torch.equal(direct.model(ids).logits, converted.model(ids).logits)
+
+
+def test_stored_int8_from_another_machine_is_converted_again(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    version = _version_copy(tiny_model_dir, tmp_path / "v1")
+    prepare(ModelRef(str(version), "v1", 1), "cpu", "int8")
+    stored = (version / CONVERTED_FILE).stat().st_mtime_ns
+    monkeypatch.setattr(precision_module, "cpu_capability", lambda: "DEFAULT:-")
+    loads: list[str] = []
+    real = loading_module.load_pretrained
+    monkeypatch.setattr(loading_module, "load_pretrained", lambda s, d: loads.append(s) or real(s, d))
+    assert prepare(ModelRef(str(version), "v1", 1), "cpu", "int8").precision == "int8"
+    assert loads == [str(version)], "converted from the float checkpoint again"
+    assert (version / CONVERTED_FILE).stat().st_mtime_ns != stored, "and kept for this machine"
+
+
+def test_bf16_is_kept_with_the_version_too(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: True)
+    version = _version_copy(tiny_model_dir, tmp_path / "v1")
+    converted = prepare(ModelRef(str(version), "v1", 1), "cpu", "bf16")
+    assert converted.precision == "bf16" and (version / CONVERTED_FILES["bf16"]).is_file()
+
+    def no_float_checkpoint(*_: object, **__: object) -> None:
+        raise AssertionError("the float checkpoint was loaded")
+
+    monkeypatch.setattr(loading_module, "load_pretrained", no_float_checkpoint)
+    direct = prepare(ModelRef(str(version), "v1", 1), "cpu", "bf16")
+    assert direct.precision == "bf16" and direct.model.dtype == torch.bfloat16
+    ids = torch.tensor([direct.tokenizer("hello there, how are you today?")["input_ids"]])
+    with torch.inference_mode():
+        assert torch.equal(direct.model(ids).logits, converted.model(ids).logits)

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from core.engine._compiled import decoding_model
+
 _SPARE_COLUMNS = 64  # room to grow before a layer's buffer is reallocated
 
 
@@ -115,7 +117,7 @@ class KVBatch:
     """
 
     def __init__(self, model: Any) -> None:
-        self._model = model
+        self._model = decoding_model(model)  # single-token steps through the fused step where it applies
         self._cache: Cache | None = None
         self._mask = torch.zeros((0, 0), dtype=torch.long)
         self._positions = torch.zeros(0, dtype=torch.long)

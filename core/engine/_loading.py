@@ -18,7 +18,8 @@ from huggingface_hub.errors import (
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from core.engine._precision import Served, apply_precision
+from core.engine._converted import load_converted, save_converted
+from core.engine._precision import Served, apply_precision, cached_verdict
 from core.engine._types import ModelRef, Precision
 from core.errors import HubUnreachableError, ModelLoadError
 
@@ -65,11 +66,16 @@ def load_pretrained(source: str, device: str) -> tuple[PreTrainedModel, PreTrain
         if message.endswith(_HUB_UNREACHABLE_FIX):
             raise HubUnreachableError(message) from None
         raise ModelLoadError(message) from None
+    return model, _for_serving(tokenizer, source)
+
+
+def _for_serving(tokenizer: PreTrainedTokenizerBase, source: str) -> PreTrainedTokenizerBase:
+    """Left padding with pad = EOS, which batched decoding needs; a tokenizer without EOS cannot serve."""
     if tokenizer.eos_token is None:
         raise ModelLoadError(f'Model "{source}" has no end-of-text token, which the dialogue format needs.')
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    return model, tokenizer
+    return tokenizer
 
 
 def _load_failure(source: str, exc: Exception) -> str:
@@ -120,12 +126,14 @@ class LoadedModel:
     precision: Served = "fp32"  # what SERVE_PRECISION resolved to for this model on this machine
 
 
-def prepare(ref: ModelRef, device: str, precision: Precision = "fp32") -> LoadedModel:
-    """`load_pretrained` in the serving `precision` plus the per-model facts decoding needs; raises `ModelLoadError`.
-
-    Start and swap both come through here, so a newly promoted version passes the same precision gate before it
-    serves. A version's directory caches the gate's verdict (versions never change; base models are re-measured).
-    """
+def _load_in_precision(
+    ref: ModelRef, device: str, precision: Precision, version_dir: Path | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Served]:
+    """The model in its serving precision. A version that already served in int8 on this machine loads its stored
+    int8 weights directly (no float checkpoint in memory, so no conversion peak); one converted now keeps them."""
+    if version_dir is not None and (found := _stored(version_dir, device, precision)) is not None:
+        stored_tokenizer = AutoTokenizer.from_pretrained(version_dir, local_files_only=True)
+        return found[0], _for_serving(stored_tokenizer, ref.source), found[1]
     model, tokenizer = load_pretrained(ref.source, device)
     model, served = apply_precision(
         model,
@@ -133,8 +141,35 @@ def prepare(ref: ModelRef, device: str, precision: Precision = "fp32") -> Loaded
         requested=precision,
         device=device,
         reload=lambda: load_pretrained(ref.source, device)[0],
-        cache_dir=Path(ref.source) if ref.version_id is not None and Path(ref.source).is_dir() else None,
+        cache_dir=version_dir,
     )
+    if served != "fp32" and version_dir is not None:
+        save_converted(model, version_dir, device, served)
+    return model, tokenizer, served
+
+
+def _stored(version_dir: Path, device: str, precision: Precision) -> tuple[PreTrainedModel, Served] | None:
+    """The version's stored converted model when int8 or bf16 is what serves it here (asked for, or `auto`'s
+    cached verdict)."""
+    served = cached_verdict(version_dir, device) if precision == "auto" else precision
+    if served not in ("int8", "bf16"):
+        return None
+    model = load_converted(version_dir, device, served)
+    if model is None:
+        return None
+    if precision == "auto":
+        log.info("SERVE_PRECISION=auto: %s, decided earlier for this version on this machine (%s)", served, version_dir)
+    return model, served
+
+
+def prepare(ref: ModelRef, device: str, precision: Precision = "fp32") -> LoadedModel:
+    """`load_pretrained` in the serving `precision` plus the per-model facts decoding needs; raises `ModelLoadError`.
+
+    Start and swap both come through here, so a newly promoted version passes the same precision gate before it
+    serves. A version's directory caches the gate's verdict (versions never change; base models are re-measured).
+    """
+    version_dir = Path(ref.source) if ref.version_id is not None and Path(ref.source).is_dir() else None
+    model, tokenizer, served = _load_in_precision(ref, device, precision, version_dir)
     window = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     if not window:
         log.warning("%s does not say its context window; assuming %d tokens", ref.source, FALLBACK_CONTEXT_WINDOW)

@@ -16,8 +16,11 @@ Why these choices:
   The sample is built in because a version's own eval split is people's messages, which live only in the
   database (the version directory holds their ids, so that /forget and retention reach them): copying them next
   to the weights for this check would keep them beyond both.
-- The choice is cached per model version (`CACHE_FILE` in its directory, keyed by the machine: device, native
-  bf16, torch) since version directories never change; base models are measured at every load (it is cheap).
+- The choice is cached per model version (`CACHE_FILE` in its directory, keyed by the machine: device, the CPU's
+  capability as torch sees it and its vector/matrix flags, native bf16, torch) since version directories never
+  change, so a restart or a swap back does not pay the check again while another machine decides for itself; base
+  models are measured at every load (it is cheap: two forward passes over ~100 tokens). The decision is logged in
+  one line, with the losses that made it.
 """
 
 from __future__ import annotations
@@ -184,13 +187,24 @@ def apply_precision(
             log.warning("SERVE_PRECISION=%s is not available, serving fp32: %s.", requested, reason)
             return model, "fp32"
         return convert(model, requested), requested
-    cached = _read_cache(cache_dir, device)
+    cached = cached_verdict(cache_dir, device)
     if cached is not None:
-        log.info("serving precision %s (the verdict cached for this version on this machine)", cached)
+        log.info("SERVE_PRECISION=auto: %s, decided earlier for this version on this machine (%s)", cached, cache_dir)
         return convert(model, cached), cached
     model, chosen, losses = _choose(model, tokenizer, device=device, reload=reload)
+    log.info("SERVE_PRECISION=auto picked %s: %s", chosen, _why(chosen, losses))
     _write_cache(cache_dir, device, chosen, losses)
     return model, chosen
+
+
+def _why(chosen: Served, losses: dict[str, float]) -> str:
+    """The one-line reason for `auto`'s choice: the gate losses it compared."""
+    reference = losses["fp32"]
+    tried = ", ".join(f"{name} {loss:.4f}" for name, loss in losses.items() if name != "fp32") or "nothing to try"
+    limit = f"the {LOSS_TOLERANCE:.0%} gate over fp32's {reference:.4f}"
+    if chosen == "fp32":
+        return f"no faster precision stayed within {limit} (tried: {tried}) on this machine"
+    return f"the fastest precision within {limit} on the built-in dialogue (gate loss: {tried}) on this machine"
 
 
 def _choose(
@@ -206,24 +220,38 @@ def _choose(
         loss = gate_loss(convert(model, candidate), tokenizer)
         losses[candidate] = loss
         if math.isfinite(loss) and loss <= reference * (1 + LOSS_TOLERANCE):
-            log.info("serving precision %s: gate loss %.4f vs fp32 %.4f", candidate, loss, reference)
             return model, candidate, losses
-        log.info("serving precision %s rejected: gate loss %.4f vs fp32 %.4f", candidate, loss, reference)
+        log.debug("serving precision %s rejected: gate loss %.4f vs fp32 %.4f", candidate, loss, reference)
         model = reload()
-    log.info("serving precision fp32: no faster precision kept the loss within %.0f%%", LOSS_TOLERANCE * 100)
     return model, "fp32", losses
 
 
-def _machine_key(device: str) -> str:
-    """What the verdict depends on besides the weights: where it runs and torch's kernels."""
-    return f"{device}|native_bf16={cpu_has_native_bf16()}|torch={torch.__version__}"
+_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 
 
-def _read_cache(cache_dir: Path | None, device: str) -> Served | None:
+def cpu_capability() -> str:
+    """The CPU features the precisions' kernels depend on: torch's dispatch level and the vector/matrix flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    present = "+".join(flag for flag in _CPU_FLAGS if flag in flags) or "-"
+    return f"{torch.backends.cpu.get_cpu_capability()}:{present}"
+
+
+def machine_key(device: str) -> str:
+    """What the verdict (and the stored int8 weights) depend on besides the weights: where it runs, the CPU's
+    capability and torch's kernels. Another machine (or a torch upgrade) decides again."""
+    return f"{device}|cpu={cpu_capability()}|native_bf16={cpu_has_native_bf16()}|torch={torch.__version__}"
+
+
+def cached_verdict(cache_dir: Path | None, device: str) -> Served | None:
+    """`auto`'s verdict stored for this version on this machine, if any."""
     if cache_dir is None:
         return None
     try:
-        entry = json.loads((cache_dir / CACHE_FILE).read_text())["machines"][_machine_key(device)]
+        entry = json.loads((cache_dir / CACHE_FILE).read_text())["machines"][machine_key(device)]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     precision = entry.get("precision") if isinstance(entry, dict) else None
@@ -239,7 +267,7 @@ def _write_cache(cache_dir: Path | None, device: str, chosen: Served, losses: di
         data = json.loads(path.read_text()) if path.exists() else {}
         machines = data.get("machines") if isinstance(data, dict) else None
         machines = machines if isinstance(machines, dict) else {}
-        machines[_machine_key(device)] = {"precision": chosen, "gate_losses": losses, "tolerance": LOSS_TOLERANCE}
+        machines[machine_key(device)] = {"precision": chosen, "gate_losses": losses, "tolerance": LOSS_TOLERANCE}
         path.write_text(json.dumps({"machines": machines}, indent=2))
     except (OSError, ValueError):
         log.warning("could not cache the serving precision in %s; it will be measured again at the next load", path)

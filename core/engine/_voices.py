@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from core.engine._compiled import mark_adapted
 from core.engine._types import VoiceRef
 from core.errors import VoiceLoadError
 
@@ -209,6 +210,7 @@ def attach(model: nn.Module, adapter: Adapter, routing: VoiceRouting) -> None:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, VoicedLayer(module, name, routing))
+        mark_adapted(model)  # a fused step built before this would bypass the new layer
 
 
 class VoicedLayer(nn.Module):
