@@ -190,10 +190,11 @@ def to_incoming(message: discord.Message, me: discord.abc.User) -> IncomingMessa
     # A message does not carry its author's locale (only interactions do): the server's preferred one is the best
     # guess, and a DM has none (English).
     language = message.guild.preferred_locale.value if message.guild is not None else None
-    return _incoming(
+    incoming = _incoming(
         message.channel.id, kind, message.author, text, ident=message.id, addressed=addressed, at=message.created_at,
         language=language,
     )  # fmt: skip
+    return replace(incoming, reply_to_message_id=_referenced_id(message))
 
 
 def command_to_incoming(interaction: discord.Interaction, text: str) -> IncomingMessage:
@@ -220,6 +221,15 @@ def _incoming(
         author_name=author.display_name, text=text, message_id=str(ident), addressed=addressed, sent_at=at,
         language=language,
     )  # fmt: skip
+
+
+def _referenced_id(message: discord.Message) -> str | None:
+    """The id of the message this one replies to, when it is in the same channel (a reference may point to a
+    message elsewhere, e.g. a crosspost, which is no line of this conversation)."""
+    reference = message.reference
+    if reference is None or reference.message_id is None or reference.channel_id != message.channel.id:
+        return None
+    return str(reference.message_id)
 
 
 def _is_private(channel: object) -> bool:

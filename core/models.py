@@ -137,6 +137,13 @@ class Message(Base):
     """An incoming message the bot should answer: crash recovery answers those without a delivered reply."""
     parts_sent: Mapped[int | None] = mapped_column(Integer)
     """How many parts of a split reply reached the platform (a send that failed part-way says how far it got)."""
+    replies_to_platform_id: Mapped[str | None] = mapped_column(String(64))
+    """The platform id of the message a person's message replies to (Telegram reply, Discord reference): the
+    dataset trains it as the answer to that line."""
+    follows_id: Mapped[int | None] = mapped_column(Integer)
+    """The id of the message logged just before it in its chat, with no foreign key on purpose: when that message
+    is deleted (`/forget`, a platform deletion) the dangling id tells the dataset that a line was withdrawn here, so
+    the lines on either side are never trained as each other's context."""
 
 
 class ModelVersion(Base):

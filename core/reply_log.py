@@ -14,7 +14,7 @@ from core.commands import ParsedCommand, parse_command
 from core.db import Database
 from core.messages import Attachment, ChatKind, IncomingMessage, Private, Reply
 from core.models import Delivery, Message, Role
-from core.storage import log_message, set_delivery, upsert_chat, upsert_user
+from core.storage import latest_message_id, log_message, set_delivery, upsert_chat, upsert_user
 
 log = logging.getLogger("core.service")
 
@@ -68,6 +68,7 @@ class ReplyLog:
                 is_command=command is not None,
                 resets_context=command is not None and command.name == "reset",
                 awaits_reply=should_answer(message, command),
+                replies_to_platform_id=message.reply_to_message_id,
             )
             if message.sent_at is not None:
                 row.created_at = message.sent_at
@@ -104,6 +105,7 @@ class ReplyLog:
                 reply_to_id=logged.row_id if answers_logged else None,
                 model_version_id=model_version_id,
                 delivery=Delivery.PENDING,
+                follows_id=await latest_message_id(session, chat_id=logged.chat_row_id),
             )
             session.add(row)
         return Reply(

@@ -81,8 +81,17 @@ async def _find_chat(session: AsyncSession, platform: str, platform_chat_id: str
     return (await session.execute(query)).scalar_one_or_none()
 
 
+async def latest_message_id(session: AsyncSession, *, chat_id: int) -> int | None:
+    """The id of the newest message logged in a chat: what a message logged now follows (`Message.follows_id`)."""
+    query = select(func.max(Message.id)).where(Message.chat_id == chat_id)
+    return (await session.execute(query)).scalar_one_or_none()
+
+
 async def log_message(session: AsyncSession, message: Message) -> bool:
-    """Stores a message once; False when the same platform message id was already logged in that chat."""
+    """Stores a message once, noting the message it follows in its chat; False when the same platform message id
+    was already logged in that chat."""
+    if message.follows_id is None:
+        message.follows_id = await latest_message_id(session, chat_id=message.chat_id)
     if message.platform_message_id is not None:
         existing = await session.execute(
             select(Message.id).where(

@@ -43,6 +43,7 @@ from core.messages import ChatKind
 from core.models import Chat, Delivery, Message, ModelVersion, Role, User, VersionStatus
 from core.settings import Settings
 from trainer.corpus import Dialogue
+from trainer.exchanges import WITHDRAWN_REASONS, ChatWalk, count_targets, exchange_samples
 from trainer.filters import is_blocklisted, is_repetitive, normalise, redact_pii, stable_fraction
 from trainer.poisoning import cap_user_share, drop_near_duplicates, unlearn_dropped_targets
 from trainer.samples import DatasetReport, Line, Sample
@@ -76,6 +77,11 @@ class _Row:
     delivery: Delivery | None
     answers_opted_out: bool
     """A bot reply to a message by a user who opted out: it leaves the data with their turns."""
+    platform_message_id: str | None = None
+    replies_to_platform_id: str | None = None
+    """The message it replies to on the platform (`trainer.exchanges`)."""
+    follows_id: int | None = None
+    """The message logged before it in its chat; when that one is gone, a withdrawn line stood here."""
 
 
 async def build_dataset(settings: Settings, db: Database) -> DatasetReport:
@@ -85,10 +91,13 @@ async def build_dataset(settings: Settings, db: Database) -> DatasetReport:
         rolled_back = set()
     report = DatasetReport(train=[], eval=[], messages_read=len(rows))
     candidates: list[Sample] = []
+    logged = {row.id for row in rows}
     for chat_rows in _by_chat(rows):
-        candidates.extend(_chat_samples(chat_rows, settings, rolled_back, report.excluded))
+        candidates.extend(_chat_samples(chat_rows, settings, rolled_back, report.excluded, logged))
     targets = drop_near_duplicates(candidates, report.excluded)
     targets = cap_user_share(targets, settings.train_user_share_cap, report.excluded)
+    targets = [*targets, *exchange_samples(targets)]
+    report.targets = count_targets(targets)
     targets = unlearn_dropped_targets(targets, candidates)
     report.train, report.eval = split_by_conversation(targets, settings.train_eval_fraction)
     log.info("dataset: %s", json.dumps(report.summary()))
@@ -115,6 +124,9 @@ async def _read_rows(db: Database) -> tuple[list[_Row], set[int]]:
             Message.resets_context,
             Message.model_version_id,
             Message.delivery,
+            Message.platform_message_id,
+            Message.replies_to_platform_id,
+            Message.follows_id,
             User.opted_out,
             asker.opted_out.label("answers_opted_out"),
         )
@@ -147,6 +159,9 @@ def _row(columns: Any) -> _Row:
         private=columns.kind == ChatKind.PRIVATE.value,
         delivery=columns.delivery,
         answers_opted_out=bool(columns.answers_opted_out),
+        platform_message_id=columns.platform_message_id,
+        replies_to_platform_id=columns.replies_to_platform_id,
+        follows_id=columns.follows_id,
     )
 
 
@@ -158,41 +173,45 @@ def _by_chat(rows: Sequence[_Row]) -> Iterator[list[_Row]]:
 
 
 def _chat_samples(
-    rows: Iterable[_Row], settings: Settings, rolled_back: set[int], excluded: Counter[str]
+    rows: Iterable[_Row], settings: Settings, rolled_back: set[int], excluded: Counter[str], logged: set[int]
 ) -> Iterator[Sample]:
     """Walks one chat in order, keeping the running context and yielding a sample per eligible target.
 
     The context is what the chat service would show the model: everything since the last /reset. The held-out
     split needs smaller units than a chat (a bot may live in one big group), so a /reset or a silence of
     TRAIN_CONVERSATION_GAP_MINUTES also starts a new conversation, each held out or trained on as a whole
-    (0 keeps each chat one conversation: a split by whole chats).
+    (0 keeps each chat one conversation: a split by whole chats). A withdrawn line (its author opted out, or it
+    was deleted: the message it follows is no longer `logged`) cuts the context like a /reset, so its neighbours
+    are never trained as each other's context (`trainer.exchanges`).
     """
     by_chat = settings.train_conversation_gap_minutes == 0
     gap = timedelta(minutes=settings.train_conversation_gap_minutes)
-    history: list[Line] = []
+    walk = ChatWalk(settings.history_turns)
     conversation, last_seen = 0, None
     for row in rows:
-        if row.resets_context:
-            history.clear()
+        if row.resets_context or (row.follows_id is not None and row.follows_id not in logged):
+            walk.cut()
         new_conversation = row.resets_context or (last_seen is not None and row.created_at - last_seen > gap)
         if new_conversation and not by_chat:
             conversation += 1
             # The earlier conversation may be held out: as context here it must not be learned (it would leak
             # eval targets into training); it is still what the bot would have seen.
-            history[:] = [replace(line, learnable=False) for line in history]
+            walk.unlearn_earlier()
         last_seen = row.created_at
-        line, reason = _to_line(row, settings, rolled_back, history)
+        line, reason = _to_line(row, settings, rolled_back, walk.history)
         if line is None:
             excluded[reason] += 1
+            if reason in WITHDRAWN_REASONS:
+                walk.cut()
             continue
-        reason = _target_reason(row, line, settings)
+        answers, kind = walk.answered(line, row.replies_to_platform_id)
+        reason = _target_reason(row, line, settings) or ("" if kind else "replies_to_unavailable")
         if reason:
             excluded[reason] += 1
             line = replace(line, learnable=False)
         else:
-            context = tuple(history[-settings.history_turns :] if settings.history_turns else ())
-            yield Sample(context, line, f"{row.chat}#{conversation}")
-        history.append(line)
+            yield Sample(walk.context(), line, f"{row.chat}#{conversation}", answers=answers)
+        walk.add(line, row.platform_message_id)
 
 
 def _to_line(row: _Row, settings: Settings, rolled_back: set[int], history: Sequence[Line]) -> tuple[Line | None, str]:
