@@ -107,6 +107,9 @@ class Chat(Base):
     platform_chat_id: Mapped[str] = mapped_column(String(64))
     kind: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_message_id: Mapped[int | None] = mapped_column(Integer)
+    """The newest message logged in the chat, kept when that message is deleted: the next message's `follows_id`
+    then names a message that is gone, which is how the dataset knows a line was withdrawn there."""
 
 
 class Message(Base):
@@ -141,9 +144,9 @@ class Message(Base):
     """The platform id of the message a person's message replies to (Telegram reply, Discord reference): the
     dataset trains it as the answer to that line."""
     follows_id: Mapped[int | None] = mapped_column(Integer)
-    """The id of the message logged just before it in its chat, with no foreign key on purpose: when that message
-    is deleted (`/forget`, a platform deletion) the dangling id tells the dataset that a line was withdrawn here, so
-    the lines on either side are never trained as each other's context."""
+    """The id of the message logged just before it in its chat (`Chat.last_message_id`), with no foreign key on
+    purpose: when that message is deleted (`/forget`, a platform deletion) the dangling id tells the dataset that a
+    line was withdrawn here, so the lines on either side are never trained as each other's context."""
 
 
 class ModelVersion(Base):

@@ -14,7 +14,7 @@ from core.commands import ParsedCommand, parse_command
 from core.db import Database
 from core.messages import Attachment, ChatKind, IncomingMessage, Private, Reply
 from core.models import Delivery, Message, Role
-from core.storage import latest_message_id, log_message, set_delivery, upsert_chat, upsert_user
+from core.storage import log_message, set_delivery, upsert_chat, upsert_user
 
 log = logging.getLogger("core.service")
 
@@ -105,9 +105,8 @@ class ReplyLog:
                 reply_to_id=logged.row_id if answers_logged else None,
                 model_version_id=model_version_id,
                 delivery=Delivery.PENDING,
-                follows_id=await latest_message_id(session, chat_id=logged.chat_row_id),
             )
-            session.add(row)
+            await log_message(session, row)
         return Reply(
             text=text, reply_to=logged.message.message_id, attachment=attachment, log_id=row.id, private=private
         )
@@ -124,7 +123,7 @@ class ReplyLog:
                 chat_id=replaced.chat_id, author_id=None, role=Role.BOT, text=text, is_command=True,
                 reply_to_id=replaced.reply_to_id, delivery=Delivery.PENDING,
             )  # fmt: skip
-            session.add(row)
+            await log_message(session, row)
         return row.id
 
     async def record_delivery(

@@ -43,7 +43,7 @@ from core.messages import ChatKind
 from core.models import Chat, Delivery, Message, ModelVersion, Role, User, VersionStatus
 from core.settings import Settings
 from trainer.corpus import Dialogue
-from trainer.exchanges import WITHDRAWN_REASONS, ChatWalk, count_targets, exchange_samples
+from trainer.exchanges import WITHDRAWN_REASONS, ChatWalk, TargetKind, count_targets, exchange_samples, is_echo
 from trainer.filters import is_blocklisted, is_repetitive, normalise, redact_pii, stable_fraction
 from trainer.poisoning import cap_user_share, drop_near_duplicates, unlearn_dropped_targets
 from trainer.samples import DatasetReport, Line, Sample
@@ -189,7 +189,7 @@ def _chat_samples(
     walk = ChatWalk(settings.history_turns)
     conversation, last_seen = 0, None
     for row in rows:
-        if row.resets_context or (row.follows_id is not None and row.follows_id not in logged):
+        if row.resets_context or _after_withdrawn(row, logged):
             walk.cut()
         new_conversation = row.resets_context or (last_seen is not None and row.created_at - last_seen > gap)
         if new_conversation and not by_chat:
@@ -205,7 +205,7 @@ def _chat_samples(
                 walk.cut()
             continue
         answers, kind = walk.answered(line, row.replies_to_platform_id)
-        reason = _target_reason(row, line, settings) or ("" if kind else "replies_to_unavailable")
+        reason = _target_reason(row, line, settings) or _answer_reason(line, answers, kind)
         if reason:
             excluded[reason] += 1
             line = replace(line, learnable=False)
@@ -238,6 +238,22 @@ def _to_line(row: _Row, settings: Settings, rolled_back: set[int], history: Sequ
         return None, "repeated_line"
     user_id = row.author_id if row.role == Role.USER else None
     return Line(speaker, text, row.id, user_id, row.created_at), ""
+
+
+def _after_withdrawn(row: _Row, logged: set[int]) -> bool:
+    """The message logged before this one in its chat is gone (deleted on request or on the platform). A message
+    can only follow an earlier one: SQLite gives a deleted newest row's id to the next row."""
+    return row.follows_id is not None and (row.follows_id not in logged or row.follows_id >= row.id)
+
+
+def _answer_reason(line: Line, answers: Line | None, kind: TargetKind | None) -> str:
+    """Why a line is context only for what it answers ("" when it may be a target): it replies to a message that
+    is not in the data, or it repeats the line it answers (`trainer.exchanges`)."""
+    if kind is None:
+        return "replies_to_unavailable"
+    if answers is not None and is_echo(answers, line):
+        return "echo_context_only"
+    return ""
 
 
 def _target_reason(row: _Row, line: Line, settings: Settings) -> str:

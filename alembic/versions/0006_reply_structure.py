@@ -3,7 +3,9 @@
 - `messages.replies_to_platform_id`: the platform id of the message a person's message replies to (a Telegram
   reply, a Discord reference); the dataset trains a reply as the answer to that line;
 - `messages.follows_id`: the message logged just before it in its chat (no foreign key: when that one is deleted,
-  the dangling id is how the dataset knows a line was withdrawn there and does not join its neighbours).
+  the dangling id is how the dataset knows a line was withdrawn there and does not join its neighbours);
+- `chats.last_message_id`: the newest message logged in the chat, kept when that message is deleted, so a message
+  logged after a deletion still follows the deleted one.
 
 Rows logged before this revision have neither (NULL): they are read as before.
 
@@ -29,9 +31,13 @@ def upgrade() -> None:
     with op.batch_alter_table("messages", schema=None) as batch_op:
         batch_op.add_column(sa.Column("replies_to_platform_id", sa.String(length=64), nullable=True))
         batch_op.add_column(sa.Column("follows_id", sa.Integer(), nullable=True))
+    with op.batch_alter_table("chats", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("last_message_id", sa.Integer(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("chats", schema=None) as batch_op:
+        batch_op.drop_column("last_message_id")
     with op.batch_alter_table("messages", schema=None) as batch_op:
         batch_op.drop_column("follows_id")
         batch_op.drop_column("replies_to_platform_id")
