@@ -210,7 +210,7 @@ def _chat_samples(
             excluded[reason] += 1
             line = replace(line, learnable=False)
         else:
-            yield Sample(walk.context(), line, f"{row.chat}#{conversation}", answers=answers)
+            yield Sample(walk.context(), line, f"{row.chat}#{conversation}", answers=answers, kind=str(kind))
         walk.add(line, row.platform_message_id)
 
 

@@ -84,15 +84,6 @@ class ChatWalk:
         return None, TargetKind.OPENING
 
 
-def kind_of(sample: Sample) -> TargetKind:
-    """How the sample's target answers (a reply is told apart by its answered line not being the one before)."""
-    if sample.answers is None:
-        return TargetKind.OPENING
-    if sample.context and sample.context[-1] == sample.answers:
-        return TargetKind.FOLLOW_UP
-    return TargetKind.REPLY
-
-
 def is_echo(prompt: Line, target: Line) -> bool:
     """A line that says again what the line it answers said: a repeat, not an answer."""
     return normalise(prompt.text) == normalise(target.text)
@@ -118,5 +109,5 @@ def count_targets(samples: Sequence[Sample]) -> Counter[str]:
     """Targets by kind, and how many exchange samples they gave (`DatasetReport.targets`)."""
     counts: Counter[str] = Counter()
     for sample in samples:
-        counts["exchange_samples" if sample.exchange else kind_of(sample).value] += 1
+        counts["exchange_samples" if sample.exchange else sample.kind] += 1
     return counts

@@ -45,6 +45,8 @@ class Sample:
     answers: Line | None = None
     """The line the target answers (`trainer.exchanges`): the message it replies to on the platform, else the line
     before it by someone else; None for a line that answers nothing (it opens a conversation)."""
+    kind: str = "opening"
+    """How `answers` was found (`trainer.exchanges.TargetKind`: reply, follow_up, opening)."""
     exchange: bool = False
     """A short sample: only `answers` as context, the prompt a fresh chat gives the bot (`trainer.exchanges`)."""
 
