@@ -18,6 +18,11 @@ label it fills at inference). Pipeline, in order:
    context, so it carries no loss anywhere (`trainer.packing` masks it);
 5. a deterministic split by conversation into train and eval.
 
+Besides, each line is linked to the line it answers (`trainer.exchanges`: the message it replies to on the platform,
+else the line before it by someone else); a kept target also gets a short *exchange* sample with only that line as
+context, the prompt a fresh chat gives the bot. A withdrawn line (opted out, deleted) cuts the context like a
+/reset, a reply to a message not in the data and a line repeating the one it answers are context only.
+
 The dataset is tokenizer-free on purpose: the promotion gate scores the active and the new model, which may use
 different tokenizers, on the same split. The token-length bound is applied when samples are encoded
 (`trainer.packing.encode_samples`), which drops the oldest context turns first.
