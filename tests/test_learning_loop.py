@@ -169,6 +169,11 @@ async def test_retrain_teaches_the_community_answer(paused_loop: Loop, monkeypat
     assert run is not None and run.status is RunStatus.PROMOTED and run.triggered_by == f"telegram:{ADMIN}"
     assert run.model_version_id == active.id and run.progress == 1.0 and run.finished_at is not None
     assert run.metrics["eval_loss"] < run.metrics["active_eval_loss"]
+    # The recall probe asked both versions the held-out chats' recurring question (issue #19): the base never knew it.
+    probe = run.metrics["recall_probe"]
+    assert probe["prompts"] == 1 and probe["active"] == 0 and probe["new"] in (0, 1)
+    assert "answered as the community does" in outcome
+    assert run.metrics["targets"]["follow_up"] >= 1 and run.metrics["targets"].get("exchange_samples", 0) == 0
     # What the dashboard plots of the last run: its training loss from the first step on, every logging step.
     curve = run.metrics["loss_curve"]
     assert curve[0][0] == 1 and len(curve) >= 2 and curve[-1][1] < curve[0][1]
