@@ -262,7 +262,9 @@ def run_outcome(outcome: RunOutcome) -> str:
             reason = not_enough_data(**facts).rstrip(". ")
         failed = _("Training run #{run_id} failed: {reason}. The active model stays.")
         return failed.format(run_id=run_id, reason=reason)
-    notes = _scores(outcome) + _recall(outcome.metrics) + _made_of(outcome.metrics)
+    notes = _scores(outcome)
+    if not outcome.data_withdrawn:  # a discarded version's numbers mean nothing to anyone now
+        notes += _recall(outcome.metrics) + _made_of(outcome.metrics)
     if outcome.again is not None:
         notes += _training_again(outcome.again)
     if outcome.swap is not None:

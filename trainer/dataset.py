@@ -48,7 +48,14 @@ from core.messages import ChatKind
 from core.models import Chat, Delivery, Message, ModelVersion, Role, User, VersionStatus
 from core.settings import Settings
 from trainer.corpus import Dialogue
-from trainer.exchanges import WITHDRAWN_REASONS, ChatWalk, TargetKind, count_targets, exchange_samples, is_echo
+from trainer.exchanges import (
+    WITHDRAWN_REASONS,
+    ChatWalk,
+    TargetKind,
+    count_targets,
+    exchange_samples,
+    is_echoed_question,
+)
 from trainer.filters import is_blocklisted, is_repetitive, normalise, redact_pii, stable_fraction
 from trainer.poisoning import cap_user_share, drop_near_duplicates, unlearn_dropped_targets
 from trainer.samples import DatasetReport, Line, Sample
@@ -253,11 +260,11 @@ def _after_withdrawn(row: _Row, logged: set[int]) -> bool:
 
 def _answer_reason(line: Line, answers: Line | None, kind: TargetKind | None) -> str:
     """Why a line is context only for what it answers ("" when it may be a target): it replies to a message that
-    is not in the data, or it repeats the line it answers (`trainer.exchanges`)."""
+    is not in the data, or it asks again the question it follows (`trainer.exchanges`)."""
     if kind is None:
         return "replies_to_unavailable"
-    if answers is not None and is_echo(answers, line):
-        return "echo_context_only"
+    if answers is not None and is_echoed_question(answers, line):
+        return "echoed_question_context_only"
     return ""
 
 

@@ -12,9 +12,9 @@ What a line answers, in order of evidence:
 3. else nothing (the line opens a conversation, or follows its own author): no exchange sample.
 
 A reply whose message is not in the data (deleted, withdrawn, never logged, a command) is context only: trained
-after whatever line happens to precede it, it would teach an answer to a question nobody asked. A line that repeats
-the line it answers (a second person asking the same question) is no answer: it gets no exchange sample, or the
-model would learn to echo questions.
+after whatever line happens to precede it, it would teach an answer to a question nobody asked. A question that repeats
+the line it answers (a second person asking the same question) is no answer: it is context only, or the model
+would learn to echo questions; any other repeat (agreement) keeps its target but gets no exchange sample.
 
 Withdrawn lines (`/forget`, `/optout`, a platform deletion) *cut* the context where they stood
 (`ChatWalk.cut`): the lines after them start afresh, as after a `/reset`. Without the cut, deleting the answers of
@@ -87,6 +87,12 @@ class ChatWalk:
 def is_echo(prompt: Line, target: Line) -> bool:
     """A line that says again what the line it answers said: a repeat, not an answer."""
     return normalise(prompt.text) == normalise(target.text)
+
+
+def is_echoed_question(prompt: Line, target: Line) -> bool:
+    """A question asked again right after someone asked it: trained as its answer, it teaches the bot to answer a
+    question with itself. (Agreement, "nice one!" after "nice one!", is an answer and stays a target.)"""
+    return target.text.rstrip().endswith(("?", "？")) and is_echo(prompt, target)
 
 
 def exchange_samples(samples: Iterable[Sample]) -> list[Sample]:
