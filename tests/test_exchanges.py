@@ -109,6 +109,7 @@ async def test_an_echo_is_no_answer_and_a_reply_to_an_unknown_message_is_context
     )
     assert "raining frogs again" not in [s.target.text for s in samples(report)]
     assert report.excluded["replies_to_unavailable"] == 1
+    assert report.excluded["echoed_question_context_only"] == 1  # the question asked again teaches nothing
 
 
 async def _teach_two_pairs(group: Group) -> None:
