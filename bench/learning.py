@@ -288,8 +288,10 @@ async def model_row(name: str, base_model: str, args: argparse.Namespace, scale:
         scores.logged = logged
         await train_once(settings, db, scores)
         await with_service(settings, db, lambda service: probe(service, scores, forgotten=None))
-        await forget_and_retrain(settings, db, teachers[0], scores)
-        await with_service(settings, db, lambda service: probe(service, scores, forgotten=0))
+        print(f"  {name}: {table({name: scores})[-1]}", flush=True)  # in case the /forget half does not finish
+        if not args.no_forget:
+            await forget_and_retrain(settings, db, teachers[0], scores)
+            await with_service(settings, db, lambda service: probe(service, scores, forgotten=0))
     finally:
         await db.close()
     return scores, directory
@@ -444,6 +446,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=float, help="TRAIN_EPOCHS for the runs (default: the setting's)")
     parser.add_argument("--learning-rate", type=float, help="TRAIN_LEARNING_RATE (default: the setting's)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-forget", action="store_true", help="skip the /forget half (one training run per row)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--time-steps", type=int, default=2, help="GPT-2 small steps timed for item 7 (0: skip)")
     parser.add_argument(
