@@ -211,6 +211,7 @@ def to_incoming(message: discord.Message, me: discord.abc.User) -> IncomingMessa
         message.channel.id, kind, message.author, text, ident=message.id, addressed=addressed, at=message.created_at,
         language=language, guild=None if private else guild,
     )  # fmt: skip
+    incoming = replace(incoming, reply_to_message_id=_referenced_id(message))
     if message.guild is None:
         return incoming
     manager = isinstance(message.author, discord.Member) and message.author.guild_permissions.manage_guild
@@ -248,6 +249,15 @@ def _incoming(
         author_name=author.display_name, text=text, message_id=str(ident), addressed=addressed, sent_at=at,
         language=language, community=f"{PLATFORM}:{guild}" if guild is not None else None,
     )  # fmt: skip
+
+
+def _referenced_id(message: discord.Message) -> str | None:
+    """The id of the message this one replies to, when it is in the same channel (a reference may point to a
+    message elsewhere, e.g. a crosspost, which is no line of this conversation)."""
+    reference = message.reference
+    if reference is None or reference.message_id is None or reference.channel_id != message.channel.id:
+        return None
+    return str(reference.message_id)
 
 
 def _is_private(channel: object) -> bool:

@@ -258,6 +258,7 @@ class TelegramBackend(ChatBackend[_Target]):
             community=None if private else f"{self.platform}:{message.chat_id}",
             chat_admin=anonymous_admin,
             as_chat=message.sender_chat is not None,
+            reply_to_message_id=_replied_to_id(message),
         )
 
     def _read_text(self, message: Message) -> tuple[str, bool]:
@@ -382,3 +383,12 @@ def _cut_utf16(text: str, spans: list[tuple[int, int]]) -> str:
     pieces.append(units[cursor * 2 :].decode("utf-16-le"))
     kept = [pieces[0].strip()] + [piece.lstrip(" ,:;").strip() for piece in pieces[1:]]
     return " ".join(piece for piece in kept if piece)
+
+
+def _replied_to_id(message: Message) -> str | None:
+    """The id of the message this one replies to. In a forum topic every message "replies" to the topic's first
+    message unless the person picked another: that implicit link says nothing about what it answers."""
+    replied_to = message.reply_to_message
+    if replied_to is None or (message.is_topic_message and replied_to.message_id == message.message_thread_id):
+        return None
+    return str(replied_to.message_id)

@@ -56,6 +56,10 @@ class IncomingMessage:
     chat_admin: bool = False
     as_chat: bool = False
 
+    reply_to_message_id: str | None = None
+    """The platform id of the message this one replies to in the same chat (a Telegram reply, a Discord
+    reference), None when it replies to nothing: training takes it as the line this one answers."""
+
 
 @dataclass(frozen=True, slots=True)
 class Arrival:

@@ -110,6 +110,9 @@ class Chat(Base):
     community: Mapped[str | None] = mapped_column(String(80), index=True)
     """The community the chat belongs to (None: a private chat), recorded when the chat is first seen and kept
     when the platform moves the chat to a new id (a Telegram group that became a supergroup keeps its voice)."""
+    last_message_id: Mapped[int | None] = mapped_column(Integer)
+    """The newest message logged in the chat, kept when that message is deleted: the next message's `follows_id`
+    then names a message that is gone, which is how the dataset knows a line was withdrawn there."""
 
 
 class Message(Base):
@@ -140,6 +143,13 @@ class Message(Base):
     """An incoming message the bot should answer: crash recovery answers those without a delivered reply."""
     parts_sent: Mapped[int | None] = mapped_column(Integer)
     """How many parts of a split reply reached the platform (a send that failed part-way says how far it got)."""
+    replies_to_platform_id: Mapped[str | None] = mapped_column(String(64))
+    """The platform id of the message a person's message replies to (Telegram reply, Discord reference): the
+    dataset trains it as the answer to that line."""
+    follows_id: Mapped[int | None] = mapped_column(Integer)
+    """The id of the message logged just before it in its chat (`Chat.last_message_id`), with no foreign key on
+    purpose: when that message is deleted (`/forget`, a platform deletion) the dangling id tells the dataset that a
+    line was withdrawn here, so the lines on either side are never trained as each other's context."""
 
 
 _SHARED_ACTIVE = sql("status = 'active' AND community IS NULL")

@@ -19,6 +19,10 @@ from core.models import RunStatus, VersionStatus
 
 DATA_WITHDRAWN = "data_withdrawn"
 """The run metric (a count) that marks a run rejected because its training data changed while it trained."""
+NOT_ENOUGH_DATA = "not_enough_data"
+"""The run metric of a run that failed for lack of data: what the data held (`core.texts.not_enough_data`)."""
+RECALL_PROBE = "recall_probe"
+"""The run metric `{"prompts", "active", "new"}`: held-out recurring exchanges answered as the community does."""
 
 
 # --- starting a run -------------------------------------------------------------------------------------------

@@ -75,6 +75,7 @@ class ReplyLog:
                 is_command=command is not None,
                 resets_context=command is not None and command.name == "reset",
                 awaits_reply=should_answer(message, command),
+                replies_to_platform_id=message.reply_to_message_id,
             )
             if message.sent_at is not None:
                 row.created_at = message.sent_at
@@ -112,7 +113,7 @@ class ReplyLog:
                 model_version_id=model_version_id,
                 delivery=Delivery.PENDING,
             )
-            session.add(row)
+            await log_message(session, row)
         return Reply(
             text=text, reply_to=logged.message.message_id, attachment=attachment, log_id=row.id, private=private
         )
@@ -129,7 +130,7 @@ class ReplyLog:
                 chat_id=replaced.chat_id, author_id=None, role=Role.BOT, text=text, is_command=True,
                 reply_to_id=replaced.reply_to_id, delivery=Delivery.PENDING,
             )  # fmt: skip
-            session.add(row)
+            await log_message(session, row)
         return row.id
 
     async def record_delivery(

@@ -90,7 +90,8 @@ async def _find_chat(session: AsyncSession, platform: str, platform_chat_id: str
 
 
 async def log_message(session: AsyncSession, message: Message) -> bool:
-    """Stores a message once; False when the same platform message id was already logged in that chat."""
+    """Stores a message once, noting which message it follows in its chat (`Message.follows_id`); False when the
+    same platform message id was already logged in that chat."""
     if message.platform_message_id is not None:
         existing = await session.execute(
             select(Message.id).where(
@@ -99,11 +100,19 @@ async def log_message(session: AsyncSession, message: Message) -> bool:
         )
         if existing.first() is not None:
             return False
+    chat = await session.get(Chat, message.chat_id)
+    assert chat is not None, "a message is logged in a chat that exists"
+    if chat.last_message_id is None:  # a chat logged before follows_id existed
+        chat.last_message_id = (
+            await session.execute(select(func.max(Message.id)).where(Message.chat_id == chat.id))
+        ).scalar()
+    message.follows_id = chat.last_message_id
     try:
         async with session.begin_nested():
             session.add(message)
     except IntegrityError:
         return False
+    chat.last_message_id = message.id
     return True
 
 

@@ -27,6 +27,8 @@ from core.metrics import perplexity_text
 from core.models import RunStatus, VersionStatus
 from core.outcomes import (
     DATA_WITHDRAWN,
+    NOT_ENOUGH_DATA,
+    RECALL_PROBE,
     AlreadyRunning,
     CoolingDown,
     CouldNotStart,
@@ -378,9 +380,14 @@ def run_outcome(outcome: RunOutcome) -> str:
             "Training run #{run_id} finished, but {version} was not promoted: {reason}. The active model stays."
         ).format(run_id=run_id, version=version, reason=reason)
     else:
+        facts = outcome.metrics.get(NOT_ENOUGH_DATA)
+        if isinstance(facts, dict):  # worded here, in the reader's language, from what the trainer recorded
+            reason = not_enough_data(**facts).rstrip(". ")
         failed = _("Training run #{run_id} failed: {reason}. The active model stays.")
         return failed.format(run_id=run_id, reason=reason)
     notes = _scores(outcome)
+    if not outcome.data_withdrawn:  # a discarded version's numbers mean nothing to anyone now
+        notes += _recall(outcome.metrics) + _made_of(outcome.metrics)
     if outcome.again is not None:
         notes += _training_again(outcome.again)
     if outcome.swap is not None:
@@ -425,6 +432,69 @@ def _scores(outcome: RunOutcome) -> str:
         ppl_after=_ppl(after),
         held_out=held_out,
         trained=metrics.get("train_samples", "?"),
+    )
+
+
+def not_enough_data(*, messages_read: int, targets: int, conversations: int, repeats: int, over_share: int) -> str:
+    """Why a run had nothing to train on, in numbers an admin can act on (issue #19: "two people repeating the
+    same lines count once each")."""
+    text = ngettext(
+        "not enough conversation to train on yet: {targets} distinct line to learn from, out of {read} logged "
+        "messages, in {conversations} conversation(s).",
+        "not enough conversation to train on yet: {targets} distinct lines to learn from, out of {read} logged "
+        "messages, in {conversations} conversation(s).",
+        targets,
+    ).format(targets=targets, read=messages_read, conversations=conversations)
+    if repeats:
+        text += ngettext(
+            " A person repeating a line counts once: {count} repeat was left out.",
+            " A person repeating a line counts once: {count} repeats were left out.",
+            repeats,
+        ).format(count=repeats)
+    if over_share:
+        text += ngettext(
+            " {count} line was over one person's share of the data.",
+            " {count} lines were over one person's share of the data.",
+            over_share,
+        ).format(count=over_share)
+    needed = max(1, 2 - targets)
+    text += ngettext(
+        " A run needs at least two distinct lines (the most recent are held out to judge the new version): "
+        "{needed} more distinct line needed.",
+        " A run needs at least two distinct lines (the most recent are held out to judge the new version): "
+        "{needed} more distinct lines needed.",
+        needed,
+    ).format(needed=needed)
+    return text
+
+
+def _recall(metrics: dict[str, Any]) -> str:
+    """The recall probe (`trainer.recall_probe`): what the loss does not show."""
+    probe = metrics.get(RECALL_PROBE)
+    if not isinstance(probe, dict) or not probe.get("prompts"):
+        return ""
+    return ngettext(
+        " Recurring exchange of held-out conversations answered as the community does: {new} of {prompts} "
+        "(active version: {active}).",
+        " Recurring exchanges of held-out conversations answered as the community does: {new} of {prompts} "
+        "(active version: {active}).",
+        probe["prompts"],
+    ).format(new=probe.get("new"), prompts=probe["prompts"], active=probe.get("active"))
+
+
+def _made_of(metrics: dict[str, Any]) -> str:
+    """What the training targets were (`trainer.exchanges.TargetKind`), when the run recorded it."""
+    targets = metrics.get("targets")
+    if not isinstance(targets, dict) or not targets:
+        return ""
+    return _(
+        " Targets: {replies} platform replies, {follow_ups} follow-ups, {openings} opening lines; "
+        "{exchanges} short exchange samples."
+    ).format(
+        replies=targets.get("reply", 0),
+        follow_ups=targets.get("follow_up", 0),
+        openings=targets.get("opening", 0),
+        exchanges=targets.get("exchange_samples", 0),
     )
 
 

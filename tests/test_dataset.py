@@ -26,15 +26,21 @@ from trainer.samples import DatasetReport, Line, Sample
 
 
 def all_samples(report: DatasetReport) -> list[Sample]:
+    """Every sample, the short exchange samples (`trainer.exchanges`) included: the defences must hold in all."""
     return [*report.train, *report.eval]
 
 
+def long_samples(report: DatasetReport) -> list[Sample]:
+    """One sample per target: the target with the chat's history as context."""
+    return [s for s in all_samples(report) if not s.exchange]
+
+
 def targets(report: DatasetReport) -> list[str]:
-    return [s.target.text for s in all_samples(report)]
+    return [s.target.text for s in long_samples(report)]
 
 
 def sample_for(report: DatasetReport, target: str) -> Sample:
-    (sample,) = [s for s in all_samples(report) if s.target.text == target]
+    (sample,) = [s for s in long_samples(report) if s.target.text == target]
     return sample
 
 
@@ -97,7 +103,8 @@ async def test_opted_out_users_are_neither_target_nor_context(db: Database) -> N
     await log.say("c", "bob", "morning ann")
     report = await build_dataset(make_settings(), db)
     assert "my secret plans" not in targets(report)
-    assert context_of(report, "morning ann") == ["morning"]
+    # A withdrawn line cuts the context where it stood: its neighbours are not joined into a new exchange.
+    assert context_of(report, "morning ann") == []
     assert report.excluded["opted_out"] == 1
     assert all(s.target.user_id != log.users["eve"] for s in all_samples(report))
     assert log.users["eve"] not in report.manifest().values()
@@ -160,7 +167,7 @@ async def test_replies_to_an_opted_out_user_leave_with_their_turns(db: Database)
 
     for bot_targets in (False, True):
         report = await build_dataset(make_settings(train_on_bot_replies=bot_targets), db)
-        assert context_of(report, "morning ann") == ["morning"]
+        assert context_of(report, "morning ann") == []  # the withdrawn exchange cut the context
         assert "your neighbour is away until friday" not in targets(report)
         assert answer not in report.manifest()
         assert (report.excluded["opted_out"], report.excluded["reply_to_opted_out"]) == (1, 1)

@@ -373,6 +373,8 @@ async def test_mentions_and_replies_to_the_bot_address_it_and_mentions_become_na
     assert answer["message_reference"]["message_id"] == asked["id"]
     assert [user["id"] for user in answer["mentions"]] == [alice["id"]], "only the asker is notified"
     assert handler.incoming(followup["id"]).addressed, "a reply to the bot's message addresses it"
+    assert handler.incoming(followup["id"]).reply_to_message_id == str(answer["id"]), "what it replies to, for training"
+    assert handler.incoming(asked["id"]).reply_to_message_id is None
     # Typing is renewed while the core works, so how often it shows depends on the machine: at least once for each
     # of the two addressed messages, and never for the chatter (stop waited for every exchange to finish).
     assert len(fake.calls_to(rf"POST /channels/{fake.channel_id}/typing")) >= 2

@@ -163,6 +163,11 @@ async def test_retrain_teaches_the_community_answer(paused_loop: Loop, monkeypat
     assert run is not None and run.status is RunStatus.PROMOTED and run.triggered_by == f"telegram:{ADMIN}"
     assert run.model_version_id == active.id and run.progress == 1.0 and run.finished_at is not None
     assert run.metrics["eval_loss"] < run.metrics["active_eval_loss"]
+    # The recall probe asked both versions the held-out chats' recurring question (issue #19): the base never knew it.
+    probe = run.metrics["recall_probe"]
+    assert probe["prompts"] == 1 and probe["active"] == 0 and probe["new"] in (0, 1)
+    assert "answered as the community does" in outcome
+    assert run.metrics["targets"]["follow_up"] >= 1 and run.metrics["targets"].get("exchange_samples", 0) == 0
     # What the dashboard plots of the last run: its training loss from the first step on, every logging step.
     curve = run.metrics["loss_curve"]
     assert curve[0][0] == 1 and len(curve) >= 2 and curve[-1][1] < curve[0][1]
@@ -333,7 +338,7 @@ async def test_too_little_data_fails_with_a_clear_reason(base_loop: Loop) -> Non
     await base_loop.ask("hello", user="906")
     assert (await base_loop.admin("/retrain")).startswith("Training run #1 started")
     failed = await base_loop.notifier.wait_for("Training run #1 failed")
-    assert "not enough conversation to train on yet" in failed and "at least two usable messages" in failed
+    assert "not enough conversation to train on yet" in failed and "at least two distinct lines" in failed
     run = await run_row(base_loop.db, 1)
     assert run.status is RunStatus.FAILED and run.model_version_id is None
     assert not base_loop.settings.models_dir.exists() or not any(base_loop.settings.models_dir.iterdir())

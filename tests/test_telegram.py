@@ -202,6 +202,9 @@ async def test_group_messages_are_all_handed_over_and_only_addressed_ones_answer
     ]
     assert by_id[str(plain["message_id"])].author_id == "2001"
     assert by_id[str(plain["message_id"])].author_name == "Bob"
+    # What a message replies to reaches the core (the dataset trains a reply as the answer to that line).
+    assert by_id[str(reply["message_id"])].reply_to_message_id == str(first["message_id"])
+    assert by_id[str(plain["message_id"])].reply_to_message_id is None
     # Every answer replies to the message it answers, and nothing answered the unaddressed ones.
     answered = [answer["reply_to_message"]["message_id"] for answer in answers]
     assert answered[:2] == [mention["message_id"], reply["message_id"]]

@@ -22,6 +22,11 @@ label it fills at inference). Pipeline, in order:
 A community's voice (VOICE_SCOPE=community) reads only that community's chats (`community=`), so its held-out
 split, its caps and its filters are its own.
 
+Besides, each line is linked to the line it answers (`trainer.exchanges`: the message it replies to on the platform,
+else the line before it by someone else); a kept target also gets a short *exchange* sample with only that line as
+context, the prompt a fresh chat gives the bot. A withdrawn line (opted out, deleted) cuts the context like a
+/reset, a reply to a message not in the data and a line repeating the one it answers are context only.
+
 The dataset is tokenizer-free on purpose: the promotion gate scores the active and the new model, which may use
 different tokenizers, on the same split. The token-length bound is applied when samples are encoded
 (`trainer.packing.encode_samples`), which drops the oldest context turns first.
@@ -49,6 +54,14 @@ from core.messages import ChatKind
 from core.models import Chat, Delivery, Message, ModelVersion, Role, User, VersionStatus
 from core.settings import Settings
 from trainer.corpus import Dialogue
+from trainer.exchanges import (
+    WITHDRAWN_REASONS,
+    ChatWalk,
+    TargetKind,
+    count_targets,
+    exchange_samples,
+    is_echoed_question,
+)
 from trainer.filters import is_blocklisted, is_repetitive, normalise, redact_pii, stable_fraction
 from trainer.poisoning import cap_user_share, drop_near_duplicates, unlearn_dropped_targets
 from trainer.samples import DatasetReport, Line, Sample
@@ -82,6 +95,11 @@ class _Row:
     delivery: Delivery | None
     answers_opted_out: bool
     """A bot reply to a message by a user who opted out: it leaves the data with their turns."""
+    platform_message_id: str | None = None
+    replies_to_platform_id: str | None = None
+    """The message it replies to on the platform (`trainer.exchanges`)."""
+    follows_id: int | None = None
+    """The message logged before it in its chat; when that one is gone, a withdrawn line stood here."""
 
 
 async def build_dataset(settings: Settings, db: Database, *, community: str | None = None) -> DatasetReport:
@@ -93,10 +111,13 @@ async def build_dataset(settings: Settings, db: Database, *, community: str | No
     report = DatasetReport(train=[], eval=[], messages_read=len(rows))
     rows = await _without_paused_learning(db, rows, report.excluded)
     candidates: list[Sample] = []
+    logged = {row.id for row in rows}
     for chat_rows in _by_chat(rows):
-        candidates.extend(_chat_samples(chat_rows, settings, rolled_back, report.excluded))
+        candidates.extend(_chat_samples(chat_rows, settings, rolled_back, report.excluded, logged))
     targets = drop_near_duplicates(candidates, report.excluded)
     targets = cap_user_share(targets, settings.train_user_share_cap, report.excluded)
+    targets = [*targets, *exchange_samples(targets)]
+    report.targets = count_targets(targets)
     targets = unlearn_dropped_targets(targets, candidates)
     report.train, report.eval = split_by_conversation(targets, settings.train_eval_fraction)
     log.info("dataset: %s", json.dumps(report.summary()))
@@ -123,6 +144,9 @@ async def _read_rows(db: Database, community: str | None) -> tuple[list[_Row], s
             Message.resets_context,
             Message.model_version_id,
             Message.delivery,
+            Message.platform_message_id,
+            Message.replies_to_platform_id,
+            Message.follows_id,
             User.opted_out,
             asker.opted_out.label("answers_opted_out"),
         )
@@ -168,6 +192,9 @@ def _row(columns: Any) -> _Row:
         private=columns.kind == ChatKind.PRIVATE.value,
         delivery=columns.delivery,
         answers_opted_out=bool(columns.answers_opted_out),
+        platform_message_id=columns.platform_message_id,
+        replies_to_platform_id=columns.replies_to_platform_id,
+        follows_id=columns.follows_id,
     )
 
 
@@ -179,41 +206,45 @@ def _by_chat(rows: Sequence[_Row]) -> Iterator[list[_Row]]:
 
 
 def _chat_samples(
-    rows: Iterable[_Row], settings: Settings, rolled_back: set[int], excluded: Counter[str]
+    rows: Iterable[_Row], settings: Settings, rolled_back: set[int], excluded: Counter[str], logged: set[int]
 ) -> Iterator[Sample]:
     """Walks one chat in order, keeping the running context and yielding a sample per eligible target.
 
     The context is what the chat service would show the model: everything since the last /reset. The held-out
     split needs smaller units than a chat (a bot may live in one big group), so a /reset or a silence of
     TRAIN_CONVERSATION_GAP_MINUTES also starts a new conversation, each held out or trained on as a whole
-    (0 keeps each chat one conversation: a split by whole chats).
+    (0 keeps each chat one conversation: a split by whole chats). A withdrawn line (its author opted out, or it
+    was deleted: the message it follows is no longer `logged`) cuts the context like a /reset, so its neighbours
+    are never trained as each other's context (`trainer.exchanges`).
     """
     by_chat = settings.train_conversation_gap_minutes == 0
     gap = timedelta(minutes=settings.train_conversation_gap_minutes)
-    history: list[Line] = []
+    walk = ChatWalk(settings.history_turns)
     conversation, last_seen = 0, None
     for row in rows:
-        if row.resets_context:
-            history.clear()
+        if row.resets_context or _after_withdrawn(row, logged):
+            walk.cut()
         new_conversation = row.resets_context or (last_seen is not None and row.created_at - last_seen > gap)
         if new_conversation and not by_chat:
             conversation += 1
             # The earlier conversation may be held out: as context here it must not be learned (it would leak
             # eval targets into training); it is still what the bot would have seen.
-            history[:] = [replace(line, learnable=False) for line in history]
+            walk.unlearn_earlier()
         last_seen = row.created_at
-        line, reason = _to_line(row, settings, rolled_back, history)
+        line, reason = _to_line(row, settings, rolled_back, walk.history)
         if line is None:
             excluded[reason] += 1
+            if reason in WITHDRAWN_REASONS:
+                walk.cut()
             continue
-        reason = _target_reason(row, line, settings)
+        answers, kind = walk.answered(line, row.replies_to_platform_id)
+        reason = _target_reason(row, line, settings) or _answer_reason(line, answers, kind)
         if reason:
             excluded[reason] += 1
             line = replace(line, learnable=False)
         else:
-            context = tuple(history[-settings.history_turns :] if settings.history_turns else ())
-            yield Sample(context, line, f"{row.chat}#{conversation}")
-        history.append(line)
+            yield Sample(walk.context(), line, f"{row.chat}#{conversation}", answers=answers, kind=str(kind))
+        walk.add(line, row.platform_message_id)
 
 
 def _to_line(row: _Row, settings: Settings, rolled_back: set[int], history: Sequence[Line]) -> tuple[Line | None, str]:
@@ -240,6 +271,22 @@ def _to_line(row: _Row, settings: Settings, rolled_back: set[int], history: Sequ
         return None, "repeated_line"
     user_id = row.author_id if row.role == Role.USER else None
     return Line(speaker, text, row.id, user_id, row.created_at), ""
+
+
+def _after_withdrawn(row: _Row, logged: set[int]) -> bool:
+    """The message logged before this one in its chat is gone (deleted on request or on the platform). A message
+    can only follow an earlier one: SQLite gives a deleted newest row's id to the next row."""
+    return row.follows_id is not None and (row.follows_id not in logged or row.follows_id >= row.id)
+
+
+def _answer_reason(line: Line, answers: Line | None, kind: TargetKind | None) -> str:
+    """Why a line is context only for what it answers ("" when it may be a target): it replies to a message that
+    is not in the data, or it asks again the question it follows (`trainer.exchanges`)."""
+    if kind is None:
+        return "replies_to_unavailable"
+    if answers is not None and is_echoed_question(answers, line):
+        return "echoed_question_context_only"
+    return ""
 
 
 def _target_reason(row: _Row, line: Line, settings: Settings) -> str:

@@ -55,8 +55,9 @@ from core.errors import MagpieError, ModelLoadError
 from core.logging_setup import correlated, secret_values
 from core.metrics import perplexity
 from core.models import RunStatus, VersionStatus
-from core.outcomes import DATA_WITHDRAWN, RunEndReason
+from core.outcomes import DATA_WITHDRAWN, NOT_ENOUGH_DATA, RunEndReason
 from core.settings import Settings
+from core.texts import not_enough_data
 from core.versions import (
     Withdrawn,
     activate_version,
@@ -65,7 +66,7 @@ from core.versions import (
     set_version_status,
     withdrawn_training_data,
 )
-from trainer import runs
+from trainer import recall_probe, runs
 from trainer.dataset import build_dataset
 from trainer.model_dirs import partial_dirs, version_name
 from trainer.process import die_with_parent, load_trainer_settings
@@ -86,7 +87,12 @@ __all__ = ["DATA_WITHDRAWN", "RunNotClaimableError", "main", "retrain"]
 
 
 class NotEnoughDataError(MagpieError):
-    """The logged conversations do not yet make a training set with a held-out split."""
+    """The logged conversations do not yet make a training set with a held-out split; `facts` say what they hold
+    (recorded with the run, so the admin's report words them in the admin's language)."""
+
+    def __init__(self, facts: dict[str, int]) -> None:
+        super().__init__(not_enough_data(**facts))
+        self.facts = facts
 
 
 class SharedVoiceNotTrainedError(MagpieError):
@@ -172,7 +178,8 @@ async def retrain(
             else:
                 log.exception("training run #%d failed", run_id)
             before_training = isinstance(exc, NotEnoughDataError)  # no cooldown after a run that never trained
-            await runs.fail(db, run_id, reason, now=datetime.now(UTC), before_training=before_training)
+            facts = {NOT_ENOUGH_DATA: exc.facts} if isinstance(exc, NotEnoughDataError) else None
+            await runs.fail(db, run_id, reason, now=datetime.now(UTC), before_training=before_training, metrics=facts)
             # Nothing was registered (the recording transaction is the last step): no files may stay behind.
             for leftover in (*partial_dirs(settings.models_dir, run_id), output_dir):
                 shutil.rmtree(leftover, ignore_errors=True)
@@ -226,6 +233,8 @@ async def _train_and_gate(
     active_loss = await asyncio.to_thread(_score, start.source, report.eval, args)
     new_loss = await asyncio.to_thread(_score, str(output_dir), report.eval, args)
     gate = decide(active_loss=active_loss, new_loss=new_loss, margin=settings.promotion_margin)
+    # Beside the loss, what a user would notice: the held-out recurring exchanges answered as the community does.
+    result.metrics[recall_probe.METRIC] = await asyncio.to_thread(_probe, report, start.source, output_dir, args)
 
     # Gate and record atomically: the version row, the activation (or rejection) and the run's outcome.
     recorded = _recorded(settings, report, result.metrics, start, gate, output_dir)
@@ -286,15 +295,40 @@ def _created_at(samples: Sequence[Sample]) -> dict[int, datetime]:
 
 
 def _check_enough(report: DatasetReport) -> None:
+    """Raises `NotEnoughDataError` with what the data was made of, so the admin reads why (`core.texts`)."""
     if report.train and report.eval:
         return
-    conversations = len({s.conversation for s in (*report.train, *report.eval)})
-    raise NotEnoughDataError(
-        f"not enough conversation to train on yet: {len(report.train)} training and {len(report.eval)} held-out "
-        f"samples from {conversations} conversation(s), out of {report.messages_read} logged messages. A run needs "
-        "at least two usable messages: the most recent ones (with several conversations, whole conversations) "
-        "are held out to judge the new version."
-    )
+    raise NotEnoughDataError(not_enough_data_facts(report))
+
+
+def not_enough_data_facts(report: DatasetReport) -> dict[str, int]:
+    """The numbers `core.texts.not_enough_data` words: distinct lines (targets), the conversations they come from,
+    the messages read, and what the Tay defences left out of them."""
+    targets = [s for s in (*report.train, *report.eval) if not s.exchange]
+    return {
+        "messages_read": report.messages_read,
+        "targets": len(targets),
+        "conversations": len({s.conversation for s in targets}),
+        "repeats": report.excluded.get("near_duplicate_target", 0),
+        "over_share": report.excluded.get("user_share_cap", 0),
+    }
+
+
+def _probe(report: DatasetReport, active: str, new: Path, args: TrainArguments) -> dict[str, int] | None:
+    """The recall probe's numbers (`trainer.recall_probe`); None when the held-out part has no recurring exchange.
+    It informs the admin and never decides the run, so a failure is logged, not raised."""
+    items = recall_probe.probe_items(report)
+    if not items:
+        return None
+    try:
+        return {
+            "prompts": len(items),
+            "active": recall_probe.recalled(active, items, threads=args.threads),
+            "new": recall_probe.recalled(str(new), items, threads=args.threads),
+        }
+    except Exception:
+        log.warning("the recall probe failed; the run goes on without it", exc_info=True)
+        return None
 
 
 def _score(source: str, samples: Sequence[Sample], args: TrainArguments) -> float:
@@ -376,6 +410,8 @@ def _metrics(
         "train_samples": len(report.train),
         "eval_samples": len(report.eval),
         "excluded": dict(report.excluded),
+        "targets": dict(report.targets),
+        recall_probe.METRIC: train_metrics.get(recall_probe.METRIC),
         "data_from": train_metrics.get("data_from"),
         "data_to": train_metrics.get("data_to"),
         "timings": train_metrics.get("timings", {}),

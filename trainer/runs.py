@@ -250,10 +250,17 @@ nothing worth a rest, so it does not start the RETRAIN_COOLDOWN_MINUTES cooldown
 
 
 async def fail(
-    db: Database, run_id: int, reason: RunEndReason, *, now: datetime, before_training: bool = False
+    db: Database,
+    run_id: int,
+    reason: RunEndReason,
+    *,
+    now: datetime,
+    before_training: bool = False,
+    metrics: Mapping[str, Any] | None = None,
 ) -> None:
-    metrics = {BEFORE_TRAINING: True} if before_training else None
-    await end_if_running(db, run_id, RunStatus.FAILED, reason, now=now, metrics=metrics)
+    """Ends a running run as failed; `metrics` say what the run found (e.g. what its data held)."""
+    recorded = {**(metrics or {}), **({BEFORE_TRAINING: True} if before_training else {})}
+    await end_if_running(db, run_id, RunStatus.FAILED, reason, now=now, metrics=recorded or None)
 
 
 async def lock_for_outcome(session: AsyncSession, run_id: int) -> TrainingRun:

@@ -42,6 +42,13 @@ class Sample:
     conversation: str
     """Which conversation it comes from: the unit the held-out split draws (a chat cut at /reset and at long
     silences, or a corpus dialogue)."""
+    answers: Line | None = None
+    """The line the target answers (`trainer.exchanges`): the message it replies to on the platform, else the line
+    before it by someone else; None for a line that answers nothing (it opens a conversation)."""
+    kind: str = "opening"
+    """How `answers` was found (`trainer.exchanges.TargetKind`: reply, follow_up, opening)."""
+    exchange: bool = False
+    """A short sample: only `answers` as context, the prompt a fresh chat gives the bot (`trainer.exchanges`)."""
 
     def prompt(self, eos: str = GPT2_EOS) -> str:
         """What the model sees before it writes the target: the same text the engine builds at inference."""
@@ -67,6 +74,8 @@ class DatasetReport:
     eval: list[Sample]
     excluded: Counter[str] = field(default_factory=Counter)
     messages_read: int = 0
+    targets: Counter[str] = field(default_factory=Counter)
+    """What the training targets are, by how their answered line was found (`trainer.exchanges.TargetKind`)."""
 
     def manifest(self) -> dict[int, int | None]:
         """Message id -> author id of every message in the training split (context included)."""
@@ -86,6 +95,7 @@ class DatasetReport:
             "train_conversations": len({s.conversation for s in self.train}),
             "eval_conversations": len({s.conversation for s in self.eval}),
             "excluded": dict(sorted(self.excluded.items())),
+            "targets": dict(sorted(self.targets.items())),
             "data_from": first.isoformat() if first else None,
             "data_to": last.isoformat() if last else None,
         }
