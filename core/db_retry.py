@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -31,9 +32,14 @@ MAX_DELAY_S = 5.0
 """Backoff from a quarter second, doubling, to at most 5 s between tries: a restart is noticed within seconds."""
 
 
+_SCHEMA_ERROR = re.compile(r"no such (table|column)|has no column|syntax error|no such function", re.IGNORECASE)
+
+
 def is_transient(error: BaseException) -> bool:
     """Whether `error` says the database is away (and may come back), rather than that the statement is wrong:
     lost or refused connections, a server shutting down or starting up, a busy SQLite file, a pool timeout."""
+    if isinstance(error, OperationalError) and _SCHEMA_ERROR.search(str(error.orig)):
+        return False  # SQLite says "OperationalError" for a missing table or column too: no wait mends that
     if isinstance(error, OperationalError | InterfaceError | PoolTimeoutError | ConnectionError | TimeoutError):
         return True
     if isinstance(error, InternalError):  # asyncpg, on a connection cut in the middle of an operation

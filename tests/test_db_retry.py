@@ -99,6 +99,7 @@ async def test_no_budget_means_one_try() -> None:
         (ConnectionRefusedError(111, "Connection refused"), True),
         (TimeoutError(), True),
         (IntegrityError("x", {}, Exception()), False),
+        (OperationalError("SELECT", {}, sqlite3.OperationalError("no such column: chats.community")), False),
         (ValueError("a bug"), False),
         (FileNotFoundError("an export's folder"), False),
     ],
