@@ -1,4 +1,4 @@
-"""Alembic environment: the URL comes from the caller (or Magpie's settings), the metadata from core.models."""
+"""Alembic environment: the URL comes from the caller (or Magpie's settings), the metadata from core.storage.models."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import asyncio
 from sqlalchemy.engine import Connection
 
 from alembic import context
-from core.db import create_engine
-from core.models import Base
+from core.storage.db import create_engine
+from core.storage.models import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -55,11 +55,11 @@ if str(ROOT) not in sys.path:
 from generation import build_in_child, cpu_description  # noqa: E402  (bench/, beside this script)
 
 from bot.telegram import TelegramBackend  # noqa: E402
-from core.db import Database, upgrade  # noqa: E402
-from core.engine import Engine, ModelRef  # noqa: E402
-from core.messages import ChatHandler, IncomingMessage, Reply  # noqa: E402
-from core.service import ChatService  # noqa: E402
+from core.chat.messages import ChatHandler, IncomingMessage, Reply  # noqa: E402
+from core.chat.service import ChatService  # noqa: E402
+from core.serving.engine import Engine, ModelRef  # noqa: E402
 from core.settings import Settings  # noqa: E402
+from core.storage.db import Database, upgrade  # noqa: E402
 from core.texts import BUSY  # noqa: E402
 from tests.fake_telegram import ChatRef, FakeTelegram  # noqa: E402
 

@@ -31,8 +31,8 @@ import torch
 from generation import Run, Workload, draw_workload, exact_length, one_at_a_time, prompt_ids, with_lag_watch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from core.dialogue import Turn
-from core.engine import Engine, EngineConfig, GenerationParams, ModelRef, Precision
+from core.serving.dialogue import Turn
+from core.serving.engine import Engine, EngineConfig, GenerationParams, ModelRef, Precision
 from core.settings import Settings
 
 Trial = Callable[[float], Run]

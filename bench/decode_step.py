@@ -1,4 +1,4 @@
-"""One decoding step, the fused step (core/engine/_compiled.py) against the model call it replaces, at several
+"""One decoding step, the fused step (core/serving/engine/_compiled.py) against the model call it replaces, at several
 batch sizes and precisions, side by side in one run.
 
     python bench/decode_step.py [--precisions int8,fp32] [--batches 1,4,16] [--threads 1] [--shape gpt2|tiny]
@@ -22,9 +22,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import torch  # noqa: E402
 from generation import build_in_child, cpu_description  # noqa: E402
 
-from core.engine import ModelRef  # noqa: E402
-from core.engine._batching import KVBatch  # noqa: E402
-from core.engine._loading import prepare  # noqa: E402
+from core.serving.engine import ModelRef  # noqa: E402
+from core.serving.engine._batching import KVBatch  # noqa: E402
+from core.serving.engine._loading import prepare  # noqa: E402
 
 
 def step_ms(model: torch.nn.Module, batch: int, *, fused: bool) -> float:

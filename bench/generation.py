@@ -17,8 +17,8 @@ The rows of the table, every one serving the same chats at the same arrival time
   decoded. One request at a time, in arrival order. It ignores the drawn reply lengths: that is what it did.
 - **Magpie serial**: Magpie's prompt ids (`encode_dialogue`) and sampling settings, the drawn reply length, one
   `generate` at a time in arrival order (what the Engine would cost without batching).
-- **Engine <precision>**: `core.engine.Engine` (up to `--requests` rows, the default ENGINE_BATCH_WAIT_MS) with one
-  asyncio caller per chat, each submitting at its arrival time with its drawn reply length (`min_new_tokens =
+- **Engine <precision>**: `core.serving.engine.Engine` (up to `--requests` rows, the default ENGINE_BATCH_WAIT_MS) with
+one   asyncio caller per chat, each submitting at its arrival time with its drawn reply length (`min_new_tokens =
   max_new_tokens`, so every way does the work it was asked). The engine batches at every decoding step: a chat
   that arrives joins the running rows at the next step and a finished reply leaves at once.
 
@@ -31,7 +31,7 @@ the first token when the latency is over.
 
 The model is GPT-2 small's shape (`--shape gpt2`: 124M parameters, random weights, 50257-token vocabulary) or a
 2-layer, 64-wide one (`--shape tiny`, for checking the script in seconds), saved with `save_pretrained` and loaded
-through `core.engine.load_pretrained`. The tokenizer is a byte-level BPE trained on the fly on the chatterbot
+through `core.serving.engine.load_pretrained`. The tokenizer is a byte-level BPE trained on the fly on the chatterbot
 English corpus (8000 tokens); ids the model picks beyond it decode to nothing, which does not matter for timing.
 
 A second table serves one chat alone (per-token time, what a lone user feels): fp32 `model.generate` first, the
@@ -63,8 +63,8 @@ import yaml
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from core.dialogue import BOT_SPEAKER, Turn, encode_dialogue, format_dialogue, speaker_key
-from core.engine import Engine, EngineConfig, GenerationParams, ModelRef, Precision, load_pretrained
+from core.serving.dialogue import BOT_SPEAKER, Turn, encode_dialogue, format_dialogue, speaker_key
+from core.serving.engine import Engine, EngineConfig, GenerationParams, ModelRef, Precision, load_pretrained
 from core.settings import Settings
 from trainer.starter_model import save_model, train_tokenizer
 

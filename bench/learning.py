@@ -42,14 +42,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.generation import cpu_description
-from core.db import Database, upgrade
-from core.engine import Engine
-from core.engine._types import ModelRef
-from core.messages import ChatKind, IncomingMessage
-from core.models import VersionStatus
-from core.service import ChatService
+from core.chat.messages import ChatKind, IncomingMessage
+from core.chat.service import ChatService
+from core.serving.engine import Engine
+from core.serving.engine._types import ModelRef
 from core.settings import Settings
-from core.versions import get_active_version, set_version_status
+from core.storage.db import Database, upgrade
+from core.storage.models import VersionStatus
+from core.storage.versions import get_active_version, set_version_status
 from trainer import runs
 from trainer.filters import normalise
 from trainer.retrain import retrain

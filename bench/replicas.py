@@ -41,7 +41,7 @@ from generation import corpus_lines, cpu_description  # noqa: E402  (bench/gener
 from sqlalchemy.engine import make_url  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from core.db import upgrade  # noqa: E402
+from core.storage.db import upgrade  # noqa: E402
 from tests.fake_telegram import FakeTelegram  # noqa: E402
 from trainer.starter_model import ModelShape, build_model, save_model, train_tokenizer  # noqa: E402
 

@@ -3,7 +3,7 @@
     python bench/serving_memory.py [--precisions fp32,int8,bf16,auto] [--chats 16] [--shape gpt2|tiny]
 
 Each precision runs in a fresh child process (so one's peak does not hide another's, and allocator caches from the
-benchmark's own model building do not count): it starts `core.engine.Engine` on a GPT-2-small-shaped model
+benchmark's own model building do not count): it starts `core.serving.engine.Engine` on a GPT-2-small-shaped model
 (random weights, saved with `save_pretrained`), reads the process's peak RSS (`ru_maxrss`) once the model serves
 (the conversion peak: int8 converts block by block), then serves `--chats` concurrent chats of 32 tokens and reads
 it again (the serving peak, KV cache included) with the resident set at that moment. Issue #12's targets: both
@@ -32,7 +32,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from generation import build_in_child, chats, cpu_description  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from core.engine import Engine, EngineConfig, GenerationParams, ModelRef  # noqa: E402
+from core.serving.engine import Engine, EngineConfig, GenerationParams, ModelRef  # noqa: E402
 from core.settings import Settings  # noqa: E402
 
 Result = tuple[str, float, float, float]
@@ -69,7 +69,7 @@ async def serve(directory: Path, precision: str, count: int) -> Result:
 
 def promote(directory: Path) -> None:
     """What the first load of a promoted version does once: convert to int8 and keep it, decide `auto`."""
-    from core.engine._loading import prepare  # in the child only
+    from core.serving.engine._loading import prepare  # in the child only
 
     for precision in ("int8", "bf16", "auto"):  # bf16 only where this machine serves it
         prepare(ModelRef(str(directory), "gpt2-shape", 1), "cpu", precision)  # type: ignore[arg-type]

@@ -31,8 +31,8 @@ from transformers import Trainer, TrainingArguments, default_data_collator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.dialogue import GPT2_EOS, Turn, clean_text, format_dialogue
-from core.metrics import perplexity_text
+from core.perplexity import perplexity_text
+from core.serving.dialogue import GPT2_EOS, Turn, clean_text, format_dialogue
 from trainer.corpus import Dialogue, load_dialogues
 from trainer.starter_model import ModelShape, build_model, train_tokenizer
 

@@ -36,7 +36,7 @@ from transformers import DataCollatorForLanguageModeling, GPT2Config, GPT2LMHead
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.dialogue import GPT2_EOS
+from core.serving.dialogue import GPT2_EOS
 from core.settings import Settings
 from trainer.corpus import load_dialogues
 from trainer.dataset import samples_from_dialogues, split_by_conversation

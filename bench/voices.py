@@ -6,7 +6,7 @@ side by side in one run, and the memory each loaded adapter adds.
     python bench/voices.py --quick        # the tiny shape, 8 chats, one repeat: checks the script in seconds
 
 Every row serves the same chats (all submitted at t=0, drawn reply lengths forced with `min_new_tokens`) through
-`core.engine.Engine` with `max_batch_size = --chats`, so every chat decodes in one batch:
+`core.serving.engine.Engine` with `max_batch_size = --chats`, so every chat decodes in one batch:
 
 - **base**: no voice (the model alone), the reference of what the adapters cost at all;
 - **one voice**: every chat speaks with the same adapter;
@@ -49,8 +49,8 @@ from serving_memory import current_mb  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from core.dialogue import Turn  # noqa: E402
-from core.engine import Engine, EngineConfig, GenerationParams, ModelRef  # noqa: E402
+from core.serving.dialogue import Turn  # noqa: E402
+from core.serving.engine import Engine, EngineConfig, GenerationParams, ModelRef  # noqa: E402
 from core.settings import Settings  # noqa: E402
 
 

@@ -42,10 +42,10 @@ from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from bot.text import split_message
-from core.consent import community_of
-from core.logging_setup import correlated
-from core.messages import Arrival, Attachment, ChatHandler, IncomingMessage, Reply
-from core.telemetry import ReplyOutcome, Telemetry
+from core.chat.consent import community_of
+from core.chat.messages import Arrival, Attachment, ChatHandler, IncomingMessage, Reply
+from core.ops.logging_setup import correlated
+from core.ops.telemetry import ReplyOutcome, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ class ChatBackend(ABC, Generic[Target]):
     @contextmanager
     def exchange(self) -> Iterator[bool]:
         """One incoming message's exchange: work in flight (`tracked`), with a correlation id of its own on every
-        log line on the way (`core.logging_setup`) and its start, from which the reply's latency is measured."""
+        log line on the way (`core.ops.logging_setup`) and its start, from which the reply's latency is measured."""
         with self.tracked() as accepted, correlated():
             received = _received_at.set(time.monotonic())
             try:
@@ -485,7 +485,7 @@ class ChatBackend(ABC, Generic[Target]):
 
 
 class BackendNotifier:
-    """Routes `core.messages.Notifier` calls to the running backend of the named platform."""
+    """Routes `core.chat.messages.Notifier` calls to the running backend of the named platform."""
 
     def __init__(self, backends: Sequence[Backend] = ()) -> None:
         self._by_platform = {backend.platform: backend for backend in backends}

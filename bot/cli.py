@@ -24,24 +24,24 @@ from bot.backend import Backend, BackendNotifier
 from bot.console import CHAT_ID as CONSOLE_CHAT_ID
 from bot.console import PLATFORM as CONSOLE_PLATFORM
 from bot.console import ConsoleBackend
-from core.db import Database, upgrade
-from core.engine import Engine
+from core.chat.limits import LocalUserLimits, UserLimits
+from core.chat.service import ChatService, RecoveryPlan
 from core.errors import ConfigError, MagpieError
-from core.health import HealthCheck
-from core.limits import LocalUserLimits, UserLimits
-from core.logging_setup import CorrelationFilter, JsonFormatter, RedactSecrets, secret_values
-from core.retention import RetentionJob, prune_old_messages
+from core.ops.health import HealthCheck
+from core.ops.logging_setup import CorrelationFilter, JsonFormatter, RedactSecrets, secret_values
+from core.ops.telemetry import Telemetry
 from core.retraining import Retrainer
-from core.service import ChatService, RecoveryPlan
-from core.serving import ModelServing, quiet_model_progress_bars
+from core.serving.engine import Engine
+from core.serving.model_serving import ModelServing, quiet_model_progress_bars
 from core.settings import Settings, load_settings
-from core.storage import collect_stats
-from core.telemetry import Telemetry
+from core.storage.chat_log import collect_stats
+from core.storage.db import Database, upgrade
+from core.storage.retention import RetentionJob, prune_old_messages
 
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from bot.http_server import HttpServer
+    from bot.web.http_server import HttpServer
     from trainer.orchestrator import TrainingOrchestrator
 
 log = logging.getLogger("magpie")
@@ -52,7 +52,7 @@ async def open_user_limits(settings: Settings, *, clock: Callable[[], float]) ->
     clear line), else the in-process ones. Redis is imported only when configured."""
     if settings.redis_url is None:
         return LocalUserLimits(limit=settings.rate_limit_per_minute, clock=clock)
-    from core.redis_limits import RedisUserLimits
+    from core.chat.redis_limits import RedisUserLimits
 
     return await RedisUserLimits.connect(settings)
 
@@ -128,7 +128,7 @@ def _http_server(
     address = settings.http_address
     if address is None:
         return None
-    from bot.http_server import HttpServer, build_http_app  # aiohttp's import is for `run` only
+    from bot.web.http_server import HttpServer, build_http_app  # aiohttp's import is for `run` only
 
     app = build_http_app(health=health, telemetry=telemetry, extra=extra)
     return HttpServer(app, host=address[0], port=address[1])
@@ -140,7 +140,7 @@ def _dashboard(
     """The operator's dashboard at /dashboard/ when DASHBOARD_TOKEN is set and the HTTP server is on."""
     if settings.dashboard_token is None or settings.http_address is None:
         return {}
-    from bot.dashboard import build_dashboard_app  # jinja2 and matplotlib load only for a dashboard
+    from bot.web.dashboard import build_dashboard_app  # jinja2 and matplotlib load only for a dashboard
 
     return {"/dashboard": build_dashboard_app(settings=settings, db=db, serving=serving, retrainer=retrainer)}
 

@@ -3,8 +3,8 @@
 
 They go through the same code as the chat commands: `magpie retrain` runs the same training child as `/retrain`
 (`TrainingOrchestrator.run_in_foreground`), and `magpie models activate/rollback` switch versions in the database
-the same atomic way as `/rollback` (`core.serving.ModelServing`, here without an engine). A running bot notices
-the new active version within seconds and hot-swaps (its serving side's watcher), so these commands never need
+the same atomic way as `/rollback` (`core.serving.model_serving.ModelServing`, here without an engine). A running bot
+notices the new active version within seconds and hot-swaps (its serving side's watcher), so these commands never need
 the bot to stop. What they print about runs and versions is worded by `core.texts`, like the chat's answers.
 `magpie worker` is the training machine's side of RETRAIN_BACKEND=celery (`trainer.worker`).
 """
@@ -26,13 +26,13 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from core import texts
-from core.db import Database
 from core.errors import ConfigError
 from core.i18n import _, speaking
-from core.models import RunStatus
 from core.outcomes import RunOutcome, SwitchRefused, VoicesQueued
-from core.serving import ModelServing
+from core.serving.model_serving import ModelServing
 from core.settings import Settings
+from core.storage.db import Database
+from core.storage.models import RunStatus
 from core.texts import run_outcome, run_request, starter_built, switch, version_list, voice_label
 from trainer.orchestrator import TrainingOrchestrator
 

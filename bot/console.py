@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import TextIO
 
 from bot.backend import ChatBackend, Part, Route
+from core.chat.messages import ChatHandler, ChatKind, IncomingMessage
 from core.i18n import speaking
-from core.messages import ChatHandler, ChatKind, IncomingMessage
-from core.telemetry import Telemetry
+from core.ops.telemetry import Telemetry
 from core.texts import answering_earlier, console_greeting, export_saved
 
 log = logging.getLogger(__name__)

@@ -24,11 +24,11 @@ import discord
 from bot import discord_client
 from bot.backend import ChatBackend, Part, Route
 from bot.discord_commands import NO_MENTIONS, ChannelDestination, Destination, Followups
-from core.commands import parse_command
-from core.consent import platform_id
-from core.messages import Arrival, ChatHandler, ChatKind, IncomingMessage
+from core.chat.commands import parse_command
+from core.chat.consent import platform_id
+from core.chat.messages import Arrival, ChatHandler, ChatKind, IncomingMessage
+from core.ops.telemetry import Telemetry
 from core.settings import Settings
-from core.telemetry import Telemetry
 
 __all__ = ["DiscordBackend", "to_incoming"]
 

@@ -24,10 +24,10 @@ import discord
 from discord import app_commands
 
 from bot.backend import Part
-from core.commands import Command, visible_commands
+from core.chat.commands import Command, visible_commands
+from core.chat.messages import Attachment
 from core.errors import MagpieError
 from core.i18n import SOURCE_LANGUAGE, supported_language, translate
-from core.messages import Attachment
 from core.texts import CHAT_COMMAND_DESCRIPTION, CHAT_TEXT_DESCRIPTION
 
 log = logging.getLogger(__name__)

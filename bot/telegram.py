@@ -1,4 +1,4 @@
-"""The Telegram backend: python-telegram-bot v22 in, `core.messages` types out.
+"""The Telegram backend: python-telegram-bot v22 in, `core.chat.messages` types out.
 
 Everything Telegram-specific lives here (and, for how requests are made and retried, in `bot/telegram_requests.py`)
 and nothing of it leaves: a native message becomes an `IncomingMessage` in `TelegramBackend._translate`, and the
@@ -33,12 +33,12 @@ from telegram.ext import ChatMemberHandler, ContextTypes, MessageHandler, filter
 from bot import telegram_requests as requests
 from bot.backend import ChatBackend, Part, Route
 from bot.text import split_message, utf16_length
-from core.commands import parse_command
-from core.consent import platform_id
+from core.chat.commands import parse_command
+from core.chat.consent import platform_id
+from core.chat.messages import Arrival, ChatHandler, ChatKind, IncomingMessage, Reply
 from core.errors import ConfigError
-from core.messages import Arrival, ChatHandler, ChatKind, IncomingMessage, Reply
+from core.ops.telemetry import Telemetry
 from core.settings import Settings
-from core.telemetry import Telemetry
 
 __all__ = ["TelegramBackend"]
 

@@ -27,11 +27,11 @@ from telegram.ext import AIORateLimiter, Application, ApplicationBuilder, Contex
 from telegram.request import HTTPXRequest, RequestData
 from telegram.request._requestparameter import RequestParameter
 
-from core.commands import visible_commands
+from core.chat.commands import visible_commands
+from core.chat.settling import when_settled
 from core.errors import ConfigError, MagpieError
 from core.i18n import LANGUAGES, SOURCE_LANGUAGE, translate
 from core.settings import Settings
-from core.settling import when_settled
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +79,12 @@ def build_application(settings: Settings, token: str) -> App:
 
 
 class UpdateGate:
-    """The updates fetched but not yet settled (`core.service.when_settled`: logged, or given up on).
+    """The updates fetched but not yet settled (`core.chat.service.when_settled`: logged, or given up on).
 
     Telegram forgets the updates below the `offset` of the next getUpdates call, so that call is the confirmation.
     PTB makes it as soon as the last batch is queued; here it waits until every update of that batch is settled
     (normally a few milliseconds: the time to log them). While the database is away, messages wait to be logged
-    (`core.db_retry`), so polling pauses and nothing unlogged is confirmed: what people write meanwhile waits at
+    (`core.storage.db_retry`), so polling pauses and nothing unlogged is confirmed: what people write meanwhile waits at
     Telegram. At a stop, PTB's last call (timeout 0) confirms only up to the first unsettled update; Telegram
     delivers it and the ones after it again on the next start (those already logged are recognised, not answered
     twice)."""

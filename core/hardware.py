@@ -1,4 +1,4 @@
-"""What this machine's hardware can do, asked by both paths: serving (`core.engine` picks SERVE_PRECISION) and
+"""What this machine's hardware can do, asked by both paths: serving (`core.serving.engine` picks SERVE_PRECISION) and
 training (`trainer.train` picks its precision). A module of its own so the trainer never loads the engine for a
 CPU probe."""
 

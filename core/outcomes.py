@@ -1,8 +1,8 @@
 """What the learning side's operations return: typed results, never chat text.
 
 Starting a run (`core.retraining.Retrainer.request`), a run's end (`RunOutcome`), switching versions and listing
-them (`core.serving.ModelServing`) each return one of these values; `core.texts` turns them into the words a
-person reads, in one place. Callers tell the cases apart by type (`RunStarted` or one of the `RunRefused`), not by
+them (`core.serving.model_serving.ModelServing`) each return one of these values; `core.texts` turns them into the words
+a person reads, in one place. Callers tell the cases apart by type (`RunStarted` or one of the `RunRefused`), not by
 looking at text.
 
 This module imports neither the engine nor the trainer, so both sides of the seam can use it.
@@ -15,7 +15,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from core.models import RunStatus, VersionStatus
+from core.storage.models import RunStatus, VersionStatus
 
 DATA_WITHDRAWN = "data_withdrawn"
 """The run metric (a count) that marks a run rejected because its training data changed while it trained."""

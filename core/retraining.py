@@ -2,8 +2,9 @@
 
 The service calls a `Retrainer` to start a run; the implementation lives in `trainer/` and is injected by the
 composition root (`bot/cli.py`), so `core` never imports `trainer`. The other way round, the trainer's orchestrator
-tells the serving side that a run promoted a version through a `ServingFollower` (`core.serving.ModelServing`),
-so `trainer` never imports the engine. Both return typed results (`core.outcomes`), worded by `core.texts`.
+tells the serving side that a run promoted a version through a `ServingFollower`
+(`core.serving.model_serving.ModelServing`), so `trainer` never imports the engine. Both return typed results
+(`core.outcomes`), worded by `core.texts`.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ marked (`N_`), and the code that sends it says `_(CONSTANT)` when it knows whom 
 
 Adding a text: write it here as `_("English {name}").format(name=...)` (or `N_` for a constant), then add its
 Korean to `core/locale/ko/LC_MESSAGES/magpie.po`; `tests/test_i18n.py` fails until every msgid has a translation.
-(The command list's one-line descriptions live in the command registry, `core.commands.COMMANDS`, marked the same
+(The command list's one-line descriptions live in the command registry, `core.chat.commands.COMMANDS`, marked the same
 way.) Texts never contain exception text or secrets: a reason shown here is one Magpie wrote itself (a run's
 recorded reason, a version's files problem).
 """
@@ -20,11 +20,9 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from core.commands import visible_commands
+from core.chat.commands import visible_commands
 from core.errors import EngineBusyError
 from core.i18n import N_, _, ngettext
-from core.metrics import perplexity_text
-from core.models import RunStatus, VersionStatus
 from core.outcomes import (
     DATA_WITHDRAWN,
     NOT_ENOUGH_DATA,
@@ -49,7 +47,9 @@ from core.outcomes import (
     Withdrawal,
     recorded_reason,
 )
-from core.storage import Stats
+from core.perplexity import perplexity_text
+from core.storage.chat_log import Stats
+from core.storage.models import RunStatus, VersionStatus
 
 # --- the chat service's fixed replies (English msgids: send them as `_(NAME)`) --------------------------------
 
@@ -74,7 +74,7 @@ RETRAIN_UNAVAILABLE = N_("Retraining is not available in this setup.")
 MODELS_UNAVAILABLE = N_("Model versions are not available in this setup.")
 ROLLBACK_UNAVAILABLE = N_("Rollback is not available in this setup.")
 
-# --- Discord's slash-command texts beyond the command registry (`core.commands.COMMANDS`) ----------------------
+# --- Discord's slash-command texts beyond the command registry (`core.chat.commands.COMMANDS`) ----------------------
 
 CHAT_COMMAND_DESCRIPTION = N_("Say something to the bot")
 CHAT_TEXT_DESCRIPTION = N_("What you want to say")
@@ -693,7 +693,7 @@ def version_status_word(status: VersionStatus) -> str:
 
 
 def _ppl(loss: float) -> str:
-    """A perplexity for people: a number, or `core.metrics`' word for one too large to mean anything."""
+    """A perplexity for people: a number, or `core.perplexity`' word for one too large to mean anything."""
     return _(perplexity_text(loss))  # numbers are never msgids, so only the word is translated
 
 
@@ -701,7 +701,7 @@ def _when(moment: datetime) -> str:
     return _("{moment:%Y-%m-%d %H:%M} UTC").format(moment=moment)
 
 
-# --- the operator's dashboard (bot/dashboard.py; the page's language is the browser's Accept-Language) ----------
+# --- the operator's dashboard (bot/web/dashboard.py; the page's language is the browser's Accept-Language) ----------
 # The constants are msgids: the templates and plots show them as `_(t.NAME)`.
 
 DASHBOARD_TITLE = N_("Magpie dashboard")

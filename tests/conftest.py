@@ -19,10 +19,10 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from core.db import Database, upgrade
-from core.engine import Engine, EngineConfig, GenerationParams, ModelRef
-from core.models import Base
+from core.serving.engine import Engine, EngineConfig, GenerationParams, ModelRef
 from core.settings import Settings
+from core.storage.db import Database, upgrade
+from core.storage.models import Base
 from trainer.starter_model import ModelShape, build_model, save_model, train_tokenizer
 
 pytest_plugins = ["tests.throwaway_services"]

@@ -13,13 +13,13 @@ from aiohttp import web
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from bot.dashboard import build_dashboard_app
-from core.db import Database
-from core.models import Chat, Delivery, Message, Role, RunStatus, TrainingRun, User, VersionStatus
+from bot.web.dashboard import build_dashboard_app
 from core.retraining import Retrainer
-from core.serving import ModelServing
+from core.serving.model_serving import ModelServing
 from core.settings import Settings
-from core.versions import activate_version, register_version, set_version_status
+from core.storage.db import Database
+from core.storage.models import Chat, Delivery, Message, Role, RunStatus, TrainingRun, User, VersionStatus
+from core.storage.versions import activate_version, register_version, set_version_status
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 TOKEN = "correct-horse-battery-staple"

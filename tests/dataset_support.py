@@ -6,9 +6,9 @@ from __future__ import annotations
 from datetime import datetime
 from itertools import count
 
-from core.db import Database
-from core.models import Chat, Delivery, Message, ModelVersion, Role, User, VersionStatus
 from core.settings import Settings
+from core.storage.db import Database
+from core.storage.models import Chat, Delivery, Message, ModelVersion, Role, User, VersionStatus
 
 _ids = count(1)
 

@@ -10,10 +10,10 @@ from typing import Any
 from sqlalchemy import select
 
 from bot.discord_bot import DiscordBackend
-from core.db import Database
-from core.messages import ChatHandler
-from core.models import Message
+from core.chat.messages import ChatHandler
 from core.settings import Settings
+from core.storage.db import Database
+from core.storage.models import Message
 from tests.fake_discord import FakeDiscord, Json
 
 

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import torch
 
-import core.engine._loading
-from core.engine import Engine, ModelRef, load_pretrained
+import core.serving.engine._loading
+from core.serving.engine import Engine, ModelRef, load_pretrained
 from tests.conftest import engine_config, generation_params
 
 GREEDY = generation_params(max_new_tokens=16, temperature=0.0, repetition_penalty=2.0)
@@ -108,7 +108,7 @@ class ForwardProbe:
 @pytest.fixture
 def probe(monkeypatch: pytest.MonkeyPatch) -> ForwardProbe:
     probe = ForwardProbe()
-    monkeypatch.setattr(core.engine._loading, "load_pretrained", probe.load)
+    monkeypatch.setattr(core.serving.engine._loading, "load_pretrained", probe.load)
     return probe
 
 

@@ -8,10 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from core.dialogue import speaker_key
-from core.engine import Engine, ModelRef
-from core.messages import ChatKind, IncomingMessage
-from core.service import ChatService
+from core.chat.messages import ChatKind, IncomingMessage
+from core.chat.service import ChatService
+from core.serving.dialogue import speaker_key
+from core.serving.engine import Engine, ModelRef
 from core.settings import Settings
 from tests.conftest import TINY_CORPUS, engine_config, generation_params
 from trainer.samples import Line, Sample
@@ -50,7 +50,7 @@ def msg(
 
 
 class RecordingNotifier:
-    """A `core.messages.Notifier` that keeps what it was asked to send and lets a test await a given text."""
+    """A `core.chat.messages.Notifier` that keeps what it was asked to send and lets a test await a given text."""
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, str, str]] = []

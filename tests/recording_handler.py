@@ -1,4 +1,4 @@
-"""The tests' one `core.messages.ChatHandler`: a recorder that stands in for the core (or wraps the real one), like
+"""The tests' one `core.chat.messages.ChatHandler`: a recorder that stands in for the core (or wraps the real one), like
 errbot's test backend, so adapter and conversation-loop tests await what happened instead of sleeping.
 
 Alone, it answers every message meant for the bot (`addressed`; private chats always are) with `answer(message)`
@@ -16,7 +16,7 @@ import itertools
 import time
 from collections.abc import Callable
 
-from core.messages import Arrival, Attachment, ChatHandler, IncomingMessage, Reply
+from core.chat.messages import Arrival, Attachment, ChatHandler, IncomingMessage, Reply
 
 WAIT_S = 30.0
 

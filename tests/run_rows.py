@@ -6,8 +6,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from core.db import Database
-from core.models import RunStatus, TrainingRun
+from core.storage.db import Database
+from core.storage.models import RunStatus, TrainingRun
 
 
 def new_run(**fields: Any) -> TrainingRun:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import itertools
 from datetime import datetime
 
-from core.engine import Engine
-from core.messages import ChatKind, IncomingMessage
+from core.chat.messages import ChatKind, IncomingMessage
+from core.serving.engine import Engine
 
 _ids = itertools.count(1)
 

@@ -12,12 +12,12 @@ from typing import Any
 from sqlalchemy import select
 
 from bot.telegram import TelegramBackend
-from core.db import Database
-from core.engine import Engine, ModelRef
-from core.models import Chat, Message
+from core.chat.service import ChatService
 from core.outcomes import RunStarted, VoicesQueued
-from core.service import ChatService
+from core.serving.engine import Engine, ModelRef
 from core.settings import Settings
+from core.storage.db import Database
+from core.storage.models import Chat, Message
 from tests.fake_telegram import FakeTelegram
 
 

@@ -14,14 +14,14 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
-from core.db import Database
-from core.dialogue import Turn
-from core.engine import Engine
-from core.metrics import perplexity_text
-from core.models import VersionStatus
-from core.serving import ModelServing, quiet_model_progress_bars
+from core.perplexity import perplexity_text
+from core.serving.dialogue import Turn
+from core.serving.engine import Engine
+from core.serving.model_serving import ModelServing, quiet_model_progress_bars
 from core.settings import Settings
-from core.versions import get_active_version, list_versions
+from core.storage.db import Database
+from core.storage.models import VersionStatus
+from core.storage.versions import get_active_version, list_versions
 from trainer.bootstrap import StarterVersion, bootstrap, starter_arguments
 from trainer.corpus import load_dialogues
 from trainer.starter_model import ModelShape

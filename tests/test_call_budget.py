@@ -17,11 +17,11 @@ import pytest
 from pydantic import SecretStr
 
 from bot.telegram import TelegramBackend
-from core.db import Database, upgrade
-from core.engine import Engine, ModelRef
-from core.messages import IncomingMessage, Reply
-from core.service import ChatService
+from core.chat.messages import IncomingMessage, Reply
+from core.chat.service import ChatService
+from core.serving.engine import Engine, ModelRef
 from core.settings import Settings
+from core.storage.db import Database, upgrade
 from core.texts import BUSY
 from tests.fake_telegram import FakeTelegram
 

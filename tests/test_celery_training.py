@@ -27,16 +27,16 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy import func, select
 
-from core.db import Database
-from core.engine import Engine
+from core.chat.service import ChatService
 from core.errors import ConfigError
-from core.models import ModelVersion, RunStatus
 from core.outcomes import AlreadyRunning, CouldNotStart, RunEndReason
-from core.service import ChatService
-from core.serving import ModelServing
+from core.serving.engine import Engine
+from core.serving.model_serving import ModelServing
 from core.settings import Settings, load_settings
+from core.storage.db import Database
+from core.storage.models import ModelVersion, RunStatus
+from core.storage.versions import get_active_version
 from core.texts import run_request
-from core.versions import get_active_version
 from tests.conftest import _empty_tables
 from tests.loop_support import (
     ADMIN,

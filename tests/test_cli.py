@@ -61,7 +61,7 @@ def test_a_mistyped_database_url_is_one_line_naming_the_forms_that_work(
     tmp_path: Path, url: str, expected: str
 ) -> None:
     """Issue #18, item 5: `magpie db upgrade` printed 149- and 40-line tracebacks (ModuleNotFoundError for a driver
-    Magpie lacks). Every command connects through the same `core.db` checks."""
+    Magpie lacks). Every command connects through the same `core.storage.db` checks."""
     result = run_cli(["db", "upgrade"], tmp_path, DATABASE_URL=url)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr and "hunter2" not in result.stderr + result.stdout, result.stderr
@@ -103,7 +103,7 @@ def test_the_passwords_in_database_redis_and_broker_urls_are_redacted_from_logs(
     secrets like the tokens: a driver's error may print the URL, or the password alone, encoded or not."""
     import logging
 
-    from core.logging_setup import RedactSecrets, secret_values
+    from core.ops.logging_setup import RedactSecrets, secret_values
 
     settings = Settings(
         _env_file=None,  # type: ignore[call-arg]

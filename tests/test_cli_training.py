@@ -17,14 +17,14 @@ from sqlalchemy import select
 
 from bot.cli import build_parser
 from bot.cli_training import run_command
-from core.db import Database
-from core.engine import Engine
-from core.messages import ChatKind
-from core.models import ModelVersion, RunStatus, TrainingRun, VersionStatus
+from core.chat.messages import ChatKind
+from core.chat.service import ChatService
 from core.outcomes import RunEndReason
-from core.service import ChatService
+from core.serving.engine import Engine
 from core.settings import Settings
-from core.versions import activate_version, register_version
+from core.storage.db import Database
+from core.storage.models import ModelVersion, RunStatus, TrainingRun, VersionStatus
+from core.storage.versions import activate_version, register_version
 from tests.loop_support import PHRASE, QUESTION, build_loop_model, greedy_engine, log_community, loop_settings, msg
 from tests.run_rows import add_run
 from trainer.process import process_start_token

@@ -8,13 +8,13 @@ import pytest
 from discord import app_commands
 
 from bot.discord_commands import build_command_tree
-from core import chat_commands, commands
-from core.commands import COMMANDS, Command, CommandArgument
-from core.db import Database
-from core.engine import Engine
-from core.messages import ChatKind, IncomingMessage
-from core.service import ChatService
+from core.chat import chat_commands, commands
+from core.chat.commands import COMMANDS, Command, CommandArgument
+from core.chat.messages import ChatKind, IncomingMessage
+from core.chat.service import ChatService
+from core.serving.engine import Engine
 from core.settings import Settings
+from core.storage.db import Database
 from core.texts import help_text
 
 

@@ -18,15 +18,15 @@ import pytest
 from sqlalchemy import event, select
 
 from bot.discord_commands import MANAGERS
-from core.commands import COMMANDS
-from core.consent import learning_paused
-from core.db import Database, upgrade
-from core.engine import Engine
+from core.chat.commands import COMMANDS
+from core.chat.consent import learning_paused
+from core.chat.messages import ChatKind, IncomingMessage
+from core.chat.service import ChatService
 from core.i18n import _, speaking
-from core.messages import ChatKind, IncomingMessage
-from core.models import Message, Role
-from core.service import ChatService
-from core.storage import FORGOTTEN_MENTION
+from core.serving.engine import Engine
+from core.storage.chat_log import FORGOTTEN_MENTION
+from core.storage.db import Database, upgrade
+from core.storage.models import Message, Role
 from core.texts import (
     LEARNING_ADMINS_ONLY,
     LEARNING_IS_OFF,

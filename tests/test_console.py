@@ -20,10 +20,10 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from core.db import Database, upgrade
-from core.dialogue import BOT_SPEAKER, Turn, encode_dialogue
-from core.models import Message, Role
+from core.serving.dialogue import BOT_SPEAKER, Turn, encode_dialogue
 from core.settings import Settings
+from core.storage.db import Database, upgrade
+from core.storage.models import Message, Role
 from tests.conftest import TINY_CORPUS
 from trainer.starter_model import ModelShape, build_model, save_model, train_tokenizer
 

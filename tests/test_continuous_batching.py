@@ -14,9 +14,9 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from core.dialogue import BOT_SPEAKER, Turn, parse_reply
-from core.engine import Engine, Generation, GenerationParams, ModelRef, build_prompt_ids
 from core.errors import EngineBusyError, EngineClosedError, EngineTimeoutError
+from core.serving.dialogue import BOT_SPEAKER, Turn, parse_reply
+from core.serving.engine import Engine, Generation, GenerationParams, ModelRef, build_prompt_ids
 from tests.conftest import generation_params
 from tests.engine_probe import GREEDY, SHORT, WAIT_S, ForwardProbe, make_engine, probe
 

@@ -13,18 +13,18 @@ import aiohttp
 import pytest
 from pydantic import SecretStr
 
-from bot.dashboard_auth import SESSION_TTL, Sessions
-from bot.http_server import HttpServer, build_http_app
-from core.dashboard_data import load_overview, percentile
-from core.db import Database
-from core.engine import Engine
+from bot.web.dashboard_auth import SESSION_TTL, Sessions
+from bot.web.http_server import HttpServer, build_http_app
 from core.errors import ConfigError
-from core.health import HealthCheck
-from core.models import RunStatus, TrainingRun
-from core.serving import ModelServing
+from core.ops.dashboard_data import load_overview, percentile
+from core.ops.health import HealthCheck
+from core.ops.telemetry import Telemetry
+from core.serving.engine import Engine
+from core.serving.model_serving import ModelServing
 from core.settings import Settings, load_settings
-from core.telemetry import Telemetry
-from core.versions import get_active_version, get_version
+from core.storage.db import Database
+from core.storage.models import RunStatus, TrainingRun
+from core.storage.versions import get_active_version, get_version
 from tests.dashboard_support import (
     CURVE,
     EXCLUDED,
@@ -306,7 +306,7 @@ async def test_the_start_up_log_names_the_dashboards_url(
     dashboard = dashboard_app(settings, db, ModelServing(settings=settings, db=db))
     app = build_http_app(health=HealthCheck(db=db, engine=engine), telemetry=Telemetry(), extra={PREFIX: dashboard})
     server = HttpServer(app, host="127.0.0.1", port=0)
-    with caplog.at_level(logging.INFO, logger="bot.http_server"):
+    with caplog.at_level(logging.INFO, logger="bot.web.http_server"):
         await server.start()
     try:
         assert f"Dashboard on http://127.0.0.1:{server.port}{PREFIX}/" in caplog.messages

@@ -14,13 +14,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from bot.dashboard import build_dashboard_app
-from bot.dashboard_auth import FREE_FAILURES, MAX_LOCKOUT, Throttle
-from bot.dashboard_plots import PLOTS
-from core.db import Database
+from bot.web.dashboard import build_dashboard_app
+from bot.web.dashboard_auth import FREE_FAILURES, MAX_LOCKOUT, Throttle
+from bot.web.dashboard_plots import PLOTS
 from core.errors import ConfigError
-from core.serving import ModelServing
+from core.serving.model_serving import ModelServing
 from core.settings import load_settings, token_strength_bits
+from core.storage.db import Database
 from tests.dashboard_support import NOW, PREFIX, TOKEN, dashboard_settings, serve
 
 WRONG = "wrong-token-of-some-length"
@@ -67,7 +67,7 @@ async def _bearer(http: aiohttp.ClientSession, base_url: str, token: str) -> tup
 async def test_wrong_tokens_are_throttled_per_address_with_growing_waits(
     base_url: str, clock: Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="bot.dashboard_auth")
+    caplog.set_level(logging.WARNING, logger="bot.web.dashboard_auth")
     async with aiohttp.ClientSession() as http:
         for _ in range(FREE_FAILURES - 1):
             assert await _login(http, base_url, WRONG) == (403, None)

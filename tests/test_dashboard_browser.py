@@ -23,13 +23,13 @@ from matplotlib import rc_context
 from matplotlib.figure import Figure
 from sqlalchemy import delete
 
-from bot import dashboard_plots
-from core.db import Database
-from core.engine import Engine
-from core.models import Chat, Delivery, Message, ModelVersion, Role, RunStatus, TrainingRun, User
-from core.serving import ModelServing
+from bot.web import dashboard_plots
+from core.serving.engine import Engine
+from core.serving.model_serving import ModelServing
 from core.settings import Settings
-from core.versions import activate_version, get_active_version, register_version
+from core.storage.db import Database
+from core.storage.models import Chat, Delivery, Message, ModelVersion, Role, RunStatus, TrainingRun, User
+from core.storage.versions import activate_version, get_active_version, register_version
 from tests.dashboard_support import NOW, TOKEN, dashboard_app, dashboard_settings, seed_history, serve
 from trainer.orchestrator import TrainingOrchestrator
 

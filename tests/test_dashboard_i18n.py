@@ -14,11 +14,11 @@ import matplotlib
 import pytest
 from matplotlib.figure import Figure
 
-from bot import dashboard_plots
-from core.dashboard_data import Overview, load_overview
-from core.db import Database
+from bot.web import dashboard_plots
 from core.i18n import accepted_language, current_language, speaking
-from core.serving import ModelServing
+from core.ops.dashboard_data import Overview, load_overview
+from core.serving.model_serving import ModelServing
+from core.storage.db import Database
 from tests.dashboard_support import NOW, TOKEN, dashboard_app, dashboard_settings, seed_history, serve
 
 KOREAN_BROWSER = {"Accept-Language": "ko-KR,ko;q=0.9,en-US;q=0.8,en;q=0.7"}

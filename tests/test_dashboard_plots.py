@@ -16,9 +16,9 @@ from matplotlib import font_manager
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from bot import dashboard_plots
-from core.dashboard_data import GateScore, ReplyStats, RunCurve
-from core.models import RunStatus
+from bot.web import dashboard_plots
+from core.ops.dashboard_data import GateScore, ReplyStats, RunCurve
+from core.storage.models import RunStatus
 from tests.dashboard_support import NOW
 
 DAY = timedelta(days=1)

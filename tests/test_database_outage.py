@@ -3,7 +3,7 @@ down (a fast shutdown cuts every connection, as a restart or a failover does) fo
 write to the bot through the real python-telegram-bot client against the fake Telegram. No message is lost, each
 is answered once and logged once when the database is back, and nobody is told anything about the outage.
 
-The mechanism (`core.db_retry`, `bot.telegram_requests.UpdateGate`): a message whose logging fails waits for the
+The mechanism (`core.storage.db_retry`, `bot.telegram_requests.UpdateGate`): a message whose logging fails waits for the
 database; meanwhile the bot asks Telegram for no new updates, so it confirms none that is not logged, and what is
 written during the outage waits at Telegram (the fake, like Telegram, delivers unconfirmed updates again).
 """
@@ -18,12 +18,12 @@ import pytest
 from sqlalchemy import func, select
 
 from bot.telegram import TelegramBackend
-from core.db import Database, upgrade
-from core.engine import Engine, ModelRef
-from core.models import Delivery, Role
-from core.models import Message as DbMessage
-from core.service import ChatService
+from core.chat.service import ChatService
+from core.serving.engine import Engine, ModelRef
 from core.settings import Settings
+from core.storage.db import Database, upgrade
+from core.storage.models import Delivery, Role
+from core.storage.models import Message as DbMessage
 from core.texts import GENERIC_FAILURE, NOT_LOGGED
 from tests.fake_telegram import FakeTelegram
 from tests.throwaway_services import ThrowawayPostgres

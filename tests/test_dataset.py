@@ -14,9 +14,9 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from core.db import Database
-from core.dialogue import GPT2_EOS
-from core.models import Delivery, VersionStatus
+from core.serving.dialogue import GPT2_EOS
+from core.storage.db import Database
+from core.storage.models import Delivery, VersionStatus
 from tests.dataset_support import ChatLog, make_settings
 from trainer.dataset import build_dataset, export_jsonl, split_by_conversation
 from trainer.filters import is_repetitive, redact_pii

@@ -1,4 +1,4 @@
-"""`core.db_retry.patiently`: what counts as the database being away, the backoff, the budget, and what the log
+"""`core.storage.db_retry.patiently`: what counts as the database being away, the backoff, the budget, and what the log
 says (an injected clock and sleep: nothing waits)."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from core.db import Database, upgrade
-from core.db_retry import FIRST_DELAY_S, MAX_DELAY_S, is_transient, patiently
+from core.chat.service import ChatService
 from core.i18n import _
-from core.models import Message, Role
-from core.service import ChatService
 from core.settings import Settings
+from core.storage.db import Database, upgrade
+from core.storage.db_retry import FIRST_DELAY_S, MAX_DELAY_S, is_transient, patiently
+from core.storage.models import Message, Role
 from core.texts import NOT_LOGGED
 from tests.loop_support import greedy_engine, msg
 
@@ -56,7 +56,7 @@ async def test_a_database_away_for_a_while_is_waited_for_with_growing_capped_del
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     time, call = FakeTime(), Flaky(8, locked())
-    with caplog.at_level(logging.WARNING, logger="core.db_retry"):
+    with caplog.at_level(logging.WARNING, logger="core.storage.db_retry"):
         assert await patiently(call, what="telegram message 7", budget_s=120, sleep=time.sleep, clock=time.clock) == (
             "logged"
         )

@@ -32,9 +32,9 @@ from dotenv import dotenv_values
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
-from core.db import Database
-from core.models import Message
 from core.settings import Settings
+from core.storage.db import Database
+from core.storage.models import Message
 from tests.conftest import POSTGRES_ADMIN_URL, _pg_admin, _postgres_reachable
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,7 +5,7 @@ import re
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from core.dialogue import (
+from core.serving.dialogue import (
     BOT_SPEAKER,
     GPT2_EOS,
     Turn,
@@ -76,7 +76,8 @@ def test_speaker_keys_name_the_bot_and_each_person_apart() -> None:
 # --- no speaker label ever reaches a chat (issue #18, item 3) -------------------------------------------------------
 
 LABEL_OF_THE_FORMAT = re.compile(r"(?:Bot|User(?:\s*\d+)?)\s*[:\uff1a]")
-"""What counts as a speaker label of the format in a reply, written out here independently of `core.dialogue`."""
+"""What counts as a speaker label of the format in a reply, written out here independently of
+`core.serving.dialogue`."""
 
 MODEL_FRAGMENTS = [
     "Bot", "User", "User 1", "User 12", " 2", "3", ":", "::", " :", "\uff1a", "\n", " ", "\t", "a", "I", "IBot",

@@ -20,14 +20,14 @@ import yarl
 from sqlalchemy import select
 
 from bot.discord_bot import DiscordBackend
-from core.commands import COMMANDS
-from core.db import Database
-from core.engine import Engine
+from core.chat.commands import COMMANDS
+from core.chat.messages import Attachment, ChatKind, IncomingMessage
+from core.chat.service import ChatService
 from core.errors import ConfigError
-from core.messages import Attachment, ChatKind, IncomingMessage
-from core.models import Chat, Delivery, Role, User
-from core.service import ChatService
+from core.serving.engine import Engine
 from core.settings import Settings
+from core.storage.db import Database
+from core.storage.models import Chat, Delivery, Role, User
 from core.texts import EXPORT_SENT_PRIVATELY, EXPORT_UNREACHABLE
 from tests.discord_support import logged_messages, mention, running, settings_for
 from tests.fake_discord import MESSAGE_CONTENT, WAIT_S, FakeDiscord, Json

@@ -16,8 +16,9 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-from core.dialogue import BOT_SPEAKER, Turn, format_dialogue
-from core.engine import (
+from core.errors import EngineClosedError, HubUnreachableError, ModelLoadError
+from core.serving.dialogue import BOT_SPEAKER, Turn, format_dialogue
+from core.serving.engine import (
     Engine,
     EngineConfig,
     GenerationParams,
@@ -26,9 +27,8 @@ from core.engine import (
     hub_reachable,
     load_pretrained,
 )
-from core.engine._loading import prepare
-from core.engine._sampling import RowDecoder
-from core.errors import EngineClosedError, HubUnreachableError, ModelLoadError
+from core.serving.engine._loading import prepare
+from core.serving.engine._sampling import RowDecoder
 from core.settings import Settings
 from tests.conftest import engine_config, generation_params
 from tests.engine_probe import SHORT, ForwardProbe, make_engine, probe

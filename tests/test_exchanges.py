@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from core.db import Database
-from core.engine import Engine
+from core.chat.messages import ChatKind, IncomingMessage
+from core.chat.service import ChatService
 from core.i18n import speaking
-from core.messages import ChatKind, IncomingMessage
-from core.models import Message, RunStatus
 from core.outcomes import NOT_ENOUGH_DATA, RECALL_PROBE, RunOutcome
-from core.service import ChatService
+from core.serving.engine import Engine
 from core.settings import Settings
+from core.storage.db import Database
+from core.storage.models import Message, RunStatus
 from core.texts import run_outcome
 from trainer.dataset import build_dataset
 from trainer.exchanges import TargetKind

@@ -6,12 +6,12 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from core.db import Database
-from core.engine import Engine
-from core.messages import ChatKind, IncomingMessage
-from core.models import Message, User
-from core.service import ChatService
+from core.chat.messages import ChatKind, IncomingMessage
+from core.chat.service import ChatService
+from core.serving.engine import Engine
 from core.settings import Settings
+from core.storage.db import Database
+from core.storage.models import Message, User
 
 
 def said(text: str, message_id: str, *, user: str = "7", name: str = "Ann Example") -> IncomingMessage:

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerBase
 
-from core.dialogue import BOT_SPEAKER, GPT2_EOS, Turn, clean_text, encode_dialogue, format_dialogue
-from core.engine import build_prompt_ids
+from core.serving.dialogue import BOT_SPEAKER, GPT2_EOS, Turn, clean_text, encode_dialogue, format_dialogue
+from core.serving.engine import build_prompt_ids
 from trainer.packing import encode_samples
 from trainer.samples import Line, Sample
 

@@ -1,4 +1,4 @@
-"""The fused decoding step (core/engine/_compiled.py): the same logits and replies as the model call, and the
+"""The fused decoding step (core/serving/engine/_compiled.py): the same logits and replies as the model call, and the
 model call wherever the fused step does not apply."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-import core.engine._batching as batching_module
-import core.engine._compiled as compiled_module
-from core.dialogue import Turn
-from core.engine import Engine, ModelRef, Precision
-from core.engine._batching import KVBatch
-from core.engine._compiled import DecodingModel, FusedStep, decoding_model, fused_step
-from core.engine._loading import prepare
+import core.serving.engine._batching as batching_module
+import core.serving.engine._compiled as compiled_module
+from core.serving.dialogue import Turn
+from core.serving.engine import Engine, ModelRef, Precision
+from core.serving.engine._batching import KVBatch
+from core.serving.engine._compiled import DecodingModel, FusedStep, decoding_model, fused_step
+from core.serving.engine._loading import prepare
 from tests.conftest import engine_config, generation_params
 
 PROMPTS = (

@@ -22,15 +22,15 @@ from babel.messages.extract import extract_from_dir
 from babel.messages.pofile import read_po
 
 from core import texts
-from core.commands import COMMANDS, command_named
-from core.db import Database
-from core.engine import Engine
+from core.chat.commands import COMMANDS, command_named
+from core.chat.messages import ChatKind, IncomingMessage
+from core.chat.service import ChatService
 from core.errors import EngineBusyError
 from core.i18n import LANGUAGES, SOURCE_LANGUAGE, _, current_language, speaking, supported_language, translate
-from core.messages import ChatKind, IncomingMessage
 from core.outcomes import RunEndReason, recorded_reason
-from core.service import ChatService
+from core.serving.engine import Engine
 from core.settings import Settings, load_settings
+from core.storage.db import Database
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYWORDS = {"_": None, "N_": None, "ngettext": (1, 2)}

@@ -16,12 +16,12 @@ import pytest
 from sqlalchemy import select
 from transformers import AutoTokenizer
 
-from core.db import Database
-from core.messages import ChatKind, IncomingMessage
-from core.models import Message, Role
-from core.service import ChatService
-from core.serving import ModelServing
+from core.chat.messages import ChatKind, IncomingMessage
+from core.chat.service import ChatService
+from core.serving.model_serving import ModelServing
 from core.settings import Settings
+from core.storage.db import Database
+from core.storage.models import Message, Role
 from tests.conftest import TINY_CORPUS
 from tests.loop_support import ADMIN, RecordingNotifier, loop_settings, started_engine
 from trainer.dataset import build_dataset

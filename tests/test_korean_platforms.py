@@ -20,13 +20,13 @@ from telegram.error import BadRequest
 
 from bot.cli import _backends
 from bot.console import ConsoleBackend
-from core.commands import COMMANDS, command_named
-from core.db import Database
-from core.engine import Engine
+from core.chat.commands import COMMANDS, command_named
+from core.chat.service import ChatService
 from core.i18n import translate
-from core.service import ChatService
+from core.ops.telemetry import Telemetry
+from core.serving.engine import Engine
 from core.settings import load_settings
-from core.telemetry import Telemetry
+from core.storage.db import Database
 from core.texts import CHAT_COMMAND_DESCRIPTION, CHAT_TEXT_DESCRIPTION
 from tests.discord_support import mention
 from tests.discord_support import running as discord_running

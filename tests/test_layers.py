@@ -102,12 +102,12 @@ def _reaches(package: str, prefixes: tuple[str, ...]) -> dict[str, list[str]]:
 def test_the_trainer_does_not_import_the_engine() -> None:
     """The serving side of versions (and the engine it swaps) is core's; the trainer reaches it through
     `core.retraining.ServingFollower`, and shares only neutral modules with it (`core.hardware`)."""
-    assert _loaded_after_importing("trainer", ("core.engine",)) == []
-    assert _reaches("trainer", ("core.engine",)) == {}
+    assert _loaded_after_importing("trainer", ("core.serving.engine",)) == []
+    assert _reaches("trainer", ("core.serving.engine",)) == {}
 
 
 def test_core_imports_neither_the_trainer_nor_the_adapters() -> None:
-    """core/ defines the seams (`core.retraining`, `core.messages`) that trainer/ and bot/ implement, and the
+    """core/ defines the seams (`core.retraining`, `core.chat.messages`) that trainer/ and bot/ implement, and the
     composition root injects them."""
     assert _loaded_after_importing("core", ("trainer", "bot")) == []
     assert _reaches("core", ("trainer", "bot")) == {}
@@ -124,33 +124,33 @@ def test_the_cli_composes_without_sql_or_model_libraries() -> None:
 
 
 def test_no_module_of_core_bot_or_trainer_is_part_of_an_import_cycle() -> None:
-    """A cycle (even one closed by an import inside a function, as `core.limits` ↔ `core.redis_limits` was) means
-    two modules are one: the seam between them is drawn in the wrong place."""
+    """A cycle (even one closed by an import inside a function, as `core.chat.limits` ↔ `core.chat.redis_limits` was)
+    means two modules are one: the seam between them is drawn in the wrong place."""
     graph = _import_graph()
     for module in graph:
         assert module not in _reachable(module, graph), f"{module} imports itself through its imports"
 
 
 def test_the_active_version_is_queried_in_one_place() -> None:
-    """`core.versions` owns the query (`get_active_version`); everyone else asks it."""
+    """`core.storage.versions` owns the query (`get_active_version`); everyone else asks it."""
     writers = {
         path.relative_to(ROOT).as_posix()
         for package in LAYERS
         for path in _paths(package)
         if "== VersionStatus.ACTIVE" in path.read_text()
     }
-    assert writers == {"core/versions.py"}
+    assert writers == {"core/storage/versions.py"}
 
 
 def test_is_a_run_going_is_asked_in_one_place() -> None:
-    """`core.versions.runs_in_progress` owns the read of the `running` run rows; everyone else asks it."""
+    """`core.storage.versions.runs_in_progress` owns the read of the `running` run rows; everyone else asks it."""
     readers = {
         path.relative_to(ROOT).as_posix()
         for package in LAYERS
         for path in _paths(package)
         if "TrainingRun.status == RunStatus.RUNNING" in path.read_text()
     }
-    assert readers == {"core/versions.py"}
+    assert readers == {"core/storage/versions.py"}
 
 
 def test_tests_share_helpers_instead_of_importing_each_other_or_copying_a_recorder() -> None:

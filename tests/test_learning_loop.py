@@ -20,15 +20,15 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from core.db import Database
-from core.engine import Engine
-from core.models import Message, ModelVersion, Role, RunStatus, TrainingRun, VersionStatus
+from core.chat.service import ChatService
 from core.outcomes import RunEndReason, RunOutcome
-from core.service import ChatService
-from core.serving import ModelServing
+from core.serving.engine import Engine
+from core.serving.model_serving import ModelServing
 from core.settings import Settings
+from core.storage.db import Database
+from core.storage.models import Message, ModelVersion, Role, RunStatus, TrainingRun, VersionStatus
+from core.storage.versions import activate_version, get_active_version, register_version
 from core.texts import run_outcome
-from core.versions import activate_version, get_active_version, register_version
 from tests.loop_support import (
     ADMIN,
     PHRASE,

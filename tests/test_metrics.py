@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from core.metrics import HUGE_LOSS, perplexity, perplexity_text
+from core.perplexity import HUGE_LOSS, perplexity, perplexity_text
 
 
 def test_perplexity_is_exp_of_the_loss_while_it_means_something() -> None:

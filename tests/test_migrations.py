@@ -6,9 +6,9 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 
-from core.db import Database, downgrade, upgrade
 from core.errors import DatabaseError, SchemaOutdatedError
-from core.models import Base
+from core.storage.db import Database, downgrade, upgrade
+from core.storage.models import Base
 
 
 def _diff(conn: Connection) -> list[object]:

@@ -16,14 +16,14 @@ from sqlalchemy import select
 
 from bot.cli import _start_engine, build_parser
 from bot.cli_training import run_command
-from core.db import Database
-from core.engine import Engine
-from core.models import ModelVersion, RunStatus, VersionStatus
+from core.chat.service import ChatService
 from core.outcomes import RunEndReason, RunOutcome
-from core.service import ChatService
-from core.serving import ModelServing
+from core.serving.engine import Engine
+from core.serving.model_serving import ModelServing
 from core.settings import Settings
-from core.versions import activate_version, register_version, set_version_status
+from core.storage.db import Database
+from core.storage.models import ModelVersion, RunStatus, VersionStatus
+from core.storage.versions import activate_version, register_version, set_version_status
 from tests.loop_support import ADMIN, build_loop_model, greedy_engine, log_community, loop_settings, msg
 from tests.paused_retrain import SOCKET_VARIABLE, pause_server
 from tests.run_rows import add_run

@@ -27,16 +27,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from bot.cli import _serve, configure_logging
 from bot.console import ConsoleBackend
 from bot.discord_bot import DiscordBackend
-from bot.http_server import HttpServer, build_http_app
 from bot.telegram import TelegramBackend
-from core.db import Database
-from core.engine import Engine
+from bot.web.http_server import HttpServer, build_http_app
+from core.chat.service import ChatService
 from core.errors import ConfigError
-from core.health import HealthCheck
-from core.logging_setup import CorrelationFilter, JsonFormatter, correlated
-from core.service import ChatService
+from core.ops.health import HealthCheck
+from core.ops.logging_setup import CorrelationFilter, JsonFormatter, correlated
+from core.ops.telemetry import Telemetry
+from core.serving.engine import Engine
 from core.settings import Settings, load_settings
-from core.telemetry import Telemetry
+from core.storage.db import Database
 from tests.fake_discord import FakeDiscord
 from tests.fake_telegram import FakeTelegram
 
@@ -371,7 +371,7 @@ async def test_magpie_run_serves_health_and_metrics_and_logs_each_message_under_
     assert len(received) == 2 and received[0]["correlation_id"] != received[1]["correlation_id"]
     for message in received:
         cid = message["correlation_id"]
-        assert {"bot.backend", "core.service"} <= {
+        assert {"bot.backend", "core.chat.service"} <= {
             r["logger"] for r in records.records if r.get("correlation_id") == cid
         }
         assert any(cid in r.get("correlation_ids", []) for r in records.matching(lambda r: "reply of" in r["message"]))

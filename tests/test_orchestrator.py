@@ -23,8 +23,7 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy import select
 
-from core.db import Database
-from core.models import RunStatus, TrainingRun
+from core.chat.service import ChatService
 from core.outcomes import (
     AlreadyRunning,
     CoolingDown,
@@ -36,8 +35,9 @@ from core.outcomes import (
     TrainingAgain,
     recorded_reason,
 )
-from core.service import ChatService
 from core.settings import Settings
+from core.storage.db import Database
+from core.storage.models import RunStatus, TrainingRun
 from core.texts import run_outcome, run_request
 from tests.loop_support import ADMIN, RecordingNotifier, greedy_engine, loop_settings, msg
 from tests.run_rows import add_run, run_row

@@ -16,13 +16,13 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
-import core.engine._loading as loading_module
-import core.engine._precision as precision_module
-from core.dialogue import Turn
-from core.engine import Engine, ModelRef, Precision
-from core.engine._converted import CONVERTED_FILE, CONVERTED_FILES
-from core.engine._loading import prepare
-from core.engine._precision import CACHE_FILE, gate_loss
+import core.serving.engine._loading as loading_module
+import core.serving.engine._precision as precision_module
+from core.serving.dialogue import Turn
+from core.serving.engine import Engine, ModelRef, Precision
+from core.serving.engine._converted import CONVERTED_FILE, CONVERTED_FILES
+from core.serving.engine._loading import prepare
+from core.serving.engine._precision import CACHE_FILE, gate_loss
 from core.settings import Settings
 from tests.conftest import engine_config, generation_params
 
@@ -189,7 +189,7 @@ async def test_bf16_is_refused_without_native_bf16(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: False)
-    with caplog.at_level(logging.WARNING, logger="core.engine._precision"):
+    with caplog.at_level(logging.WARNING, logger="core.serving.engine._precision"):
         async with _engine(tiny_model_dir, "bf16", None) as engine:
             assert engine.precision == "fp32"
     assert "SERVE_PRECISION=bf16 is not available, serving fp32: this CPU has no native bf16" in caplog.text
@@ -234,13 +234,13 @@ def test_auto_decides_once_says_why_and_redecides_on_another_cpu(
 ) -> None:
     version = _version_copy(tiny_model_dir, tmp_path / "v1", sharpen=10.0)
     calls = _counting_gate(monkeypatch)
-    with caplog.at_level(logging.INFO, logger="core.engine"):
+    with caplog.at_level(logging.INFO, logger="core.serving.engine"):
         assert prepare(ModelRef(str(version), "v1", 1), "cpu", "auto").precision == "int8"
     picked = [r.getMessage() for r in caplog.records if r.getMessage().startswith("SERVE_PRECISION=auto picked")]
     assert len(picked) == 1 and "int8" in picked[0] and "2% gate" in picked[0], caplog.text
     assert calls == [1, 1], "fp32's loss, then int8's"
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="core.engine"):
+    with caplog.at_level(logging.INFO, logger="core.serving.engine"):
         assert prepare(ModelRef(str(version), "v1", 1), "cpu", "auto").precision == "int8"
     assert calls == [1, 1], "a restart reuses the verdict"
     assert "decided earlier for this version on this machine" in caplog.text

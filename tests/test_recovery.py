@@ -20,12 +20,12 @@ from sqlalchemy import select
 
 from bot.cli import _recover
 from bot.telegram import TelegramBackend
-from core.db import Database
-from core.engine import Engine
-from core.messages import ChatKind, IncomingMessage, Reply
-from core.models import Delivery, Message, Role
-from core.service import ChatService, Recovered
+from core.chat.messages import ChatKind, IncomingMessage, Reply
+from core.chat.service import ChatService, Recovered
+from core.serving.engine import Engine
 from core.settings import Settings
+from core.storage.db import Database
+from core.storage.models import Delivery, Message, Role
 from core.texts import EXPORT_AFTER_RESTART
 from tests.fake_telegram import FakeTelegram
 from tests.recording_handler import RecordingHandler

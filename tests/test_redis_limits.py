@@ -12,9 +12,9 @@ import pytest
 from redis.asyncio import Redis
 
 from bot.cli import open_user_limits
+from core.chat.limits import LocalUserLimits
+from core.chat.redis_limits import RedisUserLimits
 from core.errors import ConfigError, MagpieError
-from core.limits import LocalUserLimits
-from core.redis_limits import RedisUserLimits
 from core.settings import Settings, load_settings
 from tests.redis_support import redis_settings
 from tests.throwaway_services import ThrowawayRedis
@@ -158,7 +158,7 @@ async def test_a_redis_that_goes_away_leaves_the_limits_in_this_process_until_it
     try:
         assert await limits.admit("telegram:1") is None and limits.shared
         await throwaway_redis.kill()
-        with caplog.at_level(logging.WARNING, logger="core.redis_limits"):
+        with caplog.at_level(logging.WARNING, logger="core.chat.redis_limits"):
             assert await limits.admit("telegram:1") is None, "admitted although Redis is gone"
             assert not limits.shared
             async with limits.turn("telegram:1"):  # answered in turn, without Redis

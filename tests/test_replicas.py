@@ -23,12 +23,12 @@ import aiohttp
 import pytest
 from sqlalchemy import select
 
-from core.db import Database
-from core.models import Chat, Delivery, Message, Role
-from core.serving import ModelServing
+from core.serving.model_serving import ModelServing
 from core.settings import Settings
+from core.storage.db import Database
+from core.storage.models import Chat, Delivery, Message, Role
+from core.storage.versions import register_version
 from core.texts import rate_limited
-from core.versions import register_version
 from tests.conftest import _empty_tables
 from tests.fake_telegram import FakeTelegram
 from tests.redis_support import redis_settings

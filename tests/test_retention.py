@@ -13,13 +13,13 @@ from pathlib import Path
 
 from sqlalchemy import insert, select
 
-from core.db import Database
-from core.engine import Engine
-from core.messages import ChatKind, IncomingMessage
-from core.models import Chat, Message, Role, User
-from core.retention import RetentionJob, prune_old_messages
-from core.service import ChatService
+from core.chat.messages import ChatKind, IncomingMessage
+from core.chat.service import ChatService
+from core.serving.engine import Engine
 from core.settings import Settings
+from core.storage.db import Database
+from core.storage.models import Chat, Message, Role, User
+from core.storage.retention import RetentionJob, prune_old_messages
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from core.db import Database
-from core.models import Chat, Delivery, Message, Role
+from core.storage.db import Database
+from core.storage.models import Chat, Delivery, Message, Role
 from tests.fake_discord import FakeDiscord
 from tests.fake_telegram import FakeTelegram
 

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import event, func, select
 
-from core.commands import COMMANDS
-from core.db import Database
-from core.dialogue import Turn, speaker_key
-from core.engine import Engine
-from core.messages import ChatKind, IncomingMessage, Reply
-from core.models import Delivery, Message, Role, User
-from core.service import ChatService
+from core.chat.commands import COMMANDS
+from core.chat.messages import ChatKind, IncomingMessage, Reply
+from core.chat.service import ChatService
+from core.serving.dialogue import Turn, speaker_key
+from core.serving.engine import Engine
 from core.settings import Settings
+from core.storage.db import Database
+from core.storage.models import Delivery, Message, Role, User
 from core.texts import (
     EXPORT_SENT_PRIVATELY,
     EXPORT_UNREACHABLE,

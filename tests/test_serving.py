@@ -1,5 +1,5 @@
-"""The serving side of versions (`core.serving`): listing, switching and rolling back, and the watcher that
-hot-swaps the engine when another process changes the active version.
+"""The serving side of versions (`core.serving.model_serving`): listing, switching and rolling back, and the watcher
+that hot-swaps the engine when another process changes the active version.
 
 Against a real database (SQLite and PostgreSQL) and, where a swap happens, a real engine serving the tiny GPT-2.
 """
@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from core.db import Database
-from core.engine import Engine, ModelRef
-from core.models import ModelVersion, VersionStatus
 from core.outcomes import SwapState, Switched, SwitchRefusal, SwitchRefused
-from core.serving import ModelServing
+from core.serving.engine import Engine, ModelRef
+from core.serving.model_serving import ModelServing
 from core.settings import Settings
+from core.storage.db import Database
+from core.storage.models import ModelVersion, VersionStatus
+from core.storage.versions import activate_version, register_version, set_version_status
 from core.texts import switch, version_list
-from core.versions import activate_version, register_version, set_version_status
 from tests.loop_support import greedy_engine, loop_settings
 
 

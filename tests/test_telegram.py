@@ -20,13 +20,13 @@ import pytest
 
 from bot import telegram_requests
 from bot.telegram import TelegramBackend
-from core.commands import COMMANDS
-from core.db import Database
+from core.chat.commands import COMMANDS
+from core.chat.messages import ChatKind, IncomingMessage, Reply
+from core.chat.service import ChatService
 from core.errors import ConfigError, MagpieError
-from core.messages import ChatKind, IncomingMessage, Reply
-from core.models import Delivery, Role
-from core.service import ChatService
 from core.settings import Settings
+from core.storage.db import Database
+from core.storage.models import Delivery, Role
 from core.texts import BUSY, EXPORT_SENT_PRIVATELY, EXPORT_UNREACHABLE, NOT_TEXT, OPTED_OUT
 from tests.fake_telegram import FakeTelegram, utf16_length
 from tests.recording_handler import RecordingHandler
@@ -316,7 +316,7 @@ async def test_a_reply_that_cannot_be_delivered_is_reported_undelivered(
 
 
 async def test_export_attachment_is_sent_as_a_document_after_the_text(telegram: FakeTelegram) -> None:
-    from core.messages import Attachment
+    from core.chat.messages import Attachment
 
     ivy = telegram.user(8001, "Ivy")
     handler = RecordingHandler(lambda _: "Here you go.")

@@ -12,11 +12,11 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import trainer.train
-from core.db import Database
-from core.dialogue import speaker_key
-from core.models import RunStatus, TrainingRun
-from core.service import ChatService
+from core.chat.service import ChatService
+from core.serving.dialogue import speaker_key
 from core.settings import Settings
+from core.storage.db import Database
+from core.storage.models import RunStatus, TrainingRun
 from tests.loop_support import WAIT_S, greedy_engine, log_community, loop_settings
 from trainer.orchestrator import TrainingOrchestrator
 from trainer.samples import Line, Sample

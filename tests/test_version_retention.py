@@ -15,14 +15,14 @@ from sqlalchemy import select
 
 from bot.cli import build_parser
 from bot.cli_training import run_command
-from core.db import Database
-from core.models import ModelVersion, RunStatus, VersionStatus
+from core.chat.service import ChatService
 from core.outcomes import SwitchRefusal, SwitchRefused
-from core.service import ChatService
-from core.serving import ModelServing
+from core.serving.model_serving import ModelServing
 from core.settings import Settings
+from core.storage.db import Database
+from core.storage.models import ModelVersion, RunStatus, VersionStatus
+from core.storage.versions import activate_version, register_version, set_version_status, versions_trained_on_user
 from core.texts import disk_size_text, version_list
-from core.versions import activate_version, register_version, set_version_status, versions_trained_on_user
 from tests.loop_support import build_loop_model, greedy_engine, log_community, loop_settings
 from tests.run_rows import new_run
 from trainer.model_dirs import check_models

@@ -6,10 +6,10 @@ import pytest
 from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
 
-from core.db import Database
-from core.models import Chat, Message, ModelVersion, Role, RunStatus, TrainingRun, User, VersionStatus
-from core.storage import forget_user
-from core.versions import (
+from core.storage.chat_log import forget_user
+from core.storage.db import Database
+from core.storage.models import Chat, Message, ModelVersion, Role, RunStatus, TrainingRun, User, VersionStatus
+from core.storage.versions import (
     Withdrawn,
     activate_version,
     get_active_version,

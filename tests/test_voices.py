@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from core.db import Database
-from core.models import ModelVersion, VersionStatus
-from core.versions import get_active_version, get_version
+from core.storage.db import Database
+from core.storage.models import ModelVersion, VersionStatus
+from core.storage.versions import get_active_version, get_version
 from tests.voice_support import (
     PHRASE_2,
     PHRASE_A,

@@ -18,9 +18,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import core.engine._precision as precision_module
-from core.dialogue import Turn
-from core.engine import (
+import core.serving.engine._precision as precision_module
+from core.errors import EngineError, ModelLoadError
+from core.serving.dialogue import Turn
+from core.serving.engine import (
     Engine,
     Generation,
     GenerationParams,
@@ -30,9 +31,8 @@ from core.engine import (
     VoiceLoadError,
     VoiceRef,
 )
-from core.engine._loading import prepare
-from core.engine._voices import VoicedLayer, VoiceRouting, attach, read_adapter
-from core.errors import EngineError, ModelLoadError
+from core.serving.engine._loading import prepare
+from core.serving.engine._voices import VoicedLayer, VoiceRouting, attach, read_adapter
 from tests.conftest import TINY_CORPUS, generation_params
 from tests.engine_probe import GREEDY, SHORT, WAIT_S, ForwardProbe, make_engine, probe
 from trainer.starter_model import ModelShape, build_model, save_model, train_tokenizer

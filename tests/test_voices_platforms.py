@@ -19,7 +19,7 @@ import pytest
 from bot.backend import BackendNotifier
 from bot.discord_bot import DiscordBackend
 from bot.telegram import TelegramBackend
-from core.db import Database
+from core.storage.db import Database
 from tests.fake_discord import FakeDiscord, Json
 from tests.fake_telegram import ChatRef, FakeTelegram, Person
 from tests.voice_support import (

@@ -12,20 +12,20 @@ import torch
 from sqlalchemy import update
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from core.db import Database
-from core.engine import Engine
-from core.models import Chat, ModelVersion, VersionStatus
 from core.outcomes import SwitchRefusal, SwitchRefused, VersionList, VersionSummary
-from core.serving import ModelServing
+from core.serving.engine import Engine
+from core.serving.model_serving import ModelServing
 from core.settings import Settings
-from core.storage import communities, communities_with_new_data, migrate_chat, upsert_chat
-from core.texts import version_list
-from core.versions import (
+from core.storage.chat_log import communities, communities_with_new_data, migrate_chat, upsert_chat
+from core.storage.db import Database
+from core.storage.models import Chat, ModelVersion, VersionStatus
+from core.storage.versions import (
     activate_version,
     get_active_version,
     mark_holding_withdrawn,
     register_version,
 )
+from core.texts import version_list
 from tests.conftest import engine_config, generation_params
 from tests.dataset_support import ChatLog, make_settings
 from trainer.dataset import build_dataset
@@ -177,7 +177,7 @@ async def test_shared_scope_over_several_communities_warns_once_at_start(
         raise AssertionError("the base model is local")
 
     try:
-        with caplog.at_level(logging.WARNING, logger="core.serving"):
+        with caplog.at_level(logging.WARNING, logger="core.serving.model_serving"):
             await serving.start_engine(offline_starter=no_starter)
     finally:
         await engine.close()

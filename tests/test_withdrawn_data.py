@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from core.db import Database
-from core.engine import Engine
-from core.models import ModelVersion, ModelVersionMessage, RunStatus, TrainingRun, User
+from core.chat.service import ChatService
 from core.outcomes import DATA_WITHDRAWN, RunEndReason
-from core.service import ChatService
-from core.serving import ModelServing
+from core.serving.engine import Engine
+from core.serving.model_serving import ModelServing
 from core.settings import Settings
-from core.versions import activate_version, get_active_version, register_version
+from core.storage.db import Database
+from core.storage.models import ModelVersion, ModelVersionMessage, RunStatus, TrainingRun, User
+from core.storage.versions import activate_version, get_active_version, register_version
 from tests.loop_support import (
     ADMIN,
     WAIT_S,

@@ -13,8 +13,8 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from core.models import RunStatus
 from core.settings import Settings
+from core.storage.models import RunStatus
 from trainer import retrain
 
 

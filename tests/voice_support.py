@@ -13,13 +13,13 @@ from typing import Any
 import torch
 from sqlalchemy import func, select
 
-from core.db import Database
-from core.engine import Engine
-from core.messages import ChatKind, IncomingMessage
-from core.models import Message
-from core.service import ChatService
-from core.serving import ModelServing
+from core.chat.messages import ChatKind, IncomingMessage
+from core.chat.service import ChatService
+from core.serving.engine import Engine
+from core.serving.model_serving import ModelServing
 from core.settings import Settings
+from core.storage.db import Database
+from core.storage.models import Message
 from tests.conftest import TINY_CORPUS
 from tests.loop_support import WAIT_S, RecordingNotifier, greedy_engine, loop_settings
 from trainer.orchestrator import TrainingOrchestrator

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from core.db import Database
-from core.dialogue import GPT2_EOS
+from core.serving.dialogue import GPT2_EOS
 from core.settings import Settings
-from core.versions import activate_version, get_active_version, register_version
+from core.storage.db import Database
+from core.storage.versions import activate_version, get_active_version, register_version
 from trainer.corpus import DEFAULT_LANGUAGES, load_dialogues
 from trainer.dataset import samples_from_dialogues, split_by_conversation
 from trainer.filters import stable_fraction

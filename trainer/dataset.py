@@ -1,7 +1,7 @@
 """Logged conversations -> training samples in the shared dialogue format.
 
 A sample is one *target* turn with the turns before it as context, rendered from the target speaker's point of
-view (`core.dialogue`: the target's author is `Bot`, so the model learns how this community answers under the
+view (`core.serving.dialogue`: the target's author is `Bot`, so the model learns how this community answers under the
 label it fills at inference). Pipeline, in order:
 
 1. per chat, in message order: `/reset` cuts the context (and, like a long silence, starts a new conversation);
@@ -47,12 +47,12 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import aliased
 
-from core.consent import paused_chats, while_paused
-from core.db import Database
-from core.dialogue import GPT2_EOS, clean_text, speaker_key
-from core.messages import ChatKind
-from core.models import Chat, Delivery, Message, ModelVersion, Role, User, VersionStatus
+from core.chat.consent import paused_chats, while_paused
+from core.chat.messages import ChatKind
+from core.serving.dialogue import GPT2_EOS, clean_text, speaker_key
 from core.settings import Settings
+from core.storage.db import Database
+from core.storage.models import Chat, Delivery, Message, ModelVersion, Role, User, VersionStatus
 from trainer.corpus import Dialogue
 from trainer.exchanges import (
     WITHDRAWN_REASONS,
@@ -167,7 +167,7 @@ async def _read_rows(db: Database, community: str | None) -> tuple[list[_Row], s
 
 async def _without_paused_learning(db: Database, rows: list[_Row], excluded: Counter[str]) -> list[_Row]:
     """The one consent filter: what was said in a group's chats while it had learning off (`/learning off`,
-    `core.consent`) is out of the data, neither a target nor context (all of it while learning is still off)."""
+    `core.chat.consent`) is out of the data, neither a target nor context (all of it while learning is still off)."""
     async with db.sessions() as session:
         paused = await paused_chats(session)
     kept = [row for row in rows if not while_paused(paused.get(row.chat, []), row.id)]

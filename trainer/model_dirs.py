@@ -19,8 +19,8 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from core.models import ModelVersion
-from core.versions import list_versions, runs_in_progress, version_files_problem
+from core.storage.models import ModelVersion
+from core.storage.versions import list_versions, runs_in_progress, version_files_problem
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ because its training data was deleted or withdrawn while it trained (`/forget`, 
 run, whatever the cooldown; a run that failed before it trained (too little data, no process) starts none
 (`trainer.runs.BEFORE_TRAINING`). The periodic schedule is a loop around `trainer.schedule.retrain_due`. Results are
 typed (`core.outcomes`); `core.texts` words them, and the orchestrator sends those words to the requester's chat
-(`core.messages.Notifier`).
+(`core.chat.messages.Notifier`).
 """
 
 from __future__ import annotations
@@ -35,9 +35,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
-from core.db import Database
-from core.messages import Notifier
-from core.models import RunStatus
+from core.chat.messages import Notifier
+from core.ops.telemetry import Telemetry
 from core.outcomes import (
     AlreadyRunning,
     CoolingDown,
@@ -54,10 +53,11 @@ from core.outcomes import (
 )
 from core.retraining import ServingFollower
 from core.settings import Settings
-from core.storage import communities_with_new_data
-from core.telemetry import Telemetry
+from core.storage.chat_log import communities_with_new_data
+from core.storage.db import Database
+from core.storage.models import RunStatus
+from core.storage.versions import SHARED_VOICE
 from core.texts import run_outcome, run_progress, run_request, voices_progress, voices_summary
-from core.versions import SHARED_VOICE
 from trainer import runs
 from trainer.celery_queue import QueueUnreachableError, RunQueue
 from trainer.process import spawn_trainer

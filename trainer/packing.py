@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from core.dialogue import DialogueEncoder, DialogueIds
+from core.serving.dialogue import DialogueEncoder, DialogueIds
 from trainer.samples import Line, Sample
 
 IGNORE_INDEX = -100
@@ -57,7 +57,7 @@ def encode_samples(
 ) -> list[Encoded]:
     """Tokenises samples, dropping the oldest context turns of any that exceed `max_length` tokens.
 
-    The ids come from `core.dialogue.DialogueEncoder`, the engine's own: user text is never parsed into special
+    The ids come from `core.serving.dialogue.DialogueEncoder`, the engine's own: user text is never parsed into special
     tokens, and a sample's ids start with exactly the prompt ids the engine would build for its context. A sample
     whose target alone does not fit is dropped, and so is one with nothing left to learn.
     """

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from core.dialogue import BOT_SPEAKER, Turn, encode_dialogue, parse_reply
 from core.outcomes import RECALL_PROBE
+from core.serving.dialogue import BOT_SPEAKER, Turn, encode_dialogue, parse_reply
 from trainer.filters import normalise, stable_fraction
 from trainer.samples import DatasetReport, Sample
 

@@ -50,15 +50,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from core.db import Database
 from core.errors import MagpieError, ModelLoadError
-from core.logging_setup import correlated, secret_values
-from core.metrics import perplexity
-from core.models import RunStatus, VersionStatus
+from core.ops.logging_setup import correlated, secret_values
 from core.outcomes import DATA_WITHDRAWN, NOT_ENOUGH_DATA, RunEndReason
+from core.perplexity import perplexity
 from core.settings import Settings
-from core.texts import not_enough_data
-from core.versions import (
+from core.storage.db import Database
+from core.storage.models import RunStatus, VersionStatus
+from core.storage.versions import (
     Withdrawn,
     activate_version,
     get_active_version,
@@ -66,6 +65,7 @@ from core.versions import (
     set_version_status,
     withdrawn_training_data,
 )
+from core.texts import not_enough_data
 from trainer import recall_probe, runs
 from trainer.dataset import build_dataset
 from trainer.model_dirs import partial_dirs, version_name

@@ -20,9 +20,9 @@ from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Protocol
 
-from core.db import Database
 from core.outcomes import RunEndReason
 from core.settings import Settings
+from core.storage.db import Database
 from trainer import runs
 from trainer.process import progress_lines, signal_trainer
 

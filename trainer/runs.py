@@ -43,12 +43,12 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from core.db import Database
 from core.errors import MagpieError
-from core.models import RunStatus, TrainingRun
 from core.outcomes import AlreadyRunning, RunEndReason, RunOutcome, recorded_reason
 from core.settings import Settings
-from core.versions import get_version, runs_in_progress
+from core.storage.db import Database
+from core.storage.models import RunStatus, TrainingRun
+from core.storage.versions import get_version, runs_in_progress
 from trainer.model_dirs import leftovers_of_run, remove_dirs
 from trainer.process import kill_trainer, process_start_token, this_host, trainer_process_alive
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from core.dialogue import GPT2_EOS, Turn, format_dialogue
+from core.serving.dialogue import GPT2_EOS, Turn, format_dialogue
 
 
 @dataclass(frozen=True, slots=True)

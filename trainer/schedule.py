@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from core.db import Database
 from core.settings import Settings
-from core.storage import collect_stats
+from core.storage.chat_log import collect_stats
+from core.storage.db import Database
 
 
 async def scheduled_run_due(db: Database, settings: Settings, *, now: datetime) -> int | None:

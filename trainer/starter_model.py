@@ -14,7 +14,7 @@ import torch
 from tokenizers import ByteLevelBPETokenizer, Tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 
-from core.dialogue import GPT2_EOS
+from core.serving.dialogue import GPT2_EOS
 
 
 @dataclass(frozen=True)

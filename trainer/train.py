@@ -52,7 +52,7 @@ from transformers import (
 
 from core.errors import ModelLoadError
 from core.hardware import cpu_has_native_bf16
-from core.metrics import perplexity
+from core.perplexity import perplexity
 from core.settings import Settings
 from trainer.packing import Encoded, EncodingStats, Features, PadCollator, encode_samples, pack, unpacked
 from trainer.samples import Sample

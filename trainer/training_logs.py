@@ -14,7 +14,7 @@ from typing import Any
 import transformers
 from transformers import PreTrainedModel, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from core.logging_setup import CorrelationFilter, RedactSecrets, log_formatter
+from core.ops.logging_setup import CorrelationFilter, RedactSecrets, log_formatter
 
 log = logging.getLogger("trainer.train")
 

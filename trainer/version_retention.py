@@ -5,8 +5,9 @@ fill its disk. After each promotion (`trainer.retrain`) and on `magpie models pr
 deleted except those of:
 
 - the MODELS_KEEP newest versions (whatever their status: a recent rejected run is still worth inspecting);
-- the active version, and the rollback target (the version `/rollback` returns to: `core.versions.rollback_target`),
-  however old: switching back must always work, and a replica that has not yet swapped still serves it;
+- the active version, and the rollback target (the version `/rollback` returns to:
+`core.storage.versions.rollback_target`),   however old: switching back must always work, and a replica that has not yet
+swapped still serves it;
 - the start point of a run in progress, which scores it again at the end.
 
 The rows stay, marked `pruned_at`: the history, each version's metrics, the training manifest and `/forget`'s
@@ -29,10 +30,10 @@ from pathlib import Path
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from core.db import Database
-from core.models import ModelVersion, VersionStatus
 from core.settings import Settings
-from core.versions import active_versions, directory_bytes, list_versions, rollback_target, runs_in_progress
+from core.storage.db import Database
+from core.storage.models import ModelVersion, VersionStatus
+from core.storage.versions import active_versions, directory_bytes, list_versions, rollback_target, runs_in_progress
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ import asyncio
 import logging
 from datetime import UTC, datetime
 
-from core.db import Database
-from core.models import RunStatus
 from core.outcomes import RunEndReason
 from core.settings import Settings
+from core.storage.db import Database
+from core.storage.models import RunStatus
 from trainer import runs
 from trainer.celery_queue import TASK_NAME, celery_app
 from trainer.process import spawn_trainer, this_host

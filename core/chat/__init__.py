@@ -1,0 +1,1 @@
+"""The platform-free chat service: messages in, commands, limits, replies out."""

@@ -1,0 +1,1 @@
+"""Operating Magpie: health, telemetry, logging and the dashboard's data."""

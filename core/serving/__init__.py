@@ -1,0 +1,1 @@
+"""Serving: the dialogue format, the model engine and which version it serves."""
