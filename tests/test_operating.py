@@ -236,6 +236,7 @@ async def test_metrics_count_real_messages_through_the_console(db: Database, eng
     assert value(found, "magpie_engine_tokens_generated_total") >= 1  # the one model answer
     assert value(found, "magpie_engine_generate_seconds_total") > 0
     assert value(found, "magpie_engine_queue_depth") == 0 and value(found, "magpie_engine_batch_rows") == 0
+    assert value(found, "magpie_engine_voices_loaded") == 0
     assert value(found, "magpie_active_version", name="tiny", version_id="none") == 1
 
 

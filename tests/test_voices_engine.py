@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import core.serving.engine._precision as precision_module
 from core.errors import EngineError, ModelLoadError
+from core.ops.telemetry import EngineCollector
 from core.serving.dialogue import Turn
 from core.serving.engine import (
     Engine,
@@ -264,3 +265,13 @@ async def test_a_batch_of_voices_serves_in_int8_and_bf16(
     assert all(g.text for g in together)
     assert [g.voice.name if g.voice else None for g in together] == [voice for voice, _ in rows]
     assert len({g.text for g in together[:: len(PROMPTS)]}) == 3, "each voice answers the first prompt its way"
+
+
+async def test_the_loaded_voices_are_a_metric(engine: Engine, voices: Voices) -> None:
+    await engine.load_voice("a", voices.a)
+    await engine.load_voice("b", voices.b)
+    metrics = {metric.name: metric for metric in EngineCollector(engine).collect()}
+    assert metrics["magpie_engine_voices_loaded"].samples[0].value == 2
+    assert engine.stats().voice_bytes == sum(
+        a.nbytes + b.nbytes for name in ("a", "b") for a, b in engine._voices[name].factors.values()
+    )

@@ -153,6 +153,7 @@ class EngineCollector(Collector):
         stats = self._engine.stats()
         yield _gauge("magpie_engine_queue_depth", "Requests waiting for the model", stats.queue_depth)
         yield _gauge("magpie_engine_batch_rows", "Rows in the batch being generated now", stats.batch_rows)
+        yield _gauge("magpie_engine_voices_loaded", "Community voices (LoRA adapters) loaded", stats.voices_loaded)
         yield CounterMetricFamily(
             "magpie_engine_tokens_generated", "Tokens the engine generated", stats.tokens_generated
         )
