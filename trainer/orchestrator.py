@@ -302,21 +302,12 @@ class TrainingOrchestrator:
         return CouldNotStart()
 
     def _voice_progress(self, queued: _QueuedVoice) -> ProgressCallback | None:
-        notify = queued.notify
-        if notify is None or queued.community is None:
+        community = queued.community
+        if queued.notify is None or community is None:
             return None
-        next_mark = PROGRESS_STEP
-
-        async def report(fraction: float) -> None:
-            nonlocal next_mark
-            if fraction < next_mark or fraction >= 1.0:
-                return
-            while next_mark <= fraction:
-                next_mark += PROGRESS_STEP
-            assert queued.community is not None
-            await self._notify(notify, voices_progress(queued.community, queued.position, queued.total, fraction))
-
-        return report
+        return self._reporter(
+            queued.notify, lambda fraction: voices_progress(community, queued.position, queued.total, fraction)
+        )
 
     async def run_in_foreground(
         self,
@@ -531,6 +522,10 @@ class TrainingOrchestrator:
     def _progress_notifier(self, run_id: int, notify: tuple[str, str] | None) -> ProgressCallback | None:
         if notify is None:
             return None
+        return self._reporter(notify, lambda fraction: run_progress(run_id, fraction))
+
+    def _reporter(self, notify: tuple[str, str], word: Callable[[float], str]) -> ProgressCallback:
+        """Tells `notify` each time training passes another PROGRESS_STEP (never at the end: the outcome says that)."""
         next_mark = PROGRESS_STEP
 
         async def report(fraction: float) -> None:
@@ -539,7 +534,7 @@ class TrainingOrchestrator:
                 return
             while next_mark <= fraction:
                 next_mark += PROGRESS_STEP
-            await self._notify(notify, run_progress(run_id, fraction))
+            await self._notify(notify, word(fraction))
 
         return report
 
