@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from core.chat.service import ChatService
 from core.i18n import _
@@ -100,6 +100,7 @@ async def test_no_budget_means_one_try() -> None:
         (TimeoutError(), True),
         (IntegrityError("x", {}, Exception()), False),
         (OperationalError("SELECT", {}, sqlite3.OperationalError("no such column: chats.community")), False),
+        (DBAPIError("INSERT", {}, Exception("connection was closed in the middle of operation")), True),
         (ValueError("a bug"), False),
         (FileNotFoundError("an export's folder"), False),
     ],

@@ -35,6 +35,12 @@ MAX_DELAY_S = 5.0
 _SCHEMA_ERROR = re.compile(r"no such (table|column)|has no column|syntax error|no such function", re.IGNORECASE)
 
 
+_CONNECTION_LOST = re.compile(
+    r"connection (was|is) closed|connection does not exist|terminating connection|server closed the connection",
+    re.IGNORECASE,
+)
+
+
 def is_transient(error: BaseException) -> bool:
     """Whether `error` says the database is away (and may come back), rather than that the statement is wrong:
     lost or refused connections, a server shutting down or starting up, a busy SQLite file, a pool timeout."""
@@ -44,8 +50,8 @@ def is_transient(error: BaseException) -> bool:
         return True
     if isinstance(error, InternalError):  # asyncpg, on a connection cut in the middle of an operation
         return True
-    if isinstance(error, DBAPIError):
-        return error.connection_invalidated
+    if isinstance(error, DBAPIError):  # asyncpg's "connection was closed in the middle of operation", and the like
+        return error.connection_invalidated or bool(_CONNECTION_LOST.search(str(error.orig)))
     return isinstance(error, socket.gaierror)  # the database's host name does not resolve, for now
 
 
