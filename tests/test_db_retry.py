@@ -101,6 +101,7 @@ async def test_no_budget_means_one_try() -> None:
         (IntegrityError("x", {}, Exception()), False),
         (OperationalError("SELECT", {}, sqlite3.OperationalError("no such column: chats.community")), False),
         (DBAPIError("INSERT", {}, Exception("connection was closed in the middle of operation")), True),
+        (DBAPIError("UPDATE", {}, Exception("the database system is shutting down")), True),
         (ValueError("a bug"), False),
         (FileNotFoundError("an export's folder"), False),
     ],

@@ -36,9 +36,20 @@ _SCHEMA_ERROR = re.compile(r"no such (table|column)|has no column|syntax error|n
 
 
 _CONNECTION_LOST = re.compile(
-    r"connection (was|is) closed|connection does not exist|terminating connection|server closed the connection",
+    r"connection (was|is) closed|connection does not exist|terminating connection|server closed the connection"
+    r"|the database system is (shutting down|starting up|in recovery mode)",
     re.IGNORECASE,
 )
+
+
+def _connection_lost(orig: BaseException | None) -> bool:
+    """A driver error that says the connection or the server went away: SQLSTATE class 08 (connection exception)
+    or 57P (a server shutting down, starting up, crashed), or the drivers' words for it."""
+    for error in (orig, getattr(orig, "__cause__", None)):
+        state = str(getattr(error, "sqlstate", "") or "")
+        if state.startswith(("08", "57P")):
+            return True
+    return bool(_CONNECTION_LOST.search(str(orig)))
 
 
 def is_transient(error: BaseException) -> bool:
@@ -51,7 +62,7 @@ def is_transient(error: BaseException) -> bool:
     if isinstance(error, InternalError):  # asyncpg, on a connection cut in the middle of an operation
         return True
     if isinstance(error, DBAPIError):  # asyncpg's "connection was closed in the middle of operation", and the like
-        return error.connection_invalidated or bool(_CONNECTION_LOST.search(str(error.orig)))
+        return error.connection_invalidated or _connection_lost(error.orig)
     return isinstance(error, socket.gaierror)  # the database's host name does not resolve, for now
 
 
