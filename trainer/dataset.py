@@ -321,13 +321,19 @@ def split_by_conversation(samples: Sequence[Sample], eval_fraction: float) -> tu
 
 
 def split_by_time(samples: Sequence[Sample], eval_fraction: float) -> tuple[list[Sample], list[Sample]]:
-    """Holds out the most recent `eval_fraction` of one conversation's samples (at least one, when there are two):
+    """Holds out the most recent `eval_fraction` of one conversation's targets (at least one, when there are two):
     a group that talks without pause is one conversation and must still train. Training samples are all older
-    than held-out ones, so none of them saw a held-out line, even as context."""
-    if len(samples) < 2:
+    than held-out ones, so none of them saw a held-out line, even as context. A target's short exchange sample
+    (`trainer.exchanges`) goes where the target goes: a held-out line is never trained on in either shape."""
+    targets = [s for s in samples if not s.exchange]
+    if len(targets) < 2:
         return list(samples), []
-    held = min(len(samples) - 1, max(1, math.ceil(len(samples) * eval_fraction)))
-    return list(samples[:-held]), list(samples[-held:])
+    held = min(len(targets) - 1, max(1, math.ceil(len(targets) * eval_fraction)))
+    held_lines = {id(s.target) for s in targets[-held:]}
+    return (
+        [s for s in samples if id(s.target) not in held_lines],
+        [s for s in samples if id(s.target) in held_lines],
+    )
 
 
 def samples_from_dialogues(dialogues: Iterable[Dialogue], *, history_turns: int) -> list[Sample]:
