@@ -434,5 +434,6 @@ async def test_a_korean_admin_hears_why_a_run_failed_in_korean(db: Database, set
         outcome = await notifier.wait_for("학습 #1이(가) 실패했어요", "Training run #1")
     finally:
         await orchestrator.stop()
-    assert outcome.startswith("학습 #1이(가) 실패했어요: 아직 학습할 대화가 부족해요."), outcome
+    assert outcome.startswith("학습 #1이(가) 실패했어요: 아직 학습할 대화가 부족해요: 기록된 메시지 2개"), outcome
+    assert "distinct" not in outcome and "conversation" not in outcome, "no English pasted into it"
     assert (await run_row(db, 1)).error == RunEndReason.NOT_ENOUGH_DATA == "not_enough_data"
