@@ -49,11 +49,16 @@ async def telegram() -> AsyncIterator[FakeTelegram]:
         yield fake
 
 
-def _teach(telegram: FakeTelegram, group: ChatRef, answer: str, people: int) -> int:
-    """One long conversation in `group` (no pause, no /reset) teaching `answer`; returns the messages sent."""
+async def _teach(telegram: FakeTelegram, db: Database, group: ChatRef, answer: str, people: int, *, logged: int) -> int:
+    """One long conversation in `group` (no pause, no /reset) teaching `answer`; returns the messages sent.
+
+    Each line waits until the one before it is logged (`logged` lines were before the lesson): people take turns,
+    and the bot handles updates side by side, so lines sent at once could be logged in another order, and an
+    answer would then follow an answer."""
     lines = lesson(QUESTION, answer, askers=range(people, people + 3), answerers=range(people + 10, people + 20))
-    for user, text in lines:
+    for said, (user, text) in enumerate(lines, start=1):
         telegram.user_says(group, Person(int(user), f"P{user}"), text)
+        await wait_logged(db, logged + said)
     return len(lines)
 
 
@@ -88,7 +93,8 @@ async def test_two_telegram_groups_each_hear_their_own_voice(
         notifier.attach([backend])
         first, second = telegram.group(-1001, "Zebras"), telegram.group(-1002, "Otters")
         admin, visitor = Person(ADMIN, "Admin"), Person(900, "Visitor")
-        sent = _teach(telegram, first, PHRASE_A, 1000) + _teach(telegram, second, PHRASE_B, 3000)
+        sent = await _teach(telegram, db, first, PHRASE_A, 1000, logged=0)
+        sent += await _teach(telegram, db, second, PHRASE_B, 3000, logged=sent)
         await wait_logged(db, sent)
 
         assert "v1 is now the active model" in await _retrain_in(telegram, first, admin)
@@ -132,13 +138,15 @@ async def discord_fake(_discord_endpoints: Any) -> AsyncIterator[FakeDiscord]:
         yield server
 
 
-async def _teach_guild(fake: FakeDiscord, channel: int, answer: str) -> int:
-    """One long conversation in a guild's channel teaching `answer` (new people every time); the messages sent."""
+async def _teach_guild(fake: FakeDiscord, db: Database, channel: int, answer: str, *, logged: int) -> int:
+    """One long conversation in a guild's channel teaching `answer` (new people every time); the messages sent.
+    Each line waits until the one before it is logged (see `_teach`)."""
     people: dict[str, Json] = {}
     lines = lesson(QUESTION, answer, askers=range(3), answerers=range(10, 20))
-    for user, text in lines:
+    for said, (user, text) in enumerate(lines, start=1):
         author = people.setdefault(user, fake.add_user(f"{answer[:5]}-{user}"))
         await fake.send_message(author, text, channel_id=channel)
+        await wait_logged(db, logged + said)
     return len(lines)
 
 
@@ -172,7 +180,8 @@ async def test_two_discord_guilds_each_hear_their_own_voice(
     try:
         await backend.start()
         notifier.attach([backend])
-        sent = await _teach_guild(fake, first, PHRASE_A) + await _teach_guild(fake, second, PHRASE_B)
+        sent = await _teach_guild(fake, db, first, PHRASE_A, logged=0)
+        sent += await _teach_guild(fake, db, second, PHRASE_B, logged=sent)
         await wait_logged(db, sent)
 
         assert "v1 is now the active model" in await _retrain_in_guild(fake, first, admin)
