@@ -35,7 +35,7 @@ def test_the_configuration_table_names_each_group_once_and_every_row_has_words()
 def test_the_readmes_say_how_long_the_tests_take_and_how_to_run_a_part() -> None:
     for text in (README, README_KO):
         assert re.search(r"make test PYTEST_ARGS=\"tests/\S+", text)
-        assert "10" in _section(text, "Development" if text is README else "개발")
+        assert "13" in _section(text, "Development" if text is README else "개발")
 
 
 def test_the_readmes_say_how_to_serve_the_dashboard_without_a_platform_or_a_console() -> None:
