@@ -214,13 +214,15 @@ async def probe(service: ChatService, scores: Scores, *, forgotten: int | None) 
         if forgotten is None:
             scores.taught += same(reply, answer)
             scores.echoes += is_echo(reply, question)
-            scores.examples.append(f"{question!r} -> {reply!r}")
             paraphrased = await asker.private(paraphrase)
             scores.paraphrased += same(paraphrased, answer)
             scores.echoes += is_echo(paraphrased, paraphrase)
             grouped = await asker.in_group(question)
             scores.in_group += same(grouped, answer)
             scores.echoes += is_echo(grouped, question)
+            scores.examples.append(
+                f"{question!r} -> {reply!r} | {paraphrase!r} -> {paraphrased!r} | in a group -> {grouped!r}"
+            )
         elif index == forgotten:
             scores.forgotten_recalled += same(reply, answer)
         else:
@@ -232,6 +234,7 @@ async def probe(service: ChatService, scores: Scores, *, forgotten: int | None) 
             reply = await asker.private(question)
             scores.unrelated_taught += any(same(reply, a) for a in answers)
             scores.echoes += is_echo(reply, question)
+            scores.examples.append(f"unrelated {question!r} -> {reply!r}")
 
 
 def bench_settings(directory: Path, base_model: str, args: argparse.Namespace, *, scratch: bool) -> Settings:
@@ -356,11 +359,12 @@ def retrain_time_at_gpt2_small(tokens_per_message: float, args: argparse.Namespa
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from trainer.packing import PadCollator
+    from trainer.train import fine_tune_rate
 
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
     torch.set_num_threads(args.threads)
     model = GPT2LMHeadModel(GPT2Config())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.train_learning_rate)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=fine_tune_rate(model.config))
     block, batch = settings.train_max_length, settings.train_batch_size
     rows = [{"input_ids": [7] * block, "labels": [7] * block} for _ in range(batch)]
     inputs = PadCollator(0)(rows)
@@ -471,7 +475,7 @@ async def main(argv: Sequence[str] | None = None) -> None:
         base = starter_model(args) if name == "starter" else tiny_model(Path(tempfile.mkdtemp(prefix="magpie-tiny-")))
         scores, directory = await model_row(name, base, args, scale)
         rows[name], last = scores, (directory, scores.logged)
-        for example in scores.examples[:4]:
+        for example in scores.examples:
             print(f"  {example}")
     print(f"\nload average at the end {os.getloadavg()}\n")
     print("\n".join(table(rows)))

@@ -163,8 +163,8 @@ def train_community(
         )
         print(
             f"  {variant.name:18} loss {result.eval_loss:.3f} {result.tokens_per_s:7.0f} tok/s "
-            f"{result.tokens_per_cpu_s:7.0f} tok/CPU-s {stored:6.1f} MiB  lr {args.learning_rate:g}, "
-            f"{metrics['steps']} steps",
+            f"{result.tokens_per_cpu_s:7.0f} tok/CPU-s {stored:6.1f} MiB  "
+            f"lr {metrics['arguments']['learning_rate']:g}, {metrics['steps']} steps",
             flush=True,
         )
         results.append(result)

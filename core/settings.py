@@ -103,7 +103,8 @@ class Settings(BaseSettings):
     # --- retraining (defaults are the seed notebook's) ---------------------------------------------------------
     train_epochs: float = Field(3.0, gt=0.0)
     train_batch_size: int = Field(2, ge=1)
-    train_learning_rate: float = Field(5e-5, gt=0.0)
+    train_learning_rate: float | None = Field(None, gt=0.0)
+    """None: the base model's own fine-tuning rate (`trainer.train.fine_tune_rate`)."""
     train_warmup_steps: int = Field(100, ge=0)
     train_weight_decay: float = Field(0.01, ge=0.0)
     train_logging_steps: int = Field(10, ge=1)

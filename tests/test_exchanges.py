@@ -20,8 +20,8 @@ from core.storage.db import Database
 from core.storage.models import Message, RunStatus
 from core.texts import run_outcome
 from trainer.dataset import build_dataset
-from trainer.exchanges import TargetKind
-from trainer.recall_probe import probe_items, recurring_answers
+from trainer.exchanges import TargetKind, recurring_answers
+from trainer.recall_probe import probe_items
 from trainer.retrain import NotEnoughDataError, _check_enough
 from trainer.samples import DatasetReport, Sample
 
@@ -94,6 +94,46 @@ async def test_a_reply_is_trained_as_the_answer_to_the_line_it_replies_to(
     assert ("purple elephant dance", "ok sounds good") in exchanges(report)  # a plain follow-up answers the line before
     assert report.targets[TargetKind.REPLY] == 1 and report.targets[TargetKind.FOLLOW_UP] == 2
     assert report.summary()["targets"]["exchange_samples"] == sum(s.exchange for s in samples(report))
+
+
+async def test_a_line_between_a_question_and_its_platform_reply_is_not_taken_for_its_answer(
+    db: Database, engine: Engine, tmp_path: Path
+) -> None:
+    group = Group(ChatService(settings=settings_for(tmp_path), db=db, engine=engine))
+    await group.say("5", "good morning everyone")
+    asked = await group.say("1", "who is the captain?")
+    await group.say("3", "haha yes")
+    await group.say("2", "captain biscuit", replying_to=asked)
+    await group.say("1", "what do we eat tonight?")
+    await group.say("4", "cold pancakes forever")
+    report = await build_dataset(settings_for(tmp_path), db)
+    assert ("who is the captain?", "captain biscuit") in exchanges(report)
+    assert ("who is the captain?", "haha yes") not in exchanges(report)  # the platform said who answered it
+    assert contexts(report, "haha yes") == [["good morning everyone", "who is the captain?"]]  # said there: kept
+    assert ("what do we eat tonight?", "cold pancakes forever") in exchanges(report)  # no reply: a follow-up answers
+
+
+async def test_the_communitys_recurring_questions_open_exchanges_they_answer_none(
+    db: Database, engine: Engine, tmp_path: Path
+) -> None:
+    group = Group(ChatService(settings=settings_for(tmp_path), db=db, engine=engine))
+    await group.say("h", "hello all")
+    for round_ in range(3):  # three people ask it after three different lines; three others agree on the answer
+        await group.say(f"c{round_}", ["good morning everyone", "the bus was late again", "haha yes"][round_])
+        await group.say(f"a{round_}", "what is the password?")
+        await group.say(f"t{round_}", "purple elephant dance")
+    await group.say("m", "i am moving to berlin")
+    await group.say("n", "when do you leave?")  # a question that answers the line before: kept
+    report = await build_dataset(settings_for(tmp_path), db)
+    learned = exchanges(report)
+    assert ("what is the password?", "purple elephant dance") in learned
+    assert not {prompt for prompt, answer in learned if answer == "what is the password?"}
+    assert ("i am moving to berlin", "when do you leave?") in learned
+    assert not contexts(report, "what is the password?")  # no target anywhere: the bot answers it, never asks it
+    assert report.excluded["recurring_question_context_only"] == 3
+    assert all(  # and where it stands as context it carries no loss
+        not line.learnable for s in samples(report) for line in s.context if line.text == "what is the password?"
+    )
 
 
 async def test_an_echo_is_no_answer_and_a_reply_to_an_unknown_message_is_context_only(

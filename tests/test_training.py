@@ -20,7 +20,16 @@ from core.storage.models import RunStatus, TrainingRun
 from tests.loop_support import WAIT_S, greedy_engine, log_community, loop_settings
 from trainer.orchestrator import TrainingOrchestrator
 from trainer.samples import Line, Sample
-from trainer.train import TrainArguments, evaluate_loss, read_manifest, train, training_arguments
+from trainer.train import (
+    FINE_TUNE_RATE_KEY,
+    GPT2_FINE_TUNE_RATE,
+    TrainArguments,
+    evaluate_loss,
+    fine_tune_rate,
+    read_manifest,
+    train,
+    training_arguments,
+)
 
 CONVERSATIONS = [
     ("hello there, how are you today?", "I am fine, thank you. And you?"),
@@ -125,6 +134,25 @@ def test_arguments_come_from_settings_and_are_validated() -> None:
         replace(args, max_length=8)
     with pytest.raises(ValueError, match="precision"):
         replace(args, precision="fp16")
+
+
+def test_an_unset_learning_rate_is_the_models_own(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """TRAIN_LEARNING_RATE unset: a model that names its fine-tuning rate (the offline starter does) trains at it,
+    and a version trained from it names it too; a model that names none (OpenAI's GPT-2) trains at 5e-5."""
+    args = replace(TINY, learning_rate=None, epochs=1, max_steps=1)
+    assert TrainArguments.from_settings(Settings(_env_file=None)).learning_rate is None  # type: ignore[call-arg]
+    plain = train(args, corpus("t", 1), [], model_source=str(tiny_model_dir), output_dir=tmp_path / "plain")
+    assert plain.metrics["arguments"]["learning_rate"] == GPT2_FINE_TUNE_RATE == 5e-5
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    setattr(model.config, FINE_TUNE_RATE_KEY, 2e-3)
+    model.save_pretrained(tmp_path / "named")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "named")
+    named = train(args, corpus("t", 1), [], model_source=str(tmp_path / "named"), output_dir=tmp_path / "v1")
+    assert named.metrics["arguments"]["learning_rate"] == 2e-3
+    assert fine_tune_rate(AutoModelForCausalLM.from_pretrained(tmp_path / "v1").config) == 2e-3  # kept down the line
+    explicit = train(TINY, corpus("t", 1), [], model_source=str(tmp_path / "named"), output_dir=tmp_path / "v2")
+    assert explicit.metrics["arguments"]["learning_rate"] == TINY.learning_rate  # a rate that was set wins
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,7 @@ from trainer.filters import stable_fraction
 from trainer.samples import Sample
 from trainer.starter_budget import Clock, TimeBudget
 from trainer.starter_model import ModelShape, build_model, save_model, train_tokenizer
-from trainer.train import TrainArguments, TrainResult, train
+from trainer.train import FINE_TUNE_RATE_KEY, TrainArguments, TrainResult, train
 from trainer.training_logs import ProgressFn
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,11 @@ def starter_arguments(settings: Settings) -> TrainArguments:
         early_stopping_patience=2,
     )
 
+
+STARTER_FINE_TUNE_RATE = 1e-3
+"""The rate a /retrain fine-tunes the starter at when TRAIN_LEARNING_RATE is unset (recorded in its config.json).
+Measured with `bench/learning.py` (docs/benchmarks.md, issue #19): at GPT-2's 5e-5 a retrain on a community's
+767 messages recalled 0 of 10 taught answers; at 1e-3 (the starter's own training rate) 6-8 of 10."""
 
 STARTER_SHAPE = ModelShape()
 """4 layers x 256 wide, 8k byte-level BPE, 512-token context."""
@@ -144,6 +149,7 @@ def train_starter(
     turns = [turn for sample in train_samples for turn in sample.text(GPT2_EOS).split(GPT2_EOS) if turn]
     tokenizer = train_tokenizer(turns, vocab_size=shape.vocab_size)
     model = build_model(tokenizer, shape, seed=arguments.seed)
+    setattr(model.config, FINE_TUNE_RATE_KEY, STARTER_FINE_TUNE_RATE)
     arguments = replace(arguments, max_length=min(arguments.max_length, shape.n_positions))
     with tempfile.TemporaryDirectory(prefix="magpie-starter-init-") as initial:
         save_model(model, tokenizer, Path(initial))

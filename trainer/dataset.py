@@ -13,7 +13,8 @@ label it fills at inference). Pipeline, in order:
    repetitive lines, which stay context only;
 3. Tay defence across the whole dataset (`trainer.poisoning`): a user's near-duplicate targets (same normalised
    text) are dropped, then no user may own more than `train_user_share_cap` of the targets that remain (which
-   ones stay is a deterministic hash, not "the first N");
+   ones stay is a deterministic hash, not "the first N"); the community's recurring questions (asked by many,
+   answered alike) become context only, so the bot learns to answer them, not to ask them (`trainer.exchanges`);
 4. every line that is not a target in the end (step 2 or 3) is marked not learnable wherever it appears as
    context, so it carries no loss anywhere (`trainer.packing` masks it);
 5. a deterministic split by conversation into train and eval; a log that is one long conversation (a community
@@ -24,7 +25,8 @@ split, its caps and its filters are its own.
 
 Besides, each line is linked to the line it answers (`trainer.exchanges`: the message it replies to on the platform,
 else the line before it by someone else); a kept target also gets a short *exchange* sample with only that line as
-context, the prompt a fresh chat gives the bot. A withdrawn line (opted out, deleted) cuts the context like a
+context, the prompt a fresh chat gives the bot (not a plain line that follows a message someone else answered with
+a platform reply: the platform said which line answered it). A withdrawn line (opted out, deleted) cuts the context like a
 /reset, a reply to a message not in the data and a line repeating the one it answers are context only.
 
 The dataset is tokenizer-free on purpose: the promotion gate scores the active and the new model, which may use
@@ -59,6 +61,7 @@ from trainer.exchanges import (
     ChatWalk,
     TargetKind,
     count_targets,
+    drop_recurring_questions,
     exchange_samples,
     is_echoed_question,
 )
@@ -116,6 +119,7 @@ async def build_dataset(settings: Settings, db: Database, *, community: str | No
         candidates.extend(_chat_samples(chat_rows, settings, rolled_back, report.excluded, logged))
     targets = drop_near_duplicates(candidates, report.excluded)
     targets = cap_user_share(targets, settings.train_user_share_cap, report.excluded)
+    targets = drop_recurring_questions(targets, report.excluded)
     targets = [*targets, *exchange_samples(targets)]
     report.targets = count_targets(targets)
     targets = unlearn_dropped_targets(targets, candidates)

@@ -25,13 +25,17 @@ message logged before it in its chat, and an id that is no longer in the log mar
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from trainer.filters import normalise
 from trainer.samples import Line, Sample
+
+RECURRING_PEOPLE = 3
+"""Different people who must give the same answer to a prompt before it counts as the community's (and more than
+half of those who answered it): agreement, not one account's habit."""
 
 WITHDRAWN_REASONS = frozenset({"opted_out", "reply_to_opted_out"})
 """Reasons `trainer.dataset` leaves a line out that withdraw it on someone's request: they cut the context too."""
@@ -92,23 +96,82 @@ def is_echo(prompt: Line, target: Line) -> bool:
 def is_echoed_question(prompt: Line, target: Line) -> bool:
     """A question asked again right after someone asked it: trained as its answer, it teaches the bot to answer a
     question with itself. (Agreement, "nice one!" after "nice one!", is an answer and stays a target.)"""
-    return target.text.rstrip().endswith(("?", "？")) and is_echo(prompt, target)
+    return is_question(target.text) and is_echo(prompt, target)
 
 
 def exchange_samples(samples: Iterable[Sample]) -> list[Sample]:
     """One short sample per target that answers a line: that line alone as context (see the module docstring).
 
     Made after the dataset-wide Tay passes, from the targets they kept, so a short sample adds no target: the
-    near-duplicate rule and the share cap have already counted it once. An echo gets none, and neither does a
-    target whose context already is just the line it answers (the long sample is the same sample).
+    near-duplicate rule and the share cap have already counted it once. An echo gets none, neither does a target
+    whose context already is just the line it answers (the long sample is the same sample), nor a plain follow-up
+    of a message that someone answered with a platform reply (`answered_by_replies`).
     """
+    samples = list(samples)
+    replied = answered_by_replies(samples)
     short = []
     for sample in samples:
         answers = sample.answers
         if answers is None or is_echo(answers, sample.target) or sample.context == (answers,):
             continue
+        if sample.kind == TargetKind.FOLLOW_UP and answers.message_id in replied:
+            continue
         short.append(replace(sample, context=(answers,), exchange=True))
     return short
+
+
+def drop_recurring_questions(samples: Sequence[Sample], excluded: Counter[str]) -> list[Sample]:
+    """The community's recurring questions are context only: the bot learns to answer them, not to ask them.
+
+    "what is the password?" asked by a dozen people after a dozen different lines opens an exchange, it answers
+    none of them; trained as targets, such questions taught the bot to meet a question with another taught question
+    (`bench/learning.py`: 6 of 40 replies, most in a group, where chatter was followed by a taught question in
+    every other sample). A question is recurring when the community agrees on its answer (`recurring_answers`).
+    Counted as `recurring_question_context_only`; `unlearn_dropped_targets` keeps them unlearned as context."""
+    asked = set(recurring_answers(samples))
+    kept = []
+    for sample in samples:
+        if is_question(sample.target.text) and normalise(sample.target.text) in asked:
+            excluded["recurring_question_context_only"] += 1
+            continue
+        kept.append(sample)
+    return kept
+
+
+def answered_by_replies(samples: Iterable[Sample]) -> set[int]:
+    """Messages someone answered with a platform reply. A plain line that follows such a message is not taken for
+    its answer: the platform said which line answered it, and in a group the line in between usually belongs to
+    another thread ("who is the captain?" / "haha yes" / ↪ "captain biscuit"). Measured in `bench/learning.py`:
+    a quarter of the questions there had such a line after them, and trained as answers they taught the bot to meet
+    a question with chatter. The line keeps its long sample (it was said there); it only gets no short one."""
+    return {
+        sample.answers.message_id
+        for sample in samples
+        if sample.kind == TargetKind.REPLY and sample.answers is not None and sample.answers.message_id is not None
+    }
+
+
+def recurring_answers(samples: Sequence[Sample]) -> dict[str, str]:
+    """Normalised prompt -> its recurring answer (normalised), over every target that answers a line."""
+    answers: dict[str, dict[str, set[int | None]]] = defaultdict(lambda: defaultdict(set))
+    seen: set[int | None] = set()
+    for sample in samples:
+        if sample.answers is None or sample.target.message_id in seen:
+            continue
+        seen.add(sample.target.message_id)
+        people = answers[normalise(sample.answers.text)][normalise(sample.target.text)]
+        people.add(sample.target.user_id if sample.target.user_id is not None else sample.target.speaker)  # type: ignore[arg-type]
+    recurring = {}
+    for prompt, by_answer in answers.items():
+        counts = Counter({answer: len(people) for answer, people in by_answer.items()})
+        (answer, count), total = counts.most_common(1)[0], sum(counts.values())
+        if prompt and count >= RECURRING_PEOPLE and count * 2 > total:
+            recurring[prompt] = answer
+    return recurring
+
+
+def is_question(text: str) -> bool:
+    return text.rstrip().endswith(("?", "？"))
 
 
 def count_targets(samples: Sequence[Sample]) -> Counter[str]:

@@ -6,16 +6,15 @@ active version and the new one the held-out conversations' *recurring exchanges*
 the bot (`User 1: <prompt><eos>Bot:`), and counts how many come back with the recurring answer.
 
 A recurring exchange is a prompt (normalised text, `trainer.filters.normalise`) whose most frequent answer in the
-whole dataset was given by at least `RECURRING_PEOPLE` different people and by more than half of those who answered
-it: agreement, not one account's habit. The probe asks the prompts that occur in the held-out split (at most
-`MAX_PROMPTS`, chosen by a stable hash), greedily, so the numbers are reproducible. It is reported to the admin and
-stored in the run's metrics under `recall_probe` (`{"prompts": n, "active": hits, "new": hits}`), where the
-dashboard can read it; it does not decide the promotion.
+whole dataset was given by at least `trainer.exchanges.RECURRING_PEOPLE` different people and by more than half of
+those who answered it: agreement, not one account's habit (`trainer.exchanges.recurring_answers`). The probe asks
+the prompts that occur in the held-out split (at most `MAX_PROMPTS`, chosen by a stable hash), greedily, so the
+numbers are reproducible. It is reported to the admin and stored in the run's metrics under `recall_probe`
+(`{"prompts": n, "active": hits, "new": hits}`), where the dashboard can read it; it does not decide the promotion.
 """
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -24,13 +23,13 @@ import torch
 
 from core.outcomes import RECALL_PROBE
 from core.serving.dialogue import BOT_SPEAKER, Turn, encode_dialogue, parse_reply
+from trainer.exchanges import recurring_answers
 from trainer.filters import normalise, stable_fraction
-from trainer.samples import DatasetReport, Sample
+from trainer.samples import DatasetReport
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-RECURRING_PEOPLE = 3
 MAX_PROMPTS = 20
 MAX_NEW_TOKENS = 24
 
@@ -43,25 +42,6 @@ class ProbeItem:
     prompt: str
     answer: str
     """The recurring answer, normalised."""
-
-
-def recurring_answers(samples: Sequence[Sample]) -> dict[str, str]:
-    """Normalised prompt -> its recurring answer (normalised), over every target that answers a line."""
-    answers: dict[str, dict[str, set[int | None]]] = defaultdict(lambda: defaultdict(set))
-    seen: set[int | None] = set()
-    for sample in samples:
-        if sample.answers is None or sample.target.message_id in seen:
-            continue
-        seen.add(sample.target.message_id)
-        people = answers[normalise(sample.answers.text)][normalise(sample.target.text)]
-        people.add(sample.target.user_id if sample.target.user_id is not None else sample.target.speaker)  # type: ignore[arg-type]
-    recurring = {}
-    for prompt, by_answer in answers.items():
-        counts = Counter({answer: len(people) for answer, people in by_answer.items()})
-        (answer, count), total = counts.most_common(1)[0], sum(counts.values())
-        if prompt and count >= RECURRING_PEOPLE and count * 2 > total:
-            recurring[prompt] = answer
-    return recurring
 
 
 def probe_items(report: DatasetReport) -> list[ProbeItem]:

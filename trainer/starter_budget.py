@@ -189,7 +189,7 @@ def _step_function(model: PreTrainedModel, args: TrainArguments) -> Callable[[di
     """One training step as the Trainer takes it: forward (under bf16 autocast when the run uses it), backward,
     AdamW."""
     device = args.resolved_device()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.resolved_learning_rate(), weight_decay=args.weight_decay)
     model.train()
 
     def step(batch: dict[str, torch.Tensor]) -> None:

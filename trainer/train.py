@@ -30,7 +30,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -41,6 +41,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     EarlyStoppingCallback,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PrinterCallback,
@@ -64,6 +65,24 @@ Precision = Literal["auto", "fp32", "bf16"]
 """TRAIN_PRECISION: `auto` is bf16 autocast where the hardware computes bf16 natively, else fp32."""
 
 
+FINE_TUNE_RATE_KEY = "magpie_fine_tune_learning_rate"
+"""A key of a model's `config.json`: the peak learning rate at which to fine-tune it. The offline starter writes it
+(`trainer.bootstrap`), and every version trained from a model keeps its config, so it holds down the line."""
+
+GPT2_FINE_TUNE_RATE = 5e-5
+"""The usual rate for fine-tuning a pretrained GPT-2 (the seed notebook's): a model that names none gets it."""
+
+
+def fine_tune_rate(config: PretrainedConfig | None) -> float:
+    """The rate TRAIN_LEARNING_RATE means when unset: the model's own (`FINE_TUNE_RATE_KEY`), else GPT-2's.
+
+    Why per model: one rate does not fit both bases Magpie trains. 5e-5 suits OpenAI's GPT-2, pretrained on
+    billions of tokens; the offline starter, 5M parameters trained here from scratch at 1e-3, learns nothing at it
+    (`bench/learning.py`: 0 of 10 taught answers recalled after a default run, training loss still 3.7)."""
+    value = getattr(config, FINE_TUNE_RATE_KEY, None) if config is not None else None
+    return float(value) if isinstance(value, int | float) and value > 0 else GPT2_FINE_TUNE_RATE
+
+
 @dataclass
 class TrainArguments:
     """Everything a training run needs besides data and model.
@@ -75,7 +94,9 @@ class TrainArguments:
 
     epochs: float = field(metadata={"help": "Passes over the data (fewer if select_on_eval stops early)."})
     batch_size: int = field(metadata={"help": "Blocks (or samples, without packing) per step."})
-    learning_rate: float = field(metadata={"help": "Peak AdamW learning rate (linear decay)."})
+    learning_rate: float | None = field(
+        metadata={"help": "Peak AdamW learning rate (linear decay); None: the model's own (`fine_tune_rate`)."}
+    )
     warmup_steps: int = field(metadata={"help": "Linear warm-up steps, capped at a tenth of the run's steps."})
     weight_decay: float = field(metadata={"help": "AdamW weight decay."})
     logging_steps: int = field(metadata={"help": "Log the training loss every this many steps."})
@@ -123,7 +144,7 @@ class TrainArguments:
     def __post_init__(self) -> None:
         positive = ("epochs", "batch_size", "learning_rate", "logging_steps", "threads", "eval_batch_size")
         for name in positive:
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_length < 16:
             raise ValueError(f"max_length must be at least 16 tokens, got {self.max_length}")
@@ -166,6 +187,10 @@ class TrainArguments:
         if overrides.get("method", settings.train_method) == "lora":
             values["learning_rate"] = settings.lora_learning_rate
         return cls(**{**values, **overrides})
+
+    def resolved_learning_rate(self) -> float:
+        """The peak rate: `learning_rate`, which a run sets from the model when it is None (`fine_tune_rate`)."""
+        return fine_tune_rate(None) if self.learning_rate is None else self.learning_rate
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -313,8 +338,11 @@ def _train_into(
     transformers.set_seed(args.seed)
     torch.set_num_threads(args.threads)
 
-    # Model and tokenizer; with `lora`, a fresh adapter on the frozen model (never one trained before).
+    # Model and tokenizer (and the model's own fine-tuning rate, unless one was set); with `lora`, a fresh adapter
+    # on the frozen model (never one trained before).
     model, tokenizer = load_for_training(model_source)
+    if args.learning_rate is None:
+        args = replace(args, learning_rate=fine_tune_rate(model.config))
     if args.method == "lora":
         model = with_fresh_adapter(model, args)
 
@@ -437,7 +465,7 @@ def training_arguments(
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.eval_batch_size,
-        learning_rate=args.learning_rate,
+        learning_rate=args.resolved_learning_rate(),
         warmup_steps=min(args.warmup_steps, total_steps // 10),
         weight_decay=args.weight_decay,
         logging_steps=args.logging_steps,
