@@ -102,6 +102,9 @@ class Settings(BaseSettings):
 
     # --- retraining (defaults are the seed notebook's) ---------------------------------------------------------
     train_epochs: float = Field(3.0, gt=0.0)
+    train_min_steps: int | None = Field(None, ge=0)
+    """A run trains at least this many steps: more epochs for a small log (`trainer.train.with_min_steps`). None:
+    the base model's own (`trainer.train.fine_tune_min_steps`)."""
     train_batch_size: int = Field(2, ge=1)
     train_learning_rate: float | None = Field(None, gt=0.0)
     """None: the base model's own fine-tuning rate (`trainer.train.fine_tune_rate`)."""
@@ -114,6 +117,8 @@ class Settings(BaseSettings):
     train_on_bot_replies: bool = False
     train_on_private_chats: bool = False
     train_loss_on_response_only: bool = False
+    train_rehearsal_share: float = Field(1.0, ge=0.0)
+    """Corpus samples trained per community sample, for a base that names its corpus (`trainer.rehearsal`)."""
     train_eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     train_conversation_gap_minutes: float = Field(60.0, ge=0.0)
     train_user_share_cap: float = Field(0.2, gt=0.0, le=1.0)

@@ -90,6 +90,7 @@ def loop_settings(tmp_path: Path, database_url: str, base_model: Path, **overrid
         "history_turns": 4,
         "rate_limit_per_minute": 1000,
         "train_epochs": 40,
+        "train_min_steps": 0,  # these runs are sized in epochs
         "train_batch_size": 2,
         "train_learning_rate": 5e-3,
         "train_warmup_steps": 0,

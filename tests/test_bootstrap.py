@@ -22,10 +22,17 @@ from core.settings import Settings
 from core.storage.db import Database
 from core.storage.models import VersionStatus
 from core.storage.versions import get_active_version, list_versions
-from trainer.bootstrap import STARTER_FINE_TUNE_RATE, StarterVersion, bootstrap, starter_arguments
+from trainer.bootstrap import (
+    STARTER_FINE_TUNE_MIN_STEPS,
+    STARTER_FINE_TUNE_RATE,
+    StarterVersion,
+    bootstrap,
+    starter_arguments,
+)
 from trainer.corpus import load_dialogues
+from trainer.rehearsal import named_corpus
 from trainer.starter_model import ModelShape
-from trainer.train import TrainArguments, fine_tune_rate
+from trainer.train import TrainArguments, fine_tune_min_steps, fine_tune_rate
 
 TINY_SHAPE = ModelShape(n_layer=1, n_embd=32, n_head=2, n_positions=128, vocab_size=600)
 
@@ -74,6 +81,8 @@ async def test_bootstrap_registers_an_active_starter(db: Database, tmp_path: Pat
     tokenizer = AutoTokenizer.from_pretrained(starter.path)
     assert model.config.n_layer == 1 and len(tokenizer) <= 600
     assert fine_tune_rate(model.config) == STARTER_FINE_TUNE_RATE  # what a /retrain trains it at (issue #19)
+    assert fine_tune_min_steps(model.config) == STARTER_FINE_TUNE_MIN_STEPS  # and for how long at least
+    assert named_corpus(str(starter.path)) == ("english", "korean")  # and what it rehearses then
     assert tokenizer.decode(tokenizer("안녕하세요 hello")["input_ids"]) == "안녕하세요 hello"
 
     # a second starter is registered but does not displace the active version

@@ -21,14 +21,18 @@ from tests.loop_support import WAIT_S, greedy_engine, log_community, loop_settin
 from trainer.orchestrator import TrainingOrchestrator
 from trainer.samples import Line, Sample
 from trainer.train import (
+    FINE_TUNE_MIN_STEPS_KEY,
     FINE_TUNE_RATE_KEY,
     GPT2_FINE_TUNE_RATE,
+    MAX_EPOCHS,
     TrainArguments,
     evaluate_loss,
+    fine_tune_min_steps,
     fine_tune_rate,
     read_manifest,
     train,
     training_arguments,
+    with_min_steps,
 )
 
 CONVERSATIONS = [
@@ -195,3 +199,26 @@ async def test_a_training_process_reports_progress_and_keeps_its_log_quiet(
     assert run.metrics["train_samples"] > 0 and (settings.models_dir / "v1" / "model.safetensors").is_file()
     written = json.loads((settings.models_dir / "v1" / "metrics.json").read_text())
     assert written["arguments"]["precision"] == "fp32" and written["bf16"] is False, "TRAIN_PRECISION reached it"
+
+
+def test_a_small_log_trains_more_epochs_up_to_a_limit() -> None:
+    """TRAIN_MIN_STEPS: three passes over a few hundred lines teach the starter almost nothing (issue #19)."""
+    args = replace(TINY, epochs=3, batch_size=2, min_steps=400)
+    assert with_min_steps(args, train_rows=100).epochs == 8  # 50 steps a pass: 8 passes make 400
+    assert with_min_steps(args, train_rows=1_000).epochs == 3  # 3 passes already make 1,500 steps
+    assert with_min_steps(args, train_rows=4).epochs == MAX_EPOCHS == 20  # a few lines are not memorised for ever
+    assert with_min_steps(replace(args, min_steps=0), train_rows=100).epochs == 3
+    assert with_min_steps(replace(args, max_steps=10), train_rows=100).epochs == 3  # a step budget decides alone
+    assert TrainArguments.from_settings(Settings(_env_file=None, train_min_steps=7)).min_steps == 7  # type: ignore[call-arg]
+    assert with_min_steps(replace(args, min_steps=None), train_rows=100).epochs == 3
+
+
+def test_an_unset_step_floor_is_the_models_own(tiny_model_dir: Path, tmp_path: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert fine_tune_min_steps(model.config) == 0  # a model that names none: TRAIN_EPOCHS alone
+    setattr(model.config, FINE_TUNE_MIN_STEPS_KEY, 9)
+    model.save_pretrained(tmp_path / "named")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "named")
+    args = replace(TINY, epochs=1, batch_size=2, min_steps=None)
+    result = train(args, corpus("t", 1) * 2, [], model_source=str(tmp_path / "named"), output_dir=tmp_path / "v1")
+    assert result.metrics["arguments"]["min_steps"] == 9 and result.metrics["steps"] >= 9

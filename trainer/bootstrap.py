@@ -27,10 +27,11 @@ from core.storage.versions import activate_version, get_active_version, register
 from trainer.corpus import DEFAULT_LANGUAGES, load_dialogues
 from trainer.dataset import samples_from_dialogues, split_by_conversation
 from trainer.filters import stable_fraction
+from trainer.rehearsal import REHEARSAL_KEY
 from trainer.samples import Sample
 from trainer.starter_budget import Clock, TimeBudget
 from trainer.starter_model import ModelShape, build_model, save_model, train_tokenizer
-from trainer.train import FINE_TUNE_RATE_KEY, TrainArguments, TrainResult, train
+from trainer.train import FINE_TUNE_MIN_STEPS_KEY, FINE_TUNE_RATE_KEY, TrainArguments, TrainResult, train
 from trainer.training_logs import ProgressFn
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,12 @@ def starter_arguments(settings: Settings) -> TrainArguments:
 STARTER_FINE_TUNE_RATE = 1e-3
 """The rate a /retrain fine-tunes the starter at when TRAIN_LEARNING_RATE is unset (recorded in its config.json).
 Measured with `bench/learning.py` (docs/benchmarks.md, issue #19): at GPT-2's 5e-5 a retrain on a community's
-767 messages recalled 0 of 10 taught answers; at 1e-3 (the starter's own training rate) 6-8 of 10."""
+767 messages recalled 0 of 10 taught answers; at 1e-3 (the starter's own training rate) 7 of 10 after 8 passes."""
+
+STARTER_FINE_TUNE_MIN_STEPS = 800
+"""The fewest steps a /retrain of the starter makes when TRAIN_MIN_STEPS is unset (recorded in its config.json).
+Measured with `bench/learning.py` on a 767-message community (45 steps a pass; issue #19): taught answers recalled
+after 135 steps (3 passes) 1/10, 360 steps 7/10, 720 steps 10/10 (9/10 paraphrased)."""
 
 STARTER_SHAPE = ModelShape()
 """4 layers x 256 wide, 8k byte-level BPE, 512-token context."""
@@ -122,7 +128,7 @@ async def bootstrap(
     )
     result = await asyncio.to_thread(
         train_starter, train_samples, eval_samples, output_dir, shape=shape, arguments=args, progress=progress,
-        budget=budget,
+        budget=budget, languages=languages,
     )  # fmt: skip
     async with db.sessions.begin() as session:
         active = await get_active_version(session)
@@ -143,13 +149,17 @@ def train_starter(
     arguments: TrainArguments,
     progress: ProgressFn | None = None,
     budget: TimeBudget | None = None,
+    languages: Sequence[str] = DEFAULT_LANGUAGES,
 ) -> TrainResult:
     """Trains the tokenizer on the training turns, initialises a GPT-2 of `shape` and trains it (no database),
-    within `budget` when there is one."""
+    within `budget` when there is one. Its config names its fine-tuning rate and the corpus `languages` it learned
+    from, for the retraining runs that start from it (`trainer.train.fine_tune_rate`, `trainer.rehearsal`)."""
     turns = [turn for sample in train_samples for turn in sample.text(GPT2_EOS).split(GPT2_EOS) if turn]
     tokenizer = train_tokenizer(turns, vocab_size=shape.vocab_size)
     model = build_model(tokenizer, shape, seed=arguments.seed)
     setattr(model.config, FINE_TUNE_RATE_KEY, STARTER_FINE_TUNE_RATE)
+    setattr(model.config, FINE_TUNE_MIN_STEPS_KEY, STARTER_FINE_TUNE_MIN_STEPS)
+    setattr(model.config, REHEARSAL_KEY, list(languages))
     arguments = replace(arguments, max_length=min(arguments.max_length, shape.n_positions))
     with tempfile.TemporaryDirectory(prefix="magpie-starter-init-") as initial:
         save_model(model, tokenizer, Path(initial))

@@ -26,8 +26,8 @@ split, its caps and its filters are its own.
 Besides, each line is linked to the line it answers (`trainer.exchanges`: the message it replies to on the platform,
 else the line before it by someone else); a kept target also gets a short *exchange* sample with only that line as
 context, the prompt a fresh chat gives the bot (not a plain line that follows a message someone else answered with
-a platform reply: the platform said which line answered it). A withdrawn line (opted out, deleted) cuts the context like a
-/reset, a reply to a message not in the data and a line repeating the one it answers are context only.
+a platform reply: the platform said which line answered it). A withdrawn line (opted out, deleted) cuts the context
+like a /reset, a reply to a message not in the data and a line repeating the one it answers are context only.
 
 The dataset is tokenizer-free on purpose: the promotion gate scores the active and the new model, which may use
 different tokenizers, on the same split. The token-length bound is applied when samples are encoded

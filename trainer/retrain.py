@@ -70,6 +70,7 @@ from trainer import recall_probe, runs
 from trainer.dataset import build_dataset
 from trainer.model_dirs import partial_dirs, version_name
 from trainer.process import die_with_parent, load_trainer_settings
+from trainer.rehearsal import rehearsal_samples
 from trainer.runs import RunNotClaimableError
 from trainer.samples import DatasetReport, Sample
 from trainer.version_retention import prune_after_promotion
@@ -217,15 +218,21 @@ async def _train_and_gate(
     # No early stopping on the held-out conversations: the gate below scores the new version on them, and a
     # version picked for doing well on them would be judged on its own selection data.
     args = TrainArguments.from_settings(settings, select_on_eval=False, method=start.method)
+    # Beside them, a slice of the corpus the base learned from, so that learning them does not erase the rest.
+    rehearsal = rehearsal_samples(
+        start.trains_from, community_samples=len(report.train), share=settings.train_rehearsal_share,
+        history_turns=settings.history_turns,
+    )  # fmt: skip
     result = await asyncio.to_thread(
         train,
         args,
-        report.train,
+        [*report.train, *rehearsal],
         report.eval,
         model_source=start.trains_from,
         output_dir=output_dir,
         parent_version=start.name,
         progress=_progress_reporter(db, run_id, emit, asyncio.get_running_loop()),
+        metadata={"rehearsal_samples": len(rehearsal)},
     )
 
     # Score the active and the new version on the same held-out samples, the same way.

@@ -83,6 +83,18 @@ def fine_tune_rate(config: PretrainedConfig | None) -> float:
     return float(value) if isinstance(value, int | float) and value > 0 else GPT2_FINE_TUNE_RATE
 
 
+FINE_TUNE_MIN_STEPS_KEY = "magpie_fine_tune_min_steps"
+"""A key of a model's `config.json`: the fewest optimizer steps a fine-tuning run of it should make
+(`with_min_steps`), kept down the line like `FINE_TUNE_RATE_KEY`."""
+
+
+def fine_tune_min_steps(config: PretrainedConfig) -> int:
+    """The steps TRAIN_MIN_STEPS means when unset: the model's own (`FINE_TUNE_MIN_STEPS_KEY`), else none (the
+    epochs alone size a run, as for OpenAI's GPT-2, which names none)."""
+    value = getattr(config, FINE_TUNE_MIN_STEPS_KEY, None)
+    return int(value) if isinstance(value, int) and value > 0 else 0
+
+
 @dataclass
 class TrainArguments:
     """Everything a training run needs besides data and model.
@@ -128,6 +140,13 @@ class TrainArguments:
     )
     eval_batch_size: int = field(default=8, metadata={"help": "Samples per evaluation batch."})
     max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1 = by epochs)."})
+    min_steps: int | None = field(
+        default=0,
+        metadata={
+            "help": "Train at least this many steps: more epochs for a small log, at most MAX_EPOCHS; None: the "
+            "model's own (`fine_tune_min_steps`) (TRAIN_MIN_STEPS)."
+        },
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training samples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many eval samples."})
     seed: int = field(default=42, metadata={"help": "Seed for initialisation, shuffling and dropout (SEED if set)."})
@@ -181,6 +200,7 @@ class TrainArguments:
             "lora_rank": settings.lora_rank,
             "lora_alpha": settings.lora_alpha,
             "lora_targets": tuple(settings.lora_targets),
+            "min_steps": settings.train_min_steps,
         }
         if settings.seed is not None:
             values["seed"] = settings.seed
@@ -343,6 +363,8 @@ def _train_into(
     model, tokenizer = load_for_training(model_source)
     if args.learning_rate is None:
         args = replace(args, learning_rate=fine_tune_rate(model.config))
+    if args.min_steps is None:
+        args = replace(args, min_steps=fine_tune_min_steps(model.config))
     if args.method == "lora":
         model = with_fresh_adapter(model, args)
 
@@ -352,6 +374,9 @@ def _train_into(
     # Pack into full blocks (or keep one row per sample for dynamic padding).
     features = pack(data.train, block_size=data.max_length, seed=args.seed) if args.packing else unpacked(data.train)
     timings = {"data_s": time.perf_counter() - started}
+
+    # Enough steps: a small log is passed over more often, or a community's lessons are seen too few times.
+    args = with_min_steps(args, train_rows=len(features))
 
     # Fit the schedule to a time budget, when there is one (the offline starter): steps timed on a copy of the model.
     if fit_schedule is not None:
@@ -449,6 +474,23 @@ def _tokenize(
     if not data.train:
         raise ValueError("no training samples left after tokenization")
     return data
+
+
+MAX_EPOCHS = 20
+"""The most passes TRAIN_MIN_STEPS may ask for: a log of a few dozen lines is not worth 400 steps of memorising."""
+
+
+def with_min_steps(args: TrainArguments, *, train_rows: int) -> TrainArguments:
+    """`args` with as many epochs as `min_steps` needs (never fewer than `epochs`, at most `MAX_EPOCHS`).
+
+    Why: TRAIN_EPOCHS alone sizes a run by passes, and three passes over a new community's few hundred lines are
+    ~135 optimizer steps, after which the starter recalled 1 of 10 answers its community taught it (8 passes: 7 of
+    10; `bench/learning.py`, issue #19). A large log makes the steps with TRAIN_EPOCHS and is left as it is."""
+    if not args.min_steps or args.max_steps > 0 or train_rows <= 0:
+        return args
+    steps_per_epoch = math.ceil(train_rows / args.batch_size)
+    needed = min(float(MAX_EPOCHS), math.ceil(args.min_steps / steps_per_epoch))
+    return replace(args, epochs=needed) if needed > args.epochs else args
 
 
 def training_arguments(
