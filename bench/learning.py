@@ -20,6 +20,7 @@ each run's training time, and item 7 of issue #19: how long a /retrain of 1k, 10
 at GPT-2 small's shape with the current recipe, extrapolated from a few measured steps.
 
     python bench/learning.py [--quick] [--rows starter,tiny,chatterbot] [--starter DIR] [--epochs N]
+                             [--learning-rate LR] [--min-steps N] [--no-forget]
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from core.storage.db import Database, upgrade
 from core.storage.models import VersionStatus
 from core.storage.versions import get_active_version, set_version_status
 from trainer import runs
+from trainer.bootstrap import STARTER_FINE_TUNE_MIN_STEPS, STARTER_FINE_TUNE_RATE
 from trainer.filters import normalise
 from trainer.retrain import retrain
 
@@ -238,10 +240,13 @@ async def probe(service: ChatService, scores: Scores, *, forgotten: int | None) 
 
 
 def bench_settings(directory: Path, base_model: str, args: argparse.Namespace, *, scratch: bool) -> Settings:
-    """The TRAIN_* settings' recipe; a model from scratch (the tiny row) gets the starter's from-scratch rate."""
+    """The TRAIN_* settings' recipe (unset: the starter's own, from its config); the tiny row, a random model that
+    names none, gets the starter's (`trainer.bootstrap`)."""
     overrides: dict[str, Any] = {"train_epochs": args.epochs} if args.epochs else {}
     if args.learning_rate or scratch:
-        overrides["train_learning_rate"] = args.learning_rate or 1e-3
+        overrides["train_learning_rate"] = args.learning_rate or STARTER_FINE_TUNE_RATE
+    if scratch or args.min_steps is not None:
+        overrides["train_min_steps"] = STARTER_FINE_TUNE_MIN_STEPS if args.min_steps is None else args.min_steps
     return Settings(  # type: ignore[call-arg]
         _env_file=None, database_url=f"sqlite+aiosqlite:///{directory / 'magpie.db'}", models_dir=directory / "models",
         base_model=base_model, device="cpu", seed=0, train_threads=args.threads, torch_threads=args.threads,
@@ -449,6 +454,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--starter", type=Path, help="an offline starter directory to reuse")
     parser.add_argument("--epochs", type=float, help="TRAIN_EPOCHS for the runs (default: the setting's)")
     parser.add_argument("--learning-rate", type=float, help="TRAIN_LEARNING_RATE (default: the setting's)")
+    parser.add_argument("--min-steps", type=int, help="TRAIN_MIN_STEPS (default: the setting's; 0: epochs alone)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-forget", action="store_true", help="skip the /forget half (one training run per row)")
     parser.add_argument("--seed", type=int, default=0)

@@ -117,7 +117,7 @@ class Settings(BaseSettings):
     train_on_bot_replies: bool = False
     train_on_private_chats: bool = False
     train_loss_on_response_only: bool = False
-    train_rehearsal_share: float = Field(1.0, ge=0.0)
+    train_rehearsal_share: float = Field(0.25, ge=0.0)
     """Corpus samples trained per community sample, for a base that names its corpus (`trainer.rehearsal`)."""
     train_eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     train_conversation_gap_minutes: float = Field(60.0, ge=0.0)

@@ -182,9 +182,10 @@ def community_model_dir(loop_model_dir: Path, tmp_path_factory: pytest.TempPathF
     """The tiny model already taught the community's answer (trained here, outside the loop)."""
     train_samples, eval_samples = split_by_conversation(community_samples(), 0.1)
     # Response-only loss: with the questions in the loss too, whether the model answers or echoes the question was
-    # down to float rounding (an AVX-512 CPU echoed it).
+    # down to float rounding (an AVX-512 CPU echoed it). 60 passes: after 30, an AMD EPYC answered "zebra zebra
+    # forever" (rounding again); taught twice as long, the answer no longer hangs on it.
     args = TrainArguments(
-        epochs=30, batch_size=2, learning_rate=1e-2, warmup_steps=0, weight_decay=0.01, logging_steps=10,
+        epochs=60, batch_size=2, learning_rate=1e-2, warmup_steps=0, weight_decay=0.01, logging_steps=10,
         max_length=64, threads=1, seed=0, loss_on_response_only=True, precision="fp32", device="auto",
     )  # fmt: skip
     output = tmp_path_factory.mktemp("community") / "taught"
