@@ -9,8 +9,9 @@ run on the same chats:
   length as the others (`min_new_tokens = max_new_tokens`), so capacity compares like for like;
 - **Engine <precision>**: one engine per precision, started once, every chat submitted at its arrival time.
 
-Search (bounded): a trial serves `--capacity-requests` chats (Poisson arrivals at the trial's rate, seeded, so each
-rate's arrivals are the same for every way) and passes when p95 <= the limit. From `--capacity-start` chats/s the
+Search (bounded): a trial serves `--capacity-requests` chats, or more, so that their arrivals span
+`--capacity-seconds` (Poisson arrivals at the trial's rate, seeded, so each rate's arrivals are the same for every
+way) and passes when p95 <= the limit. From `--capacity-start` chats/s the
 rate doubles while trials pass (at most `--capacity-max` chats/s), or halves while they fail (down to 1/16 of the
 start, and not at all once even the quickest reply took longer than the limit: then the capacity is 0 whatever the
 rate); then `--capacity-steps` geometric bisections between the last pass and the first fail. The result is the
@@ -55,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--capacity-start", type=float, default=0.5, help="capacity: first rate, chats/s (0.5)")
     parser.add_argument("--capacity-max", type=float, default=32.0, help="capacity: highest rate tried (32)")
     parser.add_argument("--capacity-steps", type=int, default=3, help="capacity: bisections (3; quick 1)")
+    parser.add_argument(
+        "--capacity-seconds", type=float, default=30.0, help="capacity: arrivals span at least this long (30; quick 10)"
+    )
 
 
 def search(name: str, trial: Trial, args: argparse.Namespace) -> Capacity:
@@ -82,7 +86,12 @@ def search(name: str, trial: Trial, args: argparse.Namespace) -> Capacity:
 
 
 def workload_at(requests: list[list[Turn]], rate: float, args: argparse.Namespace) -> Workload:
-    return draw_workload(requests, arrivals="poisson", rate=rate, mean=args.new_tokens, spread=0.0, seed=args.seed)
+    """The trial's chats: at least `--capacity-requests`, and enough for arrivals spanning `--capacity-seconds` (the
+    chats repeat), so that a high rate is served in its steady state rather than as one short burst: 24 chats at
+    32 chats/s all arrive within 0.75 s, and the engine answered them in 2.2 s, a burst it could not sustain."""
+    count = max(len(requests), math.ceil(rate * args.capacity_seconds))
+    chats = [requests[i % len(requests)] for i in range(count)]
+    return draw_workload(chats, arrivals="poisson", rate=rate, mean=args.new_tokens, spread=0.0, seed=args.seed)
 
 
 def seed_trial(
@@ -116,10 +125,9 @@ async def engine_capacity(
     args: argparse.Namespace,
 ) -> Capacity:
     """One engine in `precision`, started once, through every trial of the search."""
-    config = EngineConfig.from_settings(
+    config = EngineConfig.from_settings(  # the default batch size (ENGINE_MAX_BATCH_SIZE); no chat turned away
         Settings(_env_file=None, device="cpu"),  # type: ignore[call-arg]
-        max_batch_size=len(requests),
-        queue_size=len(requests),
+        queue_size=100_000,
         timeout_s=3600.0,
         seed=0,
         params=params,
@@ -156,7 +164,8 @@ def report(results: list[Capacity], args: argparse.Namespace) -> None:
     seed = results[0].rate
     print(
         f"\ncapacity: highest Poisson arrival rate with p95 <= {args.p95_limit:g} s, {args.new_tokens}-token "
-        f"replies, {args.capacity_requests} chats per trial{' (quick)' if args.quick else ''}"
+        f"replies, {args.capacity_requests} chats or {args.capacity_seconds:g} s of arrivals per trial, whichever is "
+        f"more{' (quick)' if args.quick else ''}"
     )
     print(f"{'way':16} {'chats/s':>8} {'x seed':>7} {'chats/min':>10} trials (rate: p95 s)")
     for result in results:
@@ -176,7 +185,8 @@ def run(
 ) -> list[Capacity]:
     """Every way's capacity, the seed's first (the float model is dropped by the caller before the engines)."""
     if args.quick:
-        args = argparse.Namespace(**{**vars(args), "capacity_steps": min(args.capacity_steps, 1)})
+        quick = {"capacity_steps": min(args.capacity_steps, 1), "capacity_seconds": min(args.capacity_seconds, 10)}
+        args = argparse.Namespace(**{**vars(args), **quick})
         requests = requests[: min(len(requests), 10)]
     args = argparse.Namespace(**{**vars(args), "capacity_requests": len(requests)})
     params = replace(params, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
