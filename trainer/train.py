@@ -477,7 +477,7 @@ def _tokenize(
 
 
 MAX_EPOCHS = 20
-"""The most passes TRAIN_MIN_STEPS may ask for: a log of a few dozen lines is not worth 400 steps of memorising."""
+"""The most passes TRAIN_MIN_STEPS may ask for: a log of a few dozen lines is not worth 800 steps of memorising."""
 
 
 def with_min_steps(args: TrainArguments, *, train_rows: int) -> TrainArguments:
