@@ -218,10 +218,11 @@ async def _train_and_gate(
     # No early stopping on the held-out conversations: the gate below scores the new version on them, and a
     # version picked for doing well on them would be judged on its own selection data.
     args = TrainArguments.from_settings(settings, select_on_eval=False, method=start.method)
-    # Beside them, a slice of the corpus the base learned from, so that learning them does not erase the rest.
-    rehearsal = rehearsal_samples(
-        start.trains_from, community_samples=len(report.train), share=settings.train_rehearsal_share,
-        history_turns=settings.history_turns,
+    # Beside them, a slice of the corpus the base learned from, so that learning them does not erase the rest
+    # (read and parsed in a worker thread too: the YAML corpus takes a moment).
+    rehearsal = await asyncio.to_thread(
+        rehearsal_samples, start.trains_from, community_samples=len(report.train),
+        share=settings.train_rehearsal_share, history_turns=settings.history_turns,
     )  # fmt: skip
     result = await asyncio.to_thread(
         train,
