@@ -8,7 +8,6 @@ starting from a randomly initialised model instead of the active version, and wi
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import tempfile
 import time
@@ -20,6 +19,7 @@ from typing import Any
 
 import torch
 
+from core.compute_threads import in_own_thread
 from core.serving.dialogue import GPT2_EOS
 from core.settings import Settings
 from core.storage.db import Database
@@ -126,7 +126,7 @@ async def bootstrap(
         len(eval_samples),
         len(dialogues),
     )
-    result = await asyncio.to_thread(
+    result = await in_own_thread(  # not to_thread: `magpie run` serves from this process next
         train_starter, train_samples, eval_samples, output_dir, shape=shape, arguments=args, progress=progress,
         budget=budget, languages=languages,
     )  # fmt: skip

@@ -50,6 +50,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from core.compute_threads import in_own_thread
 from core.errors import MagpieError, ModelLoadError
 from core.ops.logging_setup import correlated, secret_values
 from core.outcomes import DATA_WITHDRAWN, NOT_ENOUGH_DATA, RunEndReason
@@ -224,7 +225,7 @@ async def _train_and_gate(
         rehearsal_samples, start.trains_from, community_samples=len(report.train),
         share=settings.train_rehearsal_share, history_turns=settings.history_turns,
     )  # fmt: skip
-    result = await asyncio.to_thread(
+    result = await in_own_thread(
         train,
         args,
         [*report.train, *rehearsal],
@@ -238,11 +239,11 @@ async def _train_and_gate(
 
     # Score the active and the new version on the same held-out samples, the same way.
     emit({"event": "stage", "stage": "scoring"})
-    active_loss = await asyncio.to_thread(_score, start.source, report.eval, args)
-    new_loss = await asyncio.to_thread(_score, str(output_dir), report.eval, args)
+    active_loss = await in_own_thread(_score, start.source, report.eval, args)
+    new_loss = await in_own_thread(_score, str(output_dir), report.eval, args)
     gate = decide(active_loss=active_loss, new_loss=new_loss, margin=settings.promotion_margin)
     # Beside the loss, what a user would notice: the held-out recurring exchanges answered as the community does.
-    result.metrics[recall_probe.METRIC] = await asyncio.to_thread(_probe, report, start.source, output_dir, args)
+    result.metrics[recall_probe.METRIC] = await in_own_thread(_probe, report, start.source, output_dir, args)
 
     # Gate and record atomically: the version row, the activation (or rejection) and the run's outcome.
     recorded = _recorded(settings, report, result.metrics, start, gate, output_dir)

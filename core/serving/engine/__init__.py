@@ -13,9 +13,10 @@ Why this shape:
   minimum length, so the engine runs its own step loop (`_batching`) over a KV cache that grows in place.
 - *Per-row decoding* (`_sampling`): each row has its own `GenerationParams` (greedy and sampled rows share a
   batch), with `generate`'s processing order, so greedy answers equal `generate`'s.
-- *Swaps* load the new model in a separate thread while serving continues; at the next step new requests start on
-  the new model while rows already decoding finish on the old one, side by side, so a reply is never written by
-  two models and each `Generation` names the model that wrote it.
+- *Swaps* load the new model in a separate, short-lived thread while serving continues (`core.compute_threads`
+  says why short-lived); at the next step new requests start on the new model while rows already decoding finish
+  on the old one, side by side, so a reply is never written by two models and each `Generation` names the model
+  that wrote it.
 - *Voices* (`_voices`): a community's voice is a peft LoRA adapter on the served model, loaded by name
   (`load_voice`) and named per request (`generate_response(voice=...)`). Rows of different voices decode in the
   same batch: each adapted projection adds `x @ A @ B` for its row's adapter, computed for all rows at once with

@@ -3,7 +3,9 @@ asyncio side.
 
 Threading: the event loop only appends to and removes from the queue under `_cond` (held for microseconds, never
 during generation) and awaits futures; the worker thread does all torch work and hands results back with
-`loop.call_soon_threadsafe`. Model loads for swaps and adapter reads for voices run in a third, short-lived thread.
+`loop.call_soon_threadsafe`. Model loads for swaps and adapter reads for voices run in a third thread that ends
+with the load (`core.compute_threads.in_own_thread`: an executor thread would live on with its OpenMP team, and two
+teams on a small machine make every decoding step ~1.8x slower).
 
 Voices: `load_voice` reads a LoRA adapter off the worker thread and registers it under its name (under `_cond`);
 a request names its voice, checked when it is queued and resolved to the adapter when it is admitted, between two
@@ -21,10 +23,11 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import torch
 
+from core.compute_threads import deliver, in_own_thread
 from core.errors import (
     EngineBusyError,
     EngineClosedError,
@@ -48,8 +51,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_T = TypeVar("_T")
-
 
 @dataclass(eq=False, slots=True)
 class _Request:
@@ -68,23 +69,6 @@ class _Swap:
     loaded: LoadedModel
     loop: asyncio.AbstractEventLoop
     switched: asyncio.Future[None]
-
-
-def _resolve(future: asyncio.Future[_T], outcome: _T | BaseException) -> None:
-    """Runs on the future's loop; a caller who already gave up has a cancelled future, which is left alone."""
-    if future.done():
-        return
-    if isinstance(outcome, BaseException):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
-
-
-def _deliver(loop: asyncio.AbstractEventLoop, future: asyncio.Future[_T], outcome: _T | BaseException) -> None:
-    try:
-        loop.call_soon_threadsafe(_resolve, future, outcome)
-    except RuntimeError:  # the caller's loop is closed: nobody is waiting any more
-        log.debug("dropping a result for a closed event loop")
 
 
 class Engine:
@@ -211,7 +195,7 @@ class Engine:
         async with self._swap_lock:
             if self._loaded is None or self._closing:
                 raise EngineClosedError("the engine is not running")
-            loaded = await asyncio.to_thread(prepare, ref, self._config.device, self._config.precision)
+            loaded = await in_own_thread(prepare, ref, self._config.device, self._config.precision)
             loop = asyncio.get_running_loop()
             switched: asyncio.Future[None] = loop.create_future()
             with self._cond:
@@ -233,7 +217,7 @@ class Engine:
         loaded = self._loaded
         if loaded is None or self._closing:
             raise EngineClosedError("the engine is not running")
-        adapter = await asyncio.to_thread(read_adapter, VoiceRef(voice, str(adapter_dir)), loaded.model)
+        adapter = await in_own_thread(read_adapter, VoiceRef(voice, str(adapter_dir)), loaded.model)
         with self._cond:
             if self._closing:
                 raise EngineClosedError("the engine closed while the voice was loading")
@@ -266,9 +250,9 @@ class Engine:
             swap, self._swap = self._swap, None
             self._cond.notify_all()
         for request in drained:
-            _deliver(request.loop, request.future, EngineClosedError("the engine is shutting down"))
+            deliver(request.loop, request.future, EngineClosedError("the engine is shutting down"))
         if swap is not None:
-            _deliver(swap.loop, swap.switched, EngineClosedError("the engine is shutting down"))
+            deliver(swap.loop, swap.switched, EngineClosedError("the engine is shutting down"))
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
         self._loaded = None
@@ -304,10 +288,10 @@ class Engine:
             if not isinstance(exc, ModelLoadError):
                 log.exception("preparing %s failed", ref.source)
                 exc = ModelLoadError(f'Model "{ref.source}" could not be prepared for serving ({type(exc).__name__}).')
-            _deliver(loop, started, exc)
+            deliver(loop, started, exc)
             return
         self._cohorts = [_Cohort(self._loaded)]
-        _deliver(loop, started, None)
+        deliver(loop, started, None)
         with torch.inference_mode():
             while (arrivals := self._next_work()) is not None:
                 if arrivals:
@@ -350,7 +334,7 @@ class Engine:
         self._loaded = swap.loaded
         self._cohorts.append(_Cohort(swap.loaded))
         self._swap = None
-        _deliver(swap.loop, swap.switched, None)
+        deliver(swap.loop, swap.switched, None)
 
     def _admit(self, arrivals: list[_Request]) -> None:
         """Prefills the arrivals on the newest model and chooses their first tokens."""
@@ -415,7 +399,7 @@ class Engine:
         self._release(len(finished))  # before delivering, so a caller holding its reply never sees itself counted
         for row in finished:
             voice = row.adapter.ref if row.adapter is not None else None
-            _deliver(row.request.loop, row.request.future, Generation(row.decoder.text(), cohort.loaded.ref, voice))
+            deliver(row.request.loop, row.request.future, Generation(row.decoder.text(), cohort.loaded.ref, voice))
             log.debug(
                 "reply of %d tokens by %s, %d rows decoding",
                 len(row.decoder.tokens),
@@ -427,7 +411,7 @@ class Engine:
     def _fail(self, requests: list[_Request], error: EngineError | ModelLoadError | None = None) -> None:
         self._release(len(requests))
         for request in requests:
-            _deliver(request.loop, request.future, error or EngineError("generation failed"))
+            deliver(request.loop, request.future, error or EngineError("generation failed"))
 
     def _release(self, rows: int) -> None:
         if rows:
