@@ -32,6 +32,7 @@ import torch
 from generation import Run, Workload, draw_workload, exact_length, one_at_a_time, prompt_ids, with_lag_watch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from core.compute_threads import run_in_own_thread
 from core.serving.dialogue import Turn
 from core.serving.engine import Engine, EngineConfig, GenerationParams, ModelRef, Precision
 from core.settings import Settings
@@ -190,7 +191,8 @@ def run(
         requests = requests[: min(len(requests), 10)]
     args = argparse.Namespace(**{**vars(args), "capacity_requests": len(requests)})
     params = replace(params, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
-    results = [search("seed notebook", seed_trial(model, tokenizer, requests, args), args)]
+    # in a thread that ends with it, so that no OpenMP team of the baseline outlives it (core/compute_threads.py)
+    results = [run_in_own_thread(search, "seed notebook", seed_trial(model, tokenizer, requests, args), args)]
     for precision in args.precisions.split(","):
         results.append(asyncio.run(engine_capacity(directory, precision, requests, params=params, args=args)))  # type: ignore[arg-type]
     report(results, args)

@@ -63,6 +63,7 @@ import yaml
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from core.compute_threads import run_in_own_thread
 from core.serving.dialogue import BOT_SPEAKER, Turn, encode_dialogue, format_dialogue, speaker_key
 from core.serving.engine import Engine, EngineConfig, GenerationParams, ModelRef, Precision, load_pretrained
 from core.settings import Settings
@@ -364,7 +365,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="magpie-bench-") as tmp:
         directory = Path(tmp)
         build_in_child(directory, args.shape)
-        model, tokenizer = load_pretrained(str(directory), "cpu")
+        # Every torch call of this (main) thread goes through a thread that ends with it: a thread that lives on keeps
+        # its OpenMP team, and a second team slows the engine's steps (core/compute_threads.py).
+        model, tokenizer = run_in_own_thread(load_pretrained, str(directory), "cpu")
         if args.capacity:
             print(f"{cpu_description()}\n{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs")
             import capacity  # here, not at the top: bench/capacity.py imports this module
@@ -383,10 +386,10 @@ def main() -> None:
         )
         lengths = [len(prompt_ids(turns, tokenizer)) for turns in requests]
         print(f"model: {args.shape} shape, random weights, prompts of {min(lengths)}-{max(lengths)} tokens")
-        runs = [serve_like_seed(model, GPT2Tokenizer.from_pretrained(str(directory)), work)]
-        runs.append(serve_serially(model, tokenizer, work, params))
+        runs = [run_in_own_thread(serve_like_seed, model, GPT2Tokenizer.from_pretrained(str(directory)), work)]
+        runs.append(run_in_own_thread(serve_serially, model, tokenizer, work, params))
         lone = Workload(requests[:1], [0.0], [args.new_tokens])
-        alone = [replace(serve_serially(model, tokenizer, lone, params), name="fp32 generate")]
+        alone = [replace(run_in_own_thread(serve_serially, model, tokenizer, lone, params), name="fp32 generate")]
         del model
         gc.collect()
         lag = 0.0
