@@ -1,8 +1,9 @@
 """Watching the engine's worker from a test: which forward passes it runs, and holding it inside one.
 
-`ForwardProbe` stands in for `load_pretrained`: it loads for real, then wraps each model's `forward` to record every
-pass (a prefill of joining rows, or a decoding step for the running rows) and, when a test closes its gate, to hold
-the worker inside a pass. That makes "the model is busy" a state the test controls instead of a race.
+`ForwardProbe` stands in for `load_pretrained` (and fp32's `load_packed`): it loads for real, then wraps each model's
+`forward` to record every pass (a prefill of joining rows, or a decoding step for the running rows) and, when a test
+closes its gate, to hold the worker inside a pass. That makes "the model is busy" a state the test controls instead
+of a race.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 import core.serving.engine._loading
 from core.serving.engine import Engine, ModelRef, load_pretrained
+from core.serving.engine._packed import load_packed
 from tests.conftest import engine_config, generation_params
 
 GREEDY = generation_params(max_new_tokens=16, temperature=0.0, repetition_penalty=2.0)
@@ -48,6 +50,14 @@ class ForwardProbe:
 
     def load(self, source: str, device: str) -> tuple[Any, Any]:
         model, tokenizer = load_pretrained(source, device)
+        return self._watched(model, source), tokenizer
+
+    def load_packed(self, directory: Path) -> Any:
+        """fp32 serving's own loader (core/serving/engine/_packed.py), watched the same way."""
+        model = load_packed(directory)
+        return self._watched(model, str(directory)) if model is not None else None
+
+    def _watched(self, model: Any, source: str) -> Any:
         original = model.forward
 
         def forward(*args: Any, **kwargs: Any) -> Any:
@@ -68,7 +78,7 @@ class ForwardProbe:
             self.load_threads.append(threading.current_thread().name)
             self.loaded.append(source)
             self._changed.notify_all()
-        return model, tokenizer
+        return model
 
     @property
     def prefills(self) -> list[int]:
@@ -109,6 +119,7 @@ class ForwardProbe:
 def probe(monkeypatch: pytest.MonkeyPatch) -> ForwardProbe:
     probe = ForwardProbe()
     monkeypatch.setattr(core.serving.engine._loading, "load_pretrained", probe.load)
+    monkeypatch.setattr(core.serving.engine._loading, "load_packed", probe.load_packed)
     return probe
 
 

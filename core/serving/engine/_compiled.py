@@ -9,8 +9,9 @@ with a boolean padding mask, skipped when no row has padding), so its logits are
 and greedy replies do not change.
 
 It is used for single-token steps only (prefill stays transformers'), for GPT-2-shaped models whose every
-module it recognises (fp32 `Conv1D`/`Linear` or torch's dynamic int8 `Linear`); anything else (another
-architecture, a wrapped or adapted projection, an attention variant) falls back to the model call.
+module it recognises (fp32 `Conv1D`/`Linear`, their oneDNN-packed form `_packed.PackedLinear`, or torch's dynamic
+int8 `Linear`); anything else (another architecture, a wrapped or adapted projection, an attention variant) falls
+back to the model call.
 
 Why not `torch.compile` (gcc is present here; tried on this step, 2026-12-06): with the step fused, a profile of
 GPT-2 small in int8 at batch 1 puts 92% of the step's CPU time in `quantized::linear_dynamic` (the int8 matmuls
@@ -34,10 +35,13 @@ from torch import nn
 from torch.nn import functional
 from transformers.pytorch_utils import Conv1D
 
+from core.serving.engine._packed import PackedLinear
+
 log = logging.getLogger(__name__)
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 _QuantizedLinear = torch.ao.nn.quantized.dynamic.Linear
+_KNOWN_PROJECTIONS = (Conv1D, nn.Linear, _QuantizedLinear, PackedLinear)
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
@@ -144,7 +148,7 @@ def _unsupported(model: Any) -> str | None:
     }
     for block in model.transformer.h:
         for module in block.modules():
-            if type(module).__name__ not in expected and not isinstance(module, Conv1D | nn.Linear | _QuantizedLinear):
+            if type(module).__name__ not in expected and not isinstance(module, _KNOWN_PROJECTIONS):
                 return f"a module the fused step does not know: {type(module).__name__}"
     return None
 
@@ -163,6 +167,8 @@ def _linear(module: nn.Module) -> Linear | None:
         return lambda x: torch.addmm(bias, x.view(-1, x.size(-1)), weight).view(*x.shape[:-1], -1)
     if type(module) is nn.Linear:
         return lambda x: functional.linear(x, module.weight, module.bias)
+    if type(module) is PackedLinear:
+        return module.forward
     if type(module) is _QuantizedLinear and module._packed_params.dtype == torch.qint8:
         packed = module._packed_params._packed_params
         if module.version is None or module.version < 4:

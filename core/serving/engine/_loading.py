@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from core.errors import HubUnreachableError, ModelLoadError
 from core.serving.engine._converted import load_converted, save_converted
+from core.serving.engine._packed import load_packed
 from core.serving.engine._precision import Served, apply_precision, cached_verdict
 from core.serving.engine._types import ModelRef, Precision
 
@@ -130,10 +131,12 @@ def _load_in_precision(
     ref: ModelRef, device: str, precision: Precision, version_dir: Path | None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Served]:
     """The model in its serving precision. A version that already served in int8 on this machine loads its stored
-    int8 weights directly (no float checkpoint in memory, so no conversion peak); one converted now keeps them."""
+    int8 weights directly (no float checkpoint in memory, so no conversion peak); one converted now keeps them.
+    fp32 on the CPU is built with its projections packed for oneDNN (`_packed`), or loaded plain where it cannot."""
     if version_dir is not None and (found := _stored(version_dir, device, precision)) is not None:
-        stored_tokenizer = AutoTokenizer.from_pretrained(version_dir, local_files_only=True)
-        return found[0], _for_serving(stored_tokenizer, ref.source), found[1]
+        return found[0], _local_tokenizer(version_dir, ref.source), found[1]
+    if _fp32_known(precision, version_dir, device) and (packed := _packed_fp32(ref, device)) is not None:
+        return packed, _local_tokenizer(Path(ref.source), ref.source), "fp32"
     model, tokenizer = load_pretrained(ref.source, device)
     model, served = apply_precision(
         model,
@@ -145,7 +148,25 @@ def _load_in_precision(
     )
     if served != "fp32" and version_dir is not None:
         save_converted(model, version_dir, device, served)
+    if served == "fp32" and precision == "auto" and (packed := _packed_fp32(ref, device)) is not None:
+        return packed, tokenizer, "fp32"  # auto has just chosen fp32: the plain model is dropped
     return model, tokenizer, served
+
+
+def _fp32_known(precision: Precision, version_dir: Path | None, device: str) -> bool:
+    """Whether fp32 serves without a gate to pass first (asked for, or `auto`'s cached verdict)."""
+    if precision == "auto" and version_dir is not None:
+        return cached_verdict(version_dir, device) == "fp32"
+    return precision == "fp32"
+
+
+def _packed_fp32(ref: ModelRef, device: str) -> PreTrainedModel | None:
+    source = Path(ref.source)
+    return load_packed(source) if device == "cpu" and source.is_dir() else None
+
+
+def _local_tokenizer(directory: Path, source: str) -> PreTrainedTokenizerBase:
+    return _for_serving(AutoTokenizer.from_pretrained(directory, local_files_only=True), source)
 
 
 def _stored(version_dir: Path, device: str, precision: Precision) -> tuple[PreTrainedModel, Served] | None:

@@ -102,6 +102,12 @@ def _own_remaining_weights(model: PreTrainedModel) -> None:
         for tensor in [*model.parameters(), *model.buffers()]:
             tensor.data = tensor.data.clone()
     gc.collect()
+    return_freed_memory()
+
+
+def return_freed_memory() -> None:
+    """Hands the heap's free pages back to the system (`malloc_trim`): a load's temporaries (weights read, copied,
+    converted) are freed into glibc's heap, which otherwise keeps them in the resident set."""
     with contextlib.suppress(OSError, AttributeError):  # glibc only; elsewhere the allocator keeps its pages
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
 
