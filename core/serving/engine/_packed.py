@@ -37,6 +37,9 @@ from core.serving.engine._precision import return_freed_memory
 log = logging.getLogger(__name__)
 
 _TOLERANCE = 1e-4
+_ROWS_HINT = 8
+"""The rows oneDNN lays the weights out for. Any count serves; measured on GPT-2 small's blocks (2 cores, AVX-512), a
+layout for 8 rows costs 1 row the same as one laid out for 1 and halves the cost of 8 rows (14.7 -> 7.6 ms)."""
 _BLOCK_PROJECTIONS = (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))
 
 
@@ -46,7 +49,7 @@ class PackedLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = (int(size) for size in weight.shape)
-        self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
+        self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), _ROWS_HINT)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
