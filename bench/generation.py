@@ -323,7 +323,10 @@ def report(runs: list[Run], alone: list[Run], lag_s: float, work: Workload, arri
         print(f"{run.name:16} {per_token:>7.1f} ms/token {alone[0].wall_s / run.wall_s:>6.2f}x vs {alone[0].name}")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\nevent loop worst lag during the engine runs: {lag_s * 1000:.1f} ms (target < 20 ms)")
-    print(f"peak RSS of this process: {peak_mb:.0f} MB (target <= 1300 MB)")
+    print(
+        f"peak RSS of this process: {peak_mb:.0f} MB (it holds every way's model in turn; what one serving process"
+        " holds, per precision: bench/serving_memory.py)"
+    )
 
 
 def parse_args() -> argparse.Namespace:

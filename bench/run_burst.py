@@ -15,7 +15,8 @@ community; issue #12 asks >= 4x for 8 people. The CPU's model and flags are prin
 
 `--modes` serves the same rounds with several bot configurations, each a fresh `magpie run`, side by side:
 `default` (the settings as shipped: SERVE_PRECISION=auto), `fp32`, `int8`, `auto` (SERVE_PRECISION), and `seed`:
-the seed bot's way, one reply at a time in fp32 (ENGINE_MAX_BATCH_SIZE=1, SERVE_PRECISION=fp32, no time limit),
+the seed bot's way, one reply at a time in fp32 with the weights as loaded (ENGINE_MAX_BATCH_SIZE=1,
+SERVE_PRECISION=fp32, SERVE_FP32_PACKED=false, no time limit),
 the baseline of "16 users at once". The last table puts every mode's "at once" against the first mode's.
 """
 
@@ -46,9 +47,14 @@ MODES: dict[str, dict[str, str]] = {
     "fp32": {"SERVE_PRECISION": "fp32"},
     "int8": {"SERVE_PRECISION": "int8"},
     "auto": {"SERVE_PRECISION": "auto"},
-    # The seed bot answered one message at a time and had no time limit: without one, the later replies would be
-    # the engine's timeout note instead of an answer.
-    "seed": {"SERVE_PRECISION": "fp32", "ENGINE_MAX_BATCH_SIZE": "1", "ENGINE_TIMEOUT_S": "3600"},
+    # The seed bot answered one message at a time, with the weights as transformers loads them, and had no time
+    # limit: without one, the later replies would be the engine's timeout note instead of an answer.
+    "seed": {
+        "SERVE_PRECISION": "fp32",
+        "SERVE_FP32_PACKED": "false",
+        "ENGINE_MAX_BATCH_SIZE": "1",
+        "ENGINE_TIMEOUT_S": "3600",
+    },
 }
 
 
@@ -94,7 +100,8 @@ async def measure(args: argparse.Namespace, model_dir: Path, tmp: Path, mode: st
     database = tmp / f"magpie-{mode}.db"
     async with FakeTelegram() as telegram:
         env = run_env(telegram, model_dir, database, args.new_tokens)
-        for name in ("SERVE_PRECISION", "ENGINE_MAX_BATCH_SIZE"):  # TORCH_THREADS, ENGINE_TIMEOUT_S pass through
+        # the mode decides these; TORCH_THREADS and ENGINE_TIMEOUT_S pass through
+        for name in ("SERVE_PRECISION", "SERVE_FP32_PACKED", "ENGINE_MAX_BATCH_SIZE"):
             env.pop(name, None)
         env.update(MODES[mode])
         upgrade = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot", "db", "upgrade", env=env, cwd=tmp)

@@ -86,6 +86,7 @@ class Settings(BaseSettings):
     engine_timeout_s: float = Field(60.0, gt=0.0)
     torch_threads: int | None = Field(None, ge=1)
     serve_precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"
+    serve_fp32_packed: bool = True
 
     # --- chat service ----------------------------------------------------------------------------------------
     bot_name: str = "Magpie"

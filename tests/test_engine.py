@@ -205,6 +205,7 @@ def test_settings_reach_the_engine() -> None:
         _env_file=None, device="cpu", max_new_tokens=12, temperature=0.0, top_p=0.5, top_k=3,
         repetition_penalty=1.5, engine_max_batch_size=3, engine_queue_size=5, engine_batch_wait_ms=7.5,
         engine_timeout_s=9.0, torch_threads=2, history_turns=4, seed=11, serve_precision="int8",
+        serve_fp32_packed=False,
     )  # fmt: skip
     params = GenerationParams(
         max_new_tokens=12, temperature=0.0, top_p=0.5, top_k=3, repetition_penalty=1.5, min_new_tokens=1
@@ -212,7 +213,7 @@ def test_settings_reach_the_engine() -> None:
     assert GenerationParams.from_settings(settings) == params
     assert Engine.from_settings(settings).config == EngineConfig(
         device="cpu", max_batch_size=3, queue_size=5, batch_wait_ms=7.5, timeout_s=9.0, torch_threads=2,
-        history_turns=4, seed=11, params=params, precision="int8",
+        history_turns=4, seed=11, params=params, precision="int8", fp32_packed=False,
     )  # fmt: skip
     with pytest.raises(ValueError):
         generation_params(max_new_tokens=4, min_new_tokens=5)

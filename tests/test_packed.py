@@ -51,6 +51,11 @@ def test_fp32_serving_loads_packed_and_so_does_auto_once_it_chose_fp32(tiny_mode
     assert auto.precision == "fp32" and packed_count(auto.model) == 4 * len(auto.model.transformer.h) + 1
 
 
+def test_serve_fp32_packed_false_serves_the_projections_as_loaded(tiny_model_dir: Path) -> None:
+    loaded = prepare(ModelRef(str(tiny_model_dir), "tiny"), "cpu", "fp32", packed=False)
+    assert packed_count(loaded.model) == 0 and any(isinstance(m, Conv1D) for m in loaded.model.modules())
+
+
 def test_an_untied_head_is_packed_from_its_own_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
     plain = plain_model(tiny_model_dir)
     plain.config.tie_word_embeddings = False

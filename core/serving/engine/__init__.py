@@ -41,7 +41,8 @@ Modules: `_types` (the public value types, `EngineConfig` and `EngineStats` amon
 `_prompts` (prompt fitting), `_batching` (the KV cache rows join and leave), `_sampling` (one row's next token and
 its end), `_voices` (LoRA adapters read from peft's files and applied per row), `_engine` (the queue, the worker
 thread and the asyncio side), `_converted` (a version's int8 weights kept beside it and loaded without the float
-checkpoint), `_compiled` (the fused GPT-2 decoding step).
+checkpoint), `_packed` (fp32 projections in oneDNN's packed layout, built from the checkpoint), `_compiled` (the
+fused GPT-2 decoding step).
 """
 
 from __future__ import annotations

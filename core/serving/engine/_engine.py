@@ -195,7 +195,9 @@ class Engine:
         async with self._swap_lock:
             if self._loaded is None or self._closing:
                 raise EngineClosedError("the engine is not running")
-            loaded = await in_own_thread(prepare, ref, self._config.device, self._config.precision)
+            loaded = await in_own_thread(
+                prepare, ref, self._config.device, self._config.precision, packed=self._config.fp32_packed
+            )
             loop = asyncio.get_running_loop()
             switched: asyncio.Future[None] = loop.create_future()
             with self._cond:
@@ -283,7 +285,7 @@ class Engine:
         if self._config.torch_threads is not None:
             torch.set_num_threads(self._config.torch_threads)
         try:
-            self._loaded = prepare(ref, self._config.device, self._config.precision)
+            self._loaded = prepare(ref, self._config.device, self._config.precision, packed=self._config.fp32_packed)
         except Exception as exc:
             if not isinstance(exc, ModelLoadError):
                 log.exception("preparing %s failed", ref.source)

@@ -128,15 +128,15 @@ class LoadedModel:
 
 
 def _load_in_precision(
-    ref: ModelRef, device: str, precision: Precision, version_dir: Path | None
+    ref: ModelRef, device: str, precision: Precision, version_dir: Path | None, *, packed: bool
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Served]:
     """The model in its serving precision. A version that already served in int8 on this machine loads its stored
     int8 weights directly (no float checkpoint in memory, so no conversion peak); one converted now keeps them.
     fp32 on the CPU is built with its projections packed for oneDNN (`_packed`), or loaded plain where it cannot."""
     if version_dir is not None and (found := _stored(version_dir, device, precision)) is not None:
         return found[0], _local_tokenizer(version_dir, ref.source), found[1]
-    if _fp32_known(precision, version_dir, device) and (packed := _packed_fp32(ref, device)) is not None:
-        return packed, _local_tokenizer(Path(ref.source), ref.source), "fp32"
+    if packed and _fp32_known(precision, version_dir, device) and (built := _packed_fp32(ref, device)) is not None:
+        return built, _local_tokenizer(Path(ref.source), ref.source), "fp32"
     model, tokenizer = load_pretrained(ref.source, device)
     model, served = apply_precision(
         model,
@@ -148,8 +148,8 @@ def _load_in_precision(
     )
     if served != "fp32" and version_dir is not None:
         save_converted(model, version_dir, device, served)
-    if served == "fp32" and precision == "auto" and (packed := _packed_fp32(ref, device)) is not None:
-        return packed, tokenizer, "fp32"  # auto has just chosen fp32: the plain model is dropped
+    if packed and served == "fp32" and precision == "auto" and (built := _packed_fp32(ref, device)) is not None:
+        return built, tokenizer, "fp32"  # auto has just chosen fp32: the plain model is dropped
     return model, tokenizer, served
 
 
@@ -183,14 +183,15 @@ def _stored(version_dir: Path, device: str, precision: Precision) -> tuple[PreTr
     return model, served
 
 
-def prepare(ref: ModelRef, device: str, precision: Precision = "fp32") -> LoadedModel:
+def prepare(ref: ModelRef, device: str, precision: Precision = "fp32", *, packed: bool = True) -> LoadedModel:
     """`load_pretrained` in the serving `precision` plus the per-model facts decoding needs; raises `ModelLoadError`.
+    `packed=False` serves fp32 with its projections as transformers loads them (SERVE_FP32_PACKED).
 
     Start and swap both come through here, so a newly promoted version passes the same precision gate before it
     serves. A version's directory caches the gate's verdict (versions never change; base models are re-measured).
     """
     version_dir = Path(ref.source) if ref.version_id is not None and Path(ref.source).is_dir() else None
-    model, tokenizer, served = _load_in_precision(ref, device, precision, version_dir)
+    model, tokenizer, served = _load_in_precision(ref, device, precision, version_dir, packed=packed)
     window = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     if not window:
         log.warning("%s does not say its context window; assuming %d tokens", ref.source, FALLBACK_CONTEXT_WINDOW)

@@ -54,7 +54,7 @@ class EngineConfig:
 
     `device` is a resolved device (`cpu`, `cuda`), never `auto`; `params` are the sampling parameters of a request
     that names none; `precision` is SERVE_PRECISION, resolved per model at load (the served one is
-    `Engine.precision`).
+    `Engine.precision`); `fp32_packed` lays fp32 projections out for oneDNN on the CPU (`_packed`).
     """
 
     device: str
@@ -67,6 +67,7 @@ class EngineConfig:
     seed: int | None
     params: GenerationParams
     precision: Precision
+    fp32_packed: bool
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.queue_size < 1 or self.batch_wait_ms < 0 or self.timeout_s <= 0:
@@ -76,8 +77,8 @@ class EngineConfig:
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> EngineConfig:
-        """The ENGINE_* settings, DEVICE (resolved), TORCH_THREADS, HISTORY_TURNS, SEED, SERVE_PRECISION and the
-        sampling settings, with keyword overrides on top."""
+        """The ENGINE_* settings, DEVICE (resolved), TORCH_THREADS, HISTORY_TURNS, SEED, SERVE_PRECISION,
+        SERVE_FP32_PACKED and the sampling settings, with keyword overrides on top."""
         config = cls(
             device=settings.resolved_device,
             max_batch_size=settings.engine_max_batch_size,
@@ -89,6 +90,7 @@ class EngineConfig:
             seed=settings.seed,
             params=GenerationParams.from_settings(settings),
             precision=settings.serve_precision,
+            fp32_packed=settings.serve_fp32_packed,
         )
         return replace(config, **overrides)
 
