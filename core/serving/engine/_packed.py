@@ -81,7 +81,7 @@ def load_packed(directory: Path) -> PreTrainedModel | None:
             return_freed_memory()  # each read's temporaries, so that they do not add up to the load's peak
         rest = {key: _read(path, stored[key]) for key in model.state_dict() if key in stored}
         model.load_state_dict(rest, strict=False, assign=True)
-        if config.tie_word_embeddings or "lm_head.weight" not in stored:
+        if config.tie_word_embeddings:  # an untied head was packed with the blocks, from its own weights
             model.set_output_embeddings(_checked(model.transformer.wte.weight, None))  # type: ignore[no-untyped-call,union-attr,arg-type]
         return_freed_memory()
     except (KeyError, RuntimeError, ValueError) as exc:
