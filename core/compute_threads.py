@@ -4,8 +4,8 @@ Why not `asyncio.to_thread`: torch's CPU kernels run on OpenMP (libgomp in the P
 worker threads for every thread that has run a parallel region, for as long as that thread lives. Once the process
 holds more OpenMP threads than CPUs, libgomp stops spinning between parallel regions (a thousand spins instead of
 ~300 thousand) and every region pays a sleep and a wake-up. A decoding step is ~150 short regions, so the engine's
-worker gets ~1.8x slower per token from the moment any other thread has run one large torch op (GPT-2 small, int8,
-one chat, 2 cores: 6.0 -> 10.6 ms/token; `bench/omp_teams.py`). An executor's thread lives on idle after its call
+worker gets ~2x slower per token from the moment any other thread has run one large torch op (GPT-2 small, int8,
+one chat, 2 cores: 4.8 -> 10.1 ms/token; `bench/omp_teams.py`). An executor's thread lives on idle after its call
 and keeps its team: one `to_thread(load)` for a hot swap, or the starter built before serving, slowed every reply
 after it. A thread that exits takes its team with it, so the engine is again the only OpenMP user.
 

@@ -4,8 +4,8 @@ Why: in fp32 on the CPU the matrix products are the whole step (GPT-2 small, 2 c
 `addmm` and the LM head's `mm`), and BLAS reads each weight in its plain row-major layout at every call: for the
 few rows a chat step has, a product is too small to amortise that, so a step of 8 rows cost ~3x a step of one. oneDNN
 reorders each weight once into the blocked layout its kernels stream, and the same products then run at ~2x the
-memory throughput and several times the arithmetic rate for a few rows (`bench/decode_step.py`: 1 row 24.0 ->
-14.3 ms, 8 rows 70.4 -> 27.8 ms per step on an AVX-512 EPYC). The packed copy replaces each block's `Conv1D`, so
+memory throughput and several times the arithmetic rate for a few rows (`bench/decode_step.py`, fused step: 1 row
+23.4 -> 12.2 ms, 8 rows 53.0 -> 16.9 ms on a 2-core AVX-512 EPYC). The packed copy replaces each block's `Conv1D`, so
 the float weights are not kept twice; the LM head gets its own packed copy (~150 MB for GPT-2 small) because the
 embedding lookup still needs the table in its plain layout. The model is built from its checkpoint directly
 (`load_packed`), never loaded plain first, so serving fp32 holds about what it did before (bench/serving_memory.py).
